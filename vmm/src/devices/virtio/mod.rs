@@ -1,0 +1,204 @@
+//! Virtio 1.x devices over the MMIO transport.
+//!
+//! [`mmio::MmioTransport`] implements the virtio-mmio (version 2) register file and the device
+//! status state machine; each device (`vsock`, `rng`) implements [`VirtioDevice`] for the
+//! transport and `event_manager::MutEventSubscriber` for its queue and backend events on the
+//! device thread.
+
+pub mod mmio;
+pub mod rng;
+pub mod vsock;
+
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Device ID of a network card (virtio spec 5).
+pub const VIRTIO_ID_NET: u32 = 1;
+/// Device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Device ID of an entropy source.
+pub const VIRTIO_ID_RNG: u32 = 4;
+/// Device ID of a socket device.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Device ID of a file system device.
+pub const VIRTIO_ID_FS: u32 = 26;
+
+/// Feature bit: the device complies with virtio 1.x (spec 6).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Device status: the guest OS has found the device.
+pub const VIRTIO_CONFIG_S_ACKNOWLEDGE: u32 = 1;
+/// Device status: the guest OS knows how to drive the device.
+pub const VIRTIO_CONFIG_S_DRIVER: u32 = 2;
+/// Device status: the driver is set up and ready to drive the device.
+pub const VIRTIO_CONFIG_S_DRIVER_OK: u32 = 4;
+/// Device status: feature negotiation is complete.
+pub const VIRTIO_CONFIG_S_FEATURES_OK: u32 = 8;
+/// Device status: the device hit an error it cannot recover from without a reset.
+pub const VIRTIO_CONFIG_S_NEEDS_RESET: u32 = 0x40;
+/// Device status: the guest gave up on the device.
+pub const VIRTIO_CONFIG_S_FAILED: u32 = 0x80;
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Interrupt status bit: the configuration space changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Errors of [`VirtioDevice::activate`].
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver gave a different number of queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    /// The device is already active.
+    #[error("the device is already activated")]
+    AlreadyActivated,
+    /// Waking the device thread failed.
+    #[error("failed to signal the device thread")]
+    ActivateEvent(#[source] io::Error),
+}
+
+/// A virtio device as seen by its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers, including `VIRTIO_F_VERSION_1`.
+    fn avail_features(&self) -> u64;
+    /// The features the driver accepted.
+    fn acked_features(&self) -> u64;
+    /// Records the features the driver accepted (a subset of [`Self::avail_features`]).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads from the device configuration space; bytes out of range are left untouched.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the device configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the queues the driver set up.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        interrupt: Arc<IrqTrigger>,
+        queues: Vec<virtio_queue::Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError>;
+    /// Resets the device; returns false if the device cannot be reset in its current state.
+    fn reset(&mut self) -> bool;
+    /// Whether [`Self::activate`] succeeded.
+    fn is_activated(&self) -> bool;
+}
+
+/// The interrupt line of one virtio-mmio device: an eventfd (registered as a KVM irqfd) plus
+/// the InterruptStatus register the guest reads to learn why it was interrupted.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    irq_evt: EventFd,
+    irq_status: AtomicU32,
+}
+
+impl IrqTrigger {
+    /// Creates an interrupt line with no pending interrupt.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            irq_evt: EventFd::new(EFD_NONBLOCK)?,
+            irq_status: AtomicU32::new(0),
+        })
+    }
+
+    /// The eventfd the builder registers as an irqfd.
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.irq_evt
+    }
+
+    /// Signals that used buffers were added to a queue.
+    pub fn trigger_queue(&self) -> io::Result<()> {
+        self.trigger(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Signals that the configuration space (or the device status) changed.
+    pub fn trigger_config(&self) -> io::Result<()> {
+        self.trigger(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    /// The current InterruptStatus register value.
+    pub fn irq_status(&self) -> u32 {
+        self.irq_status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the bits the guest acknowledged (InterruptACK).
+    pub fn ack(&self, bits: u32) {
+        self.irq_status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears all pending bits (device reset).
+    pub fn clear(&self) {
+        self.irq_status.store(0, Ordering::SeqCst);
+    }
+
+    fn trigger(&self, bits: u32) -> io::Result<()> {
+        self.irq_status.fetch_or(bits, Ordering::SeqCst);
+        self.irq_evt.write(1)
+    }
+}
+
+/// What a device holds once the driver activated it.
+pub struct ActiveState {
+    /// Guest memory the queues live in.
+    pub mem: GuestMemoryMmap<()>,
+    /// The device's interrupt line.
+    pub interrupt: Arc<IrqTrigger>,
+    /// The queues, in device order.
+    pub queues: Vec<virtio_queue::Queue>,
+    /// The queue notification eventfds, same order.
+    pub queue_evts: Vec<EventFd>,
+}
+
+/// A log limiter for events the guest controls: the first few are logged, then only every
+/// power of two, so a hostile guest cannot flood the host log.
+#[derive(Debug, Default)]
+pub struct RateLimitedLog {
+    count: u64,
+}
+
+impl RateLimitedLog {
+    /// Counts one occurrence and says whether to log it.
+    pub fn should_log(&mut self) -> bool {
+        self.count = self.count.saturating_add(1);
+        self.count <= 10 || self.count.is_power_of_two()
+    }
+
+    /// How many occurrences were counted.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irq_trigger_sets_and_acks_status_bits() {
+        let irq = IrqTrigger::new().unwrap();
+        irq.trigger_queue().unwrap();
+        irq.trigger_config().unwrap();
+        assert_eq!(irq.irq_status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(irq.irq_evt().read().unwrap(), 2);
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.irq_status(), VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    #[test]
+    fn rate_limited_log_logs_first_ten_then_powers_of_two() {
+        let mut log = RateLimitedLog::default();
+        let logged: Vec<u64> = (1..=40u64).filter(|_| log.should_log()).collect();
+        assert_eq!(logged, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 32]);
+    }
+}

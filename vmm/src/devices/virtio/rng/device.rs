@@ -1,0 +1,264 @@
+//! [`Rng`]: the `VirtioDevice` side of the entropy device.
+
+use std::sync::Arc;
+
+use tracing::debug;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{RngError, MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, REQ_QUEUE};
+use crate::devices::virtio::{
+    ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_ID_RNG,
+};
+
+/// The virtio entropy device.
+pub struct Rng {
+    pub(super) acked_features: u64,
+    pub(super) queue_sizes: [u16; 1],
+    pub(super) activate_evt: EventFd,
+    pub(super) active: Option<ActiveState>,
+    pub(super) bad_request_log: RateLimitedLog,
+    /// Bytes of randomness handed to the guest.
+    pub(super) bytes_served: u64,
+}
+
+impl Rng {
+    /// Creates an inactive entropy device.
+    pub fn new() -> Result<Self, RngError> {
+        Ok(Self {
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
+            active: None,
+            bad_request_log: RateLimitedLog::default(),
+            bytes_served: 0,
+        })
+    }
+
+    /// Bytes of randomness handed to the guest so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.bytes_served
+    }
+
+    /// Serves every available request; interrupts the guest if any was completed.
+    pub(super) fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(REQ_QUEUE) else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            let written = match fill_request(&active.mem, chain) {
+                Ok(n) => n,
+                Err(e) => {
+                    if self.bad_request_log.should_log() {
+                        debug!(count = self.bad_request_log.count(), "virtio-rng: bad request: {e}");
+                    }
+                    0
+                }
+            };
+            self.bytes_served += u64::from(written);
+            if let Err(e) = queue.add_used(&active.mem, head, written) {
+                debug!("virtio-rng: add_used failed: {e}");
+                continue;
+            }
+            used_any = true;
+        }
+        if used_any {
+            signal_used_queue(queue, &active.mem, &active.interrupt);
+        }
+    }
+}
+
+/// Interrupts the guest if the queue asks for it.
+pub(crate) fn signal_used_queue(queue: &mut Queue, mem: &GuestMemoryMmap<()>, irq: &IrqTrigger) {
+    match queue.needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) | Err(_) => {
+            if let Err(e) = irq.trigger_queue() {
+                debug!("failed to signal the used queue: {e}");
+            }
+        }
+    }
+}
+
+/// Fills the device-writable buffers of one request with random bytes, at most
+/// [`MAX_REQUEST_BYTES`] in all; returns how many bytes were written.
+pub fn fill_request<I>(mem: &GuestMemoryMmap<()>, descriptors: I) -> Result<u32, RngError>
+where
+    I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    let mut written = 0usize;
+    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+    for (count, desc) in descriptors.into_iter().enumerate() {
+        if count >= MAX_CHAIN_DESCRIPTORS {
+            return Err(RngError::ChainTooLong);
+        }
+        if !desc.is_write_only() {
+            return Err(RngError::ReadOnlyDescriptor);
+        }
+        let room = MAX_REQUEST_BYTES - written;
+        let len = (desc.len() as usize).min(room);
+        if len == 0 {
+            continue;
+        }
+        let chunk = &mut buf[..len];
+        getrandom(chunk)?;
+        mem.write_slice(chunk, desc.addr()).map_err(RngError::GuestMemory)?;
+        written += len;
+    }
+    // MAX_REQUEST_BYTES fits in u32.
+    Ok(u32::try_from(written).unwrap_or(u32::MAX))
+}
+
+/// Fills `buf` from the kernel's random pool.
+fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes for the whole call.
+        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if ret < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(RngError::GetRandom(err));
+        }
+        filled += ret as usize;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        interrupt: Arc<IrqTrigger>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActivated);
+        }
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount { expected: 1, got: queues.len() });
+        }
+        self.active = Some(ActiveState { mem, interrupt, queues, queue_evts });
+        self.activate_evt.write(1).map_err(ActivateError::ActivateEvent)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active.is_none()
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use std::sync::Mutex;
+
+    fn active_rng() -> (Arc<Mutex<Rng>>, GuestQueue, GuestMemoryMmap<()>, Arc<IrqTrigger>,
+                        EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>, EventFd) {
+        let mem = test_memory();
+        let gq = GuestQueue::new(&mem, 0x10000, 16);
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let irq = Arc::new(IrqTrigger::new().unwrap());
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(rng.clone());
+        rng.lock()
+            .unwrap()
+            .activate(mem.clone(), irq.clone(), vec![gq.create_queue()], vec![evt.try_clone().unwrap()])
+            .unwrap();
+        em.run_with_timeout(100).unwrap();
+        (rng, gq, mem, irq, em, evt)
+    }
+
+    #[test]
+    fn fills_writable_buffers_with_random_bytes() {
+        let (rng, mut gq, mem, irq, mut em, evt) = active_rng();
+        gq.add_chain(&[(0x20000, 64, true), (0x30000, 64, true)]);
+        evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(gq.take_used(), vec![(0, 128)]);
+        let mut a = [0u8; 64];
+        mem.read_slice(&mut a, vm_memory::GuestAddress(0x20000)).unwrap();
+        assert_ne!(a, [0u8; 64]);
+        assert_eq!(irq.irq_status(), 1);
+        assert_eq!(rng.lock().unwrap().bytes_served(), 128);
+    }
+
+    #[test]
+    fn large_request_is_capped() {
+        let (_rng, mut gq, _mem, _irq, mut em, evt) = active_rng();
+        gq.add_chain(&[(0x20000, 1 << 20, true)]);
+        evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(gq.take_used(), vec![(0, MAX_REQUEST_BYTES as u32)]);
+    }
+
+    #[test]
+    fn read_only_or_out_of_bounds_request_is_consumed_empty() {
+        let (rng, mut gq, _mem, irq, mut em, evt) = active_rng();
+        gq.add_chain(&[(0x20000, 64, false)]);
+        gq.add_chain(&[(0xffff_ffff_0000, 64, true)]);
+        evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(gq.take_used(), vec![(0, 0), (1, 0)]);
+        assert_eq!(irq.irq_status(), 1);
+        assert_eq!(rng.lock().unwrap().bad_request_log.count(), 2);
+    }
+
+    #[test]
+    fn no_interrupt_without_used_buffers() {
+        let (_rng, _gq, _mem, irq, mut em, evt) = active_rng();
+        evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(irq.irq_status(), 0);
+    }
+
+    #[test]
+    fn activate_rejects_wrong_queue_count() {
+        let mut rng = Rng::new().unwrap();
+        let err = rng
+            .activate(test_memory(), Arc::new(IrqTrigger::new().unwrap()), vec![], vec![])
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::QueueCount { expected: 1, got: 0 }));
+    }
+}
