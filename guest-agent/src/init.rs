@@ -1,0 +1,229 @@
+//! What PID 1 sets up before serving: the guest's pseudo and temporary file systems.
+//!
+//! The root file system is the initramfs itself (the kernel's rootfs, a tmpfs or ramfs), which
+//! holds only `/init` and a few empty directories; everything else is mounted here.
+
+use crate::sys::Syscall;
+use nix::errno::Errno;
+use nix::mount::MsFlags;
+use std::path::PathBuf;
+
+/// Errors of setting up the guest's file systems. None is fatal: PID 1 logs it and carries on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InitError {
+    /// A mount point could not be created.
+    #[error("creating mount point {} failed", path.display())]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        errno: Errno,
+    },
+    /// A file system could not be mounted.
+    #[error("mounting {fstype} on {} failed", target.display())]
+    Mount {
+        fstype: &'static str,
+        target: PathBuf,
+        #[source]
+        errno: Errno,
+    },
+}
+
+/// One file system PID 1 mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub fstype: &'static str,
+    pub target: &'static str,
+    pub flags: MsFlags,
+    pub data: Option<&'static str>,
+}
+
+/// The guest's mounts, parents before children.
+pub fn guest_mounts() -> Vec<MountSpec> {
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let nosuid_nodev_noexec = nosuid_nodev | MsFlags::MS_NOEXEC;
+    vec![
+        MountSpec {
+            fstype: "proc",
+            target: "/proc",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        MountSpec {
+            fstype: "sysfs",
+            target: "/sys",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        MountSpec {
+            fstype: "devtmpfs",
+            target: "/dev",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
+        MountSpec {
+            fstype: "devpts",
+            target: "/dev/pts",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            // Its own instance, so /dev/pts/ptmx opens ptys of this instance for anyone.
+            data: Some("newinstance,ptmxmode=0666,mode=0620"),
+        },
+        MountSpec {
+            fstype: "tmpfs",
+            target: "/dev/shm",
+            flags: nosuid_nodev,
+            data: Some("mode=1777"),
+        },
+        MountSpec {
+            fstype: "tmpfs",
+            target: "/run",
+            flags: nosuid_nodev,
+            data: Some("mode=0755"),
+        },
+        MountSpec {
+            fstype: "tmpfs",
+            target: "/tmp",
+            flags: nosuid_nodev,
+            data: Some("mode=1777"),
+        },
+        MountSpec {
+            fstype: "cgroup2",
+            target: "/sys/fs/cgroup",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+    ]
+}
+
+/// Mounts every file system of [`guest_mounts`], creating the mount points first.
+///
+/// An existing mount point (`EEXIST`) and an already mounted file system (`EBUSY`) are fine.
+/// Other failures do not stop the remaining mounts; they are returned (and should be logged).
+pub fn setup_mounts(sys: &dyn Syscall) -> Vec<InitError> {
+    let mut errors = Vec::new();
+    for spec in guest_mounts() {
+        let target = PathBuf::from(spec.target);
+        match sys.mkdir(&target, 0o755) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            // Reported, but the mount is still tried: it tells the real story.
+            Err(errno) => errors.push(InitError::MountPoint {
+                path: target.clone(),
+                errno,
+            }),
+        }
+        match sys.mount(
+            Some(spec.fstype),
+            &target,
+            Some(spec.fstype),
+            spec.flags,
+            spec.data,
+        ) {
+            Ok(()) | Err(Errno::EBUSY) => {}
+            Err(errno) => errors.push(InitError::Mount {
+                fstype: spec.fstype,
+                target,
+                errno,
+            }),
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::test_utils::{Call, RecordingSyscall};
+
+    fn mount_targets(calls: &[Call]) -> Vec<String> {
+        calls
+            .iter()
+            .filter_map(|call| match call {
+                Call::Mount { target, .. } => Some(target.display().to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mounts_everything_in_order_with_mount_points_first() {
+        let sys = RecordingSyscall::new();
+        assert_eq!(setup_mounts(&sys), Vec::new());
+        let calls = sys.calls();
+        assert_eq!(
+            mount_targets(&calls),
+            [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/run",
+                "/tmp",
+                "/sys/fs/cgroup"
+            ]
+        );
+        assert_eq!(calls.len(), 16);
+        assert_eq!(
+            calls[0],
+            Call::Mkdir {
+                path: "/proc".into(),
+                mode: 0o755
+            }
+        );
+        assert_eq!(
+            calls[7],
+            Call::Mount {
+                source: Some("devpts".into()),
+                target: "/dev/pts".into(),
+                fstype: Some("devpts".into()),
+                flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                data: Some("newinstance,ptmxmode=0666,mode=0620".into()),
+            }
+        );
+        assert_eq!(
+            calls[15],
+            Call::Mount {
+                source: Some("cgroup2".into()),
+                target: "/sys/fs/cgroup".into(),
+                fstype: Some("cgroup2".into()),
+                flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                data: None,
+            }
+        );
+    }
+
+    #[test]
+    fn existing_mount_points_and_busy_mounts_are_fine() {
+        let sys = RecordingSyscall::new();
+        sys.fail_mkdir("/proc", Errno::EEXIST);
+        sys.fail_mount("/dev", Errno::EBUSY);
+        assert_eq!(setup_mounts(&sys), Vec::new());
+    }
+
+    #[test]
+    fn a_failed_mount_is_reported_and_the_rest_still_mounted() {
+        let sys = RecordingSyscall::new();
+        sys.fail_mkdir("/sys/fs/cgroup", Errno::EPERM);
+        sys.fail_mount("/sys/fs/cgroup", Errno::ENOENT);
+        sys.fail_mount("/dev/pts", Errno::ENODEV);
+        assert_eq!(
+            setup_mounts(&sys),
+            vec![
+                InitError::Mount {
+                    fstype: "devpts",
+                    target: "/dev/pts".into(),
+                    errno: Errno::ENODEV
+                },
+                InitError::MountPoint {
+                    path: "/sys/fs/cgroup".into(),
+                    errno: Errno::EPERM
+                },
+                InitError::Mount {
+                    fstype: "cgroup2",
+                    target: "/sys/fs/cgroup".into(),
+                    errno: Errno::ENOENT
+                },
+            ]
+        );
+        assert_eq!(mount_targets(&sys.calls()).len(), 8);
+    }
+}

@@ -1,0 +1,69 @@
+//! husk-agent: PID 1 of a husk guest.
+//!
+//! It runs as `/init` from the initramfs: mounts the pseudo file systems ([`init`]), reaps
+//! orphans ([`reaper`]) and serves the agent protocol ([`husk_agent_protocol`]) on vsock port
+//! 1024 ([`server`], [`rpc`]).
+//!
+//! PID 1 must never panic (that panics the kernel) and is built with `panic = "abort"`: errors
+//! are logged ([`log`]) and the agent keeps serving. Only a failure to serve at all ends it,
+//! which panics the kernel; with `panic=-1 reboot=t` the VM then resets by triple fault and the
+//! VMM reports a crash instead of leaving the host to time out.
+
+pub mod init;
+pub mod log;
+pub mod reaper;
+pub mod rpc;
+pub mod server;
+pub mod sys;
+pub mod sysinfo;
+
+use husk_agent_protocol::AGENT_VSOCK_PORT;
+use reaper::{Reaper, ReaperError};
+use server::{Server, ServerError, ShutdownMode, UnixTestListener, VsockListener};
+use std::path::Path;
+use std::sync::Arc;
+use sys::{LinuxSyscall, Syscall};
+
+/// Errors that stop the agent from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The reaper could not start.
+    #[error("starting the reaper failed")]
+    Reaper(#[from] ReaperError),
+    /// The listener could not be set up.
+    #[error("setting up the listener failed")]
+    Server(#[from] ServerError),
+}
+
+/// Runs the agent as the guest's init. Returns only when it cannot serve.
+pub fn run_init() -> AgentError {
+    let sys: Arc<dyn Syscall> = Arc::new(LinuxSyscall);
+    let mount_errors = init::setup_mounts(sys.as_ref());
+    log::use_kmsg();
+    for err in mount_errors {
+        log_error!("{err}: {}", err_source(&err));
+    }
+    // Before any other thread exists: every thread must inherit the blocked SIGCHLD.
+    let reaper = match Reaper::start(sys) {
+        Ok(reaper) => reaper,
+        Err(err) => return err.into(),
+    };
+    let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
+        Ok(listener) => listener,
+        Err(err) => return err.into(),
+    };
+    server::serve(listener, Server::new(ShutdownMode::ResetVm, Some(reaper)))
+}
+
+/// Serves the protocol on a Unix socket that behaves like husk-vmm's vsock socket, for tests
+/// on the host. A shutdown request exits the process with status 0. Returns only on error.
+pub fn run_unix(path: &Path) -> AgentError {
+    match UnixTestListener::bind(path) {
+        Ok(listener) => server::serve(listener, Server::new(ShutdownMode::ExitProcess, None)),
+        Err(err) => err.into(),
+    }
+}
+
+fn err_source(err: &dyn std::error::Error) -> String {
+    err.source().map_or_else(String::new, ToString::to_string)
+}

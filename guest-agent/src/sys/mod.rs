@@ -1,0 +1,111 @@
+//! The agent's syscall layer.
+//!
+//! Everything the agent asks of the kernel that a unit test wants to observe goes through the
+//! [`Syscall`] trait: [`LinuxSyscall`] is the real implementation, [`test_utils::RecordingSyscall`]
+//! records the calls and plays back scripted results (the pattern of youki's `trait Syscall`).
+//! The container work (mount namespaces, `pivot_root`, ...) adds its calls here.
+//!
+//! Operations that end the VM ([`reset_vm`], [`reboot_autoboot`]) are free functions: there is
+//! nothing to observe after them.
+
+pub mod test_utils;
+
+use nix::errno::Errno;
+use nix::mount::MsFlags;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use std::path::Path;
+
+/// The kernel calls the agent makes, behind a trait so tests can fake them.
+pub trait Syscall: Send + Sync {
+    /// `mkdir(2)`.
+    fn mkdir(&self, path: &Path, mode: u32) -> Result<(), Errno>;
+
+    /// `mount(2)`.
+    fn mount(
+        &self,
+        source: Option<&str>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), Errno>;
+
+    /// `waitpid(-1, WNOHANG)`: reaps one exited child if there is one.
+    fn wait_any_nohang(&self) -> Result<WaitStatus, Errno>;
+}
+
+/// The real syscalls.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscall;
+
+impl Syscall for LinuxSyscall {
+    fn mkdir(&self, path: &Path, mode: u32) -> Result<(), Errno> {
+        nix::unistd::mkdir(path, Mode::from_bits_truncate(mode))
+    }
+
+    fn mount(
+        &self,
+        source: Option<&str>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), Errno> {
+        nix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn wait_any_nohang(&self) -> Result<WaitStatus, Errno> {
+        nix::sys::wait::waitpid(None, Some(WaitPidFlag::WNOHANG))
+    }
+}
+
+/// The i8042 keyboard controller's command port.
+const I8042_COMMAND_PORT: u16 = 0x64;
+/// The i8042 command that pulses the CPU reset line.
+const I8042_CMD_RESET_CPU: u8 = 0xfe;
+
+/// Resets the VM through the i8042 controller (port 0x64, command 0xFE), the way the guest
+/// kernel does with `reboot=k`. husk-vmm treats that write as "the guest is done" and exits 0.
+///
+/// Why the agent does it itself: the kernel runs with `reboot=t panic=-1`, so a kernel panic
+/// reboots at once by triple fault, which the VMM reports as a crash. A clean shutdown must be
+/// told apart from that, so it takes the other road, the i8042 reset, issued from here.
+///
+/// Only returns if the reset could not be issued (no I/O port access) or the VMM ignored it.
+pub fn reset_vm() -> Errno {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: ioperm only changes this thread's I/O permission bitmap for one port; it
+        // touches no memory of ours. It needs CAP_SYS_RAWIO, which PID 1 has.
+        let ret = unsafe { libc::ioperm(libc::c_ulong::from(I8042_COMMAND_PORT), 1, 1) };
+        if ret != 0 {
+            return Errno::last();
+        }
+        // SAFETY: a single `out` to the i8042 command port, which ioperm just opened for this
+        // thread. It touches no memory, stack or flags; its only effect is the VM reset we ask for.
+        unsafe {
+            std::arch::asm!(
+                "out dx, al",
+                in("dx") I8042_COMMAND_PORT,
+                in("al") I8042_CMD_RESET_CPU,
+                options(nomem, nostack, preserves_flags)
+            );
+        }
+        // Still running: the VMM did not act on the reset.
+        Errno::EIO
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Errno::ENOSYS
+    }
+}
+
+/// `reboot(RB_AUTOBOOT)`: with the kernel's `reboot=t` this ends in a triple fault, which the VMM
+/// reports as a crash; only a fallback when [`reset_vm`] failed. Returns only on failure.
+pub fn reboot_autoboot() -> Errno {
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT) {
+        Err(errno) => errno,
+        Ok(never) => match never {},
+    }
+}
