@@ -160,6 +160,16 @@ pub struct ActiveState {
     pub queue_evts: Vec<EventFd>,
 }
 
+/// Interrupts the guest after used buffers were added to `queue`, if the queue asks for it.
+pub fn signal_used_queue(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>, irq: &IrqTrigger) {
+    use virtio_queue::QueueT;
+    if !matches!(queue.needs_notification(mem), Ok(false)) {
+        if let Err(e) = irq.trigger_queue() {
+            tracing::debug!("failed to signal a used queue: {e}");
+        }
+    }
+}
+
 /// A log limiter for events the guest controls: the first few are logged, then only every
 /// power of two, so a hostile guest cannot flood the host log.
 #[derive(Debug, Default)]

@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{RngError, MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, REQ_QUEUE};
 use crate::devices::virtio::{
-    ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice, VIRTIO_F_VERSION_1,
+    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_ID_RNG,
 };
 
@@ -71,18 +71,6 @@ impl Rng {
         }
         if used_any {
             signal_used_queue(queue, &active.mem, &active.interrupt);
-        }
-    }
-}
-
-/// Interrupts the guest if the queue asks for it.
-pub(crate) fn signal_used_queue(queue: &mut Queue, mem: &GuestMemoryMmap<()>, irq: &IrqTrigger) {
-    match queue.needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) | Err(_) => {
-            if let Err(e) = irq.trigger_queue() {
-                debug!("failed to signal the used queue: {e}");
-            }
         }
     }
 }

@@ -4,7 +4,7 @@
 mod device;
 mod event_handler;
 
-pub use device::Rng;
+pub use device::{fill_request, Rng};
 
 /// The request queue.
 pub const REQ_QUEUE: usize = 0;

@@ -1,0 +1,244 @@
+//! [`Vsock`]: the `VirtioDevice` side of the socket device, and its queue processing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use event_manager::EventOps;
+use tracing::debug;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::packet::{parse_rx_chain, parse_tx_chain};
+use super::unix::VsockUnixBackend;
+use super::{VsockBackend, VsockError, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX, VSOCK_HOST_CID};
+use crate::devices::virtio::{
+    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
+};
+
+/// Counters of the socket device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsockMetrics {
+    /// Valid packets taken from the tx queue.
+    pub tx_packets: u64,
+    /// Tx chains dropped as malformed.
+    pub tx_bad_chains: u64,
+    /// Packets written to the rx queue.
+    pub rx_packets: u64,
+    /// Rx chains returned empty as malformed or unwritable.
+    pub rx_bad_chains: u64,
+}
+
+/// The virtio socket device.
+pub struct Vsock<B: VsockBackend = VsockUnixBackend> {
+    pub(super) guest_cid: u64,
+    pub(super) backend: B,
+    pub(super) acked_features: u64,
+    pub(super) queue_sizes: [u16; 3],
+    pub(super) activate_evt: EventFd,
+    pub(super) active: Option<ActiveState>,
+    pub(super) metrics: VsockMetrics,
+    pub(super) bad_chain_log: RateLimitedLog,
+}
+
+impl Vsock<VsockUnixBackend> {
+    /// A socket device for guest `guest_cid` whose host side listens at `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        check_cid(guest_cid)?;
+        Self::with_backend(guest_cid, VsockUnixBackend::new(guest_cid, uds_path)?)
+    }
+}
+
+fn check_cid(cid: u64) -> Result<(), VsockError> {
+    if cid <= VSOCK_HOST_CID || cid >= u64::from(u32::MAX) {
+        return Err(VsockError::InvalidCid(cid));
+    }
+    Ok(())
+}
+
+impl<B: VsockBackend> Vsock<B> {
+    /// A socket device for guest `guest_cid` with the host side `backend`.
+    pub fn with_backend(guest_cid: u64, backend: B) -> Result<Self, VsockError> {
+        check_cid(guest_cid)?;
+        Ok(Self {
+            guest_cid,
+            backend,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE; 3],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            active: None,
+            metrics: VsockMetrics::default(),
+            bad_chain_log: RateLimitedLog::default(),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The host side.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> VsockMetrics {
+        self.metrics
+    }
+
+    /// Takes every packet the guest queued on the tx queue to the backend.
+    pub(super) fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(TXQ_INDEX) else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            match parse_tx_chain(&active.mem, chain, self.guest_cid) {
+                Ok(pkt) => {
+                    self.metrics.tx_packets += 1;
+                    self.backend.send_pkt(pkt, ops);
+                }
+                Err(e) => {
+                    self.metrics.tx_bad_chains += 1;
+                    if self.bad_chain_log.should_log() {
+                        debug!(count = self.metrics.tx_bad_chains, "vsock: dropped tx chain: {e}");
+                    }
+                }
+            }
+            match queue.add_used(&active.mem, head, 0) {
+                Ok(()) => used_any = true,
+                Err(e) => debug!("vsock: tx add_used failed: {e}"),
+            }
+        }
+        if used_any {
+            signal_used_queue(queue, &active.mem, &active.interrupt);
+        }
+    }
+
+    /// Fills rx buffers with the backend's packets while both last.
+    pub(super) fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(RXQ_INDEX) else {
+            return;
+        };
+        let mut used_any = false;
+        while self.backend.has_pending_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match parse_rx_chain(chain) {
+                Ok(buffers) => match self.backend.recv_pkt(buffers.max_data_len(), ops) {
+                    None => {
+                        // Nothing after all: leave the buffer for the next packet.
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                    Some(pkt) => match buffers.write_packet(&active.mem, &pkt) {
+                        Ok(len) => {
+                            self.metrics.rx_packets += 1;
+                            len
+                        }
+                        Err(e) => {
+                            self.metrics.rx_bad_chains += 1;
+                            if self.bad_chain_log.should_log() {
+                                debug!("vsock: rx packet lost to a bad buffer: {e}");
+                            }
+                            0
+                        }
+                    },
+                },
+                Err(e) => {
+                    self.metrics.rx_bad_chains += 1;
+                    if self.bad_chain_log.should_log() {
+                        debug!(count = self.metrics.rx_bad_chains, "vsock: dropped rx chain: {e}");
+                    }
+                    0
+                }
+            };
+            match queue.add_used(&active.mem, head, len) {
+                Ok(()) => used_any = true,
+                Err(e) => debug!("vsock: rx add_used failed: {e}"),
+            }
+        }
+        if used_any {
+            signal_used_queue(queue, &active.mem, &active.interrupt);
+        }
+    }
+}
+
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let config = self.guest_cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            let value = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| config.get(o));
+            if let Some(value) = value {
+                *byte = *value;
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(offset, len = data.len(), "vsock: ignored write to read-only config space");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        interrupt: Arc<IrqTrigger>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActivated);
+        }
+        if queues.len() != self.queue_sizes.len() || queue_evts.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        self.active = Some(ActiveState { mem, interrupt, queues, queue_evts });
+        self.activate_evt.write(1).map_err(ActivateError::ActivateEvent)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active.is_none()
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
