@@ -7,8 +7,8 @@ use crate::sys;
 use husk_agent_protocol::{read_frame_bytes, write_frame, FrameError, Response, AGENT_VSOCK_PORT};
 use nix::errno::Errno;
 use nix::sys::socket::{
-    accept4, bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    VsockAddr,
+    accept4, bind, getpeername, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    SockFlag, SockType, VsockAddr,
 };
 use nix::sys::time::TimeVal;
 use std::fs::File;
@@ -110,6 +110,19 @@ impl Listener for VsockListener {
         let raw = accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
         // SAFETY: accept4 just returned this descriptor; nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Only the host may drive the agent. A process inside the guest (a container) could
+        // otherwise reach this port through a guest-local vsock transport.
+        let peer: VsockAddr = getpeername(fd.as_raw_fd())?;
+        if peer.cid() != libc::VMADDR_CID_HOST {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "refused a vsock connection from CID {} (only the host, CID {}, may connect)",
+                    peer.cid(),
+                    libc::VMADDR_CID_HOST
+                ),
+            ));
+        }
         Ok(VsockStream {
             file: File::from(fd),
         })
@@ -264,6 +277,10 @@ where
         let mut conn = match listener.accept() {
             Ok(conn) => conn,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                crate::log_warn!("{err}");
+                continue;
+            }
             Err(err) => {
                 crate::log_error!("accept failed: {err}");
                 // Out of descriptors or memory: give the other connections time to finish

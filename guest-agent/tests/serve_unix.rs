@@ -11,7 +11,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_husk-agent");
+/// The agent under test: this build's, or another one (e.g. the static release build in
+/// `target/x86_64-unknown-linux-gnu/release/`) named by `HUSK_AGENT_BIN`.
+fn agent_bin() -> std::ffi::OsString {
+    std::env::var_os("HUSK_AGENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_husk-agent").into())
+}
 
 /// Kills the agent if a test fails before it exits.
 struct Agent(Child);
@@ -25,7 +29,7 @@ impl Drop for Agent {
 
 fn start_agent(socket: &Path) -> Agent {
     Agent(
-        Command::new(AGENT)
+        Command::new(agent_bin())
             .arg("--serve-unix")
             .arg(socket)
             .stdin(Stdio::null())
@@ -129,12 +133,15 @@ fn unknown_operation_is_refused_with_an_error() {
 
 #[test]
 fn without_pid_1_or_arguments_it_refuses_to_run() {
-    let out = Command::new(AGENT).output().expect("run husk-agent");
+    let out = Command::new(agent_bin()).output().expect("run husk-agent");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not PID 1"), "{stderr}");
 
-    let out = Command::new(AGENT).arg("--version").output().expect("run");
+    let out = Command::new(agent_bin())
+        .arg("--version")
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

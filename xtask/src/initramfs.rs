@@ -106,11 +106,15 @@ fn check_static(elf: &[u8]) -> Result<()> {
 }
 
 /// The archive: the directories the agent mounts on, `/dev/console` (the kernel opens it for
-/// init's stdio before `/dev` is mounted) and the agent as `/init`.
+/// init's stdio before `/dev` is mounted), `/dev/null` and the agent as `/init`.
 fn initramfs_archive(agent: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut cpio = CpioWriter::new(Vec::with_capacity(agent.len() + 4096));
     cpio.dir("dev", 0o755)?;
     cpio.char_dev("dev/console", 0o600, 5, 1)?;
+    // When no console can be opened (no serial device), init starts without fds 0-2 and Rust's
+    // runtime opens /dev/null for them before main, aborting if it cannot: PID 1 would die
+    // before devtmpfs is mounted.
+    cpio.char_dev("dev/null", 0o666, 1, 3)?;
     cpio.dir("proc", 0o555)?;
     cpio.dir("sys", 0o555)?;
     cpio.dir("run", 0o755)?;
@@ -163,6 +167,7 @@ mod tests {
         for name in [
             "dev\0",
             "dev/console\0",
+            "dev/null\0",
             "proc\0",
             "sys\0",
             "run\0",
