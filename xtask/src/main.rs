@@ -3,10 +3,13 @@
 mod cpio;
 mod initramfs;
 mod kernel;
+mod rig;
+mod testing;
 mod util;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "husk build and test driver")]
@@ -21,18 +24,133 @@ enum Cmd {
     Kernel,
     /// Build the static guest agent and the initramfs holding it as /init.
     Initramfs,
+    /// The test rig: a Debian VM under QEMU's emulator whose emulated SVM gives real KVM.
+    Rig {
+        #[command(subcommand)]
+        cmd: RigCmd,
+    },
+    /// Run every test: unit tests on the host, VM-level tests where KVM can run Linux guests.
+    Test,
+}
+
+#[derive(Subcommand)]
+enum RigCmd {
+    /// Build the rig image (cached outside the clone, keyed by its inputs).
+    Build,
+    /// Boot the rig and run a command inside it, with the release binaries, guest kernel and
+    /// initramfs under /work; files written to $HUSK_RIG_OUT come back to --out.
+    Run {
+        /// Host folder receiving what the command wrote to $HUSK_RIG_OUT.
+        #[arg(long, default_value = "target/rig-out")]
+        out: PathBuf,
+        /// Extra host files or folders to bring in, as SRC[:DEST] (DEST relative to /work).
+        #[arg(long = "include")]
+        include: Vec<String>,
+        /// Skip building the husk binaries, kernel and initramfs.
+        #[arg(long)]
+        no_husk: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Check the rig itself: QEMU inside it boots an L3 Linux guest to user space under its KVM.
+    Smoke,
+    /// Boot the rig with an interactive shell on its console (exit the shell to power off).
+    Shell {
+        /// Skip building the husk binaries, kernel and initramfs.
+        #[arg(long)]
+        no_husk: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Kernel => {
-            let path = kernel::build()?;
-            println!("{}", path.display());
+        Cmd::Kernel => println!("{}", kernel::build()?.display()),
+        Cmd::Initramfs => println!("{}", initramfs::build()?.display()),
+        Cmd::Rig { cmd } => rig_command(cmd)?,
+        Cmd::Test => testing::test()?,
+    }
+    Ok(())
+}
+
+fn rig_command(cmd: RigCmd) -> Result<()> {
+    match cmd {
+        RigCmd::Build => {
+            let image = rig::build()?;
+            println!("{}", image.root.display());
         }
-        Cmd::Initramfs => {
-            let path = initramfs::build()?;
-            println!("{}", path.display());
+        RigCmd::Run {
+            out,
+            include,
+            no_husk,
+            cmd,
+        } => {
+            let (mut inputs, env) = husk_inputs(no_husk)?;
+            for spec in include {
+                let (src, dest) = match spec.split_once(':') {
+                    Some((s, d)) => (PathBuf::from(s), d.to_string()),
+                    None => {
+                        let src = PathBuf::from(&spec);
+                        let name = src
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| spec.clone());
+                        (src, name)
+                    }
+                };
+                inputs.push((src, dest));
+            }
+            let image = rig::build()?;
+            let script = cmd
+                .iter()
+                .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let outcome = rig::run_in_rig(
+                &image,
+                &rig::RigRun {
+                    inputs,
+                    script: Some(script),
+                    env,
+                    out_dir: Some(out),
+                    timeout: testing::rig_timeout(),
+                },
+            )?;
+            if outcome.exit_code != 0 {
+                eprintln!(
+                    "xtask: the command exited {} inside the rig",
+                    outcome.exit_code
+                );
+                std::process::exit(outcome.exit_code.clamp(1, 255));
+            }
+        }
+        RigCmd::Smoke => testing::rig_smoke()?,
+        RigCmd::Shell { no_husk } => {
+            let (inputs, env) = husk_inputs(no_husk)?;
+            let image = rig::build()?;
+            let outcome = rig::run_in_rig(
+                &image,
+                &rig::RigRun {
+                    inputs,
+                    script: None,
+                    env,
+                    out_dir: None,
+                    timeout: testing::rig_timeout(),
+                },
+            )?;
+            if outcome.exit_code != 0 {
+                bail!("the rig shell exited {}", outcome.exit_code);
+            }
         }
     }
     Ok(())
+}
+
+type Inputs = (Vec<(PathBuf, String)>, Vec<(String, String)>);
+
+fn husk_inputs(no_husk: bool) -> Result<Inputs> {
+    if no_husk {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    Ok(testing::rig_vm_inputs(&testing::build_vm_artifacts()?))
 }

@@ -1,0 +1,366 @@
+//! `cargo xtask test`: unit tests on the host, then the VM-level tests wherever real KVM can run a
+//! Linux guest: on the host when its KVM can, otherwise inside the test rig.
+
+use crate::rig::{self, RigImage, RigRun};
+use crate::util::{self, run, workspace_root};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Where the VM-level tests run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmPlace {
+    /// The host's KVM can run Linux guests.
+    Host,
+    /// Inside the rig's L2, whose emulated SVM gives real KVM.
+    Rig,
+    /// Not at all (only by explicit request).
+    Skip,
+}
+
+/// Decides where VM-level work runs, and says why. `HUSK_TEST_VM=host|rig|skip` overrides.
+pub fn decide_vm_place() -> Result<(VmPlace, String)> {
+    if let Ok(forced) = std::env::var("HUSK_TEST_VM") {
+        let place = match forced.as_str() {
+            "host" => VmPlace::Host,
+            "rig" => VmPlace::Rig,
+            "skip" => VmPlace::Skip,
+            other => bail!("HUSK_TEST_VM={other}: expected host, rig or skip"),
+        };
+        return Ok((place, format!("HUSK_TEST_VM={forced}")));
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let kvm_open = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    Ok(choose_place(kvm_open, kvm_pvm, &cpuinfo))
+}
+
+fn choose_place(kvm_open: bool, kvm_pvm: bool, cpuinfo: &str) -> (VmPlace, String) {
+    let virt_flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| f == "vmx" || f == "svm");
+    if kvm_pvm {
+        (
+            VmPlace::Rig,
+            "the host's /dev/kvm is kvm_pvm, a paravirtual nested KVM that cannot run a Linux \
+             guest's user space"
+                .into(),
+        )
+    } else if !kvm_open {
+        (VmPlace::Rig, "the host has no usable /dev/kvm".into())
+    } else if !virt_flag {
+        (
+            VmPlace::Rig,
+            "the host CPU shows neither vmx nor svm, so its KVM is not hardware-backed".into(),
+        )
+    } else {
+        (
+            VmPlace::Host,
+            "the host has /dev/kvm with hardware virtualization (vmx/svm)".into(),
+        )
+    }
+}
+
+/// Everything a VM-level test or run needs, built for release.
+pub struct VmArtifacts {
+    pub bin_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// Builds the release binaries, the guest kernel and the initramfs.
+pub fn build_vm_artifacts() -> Result<VmArtifacts> {
+    run(Command::new(cargo()).current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "husk-vmm",
+        "-p",
+        "husk",
+    ]))?;
+    let kernel = crate::kernel::build()?;
+    let initramfs = crate::initramfs::build()?;
+    Ok(VmArtifacts {
+        bin_dir: util::target_dir().join("release"),
+        kernel,
+        initramfs,
+    })
+}
+
+/// The binaries a VM-level run takes along.
+const VM_BINARIES: &[&str] = &["husk-vmm", "husk"];
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds the integration-test executables of `husk-tests` (release) and returns their paths.
+fn build_vm_test_binaries() -> Result<Vec<PathBuf>> {
+    let out = util::output(Command::new(cargo()).current_dir(workspace_root()).args([
+        "test",
+        "--release",
+        "-p",
+        "husk-tests",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let mut bins = Vec::new();
+    for line in out.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true {
+            if let Some(exe) = msg["executable"].as_str() {
+                bins.push(PathBuf::from(exe));
+            }
+        }
+    }
+    if bins.is_empty() {
+        bail!("cargo built no test executables for husk-tests");
+    }
+    Ok(bins)
+}
+
+/// `cargo xtask test`.
+pub fn test() -> Result<()> {
+    let (place, why) = decide_vm_place()?;
+    eprintln!("xtask: VM-level tests will run: {place:?} ({why})");
+
+    // Unit tests and everything that needs no KVM, on the host.
+    run(Command::new(cargo()).current_dir(workspace_root()).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "husk-tests",
+    ]))?;
+
+    if place == VmPlace::Skip {
+        let msg = "VM-LEVEL TESTS SKIPPED (HUSK_TEST_VM=skip): nothing booted a guest";
+        if require_kvm() {
+            bail!("{msg}, but HUSK_REQUIRE_KVM=1 requires them");
+        }
+        eprintln!("xtask: !!! {msg} !!!");
+        return Ok(());
+    }
+
+    let artifacts = build_vm_artifacts()?;
+    let tests = build_vm_test_binaries()?;
+    match place {
+        VmPlace::Host => run_tests_on_host(&artifacts, &tests),
+        VmPlace::Rig => run_tests_in_rig(&artifacts, &tests),
+        VmPlace::Skip => unreachable!("handled above"),
+    }
+}
+
+fn require_kvm() -> bool {
+    std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+fn run_tests_on_host(artifacts: &VmArtifacts, tests: &[PathBuf]) -> Result<()> {
+    let mut failed = Vec::new();
+    for test in tests {
+        let status = Command::new(test)
+            .env("HUSK_VMM_BIN", artifacts.bin_dir.join("husk-vmm"))
+            .env("HUSK_BIN", artifacts.bin_dir.join("husk"))
+            .env("HUSK_KERNEL", &artifacts.kernel)
+            .env("HUSK_INITRAMFS", &artifacts.initramfs)
+            .env("HUSK_REQUIRE_KVM", "1")
+            .status()
+            .with_context(|| format!("running {}", test.display()))?;
+        if !status.success() {
+            failed.push(test.display().to_string());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("VM-level tests failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The files every rig run of VM-level work carries, and the environment that finds them.
+pub fn rig_vm_inputs(artifacts: &VmArtifacts) -> (Vec<(PathBuf, String)>, Vec<(String, String)>) {
+    let mut inputs = Vec::new();
+    for bin in VM_BINARIES {
+        let path = artifacts.bin_dir.join(bin);
+        if path.exists() {
+            inputs.push((path, format!("bin/{bin}")));
+        }
+    }
+    inputs.push((artifacts.kernel.clone(), "husk/vmlinux".into()));
+    inputs.push((artifacts.initramfs.clone(), "husk/initramfs.cpio".into()));
+    let env = vec![
+        (
+            "PATH".into(),
+            "/work/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HUSK_VMM_BIN".into(), "/work/bin/husk-vmm".into()),
+        ("HUSK_BIN".into(), "/work/bin/husk".into()),
+        ("HUSK_KERNEL".into(), "/work/husk/vmlinux".into()),
+        ("HUSK_INITRAMFS".into(), "/work/husk/initramfs.cpio".into()),
+    ];
+    (inputs, env)
+}
+
+/// The rig's own check: inside L2, Debian's QEMU boots an L3 Linux guest (L2's kernel and a
+/// busybox initramfs) under L2's KVM to user space. It proves the rig gives real KVM before any
+/// husk test relies on it. Returns the shell text to run in the rig, and the files it needs.
+fn l3_smoke_inputs(image: &RigImage, scratch: &Path) -> Result<(Vec<(PathBuf, String)>, String)> {
+    util::apt_install(&["busybox-static"])?;
+    let mut w = crate::cpio::CpioWriter::new(Vec::new());
+    for dir in ["bin", "dev", "proc"] {
+        w.dir(dir, 0o755)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
+    w.file("init", 0o755, L3_SMOKE_INIT.as_bytes())?;
+    let initrd = scratch.join("l3-initrd.cpio");
+    std::fs::write(&initrd, w.finish()?)?;
+    let inputs = vec![
+        (image.vmlinux.clone(), "l3/vmlinux".into()),
+        (initrd, "l3/initrd.cpio".into()),
+    ];
+    Ok((inputs, L3_SMOKE_SCRIPT.to_string()))
+}
+
+const L3_SMOKE_INIT: &str = "#!/bin/busybox sh\n\
+/bin/busybox mount -t proc proc /proc\n\
+/bin/busybox echo \"HUSK-L3-USERSPACE-OK pid=$$ kernel=$(/bin/busybox uname -r) uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n\
+/bin/busybox reboot -f\n";
+
+const L3_SMOKE_SCRIPT: &str = r#"
+echo "husk-rig smoke: booting an L3 guest under L2's KVM with QEMU"
+[ -e /dev/kvm ] || { echo "husk-rig smoke: FAILED: no /dev/kvm in L2"; exit 1; }
+start=$(date +%s.%N)
+out=$(timeout 300 qemu-system-x86_64 -M microvm,x-option-roms=off,isa-serial=on,rtc=on \
+    -enable-kvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic -no-reboot \
+    -serial stdio -kernel /work/l3/vmlinux -initrd /work/l3/initrd.cpio \
+    -append "console=ttyS0 quiet loglevel=1 panic=-1 reboot=t" </dev/null 2>&1)
+end=$(date +%s.%N)
+line=$(printf '%s\n' "$out" | grep -a HUSK-L3-USERSPACE-OK | tr -d '\r')
+if [ -z "$line" ]; then
+    printf '%s\n' "$out" | tail -n 30
+    echo "husk-rig smoke: FAILED: the L3 guest did not reach user space"
+    exit 1
+fi
+echo "husk-rig smoke: $line (QEMU round trip $(awk "BEGIN{printf \"%.2f\", $end - $start}") s)"
+echo "husk-rig smoke: 1 passed, 0 failed"
+"#;
+
+/// `cargo xtask rig smoke`: only the L3 boot check, no husk build needed.
+pub fn rig_smoke() -> Result<()> {
+    let image = rig::build()?;
+    let scratch = rig::tempdir("husk-xtask-smoke")?;
+    let result = (|| {
+        let (inputs, script) = l3_smoke_inputs(&image, &scratch)?;
+        let outcome = rig::run_in_rig(
+            &image,
+            &RigRun {
+                inputs,
+                script: Some(script),
+                env: Vec::new(),
+                out_dir: None,
+                timeout: rig_timeout(),
+            },
+        )?;
+        if outcome.exit_code != 0 {
+            bail!(
+                "the rig's L3 smoke test failed (exit code {})",
+                outcome.exit_code
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn run_tests_in_rig(artifacts: &VmArtifacts, tests: &[PathBuf]) -> Result<()> {
+    let image = rig::build()?;
+    let scratch = rig::tempdir("husk-xtask-test")?;
+    let result = (|| {
+        let (mut inputs, env) = rig_vm_inputs(artifacts);
+        let (smoke_inputs, smoke) = l3_smoke_inputs(&image, &scratch)?;
+        inputs.extend(smoke_inputs);
+        let mut script = String::from("rc=0\n");
+        script.push_str(&format!("( {smoke} ) || rc=1\n"));
+        for test in tests {
+            let name = test
+                .file_name()
+                .context("test executable has a file name")?
+                .to_string_lossy()
+                .into_owned();
+            inputs.push((test.clone(), format!("tests/{name}")));
+            script.push_str(&format!(
+                "echo \"== husk-rig: running {name}\"\n\
+                 /work/tests/{name} --test-threads=1 || {{ echo \"== husk-rig: {name} FAILED\"; rc=1; }}\n"
+            ));
+        }
+        script.push_str("exit $rc\n");
+        let mut env = env;
+        env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
+        env.push(("RUST_BACKTRACE".into(), "1".into()));
+        let outcome = rig::run_in_rig(
+            &image,
+            &RigRun {
+                inputs,
+                script: Some(script),
+                env,
+                out_dir: None,
+                timeout: rig_timeout(),
+            },
+        )?;
+        if outcome.exit_code != 0 {
+            bail!(
+                "VM-level tests failed inside the rig (exit code {}); their output is above",
+                outcome.exit_code
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// How long one rig run may take before it is killed (`HUSK_RIG_TIMEOUT_S`, default 40 min).
+pub fn rig_timeout() -> Duration {
+    let secs = std::env::var("HUSK_RIG_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2400);
+    Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_pvm_hosts_use_the_rig_even_with_kvm_open() {
+        let (place, why) = choose_place(true, true, "flags\t: fpu svm\n");
+        assert_eq!(place, VmPlace::Rig);
+        assert!(why.contains("kvm_pvm"));
+    }
+
+    #[test]
+    fn hardware_kvm_runs_on_the_host() {
+        let (place, _) = choose_place(true, false, "flags\t: fpu vmx sse\n");
+        assert_eq!(place, VmPlace::Host);
+    }
+
+    #[test]
+    fn no_kvm_or_no_virt_flag_uses_the_rig() {
+        assert_eq!(choose_place(false, false, "flags: vmx").0, VmPlace::Rig);
+        assert_eq!(
+            choose_place(true, false, "flags\t: fpu sse\n").0,
+            VmPlace::Rig
+        );
+    }
+}
