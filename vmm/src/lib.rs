@@ -1,1 +1,13 @@
+//! husk-vmm: the KVM virtual machine monitor that runs one husk microVM.
+//!
+//! [`builder::build_microvm`] turns a [`config::VmConfig`] into a [`vmm::Vmm`];
+//! [`vmm::Vmm::run`] runs it until the guest finishes.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
 pub mod devices;
+pub mod kvm_check;
+pub mod timeline;
+pub mod vmm;
+pub mod vstate;

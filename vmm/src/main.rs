@@ -1,1 +1,87 @@
-fn main() {}
+//! `husk-vmm`: args -> config -> build -> run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use husk_vmm::builder::build_microvm;
+use husk_vmm::config::VmConfig;
+use husk_vmm::{timeline, vmm};
+
+/// Runs one husk microVM.
+#[derive(Debug, Parser)]
+#[command(name = "husk-vmm", version)]
+struct Args {
+    /// Uncompressed ELF kernel (vmlinux).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (newc cpio) holding the agent as /init.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u32,
+    /// Unix socket to create for the guest's vsock.
+    #[arg(long)]
+    vsock_socket: PathBuf,
+    /// Appended to the kernel command line.
+    #[arg(long)]
+    cmdline_extra: Option<String>,
+    /// Attach the serial console and print the guest console on stdout.
+    #[arg(long)]
+    console: bool,
+    /// Write the boot timeline as JSON to this file.
+    #[arg(long)]
+    boot_report: Option<PathBuf>,
+    /// How long to wait for the agent's handshake, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    agent_timeout_ms: u64,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+fn run(args: Args) -> anyhow::Result<i32> {
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        vcpus: args.cpus,
+        mem_size_mib: args.mem_mib,
+        vsock_socket: args.vsock_socket,
+        cmdline_extra: args.cmdline_extra,
+        console: args.console,
+        boot_report: args.boot_report,
+        agent_timeout: Duration::from_millis(args.agent_timeout_ms),
+    };
+    let vmm = build_microvm(&cfg).context("failed to build the microVM")?;
+    let exit = vmm.run().context("the microVM failed")?;
+    Ok(exit.exit_code())
+}
+
+fn main() -> ExitCode {
+    timeline::mark_process_start();
+    if let Err(e) = vmm::block_exit_signals() {
+        eprintln!("husk-vmm: failed to block SIGTERM/SIGINT: {e}");
+        return ExitCode::FAILURE;
+    }
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        // Exit at once: vCPU threads may still be inside KVM_RUN.
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("husk-vmm: {e:#}");
+            std::process::exit(1)
+        }
+    }
+}

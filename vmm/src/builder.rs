@@ -1,0 +1,381 @@
+//! The boot recipe: [`build_microvm`] reads top to bottom, from checking KVM to creating the
+//! vCPUs. Nothing here runs guest code; [`Vmm::run`](crate::vmm::Vmm::run) does.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use linux_loader::loader::{load_cmdline, Cmdline};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{
+    self, CMDLINE_MAX_SIZE, CMDLINE_START, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
+    SERIAL_PORT_LEN,
+};
+use crate::arch::{self, mptable, pvh, zero_page, BootProtocol, KernelEntry};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::{I8042Device, I8042_RANGE_LEN};
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
+use crate::devices::virtio::rng::{Rng, RngError};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::VirtioDevice;
+use crate::kvm_check;
+use crate::timeline::{self, BootTimeline, TimelineRecorder};
+use crate::vmm::{DeviceEventManager, Vmm};
+use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// The guest CID of every microVM (each VM has its own vsock device and host socket).
+pub const GUEST_CID: u64 = 3;
+
+/// Kernel command line every guest gets.
+/// - `reboot=t`: a reboot triple-faults, which ends the VM; `panic=-1`: reboot at once on a
+///   panic (so a panic ends the VM as a crash instead of hanging).
+/// - `quiet loglevel=1`: no console chatter (the console is off unless `--console`).
+/// - `nomodule`: no module loading; `pci=off`: there is no PCI bus, skip probing it.
+/// - `i8042.noaux i8042.nomux i8042.dumbkbd`: our i8042 only resets; skip mouse/mux probing.
+/// - `tsc=reliable`: skip the TSC watchdog (no reliable reference clock in a VM anyway).
+/// - `rdinit=/init`: the agent in the initramfs is PID 1.
+pub const BASE_CMDLINE: &str = "reboot=t panic=-1 quiet loglevel=1 nomodule pci=off \
+     i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable rdinit=/init";
+/// Added with `--console`.
+pub const CONSOLE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial";
+/// Added without `--console`: do not register any 8250 port (nothing at 0x3f8 anyway).
+pub const NO_CONSOLE_CMDLINE: &str = "8250.nr_uarts=0";
+
+/// Errors of [`build_microvm`].
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// /dev/kvm does not exist.
+    #[error("/dev/kvm does not exist: KVM is not available on this host (run `husk check`)")]
+    KvmAbsent,
+    /// /dev/kvm is not accessible.
+    #[error("/dev/kvm is not accessible to this user (add the user to the kvm group)")]
+    KvmPermissionDenied,
+    /// /dev/kvm is busy.
+    #[error("/dev/kvm is busy (another hypervisor holds the virtualization extensions?)")]
+    KvmBusy,
+    /// Opening /dev/kvm failed otherwise.
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// Wrong KVM API version.
+    #[error("KVM API version {0} is not the supported {expected}", expected = kvm_check::KVM_API_VERSION)]
+    KvmApiVersion(i32),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("failed to read the CPUID KVM supports")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// Guest memory.
+    #[error("failed to create guest memory")]
+    Memory(#[from] MemoryError),
+    /// VM creation.
+    #[error("failed to create the VM")]
+    Vm(#[from] VmError),
+    /// Kernel or initramfs loading.
+    #[error("failed to load the guest images")]
+    Load(#[from] arch::LoadError),
+    /// The kernel command line is invalid or too long.
+    #[error("invalid kernel command line ({0:?})")]
+    Cmdline(linux_loader::cmdline::Error),
+    /// Writing the command line failed.
+    #[error("failed to write the kernel command line into guest memory")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    /// MP table.
+    #[error("failed to write the MP table")]
+    Mptable(#[from] mptable::MptableError),
+    /// PVH boot structures.
+    #[error("failed to write the PVH boot structures")]
+    Pvh(#[from] pvh::PvhError),
+    /// Zero page.
+    #[error("failed to write the zero page")]
+    ZeroPage(#[from] zero_page::ZeroPageError),
+    /// Device address conflict.
+    #[error("failed to place a device on the bus")]
+    Bus(#[from] BusError),
+    /// A device's eventfd or transport could not be created.
+    #[error("failed to create the {0} device")]
+    Device(&'static str, #[source] io::Error),
+    /// No free virtio-mmio slot.
+    #[error("no free virtio-mmio slot")]
+    NoVirtioSlot,
+    /// The vsock device.
+    #[error("failed to create the vsock device")]
+    Vsock(#[from] VsockError),
+    /// The entropy device.
+    #[error("failed to create the rng device")]
+    Rng(#[from] RngError),
+    /// The device event loop.
+    #[error("failed to create the device event loop")]
+    EventManager(event_manager::Error),
+    /// vCPU creation or configuration.
+    #[error("failed to set up the vCPUs")]
+    Vcpu(#[from] VcpuError),
+}
+
+/// Builds a microVM ready to run: validates `cfg`, then sets up KVM, memory, the kernel,
+/// boot structures, devices and vCPUs.
+pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
+    cfg.validate()?;
+    let kvm = open_kvm()?;
+
+    let mem = memory::create_guest_memory(cfg.mem_size_mib)?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&mem)?;
+    let vm_created_us = timeline::since_start_us();
+
+    let mem_size = u64::from(cfg.mem_size_mib) << 20;
+    let kernel = arch::load_kernel(&mem, &cfg.kernel)?;
+    let initramfs = cfg
+        .initramfs
+        .as_deref()
+        .map(|path| arch::load_initramfs(&mem, mem_size, kernel.kernel_end, path))
+        .transpose()?;
+    let mut cmdline = base_cmdline(cfg.console)?;
+
+    let mut pio_bus = Bus::new();
+    let mut mmio = MmioDevices::new(&vm, &mem);
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Device("reset", e))?;
+    attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
+
+    let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
+    let vsock = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &cfg.vsock_socket)?));
+    mmio.attach_virtio_device(vsock, &mut event_manager, &mut cmdline)?;
+    let rng = Arc::new(Mutex::new(Rng::new()?));
+    mmio.attach_virtio_device(rng, &mut event_manager, &mut cmdline)?;
+
+    if let Some(extra) = &cfg.cmdline_extra {
+        cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;
+    }
+    setup_boot_structures(&mem, mem_size, cfg.vcpus, &kernel, initramfs, &cmdline)?;
+    let kernel_loaded_us = timeline::since_start_us();
+
+    let vcpus = create_vcpus(&kvm, &vm, &mem, cfg.vcpus, &kernel, pio_bus, mmio.bus)?;
+
+    let timeline = TimelineRecorder::new(BootTimeline {
+        vcpus: cfg.vcpus,
+        mem_size_mib: cfg.mem_size_mib,
+        boot_protocol: format!("{:?}", kernel.protocol),
+        vm_created_us,
+        kernel_loaded_us,
+        ..Default::default()
+    });
+    tracing::debug!(
+        vm_created_us,
+        kernel_loaded_us,
+        protocol = ?kernel.protocol,
+        "microVM built"
+    );
+    Ok(Vmm::new(
+        vm,
+        mem,
+        vcpus,
+        event_manager,
+        reset_evt,
+        cfg,
+        Arc::new(timeline),
+    ))
+}
+
+/// Opens /dev/kvm and checks the API version, with a clear error for each way it can fail.
+pub fn open_kvm() -> Result<Kvm, BuildError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => BuildError::KvmAbsent,
+        libc::EACCES | libc::EPERM => BuildError::KvmPermissionDenied,
+        libc::EBUSY => BuildError::KvmBusy,
+        _ => BuildError::KvmOpen(e),
+    })?;
+    let version = kvm.get_api_version();
+    if version != kvm_check::KVM_API_VERSION {
+        return Err(BuildError::KvmApiVersion(version));
+    }
+    Ok(kvm)
+}
+
+/// The default command line for a guest with or without the serial console.
+pub fn base_cmdline(console: bool) -> Result<Cmdline, BuildError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
+    cmdline
+        .insert_str(BASE_CMDLINE)
+        .map_err(BuildError::Cmdline)?;
+    let console_args = if console {
+        CONSOLE_CMDLINE
+    } else {
+        NO_CONSOLE_CMDLINE
+    };
+    cmdline
+        .insert_str(console_args)
+        .map_err(BuildError::Cmdline)?;
+    Ok(cmdline)
+}
+
+/// The i8042 (always: it carries the reset) and, with `console`, the COM1 UART on IRQ 4.
+fn attach_legacy_devices(
+    vm: &Vm,
+    pio_bus: &mut Bus,
+    reset_evt: &EventFd,
+    console: bool,
+) -> Result<(), BuildError> {
+    let dup = |evt: &EventFd, name| evt.try_clone().map_err(|e| BuildError::Device(name, e));
+    let new_evt = |name| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Device(name, e));
+
+    let kbd_irq = new_evt("i8042")?;
+    vm.register_irqfd(&kbd_irq, 1)?;
+    let i8042 = I8042Device::new(
+        EventFdTrigger::new(dup(reset_evt, "i8042")?),
+        EventFdTrigger::new(kbd_irq),
+    );
+    pio_bus.insert(
+        Arc::new(Mutex::new(i8042)),
+        I8042_DATA_PORT,
+        I8042_RANGE_LEN,
+    )?;
+
+    if console {
+        let serial_irq = new_evt("serial")?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+        let serial = SerialDevice::new(serial_irq, Box::new(io::stdout()));
+        pio_bus.insert(
+            Arc::new(Mutex::new(serial)),
+            SERIAL_PORT_BASE,
+            SERIAL_PORT_LEN,
+        )?;
+    }
+    Ok(())
+}
+
+/// The MMIO bus and the next free virtio-mmio slot.
+struct MmioDevices<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemory,
+    bus: Bus,
+    next_slot: u64,
+}
+
+impl<'a> MmioDevices<'a> {
+    fn new(vm: &'a Vm, mem: &'a GuestMemory) -> Self {
+        MmioDevices {
+            vm,
+            mem,
+            bus: Bus::new(),
+            next_slot: 0,
+        }
+    }
+
+    /// Puts `device` behind a virtio-mmio transport in the next slot: queue notifications
+    /// become ioeventfds, the interrupt an irqfd, the device's events go to the device
+    /// thread, and the kernel learns about it from the command line.
+    fn attach_virtio_device<D>(
+        &mut self,
+        device: Arc<Mutex<D>>,
+        event_manager: &mut DeviceEventManager,
+        cmdline: &mut Cmdline,
+    ) -> Result<(), BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let (base, irq) =
+            layout::virtio_mmio_slot(self.next_slot).ok_or(BuildError::NoVirtioSlot)?;
+        let transport = MmioTransport::new(self.mem.clone(), device.clone())
+            .map_err(|e| BuildError::Device("virtio-mmio", e))?;
+        for (index, evt) in transport.queue_evts().iter().enumerate() {
+            self.vm
+                .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, index as u32)?;
+        }
+        self.vm
+            .register_irqfd(transport.irq_trigger().irq_evt(), irq)?;
+        self.bus
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_REGION_SIZE)?;
+        event_manager.add_subscriber(device);
+        cmdline
+            .add_virtio_mmio_device(MMIO_REGION_SIZE, GuestAddress(base), irq, None)
+            .map_err(BuildError::Cmdline)?;
+        self.next_slot += 1;
+        Ok(())
+    }
+}
+
+/// Command line, MP table, and the PVH start info or the zero page.
+fn setup_boot_structures(
+    mem: &GuestMemory,
+    mem_size: u64,
+    vcpus: u8,
+    kernel: &KernelEntry,
+    initramfs: Option<arch::InitramfsPlacement>,
+    cmdline: &Cmdline,
+) -> Result<(), BuildError> {
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BuildError::WriteCmdline)?;
+    mptable::setup_mptable(mem, vcpus)?;
+    match kernel.protocol {
+        BootProtocol::Pvh => pvh::setup_pvh_boot(mem, mem_size, initramfs)?,
+        BootProtocol::LinuxBoot => {
+            let cmdline_len = cmdline
+                .as_cstring()
+                .map_err(BuildError::Cmdline)?
+                .as_bytes()
+                .len();
+            zero_page::setup_zero_page(mem, mem_size, cmdline_len as u32, initramfs)?
+        }
+    }
+    Ok(())
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    mem: &GuestMemory,
+    count: u8,
+    kernel: &KernelEntry,
+    pio_bus: Bus,
+    mmio_bus: Bus,
+) -> Result<Vec<Vcpu>, BuildError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let pio_bus = Arc::new(pio_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+    (0..count)
+        .map(|index| {
+            let vcpu = Vcpu::new(vm, index, pio_bus.clone(), mmio_bus.clone())?;
+            vcpu.configure(mem, supported.as_slice(), count, kernel)?;
+            Ok(vcpu)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_cmdline_enables_ttys0() {
+        let cmdline = base_cmdline(true).expect("cmdline");
+        let s = cmdline
+            .as_cstring()
+            .expect("cstring")
+            .into_string()
+            .expect("utf8");
+        assert!(s.starts_with("reboot=t panic=-1 quiet"));
+        assert!(s.ends_with("rdinit=/init console=ttyS0 earlyprintk=serial"));
+    }
+
+    #[test]
+    fn default_cmdline_has_no_uarts() {
+        let cmdline = base_cmdline(false).expect("cmdline");
+        let s = cmdline
+            .as_cstring()
+            .expect("cstring")
+            .into_string()
+            .expect("utf8");
+        assert!(s.ends_with("rdinit=/init 8250.nr_uarts=0"));
+        assert!(!s.contains("console="));
+    }
+}

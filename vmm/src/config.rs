@@ -1,0 +1,327 @@
+//! User input for one microVM, and its validation.
+//!
+//! [`VmConfig::validate`] runs before any KVM or socket resource exists, so a bad invocation
+//! fails with a clear message and leaves nothing behind.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::arch::layout::MAX_VCPUS;
+
+/// Smallest guest memory the VMM accepts.
+pub const MIN_MEM_MIB: u32 = 32;
+
+/// Default time to wait for the guest agent's handshake.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ELFMAG: [u8; 4] = *b"\x7fELF";
+const ELFCLASS64: u8 = 2;
+
+/// Errors of [`VmConfig::validate`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--cpus 0`.
+    #[error("the VM needs at least 1 vCPU")]
+    NoVcpus,
+    /// More vCPUs than supported.
+    #[error("{0} vCPUs requested, at most {MAX_VCPUS} are supported")]
+    TooManyVcpus(u8),
+    /// Less memory than the minimum.
+    #[error("{0} MiB of memory requested, at least {MIN_MEM_MIB} MiB are needed")]
+    MemoryTooSmall(u32),
+    /// More memory than the host has.
+    #[error("{requested_mib} MiB of memory requested, but the host has only {host_mib} MiB")]
+    MemoryTooLarge { requested_mib: u32, host_mib: u64 },
+    /// The host's memory size could not be read.
+    #[error("cannot read the host memory size from /proc/meminfo")]
+    HostMemory(#[source] std::io::Error),
+    /// The kernel image does not exist.
+    #[error("kernel {0}: no such file")]
+    KernelMissing(PathBuf),
+    /// The kernel image cannot be read.
+    #[error("kernel {path}: cannot read it")]
+    KernelUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is not an ELF file.
+    #[error("kernel {0}: not an ELF file (an uncompressed vmlinux is needed, not a bzImage)")]
+    KernelNotElf(PathBuf),
+    /// The kernel image is a 32-bit ELF.
+    #[error("kernel {0}: not a 64-bit ELF file")]
+    KernelNot64Bit(PathBuf),
+    /// The initramfs does not exist or cannot be read.
+    #[error("initramfs {path}: cannot read it")]
+    InitramfsUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vsock socket path exists already.
+    #[error("vsock socket {0} already exists (another VM running, or a stale socket?)")]
+    SocketExists(PathBuf),
+    /// The vsock socket's directory does not exist.
+    #[error("vsock socket {0}: its parent directory does not exist")]
+    SocketParentMissing(PathBuf),
+}
+
+/// Everything needed to build and run one microVM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Optional initramfs (uncompressed newc cpio holding the agent as /init).
+    pub initramfs: Option<PathBuf>,
+    /// Number of vCPUs, 1..=MAX_VCPUS.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u32,
+    /// Host side of the guest's vsock: a Unix socket path the VMM creates.
+    pub vsock_socket: PathBuf,
+    /// Appended to the kernel command line.
+    pub cmdline_extra: Option<String>,
+    /// Attach the serial console and print the guest's console on stdout.
+    pub console: bool,
+    /// Write the boot timeline as JSON here.
+    pub boot_report: Option<PathBuf>,
+    /// How long to wait for the agent's handshake.
+    pub agent_timeout: Duration,
+}
+
+impl VmConfig {
+    /// Checks the configuration against the host, without creating anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_kernel(&self.kernel)?;
+        if let Some(initramfs) = &self.initramfs {
+            File::open(initramfs).map_err(|source| ConfigError::InitramfsUnreadable {
+                path: initramfs.clone(),
+                source,
+            })?;
+        }
+        validate_vcpus(self.vcpus)?;
+        let host_mib = host_mem_total_kib().map_err(ConfigError::HostMemory)? / 1024;
+        validate_memory(self.mem_size_mib, host_mib)?;
+        validate_socket_path(&self.vsock_socket)
+    }
+}
+
+/// The kernel must exist, be readable, and be a 64-bit ELF.
+pub fn validate_kernel(path: &Path) -> Result<(), ConfigError> {
+    let mut file = File::open(path).map_err(|source| match source.kind() {
+        ErrorKind::NotFound => ConfigError::KernelMissing(path.to_path_buf()),
+        _ => ConfigError::KernelUnreadable {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let mut ident = [0u8; 5];
+    match file.read_exact(&mut ident) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+            return Err(ConfigError::KernelNotElf(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(ConfigError::KernelUnreadable {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    if ident[..4] != ELFMAG {
+        return Err(ConfigError::KernelNotElf(path.to_path_buf()));
+    }
+    if ident[4] != ELFCLASS64 {
+        return Err(ConfigError::KernelNot64Bit(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// 1..=MAX_VCPUS.
+pub fn validate_vcpus(vcpus: u8) -> Result<(), ConfigError> {
+    match vcpus {
+        0 => Err(ConfigError::NoVcpus),
+        n if n > MAX_VCPUS => Err(ConfigError::TooManyVcpus(n)),
+        _ => Ok(()),
+    }
+}
+
+/// MIN_MEM_MIB..=host memory.
+pub fn validate_memory(mem_size_mib: u32, host_mib: u64) -> Result<(), ConfigError> {
+    if mem_size_mib < MIN_MEM_MIB {
+        return Err(ConfigError::MemoryTooSmall(mem_size_mib));
+    }
+    if u64::from(mem_size_mib) > host_mib {
+        return Err(ConfigError::MemoryTooLarge {
+            requested_mib: mem_size_mib,
+            host_mib,
+        });
+    }
+    Ok(())
+}
+
+/// The socket must not exist, and its directory must.
+pub fn validate_socket_path(path: &Path) -> Result<(), ConfigError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(ConfigError::SocketExists(path.to_path_buf()));
+    }
+    let parent = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => return Err(ConfigError::SocketParentMissing(path.to_path_buf())),
+    };
+    if !parent.is_dir() {
+        return Err(ConfigError::SocketParentMissing(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// `MemTotal` of /proc/meminfo, in KiB.
+pub fn host_mem_total_kib() -> std::io::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    parse_mem_total_kib(&meminfo)
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no MemTotal line"))
+}
+
+/// Parses the `MemTotal:   123 kB` line.
+pub fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("tmp");
+        f.write_all(bytes).expect("write");
+        f
+    }
+
+    fn config(dir: &Path, kernel: &Path) -> VmConfig {
+        VmConfig {
+            kernel: kernel.to_path_buf(),
+            initramfs: None,
+            vcpus: 1,
+            mem_size_mib: 32,
+            vsock_socket: dir.join("v.sock"),
+            cmdline_extra: None,
+            console: false,
+            boot_report: None,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+        }
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let kernel = file_with(b"\x7fELF\x02\x01\x01");
+        config(dir.path(), kernel.path()).validate().expect("valid");
+    }
+
+    #[test]
+    fn missing_kernel_is_named() {
+        let err = validate_kernel(Path::new("/nonexistent/vmlinux")).expect_err("must fail");
+        assert!(
+            matches!(&err, ConfigError::KernelMissing(p) if p == Path::new("/nonexistent/vmlinux"))
+        );
+        assert_eq!(err.to_string(), "kernel /nonexistent/vmlinux: no such file");
+    }
+
+    #[test]
+    fn non_elf_and_32bit_kernels_are_rejected() {
+        let bz = file_with(b"MZ\x00\x00 a bzImage");
+        assert!(matches!(
+            validate_kernel(bz.path()),
+            Err(ConfigError::KernelNotElf(_))
+        ));
+        let short = file_with(b"\x7fE");
+        assert!(matches!(
+            validate_kernel(short.path()),
+            Err(ConfigError::KernelNotElf(_))
+        ));
+        let elf32 = file_with(b"\x7fELF\x01\x01\x01");
+        assert!(matches!(
+            validate_kernel(elf32.path()),
+            Err(ConfigError::KernelNot64Bit(_))
+        ));
+    }
+
+    #[test]
+    fn directory_as_kernel_is_unreadable() {
+        let dir = tempfile::tempdir().expect("dir");
+        assert!(matches!(
+            validate_kernel(dir.path()),
+            Err(ConfigError::KernelUnreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn vcpu_bounds() {
+        assert!(matches!(validate_vcpus(0), Err(ConfigError::NoVcpus)));
+        assert!(validate_vcpus(1).is_ok());
+        assert!(validate_vcpus(MAX_VCPUS).is_ok());
+        assert!(matches!(
+            validate_vcpus(33),
+            Err(ConfigError::TooManyVcpus(33))
+        ));
+    }
+
+    #[test]
+    fn memory_bounds() {
+        assert!(matches!(
+            validate_memory(31, 4096),
+            Err(ConfigError::MemoryTooSmall(31))
+        ));
+        assert!(validate_memory(32, 4096).is_ok());
+        assert!(validate_memory(4096, 4096).is_ok());
+        assert!(matches!(
+            validate_memory(4097, 4096),
+            Err(ConfigError::MemoryTooLarge {
+                requested_mib: 4097,
+                host_mib: 4096
+            })
+        ));
+    }
+
+    #[test]
+    fn socket_that_exists_or_lacks_a_parent_is_rejected() {
+        let dir = tempfile::tempdir().expect("dir");
+        let existing = file_with(b"");
+        assert!(matches!(
+            validate_socket_path(existing.path()),
+            Err(ConfigError::SocketExists(_))
+        ));
+        assert!(matches!(
+            validate_socket_path(&dir.path().join("nope/v.sock")),
+            Err(ConfigError::SocketParentMissing(_))
+        ));
+        assert!(validate_socket_path(&dir.path().join("v.sock")).is_ok());
+    }
+
+    #[test]
+    fn missing_initramfs_is_rejected() {
+        let dir = tempfile::tempdir().expect("dir");
+        let kernel = file_with(b"\x7fELF\x02");
+        let mut cfg = config(dir.path(), kernel.path());
+        cfg.initramfs = Some(dir.path().join("missing.cpio"));
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::InitramfsUnreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn mem_total_is_parsed() {
+        let meminfo = "MemFree:  10 kB\nMemTotal:       16308200 kB\n";
+        assert_eq!(parse_mem_total_kib(meminfo), Some(16_308_200));
+        assert_eq!(parse_mem_total_kib("MemFree: 1 kB\n"), None);
+    }
+}
