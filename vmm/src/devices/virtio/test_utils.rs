@@ -111,6 +111,11 @@ impl GuestQueue {
         q
     }
 
+    /// The descriptor index the next [`Self::add_chain`] starts at.
+    pub fn next_desc(&self) -> u16 {
+        self.next_desc
+    }
+
     pub fn desc_addr(&self) -> u64 {
         self.base
     }

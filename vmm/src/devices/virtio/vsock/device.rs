@@ -242,3 +242,124 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         self.active.is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::test_memory;
+    use crate::devices::virtio::vsock::packet::VsockPacket;
+    use crate::devices::virtio::vsock::test_utils::{guest_hdr, TestBackend, VsockTestContext, GUEST_CID};
+    use crate::devices::virtio::vsock::{VSOCK_OP_REQUEST, VSOCK_OP_RW};
+
+    #[test]
+    fn identifies_as_vsock_with_cid_in_config() {
+        let dev = Vsock::with_backend(0x1_2345_6789, TestBackend::new());
+        assert!(matches!(dev, Err(VsockError::InvalidCid(0x1_2345_6789))));
+        let dev = Vsock::with_backend(0x0102_0304, TestBackend::new()).unwrap();
+        assert_eq!(dev.device_type(), 19);
+        assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
+        assert_eq!(dev.avail_features(), 1 << 32);
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg);
+        assert_eq!(cfg, [4, 3, 2, 1, 0, 0, 0, 0]);
+        let mut tail = [0xaau8; 4];
+        dev.read_config(6, &mut tail);
+        assert_eq!(tail, [0, 0, 0xaa, 0xaa]);
+        dev.read_config(u64::MAX, &mut tail);
+    }
+
+    #[test]
+    fn reserved_cids_are_refused() {
+        for cid in [0, 1, 2, u64::from(u32::MAX)] {
+            assert!(matches!(
+                Vsock::with_backend(cid, TestBackend::new()),
+                Err(VsockError::InvalidCid(c)) if c == cid
+            ));
+        }
+    }
+
+    #[test]
+    fn activate_checks_queue_count_and_twice() {
+        let mut dev = Vsock::with_backend(GUEST_CID, TestBackend::new()).unwrap();
+        let irq = Arc::new(IrqTrigger::new().unwrap());
+        let err = dev.activate(test_memory(), irq.clone(), vec![], vec![]).unwrap_err();
+        assert!(matches!(err, ActivateError::QueueCount { expected: 3, got: 0 }));
+        let ctx = VsockTestContext::new_test();
+        let mut dev = ctx.device.lock().unwrap();
+        let err = dev.activate(test_memory(), irq, vec![], vec![]).unwrap_err();
+        assert!(matches!(err, ActivateError::AlreadyActivated));
+        assert!(!dev.reset());
+    }
+
+    #[test]
+    fn tx_packet_reaches_backend_and_buffer_is_returned() {
+        let mut ctx = VsockTestContext::new_test();
+        ctx.guest_send(guest_hdr(VSOCK_OP_RW, 1000, 52), b"hello");
+        assert_eq!(ctx.txq.take_used(), vec![(0, 0)]);
+        assert_eq!(ctx.irq.irq_status(), 1);
+        let dev = ctx.device.lock().unwrap();
+        assert_eq!(dev.backend().sent.len(), 1);
+        assert_eq!(dev.backend().sent[0].data, b"hello");
+        assert_eq!(dev.backend().sent[0].hdr.dst_port, 52);
+        assert_eq!(dev.metrics().tx_packets, 1);
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_consumed_and_counted() {
+        let mut ctx = VsockTestContext::new_test();
+        // Too short for a header.
+        ctx.txq.add_chain(&[(0x10_0000, 20, false)]);
+        // Write-only descriptor.
+        ctx.txq.add_chain(&[(0x10_0000, 44, true)]);
+        // Outside guest memory.
+        ctx.txq.add_chain(&[(0xffff_0000_0000, 44, false)]);
+        ctx.notify(crate::devices::virtio::vsock::TXQ_INDEX);
+        assert_eq!(ctx.txq.take_used(), vec![(0, 0), (1, 0), (2, 0)]);
+        // A wrong source cid.
+        let mut hdr = guest_hdr(VSOCK_OP_REQUEST, 1000, 52);
+        hdr.src_cid = 7;
+        ctx.guest_send(hdr, b"");
+        let dev = ctx.device.lock().unwrap();
+        assert!(dev.backend().sent.is_empty());
+        assert_eq!(dev.metrics().tx_bad_chains, 4);
+    }
+
+    #[test]
+    fn rx_packet_waits_for_a_buffer() {
+        let mut ctx = VsockTestContext::new_test();
+        let pkt = VsockPacket::control(1 << 30, GUEST_CID, 1024, VSOCK_OP_REQUEST);
+        ctx.device.lock().unwrap().backend.to_guest.push_back(pkt.clone());
+        ctx.device.lock().unwrap().backend.evt.write(1).unwrap();
+        ctx.pump();
+        assert_eq!(ctx.irq.irq_status(), 0);
+        assert!(ctx.take_rx().is_empty());
+        ctx.add_rx_buffers(2);
+        assert_eq!(ctx.take_rx(), vec![pkt]);
+        assert_eq!(ctx.irq.irq_status(), 1);
+        // The second buffer stays with the device.
+        assert!(ctx.rxq.take_used().is_empty());
+        assert_eq!(ctx.device.lock().unwrap().metrics().rx_packets, 1);
+    }
+
+    #[test]
+    fn read_only_rx_buffer_is_returned_empty() {
+        let mut ctx = VsockTestContext::new_test();
+        let pkt = VsockPacket::control(1 << 30, GUEST_CID, 1024, VSOCK_OP_REQUEST);
+        ctx.device.lock().unwrap().backend.to_guest.push_back(pkt.clone());
+        ctx.rxq.add_chain(&[(0x80_0000, 4096, false)]);
+        ctx.notify(crate::devices::virtio::vsock::RXQ_INDEX);
+        assert_eq!(ctx.rxq.take_used(), vec![(0, 0)]);
+        assert_eq!(ctx.device.lock().unwrap().metrics().rx_bad_chains, 1);
+        // The packet is still delivered into the next good buffer.
+        ctx.add_rx_buffers(1);
+        assert_eq!(ctx.take_rx(), vec![pkt]);
+    }
+
+    #[test]
+    fn no_interrupt_without_used_buffers() {
+        let mut ctx = VsockTestContext::new_test();
+        ctx.add_rx_buffers(4);
+        ctx.notify(crate::devices::virtio::vsock::TXQ_INDEX);
+        assert_eq!(ctx.irq.irq_status(), 0);
+    }
+}

@@ -256,3 +256,294 @@ impl VsockMuxer {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+
+    use super::*;
+    use crate::devices::virtio::vsock::packet::VsockHeader;
+    use crate::devices::virtio::vsock::test_utils::{guest_hdr, VsockTestContext, GUEST_CID};
+    use crate::devices::virtio::vsock::unix::VsockUnixBackend;
+    use crate::devices::virtio::vsock::{
+        VSOCK_FLAGS_SHUTDOWN_RCV, VSOCK_FLAGS_SHUTDOWN_SEND, VSOCK_OP_CREDIT_REQUEST,
+        VSOCK_OP_CREDIT_UPDATE, VSOCK_OP_RESPONSE, VSOCK_OP_RW, VSOCK_OP_SHUTDOWN,
+    };
+
+    type Ctx = VsockTestContext<VsockUnixBackend>;
+
+    const GUEST_PORT: u32 = 1024;
+
+    fn ops_of(pkts: &[VsockPacket]) -> Vec<u16> {
+        pkts.iter().map(|p| p.hdr.op).collect()
+    }
+
+    fn connection_count(ctx: &Ctx) -> usize {
+        ctx.device.lock().unwrap().backend().muxer().connection_count()
+    }
+
+    /// A host client sends `CONNECT 1024`; returns it and the REQUEST the guest got.
+    fn host_connect(ctx: &mut Ctx, path: &Path) -> (UnixStream, VsockHeader) {
+        let mut client = UnixStream::connect(path).unwrap();
+        client.write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes()).unwrap();
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_REQUEST]);
+        (client, pkts[0].hdr)
+    }
+
+    /// The guest accepts `req` with `buf_alloc` of receive space.
+    fn guest_accept(ctx: &mut Ctx, req: &VsockHeader, buf_alloc: u32) {
+        let mut hdr = guest_hdr(VSOCK_OP_RESPONSE, req.dst_port, req.src_port);
+        hdr.buf_alloc = buf_alloc;
+        ctx.guest_send(hdr, b"");
+    }
+
+    fn read_line(client: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            client.read_exact(&mut byte).unwrap();
+            line.push(byte[0]);
+        }
+        String::from_utf8(line).unwrap()
+    }
+
+    /// The host side closed `client` (EOF, or a reset if it left bytes unread).
+    fn assert_closed(client: &mut UnixStream) {
+        let mut buf = Vec::new();
+        match client.read_to_end(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("client not closed: {other:?}"),
+        }
+    }
+
+    fn established(dir: &Path) -> (Ctx, UnixStream, VsockHeader) {
+        let (mut ctx, path) = Ctx::new_unix(dir);
+        let (mut client, req) = host_connect(&mut ctx, &path);
+        guest_accept(&mut ctx, &req, 64 * 1024);
+        assert_eq!(read_line(&mut client), format!("OK {}\n", req.src_port));
+        (ctx, client, req)
+    }
+
+    #[test]
+    fn host_initiated_connect_and_data_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, mut client, req) = established(dir.path());
+        assert_eq!((req.src_cid, req.dst_cid), (VSOCK_HOST_CID, GUEST_CID));
+        assert_eq!(req.dst_port, GUEST_PORT);
+        assert!(req.src_port >= LOCAL_PORT_RANGE_START);
+        assert_eq!(req.buf_alloc, crate::devices::virtio::vsock::CONN_TX_BUF_SIZE);
+
+        client.write_all(b"ping").unwrap();
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW]);
+        assert_eq!(pkts[0].data, b"ping");
+        assert_eq!((pkts[0].hdr.src_port, pkts[0].hdr.dst_port), (req.src_port, GUEST_PORT));
+
+        ctx.guest_send_data(GUEST_PORT, req.src_port, b"pong");
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+        assert_eq!(connection_count(&ctx), 1);
+    }
+
+    #[test]
+    fn bytes_after_connect_line_go_to_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 1024\nearly").unwrap();
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_REQUEST]);
+        guest_accept(&mut ctx, &pkts[0].hdr, 4096);
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW]);
+        assert_eq!(pkts[0].data, b"early");
+    }
+
+    #[test]
+    fn guest_rst_to_request_closes_host_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        let (mut client, req) = host_connect(&mut ctx, &path);
+        ctx.guest_send(guest_hdr(VSOCK_OP_RST, GUEST_PORT, req.src_port), b"");
+        let mut buf = Vec::new();
+        assert_eq!(client.read_to_end(&mut buf).unwrap(), 0);
+        assert_eq!(connection_count(&ctx), 0);
+        assert!(ctx.drain_rx().is_empty());
+    }
+
+    #[test]
+    fn invalid_connect_line_closes_host_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"HELLO 1024\n").unwrap();
+        ctx.pump();
+        assert_closed(&mut client);
+        assert!(ctx.drain_rx().is_empty());
+        // An over-long line without newline is refused too.
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(&[b'9'; 64]).unwrap();
+        ctx.pump();
+        assert_closed(&mut client);
+    }
+
+    #[test]
+    fn credit_flow_control_stops_and_resumes_host_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        let (mut client, req) = host_connect(&mut ctx, &path);
+        guest_accept(&mut ctx, &req, 100);
+        read_line(&mut client);
+        client.write_all(&[5u8; 300]).unwrap();
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW, VSOCK_OP_CREDIT_REQUEST]);
+        assert_eq!(pkts[0].data.len(), 100);
+        // Without credit, nothing more comes.
+        ctx.pump();
+        assert!(ctx.drain_rx().is_empty());
+        // The guest consumed the 100 bytes.
+        let mut update = guest_hdr(VSOCK_OP_CREDIT_UPDATE, GUEST_PORT, req.src_port);
+        update.buf_alloc = 100;
+        update.fwd_cnt = 100;
+        ctx.guest_send(update, b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW, VSOCK_OP_CREDIT_REQUEST]);
+        assert_eq!(pkts[0].data.len(), 100);
+        update.fwd_cnt = 200;
+        ctx.guest_send(update, b"");
+        let pkts = ctx.drain_rx();
+        // The host might have more: with the credit used up again, ask for more.
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW, VSOCK_OP_CREDIT_REQUEST]);
+        assert_eq!(pkts[0].data.len(), 100);
+    }
+
+    #[test]
+    fn host_data_is_split_to_rx_buffer_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, mut client, _req) = established(dir.path());
+        client.write_all(&[1u8; 10_000]).unwrap();
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        let sizes: Vec<usize> = pkts.iter().map(|p| p.data.len()).collect();
+        assert_eq!(sizes, vec![4096, 4096, 1808]);
+    }
+
+    #[test]
+    fn guest_credit_request_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, mut client, req) = established(dir.path());
+        ctx.guest_send_data(GUEST_PORT, req.src_port, b"abc");
+        let mut buf = [0u8; 3];
+        client.read_exact(&mut buf).unwrap();
+        ctx.guest_send(guest_hdr(VSOCK_OP_CREDIT_REQUEST, GUEST_PORT, req.src_port), b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_CREDIT_UPDATE]);
+        assert_eq!(pkts[0].hdr.fwd_cnt, 3);
+    }
+
+    #[test]
+    fn host_close_sends_shutdown_then_guest_close_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, client, req) = established(dir.path());
+        drop(client);
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_SHUTDOWN]);
+        assert_eq!(pkts[0].hdr.flags, VSOCK_FLAGS_SHUTDOWN_SEND);
+        let mut shut = guest_hdr(VSOCK_OP_SHUTDOWN, GUEST_PORT, req.src_port);
+        shut.flags = VSOCK_FLAGS_SHUTDOWN_SEND | VSOCK_FLAGS_SHUTDOWN_RCV;
+        ctx.guest_send(shut, b"");
+        assert_eq!(ops_of(&ctx.drain_rx()), vec![VSOCK_OP_RST]);
+        assert_eq!(connection_count(&ctx), 0);
+    }
+
+    #[test]
+    fn guest_rst_closes_established_host_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, mut client, req) = established(dir.path());
+        ctx.guest_send(guest_hdr(VSOCK_OP_RST, GUEST_PORT, req.src_port), b"");
+        let mut buf = Vec::new();
+        assert_eq!(client.read_to_end(&mut buf).unwrap(), 0);
+        assert_eq!(connection_count(&ctx), 0);
+        // Later packets for it are answered with a reset.
+        ctx.guest_send_data(GUEST_PORT, req.src_port, b"late");
+        assert_eq!(ops_of(&ctx.drain_rx()), vec![VSOCK_OP_RST]);
+    }
+
+    #[test]
+    fn guest_initiated_connection_to_listening_host_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        let listener = UnixListener::bind(format!("{}_52", path.display())).unwrap();
+        ctx.guest_send(guest_hdr(VSOCK_OP_REQUEST, 3000, 52), b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RESPONSE]);
+        let hdr = pkts[0].hdr;
+        assert_eq!((hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port), (2, GUEST_CID, 52, 3000));
+        let (mut host, _) = listener.accept().unwrap();
+        ctx.guest_send_data(3000, 52, b"from guest");
+        let mut buf = [0u8; 10];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"from guest");
+        host.write_all(b"from host").unwrap();
+        ctx.pump();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW]);
+        assert_eq!(pkts[0].data, b"from host");
+        // The guest half-closes: the host reads EOF after the data.
+        let mut shut = guest_hdr(VSOCK_OP_SHUTDOWN, 3000, 52);
+        shut.flags = VSOCK_FLAGS_SHUTDOWN_SEND;
+        ctx.guest_send(shut, b"");
+        let mut rest = Vec::new();
+        assert_eq!(host.read_to_end(&mut rest).unwrap(), 0);
+    }
+
+    #[test]
+    fn guest_initiated_connection_without_listener_is_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, _path) = Ctx::new_unix(dir.path());
+        ctx.guest_send(guest_hdr(VSOCK_OP_REQUEST, 3000, 52), b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RST]);
+        assert_eq!((pkts[0].hdr.src_port, pkts[0].hdr.dst_port), (52, 3000));
+        assert_eq!(connection_count(&ctx), 0);
+    }
+
+    #[test]
+    fn packets_to_other_cids_or_unknown_connections_are_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, _path) = Ctx::new_unix(dir.path());
+        let mut hdr = guest_hdr(VSOCK_OP_REQUEST, 3000, 52);
+        hdr.dst_cid = 5;
+        ctx.guest_send(hdr, b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RST]);
+        assert_eq!((pkts[0].hdr.src_cid, pkts[0].hdr.dst_cid), (5, GUEST_CID));
+        ctx.guest_send_data(3000, 52, b"nobody");
+        assert_eq!(ops_of(&ctx.drain_rx()), vec![VSOCK_OP_RST]);
+        // A reset for nothing is not answered.
+        ctx.guest_send(guest_hdr(VSOCK_OP_RST, 3000, 52), b"");
+        assert!(ctx.drain_rx().is_empty());
+    }
+
+    #[test]
+    fn reset_backlog_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, _path) = Ctx::new_unix(dir.path());
+        // No rx buffers: resets pile up, the oldest are dropped.
+        for i in 0..(MAX_PENDING_RESETS as u32 + 10) {
+            ctx.guest_send_data(i, 52, b"x");
+        }
+        let dev = ctx.device.lock().unwrap();
+        assert_eq!(dev.backend().muxer().dropped_resets, 10);
+    }
+}
