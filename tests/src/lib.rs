@@ -1,0 +1,370 @@
+//! husk's end-to-end test harness: boots real microVMs through the real `husk-vmm` binary.
+//!
+//! Each test gets a [`TestVm`] from a builder, waits with [`wait_until`] (never a bare sleep),
+//! and relies on `Drop` to kill whatever it started and remove its temp dir.
+//!
+//! Where the artifacts come from: `HUSK_VMM_BIN`, `HUSK_KERNEL` and `HUSK_INITRAMFS`, which
+//! `cargo xtask test` sets (on the host, or inside the test rig). Where they are missing, or the
+//! host's KVM cannot run a Linux guest, VM tests skip with a loud message - unless
+//! `HUSK_REQUIRE_KVM=1`, where they fail.
+
+use anyhow::{bail, Context, Result};
+use husk_agent_protocol::client::AgentClient;
+use husk_agent_protocol::Handshake;
+use husk_vmm::kvm_check::{check_host, KvmUsability};
+use husk_vmm::timeline::BootTimeline;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to reach its agent. Generous: inside the rig everything runs about
+/// 20x slower than on hardware, and CI machines are shared.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The artifacts a VM test boots.
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+fn require_kvm() -> bool {
+    std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// The `husk-vmm` binary: `HUSK_VMM_BIN`, else the one cargo built next to this test.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("HUSK_VMM_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/husk-vmm
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("husk-vmm")))
+        .unwrap_or_else(|| PathBuf::from("husk-vmm"))
+}
+
+/// Returns the artifacts when VM tests can run here; otherwise prints why they are skipped and
+/// returns `None`, or panics when `HUSK_REQUIRE_KVM=1`.
+pub fn vm_artifacts(test: &str) -> Option<Artifacts> {
+    let why_not = (|| {
+        let kernel = std::env::var_os("HUSK_KERNEL")
+            .ok_or("HUSK_KERNEL is not set (run the tests with `cargo xtask test`)")?;
+        let initramfs = std::env::var_os("HUSK_INITRAMFS")
+            .ok_or("HUSK_INITRAMFS is not set (run the tests with `cargo xtask test`)")?;
+        let report = check_host();
+        if let KvmUsability::Unusable(reason) = &report.usability {
+            return Err(format!("no usable KVM here: {reason}").leak() as &str);
+        }
+        Ok(Artifacts {
+            vmm: vmm_binary(),
+            kernel: kernel.into(),
+            initramfs: initramfs.into(),
+        })
+    })();
+    match why_not {
+        Ok(artifacts) => Some(artifacts),
+        Err(reason) if require_kvm() => {
+            panic!("{test}: HUSK_REQUIRE_KVM=1 but VM tests cannot run: {reason}")
+        }
+        Err(reason) => {
+            // Straight to the process's stderr: libtest captures the print macros of passing
+            // tests, and a skip must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "!!! SKIPPED {test}: VM test not run: {reason} !!!"
+            );
+            None
+        }
+    }
+}
+
+/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A private temp dir removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<TempDir> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(std::env::temp_dir())?
+            .keep();
+        Ok(TempDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How to boot a [`TestVm`].
+#[derive(Clone, Debug)]
+pub struct TestVmBuilder {
+    artifacts: Artifacts,
+    cpus: u8,
+    mem_mib: u32,
+    cmdline_extra: Option<String>,
+    console: bool,
+    extra_args: Vec<String>,
+}
+
+impl TestVmBuilder {
+    pub fn new(artifacts: &Artifacts) -> Self {
+        TestVmBuilder {
+            artifacts: artifacts.clone(),
+            cpus: 1,
+            mem_mib: 128,
+            cmdline_extra: None,
+            console: false,
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn cpus(mut self, cpus: u8) -> Self {
+        self.cpus = cpus;
+        self
+    }
+
+    pub fn mem_mib(mut self, mem_mib: u32) -> Self {
+        self.mem_mib = mem_mib;
+        self
+    }
+
+    pub fn cmdline_extra(mut self, extra: &str) -> Self {
+        self.cmdline_extra = Some(extra.to_string());
+        self
+    }
+
+    pub fn console(mut self, on: bool) -> Self {
+        self.console = on;
+        self
+    }
+
+    /// Starts `husk-vmm`; its stdout and stderr are captured to files in the VM's temp dir.
+    pub fn spawn(self) -> Result<TestVm> {
+        let dir = TempDir::new("husk-test-vm")?;
+        let socket = dir.path().join("vsock.sock");
+        let report = dir.path().join("boot.json");
+        let stdout = std::fs::File::create(dir.path().join("stdout"))?;
+        let stderr = std::fs::File::create(dir.path().join("stderr"))?;
+        let mut cmd = Command::new(&self.artifacts.vmm);
+        cmd.arg("--kernel")
+            .arg(&self.artifacts.kernel)
+            .arg("--initramfs")
+            .arg(&self.artifacts.initramfs)
+            .arg("--cpus")
+            .arg(self.cpus.to_string())
+            .arg("--mem-mib")
+            .arg(self.mem_mib.to_string())
+            .arg("--vsock-socket")
+            .arg(&socket)
+            .arg("--boot-report")
+            .arg(&report)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        if let Some(extra) = &self.cmdline_extra {
+            cmd.arg("--cmdline-extra").arg(extra);
+        }
+        if self.console {
+            cmd.arg("--console");
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", self.artifacts.vmm.display()))?;
+        Ok(TestVm {
+            child,
+            socket,
+            report,
+            dir,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// A running `husk-vmm`; killed on drop.
+#[derive(Debug)]
+pub struct TestVm {
+    child: Child,
+    pub socket: PathBuf,
+    report: PathBuf,
+    dir: TempDir,
+    pub started: Instant,
+}
+
+impl TestVm {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Connects to the agent and returns the client and its handshake.
+    pub fn connect(&mut self) -> Result<(AgentClient, Handshake)> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "husk-vmm exited with {status} before the agent answered; stderr: {}",
+                self.stderr()
+            );
+        }
+        AgentClient::connect(&self.socket, BOOT_TIMEOUT).with_context(|| {
+            format!(
+                "no handshake from the agent; husk-vmm stderr: {}",
+                self.stderr()
+            )
+        })
+    }
+
+    /// The boot report husk-vmm wrote once the agent answered its own handshake.
+    pub fn boot_report(&self) -> Result<BootTimeline> {
+        if !wait_until(BOOT_TIMEOUT, || self.report.exists()) {
+            bail!("husk-vmm wrote no boot report; stderr: {}", self.stderr());
+        }
+        let text = std::fs::read_to_string(&self.report)?;
+        serde_json::from_str(&text).context("parsing the boot report")
+    }
+
+    /// Waits for husk-vmm to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "husk-vmm did not exit within {} s; stderr: {}",
+                    timeout.as_secs(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `signal` to husk-vmm.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill(2) on our own child, which is not yet reaped (we hold its `Child`).
+        let rc = unsafe { libc::kill(pid, signal) };
+        if rc != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// What husk-vmm printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// What husk-vmm printed on stdout so far (the guest console with `--console`).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether a process with this pid still exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Runs `husk-vmm` with `args` to completion (it must fail fast) and returns (status, stderr).
+pub fn run_vmm(args: &[&str]) -> Result<(ExitStatus, String)> {
+    let out = Command::new(vmm_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {}", vmm_binary().display()))?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A deterministic byte stream (xorshift64) so that bulk transfers can be checked byte for byte
+/// without keeping a copy. However the stream is cut into `fill` calls, the bytes are the same.
+pub struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Pattern {
+            state: seed | 1,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for byte in buf {
+            if self.used == 8 {
+                let mut x = self.state;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.state = x;
+                self.word = x.to_le_bytes();
+                self.used = 0;
+            }
+            *byte = self.word[self.used];
+            self.used += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_the_same_however_it_is_split() {
+        let mut whole = vec![0u8; 100];
+        Pattern::new(7).fill(&mut whole);
+        let mut split = vec![0u8; 100];
+        let mut p = Pattern::new(7);
+        p.fill(&mut split[..3]);
+        p.fill(&mut split[3..50]);
+        p.fill(&mut split[50..]);
+        assert_eq!(whole, split);
+        assert_ne!(whole[..8], whole[8..16]);
+    }
+}
