@@ -1,0 +1,3 @@
+//! One module per `husk` command.
+
+pub mod check;
