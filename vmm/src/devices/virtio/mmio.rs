@@ -163,7 +163,9 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_NUM_MAX => {
+                self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
+            }
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.irq_trigger.irq_status(),
             VIRTIO_MMIO_STATUS => self.device_status,
@@ -196,7 +198,8 @@ impl MmioTransport {
     }
 
     fn write_driver_features(&mut self, value: u32) -> bool {
-        if !self.status_has(VIRTIO_CONFIG_S_DRIVER) || self.status_has(VIRTIO_CONFIG_S_FEATURES_OK) {
+        if !self.status_has(VIRTIO_CONFIG_S_DRIVER) || self.status_has(VIRTIO_CONFIG_S_FEATURES_OK)
+        {
             return false;
         }
         match self.driver_features_sel {
@@ -285,15 +288,10 @@ impl MmioTransport {
                 self.device_status = (old & VIRTIO_CONFIG_S_NEEDS_RESET) | value;
                 true
             }
-            (DRIVER, FEATURES_OK) => {
-                if self.features_acceptable() {
-                    lock(&self.device).set_acked_features(self.driver_features);
-                    self.device_status |= VIRTIO_CONFIG_S_FEATURES_OK;
-                    true
-                } else {
-                    // Leaving FEATURES_OK clear tells the driver we refused (spec 3.1.1).
-                    false
-                }
+            (DRIVER, FEATURES_OK) if self.features_acceptable() => {
+                lock(&self.device).set_acked_features(self.driver_features);
+                self.device_status |= VIRTIO_CONFIG_S_FEATURES_OK;
+                true
             }
             (FEATURES_OK, DRIVER_OK) => {
                 if old & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
@@ -301,6 +299,8 @@ impl MmioTransport {
                 }
                 true
             }
+            // Includes FEATURES_OK for unacceptable features: leaving the bit clear tells the
+            // driver we refused them (spec 3.1.1).
             _ => false,
         }
     }
@@ -312,7 +312,11 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        if self.queues.iter().any(|q| q.ready() && !q.is_valid(&self.mem)) {
+        if self
+            .queues
+            .iter()
+            .any(|q| q.ready() && !q.is_valid(&self.mem))
+        {
             self.needs_reset("a ready queue is invalid");
             return;
         }
@@ -333,12 +337,8 @@ impl MmioTransport {
                 }
             }
         }
-        let result = lock(&self.device).activate(
-            self.mem.clone(),
-            self.irq_trigger.clone(),
-            queues,
-            evts,
-        );
+        let result =
+            lock(&self.device).activate(self.mem.clone(), self.irq_trigger.clone(), queues, evts);
         match result {
             Ok(()) => self.device_status |= VIRTIO_CONFIG_S_DRIVER_OK,
             Err(e) => {
@@ -384,7 +384,9 @@ impl MmioTransport {
 /// Locks the device; a poisoned lock (a panic on another thread) still yields the device,
 /// whose state stays consistent since every device method leaves it so before returning.
 fn lock(device: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl BusDevice for MmioTransport {
@@ -394,7 +396,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - VIRTIO_MMIO_CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.warn_bad_access("read of bad width or alignment", offset, data.len());
             return;
         }
@@ -413,7 +415,7 @@ impl BusDevice for MmioTransport {
             self.warn_bad_access("write of bad width", offset, data.len());
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.warn_bad_access("unaligned write", offset, data.len());
             return;
         }
@@ -424,6 +426,8 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{test_memory, DummyDevice};
@@ -447,7 +451,11 @@ mod tests {
 
     fn negotiate(t: &mut MmioTransport, features: u64) {
         write_u32(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        write_u32(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        write_u32(
+            t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
         write_u32(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
         write_u32(t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
         write_u32(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
@@ -546,7 +554,10 @@ mod tests {
         assert_eq!(read_u32(&mut t, VIRTIO_MMIO_STATUS), 0);
         write_u32(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         write_u32(&mut t, VIRTIO_MMIO_STATUS, FEATURES_OK_STATUS);
-        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_STATUS), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(
+            read_u32(&mut t, VIRTIO_MMIO_STATUS),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+        );
     }
 
     #[test]
@@ -614,7 +625,10 @@ mod tests {
         write_u32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 3);
         write_u32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK_STATUS);
         assert!(!device.lock().unwrap().is_activated());
-        assert_ne!(read_u32(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_ne!(
+            read_u32(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
     }
 
     #[test]
@@ -695,8 +709,21 @@ mod tests {
     fn bad_widths_and_offsets_are_harmless() {
         let (mut t, _) = transport();
         for len in [0usize, 1, 2, 3, 5, 8, 16] {
-            for offset in [0u64, 1, 2, 3, 0x14, 0x33, 0x70, 0x71, 0xfc, 0xfd, 0xff, 0xfff, u64::MAX]
-            {
+            for offset in [
+                0u64,
+                1,
+                2,
+                3,
+                0x14,
+                0x33,
+                0x70,
+                0x71,
+                0xfc,
+                0xfd,
+                0xff,
+                0xfff,
+                u64::MAX,
+            ] {
                 let mut data = vec![0xaau8; len];
                 t.read(offset, &mut data);
                 if offset < VIRTIO_MMIO_CONFIG {

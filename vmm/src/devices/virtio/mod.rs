@@ -10,6 +10,7 @@ pub mod rng;
 pub mod vsock;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod test_utils;
 
 use std::io;
@@ -161,7 +162,11 @@ pub struct ActiveState {
 }
 
 /// Interrupts the guest after used buffers were added to `queue`, if the queue asks for it.
-pub fn signal_used_queue(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>, irq: &IrqTrigger) {
+pub fn signal_used_queue(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap<()>,
+    irq: &IrqTrigger,
+) {
     use virtio_queue::QueueT;
     if !matches!(queue.needs_notification(mem), Ok(false)) {
         if let Err(e) = irq.trigger_queue() {
@@ -191,6 +196,8 @@ impl RateLimitedLog {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -199,7 +206,10 @@ mod tests {
         let irq = IrqTrigger::new().unwrap();
         irq.trigger_queue().unwrap();
         irq.trigger_config().unwrap();
-        assert_eq!(irq.irq_status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(
+            irq.irq_status(),
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+        );
         assert_eq!(irq.irq_evt().read().unwrap(), 2);
         irq.ack(VIRTIO_MMIO_INT_VRING);
         assert_eq!(irq.irq_status(), VIRTIO_MMIO_INT_CONFIG);

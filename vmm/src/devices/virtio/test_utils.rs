@@ -32,7 +32,11 @@ pub struct DummyDevice {
 
 impl DummyDevice {
     pub fn new(queue_sizes: Vec<u16>) -> Self {
-        Self { queue_sizes, acked: 0, activated_queues: None }
+        Self {
+            queue_sizes,
+            acked: 0,
+            activated_queues: None,
+        }
     }
 }
 
@@ -106,7 +110,14 @@ pub struct GuestQueue {
 impl GuestQueue {
     pub fn new(mem: &GuestMemoryMmap<()>, base: u64, size: u16) -> Self {
         assert!(size <= 256 && size.is_power_of_two());
-        let q = Self { mem: mem.clone(), base, size, next_desc: 0, avail_idx: 0, used_seen: 0 };
+        let q = Self {
+            mem: mem.clone(),
+            base,
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        };
         mem.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
         q
     }
@@ -130,9 +141,12 @@ impl GuestQueue {
     pub fn create_queue(&self) -> Queue {
         let mut q = Queue::new(self.size).unwrap();
         q.set_size(self.size);
-        q.try_set_desc_table_address(GuestAddress(self.desc_addr())).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail_addr())).unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used_addr())).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.desc_addr()))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail_addr()))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used_addr()))
+            .unwrap();
         q.set_ready(true);
         assert!(q.is_valid(&self.mem));
         q
@@ -173,7 +187,15 @@ impl GuestQueue {
                 flags |= VRING_DESC_F_NEXT;
             }
             let next = (index + 1) % self.size;
-            self.write_desc(index, RawDesc { addr, len, flags, next });
+            self.write_desc(
+                index,
+                RawDesc {
+                    addr,
+                    len,
+                    flags,
+                    next,
+                },
+            );
         }
         self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
         self.publish(head);
@@ -182,7 +204,10 @@ impl GuestQueue {
 
     /// Used elements `(id, len)` the device added since the last call.
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.used_addr() + 2)).unwrap();
+        let idx: u16 = self
+            .mem
+            .read_obj(GuestAddress(self.used_addr() + 2))
+            .unwrap();
         let mut out = Vec::new();
         while self.used_seen != idx {
             let slot = u64::from(self.used_seen % self.size);

@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{RngError, MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, REQ_QUEUE};
 use crate::devices::virtio::{
-    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_ID_RNG,
+    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
 };
 
 /// The virtio entropy device.
@@ -57,7 +57,10 @@ impl Rng {
                 Ok(n) => n,
                 Err(e) => {
                     if self.bad_request_log.should_log() {
-                        debug!(count = self.bad_request_log.count(), "virtio-rng: bad request: {e}");
+                        debug!(
+                            count = self.bad_request_log.count(),
+                            "virtio-rng: bad request: {e}"
+                        );
                     }
                     0
                 }
@@ -97,7 +100,8 @@ where
         }
         let chunk = &mut buf[..len];
         getrandom(chunk)?;
-        mem.write_slice(chunk, desc.addr()).map_err(RngError::GuestMemory)?;
+        mem.write_slice(chunk, desc.addr())
+            .map_err(RngError::GuestMemory)?;
         written += len;
     }
     // MAX_REQUEST_BYTES fits in u32.
@@ -159,10 +163,20 @@ impl VirtioDevice for Rng {
             return Err(ActivateError::AlreadyActivated);
         }
         if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, got: queues.len() });
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
         }
-        self.active = Some(ActiveState { mem, interrupt, queues, queue_evts });
-        self.activate_evt.write(1).map_err(ActivateError::ActivateEvent)
+        self.active = Some(ActiveState {
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+        });
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)
     }
 
     fn reset(&mut self) -> bool {
@@ -175,78 +189,119 @@ impl VirtioDevice for Rng {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::Mutex;
 
-    fn active_rng() -> (Arc<Mutex<Rng>>, GuestQueue, GuestMemoryMmap<()>, Arc<IrqTrigger>,
-                        EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>, EventFd) {
-        let mem = test_memory();
-        let gq = GuestQueue::new(&mem, 0x10000, 16);
-        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
-        let irq = Arc::new(IrqTrigger::new().unwrap());
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(rng.clone());
-        rng.lock()
-            .unwrap()
-            .activate(mem.clone(), irq.clone(), vec![gq.create_queue()], vec![evt.try_clone().unwrap()])
-            .unwrap();
-        em.run_with_timeout(100).unwrap();
-        (rng, gq, mem, irq, em, evt)
+    type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    /// An activated device, its driver-side queue and the device's event loop.
+    struct Harness {
+        rng: Arc<Mutex<Rng>>,
+        gq: GuestQueue,
+        mem: GuestMemoryMmap<()>,
+        irq: Arc<IrqTrigger>,
+        em: TestEventManager,
+        evt: EventFd,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let mem = test_memory();
+            let gq = GuestQueue::new(&mem, 0x10000, 16);
+            let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+            let irq = Arc::new(IrqTrigger::new().unwrap());
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut em = TestEventManager::new().unwrap();
+            em.add_subscriber(rng.clone());
+            rng.lock()
+                .unwrap()
+                .activate(
+                    mem.clone(),
+                    irq.clone(),
+                    vec![gq.create_queue()],
+                    vec![evt.try_clone().unwrap()],
+                )
+                .unwrap();
+            em.run_with_timeout(100).unwrap();
+            Self {
+                rng,
+                gq,
+                mem,
+                irq,
+                em,
+                evt,
+            }
+        }
+
+        fn notify(&mut self) {
+            self.evt.write(1).unwrap();
+            self.em.run_with_timeout(100).unwrap();
+        }
     }
 
     #[test]
     fn fills_writable_buffers_with_random_bytes() {
-        let (rng, mut gq, mem, irq, mut em, evt) = active_rng();
-        gq.add_chain(&[(0x20000, 64, true), (0x30000, 64, true)]);
-        evt.write(1).unwrap();
-        em.run_with_timeout(100).unwrap();
-        assert_eq!(gq.take_used(), vec![(0, 128)]);
+        let mut h = Harness::new();
+        h.gq.add_chain(&[(0x20000, 64, true), (0x30000, 64, true)]);
+        h.notify();
+        assert_eq!(h.gq.take_used(), vec![(0, 128)]);
         let mut a = [0u8; 64];
-        mem.read_slice(&mut a, vm_memory::GuestAddress(0x20000)).unwrap();
+        h.mem
+            .read_slice(&mut a, vm_memory::GuestAddress(0x20000))
+            .unwrap();
         assert_ne!(a, [0u8; 64]);
-        assert_eq!(irq.irq_status(), 1);
-        assert_eq!(rng.lock().unwrap().bytes_served(), 128);
+        assert_eq!(h.irq.irq_status(), 1);
+        assert_eq!(h.rng.lock().unwrap().bytes_served(), 128);
     }
 
     #[test]
     fn large_request_is_capped() {
-        let (_rng, mut gq, _mem, _irq, mut em, evt) = active_rng();
-        gq.add_chain(&[(0x20000, 1 << 20, true)]);
-        evt.write(1).unwrap();
-        em.run_with_timeout(100).unwrap();
-        assert_eq!(gq.take_used(), vec![(0, MAX_REQUEST_BYTES as u32)]);
+        let mut h = Harness::new();
+        h.gq.add_chain(&[(0x20000, 1 << 20, true)]);
+        h.notify();
+        assert_eq!(h.gq.take_used(), vec![(0, MAX_REQUEST_BYTES as u32)]);
     }
 
     #[test]
     fn read_only_or_out_of_bounds_request_is_consumed_empty() {
-        let (rng, mut gq, _mem, irq, mut em, evt) = active_rng();
-        gq.add_chain(&[(0x20000, 64, false)]);
-        gq.add_chain(&[(0xffff_ffff_0000, 64, true)]);
-        evt.write(1).unwrap();
-        em.run_with_timeout(100).unwrap();
-        assert_eq!(gq.take_used(), vec![(0, 0), (1, 0)]);
-        assert_eq!(irq.irq_status(), 1);
-        assert_eq!(rng.lock().unwrap().bad_request_log.count(), 2);
+        let mut h = Harness::new();
+        h.gq.add_chain(&[(0x20000, 64, false)]);
+        h.gq.add_chain(&[(0xffff_ffff_0000, 64, true)]);
+        h.notify();
+        assert_eq!(h.gq.take_used(), vec![(0, 0), (1, 0)]);
+        assert_eq!(h.irq.irq_status(), 1);
+        assert_eq!(h.rng.lock().unwrap().bad_request_log.count(), 2);
     }
 
     #[test]
     fn no_interrupt_without_used_buffers() {
-        let (_rng, _gq, _mem, irq, mut em, evt) = active_rng();
-        evt.write(1).unwrap();
-        em.run_with_timeout(100).unwrap();
-        assert_eq!(irq.irq_status(), 0);
+        let mut h = Harness::new();
+        h.notify();
+        assert_eq!(h.irq.irq_status(), 0);
     }
 
     #[test]
     fn activate_rejects_wrong_queue_count() {
         let mut rng = Rng::new().unwrap();
         let err = rng
-            .activate(test_memory(), Arc::new(IrqTrigger::new().unwrap()), vec![], vec![])
+            .activate(
+                test_memory(),
+                Arc::new(IrqTrigger::new().unwrap()),
+                vec![],
+                vec![],
+            )
             .unwrap_err();
-        assert!(matches!(err, ActivateError::QueueCount { expected: 1, got: 0 }));
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            }
+        ));
     }
 }

@@ -83,7 +83,13 @@ pub struct VsockConnection {
 }
 
 impl VsockConnection {
-    fn new(stream: UnixStream, guest_cid: u64, local_port: u32, peer_port: u32, state: ConnState) -> Self {
+    fn new(
+        stream: UnixStream,
+        guest_cid: u64,
+        local_port: u32,
+        peer_port: u32,
+        state: ConnState,
+    ) -> Self {
         Self {
             stream,
             state,
@@ -108,8 +114,19 @@ impl VsockConnection {
     }
 
     /// A host-initiated connection: a REQUEST for guest port `peer_port` is owed to the guest.
-    pub fn new_local_init(stream: UnixStream, guest_cid: u64, local_port: u32, peer_port: u32) -> Self {
-        let mut conn = Self::new(stream, guest_cid, local_port, peer_port, ConnState::LocalInit);
+    pub fn new_local_init(
+        stream: UnixStream,
+        guest_cid: u64,
+        local_port: u32,
+        peer_port: u32,
+    ) -> Self {
+        let mut conn = Self::new(
+            stream,
+            guest_cid,
+            local_port,
+            peer_port,
+            ConnState::LocalInit,
+        );
         conn.pending = PENDING_REQUEST;
         conn
     }
@@ -123,7 +140,13 @@ impl VsockConnection {
         peer_buf_alloc: u32,
         peer_fwd_cnt: u32,
     ) -> Self {
-        let mut conn = Self::new(stream, guest_cid, local_port, peer_port, ConnState::Established);
+        let mut conn = Self::new(
+            stream,
+            guest_cid,
+            local_port,
+            peer_port,
+            ConnState::Established,
+        );
         conn.pending = PENDING_RESPONSE;
         conn.peer_buf_alloc = peer_buf_alloc;
         conn.peer_fwd_cnt = Wrapping(peer_fwd_cnt);
@@ -220,7 +243,10 @@ impl VsockConnection {
             }
             VSOCK_OP_RW if self.state == ConnState::Established => {
                 if self.peer_shutdown & VSOCK_FLAGS_SHUTDOWN_SEND != 0 {
-                    debug!(port = self.local_port, "vsock: data after the guest's shutdown");
+                    debug!(
+                        port = self.local_port,
+                        "vsock: data after the guest's shutdown"
+                    );
                     self.kill(true);
                     return;
                 }
@@ -235,7 +261,8 @@ impl VsockConnection {
             VSOCK_OP_CREDIT_UPDATE => {}
             VSOCK_OP_CREDIT_REQUEST => self.pending |= PENDING_CREDIT_UPDATE,
             VSOCK_OP_SHUTDOWN => {
-                self.peer_shutdown |= pkt.hdr.flags & (VSOCK_FLAGS_SHUTDOWN_RCV | VSOCK_FLAGS_SHUTDOWN_SEND);
+                self.peer_shutdown |=
+                    pkt.hdr.flags & (VSOCK_FLAGS_SHUTDOWN_RCV | VSOCK_FLAGS_SHUTDOWN_SEND);
                 let both = VSOCK_FLAGS_SHUTDOWN_RCV | VSOCK_FLAGS_SHUTDOWN_SEND;
                 if self.peer_shutdown == both {
                     // A full close: acknowledge with a RST, keep flushing what we have.
@@ -254,7 +281,8 @@ impl VsockConnection {
 
     /// The host socket became ready for `events`.
     pub fn notify(&mut self, events: EventSet) {
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
             && self.can_read_host()
         {
             self.host_readable = true;
@@ -298,7 +326,8 @@ impl VsockConnection {
         }
         if self.tx_buf.is_empty()
             && !self.host_write_shut
-            && (self.peer_shutdown & VSOCK_FLAGS_SHUTDOWN_SEND != 0 || self.state == ConnState::Closed)
+            && (self.peer_shutdown & VSOCK_FLAGS_SHUTDOWN_SEND != 0
+                || self.state == ConnState::Closed)
         {
             // The guest will send nothing more: pass the EOF on.
             self.host_write_shut = true;
@@ -309,7 +338,10 @@ impl VsockConnection {
     }
 
     fn host_write_failed(&mut self, e: &io::Error) {
-        debug!(port = self.local_port, "vsock: host socket write failed: {e}");
+        debug!(
+            port = self.local_port,
+            "vsock: host socket write failed: {e}"
+        );
         let notify = self.state != ConnState::Closed;
         self.kill(notify);
     }
@@ -401,7 +433,10 @@ impl VsockConnection {
                     return None;
                 }
                 Err(e) => {
-                    debug!(port = self.local_port, "vsock: host socket read failed: {e}");
+                    debug!(
+                        port = self.local_port,
+                        "vsock: host socket read failed: {e}"
+                    );
                     self.kill(true);
                     return None;
                 }
@@ -411,6 +446,8 @@ impl VsockConnection {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::devices::virtio::vsock::packet::VsockHeader;
@@ -452,7 +489,10 @@ mod tests {
         let mut conn = VsockConnection::new_local_init(ours, GUEST_CID, 1 << 30, 1024);
         let req = conn.recv_pkt(4096).unwrap();
         assert_eq!(req.hdr.op, VSOCK_OP_REQUEST);
-        assert_eq!((req.hdr.src_cid, req.hdr.dst_cid), (VSOCK_HOST_CID, GUEST_CID));
+        assert_eq!(
+            (req.hdr.src_cid, req.hdr.dst_cid),
+            (VSOCK_HOST_CID, GUEST_CID)
+        );
         assert_eq!((req.hdr.src_port, req.hdr.dst_port), (1 << 30, 1024));
         assert_eq!(req.hdr.buf_alloc, CONN_TX_BUF_SIZE);
         assert!(!conn.has_pending_rx());

@@ -107,7 +107,10 @@ impl<B: VsockBackend> Vsock<B> {
                 Err(e) => {
                     self.metrics.tx_bad_chains += 1;
                     if self.bad_chain_log.should_log() {
-                        debug!(count = self.metrics.tx_bad_chains, "vsock: dropped tx chain: {e}");
+                        debug!(
+                            count = self.metrics.tx_bad_chains,
+                            "vsock: dropped tx chain: {e}"
+                        );
                     }
                 }
             }
@@ -159,7 +162,10 @@ impl<B: VsockBackend> Vsock<B> {
                 Err(e) => {
                     self.metrics.rx_bad_chains += 1;
                     if self.bad_chain_log.should_log() {
-                        debug!(count = self.metrics.rx_bad_chains, "vsock: dropped rx chain: {e}");
+                        debug!(
+                            count = self.metrics.rx_bad_chains,
+                            "vsock: dropped rx chain: {e}"
+                        );
                     }
                     0
                 }
@@ -211,7 +217,11 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        debug!(offset, len = data.len(), "vsock: ignored write to read-only config space");
+        debug!(
+            offset,
+            len = data.len(),
+            "vsock: ignored write to read-only config space"
+        );
     }
 
     fn activate(
@@ -230,8 +240,15 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
                 got: queues.len().min(queue_evts.len()),
             });
         }
-        self.active = Some(ActiveState { mem, interrupt, queues, queue_evts });
-        self.activate_evt.write(1).map_err(ActivateError::ActivateEvent)
+        self.active = Some(ActiveState {
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+        });
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)
     }
 
     fn reset(&mut self) -> bool {
@@ -244,11 +261,15 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::test_memory;
     use crate::devices::virtio::vsock::packet::VsockPacket;
-    use crate::devices::virtio::vsock::test_utils::{guest_hdr, TestBackend, VsockTestContext, GUEST_CID};
+    use crate::devices::virtio::vsock::test_utils::{
+        guest_hdr, TestBackend, VsockTestContext, GUEST_CID,
+    };
     use crate::devices::virtio::vsock::{VSOCK_OP_REQUEST, VSOCK_OP_RW};
 
     #[test]
@@ -282,11 +303,21 @@ mod tests {
     fn activate_checks_queue_count_and_twice() {
         let mut dev = Vsock::with_backend(GUEST_CID, TestBackend::new()).unwrap();
         let irq = Arc::new(IrqTrigger::new().unwrap());
-        let err = dev.activate(test_memory(), irq.clone(), vec![], vec![]).unwrap_err();
-        assert!(matches!(err, ActivateError::QueueCount { expected: 3, got: 0 }));
+        let err = dev
+            .activate(test_memory(), irq.clone(), vec![], vec![])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 3,
+                got: 0
+            }
+        ));
         let ctx = VsockTestContext::new_test();
         let mut dev = ctx.device.lock().unwrap();
-        let err = dev.activate(test_memory(), irq, vec![], vec![]).unwrap_err();
+        let err = dev
+            .activate(test_memory(), irq, vec![], vec![])
+            .unwrap_err();
         assert!(matches!(err, ActivateError::AlreadyActivated));
         assert!(!dev.reset());
     }
@@ -328,7 +359,12 @@ mod tests {
     fn rx_packet_waits_for_a_buffer() {
         let mut ctx = VsockTestContext::new_test();
         let pkt = VsockPacket::control(1 << 30, GUEST_CID, 1024, VSOCK_OP_REQUEST);
-        ctx.device.lock().unwrap().backend.to_guest.push_back(pkt.clone());
+        ctx.device
+            .lock()
+            .unwrap()
+            .backend
+            .to_guest
+            .push_back(pkt.clone());
         ctx.device.lock().unwrap().backend.evt.write(1).unwrap();
         ctx.pump();
         assert_eq!(ctx.irq.irq_status(), 0);
@@ -345,7 +381,12 @@ mod tests {
     fn read_only_rx_buffer_is_returned_empty() {
         let mut ctx = VsockTestContext::new_test();
         let pkt = VsockPacket::control(1 << 30, GUEST_CID, 1024, VSOCK_OP_REQUEST);
-        ctx.device.lock().unwrap().backend.to_guest.push_back(pkt.clone());
+        ctx.device
+            .lock()
+            .unwrap()
+            .backend
+            .to_guest
+            .push_back(pkt.clone());
         ctx.rxq.add_chain(&[(0x80_0000, 4096, false)]);
         ctx.notify(crate::devices::virtio::vsock::RXQ_INDEX);
         assert_eq!(ctx.rxq.take_used(), vec![(0, 0)]);

@@ -17,6 +17,7 @@ pub mod packet;
 pub mod unix;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod test_utils;
 
 use std::io;

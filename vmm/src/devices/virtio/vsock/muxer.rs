@@ -85,7 +85,10 @@ impl VsockMuxer {
                 Some(p) if p != u32::MAX => p,
                 _ => LOCAL_PORT_RANGE_START,
             };
-            if !self.conns.contains_key(&ConnKey { local_port: port, peer_port }) {
+            if !self.conns.contains_key(&ConnKey {
+                local_port: port,
+                peer_port,
+            }) {
                 return Some(port);
             }
         }
@@ -103,8 +106,13 @@ impl VsockMuxer {
         if self.conns.len() >= MAX_CONNECTIONS {
             return Err(VsockError::TooManyConnections);
         }
-        let local_port = self.alloc_local_port(peer_port).ok_or(VsockError::NoFreePort)?;
-        let key = ConnKey { local_port, peer_port };
+        let local_port = self
+            .alloc_local_port(peer_port)
+            .ok_or(VsockError::NoFreePort)?;
+        let key = ConnKey {
+            local_port,
+            peer_port,
+        };
         let conn = VsockConnection::new_local_init(stream, self.guest_cid, local_port, peer_port);
         self.insert(key, conn, ops);
         Ok(local_port)
@@ -132,7 +140,10 @@ impl VsockMuxer {
             }
             return;
         }
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if self.conns.contains_key(&key) {
             if hdr.op == VSOCK_OP_REQUEST {
                 // A new connection reusing a live key: the old one is gone on the guest side.
@@ -258,6 +269,8 @@ impl VsockMuxer {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
@@ -281,13 +294,20 @@ mod tests {
     }
 
     fn connection_count(ctx: &Ctx) -> usize {
-        ctx.device.lock().unwrap().backend().muxer().connection_count()
+        ctx.device
+            .lock()
+            .unwrap()
+            .backend()
+            .muxer()
+            .connection_count()
     }
 
     /// A host client sends `CONNECT 1024`; returns it and the REQUEST the guest got.
     fn host_connect(ctx: &mut Ctx, path: &Path) -> (UnixStream, VsockHeader) {
         let mut client = UnixStream::connect(path).unwrap();
-        client.write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes()).unwrap();
+        client
+            .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
+            .unwrap();
         ctx.pump();
         let pkts = ctx.drain_rx();
         assert_eq!(ops_of(&pkts), vec![VSOCK_OP_REQUEST]);
@@ -336,14 +356,20 @@ mod tests {
         assert_eq!((req.src_cid, req.dst_cid), (VSOCK_HOST_CID, GUEST_CID));
         assert_eq!(req.dst_port, GUEST_PORT);
         assert!(req.src_port >= LOCAL_PORT_RANGE_START);
-        assert_eq!(req.buf_alloc, crate::devices::virtio::vsock::CONN_TX_BUF_SIZE);
+        assert_eq!(
+            req.buf_alloc,
+            crate::devices::virtio::vsock::CONN_TX_BUF_SIZE
+        );
 
         client.write_all(b"ping").unwrap();
         ctx.pump();
         let pkts = ctx.drain_rx();
         assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RW]);
         assert_eq!(pkts[0].data, b"ping");
-        assert_eq!((pkts[0].hdr.src_port, pkts[0].hdr.dst_port), (req.src_port, GUEST_PORT));
+        assert_eq!(
+            (pkts[0].hdr.src_port, pkts[0].hdr.dst_port),
+            (req.src_port, GUEST_PORT)
+        );
 
         ctx.guest_send_data(GUEST_PORT, req.src_port, b"pong");
         let mut buf = [0u8; 4];
@@ -444,7 +470,10 @@ mod tests {
         ctx.guest_send_data(GUEST_PORT, req.src_port, b"abc");
         let mut buf = [0u8; 3];
         client.read_exact(&mut buf).unwrap();
-        ctx.guest_send(guest_hdr(VSOCK_OP_CREDIT_REQUEST, GUEST_PORT, req.src_port), b"");
+        ctx.guest_send(
+            guest_hdr(VSOCK_OP_CREDIT_REQUEST, GUEST_PORT, req.src_port),
+            b"",
+        );
         let pkts = ctx.drain_rx();
         assert_eq!(ops_of(&pkts), vec![VSOCK_OP_CREDIT_UPDATE]);
         assert_eq!(pkts[0].hdr.fwd_cnt, 3);
@@ -488,7 +517,10 @@ mod tests {
         let pkts = ctx.drain_rx();
         assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RESPONSE]);
         let hdr = pkts[0].hdr;
-        assert_eq!((hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port), (2, GUEST_CID, 52, 3000));
+        assert_eq!(
+            (hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port),
+            (2, GUEST_CID, 52, 3000)
+        );
         let (mut host, _) = listener.accept().unwrap();
         ctx.guest_send_data(3000, 52, b"from guest");
         let mut buf = [0u8; 10];

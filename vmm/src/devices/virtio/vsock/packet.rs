@@ -79,7 +79,18 @@ pub struct VsockHeader {
 impl VsockHeader {
     /// Decodes the wire format.
     pub fn from_bytes(b: &[u8; VSOCK_PKT_HDR_SIZE]) -> Self {
-        let u64_at = |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let u64_at = |i: usize| {
+            u64::from_le_bytes([
+                b[i],
+                b[i + 1],
+                b[i + 2],
+                b[i + 3],
+                b[i + 4],
+                b[i + 5],
+                b[i + 6],
+                b[i + 7],
+            ])
+        };
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         Self {
@@ -199,12 +210,17 @@ fn gather<M: GuestMemory>(
             continue;
         }
         // `len - skip` fits the remaining buffer size or is cut to it.
-        let n = usize::try_from(len - skip).unwrap_or(usize::MAX).min(buf.len() - done);
+        let n = usize::try_from(len - skip)
+            .unwrap_or(usize::MAX)
+            .min(buf.len() - done);
         let addr = desc
             .addr()
             .checked_add(skip)
-            .ok_or(PacketError::GuestMemory(GuestMemoryError::InvalidGuestAddress(desc.addr())))?;
-        mem.read_slice(&mut buf[done..done + n], addr).map_err(PacketError::GuestMemory)?;
+            .ok_or(PacketError::GuestMemory(
+                GuestMemoryError::InvalidGuestAddress(desc.addr()),
+            ))?;
+        mem.read_slice(&mut buf[done..done + n], addr)
+            .map_err(PacketError::GuestMemory)?;
         done += n;
         skip = 0;
     }
@@ -245,7 +261,10 @@ where
     }
     let available = total - VSOCK_PKT_HDR_SIZE as u64;
     if u64::from(hdr.len) > available {
-        return Err(PacketError::LenExceedsBuffers { len: hdr.len, available });
+        return Err(PacketError::LenExceedsBuffers {
+            len: hdr.len,
+            available,
+        });
     }
     let mut data = Vec::new();
     if hdr.op == VSOCK_OP_RW {
@@ -274,10 +293,17 @@ impl RxBuffers {
     }
 
     /// Writes `pkt` (header, then payload) into the buffers; returns the bytes written.
-    pub fn write_packet<M: GuestMemory>(&self, mem: &M, pkt: &VsockPacket) -> Result<u32, PacketError> {
+    pub fn write_packet<M: GuestMemory>(
+        &self,
+        mem: &M,
+        pkt: &VsockPacket,
+    ) -> Result<u32, PacketError> {
         let needed = VSOCK_PKT_HDR_SIZE + pkt.data.len();
         if needed > self.capacity {
-            return Err(PacketError::RxBufferTooSmall { capacity: self.capacity, needed });
+            return Err(PacketError::RxBufferTooSmall {
+                capacity: self.capacity,
+                needed,
+            });
         }
         let mut hdr = pkt.hdr;
         // The payload length bounds the header's len (at most MAX_PKT_DATA_SIZE).
@@ -291,11 +317,17 @@ impl RxBuffers {
                 let Some(src) = sources.iter_mut().find(|s| !s.is_empty()) else {
                     break;
                 };
-                let n = usize::try_from(len - offset).unwrap_or(usize::MAX).min(src.len());
-                let addr: GuestAddress = desc.addr().checked_add(offset).ok_or(
-                    PacketError::GuestMemory(GuestMemoryError::InvalidGuestAddress(desc.addr())),
-                )?;
-                mem.write_slice(&src[..n], addr).map_err(PacketError::GuestMemory)?;
+                let n = usize::try_from(len - offset)
+                    .unwrap_or(usize::MAX)
+                    .min(src.len());
+                let addr: GuestAddress =
+                    desc.addr()
+                        .checked_add(offset)
+                        .ok_or(PacketError::GuestMemory(
+                            GuestMemoryError::InvalidGuestAddress(desc.addr()),
+                        ))?;
+                mem.write_slice(&src[..n], addr)
+                    .map_err(PacketError::GuestMemory)?;
                 *src = &src[n..];
                 offset += n as u64;
             }
@@ -324,9 +356,13 @@ where
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{test_memory, GuestQueue, RawDesc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use crate::devices::virtio::test_utils::{
+        test_memory, GuestQueue, RawDesc, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::QueueT;
     use vm_memory::GuestMemoryMmap;
 
@@ -360,12 +396,18 @@ mod tests {
     }
 
     fn write_pkt(mem: &GuestMemoryMmap<()>, hdr: &VsockHeader, data: &[u8]) {
-        mem.write_slice(&hdr.to_bytes(), GuestAddress(0x20000)).unwrap();
+        mem.write_slice(&hdr.to_bytes(), GuestAddress(0x20000))
+            .unwrap();
         mem.write_slice(data, GuestAddress(0x30000)).unwrap();
     }
 
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDesc {
-        RawDesc { addr, len, flags, next }
+        RawDesc {
+            addr,
+            len,
+            flags,
+            next,
+        }
     }
 
     #[test]
@@ -379,8 +421,14 @@ mod tests {
     fn parses_header_and_data_in_two_descriptors() {
         let mem = test_memory();
         write_pkt(&mem, &rw_header(5), b"hello");
-        let pkt = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 1), desc(0x30000, 5, 0, 0)])
-            .unwrap();
+        let pkt = parse_raw(
+            &mem,
+            &[
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 1),
+                desc(0x30000, 5, 0, 0),
+            ],
+        )
+        .unwrap();
         assert_eq!(pkt.hdr, rw_header(5));
         assert_eq!(pkt.data, b"hello");
     }
@@ -390,11 +438,19 @@ mod tests {
         let mem = test_memory();
         let hdr = rw_header(3);
         let bytes = hdr.to_bytes();
-        mem.write_slice(&bytes[..10], GuestAddress(0x20000)).unwrap();
-        mem.write_slice(&bytes[10..], GuestAddress(0x21000)).unwrap();
-        mem.write_slice(b"abc", GuestAddress(0x21000 + 34)).unwrap();
-        let pkt = parse_raw(&mem, &[desc(0x20000, 10, VRING_DESC_F_NEXT, 1), desc(0x21000, 37, 0, 0)])
+        mem.write_slice(&bytes[..10], GuestAddress(0x20000))
             .unwrap();
+        mem.write_slice(&bytes[10..], GuestAddress(0x21000))
+            .unwrap();
+        mem.write_slice(b"abc", GuestAddress(0x21000 + 34)).unwrap();
+        let pkt = parse_raw(
+            &mem,
+            &[
+                desc(0x20000, 10, VRING_DESC_F_NEXT, 1),
+                desc(0x21000, 37, 0, 0),
+            ],
+        )
+        .unwrap();
         assert_eq!(pkt.hdr, hdr);
         assert_eq!(pkt.data, b"abc");
     }
@@ -422,17 +478,35 @@ mod tests {
     fn len_beyond_buffers_is_refused() {
         let mem = test_memory();
         write_pkt(&mem, &rw_header(100), b"");
-        let err = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 1), desc(0x30000, 99, 0, 0)])
-            .unwrap_err();
-        assert!(matches!(err, PacketError::LenExceedsBuffers { len: 100, available: 99 }));
+        let err = parse_raw(
+            &mem,
+            &[
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 1),
+                desc(0x30000, 99, 0, 0),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            PacketError::LenExceedsBuffers {
+                len: 100,
+                available: 99
+            }
+        ));
     }
 
     #[test]
     fn len_above_max_packet_is_refused() {
         let mem = test_memory();
         write_pkt(&mem, &rw_header(u32::MAX), b"");
-        let err = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 1), desc(0x30000, u32::MAX, 0, 0)])
-            .unwrap_err();
+        let err = parse_raw(
+            &mem,
+            &[
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 1),
+                desc(0x30000, u32::MAX, 0, 0),
+            ],
+        )
+        .unwrap_err();
         assert!(matches!(err, PacketError::LenTooLarge(u32::MAX)));
     }
 
@@ -442,13 +516,25 @@ mod tests {
         let err = parse_raw(&mem, &[desc(0xffff_ffff_ffff_fff0, 44, 0, 0)]).unwrap_err();
         assert!(matches!(err, PacketError::GuestMemory(_)));
         write_pkt(&mem, &rw_header(16), b"");
-        let err = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 1), desc(0x10_0000_0000, 16, 0, 0)])
-            .unwrap_err();
+        let err = parse_raw(
+            &mem,
+            &[
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 1),
+                desc(0x10_0000_0000, 16, 0, 0),
+            ],
+        )
+        .unwrap_err();
         assert!(matches!(err, PacketError::GuestMemory(_)));
         // A buffer straddling the end of guest memory.
         let end = crate::devices::virtio::test_utils::TEST_MEM_SIZE as u64;
-        let err = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 1), desc(end - 8, 16, 0, 0)])
-            .unwrap_err();
+        let err = parse_raw(
+            &mem,
+            &[
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 1),
+                desc(end - 8, 16, 0, 0),
+            ],
+        )
+        .unwrap_err();
         assert!(matches!(err, PacketError::GuestMemory(_)));
     }
 
@@ -468,11 +554,26 @@ mod tests {
         // 16 * 44 bytes cannot hold the 1000 bytes the header claims.
         let looped = parse_raw(
             &mem,
-            &[desc(0x20000, 44, VRING_DESC_F_NEXT, 1), desc(0x20000, 44, VRING_DESC_F_NEXT, 0)],
+            &[
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 1),
+                desc(0x20000, 44, VRING_DESC_F_NEXT, 0),
+            ],
         );
-        assert!(matches!(looped, Err(PacketError::LenExceedsBuffers { len: 1000, available: 660 })));
+        assert!(matches!(
+            looped,
+            Err(PacketError::LenExceedsBuffers {
+                len: 1000,
+                available: 660
+            })
+        ));
         let self_loop = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 0)]);
-        assert!(matches!(self_loop, Err(PacketError::LenExceedsBuffers { len: 1000, available: 660 })));
+        assert!(matches!(
+            self_loop,
+            Err(PacketError::LenExceedsBuffers {
+                len: 1000,
+                available: 660
+            })
+        ));
     }
 
     #[test]
@@ -497,7 +598,13 @@ mod tests {
         let mem = test_memory();
         write_pkt(&mem, &rw_header(5), b"hello");
         let err = parse_raw(&mem, &[desc(0x20000, 44, VRING_DESC_F_NEXT, 999)]).unwrap_err();
-        assert!(matches!(err, PacketError::LenExceedsBuffers { len: 5, available: 0 }));
+        assert!(matches!(
+            err,
+            PacketError::LenExceedsBuffers {
+                len: 5,
+                available: 0
+            }
+        ));
     }
 
     #[test]
@@ -506,23 +613,38 @@ mod tests {
         let mut hdr = rw_header(0);
         hdr.op = 99;
         write_pkt(&mem, &hdr, b"");
-        assert!(matches!(parse_raw(&mem, &[desc(0x20000, 44, 0, 0)]), Err(PacketError::UnknownOp(99))));
+        assert!(matches!(
+            parse_raw(&mem, &[desc(0x20000, 44, 0, 0)]),
+            Err(PacketError::UnknownOp(99))
+        ));
         let mut hdr = rw_header(0);
         hdr.type_ = 2;
         write_pkt(&mem, &hdr, b"");
-        assert!(matches!(parse_raw(&mem, &[desc(0x20000, 44, 0, 0)]), Err(PacketError::UnknownType(2))));
+        assert!(matches!(
+            parse_raw(&mem, &[desc(0x20000, 44, 0, 0)]),
+            Err(PacketError::UnknownType(2))
+        ));
         let mut hdr = rw_header(0);
         hdr.src_cid = 2;
         write_pkt(&mem, &hdr, b"");
-        assert!(matches!(parse_raw(&mem, &[desc(0x20000, 44, 0, 0)]), Err(PacketError::BadSrcCid(2))));
+        assert!(matches!(
+            parse_raw(&mem, &[desc(0x20000, 44, 0, 0)]),
+            Err(PacketError::BadSrcCid(2))
+        ));
     }
 
     #[test]
     fn rx_chain_with_read_only_descriptor_is_refused() {
         let d = Descriptor::new(0x20000, 4096, 0, 0);
-        assert!(matches!(parse_rx_chain([d]), Err(PacketError::UnexpectedReadOnlyDescriptor)));
+        assert!(matches!(
+            parse_rx_chain([d]),
+            Err(PacketError::UnexpectedReadOnlyDescriptor)
+        ));
         let small = Descriptor::new(0x20000, 43, VRING_DESC_F_WRITE, 0);
-        assert!(matches!(parse_rx_chain([small]), Err(PacketError::HeaderTooShort(43))));
+        assert!(matches!(
+            parse_rx_chain([small]),
+            Err(PacketError::HeaderTooShort(43))
+        ));
         assert!(matches!(parse_rx_chain([]), Err(PacketError::EmptyChain)));
     }
 
@@ -536,27 +658,46 @@ mod tests {
         .unwrap();
         assert_eq!(bufs.capacity(), 130);
         assert_eq!(bufs.max_data_len(), 86);
-        let pkt = VsockPacket { hdr: rw_header(0), data: b"payload".to_vec() };
+        let pkt = VsockPacket {
+            hdr: rw_header(0),
+            data: b"payload".to_vec(),
+        };
         assert_eq!(bufs.write_packet(&mem, &pkt).unwrap(), 51);
         let mut raw = [0u8; 44];
-        mem.read_slice(&mut raw[..30], GuestAddress(0x20000)).unwrap();
-        mem.read_slice(&mut raw[30..], GuestAddress(0x30000)).unwrap();
+        mem.read_slice(&mut raw[..30], GuestAddress(0x20000))
+            .unwrap();
+        mem.read_slice(&mut raw[30..], GuestAddress(0x30000))
+            .unwrap();
         assert_eq!(VsockHeader::from_bytes(&raw), rw_header(7));
         let mut data = [0u8; 7];
-        mem.read_slice(&mut data, GuestAddress(0x30000 + 14)).unwrap();
+        mem.read_slice(&mut data, GuestAddress(0x30000 + 14))
+            .unwrap();
         assert_eq!(&data, b"payload");
-        let too_big = VsockPacket { hdr: rw_header(0), data: vec![0; 87] };
+        let too_big = VsockPacket {
+            hdr: rw_header(0),
+            data: vec![0; 87],
+        };
         assert!(matches!(
             bufs.write_packet(&mem, &too_big),
-            Err(PacketError::RxBufferTooSmall { capacity: 130, needed: 131 })
+            Err(PacketError::RxBufferTooSmall {
+                capacity: 130,
+                needed: 131
+            })
         ));
     }
 
     #[test]
     fn rx_buffer_outside_memory_fails_the_write() {
         let mem = test_memory();
-        let bufs = parse_rx_chain([Descriptor::new(0x10_0000_0000, 4096, VRING_DESC_F_WRITE, 0)]).unwrap();
-        let pkt = VsockPacket { hdr: rw_header(0), data: vec![] };
-        assert!(matches!(bufs.write_packet(&mem, &pkt), Err(PacketError::GuestMemory(_))));
+        let bufs =
+            parse_rx_chain([Descriptor::new(0x10_0000_0000, 4096, VRING_DESC_F_WRITE, 0)]).unwrap();
+        let pkt = VsockPacket {
+            hdr: rw_header(0),
+            data: vec![],
+        };
+        assert!(matches!(
+            bufs.write_packet(&mem, &pkt),
+            Err(PacketError::GuestMemory(_))
+        ));
     }
 }

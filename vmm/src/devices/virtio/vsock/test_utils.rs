@@ -126,7 +126,9 @@ impl<B: VsockBackend + 'static> VsockTestContext<B> {
         let txq = GuestQueue::new(&mem, TXQ_BASE, QUEUE_SIZE);
         let evq = GuestQueue::new(&mem, EVQ_BASE, QUEUE_SIZE);
         let irq = Arc::new(IrqTrigger::new().unwrap());
-        let queue_evts: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let queue_evts: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
         device
             .lock()
             .unwrap()
@@ -137,7 +139,16 @@ impl<B: VsockBackend + 'static> VsockTestContext<B> {
                 queue_evts.iter().map(|e| e.try_clone().unwrap()).collect(),
             )
             .unwrap();
-        let mut ctx = Self { mem, device, em, irq, rxq, txq, evq, queue_evts };
+        let mut ctx = Self {
+            mem,
+            device,
+            em,
+            irq,
+            rxq,
+            txq,
+            evq,
+            queue_evts,
+        };
         ctx.pump();
         ctx
     }
@@ -157,10 +168,15 @@ impl<B: VsockBackend + 'static> VsockTestContext<B> {
     pub fn guest_send(&mut self, mut hdr: VsockHeader, data: &[u8]) {
         hdr.len = data.len() as u32;
         let slot = TX_BUF_BASE + u64::from(self.txq.next_desc()) * TX_SLOT;
-        self.mem.write_slice(&hdr.to_bytes(), GuestAddress(slot)).unwrap();
-        self.mem.write_slice(data, GuestAddress(slot + 0x100)).unwrap();
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(slot))
+            .unwrap();
+        self.mem
+            .write_slice(data, GuestAddress(slot + 0x100))
+            .unwrap();
         if data.is_empty() {
-            self.txq.add_chain(&[(slot, VSOCK_PKT_HDR_SIZE as u32, false)]);
+            self.txq
+                .add_chain(&[(slot, VSOCK_PKT_HDR_SIZE as u32, false)]);
         } else {
             self.txq.add_chain(&[
                 (slot, VSOCK_PKT_HDR_SIZE as u32, false),

@@ -66,7 +66,10 @@ impl VsockUnixBackend {
             registered: false,
         };
         // From here on, Drop removes the socket file.
-        backend.listener.set_nonblocking(true).map_err(VsockError::Listener)?;
+        backend
+            .listener
+            .set_nonblocking(true)
+            .map_err(VsockError::Listener)?;
         Ok(backend)
     }
 
@@ -102,7 +105,13 @@ impl VsockUnixBackend {
                         warn!("vsock: failed to watch a host client: {e:?}");
                         continue;
                     }
-                    self.pending.insert(fd, PendingClient { stream, line: Vec::new() });
+                    self.pending.insert(
+                        fd,
+                        PendingClient {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -172,7 +181,10 @@ fn parse_connect_line(line: &[u8]) -> LineStatus {
         return LineStatus::Invalid;
     };
     let text = text.strip_suffix('\r').unwrap_or(text);
-    match text.strip_prefix("CONNECT ").map(|p| p.trim().parse::<u32>()) {
+    match text
+        .strip_prefix("CONNECT ")
+        .map(|p| p.trim().parse::<u32>())
+    {
         Some(Ok(port)) => LineStatus::Connect(port),
         _ => LineStatus::Invalid,
     }
@@ -226,18 +238,41 @@ impl Drop for VsockUnixBackend {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn connect_line_parsing() {
-        assert!(matches!(parse_connect_line(b"CONNECT 1024"), LineStatus::Connect(1024)));
-        assert!(matches!(parse_connect_line(b"CONNECT 52\r"), LineStatus::Connect(52)));
-        assert!(matches!(parse_connect_line(b"CONNECT"), LineStatus::Invalid));
-        assert!(matches!(parse_connect_line(b"CONNECT -1"), LineStatus::Invalid));
-        assert!(matches!(parse_connect_line(b"connect 5"), LineStatus::Invalid));
-        assert!(matches!(parse_connect_line(b"CONNECT 99999999999"), LineStatus::Invalid));
-        assert!(matches!(parse_connect_line(&[0xff, 0xfe]), LineStatus::Invalid));
+        assert!(matches!(
+            parse_connect_line(b"CONNECT 1024"),
+            LineStatus::Connect(1024)
+        ));
+        assert!(matches!(
+            parse_connect_line(b"CONNECT 52\r"),
+            LineStatus::Connect(52)
+        ));
+        assert!(matches!(
+            parse_connect_line(b"CONNECT"),
+            LineStatus::Invalid
+        ));
+        assert!(matches!(
+            parse_connect_line(b"CONNECT -1"),
+            LineStatus::Invalid
+        ));
+        assert!(matches!(
+            parse_connect_line(b"connect 5"),
+            LineStatus::Invalid
+        ));
+        assert!(matches!(
+            parse_connect_line(b"CONNECT 99999999999"),
+            LineStatus::Invalid
+        ));
+        assert!(matches!(
+            parse_connect_line(&[0xff, 0xfe]),
+            LineStatus::Invalid
+        ));
     }
 
     #[test]
@@ -246,7 +281,10 @@ mod tests {
         let path = dir.path().join("v.sock");
         let backend = VsockUnixBackend::new(3, &path).unwrap();
         assert!(path.exists());
-        assert!(matches!(VsockUnixBackend::new(3, &path), Err(VsockError::SocketPathExists(_))));
+        assert!(matches!(
+            VsockUnixBackend::new(3, &path),
+            Err(VsockError::SocketPathExists(_))
+        ));
         assert_eq!(backend.guest_port_path(52), dir.path().join("v.sock_52"));
         drop(backend);
         assert!(!path.exists());
@@ -256,6 +294,9 @@ mod tests {
     fn new_fails_if_folder_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing").join("v.sock");
-        assert!(matches!(VsockUnixBackend::new(3, &path), Err(VsockError::Bind(_, _))));
+        assert!(matches!(
+            VsockUnixBackend::new(3, &path),
+            Err(VsockError::Bind(_, _))
+        ));
     }
 }
