@@ -354,6 +354,168 @@ fn create_vcpus(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::{VmmError, VmmExit};
+    use std::io::Write;
+    use std::path::Path;
+
+    const LOAD_ADDR: u64 = 0x100_0000;
+    /// `mov al, 0xfe; out 0x64, al; 1: hlt; jmp 1b` (same bytes in 32- and 64-bit mode).
+    const RESET_CODE: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+    /// `ud2` with no IDT: a triple fault.
+    const CRASH_CODE: &[u8] = &[0x0f, 0x0b];
+
+    /// A hand-made ELF64 "kernel": `code` loaded at 16 MiB, with a PVH note if `pvh`.
+    fn tiny_kernel(code: &[u8], pvh: bool) -> Vec<u8> {
+        let phnum: u16 = if pvh { 2 } else { 1 };
+        let mut elf = Vec::new();
+        elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+        elf.extend_from_slice(&1u32.to_le_bytes());
+        elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+        elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        elf.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, phnum, 64, 0, 0] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        let code_off = 0x1000u64;
+        let note_off = 0x800u64;
+        let phdr = |elf: &mut Vec<u8>, kind: u32, off: u64, addr: u64, size: u64| {
+            elf.extend_from_slice(&kind.to_le_bytes());
+            elf.extend_from_slice(&5u32.to_le_bytes());
+            for v in [off, addr, addr, size, size, 0x1000] {
+                elf.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        phdr(&mut elf, 1, code_off, LOAD_ADDR, code.len() as u64);
+        if pvh {
+            phdr(&mut elf, 4, note_off, 0, 20);
+        }
+        elf.resize(note_off as usize, 0);
+        for v in [4u32, 4, 18] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        elf.extend_from_slice(b"Xen\0");
+        elf.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+        elf.resize(code_off as usize, 0);
+        elf.extend_from_slice(code);
+        elf
+    }
+
+    fn kvm_usable() -> bool {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+    }
+
+    fn run_tiny_guest(
+        code: &[u8],
+        pvh: bool,
+        vcpus: u8,
+        mem_size_mib: u32,
+    ) -> Result<VmmExit, VmmError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let kernel = dir.path().join("vmlinux");
+        std::fs::File::create(&kernel)
+            .and_then(|mut f| f.write_all(&tiny_kernel(code, pvh)))
+            .expect("write kernel");
+        let cfg = VmConfig {
+            kernel,
+            initramfs: None,
+            vcpus,
+            mem_size_mib,
+            vsock_socket: dir.path().join("v.sock"),
+            cmdline_extra: Some("husk.test=1".into()),
+            console: false,
+            boot_report: None,
+            agent_timeout: std::time::Duration::from_millis(100),
+        };
+        let vmm = build_microvm(&cfg).expect("build");
+        let result = vmm.run();
+        assert!(!Path::new(&cfg.vsock_socket).exists(), "socket removed");
+        result
+    }
+
+    #[test]
+    fn tiny_pvh_guest_reset_is_a_clean_exit() {
+        if !kvm_usable() {
+            return;
+        }
+        assert_eq!(
+            run_tiny_guest(RESET_CODE, true, 1, 128).expect("run"),
+            VmmExit::GuestShutdown
+        );
+        assert_eq!(
+            run_tiny_guest(RESET_CODE, true, 4, 1024).expect("run"),
+            VmmExit::GuestShutdown
+        );
+    }
+
+    #[test]
+    fn tiny_long_mode_guest_reset_is_a_clean_exit() {
+        if !kvm_usable() {
+            return;
+        }
+        assert_eq!(
+            run_tiny_guest(RESET_CODE, false, 2, 64).expect("run"),
+            VmmExit::GuestShutdown
+        );
+    }
+
+    #[test]
+    fn tiny_guest_triple_fault_is_a_crash() {
+        if !kvm_usable() {
+            return;
+        }
+        let err = run_tiny_guest(CRASH_CODE, true, 1, 64).expect_err("crash");
+        assert!(matches!(err, VmmError::GuestCrashed(0)), "{err}");
+    }
+
+    #[test]
+    fn tiny_kernel_is_loaded_with_the_right_protocol() {
+        let mem = memory::create_guest_memory(32).expect("mem");
+        let dir = tempfile::tempdir().expect("dir");
+        for (pvh, protocol) in [(true, BootProtocol::Pvh), (false, BootProtocol::LinuxBoot)] {
+            let path = dir.path().join(format!("k{pvh}"));
+            std::fs::write(&path, tiny_kernel(RESET_CODE, pvh)).expect("write");
+            let entry = arch::load_kernel(&mem, &path).expect("load");
+            assert_eq!(entry.protocol, protocol);
+            assert_eq!(entry.entry, LOAD_ADDR);
+            assert_eq!(entry.kernel_end, LOAD_ADDR + RESET_CODE.len() as u64);
+        }
+    }
+
+    #[test]
+    fn boot_structures_for_pvh_guest() {
+        let mem = memory::create_guest_memory(64).expect("mem");
+        let kernel = KernelEntry {
+            protocol: BootProtocol::Pvh,
+            entry: LOAD_ADDR,
+            kernel_end: LOAD_ADDR + 0x1000,
+        };
+        let mut cmdline = base_cmdline(false).expect("cmdline");
+        cmdline
+            .add_virtio_mmio_device(0x1000, GuestAddress(0xd000_0000), 5, None)
+            .expect("device");
+        setup_boot_structures(&mem, 64 << 20, 2, &kernel, None, &cmdline).expect("setup");
+        let mut buf = vec![0u8; 300];
+        vm_memory::Bytes::read_slice(&mem, &mut buf, GuestAddress(CMDLINE_START)).expect("read");
+        let written = std::ffi::CStr::from_bytes_until_nul(&buf)
+            .expect("nul")
+            .to_str()
+            .expect("utf8");
+        assert!(written.starts_with("reboot=t panic=-1"));
+        assert!(written.ends_with("8250.nr_uarts=0 virtio_mmio.device=4K@0xd0000000:5"));
+        let magic: u32 =
+            vm_memory::Bytes::read_obj(&mem, GuestAddress(layout::PVH_INFO_START)).expect("pvh");
+        assert_eq!(magic, pvh::XEN_HVM_START_MAGIC_VALUE);
+        let mpf: [u8; 4] =
+            vm_memory::Bytes::read_obj(&mem, GuestAddress(layout::EBDA_START)).expect("mpf");
+        assert_eq!(&mpf, b"_MP_");
+    }
 
     #[test]
     fn console_cmdline_enables_ttys0() {
