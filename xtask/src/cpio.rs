@@ -6,7 +6,6 @@ use std::io::{self, Write};
 /// File type bits of `c_mode`.
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFREG: u32 = 0o100000;
-pub const S_IFLNK: u32 = 0o120000;
 pub const S_IFCHR: u32 = 0o020000;
 
 /// Builds a newc archive entry by entry. Paths are relative (no leading `/`), parents first.
@@ -33,11 +32,6 @@ impl<W: Write> CpioWriter<W> {
     /// Adds a regular file.
     pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> io::Result<()> {
         self.entry(path, S_IFREG | perm, 0, data)
-    }
-
-    /// Adds a symbolic link to `target`.
-    pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
-        self.entry(path, S_IFLNK | 0o777, 0, target.as_bytes())
     }
 
     /// Adds a character device node.

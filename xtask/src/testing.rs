@@ -3,6 +3,7 @@
 
 use crate::rig::{self, RigImage, RigRun};
 use crate::util::{self, run, workspace_root};
+use husk_vmm::kvm_check::KvmUsability;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,42 +31,15 @@ pub fn decide_vm_place() -> Result<(VmPlace, String)> {
         };
         return Ok((place, format!("HUSK_TEST_VM={forced}")));
     }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let kvm_open = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    Ok(choose_place(kvm_open, kvm_pvm, &cpuinfo))
-}
-
-fn choose_place(kvm_open: bool, kvm_pvm: bool, cpuinfo: &str) -> (VmPlace, String) {
-    let virt_flag = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(|l| l.split_whitespace())
-        .any(|f| f == "vmx" || f == "svm");
-    if kvm_pvm {
-        (
-            VmPlace::Rig,
-            "the host's /dev/kvm is kvm_pvm, a paravirtual nested KVM that cannot run a Linux \
-             guest's user space"
-                .into(),
-        )
-    } else if !kvm_open {
-        (VmPlace::Rig, "the host has no usable /dev/kvm".into())
-    } else if !virt_flag {
-        (
-            VmPlace::Rig,
-            "the host CPU shows neither vmx nor svm, so its KVM is not hardware-backed".into(),
-        )
-    } else {
-        (
+    // The same verdict `husk check` and the VM tests use.
+    let report = husk_vmm::kvm_check::check_host();
+    Ok(match report.usability {
+        KvmUsability::Usable => (
             VmPlace::Host,
-            "the host has /dev/kvm with hardware virtualization (vmx/svm)".into(),
-        )
-    }
+            "the host's KVM can run Linux guests (husk check: usable)".into(),
+        ),
+        KvmUsability::Unusable(why) => (VmPlace::Rig, why),
+    })
 }
 
 /// Everything a VM-level test or run needs, built for release.
@@ -336,31 +310,4 @@ pub fn rig_timeout() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2400);
     Duration::from_secs(secs)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kvm_pvm_hosts_use_the_rig_even_with_kvm_open() {
-        let (place, why) = choose_place(true, true, "flags\t: fpu svm\n");
-        assert_eq!(place, VmPlace::Rig);
-        assert!(why.contains("kvm_pvm"));
-    }
-
-    #[test]
-    fn hardware_kvm_runs_on_the_host() {
-        let (place, _) = choose_place(true, false, "flags\t: fpu vmx sse\n");
-        assert_eq!(place, VmPlace::Host);
-    }
-
-    #[test]
-    fn no_kvm_or_no_virt_flag_uses_the_rig() {
-        assert_eq!(choose_place(false, false, "flags: vmx").0, VmPlace::Rig);
-        assert_eq!(
-            choose_place(true, false, "flags\t: fpu sse\n").0,
-            VmPlace::Rig
-        );
-    }
 }
