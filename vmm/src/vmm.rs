@@ -11,17 +11,19 @@
 //! thing in `main` so that threads inherit the mask) and read from a signalfd by the thread
 //! that calls [`Vmm::run`]. No async-signal handler is involved.
 //!
-//! Teardown: the vsock socket file is removed and the device thread is told to stop; vCPU
-//! threads stop at their next exit. The process is expected to exit right after `run`
-//! returns, which ends any vCPU still inside KVM_RUN.
+//! Teardown: every vCPU thread is kicked out of KVM_RUN with [`vcpu_kick_signal`] (a real-time
+//! signal with a no-op handler, so KVM_RUN returns EINTR) and joined, the device thread is
+//! stopped and joined (which drops the devices), and the vsock socket file is removed. Joins
+//! are bounded by [`TEARDOWN_TIMEOUT`]: a thread that does not stop in time is left behind
+//! with a warning, and the process exits anyway.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::Duration;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use husk_agent_protocol::client::AgentClient;
@@ -29,6 +31,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::VmConfig;
 use crate::kvm_check;
@@ -87,6 +90,27 @@ pub enum VmmError {
     /// Waiting for the exit failed.
     #[error("failed to wait for the VM to exit")]
     Wait(#[source] nix::Error),
+}
+
+/// How long teardown waits for the vCPU and device threads to stop.
+pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The signal that kicks a vCPU thread out of KVM_RUN: the first real-time signal.
+pub fn vcpu_kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op handler of [`vcpu_kick_signal`] (once per process): its only effect is
+/// to interrupt the KVM_RUN ioctl of the thread it is sent to.
+fn install_kick_handler() -> Result<(), VmmError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            register_signal_handler(vcpu_kick_signal(), noop_signal_handler).map_err(|e| e.errno())
+        })
+        .map_err(|errno| VmmError::Signals(nix::Error::from_raw(errno)))
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and in the threads it spawns later), so
@@ -201,22 +225,33 @@ impl Vmm {
             stopping: AtomicBool::new(false),
         });
 
-        let device_stop_evt = self.spawn_device_thread()?;
+        install_kick_handler()?;
+
+        let (device_thread, device_stop_evt) = self.spawn_device_thread()?;
+        let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
-            spawn_vcpu_thread(vcpu, stops.clone(), self.timeline.clone())?;
+            vcpu_threads.push(spawn_vcpu_thread(
+                vcpu,
+                stops.clone(),
+                self.timeline.clone(),
+            )?);
         }
         self.spawn_readiness_thread()?;
 
         let result = wait_for_exit(&signals, &self.reset_evt, &stops);
+
+        let deadline = Instant::now() + TEARDOWN_TIMEOUT;
         stops.stopping.store(true, Ordering::Release);
+        join_until(vcpu_threads, deadline, true);
         if let Err(e) = device_stop_evt.write(1) {
             tracing::warn!("failed to stop the device thread: {e}");
         }
+        join_until(vec![device_thread], deadline, false);
         self.remove_socket();
         result
     }
 
-    fn spawn_device_thread(&mut self) -> Result<EventFd, VmmError> {
+    fn spawn_device_thread(&mut self) -> Result<(JoinHandle<()>, EventFd), VmmError> {
         let stop = Arc::new(AtomicBool::new(false));
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Spawn("device", e))?;
         let subscriber = StopSubscriber {
@@ -229,7 +264,7 @@ impl Vmm {
                 .map_err(|e| VmmError::Spawn("device", io::Error::other(format!("{e:?}"))))?,
         );
         event_manager.add_subscriber(Arc::new(Mutex::new(subscriber)));
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("husk-devices".into())
             .spawn(move || {
                 while !stop.load(Ordering::Acquire) {
@@ -240,7 +275,7 @@ impl Vmm {
                 }
             })
             .map_err(|e| VmmError::Spawn("device", e))?;
-        Ok(evt)
+        Ok((handle, evt))
     }
 
     fn spawn_readiness_thread(&self) -> Result<(), VmmError> {
@@ -291,11 +326,39 @@ impl Vmm {
     }
 }
 
+/// Joins `threads`, kicking them out of KVM_RUN first if `kick`, until `deadline`.
+fn join_until(mut threads: Vec<JoinHandle<()>>, deadline: Instant, kick: bool) {
+    loop {
+        let (finished, running): (Vec<_>, Vec<_>) =
+            threads.into_iter().partition(|t| t.is_finished());
+        for t in finished {
+            if t.join().is_err() {
+                tracing::warn!("a VMM thread panicked");
+            }
+        }
+        threads = running;
+        if threads.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!("{} VMM thread(s) did not stop in time", threads.len());
+            return;
+        }
+        if kick {
+            for t in &threads {
+                // A failed kick only delays teardown until the deadline.
+                let _ = t.kill(vcpu_kick_signal());
+            }
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn spawn_vcpu_thread(
     mut vcpu: Vcpu,
     stops: Arc<StopReport>,
     timeline: Arc<TimelineRecorder>,
-) -> Result<(), VmmError> {
+) -> Result<JoinHandle<()>, VmmError> {
     let index = vcpu.index();
     thread::Builder::new()
         .name(format!("husk-vcpu-{index}"))
@@ -318,8 +381,7 @@ fn spawn_vcpu_thread(
                 }
             }
         })
-        .map_err(|e| VmmError::Spawn("vCPU", e))?;
-    Ok(())
+        .map_err(|e| VmmError::Spawn("vCPU", e))
 }
 
 /// Borrows an EventFd's descriptor (vmm-sys-util's EventFd has no `AsFd`).
