@@ -20,6 +20,7 @@ pub mod sysinfo;
 use husk_agent_protocol::AGENT_VSOCK_PORT;
 use reaper::{Reaper, ReaperError};
 use server::{Server, ServerError, ShutdownMode, UnixTestListener, VsockListener};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use sys::{LinuxSyscall, Syscall};
@@ -48,6 +49,14 @@ pub fn run_init() -> AgentError {
         Ok(reaper) => reaper,
         Err(err) => return err.into(),
     };
+    // One line on the console, visible only when the VMM attaches one (`husk-vmm --console`): the
+    // boot benchmark's "agent is up" mark, comparable across VMMs (before vsock, which another
+    // VMM may not offer). Without a console the write goes nowhere and costs nothing.
+    let _ = writeln!(
+        std::io::stdout(),
+        "husk-agent {}: up",
+        sysinfo::AGENT_VERSION
+    );
     let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
         Ok(listener) => listener,
         Err(err) => return err.into(),

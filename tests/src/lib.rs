@@ -368,3 +368,100 @@ mod tests {
         assert_ne!(whole[..8], whole[8..16]);
     }
 }
+
+/// Resident memory of a process split into guest RAM and everything else, in KiB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RssSplit {
+    /// Resident pages of the guest-memory mappings: guest memory the host really backs.
+    pub guest_kib: u64,
+    /// Everything else: the VMM's own footprint.
+    pub vmm_kib: u64,
+}
+
+/// Splits `/proc/<pid>/smaps` into guest memory (anonymous mappings whose size is one of
+/// `guest_region_kib`) and the rest.
+pub fn rss_split(pid: u32, guest_region_kib: &[u64]) -> Result<RssSplit> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    Ok(parse_smaps_split(&smaps, guest_region_kib))
+}
+
+fn parse_smaps_split(smaps: &str, guest_region_kib: &[u64]) -> RssSplit {
+    let mut split = RssSplit::default();
+    let mut anonymous = false;
+    let mut size_kib = 0u64;
+    let field = |line: &str| -> u64 {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            anonymous = line.split_whitespace().count() <= 5;
+            size_kib = 0;
+        } else if line.starts_with("Size:") {
+            size_kib = field(line);
+        } else if line.starts_with("Rss:") {
+            let rss = field(line);
+            if anonymous && guest_region_kib.contains(&size_kib) {
+                split.guest_kib += rss;
+            } else {
+                split.vmm_kib += rss;
+            }
+        }
+    }
+    split
+}
+
+/// Median, minimum and maximum of a sample.
+pub fn stats(values: &[f64]) -> (f64, f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+#[cfg(test)]
+mod smaps_tests {
+    use super::*;
+
+    #[test]
+    fn guest_regions_are_told_apart_by_size() {
+        let smaps = "\
+55d0a0000000-55d0a0100000 r-xp 00000000 08:01 1234 /usr/bin/husk-vmm
+Size:               1024 kB
+Rss:                 800 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0 
+Size:             131072 kB
+Rss:               20000 kB
+7f0010000000-7f0010200000 rw-p 00000000 00:00 0 
+Size:               2048 kB
+Rss:                 100 kB
+";
+        let split = parse_smaps_split(smaps, &[131072]);
+        assert_eq!(
+            split,
+            RssSplit {
+                guest_kib: 20000,
+                vmm_kib: 900
+            }
+        );
+    }
+
+    #[test]
+    fn stats_of_odd_and_even_samples() {
+        assert_eq!(stats(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+}

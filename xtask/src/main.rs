@@ -1,5 +1,6 @@
 //! `cargo xtask`: builds husk's guest kernel, agent initramfs and test rig, and runs its tests.
 
+mod bench;
 mod cpio;
 mod initramfs;
 mod kernel;
@@ -31,6 +32,17 @@ enum Cmd {
     },
     /// Run every test: unit tests on the host, VM-level tests where KVM can run Linux guests.
     Test,
+    /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
+    /// when its KVM can run guests, in the test rig otherwise).
+    Run,
+    /// Run a benchmark suite against its peers in the same place (boot).
+    Bench {
+        /// Which suite.
+        what: String,
+        /// Runs per runtime.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +81,8 @@ fn main() -> Result<()> {
         Cmd::Initramfs => println!("{}", initramfs::build()?.display()),
         Cmd::Rig { cmd } => rig_command(cmd)?,
         Cmd::Test => testing::test()?,
+        Cmd::Run => testing::run_demo()?,
+        Cmd::Bench { what, runs } => bench::bench(&what, runs)?,
     }
     Ok(())
 }

@@ -19,7 +19,8 @@ pub fn cache_dir() -> Result<PathBuf> {
     let dir = std::env::var_os("HUSK_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/husk"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating cache dir {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating cache dir {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -114,7 +115,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Copies `from` to `to` atomically.
 pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
     std::fs::rename(&tmp, to).with_context(|| format!("renaming to {}", to.display()))
 }
 

@@ -7,6 +7,8 @@
 
 use anyhow::{Context, Result};
 use husk_agent_protocol::client::AgentClient;
+use husk_agent_protocol::Handshake;
+use husk_vmm::timeline::BootTimeline;
 use husk_vmm::kvm_check::{check_host, KvmUsability};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,7 +39,7 @@ pub fn check(args: &CheckArgs) -> Result<bool> {
     if let (true, Some(kernel), Some(initramfs)) = (usable, &args.kernel, &args.initramfs) {
         let vmm = args.vmm.clone().unwrap_or_else(default_vmm);
         match probe_boot(&vmm, kernel, initramfs, Duration::from_secs(args.timeout_s)) {
-            Ok(took) => println!("probe guest: agent answered after {} ms", took.as_millis()),
+            Ok(probe) => print_probe(&probe),
             Err(e) => {
                 println!("probe guest: FAILED: {e:#}");
                 usable = false;
@@ -58,11 +60,49 @@ fn default_vmm() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("husk-vmm"))
 }
 
+/// What the probe guest showed.
+struct Probe {
+    /// Spawn of husk-vmm to the agent's handshake, seen from here.
+    took: Duration,
+    handshake: Handshake,
+    timeline: Option<BootTimeline>,
+}
+
+fn print_probe(probe: &Probe) {
+    let h = &probe.handshake;
+    println!(
+        "probe guest: agent answered {} ms after husk-vmm was started",
+        probe.took.as_millis()
+    );
+    println!(
+        "  agent handshake: husk-agent {} (protocol {}), guest uptime {:.1} ms, {} vCPU(s), \
+         {} MiB RAM ({} MiB managed by the kernel)",
+        h.agent_version,
+        h.protocol_version,
+        h.uptime_us as f64 / 1e3,
+        h.cpus,
+        h.mem_phys_kib / 1024,
+        h.mem_total_kib / 1024
+    );
+    let Some(t) = &probe.timeline else {
+        println!("  boot timeline: not reported");
+        return;
+    };
+    let ms = |us: u64| format!("{:.1} ms", us as f64 / 1e3);
+    let opt = |us: Option<u64>| us.map_or_else(|| "-".to_string(), ms);
+    println!("  boot timeline (since husk-vmm started, {} boot):", t.boot_protocol);
+    println!("    VM created          {}", ms(t.vm_created_us));
+    println!("    kernel loaded       {}", ms(t.kernel_loaded_us));
+    println!("    first vCPU entry    {}", opt(t.first_vcpu_entry_us));
+    println!("    agent handshake     {}", opt(t.agent_handshake_us));
+}
+
 /// Boots a 1 vCPU / 128 MiB guest, waits for the agent's handshake, shuts it down.
-fn probe_boot(vmm: &Path, kernel: &Path, initramfs: &Path, timeout: Duration) -> Result<Duration> {
+fn probe_boot(vmm: &Path, kernel: &Path, initramfs: &Path, timeout: Duration) -> Result<Probe> {
     let dir = std::env::temp_dir().join(format!("husk-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let socket = dir.join("probe.sock");
+    let report = dir.join("boot.json");
     let started = Instant::now();
     let mut child = Command::new(vmm)
         .arg("--kernel")
@@ -71,6 +111,8 @@ fn probe_boot(vmm: &Path, kernel: &Path, initramfs: &Path, timeout: Duration) ->
         .arg(initramfs)
         .args(["--cpus", "1", "--mem-mib", "128", "--vsock-socket"])
         .arg(&socket)
+        .arg("--boot-report")
+        .arg(&report)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -86,10 +128,22 @@ fn probe_boot(vmm: &Path, kernel: &Path, initramfs: &Path, timeout: Duration) ->
     });
     let result = AgentClient::connect(&socket, timeout);
     let outcome = match result {
-        Ok((client, _)) => {
+        Ok((client, handshake)) => {
             let took = started.elapsed();
+            // husk-vmm writes its report right after its own handshake with the agent.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !report.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let timeline = std::fs::read_to_string(&report)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
             let _ = client.shutdown();
-            Ok(took)
+            Ok(Probe {
+                took,
+                handshake,
+                timeline,
+            })
         }
         Err(e) => Err(e),
     };

@@ -1,0 +1,270 @@
+//! `husk-bench boot`: boot benchmarks of husk-vmm against QEMU's microvm machine, measured in the
+//! same place (the rig's L2 on machines without hardware KVM), so every runtime pays the same
+//! emulation cost. Driven by `cargo xtask bench boot`; writes `boot.md` and `boot.json` to
+//! `--out` (default `$HUSK_RIG_OUT`, else `target/bench`).
+//!
+//! Per run, for a 1 vCPU / 128 MiB guest:
+//! - husk over vsock: process spawn to the agent's handshake (client side), the guest's uptime at
+//!   that moment, husk-vmm's RSS without guest memory, and the guest memory the host backs;
+//! - husk and QEMU on the serial console: process spawn to the agent's first console line
+//!   (`husk-agent ...: up`), with the same kernel, initramfs and kernel command line.
+
+use anyhow::{bail, Context, Result};
+use husk_agent_protocol::client::AgentClient;
+use husk_tests::{rss_split, stats, vm_artifacts, Artifacts, TempDir, BOOT_TIMEOUT};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEM_MIB: u32 = 128;
+/// The line the agent prints on the console once it is up.
+const AGENT_UP: &str = "husk-agent";
+/// Kernel command line for the console comparison, the same for both VMMs (husk adds its
+/// virtio-mmio devices, QEMU's microvm adds its own).
+const CONSOLE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet loglevel=1 nomodule pci=off \
+     i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable rdinit=/init";
+
+struct VsockRun {
+    handshake_ms: f64,
+    uptime_ms: f64,
+    vmm_rss_mib: f64,
+    guest_mib: f64,
+    vm_created_ms: f64,
+    kernel_loaded_ms: f64,
+    first_vcpu_ms: f64,
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut runs = 20usize;
+    let mut out = std::env::var_os("HUSK_RIG_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench"));
+    let mut what = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            "--out" => out = PathBuf::from(it.next().context("--out DIR")?),
+            "boot" => what = Some("boot"),
+            other => bail!("unknown argument {other:?}; usage: husk-bench boot [--runs N] [--out DIR]"),
+        }
+    }
+    if what != Some("boot") {
+        bail!("usage: husk-bench boot [--runs N] [--out DIR]");
+    }
+    let artifacts = vm_artifacts("husk-bench").context("no usable KVM or artifacts")?;
+    std::fs::create_dir_all(&out)?;
+    bench_boot(&artifacts, runs, &out)
+}
+
+fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
+    let mut vsock = Vec::new();
+    let mut husk_console = Vec::new();
+    let mut qemu_console = Vec::new();
+    let mut qemu_rss = Vec::new();
+    // Interleave the runtimes so drift in the machine's load hits them alike.
+    for i in 0..runs {
+        let v = husk_vsock_run(artifacts).with_context(|| format!("husk vsock run {i}"))?;
+        eprintln!(
+            "run {i}: husk handshake {:.1} ms (guest uptime {:.1} ms), VMM RSS {:.2} MiB, guest {:.1} MiB",
+            v.handshake_ms, v.uptime_ms, v.vmm_rss_mib, v.guest_mib
+        );
+        vsock.push(v);
+        let h = console_run(&husk_console_cmd(artifacts)?, false)
+            .with_context(|| format!("husk console run {i}"))?;
+        let (q, rss) =
+            console_run(&qemu_cmd(artifacts), true).with_context(|| format!("qemu run {i}"))?;
+        eprintln!(
+            "run {i}: to first agent line: husk {:.1} ms, QEMU {:.1} ms",
+            h.0, q
+        );
+        husk_console.push(h.0);
+        qemu_console.push(q);
+        qemu_rss.push(rss);
+    }
+
+    let col = |f: fn(&VsockRun) -> f64| vsock.iter().map(f).collect::<Vec<_>>();
+    let rows: Vec<(&str, Vec<f64>, &str)> = vec![
+        ("(a) husk-vmm spawn to agent handshake (vsock)", col(|r| r.handshake_ms), "ms"),
+        ("(b) guest uptime at handshake", col(|r| r.uptime_ms), "ms"),
+        ("(c) husk-vmm RSS after boot, without guest memory", col(|r| r.vmm_rss_mib), "MiB"),
+        ("(d) guest memory touched on the host after boot", col(|r| r.guest_mib), "MiB"),
+        ("husk: VM created (since process start)", col(|r| r.vm_created_ms), "ms"),
+        ("husk: kernel loaded (since process start)", col(|r| r.kernel_loaded_ms), "ms"),
+        ("husk: first vCPU entry (since process start)", col(|r| r.first_vcpu_ms), "ms"),
+        ("husk --console: spawn to first agent line", husk_console.clone(), "ms"),
+        ("QEMU microvm: spawn to first agent line", qemu_console.clone(), "ms"),
+        ("QEMU microvm: RSS at first agent line (VMM + guest)", qemu_rss.clone(), "MiB"),
+    ];
+    let mut md = format!(
+        "| boot, {runs} runs, 1 vCPU / {MEM_MIB} MiB | median | min | max |\n|---|---|---|---|\n"
+    );
+    let mut json = serde_json::Map::new();
+    for (name, values, unit) in &rows {
+        let (median, min, max) = stats(values);
+        md.push_str(&format!(
+            "| {name} | {median:.2} {unit} | {min:.2} {unit} | {max:.2} {unit} |\n"
+        ));
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"unit": unit, "median": median, "min": min, "max": max, "values": values}),
+        );
+    }
+    let _ = std::fs::remove_dir_all(console_dir());
+    let ratio = stats(&husk_console).0 / stats(&qemu_console).0;
+    md.push_str(&format!(
+        "\nhusk / QEMU, median spawn to first agent line: **{ratio:.2}x** (target: at most 0.6x)\n"
+    ));
+    json.insert("ratio_husk_over_qemu".into(), serde_json::json!(ratio));
+    println!("{md}");
+    std::fs::write(out.join("boot.md"), &md)?;
+    std::fs::write(
+        out.join("boot.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
+    Ok(())
+}
+
+fn husk_vsock_run(artifacts: &Artifacts) -> Result<VsockRun> {
+    let dir = TempDir::new("husk-bench")?;
+    let socket = dir.path().join("v.sock");
+    let report = dir.path().join("boot.json");
+    let started = Instant::now();
+    let mut child = KillOnDrop(
+        Command::new(&artifacts.vmm)
+            .arg("--kernel")
+            .arg(&artifacts.kernel)
+            .arg("--initramfs")
+            .arg(&artifacts.initramfs)
+            .args(["--cpus", "1", "--mem-mib", &MEM_MIB.to_string(), "--vsock-socket"])
+            .arg(&socket)
+            .arg("--boot-report")
+            .arg(&report)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let (client, hello) = AgentClient::connect(&socket, BOOT_TIMEOUT)?;
+    let handshake_ms = started.elapsed().as_secs_f64() * 1e3;
+    let split = rss_split(child.0.id(), &[u64::from(MEM_MIB) * 1024])?;
+    if !husk_tests::wait_until(BOOT_TIMEOUT, || report.exists()) {
+        bail!("no boot report");
+    }
+    let timeline: husk_vmm::timeline::BootTimeline =
+        serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    client.shutdown()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.0.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ms = |us: u64| us as f64 / 1e3;
+    Ok(VsockRun {
+        handshake_ms,
+        uptime_ms: ms(hello.uptime_us),
+        vmm_rss_mib: split.vmm_kib as f64 / 1024.0,
+        guest_mib: split.guest_kib as f64 / 1024.0,
+        vm_created_ms: ms(timeline.vm_created_us),
+        kernel_loaded_ms: ms(timeline.kernel_loaded_us),
+        first_vcpu_ms: timeline.first_vcpu_entry_us.map_or(f64::NAN, ms),
+    })
+}
+
+fn husk_console_cmd(artifacts: &Artifacts) -> Result<Command> {
+    let dir = console_dir();
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("v.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut cmd = Command::new(&artifacts.vmm);
+    cmd.arg("--kernel")
+        .arg(&artifacts.kernel)
+        .arg("--initramfs")
+        .arg(&artifacts.initramfs)
+        .args(["--cpus", "1", "--mem-mib", &MEM_MIB.to_string(), "--console"])
+        .arg("--vsock-socket")
+        .arg(socket);
+    Ok(cmd)
+}
+
+fn console_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("husk-bench-console-{}", std::process::id()))
+}
+
+fn qemu_cmd(artifacts: &Artifacts) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=on,pic=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+        &MEM_MIB.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+    ])
+    .arg(&artifacts.kernel)
+    .arg("-initrd")
+    .arg(&artifacts.initramfs)
+    .arg("-append")
+    .arg(CONSOLE_CMDLINE);
+    cmd
+}
+
+/// Spawns `cmd`, returns the milliseconds until its stdout shows the agent's first line (and,
+/// if `measure_rss`, the process's RSS at that moment in MiB), then kills it.
+fn console_run(cmd: &Command, measure_rss: bool) -> Result<(f64, f64)> {
+    let mut cmd = clone_command(cmd);
+    let started = Instant::now();
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {:?}", cmd.get_program()))?,
+    );
+    let stdout = child.0.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if String::from_utf8_lossy(&line).contains(AGENT_UP) {
+                let _ = tx.send(Instant::now());
+                return;
+            }
+        }
+    });
+    let seen = rx
+        .recv_timeout(BOOT_TIMEOUT)
+        .context("the agent's console line never came")?;
+    let ms = seen.duration_since(started).as_secs_f64() * 1e3;
+    let rss = if measure_rss {
+        rss_split(child.0.id(), &[])?.vmm_kib as f64 / 1024.0
+    } else {
+        0.0
+    };
+    Ok((ms, rss))
+}
+
+fn clone_command(cmd: &Command) -> Command {
+    let mut c = Command::new(cmd.get_program());
+    c.args(cmd.get_args());
+    c
+}
+
+/// Kills and reaps the child when dropped, so no run outlives the benchmark.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
