@@ -52,6 +52,11 @@ pub const VIRTIO_MMIO_QUEUE_AVAIL_LOW: u64 = 0x090;
 pub const VIRTIO_MMIO_QUEUE_AVAIL_HIGH: u64 = 0x094;
 pub const VIRTIO_MMIO_QUEUE_USED_LOW: u64 = 0x0a0;
 pub const VIRTIO_MMIO_QUEUE_USED_HIGH: u64 = 0x0a4;
+pub const VIRTIO_MMIO_SHM_SEL: u64 = 0x0ac;
+pub const VIRTIO_MMIO_SHM_LEN_LOW: u64 = 0x0b0;
+pub const VIRTIO_MMIO_SHM_LEN_HIGH: u64 = 0x0b4;
+pub const VIRTIO_MMIO_SHM_BASE_LOW: u64 = 0x0b8;
+pub const VIRTIO_MMIO_SHM_BASE_HIGH: u64 = 0x0bc;
 pub const VIRTIO_MMIO_CONFIG_GENERATION: u64 = 0x0fc;
 pub const VIRTIO_MMIO_CONFIG: u64 = 0x100;
 
@@ -170,6 +175,11 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.irq_trigger.irq_status(),
             VIRTIO_MMIO_STATUS => self.device_status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: a length (and base) of all ones says so (spec 4.2.2).
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => return None,
         };
         Some(value)
@@ -181,6 +191,7 @@ impl MmioTransport {
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => return self.write_driver_features(value),
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_SHM_SEL => {}
             VIRTIO_MMIO_QUEUE_NOTIFY => return self.notify_queue(value),
             VIRTIO_MMIO_INTERRUPT_ACK => self.irq_trigger.ack(value),
             VIRTIO_MMIO_STATUS => return self.write_status(value),
@@ -658,6 +669,35 @@ mod tests {
             DRIVER_OK_STATUS | VIRTIO_CONFIG_S_NEEDS_RESET
         );
         assert!(device.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn reset_of_active_rng_deactivates_it() {
+        let rng = Arc::new(Mutex::new(crate::devices::virtio::rng::Rng::new().unwrap()));
+        let mut t = MmioTransport::new(test_memory(), rng.clone()).unwrap();
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_DEVICE_ID), 4);
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        write_u32(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write_u32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        write_u32(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write_u32(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1100);
+        write_u32(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x1200);
+        write_u32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        write_u32(&mut t, VIRTIO_MMIO_STATUS, DRIVER_OK_STATUS);
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_STATUS), DRIVER_OK_STATUS);
+        assert!(rng.lock().unwrap().is_activated());
+        write_u32(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert!(!rng.lock().unwrap().is_activated());
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn shared_memory_regions_read_as_absent() {
+        let (mut t, _) = transport();
+        write_u32(&mut t, VIRTIO_MMIO_SHM_SEL, 0);
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_SHM_LEN_HIGH), u32::MAX);
     }
 
     #[test]

@@ -175,6 +175,27 @@ pub fn signal_used_queue(
     }
 }
 
+/// Registers a device's queue eventfds with the device thread's epoll.
+pub fn register_queue_evts(ops: &mut event_manager::EventOps, evts: &[EventFd], device: &str) {
+    for evt in evts {
+        if let Err(e) = ops.add(event_manager::Events::new(evt, event_manager::EventSet::IN)) {
+            tracing::warn!("{device}: failed to register a queue eventfd: {e:?}");
+        }
+    }
+}
+
+/// Unregisters (and closes) queue eventfds of a device that was reset.
+pub fn unregister_queue_evts(ops: &mut event_manager::EventOps, evts: Vec<EventFd>, device: &str) {
+    for evt in evts {
+        if let Err(e) = ops.remove(event_manager::Events::new(
+            &evt,
+            event_manager::EventSet::IN,
+        )) {
+            tracing::warn!("{device}: failed to unregister a queue eventfd: {e:?}");
+        }
+    }
+}
+
 /// A log limiter for events the guest controls: the first few are logged, then only every
 /// power of two, so a hostile guest cannot flood the host log.
 #[derive(Debug, Default)]

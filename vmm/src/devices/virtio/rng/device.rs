@@ -19,6 +19,10 @@ pub struct Rng {
     pub(super) queue_sizes: [u16; 1],
     pub(super) activate_evt: EventFd,
     pub(super) active: Option<ActiveState>,
+    /// Whether the active queue eventfds are registered with the device thread.
+    pub(super) queue_evts_registered: bool,
+    /// Queue eventfds of a reset activation, still to be unregistered on the device thread.
+    pub(super) stale_queue_evts: Vec<EventFd>,
     pub(super) bad_request_log: RateLimitedLog,
     /// Bytes of randomness handed to the guest.
     pub(super) bytes_served: u64,
@@ -32,6 +36,8 @@ impl Rng {
             queue_sizes: [QUEUE_SIZE],
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
             active: None,
+            queue_evts_registered: false,
+            stale_queue_evts: Vec::new(),
             bad_request_log: RateLimitedLog::default(),
             bytes_served: 0,
         })
@@ -180,7 +186,15 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) -> bool {
-        self.active.is_none()
+        if let Some(active) = self.active.take() {
+            // The device thread unregisters the old eventfds when woken.
+            self.stale_queue_evts.extend(active.queue_evts);
+            if let Err(e) = self.activate_evt.write(1) {
+                tracing::warn!("virtio-rng: failed to signal the reset: {e}");
+            }
+        }
+        self.acked_features = 0;
+        true
     }
 
     fn is_activated(&self) -> bool {
@@ -283,6 +297,34 @@ mod tests {
         let mut h = Harness::new();
         h.notify();
         assert_eq!(h.irq.irq_status(), 0);
+    }
+
+    #[test]
+    fn reset_unwatches_the_queue_and_reactivation_works() {
+        let mut h = Harness::new();
+        assert!(h.rng.lock().unwrap().reset());
+        assert!(!h.rng.lock().unwrap().is_activated());
+        h.em.run_with_timeout(100).unwrap();
+        h.gq.add_chain(&[(0x20000, 16, true)]);
+        h.evt.write(1).unwrap();
+        assert_eq!(h.em.run_with_timeout(20).unwrap(), 0);
+        assert!(h.gq.take_used().is_empty());
+        let gq = GuestQueue::new(&h.mem, 0x40000, 16);
+        h.rng
+            .lock()
+            .unwrap()
+            .activate(
+                h.mem.clone(),
+                h.irq.clone(),
+                vec![gq.create_queue()],
+                vec![h.evt.try_clone().unwrap()],
+            )
+            .unwrap();
+        h.gq = gq;
+        h.em.run_with_timeout(100).unwrap();
+        h.gq.add_chain(&[(0x20000, 16, true)]);
+        h.notify();
+        assert_eq!(h.gq.take_used(), vec![(0, 16)]);
     }
 
     #[test]

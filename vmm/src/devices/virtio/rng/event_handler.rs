@@ -1,25 +1,35 @@
 //! Event handling of the entropy device on the device thread.
 
+use std::os::fd::AsRawFd;
+
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::warn;
 
 use super::Rng;
+use crate::devices::virtio::{register_queue_evts, unregister_queue_evts};
 
 impl Rng {
+    /// The transport activated or reset the device.
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
         let _ = self.activate_evt.read();
+        self.retire_stale_queue_evts(ops);
         let Some(active) = self.active.as_ref() else {
             return;
         };
-        for evt in &active.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                warn!("virtio-rng: failed to register the queue eventfd: {e:?}");
-            }
+        if !self.queue_evts_registered {
+            register_queue_evts(ops, &active.queue_evts, "virtio-rng");
+            self.queue_evts_registered = true;
+            // The driver may have queued requests already.
+            self.process_queue();
         }
-        if let Err(e) = ops.remove(Events::new(&self.activate_evt, EventSet::IN)) {
-            warn!("virtio-rng: failed to unregister the activate eventfd: {e:?}");
+    }
+
+    fn retire_stale_queue_evts(&mut self, ops: &mut EventOps) {
+        if !self.stale_queue_evts.is_empty() {
+            let stale = std::mem::take(&mut self.stale_queue_evts);
+            unregister_queue_evts(ops, stale, "virtio-rng");
+            self.queue_evts_registered = false;
         }
-        self.process_queue();
     }
 }
 
@@ -31,20 +41,20 @@ impl MutEventSubscriber for Rng {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        // After a reset, stop watching the old queue before anything else.
+        self.retire_stale_queue_evts(ops);
         let fd = events.fd();
-        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.activate_evt) {
+        if fd == self.activate_evt.as_raw_fd() {
             self.handle_activate_event(ops);
             return;
         }
-        let is_queue_evt = self
+        let queue_evt = self
             .active
             .as_ref()
             .and_then(|a| a.queue_evts.first())
-            .is_some_and(|evt| std::os::fd::AsRawFd::as_raw_fd(evt) == fd);
-        if is_queue_evt {
-            if let Some(evt) = self.active.as_ref().and_then(|a| a.queue_evts.first()) {
-                let _ = evt.read();
-            }
+            .filter(|evt| evt.as_raw_fd() == fd);
+        if let Some(evt) = queue_evt {
+            let _ = evt.read();
             self.process_queue();
         }
     }

@@ -38,6 +38,12 @@ pub struct Vsock<B: VsockBackend = VsockUnixBackend> {
     pub(super) queue_sizes: [u16; 3],
     pub(super) activate_evt: EventFd,
     pub(super) active: Option<ActiveState>,
+    /// Whether the active queue eventfds are registered with the device thread.
+    pub(super) queue_evts_registered: bool,
+    /// Queue eventfds of a reset activation, still to be unregistered on the device thread.
+    pub(super) stale_queue_evts: Vec<EventFd>,
+    /// A reset happened: the backend's connections are to be dropped on the device thread.
+    pub(super) backend_reset_pending: bool,
     pub(super) metrics: VsockMetrics,
     pub(super) bad_chain_log: RateLimitedLog,
 }
@@ -68,6 +74,9 @@ impl<B: VsockBackend> Vsock<B> {
             queue_sizes: [QUEUE_SIZE; 3],
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
             active: None,
+            queue_evts_registered: false,
+            stale_queue_evts: Vec::new(),
+            backend_reset_pending: false,
             metrics: VsockMetrics::default(),
             bad_chain_log: RateLimitedLog::default(),
         })
@@ -252,7 +261,16 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn reset(&mut self) -> bool {
-        self.active.is_none()
+        if let Some(active) = self.active.take() {
+            // The device thread drops the connections and unregisters the old eventfds.
+            self.stale_queue_evts.extend(active.queue_evts);
+            self.backend_reset_pending = true;
+            if let Err(e) = self.activate_evt.write(1) {
+                tracing::warn!("vsock: failed to signal the reset: {e}");
+            }
+        }
+        self.acked_features = 0;
+        true
     }
 
     fn is_activated(&self) -> bool {
@@ -319,7 +337,18 @@ mod tests {
             .activate(test_memory(), irq, vec![], vec![])
             .unwrap_err();
         assert!(matches!(err, ActivateError::AlreadyActivated));
-        assert!(!dev.reset());
+    }
+
+    #[test]
+    fn reset_resets_backend_on_device_thread() {
+        let mut ctx = VsockTestContext::new_test();
+        ctx.device.lock().unwrap().set_acked_features(1 << 32);
+        ctx.reset();
+        let dev = ctx.device.lock().unwrap();
+        assert!(!dev.is_activated());
+        assert_eq!(dev.acked_features(), 0);
+        assert_eq!(dev.backend().resets, 1);
+        assert!(dev.stale_queue_evts.is_empty());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Event handling of the socket device on the device thread: activation, queue
-//! notifications, and host socket events passed to the backend.
+//! Event handling of the socket device on the device thread: activation and reset,
+//! queue notifications, and host socket events passed to the backend.
 
 use std::os::fd::AsRawFd;
 
@@ -8,25 +8,37 @@ use tracing::warn;
 
 use super::device::Vsock;
 use super::{VsockBackend, RXQ_INDEX, TXQ_INDEX};
+use crate::devices::virtio::{register_queue_evts, unregister_queue_evts};
 
 impl<B: VsockBackend> Vsock<B> {
+    /// The transport activated or reset the device.
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
         let _ = self.activate_evt.read();
+        self.finish_reset(ops);
         let Some(active) = self.active.as_ref() else {
             return;
         };
-        for evt in &active.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                warn!("vsock: failed to register a queue eventfd: {e:?}");
-            }
+        if !self.queue_evts_registered {
+            register_queue_evts(ops, &active.queue_evts, "vsock");
+            self.queue_evts_registered = true;
+            self.backend.register(ops);
+            // The driver may have queued packets before we listened.
+            self.process_tx(ops);
+            self.process_rx(ops);
         }
-        if let Err(e) = ops.remove(Events::new(&self.activate_evt, EventSet::IN)) {
-            warn!("vsock: failed to unregister the activate eventfd: {e:?}");
+    }
+
+    /// Completes a reset on the device thread: old queue eventfds and connections go.
+    fn finish_reset(&mut self, ops: &mut EventOps) {
+        if !self.stale_queue_evts.is_empty() {
+            let stale = std::mem::take(&mut self.stale_queue_evts);
+            unregister_queue_evts(ops, stale, "vsock");
+            self.queue_evts_registered = false;
         }
-        self.backend.register(ops);
-        // The driver may have queued packets before we listened.
-        self.process_tx(ops);
-        self.process_rx(ops);
+        if self.backend_reset_pending {
+            self.backend_reset_pending = false;
+            self.backend.reset(ops);
+        }
     }
 
     /// Which queue's eventfd `fd` is.
@@ -47,12 +59,11 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        // After a reset, stop watching the old queues before anything else.
+        self.finish_reset(ops);
         let fd = events.fd();
         if fd == self.activate_evt.as_raw_fd() {
             self.handle_activate_event(ops);
-            return;
-        }
-        if self.active.is_none() {
             return;
         }
         match self.queue_of(fd) {
@@ -71,6 +82,8 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
                 }
             }
             None => {
+                // Host sockets stay watched while the device is inactive (after a reset), so
+                // their events are always handled; packets wait for the next activation.
                 self.backend.handle_event(events, ops);
                 self.process_rx(ops);
             }

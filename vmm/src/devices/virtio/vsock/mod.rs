@@ -118,4 +118,6 @@ pub trait VsockBackend: Send {
     fn has_pending_rx(&self) -> bool;
     /// An event on a file descriptor the backend registered.
     fn handle_event(&mut self, events: Events, ops: &mut EventOps);
+    /// The driver reset the device: drop every connection (the guest's sockets are gone).
+    fn reset(&mut self, ops: &mut EventOps);
 }

@@ -243,6 +243,17 @@ impl VsockMuxer {
         }
     }
 
+    /// Drops every connection (closing the host sockets) and everything owed to the guest.
+    pub fn reset(&mut self, ops: &mut EventOps) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove(key, ops);
+        }
+        self.rx_backlog.clear();
+        self.rx_queued.clear();
+        self.resets.clear();
+    }
+
     /// Whether [`Self::recv_pkt`] may have a packet.
     pub fn has_pending_rx(&self) -> bool {
         !self.resets.is_empty() || !self.rx_backlog.is_empty()
@@ -284,6 +295,7 @@ mod tests {
         VSOCK_FLAGS_SHUTDOWN_RCV, VSOCK_FLAGS_SHUTDOWN_SEND, VSOCK_OP_CREDIT_REQUEST,
         VSOCK_OP_CREDIT_UPDATE, VSOCK_OP_RESPONSE, VSOCK_OP_RW, VSOCK_OP_SHUTDOWN,
     };
+    use crate::devices::virtio::VirtioDevice;
 
     type Ctx = VsockTestContext<VsockUnixBackend>;
 
@@ -565,6 +577,39 @@ mod tests {
         // A reset for nothing is not answered.
         ctx.guest_send(guest_hdr(VSOCK_OP_RST, 3000, 52), b"");
         assert!(ctx.drain_rx().is_empty());
+    }
+
+    #[test]
+    fn device_reset_drops_connections_and_reactivation_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, mut client, _req) = established(dir.path());
+        ctx.reset();
+        assert!(!ctx.device.lock().unwrap().is_activated());
+        assert_closed(&mut client);
+        assert_eq!(connection_count(&ctx), 0);
+        // Old queue notifications are no longer watched.
+        ctx.queue_evts[crate::devices::virtio::vsock::TXQ_INDEX]
+            .write(1)
+            .unwrap();
+        assert_eq!(ctx.em.run_with_timeout(20).unwrap(), 0);
+        ctx.reactivate();
+        let path = dir.path().join("vsock.sock");
+        let (mut client, req) = host_connect(&mut ctx, &path);
+        guest_accept(&mut ctx, &req, 4096);
+        assert_eq!(read_line(&mut client), format!("OK {}\n", req.src_port));
+    }
+
+    #[test]
+    fn host_clients_are_accepted_while_inactive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        ctx.reset();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        ctx.pump();
+        ctx.reactivate();
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_REQUEST]);
     }
 
     #[test]

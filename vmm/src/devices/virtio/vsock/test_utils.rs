@@ -39,6 +39,7 @@ pub struct TestBackend {
     pub to_guest: VecDeque<VsockPacket>,
     pub evt: EventFd,
     pub events: usize,
+    pub resets: usize,
 }
 
 impl TestBackend {
@@ -48,6 +49,7 @@ impl TestBackend {
             to_guest: VecDeque::new(),
             evt: EventFd::new(EFD_NONBLOCK).unwrap(),
             events: 0,
+            resets: 0,
         }
     }
 }
@@ -66,6 +68,10 @@ impl VsockBackend for TestBackend {
     }
     fn has_pending_rx(&self) -> bool {
         !self.to_guest.is_empty()
+    }
+    fn reset(&mut self, _ops: &mut EventOps) {
+        self.to_guest.clear();
+        self.resets += 1;
     }
     fn handle_event(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
@@ -151,6 +157,37 @@ impl<B: VsockBackend + 'static> VsockTestContext<B> {
         };
         ctx.pump();
         ctx
+    }
+
+    /// Resets the device as the transport does when the driver writes 0 to the status.
+    pub fn reset(&mut self) {
+        assert!(self.device.lock().unwrap().reset());
+        self.pump();
+    }
+
+    /// Activates the device again on fresh queues, as a driver does after a reset.
+    pub fn reactivate(&mut self) {
+        self.rxq = GuestQueue::new(&self.mem, RXQ_BASE, QUEUE_SIZE);
+        self.txq = GuestQueue::new(&self.mem, TXQ_BASE, QUEUE_SIZE);
+        self.evq = GuestQueue::new(&self.mem, EVQ_BASE, QUEUE_SIZE);
+        self.device
+            .lock()
+            .unwrap()
+            .activate(
+                self.mem.clone(),
+                self.irq.clone(),
+                vec![
+                    self.rxq.create_queue(),
+                    self.txq.create_queue(),
+                    self.evq.create_queue(),
+                ],
+                self.queue_evts
+                    .iter()
+                    .map(|e| e.try_clone().unwrap())
+                    .collect(),
+            )
+            .unwrap();
+        self.pump();
     }
 
     /// Runs the device's event loop until it is idle.

@@ -217,6 +217,10 @@ impl VsockBackend for VsockUnixBackend {
         self.muxer.has_pending_rx()
     }
 
+    fn reset(&mut self, ops: &mut EventOps) {
+        self.muxer.reset(ops);
+    }
+
     fn handle_event(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         if fd == self.listener.as_raw_fd() {
