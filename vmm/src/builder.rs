@@ -126,6 +126,12 @@ pub enum BuildError {
 pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     cfg.validate()?;
     let kvm = open_kvm()?;
+    if kvm_check::kvm_pvm_loaded() {
+        tracing::warn!(
+            "this host's KVM is kvm_pvm: a Linux guest will stop with a KVM internal error \
+             (run `husk check`)"
+        );
+    }
 
     let mem = memory::create_guest_memory(cfg.mem_size_mib)?;
     let vm = Vm::new(&kvm)?;

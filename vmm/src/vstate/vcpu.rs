@@ -221,9 +221,31 @@ impl Vcpu {
     fn internal_error(&mut self) -> InternalError {
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the
-        // `internal` member of the union; reading a u32 from it is valid.
-        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-        InternalError::from_suberror(suberror)
+        // `internal` member of the union; it is plain integers, valid for any bit pattern.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let data = &internal.data[..ndata];
+        // Diagnostics for whoever reads the log: where the guest was and what KVM reported
+        // (for an emulation failure, data holds the instruction bytes when KVM has them).
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => tracing::error!(
+                vcpu = self.index,
+                suberror = internal.suberror,
+                rip = format_args!("{:#x}", regs.rip),
+                cs = format_args!("{:#x}", sregs.cs.selector),
+                cr0 = format_args!("{:#x}", sregs.cr0),
+                efer = format_args!("{:#x}", sregs.efer),
+                data = format_args!("{data:x?}"),
+                "KVM internal error"
+            ),
+            _ => tracing::error!(
+                vcpu = self.index,
+                suberror = internal.suberror,
+                data = format_args!("{data:x?}"),
+                "KVM internal error"
+            ),
+        }
+        InternalError::from_suberror(internal.suberror)
     }
 
     /// Runs the vCPU until the next exit and handles it.
