@@ -573,12 +573,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "manual: regenerates kernel-config/config-6.1-x86_64"]
-    fn manual_regen_config() {
-        regen_config().expect("regen");
-    }
-
-    #[test]
     fn parse_line_reads_values_off_lines_and_skips_comments() {
         assert_eq!(
             parse_line("CONFIG_PVH=y"),
