@@ -16,6 +16,7 @@ use super::{
     VsockError, LOCAL_PORT_RANGE_START, MAX_CONNECTIONS, MAX_PENDING_RESETS, VSOCK_HOST_CID,
     VSOCK_OP_REQUEST, VSOCK_OP_RST,
 };
+use crate::devices::virtio::RateLimitedLog;
 
 /// A connection's identity: our (host-side) port and the guest's port.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub struct VsockMuxer {
     next_local_port: u32,
     /// How many reset replies were dropped because the queue was full.
     pub dropped_resets: u64,
+    /// Limits warnings the guest can trigger.
+    guest_warn_log: RateLimitedLog,
+    max_connections: usize,
 }
 
 impl VsockMuxer {
@@ -52,7 +56,19 @@ impl VsockMuxer {
             resets: VecDeque::new(),
             next_local_port: LOCAL_PORT_RANGE_START,
             dropped_resets: 0,
+            guest_warn_log: RateLimitedLog::default(),
+            max_connections: MAX_CONNECTIONS,
         }
+    }
+
+    /// Lowers the connection limit (default [`MAX_CONNECTIONS`]).
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = max.min(MAX_CONNECTIONS);
+    }
+
+    /// The connection limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// The number of live connections.
@@ -103,7 +119,7 @@ impl VsockMuxer {
         peer_port: u32,
         ops: &mut EventOps,
     ) -> Result<u32, VsockError> {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             return Err(VsockError::TooManyConnections);
         }
         let local_port = self
@@ -160,8 +176,10 @@ impl VsockMuxer {
         }
         match hdr.op {
             VSOCK_OP_REQUEST => {
-                if self.conns.len() >= MAX_CONNECTIONS {
-                    warn!("vsock: connection limit reached, refusing guest connection");
+                if self.conns.len() >= self.max_connections {
+                    if self.guest_warn_log.should_log() {
+                        warn!("vsock: connection limit reached, refusing a guest connection");
+                    }
                     self.queue_reset(VsockPacket::rst_reply_to(&hdr));
                     return;
                 }
@@ -610,6 +628,41 @@ mod tests {
         ctx.reactivate();
         let pkts = ctx.drain_rx();
         assert_eq!(ops_of(&pkts), vec![VSOCK_OP_REQUEST]);
+    }
+
+    #[test]
+    fn connection_count_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        ctx.device
+            .lock()
+            .unwrap()
+            .backend
+            .muxer_mut()
+            .set_max_connections(2);
+        let _listener = UnixListener::bind(format!("{}_52", path.display())).unwrap();
+        for port in [3000, 3001, 3002] {
+            ctx.guest_send(guest_hdr(VSOCK_OP_REQUEST, port, 52), b"");
+        }
+        let mut replies: Vec<(u32, u16)> = ctx
+            .drain_rx()
+            .iter()
+            .map(|p| (p.hdr.dst_port, p.hdr.op))
+            .collect();
+        replies.sort();
+        assert_eq!(
+            replies,
+            vec![
+                (3000, VSOCK_OP_RESPONSE),
+                (3001, VSOCK_OP_RESPONSE),
+                (3002, VSOCK_OP_RST)
+            ]
+        );
+        // Host clients beyond the limit are refused too.
+        let mut client = UnixStream::connect(&path).unwrap();
+        ctx.pump();
+        assert_closed(&mut client);
+        assert_eq!(connection_count(&ctx), 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::muxer::VsockMuxer;
 use super::packet::VsockPacket;
-use super::{VsockBackend, VsockError, MAX_CONNECTIONS};
+use super::{VsockBackend, VsockError};
 
 /// The longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
@@ -83,6 +83,11 @@ impl VsockUnixBackend {
         &self.muxer
     }
 
+    /// The connection table, to adjust its limits.
+    pub fn muxer_mut(&mut self) -> &mut VsockMuxer {
+        &mut self.muxer
+    }
+
     /// The socket guest-initiated connections to host port `port` go to.
     pub fn guest_port_path(&self, port: u32) -> PathBuf {
         guest_port_path(&self.uds_path, port)
@@ -92,7 +97,8 @@ impl VsockUnixBackend {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.pending.len() + self.muxer.connection_count() >= MAX_CONNECTIONS {
+                    let limit = self.muxer.max_connections();
+                    if self.pending.len() + self.muxer.connection_count() >= limit {
                         warn!("vsock: connection limit reached, dropping a host client");
                         continue;
                     }
