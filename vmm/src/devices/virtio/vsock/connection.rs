@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use event_manager::EventSet;
 use tracing::debug;
@@ -80,6 +81,9 @@ pub struct VsockConnection {
     credit_requested: bool,
     /// What the connection is registered for with epoll (kept by the muxer).
     pub(super) registered: Option<EventSet>,
+    /// When the connection is given up if it has not moved on (an unanswered REQUEST, or
+    /// data for a host socket that does not drain after the close).
+    deadline: Option<Instant>,
 }
 
 impl VsockConnection {
@@ -110,6 +114,7 @@ impl VsockConnection {
             host_readable: false,
             credit_requested: false,
             registered: None,
+            deadline: None,
         }
     }
 
@@ -175,6 +180,29 @@ impl VsockConnection {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
+    /// The deadline, if the connection waits for something that may never come.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Sets (or clears) the deadline.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Whether the connection is closed but still has guest data for the host socket.
+    pub fn is_draining(&self) -> bool {
+        self.state == ConnState::Closed && !(self.tx_buf.is_empty() && self.host_prefix.is_empty())
+    }
+
+    /// Gives up on the connection after its deadline passed: an unanswered request is reset,
+    /// undelivered data is dropped.
+    pub fn expire(&mut self) {
+        self.deadline = None;
+        let notify = self.state == ConnState::LocalInit;
+        self.kill(notify);
+    }
+
     /// Whether the connection is finished and can be dropped.
     pub fn is_dead(&self) -> bool {
         self.state == ConnState::Closed
@@ -237,6 +265,7 @@ impl VsockConnection {
         self.update_peer_credit(pkt);
         match pkt.hdr.op {
             VSOCK_OP_RESPONSE if self.state == ConnState::LocalInit => {
+                self.deadline = None;
                 self.state = ConnState::Established;
                 self.host_prefix = format!("OK {}\n", self.local_port).into_bytes();
                 self.flush_to_host();

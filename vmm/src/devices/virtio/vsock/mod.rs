@@ -73,6 +73,12 @@ pub const CONN_CREDIT_UPDATE_THRESHOLD: u32 = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 1024;
 /// The most resets queued for the guest for packets that matched no connection.
 pub const MAX_PENDING_RESETS: usize = 256;
+/// How long a host-initiated REQUEST may go unanswered once delivered to the guest.
+pub const CONN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a closed connection may take to flush guest data to a slow host socket.
+pub const CONN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often connection deadlines are checked.
+pub const CONN_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// First port of the range host-initiated connections take their host-side port from.
 pub const LOCAL_PORT_RANGE_START: u32 = 1 << 30;
 
@@ -100,6 +106,9 @@ pub enum VsockError {
     /// No free host-side port.
     #[error("no free host-side vsock port")]
     NoFreePort,
+    /// Creating or arming the deadline timer failed.
+    #[error("failed to set up the vsock connection timer")]
+    Timer(#[source] io::Error),
 }
 
 /// The host side of the vsock device: where guest packets go and guest-bound packets come from.

@@ -6,15 +6,18 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
 use tracing::{debug, warn};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::VsockConnection;
 use super::packet::VsockPacket;
 use super::{
-    VsockError, LOCAL_PORT_RANGE_START, MAX_CONNECTIONS, MAX_PENDING_RESETS, VSOCK_HOST_CID,
-    VSOCK_OP_REQUEST, VSOCK_OP_RST,
+    VsockError, CONN_DRAIN_TIMEOUT, CONN_REQUEST_TIMEOUT, CONN_SWEEP_INTERVAL,
+    LOCAL_PORT_RANGE_START, MAX_CONNECTIONS, MAX_PENDING_RESETS, VSOCK_HOST_CID, VSOCK_OP_REQUEST,
+    VSOCK_OP_RST,
 };
 use crate::devices::virtio::RateLimitedLog;
 
@@ -42,6 +45,10 @@ pub struct VsockMuxer {
     /// Limits warnings the guest can trigger.
     guest_warn_log: RateLimitedLog,
     max_connections: usize,
+    request_timeout: Duration,
+    drain_timeout: Duration,
+    /// Fires every [`CONN_SWEEP_INTERVAL`] to expire connections past their deadline.
+    sweep_timer: Option<TimerFd>,
 }
 
 impl VsockMuxer {
@@ -58,6 +65,48 @@ impl VsockMuxer {
             dropped_resets: 0,
             guest_warn_log: RateLimitedLog::default(),
             max_connections: MAX_CONNECTIONS,
+            request_timeout: CONN_REQUEST_TIMEOUT,
+            drain_timeout: CONN_DRAIN_TIMEOUT,
+            sweep_timer: None,
+        }
+    }
+
+    /// Starts the periodic deadline check on the device thread.
+    pub fn register(&mut self, ops: &mut EventOps) -> Result<(), VsockError> {
+        if self.sweep_timer.is_some() {
+            return Ok(());
+        }
+        let mut timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
+        timer
+            .reset(CONN_SWEEP_INTERVAL, Some(CONN_SWEEP_INTERVAL))
+            .map_err(|e| VsockError::Timer(e.into()))?;
+        ops.add(Events::new(&timer, EventSet::IN))
+            .map_err(|e| VsockError::Timer(io::Error::other(format!("{e:?}"))))?;
+        self.sweep_timer = Some(timer);
+        Ok(())
+    }
+
+    /// Changes how long a delivered REQUEST may go unanswered and how long a closed
+    /// connection may take to drain (defaults [`CONN_REQUEST_TIMEOUT`], [`CONN_DRAIN_TIMEOUT`]).
+    pub fn set_timeouts(&mut self, request_timeout: Duration, drain_timeout: Duration) {
+        self.request_timeout = request_timeout;
+        self.drain_timeout = drain_timeout;
+    }
+
+    /// Expires every connection whose deadline is at or before `now`.
+    pub fn sweep(&mut self, now: Instant, ops: &mut EventOps) {
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline().is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            debug!(?key, "vsock: connection deadline passed");
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.expire();
+            }
+            self.sync(key, ops);
         }
     }
 
@@ -170,6 +219,9 @@ impl VsockMuxer {
             }
             if let Some(conn) = self.conns.get_mut(&key) {
                 conn.send_pkt(&pkt);
+                if conn.is_draining() && conn.deadline().is_none() {
+                    conn.set_deadline(Some(Instant::now() + self.drain_timeout));
+                }
             }
             self.sync(key, ops);
             return;
@@ -206,8 +258,16 @@ impl VsockMuxer {
         }
     }
 
-    /// An epoll event on a connection's host stream; false if `fd` is not one.
+    /// An epoll event on a connection's host stream or the deadline timer; false if `fd` is
+    /// neither.
     pub fn handle_host_event(&mut self, fd: RawFd, events: EventSet, ops: &mut EventOps) -> bool {
+        if let Some(timer) = self.sweep_timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
+            if let Err(e) = timer.wait() {
+                debug!("vsock: timer read failed: {e}");
+            }
+            self.sweep(Instant::now(), ops);
+            return true;
+        }
         let Some(&key) = self.fd_keys.get(&fd) else {
             return false;
         };
@@ -288,6 +348,10 @@ impl VsockMuxer {
                 continue;
             };
             let pkt = conn.recv_pkt(max_data_len);
+            if pkt.as_ref().is_some_and(|p| p.hdr.op == VSOCK_OP_REQUEST) {
+                // The guest answers a request at once, unless it is stuck.
+                conn.set_deadline(Some(Instant::now() + self.request_timeout));
+            }
             self.sync(key, ops);
             if pkt.is_some() {
                 return pkt;
@@ -628,6 +692,25 @@ mod tests {
         ctx.reactivate();
         let pkts = ctx.drain_rx();
         assert_eq!(ops_of(&pkts), vec![VSOCK_OP_REQUEST]);
+    }
+
+    #[test]
+    fn unanswered_request_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = Ctx::new_unix(dir.path());
+        ctx.device
+            .lock()
+            .unwrap()
+            .backend
+            .muxer_mut()
+            .set_timeouts(Duration::ZERO, Duration::ZERO);
+        let (mut client, req) = host_connect(&mut ctx, &path);
+        // The guest never answers; the next sweep gives up.
+        ctx.pump_until(Duration::from_secs(3), |ctx| connection_count(ctx) == 0);
+        assert_closed(&mut client);
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RST]);
+        assert_eq!(pkts[0].hdr.src_port, req.src_port);
     }
 
     #[test]

@@ -200,6 +200,18 @@ impl<B: VsockBackend + 'static> VsockTestContext<B> {
         panic!("the device never went idle");
     }
 
+    /// Runs the device's event loop until `done` holds; panics after `timeout`.
+    pub fn pump_until(&mut self, timeout: std::time::Duration, done: impl Fn(&Self) -> bool) {
+        let start = std::time::Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < timeout,
+                "condition not met in {timeout:?}"
+            );
+            self.em.run_with_timeout(50).unwrap();
+        }
+    }
+
     /// Queues one packet on the tx queue (header and payload in two descriptors) and
     /// notifies the device.
     pub fn guest_send(&mut self, mut hdr: VsockHeader, data: &[u8]) {

@@ -198,6 +198,9 @@ fn parse_connect_line(line: &[u8]) -> LineStatus {
 
 impl VsockBackend for VsockUnixBackend {
     fn register(&mut self, ops: &mut EventOps) {
+        if let Err(e) = self.muxer.register(ops) {
+            warn!("vsock: connection deadlines disabled: {e}");
+        }
         if self.registered {
             return;
         }
