@@ -220,6 +220,19 @@ mod tests {
     }
 
     #[test]
+    fn host_report_is_consistent() {
+        let report = check_host();
+        assert_eq!(
+            report.usability,
+            verdict(&report.dev_kvm, report.api_version, report.kvm_pvm)
+        );
+        assert_eq!(
+            report.api_version.is_some(),
+            report.dev_kvm == DevKvm::Accessible
+        );
+    }
+
+    #[test]
     fn message_names_the_verdict() {
         let report = HostReport {
             dev_kvm: DevKvm::Accessible,

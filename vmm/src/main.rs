@@ -1,5 +1,6 @@
 //! `husk-vmm`: args -> config -> build -> run.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(args) {
         // Exit at once: vCPU threads may still be inside KVM_RUN.
