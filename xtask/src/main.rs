@@ -22,7 +22,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build (or fetch from the cache) the guest kernel `vmlinux`.
-    Kernel,
+    Kernel {
+        /// Regenerate kernel-config/config-6.1-x86_64 from the fragments instead (then commit it).
+        #[arg(long)]
+        regen_config: bool,
+    },
     /// Build the static guest agent and the initramfs holding it as /init.
     Initramfs,
     /// The test rig: a Debian VM under QEMU's emulator whose emulated SVM gives real KVM.
@@ -77,7 +81,8 @@ enum RigCmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Kernel => println!("{}", kernel::build()?.display()),
+        Cmd::Kernel { regen_config: true } => kernel::regen_config()?,
+        Cmd::Kernel { regen_config: false } => println!("{}", kernel::build()?.display()),
         Cmd::Initramfs => println!("{}", initramfs::build()?.display()),
         Cmd::Rig { cmd } => rig_command(cmd)?,
         Cmd::Test => testing::test()?,
