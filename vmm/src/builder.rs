@@ -140,11 +140,17 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
 
     let mem_size = u64::from(cfg.mem_size_mib) << 20;
     let kernel = arch::load_kernel(&mem, &cfg.kernel)?;
+    let kernel_read_us = timeline::since_start_us();
     let initramfs = cfg
         .initramfs
         .as_deref()
         .map(|path| arch::load_initramfs(&mem, mem_size, kernel.kernel_end, path))
         .transpose()?;
+    tracing::debug!(
+        kernel_us = kernel_read_us - vm_created_us,
+        initramfs_us = timeline::since_start_us() - kernel_read_us,
+        "guest images loaded"
+    );
     let mut cmdline = base_cmdline(cfg.console)?;
 
     let mut pio_bus = Bus::new();

@@ -155,7 +155,6 @@ pub fn build() -> Result<PathBuf> {
 /// Regenerates `kernel-config/config-6.1-x86_64` from the fragments: `make allnoconfig` with the
 /// concatenated fragments as `KCONFIG_ALLCONFIG`, then checks that every option a fragment asks
 /// for got the asked value and that `olddefconfig` leaves the result unchanged.
-// Not yet wired to a `cargo xtask kernel --regen-config` flag in main.rs.
 pub fn regen_config() -> Result<()> {
     util::apt_install(BUILD_PACKAGES)?;
     let config_dir = config_dir();

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use tracing::debug;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{RngError, MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, REQ_QUEUE};
+use super::request::fill_request;
+use super::{RngError, QUEUE_SIZE, REQ_QUEUE};
 use crate::devices::virtio::{
     signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
@@ -84,55 +85,6 @@ impl Rng {
     }
 }
 
-/// Fills the device-writable buffers of one request with random bytes, at most
-/// [`MAX_REQUEST_BYTES`] in all; returns how many bytes were written.
-pub fn fill_request<I>(mem: &GuestMemoryMmap<()>, descriptors: I) -> Result<u32, RngError>
-where
-    I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
-{
-    let mut written = 0usize;
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    for (count, desc) in descriptors.into_iter().enumerate() {
-        if count >= MAX_CHAIN_DESCRIPTORS {
-            return Err(RngError::ChainTooLong);
-        }
-        if !desc.is_write_only() {
-            return Err(RngError::ReadOnlyDescriptor);
-        }
-        let room = MAX_REQUEST_BYTES - written;
-        let len = (desc.len() as usize).min(room);
-        if len == 0 {
-            continue;
-        }
-        let chunk = &mut buf[..len];
-        getrandom(chunk)?;
-        mem.write_slice(chunk, desc.addr())
-            .map_err(RngError::GuestMemory)?;
-        written += len;
-    }
-    // MAX_REQUEST_BYTES fits in u32.
-    Ok(u32::try_from(written).unwrap_or(u32::MAX))
-}
-
-/// Fills `buf` from the kernel's random pool.
-fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes for the whole call.
-        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if ret < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(RngError::GetRandom(err));
-        }
-        filled += ret as usize;
-    }
-    Ok(())
-}
-
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
@@ -207,6 +159,8 @@ impl VirtioDevice for Rng {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::rng::MAX_REQUEST_BYTES;
+    use vm_memory::Bytes;
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::Mutex;

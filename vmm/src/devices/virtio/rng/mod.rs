@@ -3,8 +3,10 @@
 
 mod device;
 mod event_handler;
+pub mod request;
 
-pub use device::{fill_request, Rng};
+pub use device::Rng;
+pub use request::fill_request;
 
 /// The request queue.
 pub const REQ_QUEUE: usize = 0;
