@@ -160,10 +160,10 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::rng::MAX_REQUEST_BYTES;
-    use vm_memory::Bytes;
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::Mutex;
+    use vm_memory::Bytes;
 
     type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
