@@ -71,6 +71,10 @@ pub enum BuildError {
     /// Wrong KVM API version.
     #[error("KVM API version {0} is not the supported {expected}", expected = kvm_check::KVM_API_VERSION)]
     KvmApiVersion(i32),
+    /// The host's KVM is kvm_pvm, which cannot run Linux guests (refused before booting, since
+    /// the guest would only fail later with a KVM internal error).
+    #[error("KVM cannot run this guest: {reason}; run `husk check`", reason = kvm_check::KVM_PVM_REASON)]
+    KvmPvm,
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("failed to read the CPUID KVM supports")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
@@ -127,6 +131,9 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     cfg.validate()?;
     let kvm = open_kvm()?;
     if kvm_check::kvm_pvm_loaded() {
+        if !cfg.allow_kvm_pvm {
+            return Err(BuildError::KvmPvm);
+        }
         tracing::warn!(
             "this host's KVM is kvm_pvm: a Linux guest will stop with a KVM internal error \
              (run `husk check`)"
@@ -435,15 +442,12 @@ mod tests {
             .and_then(|mut f| f.write_all(&tiny_kernel(code, pvh)))
             .expect("write kernel");
         let cfg = VmConfig {
-            kernel,
-            initramfs: None,
             vcpus,
             mem_size_mib,
-            vsock_socket: dir.path().join("v.sock"),
             cmdline_extra: Some("husk.test=1".into()),
-            console: false,
-            boot_report: None,
             agent_timeout: std::time::Duration::from_millis(100),
+            allow_kvm_pvm: true,
+            ..VmConfig::new(kernel, dir.path().join("v.sock"))
         };
         let vmm = build_microvm(&cfg).expect("build");
         let result = vmm.run();
@@ -484,6 +488,23 @@ mod tests {
         }
         let err = run_tiny_guest(CRASH_CODE, true, 1, 64).expect_err("crash");
         assert!(matches!(err, VmmError::GuestCrashed(0)), "{err}");
+    }
+
+    #[test]
+    fn kvm_pvm_host_is_refused_up_front() {
+        if !kvm_usable() || !kvm_check::kvm_pvm_loaded() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("dir");
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, tiny_kernel(RESET_CODE, true)).expect("write");
+        let cfg = VmConfig::new(kernel, dir.path().join("v.sock"));
+        let err = build_microvm(&cfg).err().expect("refused");
+        assert!(matches!(err, BuildError::KvmPvm));
+        assert!(err
+            .to_string()
+            .starts_with("KVM cannot run this guest: this host's KVM is kvm_pvm"));
+        assert!(!dir.path().join("v.sock").exists(), "nothing left behind");
     }
 
     #[test]

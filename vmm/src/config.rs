@@ -89,6 +89,28 @@ pub struct VmConfig {
     pub boot_report: Option<PathBuf>,
     /// How long to wait for the agent's handshake.
     pub agent_timeout: Duration,
+    /// Run even on a kvm_pvm host (see [`crate::kvm_check`]), where a Linux guest stops with a
+    /// KVM internal error after a while: only for VMM development with hand-made guests.
+    pub allow_kvm_pvm: bool,
+}
+
+impl VmConfig {
+    /// A configuration with defaults: 1 vCPU, 128 MiB, no initramfs, no console, no report,
+    /// the default agent timeout.
+    pub fn new(kernel: impl Into<PathBuf>, vsock_socket: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initramfs: None,
+            vcpus: 1,
+            mem_size_mib: 128,
+            vsock_socket: vsock_socket.into(),
+            cmdline_extra: None,
+            console: false,
+            boot_report: None,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            allow_kvm_pvm: false,
+        }
+    }
 }
 
 impl VmConfig {
@@ -207,15 +229,8 @@ mod tests {
 
     fn config(dir: &Path, kernel: &Path) -> VmConfig {
         VmConfig {
-            kernel: kernel.to_path_buf(),
-            initramfs: None,
-            vcpus: 1,
             mem_size_mib: 32,
-            vsock_socket: dir.join("v.sock"),
-            cmdline_extra: None,
-            console: false,
-            boot_report: None,
-            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            ..VmConfig::new(kernel, dir.join("v.sock"))
         }
     }
 

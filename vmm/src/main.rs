@@ -42,6 +42,10 @@ struct Args {
     /// How long to wait for the agent's handshake, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     agent_timeout_ms: u64,
+    /// Run even though this host's KVM is kvm_pvm (Linux guests then stop with a KVM internal
+    /// error): for VMM development with hand-made guests only.
+    #[arg(long)]
+    allow_kvm_pvm: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -58,6 +62,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         console: args.console,
         boot_report: args.boot_report,
         agent_timeout: Duration::from_millis(args.agent_timeout_ms),
+        allow_kvm_pvm: args.allow_kvm_pvm,
     };
     let vmm = build_microvm(&cfg).context("failed to build the microVM")?;
     let exit = vmm.run().context("the microVM failed")?;
