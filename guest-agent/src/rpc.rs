@@ -65,6 +65,20 @@ pub fn handle_request(request: &Request) -> Reply {
             crate::log_info!("shutdown requested");
             Reply::then(Response::Ok, After::Shutdown)
         }
+        // Container operations are part of the protocol; this agent does not run containers yet
+        // and says so rather than pretending.
+        other => {
+            let op = serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v.get("op").and_then(|op| op.as_str().map(str::to_owned)))
+                .unwrap_or_else(|| "this operation".to_string());
+            Reply::then(
+                Response::Error {
+                    message: format!("{op} is not supported by this agent"),
+                },
+                After::Continue,
+            )
+        }
     }
 }
 

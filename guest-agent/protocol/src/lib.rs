@@ -28,8 +28,17 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 ///
 /// Encoded as a JSON object tagged by `"op"`, e.g. `{"op":"handshake","protocol_version":1}`.
 /// The agent answers a request it does not know (a newer host) with [`Response::Error`] and
-/// keeps serving the connection. Container operations (create, start, exec, wait, signal, ...)
-/// will be added here as new variants.
+/// keeps serving the connection.
+///
+/// Containers: `CreateContainer` prepares the container's init (namespaces, mounts, cgroup,
+/// every part of the OCI spec) and leaves it waiting; the host then opens one connection per
+/// standard stream and turns each into a raw byte pipe with `AttachStdio`; `StartProcess` lets
+/// the process run. `ExecProcess` + `AttachStdio` + `StartProcess` do the same for an extra
+/// process in a running container. `WaitProcess` blocks until the process exits, so the host
+/// sends it on a connection of its own.
+///
+/// Identifiers (`id`, `exec_id`) are validated by the agent: `[A-Za-z0-9][A-Za-z0-9_.-]*`, at
+/// most 128 bytes. Paths in specs are guest paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -45,6 +54,168 @@ pub enum Request {
     /// becomes a raw byte echo until the host closes its write side. Tests and benchmarks use
     /// it to push bulk data through vsock.
     Echo,
+    /// Create a container from an OCI runtime spec; answered by [`Response::Created`]. The
+    /// container's init exists but has not run the user's program yet (OCI `created`).
+    CreateContainer(CreateContainer),
+    /// Create an extra process in a running container (OCI `exec`), not yet started; answered by
+    /// [`Response::Created`].
+    ExecProcess(ExecProcess),
+    /// After [`Response::Ok`], this connection is the given standard stream of the process.
+    AttachStdio(AttachStdio),
+    /// Let a created process (the container's init when `exec_id` is `None`) run its program.
+    StartProcess(ProcessRef),
+    /// Block until the process exits; answered by [`Response::Exited`].
+    WaitProcess(ProcessRef),
+    /// Send a signal to the process, or with `all` to every process of the container.
+    SignalProcess {
+        #[serde(flatten)]
+        process: ProcessRef,
+        signal: i32,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Set the size of the process's terminal.
+    ResizePty {
+        #[serde(flatten)]
+        process: ProcessRef,
+        rows: u16,
+        cols: u16,
+    },
+    /// Close the process's stdin (the program reads EOF).
+    CloseStdin(ProcessRef),
+    /// The guest pids of the container's processes; answered by [`Response::Pids`].
+    ListProcesses { id: String },
+    /// Resource usage from the container's cgroup; answered by [`Response::Stats`].
+    Stats { id: String },
+    /// Apply new OCI `linux.resources` to the container's cgroup.
+    Update {
+        id: String,
+        /// An OCI `LinuxResources` object.
+        resources: serde_json::Value,
+    },
+    /// Freeze every process of the container (cgroup freezer).
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Remove a stopped container (kills what is left, unmounts, removes its cgroup).
+    RemoveContainer { id: String },
+    /// Every container the agent knows; answered by [`Response::Containers`].
+    ListContainers,
+}
+
+/// [`Request::CreateContainer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateContainer {
+    pub id: String,
+    /// The OCI runtime spec (`config.json`), with `root.path` and bind-mount sources as guest
+    /// paths.
+    pub spec: serde_json::Value,
+    /// The bundle directory as seen by the guest (relative paths of the spec resolve here).
+    pub bundle: String,
+    pub stdio: StdioConfig,
+}
+
+/// [`Request::ExecProcess`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecProcess {
+    pub id: String,
+    pub exec_id: String,
+    /// An OCI `process` object.
+    pub process: serde_json::Value,
+    pub stdio: StdioConfig,
+}
+
+/// Which standard streams a process gets from the host. With `terminal`, one [`StreamKind::Pty`]
+/// stream carries the terminal both ways and the other fields are ignored. A stream not
+/// requested is `/dev/null` in the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioConfig {
+    #[serde(default)]
+    pub terminal: bool,
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdout: bool,
+    #[serde(default)]
+    pub stderr: bool,
+}
+
+/// A container's init (`exec_id: None`) or one of its exec'd processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_id: Option<String>,
+}
+
+/// [`Request::AttachStdio`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachStdio {
+    #[serde(flatten)]
+    pub process: ProcessRef,
+    pub stream: StreamKind,
+}
+
+/// One standard stream of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamKind {
+    /// Host -> guest.
+    Stdin,
+    /// Guest -> host.
+    Stdout,
+    /// Guest -> host.
+    Stderr,
+    /// The terminal, both ways.
+    Pty,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, when the process exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when it was killed.
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer killed it (or a process of its cgroup).
+    #[serde(default)]
+    pub oom_killed: bool,
+}
+
+/// Resource usage of a container's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub memory_current_bytes: u64,
+    /// `memory.max`, `None` when unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    /// `memory.current` less inactive file pages (what the kubelet calls the working set).
+    pub memory_working_set_bytes: u64,
+    pub pids_current: u64,
+    pub pids_limit: Option<u64>,
+    /// `oom_kill` from `memory.events`.
+    pub oom_kills: u64,
+}
+
+/// OCI status of a container as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerStatus {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// One entry of [`Response::Containers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub status: ContainerStatus,
+    /// Guest pid of the init process (0 once reaped).
+    pub pid: i32,
 }
 
 /// A response from the agent to one [`Request`].
@@ -57,6 +228,16 @@ pub enum Response {
     Handshake(Handshake),
     /// The request succeeded and has no result.
     Ok,
+    /// A process was created (not started): its guest pid.
+    Created { pid: i32 },
+    /// A process exited.
+    Exited(ExitStatus),
+    /// Guest pids.
+    Pids { pids: Vec<i32> },
+    /// Container resource usage.
+    Stats(ContainerStats),
+    /// Known containers.
+    Containers { containers: Vec<ContainerInfo> },
     /// The request failed (or was not understood); the connection stays usable.
     Error {
         /// What went wrong, for logs and users.
@@ -70,6 +251,11 @@ impl Response {
         match self {
             Response::Handshake(_) => "handshake",
             Response::Ok => "ok",
+            Response::Created { .. } => "created",
+            Response::Exited(_) => "exited",
+            Response::Pids { .. } => "pids",
+            Response::Stats(_) => "stats",
+            Response::Containers { .. } => "containers",
             Response::Error { .. } => "error",
         }
     }
@@ -111,6 +297,53 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"echo"}"#).expect("valid"),
             Request::Echo
+        );
+    }
+
+    #[test]
+    fn container_requests_have_stable_json() {
+        let signal = Request::SignalProcess {
+            process: ProcessRef {
+                id: "web".into(),
+                exec_id: None,
+            },
+            signal: 15,
+            all: true,
+        };
+        let json = serde_json::to_string(&signal).expect("serializable");
+        assert_eq!(
+            json,
+            r#"{"op":"signal_process","id":"web","signal":15,"all":true}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&json).expect("valid"),
+            signal
+        );
+        let attach = Request::AttachStdio(AttachStdio {
+            process: ProcessRef {
+                id: "web".into(),
+                exec_id: Some("e1".into()),
+            },
+            stream: StreamKind::Stdout,
+        });
+        let json = serde_json::to_string(&attach).expect("serializable");
+        assert_eq!(
+            json,
+            r#"{"op":"attach_stdio","id":"web","exec_id":"e1","stream":"stdout"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&json).expect("valid"),
+            attach
+        );
+        let exited = Response::Exited(ExitStatus {
+            code: None,
+            signal: Some(9),
+            oom_killed: false,
+        });
+        let json = serde_json::to_string(&exited).expect("serializable");
+        assert_eq!(
+            serde_json::from_str::<Response>(&json).expect("valid"),
+            exited
         );
     }
 
