@@ -15,9 +15,18 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     let (place, why) = testing::decide_vm_place()?;
     eprintln!("xtask: benchmarks run: {place:?} ({why})");
     let artifacts = testing::build_vm_artifacts()?;
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "husk-tests", "--bin", "husk-bench"]))?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "husk-tests",
+                "--bin",
+                "husk-bench",
+            ]),
+    )?;
     let bench_bin = target_dir().join("release/husk-bench");
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
@@ -45,7 +54,10 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
                 },
             )?;
             if outcome.exit_code != 0 {
-                bail!("the benchmark failed in the rig (exit code {})", outcome.exit_code);
+                bail!(
+                    "the benchmark failed in the rig (exit code {})",
+                    outcome.exit_code
+                );
             }
         }
     }

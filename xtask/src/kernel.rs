@@ -422,11 +422,7 @@ fn source_tree(kernel_dir: &Path, version: &str) -> Result<PathBuf> {
 
 /// Takes the kernel build lock (released when the file is dropped).
 fn lock(kernel_dir: &Path) -> Result<File> {
-    let path = kernel_dir.join("lock");
-    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    file.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
-    Ok(file)
+    util::lock_file(&kernel_dir.join("lock"))
 }
 
 /// Arguments of every `make` call: source dir, object dir, architecture.

@@ -82,7 +82,9 @@ enum RigCmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Kernel { regen_config: true } => kernel::regen_config()?,
-        Cmd::Kernel { regen_config: false } => println!("{}", kernel::build()?.display()),
+        Cmd::Kernel {
+            regen_config: false,
+        } => println!("{}", kernel::build()?.display()),
         Cmd::Initramfs => println!("{}", initramfs::build()?.display()),
         Cmd::Rig { cmd } => rig_command(cmd)?,
         Cmd::Test => testing::test()?,

@@ -102,6 +102,12 @@ pub fn build() -> Result<RigImage> {
     if dir.join("ready").exists() {
         return Ok(image);
     }
+    // One builder at a time (parallel `cargo xtask` runs); a waiter finds the image ready.
+    std::fs::create_dir_all(&rig_root)?;
+    let _lock = util::lock_file(&rig_root.join("lock"))?;
+    if dir.join("ready").exists() {
+        return Ok(image);
+    }
     let started = Instant::now();
     eprintln!(
         "xtask: building the test rig image {} (once per set of inputs)",

@@ -3,8 +3,8 @@
 
 use crate::rig::{self, RigImage, RigRun};
 use crate::util::{self, run, workspace_root};
-use husk_vmm::kvm_check::KvmUsability;
 use anyhow::{bail, Context, Result};
+use husk_vmm::kvm_check::KvmUsability;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -196,7 +196,10 @@ pub fn run_demo() -> Result<()> {
                 },
             )?;
             if outcome.exit_code != 0 {
-                bail!("the husk microVM did not boot in the rig (exit code {})", outcome.exit_code);
+                bail!(
+                    "the husk microVM did not boot in the rig (exit code {})",
+                    outcome.exit_code
+                );
             }
             Ok(())
         }

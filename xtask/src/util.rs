@@ -120,6 +120,15 @@ pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(&tmp, to).with_context(|| format!("renaming to {}", to.display()))
 }
 
+/// An exclusive `flock` on `path`, held until the returned file is dropped.
+pub fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating lock {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
