@@ -167,9 +167,7 @@ fn rig_command(cmd: RigCmd) -> Result<()> {
     Ok(())
 }
 
-type Inputs = (Vec<(PathBuf, String)>, Vec<(String, String)>);
-
-fn husk_inputs(no_husk: bool) -> Result<Inputs> {
+fn husk_inputs(no_husk: bool) -> Result<testing::RigInputs> {
     if no_husk {
         return Ok((Vec::new(), Vec::new()));
     }

@@ -69,6 +69,9 @@ pub fn build_vm_artifacts() -> Result<VmArtifacts> {
     })
 }
 
+/// Files to bring into the rig (`(host path, path under /work)`) and environment for the run.
+pub type RigInputs = (Vec<(PathBuf, String)>, Vec<(String, String)>);
+
 /// The binaries a VM-level run takes along.
 const VM_BINARIES: &[&str] = &["husk-vmm", "husk"];
 
@@ -207,7 +210,7 @@ pub fn run_demo() -> Result<()> {
 }
 
 /// The files every rig run of VM-level work carries, and the environment that finds them.
-pub fn rig_vm_inputs(artifacts: &VmArtifacts) -> (Vec<(PathBuf, String)>, Vec<(String, String)>) {
+pub fn rig_vm_inputs(artifacts: &VmArtifacts) -> RigInputs {
     let mut inputs = Vec::new();
     for bin in VM_BINARIES {
         let path = artifacts.bin_dir.join(bin);
