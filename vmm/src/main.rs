@@ -46,6 +46,10 @@ struct Args {
     /// error): for VMM development with hand-made guests only.
     #[arg(long)]
     allow_kvm_pvm: bool,
+    /// Container supervisor mode: run the container described by this plan (written by
+    /// `husk create`) and exit with its init's status.
+    #[arg(long)]
+    supervise: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -64,6 +68,10 @@ fn run(args: Args) -> anyhow::Result<i32> {
         agent_timeout: Duration::from_millis(args.agent_timeout_ms),
         allow_kvm_pvm: args.allow_kvm_pvm,
     };
+    if let Some(plan) = &args.supervise {
+        return husk_vmm::supervisor::run_supervised(&cfg, plan)
+            .context("container supervision failed");
+    }
     let vmm = build_microvm(&cfg).context("failed to build the microVM")?;
     let exit = vmm.run().context("the microVM failed")?;
     Ok(exit.exit_code())
