@@ -473,6 +473,17 @@ fn qemu_command(image: &RigImage, work_disk: &Path, interactive: bool) -> Comman
     if !interactive {
         cmd.stdin(Stdio::null());
     }
+    // QEMU must not outlive xtask, whatever ends it (a CI timeout, Ctrl-C, kill -9).
+    let die_with_parent = || {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers are involved.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
+    // which is async-signal-safe.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, die_with_parent) };
     cmd
 }
 

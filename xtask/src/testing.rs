@@ -4,7 +4,14 @@
 use crate::rig::{self, RigImage, RigRun};
 use crate::util::{self, run, workspace_root};
 use anyhow::{bail, Context, Result};
-use husk_vmm::kvm_check::KvmUsability;
+use kvm_check::KvmUsability;
+
+/// The same host check `husk check` and the VM tests use, compiled in from the VMM's source file
+/// rather than through the `husk-vmm` crate, so that xtask (and with it the rig) keeps building
+/// while the VMM is in the middle of a change.
+#[path = "../../vmm/src/kvm_check.rs"]
+#[allow(dead_code)]
+mod kvm_check;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -32,7 +39,7 @@ pub fn decide_vm_place() -> Result<(VmPlace, String)> {
         return Ok((place, format!("HUSK_TEST_VM={forced}")));
     }
     // The same verdict `husk check` and the VM tests use.
-    let report = husk_vmm::kvm_check::check_host();
+    let report = kvm_check::check_host();
     Ok(match report.usability {
         KvmUsability::Usable => (
             VmPlace::Host,
