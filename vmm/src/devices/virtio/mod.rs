@@ -1,10 +1,11 @@
 //! Virtio 1.x devices over the MMIO transport.
 //!
 //! [`mmio::MmioTransport`] implements the virtio-mmio (version 2) register file and the device
-//! status state machine; each device (`vsock`, `rng`) implements [`VirtioDevice`] for the
+//! status state machine; each device (`vsock`, `rng`, `fs`) implements [`VirtioDevice`] for the
 //! transport and `event_manager::MutEventSubscriber` for its queue and backend events on the
 //! device thread.
 
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;

@@ -1,0 +1,143 @@
+//! The virtio file system device (virtio spec 5.11): one host directory shared with the guest
+//! through FUSE messages on a high-priority queue and one request queue, served in-process on
+//! the device thread by `fuse-backend-rs`'s FUSE server over its passthrough file system,
+//! wrapped in our confinement layer [`ConfinedFs`].
+//!
+//! # Security policy
+//!
+//! The guest is hostile. It gets the shared directory's contents as the guest's file system
+//! (guest uid/gid N act on the host as uid/gid N inside the share: the container's rootfs as
+//! the guest sees it) and nothing else:
+//!
+//! - **No path outside the share.** Host objects are named only by `O_PATH` file descriptors
+//!   opened one component at a time with `O_NOFOLLOW` relative to the parent's descriptor (the
+//!   passthrough's inode store); no host path string built from guest input is ever resolved.
+//!   [`ConfinedFs`] refuses the names `.`, `..`, empty names and names with `/` in every
+//!   operation (`EINVAL`; the Linux client never sends them: `..` is only looked up for NFS
+//!   export, which is not offered), so `..` from the root or anywhere else is not a way up.
+//! - **Symlinks are never followed on the host.** Lookups use `O_NOFOLLOW`; the guest
+//!   resolves symlink targets itself, in its own namespace. Opening a symlink's inode (what a
+//!   hostile driver would send instead of resolving it) fails: only regular files and
+//!   directories are ever opened for I/O (`EBADF` from the passthrough, which we keep). Files
+//!   are created with `O_CREAT | O_EXCL`, so an existing symlink at the name is not followed.
+//! - **Special files are never opened on the host.** Device nodes, FIFOs and sockets that
+//!   exist in the share (a hostile image can contain `dev/mem`) get no `open` (see above): the
+//!   guest kernel serves its own FIFOs and devices on such inodes. This also means a host
+//!   FIFO cannot block the device thread.
+//! - **Hard links** can only be made to inodes the guest already reached inside the share
+//!   (`link` takes an inode, never a path), so no new outside file becomes reachable. A hard
+//!   link that the host itself placed in the share to a file elsewhere is the same inode as
+//!   that file: the host granted it, and the guest can read and (permissions allowing) write
+//!   it. The host must therefore never put hard links to files it does not want to share into
+//!   the share (husk bind-mounts or copies rootfs trees, it never hard-links them).
+//! - **Renames** move entries between directories the guest already holds, all inside the
+//!   share; `RENAME_NOREPLACE` and `RENAME_EXCHANGE` are allowed, `RENAME_WHITEOUT` (which
+//!   creates a device node) and unknown flags are refused with `EINVAL`.
+//! - **No file handles.** `inode_file_handles` is off: no `name_to_handle_at` /
+//!   `open_by_handle_at`, and NFS export support (`EXPORT_SUPPORT`) is not offered.
+//! - **Device nodes.** `mknod` of a character or block device is refused with `EPERM`;
+//!   regular files, FIFOs and sockets are allowed. As a second line, the thread serving the
+//!   device drops `CAP_MKNOD` (see below).
+//! - **setuid / setgid.** `S_ISUID` and `S_ISGID` are cleared from the mode of `create`,
+//!   `mkdir`, `mknod` and `setattr` (chmod), so the guest never creates a setuid or setgid
+//!   file on the host. The serving thread also drops `CAP_FSETID` (from its effective and
+//!   permitted sets, so the passthrough's temporary uid switches cannot bring it back): the
+//!   host kernel then clears those bits when the guest writes to, truncates or chowns an
+//!   existing setuid/setgid file, as it does for any unprivileged writer, so a host-granted
+//!   setuid binary cannot be turned into one with guest-chosen content.
+//! - **No extended attributes** (`security.capability` would be file capabilities, i.e.
+//!   setuid by another name; `trusted.*` and ACLs are host policy): all xattr operations
+//!   answer `ENOSYS` and `POSIX_ACL` is not offered.
+//! - **No DAX** (no shared memory window), no writeback cache, no ioctl, no locks (the guest
+//!   kernel then keeps POSIX and flock locks local).
+//!
+//! The host side must keep the share's directory private (mode 0700, root-owned parent):
+//! files there are as the guest made them (owned by any uid, world-writable, symlinks to
+//! anywhere), and host tools working in it must not follow symlinks in it.
+//!
+//! # Caching
+//!
+//! The host side of a container's rootfs does not change under the running container, and
+//! every guest change goes through this server, so the guest may cache: entries and
+//! attributes are valid for [`CACHE_TIMEOUT`] (10 s), file data stays in the guest's page
+//! cache across opens (`CachePolicy::Always`), and with `AUTO_INVAL_DATA` the guest still
+//! drops cached data of a file whose size or mtime changed on the host once it revalidates
+//! the attributes (host-shared volumes then become coherent within the timeout). Writeback
+//! caching stays off: every write reaches the host file at once, so there is no dirty guest
+//! data to lose or to reorder. Requests carry up to 1 MiB of data (`MAX_PAGES`).
+//!
+//! # Hostile drivers
+//!
+//! A descriptor chain is checked before the FUSE server sees it (at most
+//! [`MAX_CHAIN_DESCRIPTORS`] descriptors, readable ones first, at most [`MAX_REQUEST_BYTES`]
+//! each way, all in guest memory); a bad chain is returned with nothing written. A malformed
+//! FUSE message fails that request only (the server answers with an error where the message
+//! has a header, or not at all).
+
+mod device;
+mod event_handler;
+pub mod policy;
+pub mod request;
+
+pub use device::Fs;
+pub use policy::ConfinedFs;
+
+use std::time::Duration;
+
+/// The high-priority queue (FORGET, INTERRUPT).
+pub const HIPRIO_QUEUE: usize = 0;
+/// The request queue.
+pub const REQUEST_QUEUE: usize = 1;
+/// Size of the high-priority queue.
+pub const HIPRIO_QUEUE_SIZE: u16 = 128;
+/// Size of the request queue: the Linux driver sizes requests to the queue (pages = size - 4),
+/// so this allows full 1 MiB requests.
+pub const REQUEST_QUEUE_SIZE: u16 = 1024;
+/// The tag the guest mounts the share by (`mount -t virtiofs husk /mnt`).
+pub const DEFAULT_TAG: &str = "husk";
+/// Length of the tag field of the configuration space.
+pub const TAG_LEN: usize = 36;
+/// Size of the configuration space: tag, then `num_request_queues` (le32).
+pub const CONFIG_SIZE: usize = TAG_LEN + 4;
+/// The most descriptors one request may have.
+pub const MAX_CHAIN_DESCRIPTORS: usize = REQUEST_QUEUE_SIZE as usize;
+/// The most bytes of a request in either direction: 1 MiB of data plus headers.
+pub const MAX_REQUEST_BYTES: usize = (1 << 20) + 0x2000;
+/// How long the guest may trust entries and attributes.
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the file system device.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// Creating an eventfd failed.
+    #[error("failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The tag is empty or longer than [`TAG_LEN`] bytes.
+    #[error("virtio-fs tag {0:?} must be 1 to {TAG_LEN} bytes")]
+    BadTag(String),
+    /// The shared directory cannot be served.
+    #[error("cannot share {path}")]
+    SharedDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request has more descriptors than allowed.
+    #[error("request has more than {MAX_CHAIN_DESCRIPTORS} descriptors")]
+    ChainTooLong,
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("request has a device-readable descriptor after a device-writable one")]
+    ChainOrder,
+    /// The request's buffers are larger than allowed.
+    #[error("request buffers are larger than {MAX_REQUEST_BYTES} bytes")]
+    RequestTooLarge,
+    /// A buffer lies outside guest memory.
+    #[error("request buffer is outside guest memory")]
+    GuestMemory,
+    /// The request has no device-readable buffer for the FUSE header.
+    #[error("request has no FUSE header")]
+    NoHeader,
+    /// The FUSE server could not parse or answer the message.
+    #[error("FUSE request failed")]
+    Fuse(#[source] fuse_backend_rs::Error),
+}
