@@ -372,24 +372,40 @@ mod tests {
 /// Resident memory of a process split into guest RAM and everything else, in KiB.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RssSplit {
-    /// Resident pages of the guest-memory mappings: guest memory the host really backs.
+    /// Resident pages of the mappings inside the guest memory's host ranges: guest memory the
+    /// host backs, whether private or page cache shared with other VMs.
     pub guest_kib: u64,
+    /// The anonymous part of `guest_kib`: pages that belong to this VM alone (RAM the guest
+    /// wrote, and its copy-on-write copies of file pages).
+    pub guest_anon_kib: u64,
     /// Everything else: the VMM's own footprint.
     pub vmm_kib: u64,
 }
 
-/// Splits `/proc/<pid>/smaps` into guest memory (anonymous mappings whose size is one of
-/// `guest_region_kib`) and the rest.
-pub fn rss_split(pid: u32, guest_region_kib: &[u64]) -> Result<RssSplit> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    Ok(parse_smaps_split(&smaps, guest_region_kib))
+impl RssSplit {
+    /// The file-backed part of `guest_kib`: page-cache pages of the kernel and initramfs files,
+    /// shared by every VM booting them (and the host's page cache).
+    pub fn guest_file_kib(&self) -> u64 {
+        self.guest_kib - self.guest_anon_kib
+    }
 }
 
-fn parse_smaps_split(smaps: &str, guest_region_kib: &[u64]) -> RssSplit {
+/// Reads `/proc/<pid>/smaps`.
+pub fn read_smaps(pid: u32) -> Result<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))
+}
+
+/// Splits `/proc/<pid>/smaps` into guest memory (mappings inside one of the host address
+/// ranges `guest_ranges`, `[start, end)`) and the rest.
+pub fn rss_split(pid: u32, guest_ranges: &[(u64, u64)]) -> Result<RssSplit> {
+    Ok(parse_smaps_split(&read_smaps(pid)?, guest_ranges))
+}
+
+/// [`rss_split`] on smaps text already read.
+pub fn parse_smaps_split(smaps: &str, guest_ranges: &[(u64, u64)]) -> RssSplit {
     let mut split = RssSplit::default();
-    let mut anonymous = false;
-    let mut size_kib = 0u64;
+    let mut in_guest = false;
     let field = |line: &str| -> u64 {
         line.split_whitespace()
             .nth(1)
@@ -398,19 +414,24 @@ fn parse_smaps_split(smaps: &str, guest_region_kib: &[u64]) -> RssSplit {
     };
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        if let Some((start, end)) = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        }) {
             // A mapping header: "start-end perms offset dev inode [path]".
-            anonymous = line.split_whitespace().count() <= 5;
-            size_kib = 0;
-        } else if line.starts_with("Size:") {
-            size_kib = field(line);
+            in_guest = guest_ranges
+                .iter()
+                .any(|&(lo, hi)| start >= lo && end <= hi);
         } else if line.starts_with("Rss:") {
-            let rss = field(line);
-            if anonymous && guest_region_kib.contains(&size_kib) {
-                split.guest_kib += rss;
+            if in_guest {
+                split.guest_kib += field(line);
             } else {
-                split.vmm_kib += rss;
+                split.vmm_kib += field(line);
             }
+        } else if line.starts_with("Anonymous:") && in_guest {
+            split.guest_anon_kib += field(line);
         }
     }
     split
@@ -437,26 +458,40 @@ mod smaps_tests {
     use super::*;
 
     #[test]
-    fn guest_regions_are_told_apart_by_size() {
+    fn guest_ranges_are_told_apart_by_address() {
         let smaps = "\
 55d0a0000000-55d0a0100000 r-xp 00000000 08:01 1234 /usr/bin/husk-vmm
 Size:               1024 kB
 Rss:                 800 kB
-7f0000000000-7f0008000000 rw-p 00000000 00:00 0 
-Size:             131072 kB
-Rss:               20000 kB
+Anonymous:             0 kB
+7f0000000000-7f0001000000 rw-p 00000000 00:00 0 
+Size:              16384 kB
+Rss:                 300 kB
+Anonymous:           300 kB
+7f0001000000-7f0001a7d000 rw-p 00200000 08:01 99 /var/cache/vmlinux
+Size:              10740 kB
+Rss:                4000 kB
+Anonymous:           120 kB
+7f0001a7d000-7f0008000000 rw-p 00000000 00:00 0 
+Size:             103948 kB
+Rss:               15000 kB
+Anonymous:         15000 kB
 7f0010000000-7f0010200000 rw-p 00000000 00:00 0 
 Size:               2048 kB
 Rss:                 100 kB
+Anonymous:           100 kB
 ";
-        let split = parse_smaps_split(smaps, &[131072]);
+        let split = parse_smaps_split(smaps, &[(0x7f00_0000_0000, 0x7f00_0800_0000)]);
         assert_eq!(
             split,
             RssSplit {
-                guest_kib: 20000,
+                guest_kib: 19300,
+                guest_anon_kib: 15420,
                 vmm_kib: 900
             }
         );
+        assert_eq!(split.guest_file_kib(), 3880);
+        assert_eq!(parse_smaps_split(smaps, &[]).vmm_kib, 20200);
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         boot_protocol: format!("{:?}", kernel.protocol),
         vm_created_us,
         kernel_loaded_us,
+        guest_memory_host_ranges: memory::host_ranges(&mem),
         ..Default::default()
     });
     tracing::debug!(

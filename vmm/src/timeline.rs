@@ -45,6 +45,11 @@ pub struct BootTimeline {
     pub guest_uptime_at_handshake_us: Option<u64>,
     /// The agent's version from the handshake.
     pub agent_version: Option<String>,
+    /// Host virtual address ranges `[start, end)` of the guest memory, so a reader of
+    /// `/proc/PID/smaps` can tell guest memory from the VMM's own (the ranges may be split into
+    /// several mappings: pages mapped from the kernel and initramfs files, anonymous RAM).
+    #[serde(default)]
+    pub guest_memory_host_ranges: Vec<(u64, u64)>,
 }
 
 /// Errors of [`write_report`].
@@ -127,6 +132,7 @@ mod tests {
             boot_protocol: "Pvh".into(),
             vm_created_us: 10,
             kernel_loaded_us: 20,
+            guest_memory_host_ranges: vec![(0x7f00_0000_0000, 0x7f00_0800_0000)],
             ..Default::default()
         });
         recorder.update(|t| {

@@ -11,7 +11,9 @@
 
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
-use husk_tests::{rss_split, stats, vm_artifacts, Artifacts, TempDir, BOOT_TIMEOUT};
+use husk_tests::{
+    parse_smaps_split, read_smaps, rss_split, stats, vm_artifacts, Artifacts, TempDir, BOOT_TIMEOUT,
+};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +32,7 @@ struct VsockRun {
     uptime_ms: f64,
     vmm_rss_mib: f64,
     guest_mib: f64,
+    guest_anon_mib: f64,
     vm_created_ms: f64,
     kernel_loaded_ms: f64,
     first_vcpu_ms: f64,
@@ -48,7 +51,9 @@ fn main() -> Result<()> {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
             "--out" => out = PathBuf::from(it.next().context("--out DIR")?),
             "boot" => what = Some("boot"),
-            other => bail!("unknown argument {other:?}; usage: husk-bench boot [--runs N] [--out DIR]"),
+            other => {
+                bail!("unknown argument {other:?}; usage: husk-bench boot [--runs N] [--out DIR]")
+            }
         }
     }
     if what != Some("boot") {
@@ -68,8 +73,8 @@ fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
     for i in 0..runs {
         let v = husk_vsock_run(artifacts).with_context(|| format!("husk vsock run {i}"))?;
         eprintln!(
-            "run {i}: husk handshake {:.1} ms (guest uptime {:.1} ms), VMM RSS {:.2} MiB, guest {:.1} MiB",
-            v.handshake_ms, v.uptime_ms, v.vmm_rss_mib, v.guest_mib
+            "run {i}: husk handshake {:.1} ms (guest uptime {:.1} ms), VMM RSS {:.2} MiB, guest {:.1} MiB ({:.1} MiB private)",
+            v.handshake_ms, v.uptime_ms, v.vmm_rss_mib, v.guest_mib, v.guest_anon_mib
         );
         vsock.push(v);
         let h = console_run(&husk_console_cmd(artifacts)?, false)
@@ -87,16 +92,62 @@ fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
 
     let col = |f: fn(&VsockRun) -> f64| vsock.iter().map(f).collect::<Vec<_>>();
     let rows: Vec<(&str, Vec<f64>, &str)> = vec![
-        ("(a) husk-vmm spawn to agent handshake (vsock)", col(|r| r.handshake_ms), "ms"),
+        (
+            "(a) husk-vmm spawn to agent handshake (vsock)",
+            col(|r| r.handshake_ms),
+            "ms",
+        ),
         ("(b) guest uptime at handshake", col(|r| r.uptime_ms), "ms"),
-        ("(c) husk-vmm RSS after boot, without guest memory", col(|r| r.vmm_rss_mib), "MiB"),
-        ("(d) guest memory touched on the host after boot", col(|r| r.guest_mib), "MiB"),
-        ("husk: VM created (since process start)", col(|r| r.vm_created_ms), "ms"),
-        ("husk: kernel loaded (since process start)", col(|r| r.kernel_loaded_ms), "ms"),
-        ("husk: first vCPU entry (since process start)", col(|r| r.first_vcpu_ms), "ms"),
-        ("husk --console: spawn to first agent line", husk_console.clone(), "ms"),
-        ("QEMU microvm: spawn to first agent line", qemu_console.clone(), "ms"),
-        ("QEMU microvm: RSS at first agent line (VMM + guest)", qemu_rss.clone(), "MiB"),
+        (
+            "(c) husk-vmm RSS after boot, without guest memory",
+            col(|r| r.vmm_rss_mib),
+            "MiB",
+        ),
+        (
+            "(d) guest memory touched on the host after boot (all resident pages)",
+            col(|r| r.guest_mib),
+            "MiB",
+        ),
+        (
+            "(d) of which private to this VM (anonymous)",
+            col(|r| r.guest_anon_mib),
+            "MiB",
+        ),
+        (
+            "(d) of which shared page cache (kernel, initramfs files)",
+            col(|r| r.guest_mib - r.guest_anon_mib),
+            "MiB",
+        ),
+        (
+            "husk: VM created (since process start)",
+            col(|r| r.vm_created_ms),
+            "ms",
+        ),
+        (
+            "husk: kernel loaded (since process start)",
+            col(|r| r.kernel_loaded_ms),
+            "ms",
+        ),
+        (
+            "husk: first vCPU entry (since process start)",
+            col(|r| r.first_vcpu_ms),
+            "ms",
+        ),
+        (
+            "husk --console: spawn to first agent line",
+            husk_console.clone(),
+            "ms",
+        ),
+        (
+            "QEMU microvm: spawn to first agent line",
+            qemu_console.clone(),
+            "ms",
+        ),
+        (
+            "QEMU microvm: RSS at first agent line (VMM + guest)",
+            qemu_rss.clone(),
+            "MiB",
+        ),
     ];
     let mut md = format!(
         "| boot, {runs} runs, 1 vCPU / {MEM_MIB} MiB | median | min | max |\n|---|---|---|---|\n"
@@ -138,7 +189,13 @@ fn husk_vsock_run(artifacts: &Artifacts) -> Result<VsockRun> {
             .arg(&artifacts.kernel)
             .arg("--initramfs")
             .arg(&artifacts.initramfs)
-            .args(["--cpus", "1", "--mem-mib", &MEM_MIB.to_string(), "--vsock-socket"])
+            .args([
+                "--cpus",
+                "1",
+                "--mem-mib",
+                &MEM_MIB.to_string(),
+                "--vsock-socket",
+            ])
             .arg(&socket)
             .arg("--boot-report")
             .arg(&report)
@@ -148,12 +205,17 @@ fn husk_vsock_run(artifacts: &Artifacts) -> Result<VsockRun> {
     );
     let (client, hello) = AgentClient::connect(&socket, BOOT_TIMEOUT)?;
     let handshake_ms = started.elapsed().as_secs_f64() * 1e3;
-    let split = rss_split(child.0.id(), &[u64::from(MEM_MIB) * 1024])?;
+    // Read smaps at the handshake; split it once the report names the guest memory's ranges.
+    let smaps = read_smaps(child.0.id())?;
     if !husk_tests::wait_until(BOOT_TIMEOUT, || report.exists()) {
         bail!("no boot report");
     }
     let timeline: husk_vmm::timeline::BootTimeline =
         serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    if timeline.guest_memory_host_ranges.is_empty() {
+        bail!("the boot report has no guest memory ranges");
+    }
+    let split = parse_smaps_split(&smaps, &timeline.guest_memory_host_ranges);
     client.shutdown()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.0.try_wait()?.is_none() && Instant::now() < deadline {
@@ -165,6 +227,7 @@ fn husk_vsock_run(artifacts: &Artifacts) -> Result<VsockRun> {
         uptime_ms: ms(hello.uptime_us),
         vmm_rss_mib: split.vmm_kib as f64 / 1024.0,
         guest_mib: split.guest_kib as f64 / 1024.0,
+        guest_anon_mib: split.guest_anon_kib as f64 / 1024.0,
         vm_created_ms: ms(timeline.vm_created_us),
         kernel_loaded_ms: ms(timeline.kernel_loaded_us),
         first_vcpu_ms: timeline.first_vcpu_entry_us.map_or(f64::NAN, ms),
@@ -181,7 +244,13 @@ fn husk_console_cmd(artifacts: &Artifacts) -> Result<Command> {
         .arg(&artifacts.kernel)
         .arg("--initramfs")
         .arg(&artifacts.initramfs)
-        .args(["--cpus", "1", "--mem-mib", &MEM_MIB.to_string(), "--console"])
+        .args([
+            "--cpus",
+            "1",
+            "--mem-mib",
+            &MEM_MIB.to_string(),
+            "--console",
+        ])
         .arg("--vsock-socket")
         .arg(socket);
     Ok(cmd)

@@ -2,6 +2,7 @@
 //! initial vCPU registers.
 
 pub mod cpuid;
+pub mod elf;
 pub mod gdt;
 pub mod layout;
 pub mod mptable;
@@ -10,14 +11,14 @@ pub mod regs;
 pub mod zero_page;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::KernelLoader;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, ReadVolatile};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
+use self::elf::{ElfError, Piece};
 use self::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
+use crate::vstate::memory::{self, GuestMemory};
 
 /// E820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -72,12 +73,25 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-    /// linux-loader rejected the image or could not place it.
+    /// The image is not a usable ELF vmlinux.
     #[error("cannot load kernel {path}")]
     Kernel {
         path: String,
         #[source]
-        source: linux_loader::loader::Error,
+        source: ElfError,
+    },
+    /// The entry point lies below high memory, where the boot structures live.
+    #[error("kernel {path}: entry point {entry:#x} lies below 1 MiB")]
+    KernelEntry { path: String, entry: u64 },
+    /// A segment does not fit in guest RAM or overlaps the boot structures below 1 MiB.
+    #[error("kernel {path}: segment at {addr:#x} ({size:#x} bytes) does not fit in guest RAM above 1 MiB")]
+    KernelSegment { path: String, addr: u64, size: u64 },
+    /// Copying or mapping an image into guest memory failed.
+    #[error("cannot place {path} in guest memory")]
+    Place {
+        path: String,
+        #[source]
+        source: std::io::Error,
     },
     /// Opening or reading the initramfs failed.
     #[error("cannot read initramfs {path}")]
@@ -113,34 +127,66 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
 }
 
 /// Loads an ELF vmlinux at its physical addresses and picks the entry protocol: PVH when the
-/// kernel has the PVH note, else the 64-bit boot protocol at the ELF entry point.
-pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> Result<KernelEntry, LoadError> {
+/// kernel has the PVH note, else the 64-bit boot protocol at the ELF entry point. Whole pages of
+/// the segments are mapped copy-on-write from the file (see [`place_file_range`]).
+pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<KernelEntry, LoadError> {
     let display = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| LoadError::KernelIo {
+    let io_err = |source| LoadError::KernelIo {
+        path: display.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let image = elf::parse_kernel(&file, file_len).map_err(|source| LoadError::Kernel {
         path: display.clone(),
         source,
     })?;
-    let result =
-        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            LoadError::Kernel {
+    if image.entry < HIMEM_START {
+        return Err(LoadError::KernelEntry {
+            path: display,
+            entry: image.entry,
+        });
+    }
+    for segment in &image.segments {
+        let fits = segment.guest_addr >= HIMEM_START
+            && mem.check_range(GuestAddress(segment.guest_addr), segment.mem_size as usize);
+        if !fits {
+            return Err(LoadError::KernelSegment {
                 path: display,
-                source,
-            }
+                addr: segment.guest_addr,
+                size: segment.mem_size,
+            });
+        }
+    }
+    for segment in &image.segments {
+        // The bss past `file_size` stays as it is: fresh guest memory reads as zeros.
+        place_file_range(
+            mem,
+            &file,
+            segment.file_offset,
+            segment.guest_addr,
+            segment.file_size,
+        )
+        .map_err(|source| LoadError::Place {
+            path: display.clone(),
+            source,
         })?;
-    let (protocol, entry) = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => (BootProtocol::Pvh, addr.0),
-        _ => (BootProtocol::LinuxBoot, result.kernel_load.0),
+    }
+    let (protocol, entry) = match image.pvh_entry {
+        Some(addr) => (BootProtocol::Pvh, addr),
+        None => (BootProtocol::LinuxBoot, image.entry),
     };
     Ok(KernelEntry {
         protocol,
         entry,
-        kernel_end: result.kernel_end,
+        kernel_end: image.end(),
     })
 }
 
-/// Loads the initramfs page aligned at the top of low RAM, above `kernel_end`.
-pub fn load_initramfs<M: GuestMemory>(
-    mem: &M,
+/// Loads the initramfs page aligned at the top of low RAM, above `kernel_end`, mapped
+/// copy-on-write from the file (the partial last page is copied).
+pub fn load_initramfs(
+    mem: &GuestMemory,
     mem_size: u64,
     kernel_end: u64,
     path: &Path,
@@ -150,28 +196,74 @@ pub fn load_initramfs<M: GuestMemory>(
         path: display.clone(),
         source,
     };
-    let mut file = File::open(path).map_err(io_err)?;
-    let size = file.seek(SeekFrom::End(0)).map_err(io_err)?;
-    file.rewind().map_err(io_err)?;
+    let file = File::open(path).map_err(io_err)?;
+    let size = file.metadata().map_err(io_err)?.len();
     let addr = layout::initramfs_start(mem_size, size, kernel_end).ok_or_else(|| {
         LoadError::InitramfsTooLarge {
             path: display.clone(),
             size,
         }
     })?;
-    read_into_guest(mem, GuestAddress(addr), &mut file, size as usize).map_err(io_err)?;
+    place_file_range(mem, &file, 0, addr, size).map_err(io_err)?;
     Ok(InitramfsPlacement { addr, size })
 }
 
-/// Reads `len` bytes of `src` straight into guest memory (no intermediate buffer).
-fn read_into_guest<M: GuestMemory, R: Read + ReadVolatile>(
-    mem: &M,
-    addr: GuestAddress,
-    src: &mut R,
-    len: usize,
+/// Puts `len` bytes of `file` from `file_offset` into guest memory at `guest_addr`: whole pages
+/// are mapped privately from the file (no copy at boot, and every VM shares the page cache's
+/// pages until it writes one), partial pages are copied. Ranges whose file offset and guest
+/// address are not congruent modulo the page size, or that the kernel refuses to map, are
+/// copied.
+pub fn place_file_range(
+    mem: &GuestMemory,
+    file: &File,
+    file_offset: u64,
+    guest_addr: u64,
+    len: u64,
 ) -> std::io::Result<()> {
-    mem.read_exact_volatile_from(addr, src, len)
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    for piece in elf::split_for_mapping(file_offset, guest_addr, len, memory::page_size()) {
+        match piece {
+            Piece::Map {
+                file_offset,
+                guest_addr,
+                len,
+            } => {
+                let mapped =
+                    memory::map_file_private(mem, GuestAddress(guest_addr), len, file, file_offset);
+                if let Err(err) = mapped {
+                    tracing::debug!(%err, guest_addr, "mapping the file failed; copying instead");
+                    copy_file_range(mem, file, file_offset, guest_addr, len)?;
+                }
+            }
+            Piece::Copy {
+                file_offset,
+                guest_addr,
+                len,
+            } => copy_file_range(mem, file, file_offset, guest_addr, len)?,
+        }
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes of `file` at `file_offset` into guest memory at `guest_addr`, through a
+/// bounded buffer and checked guest writes.
+fn copy_file_range(
+    mem: &GuestMemory,
+    file: &File,
+    file_offset: u64,
+    guest_addr: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        file.read_exact_at(&mut buf[..n], file_offset + done)?;
+        mem.write_slice(&buf[..n], GuestAddress(guest_addr + done))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -212,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn initramfs_is_copied_page_aligned_at_top_of_ram() {
+    fn initramfs_is_placed_page_aligned_at_top_of_ram() {
         let mem_size = 16u64 << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .expect("mmap");
@@ -245,6 +337,50 @@ mod tests {
             err,
             LoadError::InitramfsTooLarge { size: 0x2000, .. }
         ));
+    }
+
+    #[test]
+    fn kernel_segments_are_mapped_with_copied_tail_and_zero_bss() {
+        let mem = memory::create_guest_memory(32).expect("mem");
+        // One segment: 0x2800 file bytes at file offset 0x1000 -> 0x100_0000, 0x4000 in memory.
+        let file = elf::tests::elf_with(
+            &[[1, 0x1000, 0x100_0000, 0x2800, 0x4000, 0, 0]],
+            &[],
+            0x1000,
+        );
+        let mut content: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8 + 1).collect();
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut f = file.as_file();
+            f.seek(SeekFrom::Start(0x1000)).expect("seek");
+            f.write_all(&content).expect("write");
+        }
+        let entry = load_kernel(&mem, file.path()).expect("load");
+        assert_eq!(entry.protocol, BootProtocol::LinuxBoot);
+        assert_eq!(entry.kernel_end, 0x100_4000);
+        let mut back = vec![0u8; 0x4000];
+        mem.read_slice(&mut back, GuestAddress(0x100_0000))
+            .expect("read");
+        content.truncate(0x2800);
+        content.resize(0x4000, 0);
+        assert_eq!(back, content, "file bytes, then zeros past file_size");
+    }
+
+    #[test]
+    fn kernel_segment_outside_guest_ram_is_rejected() {
+        let mem = memory::create_guest_memory(16).expect("mem");
+        let file = elf::tests::elf_with(&[[1, 0x1000, 0x100_0000, 0x10, 0x10, 0, 0]], &[], 0x2000);
+        let err = load_kernel(&mem, file.path()).expect_err("must fail");
+        assert!(
+            matches!(
+                err,
+                LoadError::KernelSegment {
+                    addr: 0x100_0000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
