@@ -22,6 +22,7 @@ use crate::devices::legacy::i8042::{I8042Device, I8042_RANGE_LEN};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -117,6 +118,9 @@ pub enum BuildError {
     /// The entropy device.
     #[error("failed to create the rng device")]
     Rng(#[from] RngError),
+    /// The virtio-fs device.
+    #[error("failed to create the virtio-fs device")]
+    Fs(#[from] FsError),
     /// The device event loop.
     #[error("failed to create the device event loop")]
     EventManager(event_manager::Error),
@@ -170,6 +174,10 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     mmio.attach_virtio_device(vsock, &mut event_manager, &mut cmdline)?;
     let rng = Arc::new(Mutex::new(Rng::new()?));
     mmio.attach_virtio_device(rng, &mut event_manager, &mut cmdline)?;
+    if let Some(dir) = &cfg.shared_dir {
+        let fs = Arc::new(Mutex::new(Fs::new(dir)?));
+        mmio.attach_virtio_device(fs, &mut event_manager, &mut cmdline)?;
+    }
 
     if let Some(extra) = &cfg.cmdline_extra {
         cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;

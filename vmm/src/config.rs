@@ -66,6 +66,9 @@ pub enum ConfigError {
     /// The vsock socket's directory does not exist.
     #[error("vsock socket {0}: its parent directory does not exist")]
     SocketParentMissing(PathBuf),
+    /// The shared directory does not exist or is not a directory.
+    #[error("shared directory {0}: no such directory")]
+    SharedDirMissing(PathBuf),
 }
 
 /// Everything needed to build and run one microVM.
@@ -92,6 +95,8 @@ pub struct VmConfig {
     /// Run even on a kvm_pvm host (see [`crate::kvm_check`]), where a Linux guest stops with a
     /// KVM internal error after a while: only for VMM development with hand-made guests.
     pub allow_kvm_pvm: bool,
+    /// Host directory shared with the guest through virtio-fs (tag `husk`).
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -109,6 +114,7 @@ impl VmConfig {
             boot_report: None,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             allow_kvm_pvm: false,
+            shared_dir: None,
         }
     }
 }
@@ -126,7 +132,20 @@ impl VmConfig {
         validate_vcpus(self.vcpus)?;
         let host_mib = host_mem_total_kib().map_err(ConfigError::HostMemory)? / 1024;
         validate_memory(self.mem_size_mib, host_mib)?;
+        if let Some(dir) = &self.shared_dir {
+            validate_shared_dir(dir)?;
+        }
         validate_socket_path(&self.vsock_socket)
+    }
+}
+
+/// The shared directory must exist and be a directory (a symlink to one is resolved here,
+/// by the host's own choice, once).
+pub fn validate_shared_dir(path: &Path) -> Result<(), ConfigError> {
+    if path.is_dir() {
+        Ok(())
+    } else {
+        Err(ConfigError::SharedDirMissing(path.to_path_buf()))
     }
 }
 
@@ -232,6 +251,22 @@ mod tests {
             mem_size_mib: 32,
             ..VmConfig::new(kernel, dir.join("v.sock"))
         }
+    }
+
+    #[test]
+    fn shared_dir_must_be_a_directory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = file_with(b"x");
+        validate_shared_dir(dir.path()).expect("a directory is fine");
+        let err = validate_shared_dir(file.path()).expect_err("a file is refused");
+        assert!(matches!(&err, ConfigError::SharedDirMissing(p) if p == file.path()));
+        let missing = dir.path().join("nope");
+        assert_eq!(
+            validate_shared_dir(&missing)
+                .expect_err("missing is refused")
+                .to_string(),
+            format!("shared directory {}: no such directory", missing.display())
+        );
     }
 
     #[test]

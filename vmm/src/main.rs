@@ -50,6 +50,9 @@ struct Args {
     /// `husk create`) and exit with its init's status.
     #[arg(long)]
     supervise: Option<PathBuf>,
+    /// Share this host directory with the guest through virtio-fs (tag `husk`).
+    #[arg(long)]
+    shared_dir: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -67,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         boot_report: args.boot_report,
         agent_timeout: Duration::from_millis(args.agent_timeout_ms),
         allow_kvm_pvm: args.allow_kvm_pvm,
+        shared_dir: args.shared_dir,
     };
     if let Some(plan) = &args.supervise {
         return husk_vmm::supervisor::run_supervised(&cfg, plan)
