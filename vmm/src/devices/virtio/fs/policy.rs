@@ -584,3 +584,440 @@ impl FileSystem for ConfinedFs {
     // setupmapping/removemapping (DAX), ioctl, locks, bmap, poll: the trait's defaults
     // (ENOSYS / ENOTTY).
 }
+
+#[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::ffi::CString;
+    use std::fs;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::PathBuf;
+
+    use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
+    use fuse_backend_rs::api::filesystem::ZeroCopyReader;
+    use fuse_backend_rs::file_buf::FileVolatileSlice;
+    use fuse_backend_rs::file_traits::FileReadWriteVolatile;
+    use vm_memory::VolatileSlice;
+
+    use super::*;
+
+    /// A share with a secret file next to it (outside), and symlinks to it inside.
+    struct Share {
+        _tmp: tempfile::TempDir,
+        share: PathBuf,
+        secret: PathBuf,
+        fs: ConfinedFs,
+    }
+
+    const SECRET: &[u8] = b"host secret\n";
+
+    fn share() -> Share {
+        share_with(|_| {})
+    }
+
+    /// A share with `prepare` run on the host directory before the first request.
+    fn share_with(prepare: impl FnOnce(&Path)) -> Share {
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().join("share");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&share).unwrap();
+        fs::create_dir(&outside).unwrap();
+        let secret = outside.join("secret");
+        fs::write(&secret, SECRET).unwrap();
+        std::os::unix::fs::symlink(&secret, share.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../outside/secret", share.join("rel")).unwrap();
+        std::os::unix::fs::symlink(&outside, share.join("dirlink")).unwrap();
+        fs::create_dir(share.join("sub")).unwrap();
+        fs::write(share.join("sub/file"), b"inside").unwrap();
+        prepare(&share);
+        let fs = ConfinedFs::new(&share).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        Share {
+            _tmp: tmp,
+            share,
+            secret,
+            fs,
+        }
+    }
+
+    fn ctx() -> Context {
+        Context::new()
+    }
+
+    fn name(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    fn errno(e: io::Error) -> i32 {
+        e.raw_os_error().unwrap()
+    }
+
+    impl Share {
+        fn lookup(&self, parent: Inode, n: &str) -> io::Result<Entry> {
+            self.fs.lookup(&ctx(), parent, &name(n))
+        }
+
+        fn secret_untouched(&self) {
+            assert_eq!(fs::read(&self.secret).unwrap(), SECRET);
+            let md = fs::metadata(&self.secret).unwrap();
+            assert_eq!(md.nlink(), 1);
+            assert_eq!(md.mode() & 0o7777, 0o644);
+        }
+
+        fn host_mode(&self, rel: &str) -> u32 {
+            fs::symlink_metadata(self.share.join(rel)).unwrap().mode()
+        }
+    }
+
+    fn create_args(mode: u32, flags: i32) -> CreateIn {
+        CreateIn {
+            flags: flags as u32,
+            mode,
+            umask: 0,
+            fuse_flags: 0,
+        }
+    }
+
+    #[test]
+    fn dot_dot_and_slash_names_are_refused_everywhere() {
+        let s = share();
+        let sub = s.lookup(ROOT_ID, "sub").unwrap().inode;
+        for n in ["..", ".", "", "sub/..", "../outside", "/etc"] {
+            assert_eq!(
+                errno(s.lookup(ROOT_ID, n).unwrap_err()),
+                libc::EINVAL,
+                "{n:?}"
+            );
+        }
+        assert_eq!(errno(s.lookup(sub, "..").unwrap_err()), libc::EINVAL);
+        let c = ctx();
+        let dotdot = name("..");
+        assert_eq!(
+            errno(s.fs.mkdir(&c, sub, &name("../x"), 0o755, 0).unwrap_err()),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(
+                s.fs.create(&c, ROOT_ID, &name("../x"), create_args(0o644, libc::O_RDWR))
+                    .unwrap_err()
+            ),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(s.fs.unlink(&c, sub, &dotdot).unwrap_err()),
+            libc::EINVAL
+        );
+        assert!(!s.share.parent().unwrap().join("x").exists());
+    }
+
+    #[test]
+    fn symlinks_are_returned_not_followed() {
+        let s = share();
+        for link in ["abs", "rel"] {
+            let entry = s.lookup(ROOT_ID, link).unwrap();
+            assert_eq!(entry.attr.st_mode & libc::S_IFMT, libc::S_IFLNK, "{link}");
+            assert_ne!(
+                entry.attr.st_size,
+                SECRET.len() as i64,
+                "{link}: stat of the target"
+            );
+            // A hostile driver opens the link's inode instead of resolving it.
+            for flags in [
+                libc::O_RDONLY,
+                libc::O_RDWR | libc::O_TRUNC,
+                libc::O_NOFOLLOW,
+            ] {
+                assert!(
+                    s.fs.open(&ctx(), entry.inode, flags as u32, 0).is_err(),
+                    "{link} {flags:#x}"
+                );
+            }
+        }
+        let target =
+            s.fs.readlink(&ctx(), s.lookup(ROOT_ID, "abs").unwrap().inode);
+        assert_eq!(target.unwrap(), s.secret.as_os_str().as_encoded_bytes());
+        // Looking up through a symlink to an outside directory.
+        let dirlink = s.lookup(ROOT_ID, "dirlink").unwrap().inode;
+        assert!(s.lookup(dirlink, "secret").is_err());
+        assert!(s.fs.opendir(&ctx(), dirlink, 0).is_err());
+        s.secret_untouched();
+    }
+
+    #[test]
+    fn create_over_a_symlink_does_not_follow_it() {
+        let s = share();
+        for link in ["abs", "rel"] {
+            let args = create_args(0o644, libc::O_WRONLY | libc::O_TRUNC);
+            assert!(s.fs.create(&ctx(), ROOT_ID, &name(link), args).is_err());
+            let excl = create_args(0o644, libc::O_WRONLY | libc::O_EXCL);
+            assert_eq!(
+                errno(s.fs.create(&ctx(), ROOT_ID, &name(link), excl).unwrap_err()),
+                libc::EEXIST
+            );
+        }
+        s.secret_untouched();
+    }
+
+    #[test]
+    fn rename_cannot_leave_the_share() {
+        let s = share();
+        let c = ctx();
+        let sub = s.lookup(ROOT_ID, "sub").unwrap().inode;
+        assert_eq!(
+            errno(
+                s.fs.rename(&c, sub, &name("file"), ROOT_ID, &name("../file"), 0)
+                    .unwrap_err()
+            ),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(
+                s.fs.rename(&c, sub, &name(".."), ROOT_ID, &name("up"), 0)
+                    .unwrap_err()
+            ),
+            libc::EINVAL
+        );
+        // RENAME_WHITEOUT would create a device node.
+        assert_eq!(
+            errno(
+                s.fs.rename(
+                    &c,
+                    sub,
+                    &name("file"),
+                    ROOT_ID,
+                    &name("f2"),
+                    libc::RENAME_WHITEOUT
+                )
+                .unwrap_err()
+            ),
+            libc::EINVAL
+        );
+        // Renaming the symlink moves the link, not the outside file.
+        s.fs.rename(&c, ROOT_ID, &name("abs"), sub, &name("moved"), 0)
+            .unwrap();
+        assert_eq!(s.host_mode("sub/moved") & libc::S_IFMT, libc::S_IFLNK);
+        s.fs.rename(
+            &c,
+            sub,
+            &name("file"),
+            ROOT_ID,
+            &name("file"),
+            libc::RENAME_NOREPLACE,
+        )
+        .unwrap();
+        assert_eq!(fs::read(s.share.join("file")).unwrap(), b"inside");
+        s.secret_untouched();
+    }
+
+    #[test]
+    fn hard_links_only_reach_inodes_inside_the_share() {
+        let s = share();
+        let c = ctx();
+        // Linking the symlink links the symlink itself, never its outside target.
+        let abs = s.lookup(ROOT_ID, "abs").unwrap().inode;
+        let linked = s.fs.link(&c, abs, ROOT_ID, &name("hard")).unwrap();
+        assert_eq!(linked.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(s.host_mode("hard") & libc::S_IFMT, libc::S_IFLNK);
+        // A guessed inode number names nothing.
+        assert!(s.fs.link(&c, 0x4242, ROOT_ID, &name("guess")).is_err());
+        let file = s.lookup(ROOT_ID, "sub").unwrap().inode;
+        assert_eq!(
+            errno(
+                s.fs.link(&c, file, ROOT_ID, &name("../escaped"))
+                    .unwrap_err()
+            ),
+            libc::EINVAL
+        );
+        s.secret_untouched();
+    }
+
+    #[test]
+    fn device_nodes_are_refused_fifos_and_sockets_allowed() {
+        let s = share();
+        let c = ctx();
+        let null = libc::makedev(1, 3) as u32;
+        for kind in [libc::S_IFCHR, libc::S_IFBLK, libc::S_IFDIR, libc::S_IFLNK] {
+            assert_eq!(
+                errno(
+                    s.fs.mknod(&c, ROOT_ID, &name("dev"), kind | 0o666, null, 0)
+                        .unwrap_err()
+                ),
+                libc::EPERM,
+                "{kind:o}"
+            );
+        }
+        assert!(!s.share.join("dev").exists());
+        s.fs.mknod(&c, ROOT_ID, &name("fifo"), libc::S_IFIFO | 0o644, 0, 0)
+            .unwrap();
+        s.fs.mknod(&c, ROOT_ID, &name("sock"), libc::S_IFSOCK | 0o644, 0, 0)
+            .unwrap();
+        let ft = |n: &str| fs::symlink_metadata(s.share.join(n)).unwrap().file_type();
+        assert!(ft("fifo").is_fifo());
+        assert!(ft("sock").is_socket());
+    }
+
+    #[test]
+    fn existing_special_files_are_never_opened_on_the_host() {
+        // Made by the host before serving: a hostile image may contain device nodes.
+        let s = share_with(|dir| {
+            let path = |n: &str| CString::new(dir.join(n).into_os_string().into_encoded_bytes());
+            let dev = path("null").unwrap();
+            // SAFETY: a valid NUL-terminated path; no memory is written.
+            let ret =
+                unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+            assert_eq!(ret, 0, "the test needs root");
+            let fifo = path("fifo").unwrap();
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+        });
+        for n in ["null", "fifo"] {
+            let inode = s.lookup(ROOT_ID, n).unwrap().inode;
+            // Would hang on a FIFO without a writer, or open the host's device.
+            let err =
+                s.fs.open(&ctx(), inode, libc::O_RDWR as u32, 0)
+                    .unwrap_err();
+            assert_eq!(errno(err), libc::EBADF, "{n}");
+        }
+    }
+
+    #[test]
+    fn setuid_and_setgid_bits_are_stripped() {
+        let s = share();
+        let c = ctx();
+        let args = create_args(libc::S_IFREG | 0o6755, libc::O_RDWR);
+        s.fs.create(&c, ROOT_ID, &name("created"), args).unwrap();
+        assert_eq!(s.host_mode("created") & 0o7777, 0o755);
+        s.fs.mkdir(&c, ROOT_ID, &name("dir"), 0o3777, 0).unwrap();
+        assert_eq!(s.host_mode("dir") & 0o7777, 0o1777, "sticky kept, umask 0");
+        s.fs.mknod(&c, ROOT_ID, &name("node"), libc::S_IFREG | 0o4755, 0, 0)
+            .unwrap();
+        assert_eq!(s.host_mode("node") & 0o7777, 0o755);
+        let file = s.lookup(ROOT_ID, "created").unwrap().inode;
+        // SAFETY: stat64 is plain data; all-zero is a valid value.
+        let mut attr: stat64 = unsafe { std::mem::zeroed() };
+        attr.st_mode = libc::S_IFREG | 0o6711;
+        s.fs.setattr(&c, file, attr, None, SetattrValid::MODE)
+            .unwrap();
+        assert_eq!(s.host_mode("created") & 0o7777, 0o711);
+    }
+
+    /// Writes `data` like the FUSE server does for a WRITE request.
+    struct SliceReader<'a>(&'a mut [u8]);
+
+    impl io::Read for SliceReader<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            Ok(n)
+        }
+    }
+
+    impl ZeroCopyReader for SliceReader<'_> {
+        fn read_to(
+            &mut self,
+            f: &mut dyn FileReadWriteVolatile,
+            count: usize,
+            off: u64,
+        ) -> io::Result<usize> {
+            let count = count.min(self.0.len());
+            let vs = VolatileSlice::from(&mut self.0[..count]);
+            f.write_at_volatile(FileVolatileSlice::from_volatile_slice(&vs), off)
+        }
+    }
+
+    #[test]
+    fn writing_to_a_host_setuid_file_clears_the_bits() {
+        let s = share();
+        let path = s.share.join("su");
+        fs::write(&path, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o6755)).unwrap();
+        let inode = s.lookup(ROOT_ID, "su").unwrap().inode;
+        let (handle, _, _) = s.fs.open(&ctx(), inode, libc::O_RDWR as u32, 0).unwrap();
+        let mut data = *b"evil";
+        let n =
+            s.fs.write(
+                &ctx(),
+                inode,
+                handle.unwrap(),
+                &mut SliceReader(&mut data),
+                4,
+                0,
+                None,
+                false,
+                libc::O_RDWR as u32,
+                0,
+            )
+            .unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(fs::read(&path).unwrap(), b"evilin/sh\n");
+        assert_eq!(s.host_mode("su") & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn xattrs_are_not_served() {
+        let s = share();
+        let c = ctx();
+        let sub = s.lookup(ROOT_ID, "sub").unwrap().inode;
+        let cap = name("security.capability");
+        assert_eq!(
+            errno(s.fs.setxattr(&c, sub, &cap, b"\x01", 0).unwrap_err()),
+            libc::ENOSYS
+        );
+        assert_eq!(
+            errno(s.fs.getxattr(&c, sub, &cap, 64).err().unwrap()),
+            libc::ENOSYS
+        );
+    }
+
+    #[test]
+    fn init_never_offers_refused_features() {
+        let s = share();
+        let want = s.fs.init(FsOptions::all()).unwrap();
+        assert!(!want.intersects(REFUSED_OPTIONS), "{want:?}");
+        assert!(want.contains(FsOptions::MAX_PAGES | FsOptions::DO_READDIRPLUS));
+    }
+
+    #[test]
+    fn serving_thread_drops_mknod_and_fsetid() {
+        std::thread::spawn(|| {
+            confine_thread().unwrap();
+            let mut header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let mut data = [CapData::default(); 2];
+            // SAFETY: valid header and two data entries for version 3.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_capget,
+                    &mut header as *mut CapHeader,
+                    data.as_mut_ptr(),
+                )
+            };
+            assert_eq!(ret, 0);
+            for cap in [CAP_FSETID, CAP_MKNOD] {
+                assert_eq!(data[0].effective & (1 << cap), 0);
+                assert_eq!(data[0].permitted & (1 << cap), 0);
+            }
+            assert_eq!(set_umask(0), 0, "the serving thread's umask is 0");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_missing_or_non_directory_share_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f");
+        fs::write(&file, b"").unwrap();
+        assert!(matches!(
+            ConfinedFs::new(&file),
+            Err(FsError::SharedDir { .. })
+        ));
+        assert!(matches!(
+            ConfinedFs::new(&tmp.path().join("nope")),
+            Err(FsError::SharedDir { .. })
+        ));
+    }
+}
