@@ -207,3 +207,314 @@ impl VirtioDevice for Fs {
         self.active.is_some()
     }
 }
+
+#[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, Opcode, OutHeader, ROOT_ID};
+    use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::fs::{MAX_REQUEST_BYTES, REQUEST_QUEUE};
+    use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
+
+    type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    const REQ_ADDR: u64 = 0x40000;
+    const REPLY_ADDR: u64 = 0x50000;
+    const REPLY_LEN: u32 = 0x1000;
+
+    /// An activated device over a temporary share, its driver-side queues and event loop.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        fs: Arc<Mutex<Fs>>,
+        hiprio: GuestQueue,
+        requests: GuestQueue,
+        mem: GuestMemoryMmap<()>,
+        irq: Arc<IrqTrigger>,
+        em: TestEventManager,
+        evts: Vec<EventFd>,
+        unique: u64,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("sub")).unwrap();
+            let mem = test_memory();
+            let hiprio = GuestQueue::new(&mem, 0x10000, 16);
+            let requests = GuestQueue::new(&mem, 0x20000, 16);
+            let fs = Arc::new(Mutex::new(Fs::new(dir.path()).unwrap()));
+            let irq = Arc::new(IrqTrigger::new().unwrap());
+            let evts: Vec<EventFd> = (0..2)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect();
+            let mut em = TestEventManager::new().unwrap();
+            em.add_subscriber(fs.clone());
+            fs.lock()
+                .unwrap()
+                .activate(
+                    mem.clone(),
+                    irq.clone(),
+                    vec![hiprio.create_queue(), requests.create_queue()],
+                    evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+                )
+                .unwrap();
+            em.run_with_timeout(100).unwrap();
+            Self {
+                _dir: dir,
+                fs,
+                hiprio,
+                requests,
+                mem,
+                irq,
+                em,
+                evts,
+                unique: 0,
+            }
+        }
+
+        fn notify(&mut self, queue: usize) {
+            self.evts[queue].write(1).unwrap();
+            self.em.run_with_timeout(100).unwrap();
+        }
+
+        /// Writes a FUSE request (header, then `body`) at REQ_ADDR; returns its length.
+        fn write_request(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> u32 {
+            self.unique += 1;
+            let len = (std::mem::size_of::<InHeader>() + body.len()) as u32;
+            let header = InHeader {
+                len,
+                opcode,
+                unique: self.unique,
+                nodeid,
+                uid: 0,
+                gid: 0,
+                pid: 1,
+                padding: 0,
+            };
+            self.mem
+                .write_slice(header.as_slice(), GuestAddress(REQ_ADDR))
+                .unwrap();
+            let body_addr = REQ_ADDR + std::mem::size_of::<InHeader>() as u64;
+            self.mem.write_slice(body, GuestAddress(body_addr)).unwrap();
+            len
+        }
+
+        /// Sends a well-formed request on the request queue; returns the used length and
+        /// the reply header.
+        fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> (u32, OutHeader) {
+            let len = self.write_request(opcode, nodeid, body);
+            self.requests
+                .add_chain(&[(REQ_ADDR, len, false), (REPLY_ADDR, REPLY_LEN, true)]);
+            self.notify(REQUEST_QUEUE);
+            let used = self.requests.take_used();
+            assert_eq!(used.len(), 1);
+            let out: OutHeader = self.mem.read_obj(GuestAddress(REPLY_ADDR)).unwrap();
+            (used[0].1, out)
+        }
+
+        fn init(&mut self) {
+            let init = InitIn {
+                major: 7,
+                minor: 31,
+                max_readahead: 0x20000,
+                flags: 0,
+            };
+            let (used, out) = self.call(Opcode::Init as u32, 0, init.as_slice());
+            assert_eq!(out.error, 0);
+            assert_eq!(out.unique, self.unique);
+            assert_eq!(used, out.len);
+            assert!(used > std::mem::size_of::<OutHeader>() as u32);
+        }
+
+        /// Sends a raw chain on the request queue; returns the used length.
+        fn raw(&mut self, bufs: &[(u64, u32, bool)]) -> u32 {
+            self.requests.add_chain(bufs);
+            self.notify(REQUEST_QUEUE);
+            let used = self.requests.take_used();
+            assert_eq!(used.len(), 1, "every chain is returned");
+            used[0].1
+        }
+    }
+
+    fn lookup_body(name: &str) -> Vec<u8> {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        body
+    }
+
+    #[test]
+    fn config_space_holds_tag_and_one_request_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Fs::new(dir.path()).unwrap();
+        let mut config = [0xffu8; CONFIG_SIZE];
+        fs.read_config(0, &mut config);
+        assert_eq!(&config[..5], b"husk\0");
+        assert!(config[4..TAG_LEN].iter().all(|b| *b == 0));
+        assert_eq!(&config[TAG_LEN..], &1u32.to_le_bytes());
+        let mut past_end = [0xaau8; 4];
+        fs.read_config(CONFIG_SIZE as u64, &mut past_end);
+        assert_eq!(past_end, [0xaa; 4]);
+        assert_eq!(fs.device_type(), VIRTIO_ID_FS);
+        assert_eq!(
+            fs.queue_max_sizes(),
+            &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE]
+        );
+    }
+
+    #[test]
+    fn bad_tags_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for tag in ["", "a\0b", &"x".repeat(TAG_LEN + 1)] {
+            assert!(matches!(
+                Fs::with_tag(dir.path(), tag),
+                Err(FsError::BadTag(_))
+            ));
+        }
+        assert!(Fs::with_tag(dir.path(), &"x".repeat(TAG_LEN)).is_ok());
+    }
+
+    #[test]
+    fn init_and_lookup_are_answered() {
+        let mut h = Harness::new();
+        h.init();
+        let (used, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        assert_eq!(out.error, 0);
+        assert_eq!(used, out.len);
+        assert_eq!(h.irq.irq_status(), 1);
+        let (_, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("missing"));
+        assert_eq!(out.error, -libc::ENOENT);
+        assert_eq!(h.fs.lock().unwrap().requests(), 3);
+    }
+
+    #[test]
+    fn dot_dot_lookup_is_refused_through_the_queue() {
+        let mut h = Harness::new();
+        h.init();
+        let (used, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body(".."));
+        assert_eq!(out.error, -libc::EINVAL);
+        assert_eq!(used, std::mem::size_of::<OutHeader>() as u32);
+    }
+
+    #[test]
+    fn malformed_chains_are_returned_empty_and_the_device_keeps_serving() {
+        let mut h = Harness::new();
+        h.init();
+        let len = h.write_request(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        // No request part.
+        assert_eq!(h.raw(&[(REPLY_ADDR, REPLY_LEN, true)]), 0);
+        // Request after the reply part.
+        assert_eq!(
+            h.raw(&[(REPLY_ADDR, REPLY_LEN, true), (REQ_ADDR, len, false)]),
+            0
+        );
+        // Outside guest memory, and straddling its end.
+        assert_eq!(
+            h.raw(&[
+                (0xffff_ffff_0000, len, false),
+                (REPLY_ADDR, REPLY_LEN, true)
+            ]),
+            0
+        );
+        let end = crate::devices::virtio::test_utils::TEST_MEM_SIZE as u64;
+        assert_eq!(
+            h.raw(&[(end - 8, 64, false), (REPLY_ADDR, REPLY_LEN, true)]),
+            0
+        );
+        // Larger than any request may be.
+        let big = (MAX_REQUEST_BYTES / 2 + 1) as u32;
+        assert_eq!(
+            h.raw(&[
+                (0x100000, big, false),
+                (0x300000, big, false),
+                (REPLY_ADDR, REPLY_LEN, true)
+            ]),
+            0
+        );
+        // A truncated FUSE header.
+        assert_eq!(
+            h.raw(&[(REQ_ADDR, 8, false), (REPLY_ADDR, REPLY_LEN, true)]),
+            0
+        );
+        // A header claiming a huge message is answered with an error.
+        let mut header: InHeader = h.mem.read_obj(GuestAddress(REQ_ADDR)).unwrap();
+        header.len = u32::MAX;
+        h.mem.write_obj(header, GuestAddress(REQ_ADDR)).unwrap();
+        let used = h.raw(&[(REQ_ADDR, len, false), (REPLY_ADDR, REPLY_LEN, true)]);
+        let out: OutHeader = h.mem.read_obj(GuestAddress(REPLY_ADDR)).unwrap();
+        assert_eq!((used, out.error), (16, -libc::ENOMEM));
+        // An unknown opcode.
+        let (_, out) = h.call(9999, ROOT_ID, &[]);
+        assert_eq!(out.error, -libc::ENOSYS);
+        // A reply buffer too small for the reply.
+        let len = h.write_request(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        assert_eq!(h.raw(&[(REQ_ADDR, len, false), (REPLY_ADDR, 4, true)]), 0);
+        // Still serving.
+        let (_, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        assert_eq!(out.error, 0);
+        assert!(h.fs.lock().unwrap().bad_request_log.count() >= 7);
+    }
+
+    #[test]
+    fn forget_on_the_hiprio_queue_gets_no_reply_bytes() {
+        let mut h = Harness::new();
+        h.init();
+        let len = h.write_request(Opcode::Forget as u32, ROOT_ID, &1u64.to_le_bytes());
+        h.hiprio.add_chain(&[(REQ_ADDR, len, false)]);
+        h.notify(0);
+        assert_eq!(h.hiprio.take_used(), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn reset_ends_the_session_and_reactivation_serves_again() {
+        let mut h = Harness::new();
+        h.init();
+        assert!(h.fs.lock().unwrap().reset());
+        assert!(!h.fs.lock().unwrap().is_activated());
+        h.em.run_with_timeout(100).unwrap();
+        assert!(!h.fs.lock().unwrap().session_reset_pending);
+        let hiprio = GuestQueue::new(&h.mem, 0x60000, 16);
+        let requests = GuestQueue::new(&h.mem, 0x70000, 16);
+        h.fs.lock()
+            .unwrap()
+            .activate(
+                h.mem.clone(),
+                h.irq.clone(),
+                vec![hiprio.create_queue(), requests.create_queue()],
+                h.evts.iter().map(|e| e.try_clone().unwrap()).collect(),
+            )
+            .unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        h.hiprio = hiprio;
+        h.requests = requests;
+        h.init();
+        let (_, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        assert_eq!(out.error, 0);
+    }
+
+    #[test]
+    fn activate_rejects_wrong_queue_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fs = Fs::new(dir.path()).unwrap();
+        let err = fs
+            .activate(
+                test_memory(),
+                Arc::new(IrqTrigger::new().unwrap()),
+                vec![],
+                vec![],
+            )
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 2,
+                got: 0
+            }
+        ));
+    }
+}

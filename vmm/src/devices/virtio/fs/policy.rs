@@ -102,11 +102,17 @@ impl ConfinedFs {
         };
         let inner = PassthroughFs::new(cfg).map_err(err)?;
         // Open the root now so a bad directory fails the build, not the guest's mount.
-        // `import` sets the process umask to 0; only the serving thread may keep that.
-        let saved = set_umask(0);
-        let imported = inner.import();
-        set_umask(saved);
-        imported.map_err(err)?;
+        // `import` sets the umask to 0: do it on a thread with its own umask.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    unshare_fs()?;
+                    inner.import()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("import panicked")))
+        })
+        .map_err(err)?;
         Ok(Self { inner })
     }
 
@@ -125,13 +131,19 @@ pub fn confine_thread() -> io::Result<()> {
     if THREAD_CONFINED.with(Cell::get) {
         return Ok(());
     }
-    // SAFETY: unshare(CLONE_FS) only gives this thread its own cwd/root/umask; no memory.
-    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unshare_fs()?;
     set_umask(0);
     drop_thread_caps(&[CAP_FSETID, CAP_MKNOD])?;
     THREAD_CONFINED.with(|c| c.set(true));
+    Ok(())
+}
+
+/// Gives the calling thread its own cwd, root and umask.
+fn unshare_fs() -> io::Result<()> {
+    // SAFETY: unshare(CLONE_FS) only copies this thread's fs context; no memory is touched.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
