@@ -40,12 +40,15 @@ pub const GUEST_CID: u64 = 3;
 /// - `reboot=t`: a reboot triple-faults, which ends the VM; `panic=-1`: reboot at once on a
 ///   panic (so a panic ends the VM as a crash instead of hanging).
 /// - `quiet loglevel=1`: no console chatter (the console is off unless `--console`).
-/// - `nomodule`: no module loading; `pci=off`: there is no PCI bus, skip probing it.
-/// - `i8042.noaux i8042.nomux i8042.dumbkbd`: our i8042 only resets; skip mouse/mux probing.
 /// - `tsc=reliable`: skip the TSC watchdog (no reliable reference clock in a VM anyway).
+/// - `no_timer_check`: skip the IO-APIC timer check (a busy wait for timer ticks at boot; the
+///   in-kernel irqchip's timer works).
 /// - `rdinit=/init`: the agent in the initramfs is PID 1.
-pub const BASE_CMDLINE: &str = "reboot=t panic=-1 quiet loglevel=1 nomodule pci=off \
-     i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable rdinit=/init";
+///
+/// Our kernel has no PCI, no modules and no i8042 driver, so `pci=off`, `nomodule` and
+/// `i8042.*` are not passed: the kernel would not know them and would hand them to `/init`.
+pub const BASE_CMDLINE: &str = "reboot=t panic=-1 quiet loglevel=1 tsc=reliable no_timer_check \
+     rdinit=/init";
 /// Added with `--console`.
 pub const CONSOLE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial";
 /// Added without `--console`: do not register any 8250 port (nothing at 0x3f8 anyway).
@@ -569,6 +572,7 @@ mod tests {
             .expect("utf8");
         assert!(s.starts_with("reboot=t panic=-1 quiet"));
         assert!(s.ends_with("rdinit=/init console=ttyS0 earlyprintk=serial"));
+        assert!(!s.contains("pci=off"));
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   Hidden: ECX.VMX (no nested virtualization), ECX.PDCM (no perf-capabilities MSR),
 //!   EDX.MCE/MCA (the VMM sets up no machine-check banks), EDX.DS/ACPI/TM/PBE (no debug
 //!   store, thermal or power management hardware). x2APIC stays: the in-kernel irqchip
-//!   emulates it.
+//!   emulates it. ECX.TSC_DEADLINE set: the in-kernel LAPIC emulates the TSC-deadline timer
+//!   (`KVM_CAP_TSC_DEADLINE_TIMER`, every KVM since Linux 3.6) but KVM leaves the bit for the
+//!   VMM to set; without it the guest calibrates its LAPIC timer against the PIT at boot
+//!   (10 ticks, 100 ms at HZ=100).
 //! - 0x4 (Intel caches): cores per package = vCPU count; L1/L2 private, L3 shared by all.
 //! - 0x7.0: ECX.WAITPKG hidden (UMWAIT/TPAUSE control MSR not provided), EBX.INTEL_PT and
 //!   EDX.ARCH_LBR hidden (no tracing/LBR state saved by the VMM).
@@ -27,6 +30,7 @@ use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 /// Leaf 1 ECX bits.
 const LEAF1_ECX_VMX: u32 = 1 << 5;
 const LEAF1_ECX_PDCM: u32 = 1 << 15;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bits.
 const LEAF1_EDX_MCE: u32 = 1 << 7;
@@ -135,7 +139,7 @@ pub fn apply_cpuid_policy(entries: &mut Vec<kvm_cpuid_entry2>, cpu_index: u8, nu
     for entry in entries.iter_mut() {
         match entry.function {
             0x1 => {
-                entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                entry.ecx |= LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE;
                 entry.ecx &= !(LEAF1_ECX_VMX | LEAF1_ECX_PDCM);
                 entry.edx &= !(LEAF1_EDX_MCE
                     | LEAF1_EDX_MCA
@@ -307,6 +311,11 @@ mod tests {
         apply_cpuid_policy(&mut entries, 2, 4);
         let l1 = find(&entries, 1, 0);
         assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(
+            l1.ecx & LEAF1_ECX_TSC_DEADLINE,
+            0,
+            "TSC-deadline timer offered"
+        );
         assert_eq!(l1.ecx & (LEAF1_ECX_VMX | LEAF1_ECX_PDCM), 0);
         assert_eq!(l1.ecx & 1, 1, "unrelated bits pass through");
         assert_eq!(l1.edx & (LEAF1_EDX_MCE | LEAF1_EDX_MCA), 0);
