@@ -229,7 +229,12 @@ fn supervise_container(
     {
         Response::Created { pid } => pid,
         Response::Error { message } => return Err(format!("create container: {message}")),
-        other => return Err(format!("create container: unexpected {} reply", other.kind())),
+        other => {
+            return Err(format!(
+                "create container: unexpected {} reply",
+                other.kind()
+            ))
+        }
     };
     let relay = if plan.terminal {
         let console = plan
@@ -308,8 +313,8 @@ fn error_chain(err: &SupervisorError) -> String {
     chain(err)
 }
 
-/// Takes ownership of the inherited ready pipe.
-fn take_ready_fd(fd: RawFd) -> Result<File, SupervisorError> {
+/// Takes ownership of an inherited ready pipe (the fd number came from the parent).
+pub fn take_ready_fd(fd: RawFd) -> Result<File, SupervisorError> {
     if fd < 3 {
         return Err(SupervisorError::ReadyFd(fd));
     }
@@ -343,7 +348,10 @@ fn report_ready_at(ready: &Mutex<Option<File>>, line: &str) {
 
 /// Points fds 0/1/2 at `/dev/null` and the log file (fd 1 and 2).
 fn redirect_own_stdio(log_file: Option<&Path>) -> io::Result<()> {
-    let null = OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     let log = match log_file {
         Some(path) => OpenOptions::new().create(true).append(true).open(path)?,
         None => null.try_clone()?,
@@ -461,8 +469,7 @@ impl Relay {
         console_socket: &Path,
     ) -> Result<Relay, SupervisorError> {
         let pty = nix::pty::openpty(None, None).map_err(SupervisorError::Pty)?;
-        let mut termios =
-            nix::sys::termios::tcgetattr(&pty.slave).map_err(SupervisorError::Pty)?;
+        let mut termios = nix::sys::termios::tcgetattr(&pty.slave).map_err(SupervisorError::Pty)?;
         nix::sys::termios::cfmakeraw(&mut termios);
         nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
             .map_err(SupervisorError::Pty)?;
@@ -634,9 +641,8 @@ pub fn mirror_exit(status: &ExitStatus) -> ! {
         if let Ok(sig) = nix::sys::signal::Signal::try_from(signal) {
             if sig != nix::sys::signal::Signal::SIGKILL {
                 // SAFETY: installs the default disposition; no handler code is involved.
-                let _ = unsafe {
-                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)
-                };
+                let _ =
+                    unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
                 let mut set = nix::sys::signal::SigSet::empty();
                 set.add(sig);
                 let _ = set.thread_unblock();
@@ -707,8 +713,13 @@ mod tests {
         let mut buf = [0u8; 256];
         let mut iov = [io::IoSliceMut::new(&mut buf)];
         let mut space = nix::cmsg_space!([RawFd; 1]);
-        let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
-            .expect("recvmsg");
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .expect("recvmsg");
         let mut got = None;
         for cmsg in msg.cmsgs().expect("cmsgs") {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {

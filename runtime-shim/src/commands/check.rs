@@ -8,8 +8,8 @@
 use anyhow::{Context, Result};
 use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::Handshake;
-use husk_vmm::timeline::BootTimeline;
 use husk_vmm::kvm_check::{check_host, KvmUsability};
+use husk_vmm::timeline::BootTimeline;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,7 +90,10 @@ fn print_probe(probe: &Probe) {
     };
     let ms = |us: u64| format!("{:.1} ms", us as f64 / 1e3);
     let opt = |us: Option<u64>| us.map_or_else(|| "-".to_string(), ms);
-    println!("  boot timeline (since husk-vmm started, {} boot):", t.boot_protocol);
+    println!(
+        "  boot timeline (since husk-vmm started, {} boot):",
+        t.boot_protocol
+    );
     println!("    VM created          {}", ms(t.vm_created_us));
     println!("    kernel loaded       {}", ms(t.kernel_loaded_us));
     println!("    first vCPU entry    {}", opt(t.first_vcpu_entry_us));

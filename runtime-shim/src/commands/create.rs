@@ -1,0 +1,265 @@
+//! `husk create`: validate the bundle, prepare the share, boot the container's microVM in a
+//! detached `husk-vmm --supervise`, and return once the container exists in the guest.
+
+use crate::bundle::{translate_spec, Bundle};
+use crate::config::HuskConfig;
+use crate::container::{process_start_time, StateDir};
+use crate::share::{prepare_share, remove_state_dir};
+use crate::sizing::{host_cpus, size_vm};
+use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
+use crate::{logging, Globals};
+use anyhow::{bail, Context, Result};
+use husk_vmm::supervisor::SupervisorPlan;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Options of `husk create`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateArgs {
+    /// The bundle directory (holding config.json).
+    #[arg(long, short = 'b', default_value = ".")]
+    pub bundle: PathBuf,
+    /// A Unix socket that receives the pty master (with process.terminal).
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Write the container's pid (the husk-vmm process) here.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Not supported: the container always pivots into its rootfs inside the microVM.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility (the guest has its own keyrings anyway).
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Extra fds passed to the container: not supported (only 0 is accepted).
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// The container id.
+    pub id: String,
+}
+
+/// A container just created: its supervisor (our child) and its state.
+pub struct Created {
+    pub child: Child,
+    pub dir: StateDir,
+    pub state: ContainerState,
+}
+
+/// `husk create`.
+pub fn create(globals: &Globals, args: &CreateArgs) -> Result<()> {
+    create_container(globals, args)?;
+    Ok(())
+}
+
+/// Undoes a partial create: stops the VMM, unmounts, removes the state directory.
+struct Rollback<'a> {
+    dir: &'a StateDir,
+    child: Option<Child>,
+    armed: bool,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = remove_state_dir(self.dir) {
+            logging::warn(&format!("cleanup after a failed create: {e:#}"));
+        }
+    }
+}
+
+/// Checks the console socket the engine gave: it must exist and be a Unix socket.
+pub fn validate_console_socket(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("console socket {}: cannot stat it", path.display()))?;
+    if !meta.file_type().is_socket() {
+        bail!("console socket {}: not a Unix socket", path.display());
+    }
+    Ok(())
+}
+
+/// Everything `create` does; `run` uses it too.
+pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created> {
+    let dir = StateDir::new(&globals.root, &args.id)?;
+    if args.no_pivot {
+        bail!("--no-pivot is not supported: husk always pivots into the rootfs inside the microVM");
+    }
+    if args.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported by husk");
+    }
+    let bundle = Bundle::load(&args.bundle)?;
+    match (&args.console_socket, bundle.terminal()) {
+        (Some(socket), true) => validate_console_socket(socket)?,
+        (None, true) => {
+            bail!("process.terminal is set: a --console-socket is needed to receive the pty master")
+        }
+        (Some(_), false) => {
+            bail!("--console-socket was given but process.terminal is false in config.json")
+        }
+        (None, false) => {}
+    }
+    let cfg = HuskConfig::load()?;
+    let size = size_vm(&bundle.spec, &cfg, host_cpus())?;
+    let kernel = cfg.kernel_path()?;
+    let initramfs = cfg.initramfs_path()?;
+    let translation = translate_spec(&bundle, &args.id);
+    for note in &translation.notes {
+        logging::warn(note);
+    }
+
+    let _lock = dir.create_locked()?;
+    let mut rollback = Rollback {
+        dir: &dir,
+        child: None,
+        armed: true,
+    };
+    let mut mounts = Vec::new();
+    prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
+
+    let (ready_read, ready_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the ready pipe")?;
+    fcntl(ready_write.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+        .context("preparing the ready pipe")?;
+    let plan = SupervisorPlan {
+        id: args.id.clone(),
+        spec: translation.spec.clone(),
+        bundle: format!("{}/{}", crate::bundle::GUEST_SHARE, args.id),
+        terminal: bundle.terminal(),
+        console_socket: args.console_socket.clone(),
+        ready_fd: Some(ready_write.as_raw_fd()),
+        exit_file: dir.exit_file(),
+        log_file: Some(dir.log_file()),
+    };
+    write_atomic(&dir.plan_file(), &serde_json::to_vec_pretty(&plan)?)?;
+
+    let vmm = cfg.vmm_path();
+    let mut cmd = Command::new(&vmm);
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .arg("--cpus")
+        .arg(size.vcpus.to_string())
+        .arg("--mem-mib")
+        .arg(size.mem_mib.to_string())
+        .arg("--vsock-socket")
+        .arg(dir.vsock_socket())
+        .arg("--shared-dir")
+        .arg(dir.shared_dir())
+        .arg("--agent-timeout-ms")
+        .arg(cfg.agent_timeout.as_millis().to_string())
+        .arg("--log-level")
+        .arg(if globals.debug || cfg.debug {
+            "debug"
+        } else {
+            "warn"
+        })
+        .arg("--supervise")
+        .arg(dir.plan_file());
+    logging::debug(&format!("spawning {cmd:?}"));
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", vmm.display()))?;
+    drop(ready_write);
+    let pid = i32::try_from(child.id()).context("pid out of range")?;
+    rollback.child = Some(child);
+
+    let deadline = Instant::now() + cfg.agent_timeout + Duration::from_secs(10);
+    let report = read_ready(&ready_read, deadline);
+    let guest_pid = match report {
+        Ok(line) => match line.split_once(' ') {
+            Some(("created", pid)) => pid.trim().to_string(),
+            Some(("error", message)) => bail!("{message}"),
+            _ if line.is_empty() => bail!(
+                "husk-vmm exited before the container was created{}",
+                log_tail(&dir.log_file())
+            ),
+            _ => bail!("husk-vmm reported {line:?}"),
+        },
+        Err(e) => return Err(e),
+    };
+    logging::debug(&format!(
+        "container {} created, guest pid {guest_pid}",
+        args.id
+    ));
+    let pid_start_time = process_start_time(pid)
+        .with_context(|| format!("husk-vmm (pid {pid}) died right after creating the container"))?;
+    let state = ContainerState {
+        id: args.id.clone(),
+        status: Status::Created,
+        pid,
+        pid_start_time,
+        bundle: bundle.dir.clone(),
+        rootfs: bundle.rootfs.clone(),
+        created: now_rfc3339(),
+        annotations: bundle.annotations(),
+        mounts,
+        exit: None,
+    };
+    state.save(&dir)?;
+    if let Some(pid_file) = &args.pid_file {
+        let pid_file = std::path::absolute(pid_file).unwrap_or_else(|_| pid_file.clone());
+        write_atomic(&pid_file, pid.to_string().as_bytes())?;
+    }
+    rollback.armed = false;
+    let child = rollback
+        .child
+        .take()
+        .context("the supervisor handle is gone")?;
+    drop(rollback);
+    Ok(Created { child, dir, state })
+}
+
+/// Reads the supervisor's one-line report (empty when it exited without one).
+fn read_ready(fd: &OwnedFd, deadline: Instant) -> Result<String> {
+    let mut buf = Vec::new();
+    let mut file = std::fs::File::from(fd.try_clone()?);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("timed out waiting for the microVM to create the container");
+        }
+        let ms = u16::try_from(left.as_millis().min(10_000)).unwrap_or(10_000);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for the microVM"),
+        }
+        let mut chunk = [0u8; 4096];
+        let n = file.read(&mut chunk)?;
+        if n == 0 || chunk[..n].contains(&b'\n') {
+            buf.extend_from_slice(&chunk[..n]);
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 64 * 1024 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// The last lines of the VMM log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail: Vec<&str> = lines.into_iter().rev().collect();
+    format!("; its log says: {}", tail.join(" | "))
+}

@@ -1,0 +1,42 @@
+//! `husk start`: let a created container's init run its program.
+
+use crate::agent::{call_ok, connect, init_process};
+use crate::container::StateDir;
+use crate::state::{ContainerState, Status};
+use crate::Globals;
+use anyhow::{bail, Result};
+use husk_agent_protocol::Request;
+
+/// Options of `husk start`.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The container id.
+    pub id: String,
+}
+
+/// `husk start`.
+pub fn start(globals: &Globals, args: &StartArgs) -> Result<()> {
+    let dir = StateDir::new(&globals.root, &args.id)?;
+    let _lock = dir.lock()?;
+    start_locked(&dir)
+}
+
+/// Starts the container in `dir`, whose lock the caller holds.
+pub fn start_locked(dir: &StateDir) -> Result<()> {
+    let mut state = ContainerState::load(dir)?;
+    if !state.can_start() {
+        match state.status {
+            Status::Stopped => bail!("cannot start a container that has stopped"),
+            other => bail!("cannot start an already {other} container"),
+        }
+    }
+    let mut client = connect(dir)?;
+    call_ok(
+        &mut client,
+        "starting the container",
+        &Request::StartProcess(init_process(&dir.id)),
+    )?;
+    state.status = Status::Running;
+    state.save(dir)?;
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The per-container share on the host: `<state dir>/shared/`, exported to the guest by the
+//! VMM's virtio-fs device, with the rootfs and the spec's bind-mount sources bind-mounted into
+//! `shared/<id>/`.
+//!
+//! `shared/` is first bind-mounted onto itself and made private, so that the binds below it do
+//! not propagate into other mount namespaces (where `delete` could not remove them).
+//! [`release_share`] detaches every mount under the state directory - found in
+//! `/proc/self/mountinfo`, so mounts of an interrupted `create` are found too - and checks that
+//! none is left before anything is removed: a recursive removal must never descend into a
+//! user's rootfs.
+
+use crate::bundle::BindPlan;
+use crate::container::StateDir;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::path::{Path, PathBuf};
+
+/// Errors of preparing and releasing the share.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("cannot create {0}")]
+    Create(PathBuf, #[source] std::io::Error),
+    #[error("cannot bind-mount {source_path} on {target}")]
+    Bind {
+        source_path: PathBuf,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("bind-mount source {0} does not exist")]
+    SourceMissing(PathBuf),
+    #[error("cannot read /proc/self/mountinfo")]
+    MountInfo(#[source] std::io::Error),
+    #[error("{0} is still mounted; refusing to remove the state directory")]
+    StillMounted(PathBuf),
+}
+
+/// Prepares `shared/<id>/` with `binds`; every mount made is appended to `mounts` (also on
+/// error, so that the caller can undo them).
+pub fn prepare_share(
+    dir: &StateDir,
+    binds: &[BindPlan],
+    mounts: &mut Vec<PathBuf>,
+) -> Result<(), ShareError> {
+    let shared = dir.shared_dir();
+    let bundle = dir.shared_bundle();
+    std::fs::create_dir_all(&bundle).map_err(|e| ShareError::Create(bundle.clone(), e))?;
+    bind(&shared, &shared, MsFlags::empty())?;
+    mounts.push(shared.clone());
+    mount(
+        None::<&str>,
+        &shared,
+        None::<&str>,
+        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| ShareError::Bind {
+        source_path: shared.clone(),
+        target: shared.clone(),
+        source,
+    })?;
+    for plan in binds {
+        if !plan.source.exists() {
+            return Err(ShareError::SourceMissing(plan.source.clone()));
+        }
+        let target = bundle.join(&plan.target);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ShareError::Create(parent.into(), e))?;
+        }
+        let made = if plan.is_dir {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        };
+        made.map_err(|e| ShareError::Create(target.clone(), e))?;
+        bind(&plan.source, &target, MsFlags::MS_REC)?;
+        mounts.push(target);
+    }
+    Ok(())
+}
+
+fn bind(source: &Path, target: &Path, extra: MsFlags) -> Result<(), ShareError> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | extra,
+        None::<&str>,
+    )
+    .map_err(|e| ShareError::Bind {
+        source_path: source.to_path_buf(),
+        target: target.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, ShareError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(ShareError::MountInfo)?;
+    Ok(mounts_under_in(&text, dir))
+}
+
+/// [`mounts_under`] on the text of a mountinfo file.
+pub fn mounts_under_in(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// Decodes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let oct = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(oct, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches every mount below the state directory, then checks that none is left.
+pub fn release_share(dir: &StateDir) -> Result<(), ShareError> {
+    for _ in 0..3 {
+        let mounts = mounts_under(&dir.dir)?;
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        for point in mounts {
+            if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
+                if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
+                    eprintln!("husk: warning: cannot unmount {}: {e}", point.display());
+                }
+            }
+        }
+    }
+    match mounts_under(&dir.dir)?.into_iter().next() {
+        Some(left) => Err(ShareError::StillMounted(left)),
+        None => Ok(()),
+    }
+}
+
+/// Removes the state directory after [`release_share`] found no mount left in it.
+pub fn remove_state_dir(dir: &StateDir) -> Result<(), ShareError> {
+    release_share(dir)?;
+    match std::fs::remove_dir_all(&dir.dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ShareError::Create(dir.dir.clone(), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:25 / /run rw shared:5 - tmpfs tmpfs rw
+40 30 8:1 /b/rootfs /run/husk/c1/shared/c1/rootfs rw - ext4 /dev/sda1 rw
+41 30 0:25 /run/husk/c1/shared /run/husk/c1/shared rw - tmpfs tmpfs rw
+42 30 8:1 /d /run/husk/c10/shared/c10/rootfs rw - ext4 /dev/sda1 rw
+43 30 8:1 /e /run/husk/c1/shared/c1/mounts/my\\040dir rw - ext4 /dev/sda1 rw
+";
+
+    #[test]
+    fn mounts_under_a_dir_are_found_deepest_first() {
+        let found = mounts_under_in(MOUNTINFO, Path::new("/run/husk/c1"));
+        assert_eq!(
+            found,
+            vec![
+                PathBuf::from("/run/husk/c1/shared/c1/mounts/my dir"),
+                PathBuf::from("/run/husk/c1/shared/c1/rootfs"),
+                PathBuf::from("/run/husk/c1/shared"),
+            ]
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("a\\040b\\011c"), "a b\tc");
+        assert_eq!(unescape_mountinfo("plain\\"), "plain\\");
+    }
+}
