@@ -128,6 +128,44 @@ pub fn setup_mounts(sys: &dyn Syscall) -> Vec<InitError> {
     errors
 }
 
+/// Where the host's shared directory (virtio-fs tag [`SHARE_TAG`]) is mounted.
+pub const SHARE_MOUNT_POINT: &str = "/run/husk/shared";
+
+/// The virtio-fs tag of husk-vmm's shared directory.
+pub const SHARE_TAG: &str = "husk";
+
+/// Mounts the host's shared directory when the VM has one. Returns whether it is mounted; a VM
+/// without the device (the kernel reports no such tag: `ENOENT`/`ENODEV`) has no share, which
+/// is not an error.
+pub fn mount_share(sys: &dyn Syscall) -> Result<bool, InitError> {
+    for dir in ["/run/husk", SHARE_MOUNT_POINT] {
+        match sys.mkdir(std::path::Path::new(dir), 0o755) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(errno) => {
+                return Err(InitError::MountPoint {
+                    path: dir.into(),
+                    errno,
+                })
+            }
+        }
+    }
+    match sys.mount(
+        Some(SHARE_TAG),
+        std::path::Path::new(SHARE_MOUNT_POINT),
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None,
+    ) {
+        Ok(()) | Err(Errno::EBUSY) => Ok(true),
+        Err(Errno::ENOENT | Errno::ENODEV | Errno::EINVAL) => Ok(false),
+        Err(errno) => Err(InitError::Mount {
+            fstype: "virtiofs",
+            target: SHARE_MOUNT_POINT.into(),
+            errno,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +263,34 @@ mod tests {
             ]
         );
         assert_eq!(mount_targets(&sys.calls()).len(), 8);
+    }
+
+    #[test]
+    fn share_is_mounted_by_tag_and_a_missing_device_is_fine() {
+        let sys = RecordingSyscall::new();
+        assert_eq!(mount_share(&sys), Ok(true));
+        assert_eq!(
+            sys.calls().last(),
+            Some(&Call::Mount {
+                source: Some("husk".into()),
+                target: "/run/husk/shared".into(),
+                fstype: Some("virtiofs".into()),
+                flags: MsFlags::empty(),
+                data: None,
+            })
+        );
+        let sys = RecordingSyscall::new();
+        sys.fail_mount("/run/husk/shared", Errno::ENOENT);
+        assert_eq!(mount_share(&sys), Ok(false));
+        let sys = RecordingSyscall::new();
+        sys.fail_mount("/run/husk/shared", Errno::EIO);
+        assert_eq!(
+            mount_share(&sys),
+            Err(InitError::Mount {
+                fstype: "virtiofs",
+                target: "/run/husk/shared".into(),
+                errno: Errno::EIO
+            })
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! which panics the kernel; with `panic=-1 reboot=t` the VM then resets by triple fault and the
 //! VMM reports a crash instead of leaving the host to time out.
 
+pub mod container;
 pub mod init;
 pub mod log;
 pub mod reaper;
@@ -44,6 +45,14 @@ pub fn run_init() -> AgentError {
     for err in mount_errors {
         log_error!("{err}: {}", err_source(&err));
     }
+    match init::mount_share(sys.as_ref()) {
+        Ok(true) => log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT),
+        Ok(false) => log_info!("no host share (no virtio-fs device tagged {})", init::SHARE_TAG),
+        Err(err) => log_error!("{err}: {}", err_source(&err)),
+    }
+    if let Err(errno) = sys::bring_up_loopback() {
+        log_error!("bringing up lo failed: {errno}");
+    }
     // Before any other thread exists: every thread must inherit the blocked SIGCHLD.
     let reaper = match Reaper::start(sys) {
         Ok(reaper) => reaper,
@@ -66,9 +75,27 @@ pub fn run_init() -> AgentError {
 
 /// Serves the protocol on a Unix socket that behaves like husk-vmm's vsock socket, for tests
 /// on the host. A shutdown request exits the process with status 0. Returns only on error.
+///
+/// Containers work here too: the agent becomes a child subreaper (so processes that a helper
+/// forks, and orphans, are reparented to it) and runs the same reaper as in the guest.
 pub fn run_unix(path: &Path) -> AgentError {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        log_warn!(
+            "PR_SET_CHILD_SUBREAPER failed: {}",
+            nix::errno::Errno::last()
+        );
+    }
+    // Before any other thread exists (see Reaper::start).
+    let reaper = match Reaper::start(Arc::new(LinuxSyscall)) {
+        Ok(reaper) => reaper,
+        Err(err) => return err.into(),
+    };
     match UnixTestListener::bind(path) {
-        Ok(listener) => server::serve(listener, Server::new(ShutdownMode::ExitProcess, None)),
+        Ok(listener) => server::serve(
+            listener,
+            Server::new(ShutdownMode::ExitProcess, Some(reaper)),
+        ),
         Err(err) => err.into(),
     }
 }

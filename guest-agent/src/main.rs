@@ -11,6 +11,10 @@ usage: husk-agent                    run as PID 1 (init) of a husk guest VM
        husk-agent --version";
 
 fn main() -> ExitCode {
+    // A container's init helper is PID 1 of its pid namespace: check for it first.
+    if std::env::args().nth(1).as_deref() == Some(husk_agent::container::child::INIT_ARG) {
+        husk_agent::container::child::run();
+    }
     if nix::unistd::getpid().as_raw() == 1 {
         // The kernel may pass unknown command-line words as arguments to init: ignore them.
         let err = husk_agent::run_init();

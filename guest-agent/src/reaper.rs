@@ -43,7 +43,17 @@ pub enum ExitStatus {
 /// Reaps every child of the agent and routes the statuses of watched ones to their waiters.
 pub struct Reaper {
     sys: Arc<dyn Syscall>,
-    waiters: Mutex<HashMap<i32, Sender<ExitStatus>>>,
+    waiters: Mutex<Waiters>,
+}
+
+/// Most statuses of unwatched children kept for a late [`Reaper::watch`].
+pub const MAX_UNCLAIMED: usize = 64;
+
+/// Waiters by pid, and the last statuses of children nobody waited for (oldest first).
+#[derive(Default)]
+struct Waiters {
+    by_pid: HashMap<i32, Sender<ExitStatus>>,
+    unclaimed: std::collections::VecDeque<(i32, ExitStatus)>,
 }
 
 impl std::fmt::Debug for Reaper {
@@ -57,7 +67,7 @@ impl Reaper {
     pub fn new(sys: Arc<dyn Syscall>) -> Self {
         Self {
             sys,
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(Waiters::default()),
         }
     }
 
@@ -109,9 +119,14 @@ impl Reaper {
                 }
             };
             reaped += 1;
-            if let Some(waiter) = waiters.remove(&pid.as_raw()) {
+            if let Some(waiter) = waiters.by_pid.remove(&pid.as_raw()) {
                 // The waiter may have given up; its status is then of no use to anyone.
                 let _ = waiter.send(status);
+            } else {
+                if waiters.unclaimed.len() >= MAX_UNCLAIMED {
+                    waiters.unclaimed.pop_front();
+                }
+                waiters.unclaimed.push_back((pid.as_raw(), status));
             }
         }
         reaped
@@ -129,16 +144,33 @@ impl Reaper {
         let mut waiters = self.lock_waiters();
         let (pid, value) = spawn()?;
         let (sender, receiver) = channel();
-        waiters.insert(pid, sender);
+        waiters.unclaimed.retain(|(p, _)| *p != pid);
+        waiters.by_pid.insert(pid, sender);
         Ok((value, receiver))
+    }
+
+    /// Watches a child that was started without [`Reaper::spawn_watched`] (e.g. one a helper
+    /// forked with `CLONE_PARENT`). If it was already reaped, its status (kept among the last
+    /// [`MAX_UNCLAIMED`]) is delivered at once.
+    pub fn watch(&self, pid: i32) -> Receiver<ExitStatus> {
+        let mut waiters = self.lock_waiters();
+        let (sender, receiver) = channel();
+        if let Some(i) = waiters.unclaimed.iter().position(|(p, _)| *p == pid) {
+            if let Some((_, status)) = waiters.unclaimed.remove(i) {
+                let _ = sender.send(status);
+                return receiver;
+            }
+        }
+        waiters.by_pid.insert(pid, sender);
+        receiver
     }
 
     /// Number of processes with a registered waiter not yet reaped.
     pub fn watched(&self) -> usize {
-        self.lock_waiters().len()
+        self.lock_waiters().by_pid.len()
     }
 
-    fn lock_waiters(&self) -> MutexGuard<'_, HashMap<i32, Sender<ExitStatus>>> {
+    fn lock_waiters(&self) -> MutexGuard<'_, Waiters> {
         // A panic aborts the agent (panic = "abort"), so the lock can never be poisoned; take it
         // anyway rather than panic.
         self.waiters
@@ -187,6 +219,19 @@ mod tests {
         sys.push_wait(Ok(WaitStatus::Exited(Pid::from_raw(9), 0)));
         assert_eq!(reaper.reap_all(), 0);
         assert_eq!(sys.calls().len(), 1);
+    }
+
+    #[test]
+    fn late_watch_gets_the_status_of_an_already_reaped_child() {
+        let sys = Arc::new(RecordingSyscall::new());
+        let reaper = Reaper::new(sys.clone());
+        sys.push_wait(Ok(WaitStatus::Exited(Pid::from_raw(77), 4)));
+        assert_eq!(reaper.reap_all(), 1);
+        let rx = reaper.watch(77);
+        assert_eq!(rx.try_recv(), Ok(ExitStatus::Exited(4)));
+        let rx = reaper.watch(78);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(reaper.watched(), 1);
     }
 
     #[test]

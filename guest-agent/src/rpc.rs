@@ -3,11 +3,12 @@
 //! A handler also says what the connection does after its response is written ([`After`]): the
 //! echo and shutdown requests change the connection's (or the VM's) course.
 
+use crate::container::{AttachJob, ContainerError, Containers};
 use crate::sysinfo::{do_handshake, AGENT_VERSION};
 use husk_agent_protocol::{Request, Response, PROTOCOL_VERSION};
 
 /// What the connection does once the response is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum After {
     /// Read the next request.
     Continue,
@@ -15,10 +16,12 @@ pub enum After {
     Echo,
     /// Shut the guest down.
     Shutdown,
+    /// Become a process's standard stream.
+    Attach(AttachJob),
 }
 
 /// A response and what follows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Reply {
     pub response: Response,
     pub after: After,
@@ -32,9 +35,9 @@ impl Reply {
 
 /// Handles one frame body. A body that is not a known [`Request`] (garbage, or an operation of
 /// a newer host) gets a [`Response::Error`]; the connection stays usable.
-pub fn handle_frame(body: &[u8]) -> Reply {
+pub fn handle_frame(body: &[u8], containers: Option<&Containers>) -> Reply {
     match serde_json::from_slice::<Request>(body) {
-        Ok(request) => handle_request(&request),
+        Ok(request) => handle_request(&request, containers),
         Err(err) => {
             crate::log_warn!("rejected a request: {err}");
             Reply::then(
@@ -48,7 +51,7 @@ pub fn handle_frame(body: &[u8]) -> Reply {
 }
 
 /// Handles one decoded request.
-pub fn handle_request(request: &Request) -> Reply {
+pub fn handle_request(request: &Request, containers: Option<&Containers>) -> Reply {
     match request {
         Request::Handshake { protocol_version } => {
             if *protocol_version != PROTOCOL_VERSION {
@@ -65,16 +68,92 @@ pub fn handle_request(request: &Request) -> Reply {
             crate::log_info!("shutdown requested");
             Reply::then(Response::Ok, After::Shutdown)
         }
-        // Container operations are part of the protocol; this agent does not run containers yet
-        // and says so rather than pretending.
-        other => {
-            let op = serde_json::to_value(other)
-                .ok()
-                .and_then(|v| v.get("op").and_then(|op| op.as_str().map(str::to_owned)))
-                .unwrap_or_else(|| "this operation".to_string());
+        other => match containers {
+            Some(containers) => container_request(other, containers),
+            None => Reply::then(
+                Response::Error {
+                    message: format!(
+                        "{} needs the agent's process reaper, which this agent runs without",
+                        op_name(other)
+                    ),
+                },
+                After::Continue,
+            ),
+        },
+    }
+}
+
+/// The `op` tag of a request, for messages.
+fn op_name(request: &Request) -> String {
+    serde_json::to_value(request)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|op| op.as_str().map(str::to_owned)))
+        .unwrap_or_else(|| "this operation".to_string())
+}
+
+/// Handles a container operation.
+fn container_request(request: &Request, c: &Containers) -> Reply {
+    let result: Result<(Response, After), ContainerError> = match request {
+        Request::CreateContainer(req) => c
+            .create(req)
+            .map(|pid| (Response::Created { pid }, After::Continue)),
+        Request::ExecProcess(req) => c
+            .exec(req)
+            .map(|pid| (Response::Created { pid }, After::Continue)),
+        Request::AttachStdio(req) => c
+            .attach(req)
+            .map(|job| (Response::Ok, After::Attach(job))),
+        Request::StartProcess(r) => c.start(r).map(|()| (Response::Ok, After::Continue)),
+        Request::WaitProcess(r) => c
+            .wait(r)
+            .map(|status| (Response::Exited(status), After::Continue)),
+        Request::SignalProcess {
+            process,
+            signal,
+            all,
+        } => c
+            .signal(process, *signal, *all)
+            .map(|()| (Response::Ok, After::Continue)),
+        Request::ResizePty {
+            process,
+            rows,
+            cols,
+        } => c
+            .resize(process, *rows, *cols)
+            .map(|()| (Response::Ok, After::Continue)),
+        Request::CloseStdin(r) => c.close_stdin(r).map(|()| (Response::Ok, After::Continue)),
+        Request::ListProcesses { id } => c
+            .list_processes(id)
+            .map(|pids| (Response::Pids { pids }, After::Continue)),
+        Request::Stats { id } => c
+            .stats(id)
+            .map(|stats| (Response::Stats(stats), After::Continue)),
+        Request::Update { id, resources } => c
+            .update(id, resources)
+            .map(|()| (Response::Ok, After::Continue)),
+        Request::Pause { id } => c.freeze(id, true).map(|()| (Response::Ok, After::Continue)),
+        Request::Resume { id } => c.freeze(id, false).map(|()| (Response::Ok, After::Continue)),
+        Request::RemoveContainer { id } => c.remove(id).map(|()| (Response::Ok, After::Continue)),
+        Request::ListContainers => Ok((
+            Response::Containers {
+                containers: c.list(),
+            },
+            After::Continue,
+        )),
+        Request::Handshake { .. } | Request::Echo | Request::Shutdown => Ok((
+            Response::Error {
+                message: "not a container operation".into(),
+            },
+            After::Continue,
+        )),
+    };
+    match result {
+        Ok((response, after)) => Reply::then(response, after),
+        Err(err) => {
+            crate::log_warn!("{} failed: {err}", op_name(request));
             Reply::then(
                 Response::Error {
-                    message: format!("{op} is not supported by this agent"),
+                    message: err.to_string(),
                 },
                 After::Continue,
             )
@@ -88,8 +167,8 @@ mod tests {
 
     #[test]
     fn handshake_reports_our_protocol_version() {
-        let reply = handle_frame(br#"{"op":"handshake","protocol_version":1}"#);
-        assert_eq!(reply.after, After::Continue);
+        let reply = handle_frame(br#"{"op":"handshake","protocol_version":1}"#, None);
+        assert!(matches!(reply.after, After::Continue));
         match reply.response {
             Response::Handshake(hs) => {
                 assert_eq!(hs.protocol_version, PROTOCOL_VERSION);
@@ -101,20 +180,19 @@ mod tests {
 
     #[test]
     fn echo_and_shutdown_reply_ok_then_change_course() {
-        assert_eq!(
-            handle_request(&Request::Echo),
-            Reply::then(Response::Ok, After::Echo)
-        );
-        assert_eq!(
-            handle_request(&Request::Shutdown),
-            Reply::then(Response::Ok, After::Shutdown)
-        );
+        let echo = handle_request(&Request::Echo, None);
+        assert!(matches!((echo.response, echo.after), (Response::Ok, After::Echo)));
+        let shutdown = handle_request(&Request::Shutdown, None);
+        assert!(matches!(
+            (shutdown.response, shutdown.after),
+            (Response::Ok, After::Shutdown)
+        ));
     }
 
     #[test]
     fn unknown_operation_gets_an_error_and_the_connection_continues() {
-        let reply = handle_frame(br#"{"op":"create","id":"web"}"#);
-        assert_eq!(reply.after, After::Continue);
+        let reply = handle_frame(br#"{"op":"create","id":"web"}"#, None);
+        assert!(matches!(reply.after, After::Continue));
         match reply.response {
             Response::Error { message } => {
                 assert!(message.contains("unknown variant `create`"), "{message}");
@@ -125,8 +203,19 @@ mod tests {
 
     #[test]
     fn garbage_gets_an_error() {
-        let reply = handle_frame(b"\x00\xffnot json");
+        let reply = handle_frame(b"\x00\xffnot json", None);
         assert!(matches!(reply.response, Response::Error { .. }));
-        assert_eq!(reply.after, After::Continue);
+        assert!(matches!(reply.after, After::Continue));
+    }
+
+    #[test]
+    fn container_operations_without_a_reaper_are_refused() {
+        let reply = handle_frame(br#"{"op":"list_containers"}"#, None);
+        match reply.response {
+            Response::Error { message } => {
+                assert!(message.starts_with("list_containers needs"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The agent's listener: accepts connections (vsock in the guest, a Unix socket for tests on
 //! the host) and serves each on its own thread.
 
+use crate::container::Containers;
 use crate::reaper::Reaper;
 use crate::rpc::{handle_frame, After};
 use crate::sys;
@@ -64,6 +65,10 @@ pub enum ServerError {
 pub trait Connection: Read + Write + Send + 'static {
     /// Sets the timeout of later reads (`None`: block forever).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// A second descriptor of the same stream (an attached stdio stream outlives the
+    /// connection's thread).
+    fn try_clone_file(&self) -> io::Result<File>;
 }
 
 /// A source of connections.
@@ -162,11 +167,19 @@ impl Connection for VsockStream {
         setsockopt(&self.file, sockopt::ReceiveTimeout, &tv)?;
         Ok(())
     }
+
+    fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
 }
 
 impl Connection for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout.map(|t| t.max(Duration::from_micros(1))))
+    }
+
+    fn try_clone_file(&self) -> io::Result<File> {
+        Ok(File::from(OwnedFd::from(self.try_clone()?)))
     }
 }
 
@@ -228,16 +241,20 @@ pub enum ShutdownMode {
 #[derive(Debug)]
 pub struct Server {
     pub shutdown_mode: ShutdownMode,
-    /// The reaper, for the operations that start processes (none yet).
+    /// The reaper, for the operations that start processes.
     pub reaper: Option<Arc<Reaper>>,
+    /// The containers (only with a reaper).
+    pub containers: Option<Containers>,
     active: AtomicUsize,
 }
 
 impl Server {
     pub fn new(shutdown_mode: ShutdownMode, reaper: Option<Arc<Reaper>>) -> Arc<Self> {
+        let containers = reaper.as_ref().map(|r| Containers::new(Arc::clone(r)));
         Arc::new(Self {
             shutdown_mode,
             reaper,
+            containers,
             active: AtomicUsize::new(0),
         })
     }
@@ -329,12 +346,19 @@ pub fn serve_connection<C: Connection>(conn: &mut C, server: &Server) {
                 return;
             }
         };
-        let reply = handle_frame(&body);
+        let reply = handle_frame(&body, server.containers.as_ref());
         if let Err(err) = write_frame(conn, &reply.response) {
             crate::log_warn!("closing a connection, reply not sent: {err}");
             return;
         }
         match reply.after {
+            After::Attach(job) => {
+                match conn.try_clone_file() {
+                    Ok(file) => job.run(file),
+                    Err(err) => crate::log_error!("attaching a stream failed: {err}"),
+                }
+                return;
+            }
             After::Continue => {}
             After::Echo => {
                 if let Err(err) = echo(conn) {

@@ -60,6 +60,34 @@ impl Syscall for LinuxSyscall {
     }
 }
 
+/// Brings the loopback interface `lo` up (`SIOCSIFFLAGS` with `IFF_UP`).
+pub fn bring_up_loopback() -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills the flags of `req`, a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the flags member of the union is the one SIOCGIFFLAGS just set.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
 /// The i8042 keyboard controller's command port.
 const I8042_COMMAND_PORT: u16 = 0x64;
 /// The i8042 command that pulses the CPU reset line.

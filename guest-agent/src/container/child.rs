@@ -1,0 +1,682 @@
+//! The container's init helper: `husk-agent __husk-container-init`, started by the agent with
+//! `clone(2)` (in a new pid namespace for a new container) and an immediate `execve` of the
+//! agent's own binary, so that all setup runs in a fresh single-threaded process.
+//!
+//! File descriptors: 0-2 the process's stdio, 3 a socket to the agent carrying frames:
+//! agent -> helper [`ToInit::Setup`] then [`ToInit::Start`]; helper -> agent an optional
+//! [`FromInit::Pid`] (the process to watch, when the helper had to fork to enter a pid
+//! namespace), then [`FromInit::Ready`] or [`FromInit::Error`]. After `Start` the helper applies
+//! the process attributes and `execve`s the program; the socket is close-on-exec, so the agent
+//! reads end-of-stream on success, or a [`FromInit::Error`].
+
+use super::seccomp::{self, SockFilter};
+use super::spec::{
+    DevicePlan, MountPlan, NamespacePlan, Plan, ProcessPlan, DEFAULT_DEVICES, DEV_SYMLINKS,
+};
+use husk_agent_protocol::{read_frame, write_frame};
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
+use nix::unistd::{chdir, pivot_root, Gid, Uid};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::ffi::{CString, OsString};
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Component, Path, PathBuf};
+
+/// The argument that selects this mode of the agent binary.
+pub const INIT_ARG: &str = "__husk-container-init";
+
+/// The descriptor of the socket to the agent.
+pub const CONTROL_FD: i32 = 3;
+
+/// Default `PATH` for finding the program when the process env has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the helper does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// A new container (its root file system, mounts, ...), or `None` for an exec.
+    pub create: Option<Box<Plan>>,
+    /// Namespaces to join (an exec joins all of the container's).
+    pub join: Vec<NamespacePlan>,
+    /// The cgroup directory to enter.
+    pub cgroup: Option<PathBuf>,
+    pub process: ProcessPlan,
+    pub seccomp: Vec<Vec<SockFilter>>,
+}
+
+/// Agent -> helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToInit {
+    Setup(Box<InitConfig>),
+    Start,
+}
+
+/// Helper -> agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromInit {
+    /// The pid (in the agent's namespace) of the process that will run the program.
+    Pid(i32),
+    /// Set up; waiting for [`ToInit::Start`].
+    Ready,
+    /// Setup or start failed.
+    Error(String),
+}
+
+/// A failed step, with context.
+type StepResult<T = ()> = Result<T, String>;
+
+fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) -> StepResult<T> {
+    r.map_err(|err| format!("{}: {err}", what()))
+}
+
+/// Entry point of the helper. Never returns.
+pub fn run() -> ! {
+    // SAFETY: fd 3 was set up by the agent for this process and nothing else owns it.
+    let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
+    let code = match setup_and_exec(&mut control) {
+        Ok(never) => match never {},
+        Err(message) => {
+            let _ = write_frame(&mut control, &FromInit::Error(message));
+            127
+        }
+    };
+    std::process::exit(code)
+}
+
+fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallible> {
+    let ToInit::Setup(config) = ctx(read_frame::<_, ToInit>(control), || {
+        "reading the setup".into()
+    })?
+    else {
+        return Err("expected the setup first".into());
+    };
+    ctx(
+        nix::fcntl::fcntl(
+            control.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        ),
+        || "marking the control socket close-on-exec".into(),
+    )?;
+    umask(Mode::empty());
+    if let Some(cgroup) = &config.cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        ctx(fs::write(&procs, "0"), || format!("joining {}", procs.display()))?;
+    }
+    let joined_pid = join_namespaces(&config)?;
+    if joined_pid {
+        fork_into_pid_namespace(control)?;
+    }
+    if let Some(plan) = &config.create {
+        setup_rootfs(plan)?;
+        if let Some(hostname) = &plan.hostname {
+            ctx(nix::unistd::sethostname(hostname), || "sethostname".into())?;
+        }
+        if let Some(domainname) = &plan.domainname {
+            set_domainname(domainname)?;
+        }
+        for (key, value) in &plan.sysctls {
+            let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+            ctx(fs::write(&path, value), || format!("sysctl {key}"))?;
+        }
+    }
+    ctx(write_frame(control, &FromInit::Ready), || "reporting ready".into())?;
+    match read_frame::<_, ToInit>(control) {
+        Ok(ToInit::Start) => {}
+        Ok(other) => return Err(format!("expected start, got {other:?}")),
+        // The agent gave up on this process (removed it).
+        Err(_) => std::process::exit(1),
+    }
+    exec_process(&config.process, &config.seccomp)
+}
+
+/// Enters the namespaces: joins those with a path, creates the others. Returns whether a pid
+/// namespace was joined (the caller must fork to be in it).
+fn join_namespaces(config: &InitConfig) -> StepResult<bool> {
+    let mut joins: Vec<&NamespacePlan> = config.join.iter().collect();
+    let mut new_flags = CloneFlags::empty();
+    if let Some(plan) = &config.create {
+        for ns in &plan.namespaces {
+            match &ns.path {
+                Some(_) => joins.push(ns),
+                // A new pid namespace was made by the agent's clone.
+                None if ns.flag == libc::CLONE_NEWPID => {}
+                None => new_flags |= CloneFlags::from_bits_retain(ns.flag),
+            }
+        }
+    }
+    // Open every namespace before entering any: after the mount namespace, paths change.
+    let mut opened = Vec::new();
+    for ns in &joins {
+        let Some(path) = &ns.path else { continue };
+        let file = ctx(File::open(path), || format!("opening namespace {}", path.display()))?;
+        opened.push((ns.flag, path.clone(), file));
+    }
+    // The mount namespace last.
+    opened.sort_by_key(|(flag, _, _)| *flag == libc::CLONE_NEWNS);
+    let mut joined_pid = false;
+    for (flag, path, file) in &opened {
+        ctx(setns(file.as_fd(), CloneFlags::from_bits_retain(*flag)), || {
+            format!("joining namespace {}", path.display())
+        })?;
+        joined_pid |= *flag == libc::CLONE_NEWPID;
+    }
+    if !new_flags.is_empty() {
+        ctx(unshare(new_flags), || format!("unshare({new_flags:?})"))?;
+    }
+    Ok(joined_pid)
+}
+
+/// After joining a pid namespace only children are in it: fork one, as a child of the agent
+/// (`CLONE_PARENT`), tell the agent its pid, and let the helper exit.
+fn fork_into_pid_namespace(control: &mut UnixStream) -> StepResult {
+    // SAFETY: a raw clone without CLONE_VM and without a new stack is fork(2) with extra flags;
+    // this process is single threaded, so the child's copy of every lock and buffer is sound.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_PARENT | libc::SIGCHLD,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match ret {
+        -1 => Err(format!("fork into the pid namespace: {}", Errno::last())),
+        0 => Ok(()),
+        child => {
+            let pid = i32::try_from(child).unwrap_or(-1);
+            let _ = write_frame(control, &FromInit::Pid(pid));
+            std::process::exit(0)
+        }
+    }
+}
+
+fn set_domainname(name: &str) -> StepResult {
+    // SAFETY: the pointer and length describe `name`, which outlives the call.
+    let ret = unsafe { libc::setdomainname(name.as_ptr().cast(), name.len()) };
+    if ret != 0 {
+        return Err(format!("setdomainname: {}", Errno::last()));
+    }
+    Ok(())
+}
+
+/// Resolves `path` under `root` as if `root` were `/`: symlinks (absolute or relative) and `..`
+/// never leave `root`.
+pub fn secure_join(root: &Path, path: &Path) -> io::Result<PathBuf> {
+    let mut parts: VecDeque<OsString> = VecDeque::new();
+    let push_components = |parts: &mut VecDeque<OsString>, p: &Path, front: bool| {
+        let comps: Vec<OsString> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some(OsString::from("..")),
+                _ => None,
+            })
+            .collect();
+        if front {
+            for c in comps.into_iter().rev() {
+                parts.push_front(c);
+            }
+        } else {
+            parts.extend(comps);
+        }
+    };
+    push_components(&mut parts, path, false);
+    let mut current = PathBuf::new();
+    let mut links = 0;
+    while let Some(part) = parts.pop_front() {
+        if part == ".." {
+            current.pop();
+            continue;
+        }
+        let candidate = root.join(&current).join(&part);
+        match fs::symlink_metadata(&candidate) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let target = fs::read_link(&candidate)?;
+                if target.is_absolute() {
+                    current = PathBuf::new();
+                }
+                push_components(&mut parts, &target, true);
+            }
+            _ => current.push(part),
+        }
+    }
+    Ok(root.join(current))
+}
+
+fn mkdir_all(path: &Path) -> StepResult {
+    ctx(fs::create_dir_all(path), || format!("creating {}", path.display()))
+}
+
+fn do_mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> StepResult {
+    ctx(mount(source, target, fstype, flags, data), || {
+        format!(
+            "mounting {} on {} (type {}, flags {flags:?})",
+            source.map_or("none".into(), |s| s.display().to_string()),
+            target.display(),
+            fstype.unwrap_or("none")
+        )
+    })
+}
+
+fn setup_rootfs(plan: &Plan) -> StepResult {
+    let rootfs = &plan.rootfs;
+    do_mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::from_bits_retain(plan.rootfs_propagation),
+        None,
+    )?;
+    do_mount(
+        Some(rootfs),
+        rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    for m in &plan.mounts {
+        mount_one(rootfs, m)?;
+    }
+    create_devices(rootfs, &plan.devices)?;
+    ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
+    ctx(pivot_root(".", "."), || "pivot_root".into())?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching the old root".into())?;
+    ctx(chdir("/"), || "chdir /".into())?;
+    for path in &plan.masked_paths {
+        mask_path(path)?;
+    }
+    for path in &plan.readonly_paths {
+        readonly_path(path)?;
+    }
+    if plan.readonly_rootfs {
+        do_mount(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
+    let target = ctx(secure_join(rootfs, &m.destination), || {
+        format!("resolving {}", m.destination.display())
+    })?;
+    let flags = MsFlags::from_bits_retain(m.flags);
+    if m.is_bind() {
+        let source = m.source.as_deref().ok_or("a bind mount without a source")?;
+        let meta = ctx(fs::metadata(source), || {
+            format!("bind source {}", source.display())
+        })?;
+        if meta.is_dir() {
+            mkdir_all(&target)?;
+        } else {
+            if let Some(parent) = target.parent() {
+                mkdir_all(parent)?;
+            }
+            if !target.exists() {
+                ctx(File::create(&target), || format!("creating {}", target.display()))?;
+            }
+        }
+        let bind_flags = flags & (MsFlags::MS_BIND | MsFlags::MS_REC);
+        do_mount(Some(source), &target, None, bind_flags, None)?;
+        let rest = flags - (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+        if !rest.is_empty() {
+            do_mount(
+                None,
+                &target,
+                None,
+                rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                None,
+            )?;
+        }
+    } else {
+        mkdir_all(&target)?;
+        let source = m.source.clone().unwrap_or_else(|| PathBuf::from("none"));
+        do_mount(
+            Some(&source),
+            &target,
+            m.fstype.as_deref(),
+            flags,
+            m.data.as_deref(),
+        )?;
+    }
+    if m.propagation != 0 {
+        do_mount(
+            None,
+            &target,
+            None,
+            MsFlags::from_bits_retain(m.propagation),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn make_device(rootfs: &Path, dev: &DevicePlan, fallback_bind: bool) -> StepResult {
+    let target = ctx(secure_join(rootfs, &dev.path), || {
+        format!("resolving {}", dev.path.display())
+    })?;
+    if let Some(parent) = target.parent() {
+        mkdir_all(parent)?;
+    }
+    let kind = SFlag::from_bits_truncate(dev.kind);
+    match mknod(
+        &target,
+        kind,
+        Mode::from_bits_truncate(dev.mode),
+        makedev(dev.major, dev.minor),
+    ) {
+        Ok(()) => {}
+        Err(Errno::EEXIST) => return Ok(()),
+        Err(Errno::EPERM) if fallback_bind => {
+            // A file system that refuses device nodes: bind the agent's own node.
+            ctx(File::create(&target), || format!("creating {}", target.display()))?;
+            return do_mount(
+                Some(&dev.path),
+                &target,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            );
+        }
+        Err(errno) => return Err(format!("mknod {}: {errno}", dev.path.display())),
+    }
+    ctx(
+        nix::unistd::chown(&target, Some(Uid::from_raw(dev.uid)), Some(Gid::from_raw(dev.gid))),
+        || format!("chown {}", dev.path.display()),
+    )?;
+    ctx(
+        fs::set_permissions(&target, fs::Permissions::from_mode(dev.mode)),
+        || format!("chmod {}", dev.path.display()),
+    )
+}
+
+fn create_devices(rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
+    for dev in devices {
+        make_device(rootfs, dev, false)?;
+    }
+    for (path, major, minor) in DEFAULT_DEVICES {
+        if devices.iter().any(|d| d.path == Path::new(path)) {
+            continue;
+        }
+        let dev = DevicePlan {
+            path: PathBuf::from(path),
+            kind: libc::S_IFCHR,
+            major: *major,
+            minor: *minor,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+        };
+        make_device(rootfs, &dev, true)?;
+    }
+    for (link, target) in DEV_SYMLINKS {
+        let path = ctx(secure_join(rootfs, Path::new(link)), || format!("resolving {link}"))?;
+        match std::os::unix::fs::symlink(target, &path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(format!("symlink {link}: {err}")),
+        }
+    }
+    Ok(())
+}
+
+fn mask_path(path: &Path) -> StepResult {
+    match fs::metadata(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(format!("masking {}: {err}", path.display())),
+        Ok(meta) if meta.is_dir() => do_mount(
+            Some(Path::new("tmpfs")),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None,
+        ),
+        Ok(_) => do_mount(
+            Some(Path::new("/dev/null")),
+            path,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        ),
+    }
+}
+
+fn readonly_path(path: &Path) -> StepResult {
+    match fs::symlink_metadata(path) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(format!("read-only path {}: {err}", path.display())),
+        Ok(_) => {}
+    }
+    do_mount(
+        Some(path),
+        path,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    do_mount(
+        None,
+        path,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_REC
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None,
+    )
+}
+
+/// Finds the program: a name with a slash as is, otherwise along `PATH` of the process env.
+pub fn find_program(arg0: &str, env: &[String]) -> StepResult<PathBuf> {
+    if arg0.contains('/') {
+        return Ok(PathBuf::from(arg0));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(arg0);
+        if let Ok(meta) = fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!("{arg0}: executable file not found in $PATH ({path})"))
+}
+
+fn cstring(s: &str) -> StepResult<CString> {
+    CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))
+}
+
+/// The highest capability the kernel knows.
+fn last_cap() -> u8 {
+    fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn cap_set(numbers: &[u8]) -> caps::CapsHashSet {
+    caps::all()
+        .into_iter()
+        .filter(|c| numbers.contains(&c.index()))
+        .collect()
+}
+
+fn prctl(option: i32, arg: libc::c_ulong, what: &str) -> StepResult {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let ret = unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    if ret != 0 {
+        return Err(format!("{what}: {}", Errno::last()));
+    }
+    Ok(())
+}
+
+fn install_seccomp(filters: &[Vec<SockFilter>]) -> StepResult {
+    for filter in filters {
+        seccomp::install(filter).map_err(|err| format!("seccomp: {err}"))?;
+    }
+    Ok(())
+}
+
+/// Applies the process attributes and executes the program.
+fn exec_process(p: &ProcessPlan, filters: &[Vec<SockFilter>]) -> StepResult<std::convert::Infallible> {
+    ctx(nix::unistd::setsid(), || "setsid".into())?;
+    if p.terminal {
+        // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty's replica.
+        let ret = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+        if ret != 0 {
+            return Err(format!("making the pty the controlling terminal: {}", Errno::last()));
+        }
+    }
+    for rl in &p.rlimits {
+        let limit = libc::rlimit64 {
+            rlim_cur: rl.soft,
+            rlim_max: rl.hard,
+        };
+        // SAFETY: `limit` is a valid rlimit64 for the call's duration; the old-limit pointer is
+        // null.
+        let ret = unsafe { libc::prlimit64(0, rl.resource as _, &limit, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(format!("setrlimit({}): {}", rl.resource, Errno::last()));
+        }
+    }
+    if let Some(adj) = p.oom_score_adj {
+        ctx(fs::write("/proc/self/oom_score_adj", adj.to_string()), || {
+            "oom_score_adj".into()
+        })?;
+    }
+    if p.no_new_privileges {
+        prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")?;
+    } else {
+        // Needs CAP_SYS_ADMIN, so before the capabilities go.
+        install_seccomp(filters)?;
+    }
+    if let Some(caps) = &p.caps {
+        for cap in 0..=last_cap() {
+            if !caps.bounding.contains(&cap) {
+                prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), "dropping a bounding capability")?;
+            }
+        }
+        prctl(libc::PR_SET_KEEPCAPS, 1, "keepcaps")?;
+    }
+    let groups: Vec<Gid> = p.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    ctx(nix::unistd::setgroups(&groups), || "setgroups".into())?;
+    let gid = Gid::from_raw(p.gid);
+    ctx(nix::unistd::setresgid(gid, gid, gid), || format!("setgid {}", p.gid))?;
+    let uid = Uid::from_raw(p.uid);
+    ctx(nix::unistd::setresuid(uid, uid, uid), || format!("setuid {}", p.uid))?;
+    if let Some(caps) = &p.caps {
+        prctl(libc::PR_SET_KEEPCAPS, 0, "keepcaps")?;
+        let set = |which, numbers: &[u8], name: &str| {
+            ctx(caps::set(None, which, &cap_set(numbers)), || format!("capabilities ({name})"))
+        };
+        set(caps::CapSet::Inheritable, &caps.inheritable, "inheritable")?;
+        set(caps::CapSet::Effective, &caps.effective, "effective")?;
+        set(caps::CapSet::Permitted, &caps.permitted, "permitted")?;
+        ctx(caps::clear(None, caps::CapSet::Ambient), || "clearing ambient capabilities".into())?;
+        for cap in cap_set(&caps.ambient) {
+            ctx(caps::raise(None, caps::CapSet::Ambient, cap), || format!("ambient {cap}"))?;
+        }
+    }
+    umask(Mode::from_bits_truncate(p.umask.unwrap_or(0o022)));
+    ctx(chdir(&p.cwd), || format!("chdir {}", p.cwd.display()))?;
+    let arg0 = p.args.first().ok_or("no args")?;
+    let program = find_program(arg0, &p.env)?;
+    let program_c = cstring(&program.display().to_string())?;
+    let args: Vec<CString> = p.args.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
+    let env: Vec<CString> = p.env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?;
+    if p.no_new_privileges {
+        // Last: from here on only execve must pass the filter.
+        install_seccomp(filters)?;
+    }
+    match nix::unistd::execve(&program_c, &args, &env) {
+        Err(errno) => Err(format!("exec {}: {errno}", program.display())),
+        Ok(never) => match never {},
+    }
+}
+
+/// Whether `path` is a character device (for tests and checks).
+pub fn is_char_device(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_join_keeps_symlinks_inside_the_root() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path();
+        fs::create_dir_all(root.join("real/dir")).expect("mkdir");
+        std::os::unix::fs::symlink("/real", root.join("abs")).expect("symlink");
+        std::os::unix::fs::symlink("../../../../etc", root.join("real/up")).expect("symlink");
+        assert_eq!(
+            secure_join(root, Path::new("/abs/dir/x")).expect("join"),
+            root.join("real/dir/x")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/real/up/passwd")).expect("join"),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/../../x")).expect("join"),
+            root.join("x")
+        );
+        std::os::unix::fs::symlink("loop", root.join("loop")).expect("symlink");
+        assert!(secure_join(root, Path::new("/loop/x")).is_err());
+    }
+
+    #[test]
+    fn program_is_found_along_the_env_path() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).expect("mkdir");
+        let prog = bin.join("tool");
+        fs::write(&prog, "#!/bin/sh\n").expect("write");
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let env = vec![format!("PATH=/nonexistent:{}", bin.display())];
+        assert_eq!(find_program("tool", &env).expect("found"), prog);
+        assert_eq!(find_program("./x", &env).expect("as is"), PathBuf::from("./x"));
+        let err = find_program("nope", &env).expect_err("missing");
+        assert!(err.contains("executable file not found"), "{err}");
+    }
+
+    #[test]
+    fn init_messages_round_trip_as_json() {
+        let msg = FromInit::Error("boom".into());
+        let json = serde_json::to_string(&msg).expect("json");
+        assert_eq!(json, r#"{"Error":"boom"}"#);
+        assert_eq!(serde_json::from_str::<FromInit>(&json).expect("back"), msg);
+    }
+}
