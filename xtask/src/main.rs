@@ -1,6 +1,7 @@
 //! `cargo xtask`: builds husk's guest kernel, agent initramfs and test rig, and runs its tests.
 
 mod bench;
+mod bundle;
 mod cpio;
 mod initramfs;
 mod kernel;

@@ -39,6 +39,12 @@ pub const RIG_PACKAGES: &[&str] = &[
     // blkid (find the work disk by label), setsid -c for `rig shell`.
     "util-linux",
     "e2fsprogs",
+    // Real OCI clients and peer runtimes for the OCI tests and benchmarks (gVisor's runsc is
+    // not packaged in Debian 12; it would have to come from gVisor's own apt repository).
+    "podman",
+    "docker.io",
+    "runc",
+    "crun",
 ];
 
 /// Modules the L2 initramfs loads, in dependency order, relative to `/lib/modules/<version>/`.

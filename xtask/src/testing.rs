@@ -174,32 +174,36 @@ fn run_tests_on_host(artifacts: &VmArtifacts, tests: &[PathBuf]) -> Result<()> {
 pub fn run_demo() -> Result<()> {
     let (place, why) = decide_vm_place()?;
     let artifacts = build_vm_artifacts()?;
-    let args = |bin: &str, kernel: &str, initramfs: &str| {
-        format!("{bin} check --kernel {kernel} --initramfs {initramfs}")
-    };
+    let bundle = crate::bundle::busybox_bundle(
+        &artifacts.bin_dir.join("husk"),
+        &util::target_dir().join("bundles/busybox"),
+        &["uname", "-a"],
+    )?;
     match place {
         VmPlace::Host | VmPlace::Skip => {
-            eprintln!("xtask: booting a husk microVM on this host ({why})");
+            eprintln!("xtask: running `uname -a` in a busybox container in a husk microVM on this host ({why})");
             run(Command::new(artifacts.bin_dir.join("husk"))
-                .arg("check")
-                .arg("--kernel")
-                .arg(&artifacts.kernel)
-                .arg("--initramfs")
-                .arg(&artifacts.initramfs))
+                .env("HUSK_KERNEL", &artifacts.kernel)
+                .env("HUSK_INITRAMFS", &artifacts.initramfs)
+                .arg("run")
+                .arg("--bundle")
+                .arg(&bundle)
+                .arg(format!("demo-{}", std::process::id())))
         }
         VmPlace::Rig => {
             eprintln!(
                 "xtask: this host cannot run husk microVMs itself ({why});\n\
-                 xtask: booting one inside the test rig instead (a Debian VM under QEMU's emulator \
+                 xtask: running the container inside the test rig instead (a Debian VM under QEMU's emulator \
                  with real KVM; everything there runs ~20x slower than on hardware)"
             );
             let image = rig::build()?;
-            let (inputs, env) = rig_vm_inputs(&artifacts);
+            let (mut inputs, env) = rig_vm_inputs(&artifacts);
+            inputs.push((bundle, "bundles/busybox".into()));
             let outcome = rig::run_in_rig(
                 &image,
                 &RigRun {
                     inputs,
-                    script: Some(args("husk", "$HUSK_KERNEL", "$HUSK_INITRAMFS")),
+                    script: Some("husk run --bundle /work/bundles/busybox demo".into()),
                     env,
                     out_dir: None,
                     timeout: rig_timeout(),
@@ -207,7 +211,7 @@ pub fn run_demo() -> Result<()> {
             )?;
             if outcome.exit_code != 0 {
                 bail!(
-                    "the husk microVM did not boot in the rig (exit code {})",
+                    "the container did not run in the rig (exit code {})",
                     outcome.exit_code
                 );
             }
