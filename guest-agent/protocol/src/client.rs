@@ -244,6 +244,16 @@ impl AgentClient {
         Ok(self.stream)
     }
 
+    /// Turns the connection into a standard stream of a container process
+    /// ([`Request::AttachStdio`]) and returns it: after the agent's `Ok` it carries the stream's
+    /// raw bytes (stdout/stderr: read until end of stream; stdin: write, then shut down the
+    /// write side for EOF; pty: both ways). The stream keeps the client's I/O timeouts; clear
+    /// them with `set_read_timeout(None)` for long-running processes.
+    pub fn into_stdio(mut self, attach: crate::AttachStdio) -> Result<UnixStream, ClientError> {
+        self.request_ok(&Request::AttachStdio(attach))?;
+        Ok(self.stream)
+    }
+
     /// Sends a request that must be answered with [`Response::Ok`].
     fn request_ok(&mut self, request: &Request) -> Result<(), ClientError> {
         match self.request(request)? {

@@ -1,0 +1,436 @@
+//! Containers run by the real agent binary in `--serve-unix` mode on this host, driven by the
+//! real `AgentClient`, with a busybox root file system (Debian's `busybox-static`).
+//!
+//! Needs root (namespaces, mounts, pivot_root). Without root or without `/bin/busybox` the
+//! tests skip with a loud message. The OOM test needs a cgroup v2 hierarchy with the memory
+//! controller; it skips loudly otherwise.
+
+use husk_agent_protocol::{
+    AgentClient, AttachStdio, CreateContainer, ExecProcess, ExitStatus, ProcessRef, Request,
+    Response, StdioConfig, StreamKind,
+};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "id", "hostname", "mkdir", "sleep", "ls", "grep", "touch", "wc", "pwd",
+    "true", "false", "head",
+];
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+struct Agent {
+    child: Child,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    bundle: PathBuf,
+    cgroup_root: Option<PathBuf>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(root) = &self.cgroup_root {
+            if let Ok(entries) = std::fs::read_dir(root) {
+                for entry in entries.flatten() {
+                    if entry.path().is_dir() {
+                        let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+                        std::thread::sleep(Duration::from_millis(50));
+                        let _ = std::fs::remove_dir(entry.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+}
+
+/// The cgroup v2 hierarchy of this host: pure v2 or the hybrid `unified` mount.
+fn cgroup2_mount() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
+}
+
+fn start_agent() -> Option<Agent> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("!!! SKIPPED: container tests need root");
+        return None;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        eprintln!("!!! SKIPPED: {BUSYBOX} missing (apt-get install busybox-static)");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundle = dir.path().join("bundle");
+    let bin = bundle.join("rootfs/bin");
+    std::fs::create_dir_all(&bin).expect("rootfs");
+    std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink");
+    }
+    std::fs::create_dir_all(bundle.join("rootfs/etc")).expect("etc");
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let cgroup_root =
+        cgroup2_mount().map(|m| m.join(format!("husk-test-{}-{n}", std::process::id())));
+    let socket = dir.path().join("agent.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_husk-agent"));
+    cmd.arg("--serve-unix").arg(&socket).stdin(Stdio::null());
+    match &cgroup_root {
+        Some(root) => cmd.env("HUSK_AGENT_CGROUP_ROOT", root),
+        None => cmd.env("HUSK_AGENT_CGROUP_ROOT", dir.path().join("no-cgroup")),
+    };
+    let child = cmd.spawn().expect("spawn agent");
+    Some(Agent {
+        child,
+        _dir: dir,
+        socket,
+        bundle,
+        cgroup_root,
+    })
+}
+
+impl Agent {
+    fn client(&self) -> AgentClient {
+        AgentClient::connect(&self.socket, Duration::from_secs(10))
+            .expect("connect")
+            .0
+    }
+
+    fn request(&self, request: &Request) -> Response {
+        let mut client = self.client();
+        client
+            .set_io_timeout(Duration::from_secs(30))
+            .expect("timeout");
+        client.request(request).expect("request")
+    }
+
+    fn ok(&self, request: &Request) {
+        let resp = self.request(request);
+        assert_eq!(resp, Response::Ok, "{request:?}");
+    }
+
+    fn attach(&self, id: &str, exec_id: Option<&str>, stream: StreamKind) -> UnixStream {
+        self.client()
+            .into_stdio(AttachStdio {
+                process: pref(id, exec_id),
+                stream,
+            })
+            .expect("attach")
+    }
+
+    fn create(&self, id: &str, spec: Value, stdio: StdioConfig) -> Response {
+        self.request(&Request::CreateContainer(CreateContainer {
+            id: id.into(),
+            spec,
+            bundle: self.bundle.display().to_string(),
+            stdio,
+        }))
+    }
+
+    fn wait(&self, id: &str, exec_id: Option<&str>) -> ExitStatus {
+        match self.request(&Request::WaitProcess(pref(id, exec_id))) {
+            Response::Exited(status) => status,
+            other => panic!("wait: {other:?}"),
+        }
+    }
+
+    /// Create, attach stdout and stderr, start, collect output, wait, remove.
+    fn run(&self, id: &str, spec: Value) -> (String, String, ExitStatus) {
+        let stdio = StdioConfig {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let resp = self.create(id, spec, stdio);
+        assert!(matches!(resp, Response::Created { pid } if pid > 1), "{resp:?}");
+        let out = self.attach(id, None, StreamKind::Stdout);
+        let err = self.attach(id, None, StreamKind::Stderr);
+        self.ok(&Request::StartProcess(pref(id, None)));
+        let out = read_all(out);
+        let err = read_all(err);
+        let status = self.wait(id, None);
+        self.ok(&Request::RemoveContainer { id: id.into() });
+        (out, err, status)
+    }
+}
+
+fn read_all(mut stream: UnixStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read stream");
+    text
+}
+
+fn pref(id: &str, exec_id: Option<&str>) -> ProcessRef {
+    ProcessRef {
+        id: id.into(),
+        exec_id: exec_id.map(str::to_owned),
+    }
+}
+
+fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "hostname": "husky",
+        "process": {
+            "args": args,
+            "cwd": "/",
+            "env": ["PATH=/bin"],
+            "user": {"uid": 0, "gid": 0}
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}]
+        }
+    })
+}
+
+fn exited(code: i32) -> ExitStatus {
+    ExitStatus {
+        code: Some(code),
+        signal: None,
+        oom_killed: false,
+    }
+}
+
+#[test]
+fn exit_code_and_output_reach_the_host() {
+    let Some(agent) = start_agent() else { return };
+    let (out, err, status) = agent.run(
+        "c1",
+        spec(&["sh", "-c", "echo hello; echo oops >&2; exit 42"]),
+    );
+    assert_eq!(out, "hello\n");
+    assert_eq!(err, "oops\n");
+    assert_eq!(status, exited(42));
+}
+
+#[test]
+fn killed_process_reports_its_signal() {
+    let Some(agent) = start_agent() else { return };
+    let resp = agent.create("k", spec(&["sleep", "100"]), StdioConfig::default());
+    assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
+    agent.ok(&Request::StartProcess(pref("k", None)));
+    agent.ok(&Request::SignalProcess {
+        process: pref("k", None),
+        signal: 9,
+        all: false,
+    });
+    assert_eq!(
+        agent.wait("k", None),
+        ExitStatus {
+            code: None,
+            signal: Some(9),
+            oom_killed: false
+        }
+    );
+    // A stopped container lists as such, then goes away.
+    match agent.request(&Request::ListContainers) {
+        Response::Containers { containers } => {
+            assert_eq!(containers.len(), 1);
+            assert_eq!(containers[0].id, "k");
+            assert_eq!(containers[0].pid, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    agent.ok(&Request::RemoveContainer { id: "k".into() });
+    assert_eq!(
+        agent.request(&Request::ListContainers),
+        Response::Containers { containers: vec![] }
+    );
+}
+
+#[test]
+fn exec_joins_a_running_container() {
+    let Some(agent) = start_agent() else { return };
+    let resp = agent.create("e", spec(&["sleep", "100"]), StdioConfig::default());
+    let Response::Created { pid: init_pid } = resp else {
+        panic!("{resp:?}")
+    };
+    agent.ok(&Request::StartProcess(pref("e", None)));
+    let stdio = StdioConfig {
+        stdout: true,
+        ..Default::default()
+    };
+    let process = json!({
+        "args": ["sh", "-c", "hostname; cat /proc/1/comm; echo $$; exit 3"],
+        "cwd": "/tmp", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
+    });
+    let resp = agent.request(&Request::ExecProcess(ExecProcess {
+        id: "e".into(),
+        exec_id: "x1".into(),
+        process,
+        stdio,
+    }));
+    assert!(matches!(resp, Response::Created { pid } if pid > 1 && pid != init_pid), "{resp:?}");
+    let out = agent.attach("e", Some("x1"), StreamKind::Stdout);
+    agent.ok(&Request::StartProcess(pref("e", Some("x1"))));
+    let out = read_all(out);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "husky");
+    assert_eq!(lines[1], "sleep");
+    let inner_pid: i32 = lines[2].parse().expect("pid");
+    assert!(inner_pid > 1, "exec'd shell is inside the pid namespace: {inner_pid}");
+    assert_eq!(agent.wait("e", Some("x1")), exited(3));
+
+    match agent.request(&Request::ListProcesses { id: "e".into() }) {
+        Response::Pids { pids } => assert!(pids.contains(&init_pid), "{pids:?}"),
+        other => panic!("{other:?}"),
+    }
+    agent.ok(&Request::SignalProcess {
+        process: pref("e", None),
+        signal: 9,
+        all: true,
+    });
+    let status = agent.wait("e", None);
+    assert_eq!(status.signal, Some(9));
+    agent.ok(&Request::RemoveContainer { id: "e".into() });
+}
+
+#[test]
+fn spec_process_attributes_apply_inside_the_container() {
+    let Some(agent) = start_agent() else { return };
+    let script = r#"
+echo "host=$(hostname)"
+echo "foo=$FOO"
+echo "cwd=$(pwd)"
+echo "ids=$(id -u):$(id -g):$(id -G)"
+echo "nofile=$(ulimit -n):$(ulimit -Hn)"
+grep CapEff /proc/self/status
+grep -qE '^[^ ]+ / [^ ]+ ro' /proc/mounts && echo rootfs=ro
+grep -qE '^[^ ]+ /proc/sys [^ ]+ ro' /proc/mounts && echo procsys=ro
+echo "kmsg=$(wc -c < /proc/kmsg)"
+echo "bus=$(ls -A /proc/bus | wc -l)"
+touch /proc/bus/x 2>/dev/null || echo bus=ro
+echo x > /tmp/f && echo "tmp=$(cat /tmp/f)"
+[ -c /dev/null ] && [ -c /dev/urandom ] && [ -L /dev/fd ] && echo devices=ok
+echo "umask=$(umask)"
+"#;
+    let mut s = spec(&["sh", "-c", script]);
+    s["root"]["readonly"] = json!(true);
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
+    s["process"]["cwd"] = json!("/tmp");
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [2000], "umask": 63});
+    s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 1234, "hard": 2345}]);
+    let kill = json!(["CAP_KILL"]);
+    s["process"]["capabilities"] = json!({
+        "bounding": kill, "effective": kill, "permitted": kill,
+        "inheritable": kill, "ambient": kill
+    });
+    s["process"]["noNewPrivileges"] = json!(true);
+    s["linux"]["maskedPaths"] = json!(["/proc/kmsg", "/proc/bus", "/proc/nonexistent"]);
+    s["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+    let (out, err, status) = agent.run("attrs", s);
+    assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
+    let expected = "host=husky\nfoo=bar\ncwd=/tmp\nids=1000:1000:1000 2000\n\
+                    nofile=1234:2345\nCapEff:\t0000000000000020\nrootfs=ro\nprocsys=ro\n\
+                    kmsg=0\nbus=0\nbus=ro\ntmp=x\ndevices=ok\numask=0077\n";
+    assert_eq!(out, expected, "stderr: {err}");
+}
+
+#[test]
+fn seccomp_rule_denies_mkdir_with_eperm() {
+    let Some(agent) = start_agent() else { return };
+    let mut s = spec(&["sh", "-c", "mkdir /tmp/d || exit 7; echo made"]);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let (out, err, status) = agent.run("sc", s);
+    assert_eq!(status, exited(7), "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert_eq!(out, "");
+}
+
+#[test]
+fn bad_requests_fail_clearly_and_the_agent_keeps_serving() {
+    let Some(agent) = start_agent() else { return };
+    // A stream asked for must be attached before start.
+    let stdio = StdioConfig {
+        stdout: true,
+        ..Default::default()
+    };
+    let resp = agent.create("b", spec(&["true"]), stdio);
+    assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
+    match agent.request(&Request::StartProcess(pref("b", None))) {
+        Response::Error { message } => assert!(message.contains("stdout not attached"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // Removing a created container kills its waiting init.
+    agent.ok(&Request::RemoveContainer { id: "b".into() });
+    // A program that does not exist fails the start.
+    let resp = agent.create("n", spec(&["/bin/nope"]), StdioConfig::default());
+    assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
+    match agent.request(&Request::StartProcess(pref("n", None))) {
+        Response::Error { message } => assert!(message.contains("exec /bin/nope"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // Unsupported spec parts fail the create.
+    let mut s = spec(&["true"]);
+    s["linux"]["namespaces"] = json!([{"type": "mount"}]);
+    match agent.create("p", s, StdioConfig::default()) {
+        Response::Error { message } => assert!(message.contains("pid namespace"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    match agent.request(&Request::WaitProcess(pref("ghost", None))) {
+        Response::Error { message } => assert_eq!(message, "no container ghost"),
+        other => panic!("{other:?}"),
+    }
+    match agent.create("../x", spec(&["true"]), StdioConfig::default()) {
+        Response::Error { message } => assert!(message.contains("bad identifier"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // Still serving.
+    let (out, _, status) = agent.run("after", spec(&["echo", "still here"]));
+    assert_eq!((out.as_str(), status), ("still here\n", exited(0)));
+}
+
+#[test]
+fn memory_limit_oom_kills_a_hog() {
+    let Some(agent) = start_agent() else { return };
+    let memory_ok = agent.cgroup_root.as_ref().is_some_and(|root| {
+        root.parent()
+            .and_then(|p| std::fs::read_to_string(p.join("cgroup.controllers")).ok())
+            .is_some_and(|c| c.split_whitespace().any(|x| x == "memory"))
+    });
+    if !memory_ok {
+        eprintln!(
+            "!!! SKIPPED memory_limit_oom_kills_a_hog: no cgroup v2 memory controller on this \
+             host ({:?})",
+            agent.cgroup_root
+        );
+        return;
+    }
+    let mut s = spec(&["sh", "-c", "x=aaaaaaaa; while true; do x=$x$x; done"]);
+    s["linux"]["resources"] = json!({"memory": {"limit": 33554432, "swap": 33554432}});
+    let (_, _, status) = agent.run("oom", s);
+    assert_eq!(
+        status,
+        ExitStatus {
+            code: None,
+            signal: Some(9),
+            oom_killed: true
+        }
+    );
+}
