@@ -47,7 +47,10 @@ pub fn run_init() -> AgentError {
     }
     match init::mount_share(sys.as_ref()) {
         Ok(true) => log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT),
-        Ok(false) => log_info!("no host share (no virtio-fs device tagged {})", init::SHARE_TAG),
+        Ok(false) => log_info!(
+            "no host share (no virtio-fs device tagged {})",
+            init::SHARE_TAG
+        ),
         Err(err) => log_error!("{err}: {}", err_source(&err)),
     }
     if let Err(errno) = sys::bring_up_loopback() {

@@ -100,9 +100,7 @@ fn container_request(request: &Request, c: &Containers) -> Reply {
         Request::ExecProcess(req) => c
             .exec(req)
             .map(|pid| (Response::Created { pid }, After::Continue)),
-        Request::AttachStdio(req) => c
-            .attach(req)
-            .map(|job| (Response::Ok, After::Attach(job))),
+        Request::AttachStdio(req) => c.attach(req).map(|job| (Response::Ok, After::Attach(job))),
         Request::StartProcess(r) => c.start(r).map(|()| (Response::Ok, After::Continue)),
         Request::WaitProcess(r) => c
             .wait(r)
@@ -132,7 +130,9 @@ fn container_request(request: &Request, c: &Containers) -> Reply {
             .update(id, resources)
             .map(|()| (Response::Ok, After::Continue)),
         Request::Pause { id } => c.freeze(id, true).map(|()| (Response::Ok, After::Continue)),
-        Request::Resume { id } => c.freeze(id, false).map(|()| (Response::Ok, After::Continue)),
+        Request::Resume { id } => c
+            .freeze(id, false)
+            .map(|()| (Response::Ok, After::Continue)),
         Request::RemoveContainer { id } => c.remove(id).map(|()| (Response::Ok, After::Continue)),
         Request::ListContainers => Ok((
             Response::Containers {
@@ -181,7 +181,10 @@ mod tests {
     #[test]
     fn echo_and_shutdown_reply_ok_then_change_course() {
         let echo = handle_request(&Request::Echo, None);
-        assert!(matches!((echo.response, echo.after), (Response::Ok, After::Echo)));
+        assert!(matches!(
+            (echo.response, echo.after),
+            (Response::Ok, After::Echo)
+        ));
         let shutdown = handle_request(&Request::Shutdown, None);
         assert!(matches!(
             (shutdown.response, shutdown.after),

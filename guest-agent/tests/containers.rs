@@ -151,7 +151,10 @@ impl Agent {
             ..Default::default()
         };
         let resp = self.create(id, spec, stdio);
-        assert!(matches!(resp, Response::Created { pid } if pid > 1), "{resp:?}");
+        assert!(
+            matches!(resp, Response::Created { pid } if pid > 1),
+            "{resp:?}"
+        );
         let out = self.attach(id, None, StreamKind::Stdout);
         let err = self.attach(id, None, StreamKind::Stderr);
         self.ok(&Request::StartProcess(pref(id, None)));
@@ -281,7 +284,10 @@ fn exec_joins_a_running_container() {
         process,
         stdio,
     }));
-    assert!(matches!(resp, Response::Created { pid } if pid > 1 && pid != init_pid), "{resp:?}");
+    assert!(
+        matches!(resp, Response::Created { pid } if pid > 1 && pid != init_pid),
+        "{resp:?}"
+    );
     let out = agent.attach("e", Some("x1"), StreamKind::Stdout);
     agent.ok(&Request::StartProcess(pref("e", Some("x1"))));
     let out = read_all(out);
@@ -290,7 +296,10 @@ fn exec_joins_a_running_container() {
     assert_eq!(lines[0], "husky");
     assert_eq!(lines[1], "sleep");
     let inner_pid: i32 = lines[2].parse().expect("pid");
-    assert!(inner_pid > 1, "exec'd shell is inside the pid namespace: {inner_pid}");
+    assert!(
+        inner_pid > 1,
+        "exec'd shell is inside the pid namespace: {inner_pid}"
+    );
     assert_eq!(agent.wait("e", Some("x1")), exited(3));
 
     match agent.request(&Request::ListProcesses { id: "e".into() }) {
@@ -374,7 +383,9 @@ fn bad_requests_fail_clearly_and_the_agent_keeps_serving() {
     let resp = agent.create("b", spec(&["true"]), stdio);
     assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
     match agent.request(&Request::StartProcess(pref("b", None))) {
-        Response::Error { message } => assert!(message.contains("stdout not attached"), "{message}"),
+        Response::Error { message } => {
+            assert!(message.contains("stdout not attached"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
     // Removing a created container kills its waiting init.

@@ -62,7 +62,10 @@ fn enable_controllers(parent: &Path) {
         return;
     };
     for controller in available.split_whitespace() {
-        let _ = fs::write(parent.join("cgroup.subtree_control"), format!("+{controller}"));
+        let _ = fs::write(
+            parent.join("cgroup.subtree_control"),
+            format!("+{controller}"),
+        );
     }
 }
 
@@ -167,7 +170,9 @@ impl Cgroup {
             match fs::remove_dir(&self.path) {
                 Ok(()) => return Ok(()),
                 Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(err) if Instant::now() < deadline && err.raw_os_error() == Some(libc::EBUSY) => {
+                Err(err)
+                    if Instant::now() < deadline && err.raw_os_error() == Some(libc::EBUSY) =>
+                {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(err) => return Err(io_err("removing", &self.path)(err)),
@@ -284,11 +289,17 @@ pub fn resource_files(r: &LinuxResources) -> Result<Vec<(String, String)>, Cgrou
             if shares > 0 {
                 // runc's conversion of cgroup v1 shares [2, 262144] to weight [1, 10000].
                 let shares = shares.clamp(2, 262_144);
-                push("cpu.weight", (1 + ((shares - 2) * 9999) / 262_142).to_string());
+                push(
+                    "cpu.weight",
+                    (1 + ((shares - 2) * 9999) / 262_142).to_string(),
+                );
             }
         }
         if cpu.quota().is_some() || cpu.period().is_some() {
-            let quota = cpu.quota().filter(|q| *q > 0).map_or("max".to_string(), |q| q.to_string());
+            let quota = cpu
+                .quota()
+                .filter(|q| *q > 0)
+                .map_or("max".to_string(), |q| q.to_string());
             let period = cpu.period().filter(|p| *p > 0).unwrap_or(100_000);
             push("cpu.max", format!("{quota} {period}"));
         }
@@ -303,7 +314,14 @@ pub fn resource_files(r: &LinuxResources) -> Result<Vec<(String, String)>, Cgrou
         }
     }
     if let Some(pids) = r.pids() {
-        push("pids.max", if pids.limit() > 0 { pids.limit().to_string() } else { "max".into() });
+        push(
+            "pids.max",
+            if pids.limit() > 0 {
+                pids.limit().to_string()
+            } else {
+                "max".into()
+            },
+        );
     }
     if r.block_io().is_some() {
         return Err(CgroupError::Unsupported("blockIO".into()));
@@ -380,8 +398,8 @@ mod tests {
 
     #[test]
     fn unsupported_resources_are_refused() {
-        let err = resource_files(&resources(json!({"blockIO": {"weight": 10}})))
-            .expect_err("blkio");
+        let err =
+            resource_files(&resources(json!({"blockIO": {"weight": 10}}))).expect_err("blkio");
         assert!(err.to_string().contains("blockIO"), "{err}");
         let err = resource_files(&resources(json!({"unified": {"cgroup.procs": "1"}})))
             .expect_err("cgroup file");

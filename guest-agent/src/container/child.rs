@@ -107,7 +107,9 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
     umask(Mode::empty());
     if let Some(cgroup) = &config.cgroup {
         let procs = cgroup.join("cgroup.procs");
-        ctx(fs::write(&procs, "0"), || format!("joining {}", procs.display()))?;
+        ctx(fs::write(&procs, "0"), || {
+            format!("joining {}", procs.display())
+        })?;
     }
     let joined_pid = join_namespaces(&config)?;
     if joined_pid {
@@ -126,7 +128,9 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
             ctx(fs::write(&path, value), || format!("sysctl {key}"))?;
         }
     }
-    ctx(write_frame(control, &FromInit::Ready), || "reporting ready".into())?;
+    ctx(write_frame(control, &FromInit::Ready), || {
+        "reporting ready".into()
+    })?;
     match read_frame::<_, ToInit>(control) {
         Ok(ToInit::Start) => {}
         Ok(other) => return Err(format!("expected start, got {other:?}")),
@@ -155,16 +159,19 @@ fn join_namespaces(config: &InitConfig) -> StepResult<bool> {
     let mut opened = Vec::new();
     for ns in &joins {
         let Some(path) = &ns.path else { continue };
-        let file = ctx(File::open(path), || format!("opening namespace {}", path.display()))?;
+        let file = ctx(File::open(path), || {
+            format!("opening namespace {}", path.display())
+        })?;
         opened.push((ns.flag, path.clone(), file));
     }
     // The mount namespace last.
     opened.sort_by_key(|(flag, _, _)| *flag == libc::CLONE_NEWNS);
     let mut joined_pid = false;
     for (flag, path, file) in &opened {
-        ctx(setns(file.as_fd(), CloneFlags::from_bits_retain(*flag)), || {
-            format!("joining namespace {}", path.display())
-        })?;
+        ctx(
+            setns(file.as_fd(), CloneFlags::from_bits_retain(*flag)),
+            || format!("joining namespace {}", path.display()),
+        )?;
         joined_pid |= *flag == libc::CLONE_NEWPID;
     }
     if !new_flags.is_empty() {
@@ -257,7 +264,9 @@ pub fn secure_join(root: &Path, path: &Path) -> io::Result<PathBuf> {
 }
 
 fn mkdir_all(path: &Path) -> StepResult {
-    ctx(fs::create_dir_all(path), || format!("creating {}", path.display()))
+    ctx(fs::create_dir_all(path), || {
+        format!("creating {}", path.display())
+    })
 }
 
 fn do_mount(
@@ -299,7 +308,9 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
     create_devices(rootfs, &plan.devices)?;
     ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
     ctx(pivot_root(".", "."), || "pivot_root".into())?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching the old root".into())?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detaching the old root".into()
+    })?;
     ctx(chdir("/"), || "chdir /".into())?;
     for path in &plan.masked_paths {
         mask_path(path)?;
@@ -336,7 +347,9 @@ fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
                 mkdir_all(parent)?;
             }
             if !target.exists() {
-                ctx(File::create(&target), || format!("creating {}", target.display()))?;
+                ctx(File::create(&target), || {
+                    format!("creating {}", target.display())
+                })?;
             }
         }
         let bind_flags = flags & (MsFlags::MS_BIND | MsFlags::MS_REC);
@@ -392,19 +405,19 @@ fn make_device(rootfs: &Path, dev: &DevicePlan, fallback_bind: bool) -> StepResu
         Err(Errno::EEXIST) => return Ok(()),
         Err(Errno::EPERM) if fallback_bind => {
             // A file system that refuses device nodes: bind the agent's own node.
-            ctx(File::create(&target), || format!("creating {}", target.display()))?;
-            return do_mount(
-                Some(&dev.path),
-                &target,
-                None,
-                MsFlags::MS_BIND,
-                None,
-            );
+            ctx(File::create(&target), || {
+                format!("creating {}", target.display())
+            })?;
+            return do_mount(Some(&dev.path), &target, None, MsFlags::MS_BIND, None);
         }
         Err(errno) => return Err(format!("mknod {}: {errno}", dev.path.display())),
     }
     ctx(
-        nix::unistd::chown(&target, Some(Uid::from_raw(dev.uid)), Some(Gid::from_raw(dev.gid))),
+        nix::unistd::chown(
+            &target,
+            Some(Uid::from_raw(dev.uid)),
+            Some(Gid::from_raw(dev.gid)),
+        ),
         || format!("chown {}", dev.path.display()),
     )?;
     ctx(
@@ -433,7 +446,9 @@ fn create_devices(rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
         make_device(rootfs, &dev, true)?;
     }
     for (link, target) in DEV_SYMLINKS {
-        let path = ctx(secure_join(rootfs, Path::new(link)), || format!("resolving {link}"))?;
+        let path = ctx(secure_join(rootfs, Path::new(link)), || {
+            format!("resolving {link}")
+        })?;
         match std::os::unix::fs::symlink(target, &path) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
@@ -510,7 +525,9 @@ pub fn find_program(arg0: &str, env: &[String]) -> StepResult<PathBuf> {
             }
         }
     }
-    Err(format!("{arg0}: executable file not found in $PATH ({path})"))
+    Err(format!(
+        "{arg0}: executable file not found in $PATH ({path})"
+    ))
 }
 
 fn cstring(s: &str) -> StepResult<CString> {
@@ -534,7 +551,15 @@ fn cap_set(numbers: &[u8]) -> caps::CapsHashSet {
 
 fn prctl(option: i32, arg: libc::c_ulong, what: &str) -> StepResult {
     // SAFETY: prctl with integer arguments only; no memory is passed.
-    let ret = unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let ret = unsafe {
+        libc::prctl(
+            option,
+            arg,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     if ret != 0 {
         return Err(format!("{what}: {}", Errno::last()));
     }
@@ -549,13 +574,19 @@ fn install_seccomp(filters: &[Vec<SockFilter>]) -> StepResult {
 }
 
 /// Applies the process attributes and executes the program.
-fn exec_process(p: &ProcessPlan, filters: &[Vec<SockFilter>]) -> StepResult<std::convert::Infallible> {
+fn exec_process(
+    p: &ProcessPlan,
+    filters: &[Vec<SockFilter>],
+) -> StepResult<std::convert::Infallible> {
     ctx(nix::unistd::setsid(), || "setsid".into())?;
     if p.terminal {
         // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty's replica.
         let ret = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
         if ret != 0 {
-            return Err(format!("making the pty the controlling terminal: {}", Errno::last()));
+            return Err(format!(
+                "making the pty the controlling terminal: {}",
+                Errno::last()
+            ));
         }
     }
     for rl in &p.rlimits {
@@ -571,9 +602,10 @@ fn exec_process(p: &ProcessPlan, filters: &[Vec<SockFilter>]) -> StepResult<std:
         }
     }
     if let Some(adj) = p.oom_score_adj {
-        ctx(fs::write("/proc/self/oom_score_adj", adj.to_string()), || {
-            "oom_score_adj".into()
-        })?;
+        ctx(
+            fs::write("/proc/self/oom_score_adj", adj.to_string()),
+            || "oom_score_adj".into(),
+        )?;
     }
     if p.no_new_privileges {
         prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")?;
@@ -584,28 +616,46 @@ fn exec_process(p: &ProcessPlan, filters: &[Vec<SockFilter>]) -> StepResult<std:
     if let Some(caps) = &p.caps {
         for cap in 0..=last_cap() {
             if !caps.bounding.contains(&cap) {
-                prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), "dropping a bounding capability")?;
+                prctl(
+                    libc::PR_CAPBSET_DROP,
+                    libc::c_ulong::from(cap),
+                    "dropping a bounding capability",
+                )?;
             }
         }
         prctl(libc::PR_SET_KEEPCAPS, 1, "keepcaps")?;
     }
-    let groups: Vec<Gid> = p.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    let groups: Vec<Gid> = p
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     ctx(nix::unistd::setgroups(&groups), || "setgroups".into())?;
     let gid = Gid::from_raw(p.gid);
-    ctx(nix::unistd::setresgid(gid, gid, gid), || format!("setgid {}", p.gid))?;
+    ctx(nix::unistd::setresgid(gid, gid, gid), || {
+        format!("setgid {}", p.gid)
+    })?;
     let uid = Uid::from_raw(p.uid);
-    ctx(nix::unistd::setresuid(uid, uid, uid), || format!("setuid {}", p.uid))?;
+    ctx(nix::unistd::setresuid(uid, uid, uid), || {
+        format!("setuid {}", p.uid)
+    })?;
     if let Some(caps) = &p.caps {
         prctl(libc::PR_SET_KEEPCAPS, 0, "keepcaps")?;
         let set = |which, numbers: &[u8], name: &str| {
-            ctx(caps::set(None, which, &cap_set(numbers)), || format!("capabilities ({name})"))
+            ctx(caps::set(None, which, &cap_set(numbers)), || {
+                format!("capabilities ({name})")
+            })
         };
         set(caps::CapSet::Inheritable, &caps.inheritable, "inheritable")?;
         set(caps::CapSet::Effective, &caps.effective, "effective")?;
         set(caps::CapSet::Permitted, &caps.permitted, "permitted")?;
-        ctx(caps::clear(None, caps::CapSet::Ambient), || "clearing ambient capabilities".into())?;
+        ctx(caps::clear(None, caps::CapSet::Ambient), || {
+            "clearing ambient capabilities".into()
+        })?;
         for cap in cap_set(&caps.ambient) {
-            ctx(caps::raise(None, caps::CapSet::Ambient, cap), || format!("ambient {cap}"))?;
+            ctx(caps::raise(None, caps::CapSet::Ambient, cap), || {
+                format!("ambient {cap}")
+            })?;
         }
     }
     umask(Mode::from_bits_truncate(p.umask.unwrap_or(0o022)));
@@ -613,7 +663,11 @@ fn exec_process(p: &ProcessPlan, filters: &[Vec<SockFilter>]) -> StepResult<std:
     let arg0 = p.args.first().ok_or("no args")?;
     let program = find_program(arg0, &p.env)?;
     let program_c = cstring(&program.display().to_string())?;
-    let args: Vec<CString> = p.args.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
+    let args: Vec<CString> = p
+        .args
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
     let env: Vec<CString> = p.env.iter().map(|e| cstring(e)).collect::<Result<_, _>>()?;
     if p.no_new_privileges {
         // Last: from here on only execve must pass the filter.
@@ -667,7 +721,10 @@ mod tests {
         fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).expect("chmod");
         let env = vec![format!("PATH=/nonexistent:{}", bin.display())];
         assert_eq!(find_program("tool", &env).expect("found"), prog);
-        assert_eq!(find_program("./x", &env).expect("as is"), PathBuf::from("./x"));
+        assert_eq!(
+            find_program("./x", &env).expect("as is"),
+            PathBuf::from("./x")
+        );
         let err = find_program("nope", &env).expect_err("missing");
         assert!(err.contains("executable file not found"), "{err}");
     }

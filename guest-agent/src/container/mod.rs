@@ -203,13 +203,15 @@ impl Container {
     fn process(&self, exec_id: Option<&str>) -> Result<Arc<Proc>, ContainerError> {
         match exec_id {
             None => Ok(Arc::clone(&self.init)),
-            Some(exec_id) => lock(&self.execs)
-                .get(exec_id)
-                .cloned()
-                .ok_or_else(|| ContainerError::NoProcess {
-                    id: self.id.clone(),
-                    exec_id: exec_id.to_owned(),
-                }),
+            Some(exec_id) => {
+                lock(&self.execs)
+                    .get(exec_id)
+                    .cloned()
+                    .ok_or_else(|| ContainerError::NoProcess {
+                        id: self.id.clone(),
+                        exec_id: exec_id.to_owned(),
+                    })
+            }
         }
     }
 
@@ -241,7 +243,11 @@ impl Container {
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").map_err(io_err("reading /proc"))? {
             let Ok(entry) = entry else { continue };
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
                 continue;
             };
             if std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|link| link == ns) {
@@ -279,7 +285,9 @@ impl AttachJob {
             StreamKind::Pty => match self.pipe {
                 Some(master) => {
                     let spawned = match (master.try_clone(), conn.try_clone()) {
-                        (Ok(master_in), Ok(conn_in)) => spawn_copy("pty-in", conn_in, master_in, false),
+                        (Ok(master_in), Ok(conn_in)) => {
+                            spawn_copy("pty-in", conn_in, master_in, false)
+                        }
                         (Err(err), _) | (_, Err(err)) => Err(err),
                     };
                     spawned.and_then(|()| spawn_copy("pty-out", master, conn, true))
@@ -537,31 +545,32 @@ impl Containers {
             .spawn_watched(|| clone_helper(clone_flags, raw).map(|pid| (pid, pid)))?;
         drop(helper_end);
         drop(fds.child);
-        let result = (|| -> Result<(i32, Option<std::sync::mpsc::Receiver<ReapStatus>>), ContainerError> {
-            agent_end
-                .set_read_timeout(Some(SETUP_TIMEOUT))
-                .map_err(io_err("socket timeout"))?;
-            write_frame(&mut agent_end, &ToInit::Setup(Box::new(config)))
-                .map_err(|err| ContainerError::Setup(format!("sending the setup: {err}")))?;
-            let mut watched = None;
-            let mut pid = None;
-            loop {
-                let msg: FromInit = read_frame(&mut agent_end).map_err(|err| {
-                    ContainerError::Setup(format!("the helper ended without reporting: {err}"))
-                })?;
-                match msg {
-                    FromInit::Pid(p) if p > 1 && pid.is_none() => {
-                        watched = Some(self.reaper.watch(p));
-                        pid = Some(p);
+        let result =
+            (|| -> Result<(i32, Option<std::sync::mpsc::Receiver<ReapStatus>>), ContainerError> {
+                agent_end
+                    .set_read_timeout(Some(SETUP_TIMEOUT))
+                    .map_err(io_err("socket timeout"))?;
+                write_frame(&mut agent_end, &ToInit::Setup(Box::new(config)))
+                    .map_err(|err| ContainerError::Setup(format!("sending the setup: {err}")))?;
+                let mut watched = None;
+                let mut pid = None;
+                loop {
+                    let msg: FromInit = read_frame(&mut agent_end).map_err(|err| {
+                        ContainerError::Setup(format!("the helper ended without reporting: {err}"))
+                    })?;
+                    match msg {
+                        FromInit::Pid(p) if p > 1 && pid.is_none() => {
+                            watched = Some(self.reaper.watch(p));
+                            pid = Some(p);
+                        }
+                        FromInit::Pid(p) => {
+                            return Err(ContainerError::Setup(format!("unexpected pid {p}")))
+                        }
+                        FromInit::Ready => return Ok((pid.unwrap_or(0), watched)),
+                        FromInit::Error(message) => return Err(ContainerError::Setup(message)),
                     }
-                    FromInit::Pid(p) => {
-                        return Err(ContainerError::Setup(format!("unexpected pid {p}")))
-                    }
-                    FromInit::Ready => return Ok((pid.unwrap_or(0), watched)),
-                    FromInit::Error(message) => return Err(ContainerError::Setup(message)),
                 }
-            }
-        })();
+            })();
         let (forked_pid, forked_status) = match result {
             Ok(r) => r,
             Err(err) => {
@@ -625,7 +634,10 @@ impl Containers {
     }
 
     /// `CreateContainer`.
-    pub fn create(&self, req: &husk_agent_protocol::CreateContainer) -> Result<i32, ContainerError> {
+    pub fn create(
+        &self,
+        req: &husk_agent_protocol::CreateContainer,
+    ) -> Result<i32, ContainerError> {
         check_id(&req.id)?;
         {
             let map = lock(&self.containers);
@@ -770,7 +782,10 @@ impl Containers {
     }
 
     /// `AttachStdio`: checks the stream and hands out the agent's end of it.
-    pub fn attach(&self, req: &husk_agent_protocol::AttachStdio) -> Result<AttachJob, ContainerError> {
+    pub fn attach(
+        &self,
+        req: &husk_agent_protocol::AttachStdio,
+    ) -> Result<AttachJob, ContainerError> {
         let proc = self.process(&req.process)?;
         if !proc.is_alive() {
             return Err(ContainerError::State("the process has exited".into()));
@@ -778,8 +793,14 @@ impl Containers {
         let mut pending = lock(&proc.pending);
         let (requested, slot) = match req.stream {
             StreamKind::Stdin => (proc.stdio.stdin && !proc.stdio.terminal, &mut pending.stdin),
-            StreamKind::Stdout => (proc.stdio.stdout && !proc.stdio.terminal, &mut pending.stdout),
-            StreamKind::Stderr => (proc.stdio.stderr && !proc.stdio.terminal, &mut pending.stderr),
+            StreamKind::Stdout => (
+                proc.stdio.stdout && !proc.stdio.terminal,
+                &mut pending.stdout,
+            ),
+            StreamKind::Stderr => (
+                proc.stdio.stderr && !proc.stdio.terminal,
+                &mut pending.stderr,
+            ),
             StreamKind::Pty => (proc.stdio.terminal, &mut pending.pty),
         };
         if !requested {
@@ -802,7 +823,10 @@ impl Containers {
     pub fn start(&self, r: &husk_agent_protocol::ProcessRef) -> Result<(), ContainerError> {
         let container = self.get(&r.id)?;
         if r.exec_id.is_some() && container.init.state() != ProcState::Running {
-            return Err(ContainerError::State(format!("container {} is not running", r.id)));
+            return Err(ContainerError::State(format!(
+                "container {} is not running",
+                r.id
+            )));
         }
         let proc = container.process(r.exec_id.as_deref())?;
         {
@@ -826,7 +850,9 @@ impl Containers {
         }
         let mut control = lock(&proc.control);
         let Some(mut sock) = control.take() else {
-            return Err(ContainerError::State("the process was already started".into()));
+            return Err(ContainerError::State(
+                "the process was already started".into(),
+            ));
         };
         if proc.state() != ProcState::Created {
             return Err(ContainerError::State("the process has exited".into()));
@@ -947,10 +973,9 @@ impl Containers {
     }
 
     fn cgroup_of(&self, id: &str) -> Result<Cgroup, ContainerError> {
-        self.get(id)?
-            .cgroup
-            .clone()
-            .ok_or_else(|| cgroup::CgroupError::NoCgroup(self.cgroup_root.display().to_string()).into())
+        self.get(id)?.cgroup.clone().ok_or_else(|| {
+            cgroup::CgroupError::NoCgroup(self.cgroup_root.display().to_string()).into()
+        })
     }
 
     /// `Stats`.
@@ -972,7 +997,9 @@ impl Containers {
     pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), ContainerError> {
         let container = self.get(id)?;
         if container.init.state() != ProcState::Running {
-            return Err(ContainerError::State(format!("container {id} is not running")));
+            return Err(ContainerError::State(format!(
+                "container {id} is not running"
+            )));
         }
         Ok(self.cgroup_of(id)?.freeze(frozen)?)
     }

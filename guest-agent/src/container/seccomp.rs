@@ -159,7 +159,11 @@ fn add_rules(map: &mut RuleMap, nr: i64, rules: Option<Vec<SeccompRule>>) {
     }
 }
 
-fn build(rules: RuleMap, mismatch: SeccompAction, matched: SeccompAction) -> Result<Vec<SockFilter>, SeccompError> {
+fn build(
+    rules: RuleMap,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<Vec<SockFilter>, SeccompError> {
     let rules = rules
         .into_iter()
         .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
@@ -183,7 +187,9 @@ fn build(rules: RuleMap, mismatch: SeccompAction, matched: SeccompAction) -> Res
 /// Translates a profile into the filters to install, in order.
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<Vec<SockFilter>>, SeccompError> {
     if profile.listener_path().is_some() {
-        return Err(SeccompError::Unsupported("listenerPath (seccomp notify)".into()));
+        return Err(SeccompError::Unsupported(
+            "listenerPath (seccomp notify)".into(),
+        ));
     }
     for flag in profile.flags().as_deref().unwrap_or(&[]) {
         if *flag != LinuxSeccompFilterFlag::SeccompFilterFlagTsync {
@@ -221,7 +227,11 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<Vec<SockFilter>>, SeccompEr
                 }
                 return Err(SeccompError::UnknownSyscall(name.clone()));
             };
-            let entry_rules = if args.is_empty() { None } else { Some(rules(args)?) };
+            let entry_rules = if args.is_empty() {
+                None
+            } else {
+                Some(rules(args)?)
+            };
             if default != SeccompAction::Allow {
                 add_rules(&mut allow_named, nr, entry_rules.clone());
             }
@@ -319,7 +329,9 @@ mod tests {
         assert_eq!(last_ret(&filters[0]), libc::SECCOMP_RET_ALLOW);
         assert!(filters[0].iter().any(|i| i.k == 83));
         assert!(filters[0].iter().any(|i| i.k == 258));
-        assert!(filters[0].iter().any(|i| i.k == libc::SECCOMP_RET_ERRNO | 1));
+        assert!(filters[0]
+            .iter()
+            .any(|i| i.k == libc::SECCOMP_RET_ERRNO | 1));
     }
 
     #[test]
@@ -337,7 +349,9 @@ mod tests {
         assert_eq!(filters.len(), 2);
         assert_eq!(last_ret(&filters[0]), libc::SECCOMP_RET_ERRNO | 38);
         assert_eq!(last_ret(&filters[1]), libc::SECCOMP_RET_ALLOW);
-        assert!(filters[1].iter().any(|i| i.k == libc::SECCOMP_RET_KILL_PROCESS));
+        assert!(filters[1]
+            .iter()
+            .any(|i| i.k == libc::SECCOMP_RET_KILL_PROCESS));
     }
 
     #[test]

@@ -202,7 +202,10 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
     } else {
         bundle.join(root.path())
     };
-    let process = spec.process().as_ref().ok_or(SpecError::Missing("process"))?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or(SpecError::Missing("process"))?;
     let linux = spec.linux().as_ref().ok_or(SpecError::Missing("linux"))?;
     if spec.uid_mappings().is_some() || linux.uid_mappings().is_some() {
         return Err(SpecError::Unsupported(
@@ -285,7 +288,9 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
         None => Vec::new(),
     };
     if linux.intel_rdt().is_some() || linux.personality().is_some() {
-        return Err(SpecError::Unsupported("linux.intelRdt / linux.personality".into()));
+        return Err(SpecError::Unsupported(
+            "linux.intelRdt / linux.personality".into(),
+        ));
     }
     Ok(Plan {
         rootfs,
@@ -443,7 +448,11 @@ pub fn translate_process(process: &Process) -> Result<ProcessPlan, SpecError> {
         additional_gids,
         umask: user.umask(),
         terminal: process.terminal().unwrap_or(false),
-        caps: process.capabilities().as_ref().map(translate_caps).transpose()?,
+        caps: process
+            .capabilities()
+            .as_ref()
+            .map(translate_caps)
+            .transpose()?,
         rlimits,
         no_new_privileges: process.no_new_privileges().unwrap_or(false),
         oom_score_adj: process.oom_score_adj(),
@@ -484,7 +493,11 @@ fn cap_numbers(set: Option<&oci_spec::runtime::Capabilities>) -> Result<Vec<u8>,
     for cap in set.into_iter().flatten() {
         // oci-spec displays `KILL` for `CAP_KILL`.
         let shown = cap.to_string();
-        let name = if shown.starts_with("CAP_") { shown } else { format!("CAP_{shown}") };
+        let name = if shown.starts_with("CAP_") {
+            shown
+        } else {
+            format!("CAP_{shown}")
+        };
         let parsed: caps::Capability = name
             .parse()
             .map_err(|_| SpecError::Unsupported(format!("capability {name}")))?;
@@ -644,9 +657,18 @@ mod tests {
         assert_eq!(
             plan.namespaces,
             vec![
-                NamespacePlan { flag: libc::CLONE_NEWPID, path: None },
-                NamespacePlan { flag: libc::CLONE_NEWNS, path: None },
-                NamespacePlan { flag: libc::CLONE_NEWUTS, path: None },
+                NamespacePlan {
+                    flag: libc::CLONE_NEWPID,
+                    path: None
+                },
+                NamespacePlan {
+                    flag: libc::CLONE_NEWNS,
+                    path: None
+                },
+                NamespacePlan {
+                    flag: libc::CLONE_NEWUTS,
+                    path: None
+                },
                 NamespacePlan {
                     flag: libc::CLONE_NEWNET,
                     path: Some("/proc/7/ns/net".into())
@@ -678,7 +700,10 @@ mod tests {
         );
         assert_eq!(plan.masked_paths, vec![PathBuf::from("/proc/kcore")]);
         assert_eq!(plan.readonly_paths, vec![PathBuf::from("/proc/sys")]);
-        assert_eq!(plan.sysctls, vec![("net.ipv4.ip_forward".into(), "1".into())]);
+        assert_eq!(
+            plan.sysctls,
+            vec![("net.ipv4.ip_forward".into(), "1".into())]
+        );
         assert_eq!(plan.hostname.as_deref(), Some("box"));
         let p = &plan.process;
         assert_eq!(p.cwd, PathBuf::from("/tmp"));
@@ -686,7 +711,11 @@ mod tests {
         assert_eq!(p.additional_gids, vec![5, 6]);
         assert_eq!(
             p.rlimits,
-            vec![RlimitPlan { resource: libc::RLIMIT_NOFILE as i32, soft: 100, hard: 200 }]
+            vec![RlimitPlan {
+                resource: libc::RLIMIT_NOFILE as i32,
+                soft: 100,
+                hard: 200
+            }]
         );
         let caps = p.caps.as_ref().expect("caps");
         assert_eq!(caps.bounding, vec![0, 5]);
@@ -698,10 +727,18 @@ mod tests {
 
     #[test]
     fn mount_options_split_into_flags_propagation_and_data() {
-        let opts: Vec<String> = ["ro", "nosuid", "nodev", "rw", "rshared", "mode=1777", "newinstance"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let opts: Vec<String> = [
+            "ro",
+            "nosuid",
+            "nodev",
+            "rw",
+            "rshared",
+            "mode=1777",
+            "newinstance",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let (flags, propagation, data) = parse_mount_options("/x", &opts).expect("parses");
         assert_eq!(flags, (MsFlags::MS_NOSUID | MsFlags::MS_NODEV).bits());
         assert_eq!(propagation, (MsFlags::MS_SHARED | MsFlags::MS_REC).bits());
@@ -709,7 +746,10 @@ mod tests {
         let err = parse_mount_options("/x", &["idmap".to_string()]).expect_err("unsupported");
         assert_eq!(
             err,
-            SpecError::MountOption { destination: "/x".into(), option: "idmap".into() }
+            SpecError::MountOption {
+                destination: "/x".into(),
+                option: "idmap".into()
+            }
         );
     }
 
@@ -725,8 +765,7 @@ mod tests {
     #[test]
     fn user_namespace_is_unsupported() {
         let mut json = base_spec();
-        json["linux"]["namespaces"] =
-            json!([{"type": "mount"}, {"type": "pid"}, {"type": "user"}]);
+        json["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "pid"}, {"type": "user"}]);
         let spec = parse_spec(&json).expect("valid");
         let err = translate_spec(&spec, Path::new("/b")).expect_err("user ns");
         assert!(err.to_string().contains("namespace User"), "{err}");
