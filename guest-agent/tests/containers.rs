@@ -20,7 +20,7 @@ use std::time::Duration;
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "id", "hostname", "mkdir", "sleep", "ls", "grep", "touch", "wc", "pwd",
-    "true", "false", "head",
+    "true", "false", "head", "stty",
 ];
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -334,6 +334,7 @@ touch /proc/bus/x 2>/dev/null || echo bus=ro
 echo x > /tmp/f && echo "tmp=$(cat /tmp/f)"
 [ -c /dev/null ] && [ -c /dev/urandom ] && [ -L /dev/fd ] && echo devices=ok
 echo "umask=$(umask)"
+echo "forward=$(cat /proc/sys/net/ipv4/ip_forward)"
 "#;
     let mut s = spec(&["sh", "-c", script]);
     s["root"]["readonly"] = json!(true);
@@ -349,11 +350,15 @@ echo "umask=$(umask)"
     s["process"]["noNewPrivileges"] = json!(true);
     s["linux"]["maskedPaths"] = json!(["/proc/kmsg", "/proc/bus", "/proc/nonexistent"]);
     s["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+    s["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+    s["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}, {"type": "network"}
+    ]);
     let (out, err, status) = agent.run("attrs", s);
     assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
     let expected = "host=husky\nfoo=bar\ncwd=/tmp\nids=1000:1000:1000 2000\n\
                     nofile=1234:2345\nCapEff:\t0000000000000020\nrootfs=ro\nprocsys=ro\n\
-                    kmsg=0\nbus=0\nbus=ro\ntmp=x\ndevices=ok\numask=0077\n";
+                    kmsg=0\nbus=0\nbus=ro\ntmp=x\ndevices=ok\numask=0077\nforward=1\n";
     assert_eq!(out, expected, "stderr: {err}");
 }
 
@@ -444,4 +449,75 @@ fn memory_limit_oom_kills_a_hog() {
             oom_killed: true
         }
     );
+}
+
+#[test]
+fn terminal_process_gets_a_pty_with_the_requested_size() {
+    let Some(agent) = start_agent() else { return };
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo tty; stty size; read line; echo got=$line",
+    ]);
+    s["process"]["terminal"] = json!(true);
+    let stdio = StdioConfig {
+        terminal: true,
+        ..Default::default()
+    };
+    let resp = agent.create("t", s, stdio);
+    assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
+    let mut pty = agent.attach("t", None, StreamKind::Pty);
+    agent.ok(&Request::ResizePty {
+        process: pref("t", None),
+        rows: 30,
+        cols: 100,
+    });
+    agent.ok(&Request::StartProcess(pref("t", None)));
+    std::io::Write::write_all(&mut pty, b"hi\n").expect("type");
+    pty.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut out = Vec::new();
+    // The stream ends when the process is gone and the pty reports EIO.
+    let _ = pty.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    // The terminal echoes the typed line somewhere in between.
+    assert!(out.starts_with("tty\n"), "{out:?}");
+    assert!(out.contains("30 100\n"), "{out:?}");
+    assert!(out.contains("got=hi\n"), "{out:?}");
+    assert_eq!(agent.wait("t", None), exited(0));
+    agent.ok(&Request::RemoveContainer { id: "t".into() });
+}
+
+#[test]
+fn pause_resume_and_stats_use_the_cgroup() {
+    let Some(agent) = start_agent() else { return };
+    if agent.cgroup_root.is_none() {
+        eprintln!("!!! SKIPPED pause_resume_and_stats_use_the_cgroup: no cgroup v2 hierarchy");
+        return;
+    }
+    let resp = agent.create("p", spec(&["sleep", "100"]), StdioConfig::default());
+    assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
+    agent.ok(&Request::StartProcess(pref("p", None)));
+    agent.ok(&Request::Pause { id: "p".into() });
+    let status = |agent: &Agent| match agent.request(&Request::ListContainers) {
+        Response::Containers { containers } => containers[0].status,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status(&agent), husk_agent_protocol::ContainerStatus::Paused);
+    agent.ok(&Request::Resume { id: "p".into() });
+    assert_eq!(
+        status(&agent),
+        husk_agent_protocol::ContainerStatus::Running
+    );
+    assert!(matches!(
+        agent.request(&Request::Stats { id: "p".into() }),
+        Response::Stats(_)
+    ));
+    agent.ok(&Request::SignalProcess {
+        process: pref("p", None),
+        signal: 9,
+        all: false,
+    });
+    assert_eq!(agent.wait("p", None).signal, Some(9));
+    agent.ok(&Request::RemoveContainer { id: "p".into() });
 }

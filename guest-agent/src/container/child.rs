@@ -127,6 +127,7 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
             let path = Path::new("/proc/sys").join(key.replace('.', "/"));
             ctx(fs::write(&path, value), || format!("sysctl {key}"))?;
         }
+        finalize_rootfs(plan)?;
     }
     ctx(write_frame(control, &FromInit::Ready), || {
         "reporting ready".into()
@@ -312,6 +313,11 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
         "detaching the old root".into()
     })?;
     ctx(chdir("/"), || "chdir /".into())?;
+    Ok(())
+}
+
+/// After the sysctls are written: masked and read-only paths, read-only root.
+fn finalize_rootfs(plan: &Plan) -> StepResult {
     for path in &plan.masked_paths {
         mask_path(path)?;
     }
