@@ -182,8 +182,12 @@ fn join_namespaces(config: &InitConfig) -> StepResult<bool> {
 }
 
 /// After joining a pid namespace only children are in it: fork one, as a child of the agent
-/// (`CLONE_PARENT`), tell the agent its pid, and let the helper exit.
+/// (`CLONE_PARENT`), tell the agent its pid, and let the helper exit. The child waits until the
+/// helper is gone (end of a pipe) so that its own messages follow the pid on the socket.
 fn fork_into_pid_namespace(control: &mut UnixStream) -> StepResult {
+    let (gate_r, gate_w) = ctx(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC), || {
+        "pipe".into()
+    })?;
     // SAFETY: a raw clone without CLONE_VM and without a new stack is fork(2) with extra flags;
     // this process is single threaded, so the child's copy of every lock and buffer is sound.
     let ret = unsafe {
@@ -198,10 +202,18 @@ fn fork_into_pid_namespace(control: &mut UnixStream) -> StepResult {
     };
     match ret {
         -1 => Err(format!("fork into the pid namespace: {}", Errno::last())),
-        0 => Ok(()),
+        0 => {
+            drop(gate_w);
+            let mut gate = File::from(gate_r);
+            let mut byte = [0u8; 1];
+            // End of stream once the helper has reported the pid and exited.
+            while matches!(io::Read::read(&mut gate, &mut byte), Ok(n) if n > 0) {}
+            Ok(())
+        }
         child => {
             let pid = i32::try_from(child).unwrap_or(-1);
             let _ = write_frame(control, &FromInit::Pid(pid));
+            drop(gate_w);
             std::process::exit(0)
         }
     }

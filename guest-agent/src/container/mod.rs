@@ -787,8 +787,10 @@ impl Containers {
         req: &husk_agent_protocol::AttachStdio,
     ) -> Result<AttachJob, ContainerError> {
         let proc = self.process(&req.process)?;
-        if !proc.is_alive() {
-            return Err(ContainerError::State("the process has exited".into()));
+        if let ProcState::Exited(status) = proc.state() {
+            return Err(ContainerError::State(format!(
+                "the process has exited ({status:?})"
+            )));
         }
         let mut pending = lock(&proc.pending);
         let (requested, slot) = match req.stream {
