@@ -320,10 +320,21 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
     }
     create_devices(rootfs, &plan.devices)?;
     ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
-    ctx(pivot_root(".", "."), || "pivot_root".into())?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || {
-        "detaching the old root".into()
-    })?;
+    match pivot_root(".", ".") {
+        Ok(()) => {
+            ctx(umount2(".", MntFlags::MNT_DETACH), || {
+                "detaching the old root".into()
+            })?;
+        }
+        // The guest's root is the initramfs (rootfs), which pivot_root refuses: move the
+        // container's root over it and chroot, as runc's --no-pivot does. The mount namespace
+        // is the container's own and the VM is the isolation boundary.
+        Err(Errno::EINVAL) => {
+            do_mount(Some(rootfs), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            ctx(nix::unistd::chroot("."), || "chroot".into())?;
+        }
+        Err(errno) => return Err(format!("pivot_root: {errno}")),
+    }
     ctx(chdir("/"), || "chdir /".into())?;
     Ok(())
 }
