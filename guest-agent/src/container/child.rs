@@ -13,9 +13,10 @@ use super::seccomp::{self, SockFilter};
 use super::spec::{
     DevicePlan, MountPlan, NamespacePlan, Plan, ProcessPlan, DEFAULT_DEVICES, DEV_SYMLINKS,
 };
+use crate::sys::{LinuxSyscall, Syscall};
 use husk_agent_protocol::{read_frame, write_frame};
 use nix::errno::Errno;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
 use nix::unistd::{chdir, pivot_root, Gid, Uid};
@@ -105,6 +106,7 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
         || "marking the control socket close-on-exec".into(),
     )?;
     umask(Mode::empty());
+    let sys = &LinuxSyscall;
     if let Some(cgroup) = &config.cgroup {
         let procs = cgroup.join("cgroup.procs");
         ctx(fs::write(&procs, "0"), || {
@@ -116,7 +118,7 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
         fork_into_pid_namespace(control)?;
     }
     if let Some(plan) = &config.create {
-        setup_rootfs(plan)?;
+        setup_rootfs(sys, plan)?;
         if let Some(hostname) = &plan.hostname {
             ctx(nix::unistd::sethostname(hostname), || "sethostname".into())?;
         }
@@ -127,7 +129,7 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
             let path = Path::new("/proc/sys").join(key.replace('.', "/"));
             ctx(fs::write(&path, value), || format!("sysctl {key}"))?;
         }
-        finalize_rootfs(plan)?;
+        finalize_rootfs(sys, plan)?;
     }
     ctx(write_frame(control, &FromInit::Ready), || {
         "reporting ready".into()
@@ -283,25 +285,36 @@ fn mkdir_all(path: &Path) -> StepResult {
 }
 
 fn do_mount(
+    sys: &dyn Syscall,
     source: Option<&Path>,
     target: &Path,
     fstype: Option<&str>,
     flags: MsFlags,
     data: Option<&str>,
 ) -> StepResult {
-    ctx(mount(source, target, fstype, flags, data), || {
-        format!(
-            "mounting {} on {} (type {}, flags {flags:?})",
-            source.map_or("none".into(), |s| s.display().to_string()),
-            target.display(),
-            fstype.unwrap_or("none")
-        )
-    })
+    let text = |p: &Path| {
+        p.to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{} is not UTF-8", p.display()))
+    };
+    let source_text = source.map(text).transpose()?;
+    ctx(
+        sys.mount(source_text.as_deref(), target, fstype, flags, data),
+        || {
+            format!(
+                "mounting {} on {} (type {}, flags {flags:?})",
+                source.map_or("none".into(), |s| s.display().to_string()),
+                target.display(),
+                fstype.unwrap_or("none")
+            )
+        },
+    )
 }
 
-fn setup_rootfs(plan: &Plan) -> StepResult {
+fn setup_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
     let rootfs = &plan.rootfs;
     do_mount(
+        sys,
         None,
         Path::new("/"),
         None,
@@ -309,6 +322,7 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
         None,
     )?;
     do_mount(
+        sys,
         Some(rootfs),
         rootfs,
         None,
@@ -316,9 +330,9 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
         None,
     )?;
     for m in &plan.mounts {
-        mount_one(rootfs, m)?;
+        mount_one(sys, rootfs, m)?;
     }
-    create_devices(rootfs, &plan.devices)?;
+    create_devices(sys, rootfs, &plan.devices)?;
     ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
     match pivot_root(".", ".") {
         Ok(()) => {
@@ -330,7 +344,14 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
         // container's root over it and chroot, as runc's --no-pivot does. The mount namespace
         // is the container's own and the VM is the isolation boundary.
         Err(Errno::EINVAL) => {
-            do_mount(Some(rootfs), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            do_mount(
+                sys,
+                Some(rootfs),
+                Path::new("/"),
+                None,
+                MsFlags::MS_MOVE,
+                None,
+            )?;
             ctx(nix::unistd::chroot("."), || "chroot".into())?;
         }
         Err(errno) => return Err(format!("pivot_root: {errno}")),
@@ -340,15 +361,16 @@ fn setup_rootfs(plan: &Plan) -> StepResult {
 }
 
 /// After the sysctls are written: masked and read-only paths, read-only root.
-fn finalize_rootfs(plan: &Plan) -> StepResult {
+fn finalize_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
     for path in &plan.masked_paths {
-        mask_path(path)?;
+        mask_path(sys, path)?;
     }
     for path in &plan.readonly_paths {
-        readonly_path(path)?;
+        readonly_path(sys, path)?;
     }
     if plan.readonly_rootfs {
         do_mount(
+            sys,
             None,
             Path::new("/"),
             None,
@@ -359,7 +381,7 @@ fn finalize_rootfs(plan: &Plan) -> StepResult {
     Ok(())
 }
 
-fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
+fn mount_one(sys: &dyn Syscall, rootfs: &Path, m: &MountPlan) -> StepResult {
     let target = ctx(secure_join(rootfs, &m.destination), || {
         format!("resolving {}", m.destination.display())
     })?;
@@ -382,10 +404,11 @@ fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
             }
         }
         let bind_flags = flags & (MsFlags::MS_BIND | MsFlags::MS_REC);
-        do_mount(Some(source), &target, None, bind_flags, None)?;
+        do_mount(sys, Some(source), &target, None, bind_flags, None)?;
         let rest = flags - (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !rest.is_empty() {
             do_mount(
+                sys,
                 None,
                 &target,
                 None,
@@ -397,6 +420,7 @@ fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
         mkdir_all(&target)?;
         let source = m.source.clone().unwrap_or_else(|| PathBuf::from("none"));
         do_mount(
+            sys,
             Some(&source),
             &target,
             m.fstype.as_deref(),
@@ -406,6 +430,7 @@ fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
     }
     if m.propagation != 0 {
         do_mount(
+            sys,
             None,
             &target,
             None,
@@ -416,7 +441,12 @@ fn mount_one(rootfs: &Path, m: &MountPlan) -> StepResult {
     Ok(())
 }
 
-fn make_device(rootfs: &Path, dev: &DevicePlan, fallback_bind: bool) -> StepResult {
+fn make_device(
+    sys: &dyn Syscall,
+    rootfs: &Path,
+    dev: &DevicePlan,
+    fallback_bind: bool,
+) -> StepResult {
     let target = ctx(secure_join(rootfs, &dev.path), || {
         format!("resolving {}", dev.path.display())
     })?;
@@ -437,7 +467,7 @@ fn make_device(rootfs: &Path, dev: &DevicePlan, fallback_bind: bool) -> StepResu
             ctx(File::create(&target), || {
                 format!("creating {}", target.display())
             })?;
-            return do_mount(Some(&dev.path), &target, None, MsFlags::MS_BIND, None);
+            return do_mount(sys, Some(&dev.path), &target, None, MsFlags::MS_BIND, None);
         }
         Err(errno) => return Err(format!("mknod {}: {errno}", dev.path.display())),
     }
@@ -455,9 +485,9 @@ fn make_device(rootfs: &Path, dev: &DevicePlan, fallback_bind: bool) -> StepResu
     )
 }
 
-fn create_devices(rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
+fn create_devices(sys: &dyn Syscall, rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
     for dev in devices {
-        make_device(rootfs, dev, false)?;
+        make_device(sys, rootfs, dev, false)?;
     }
     for (path, major, minor) in DEFAULT_DEVICES {
         if devices.iter().any(|d| d.path == Path::new(path)) {
@@ -472,7 +502,7 @@ fn create_devices(rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
             uid: 0,
             gid: 0,
         };
-        make_device(rootfs, &dev, true)?;
+        make_device(sys, rootfs, &dev, true)?;
     }
     for (link, target) in DEV_SYMLINKS {
         let path = ctx(secure_join(rootfs, Path::new(link)), || {
@@ -487,11 +517,12 @@ fn create_devices(rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
     Ok(())
 }
 
-fn mask_path(path: &Path) -> StepResult {
+fn mask_path(sys: &dyn Syscall, path: &Path) -> StepResult {
     match fs::metadata(path) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(format!("masking {}: {err}", path.display())),
         Ok(meta) if meta.is_dir() => do_mount(
+            sys,
             Some(Path::new("tmpfs")),
             path,
             Some("tmpfs"),
@@ -499,6 +530,7 @@ fn mask_path(path: &Path) -> StepResult {
             None,
         ),
         Ok(_) => do_mount(
+            sys,
             Some(Path::new("/dev/null")),
             path,
             None,
@@ -508,13 +540,14 @@ fn mask_path(path: &Path) -> StepResult {
     }
 }
 
-fn readonly_path(path: &Path) -> StepResult {
+fn readonly_path(sys: &dyn Syscall, path: &Path) -> StepResult {
     match fs::symlink_metadata(path) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(format!("read-only path {}: {err}", path.display())),
         Ok(_) => {}
     }
     do_mount(
+        sys,
         Some(path),
         path,
         None,
@@ -522,6 +555,7 @@ fn readonly_path(path: &Path) -> StepResult {
         None,
     )?;
     do_mount(
+        sys,
         None,
         path,
         None,
@@ -716,6 +750,133 @@ pub fn is_char_device(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::test_utils::{Call, RecordingSyscall};
+
+    fn mount_call(
+        source: Option<&str>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+    ) -> Call {
+        Call::Mount {
+            source: source.map(str::to_owned),
+            target: target.to_path_buf(),
+            fstype: fstype.map(str::to_owned),
+            flags,
+            data: None,
+        }
+    }
+
+    #[test]
+    fn masked_directory_gets_a_read_only_tmpfs_and_a_file_dev_null() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("kcore");
+        fs::write(&file, "secret").expect("write");
+        let sys = RecordingSyscall::new();
+        mask_path(&sys, dir.path()).expect("dir");
+        mask_path(&sys, &file).expect("file");
+        mask_path(&sys, &dir.path().join("missing")).expect("missing is fine");
+        assert_eq!(
+            sys.calls(),
+            vec![
+                mount_call(Some("tmpfs"), dir.path(), Some("tmpfs"), MsFlags::MS_RDONLY),
+                mount_call(Some("/dev/null"), &file, None, MsFlags::MS_BIND),
+            ]
+        );
+    }
+
+    #[test]
+    fn read_only_path_is_bound_then_remounted_read_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sys = RecordingSyscall::new();
+        readonly_path(&sys, dir.path()).expect("ro");
+        readonly_path(&sys, &dir.path().join("missing")).expect("missing is fine");
+        let source = dir.path().to_str().expect("utf-8");
+        assert_eq!(
+            sys.calls(),
+            vec![
+                mount_call(
+                    Some(source),
+                    dir.path(),
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC
+                ),
+                mount_call(
+                    None,
+                    dir.path(),
+                    None,
+                    MsFlags::MS_BIND
+                        | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
+                        | MsFlags::MS_REC
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn read_only_bind_mount_is_remounted_with_its_flags_and_propagation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let rootfs = dir.path().join("rootfs");
+        let source = dir.path().join("data");
+        fs::create_dir_all(&rootfs).expect("rootfs");
+        fs::create_dir_all(&source).expect("source");
+        let plan = MountPlan {
+            destination: "/mnt/data".into(),
+            source: Some(source.clone()),
+            fstype: None,
+            flags: (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY).bits(),
+            propagation: (MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits(),
+            data: None,
+        };
+        let sys = RecordingSyscall::new();
+        mount_one(&sys, &rootfs, &plan).expect("mount");
+        let target = rootfs.join("mnt/data");
+        assert!(target.is_dir(), "mount point created");
+        assert_eq!(
+            sys.calls(),
+            vec![
+                mount_call(
+                    source.to_str(),
+                    &target,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC
+                ),
+                mount_call(
+                    None,
+                    &target,
+                    None,
+                    MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REMOUNT
+                ),
+                mount_call(None, &target, None, MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_mount_names_the_target() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sys = RecordingSyscall::new();
+        let target = dir.path().join("proc");
+        sys.fail_mount(target.to_str().expect("utf-8"), Errno::EPERM);
+        let plan = MountPlan {
+            destination: "/proc".into(),
+            source: Some("proc".into()),
+            fstype: Some("proc".into()),
+            flags: 0,
+            propagation: 0,
+            data: None,
+        };
+        let err = mount_one(&sys, dir.path(), &plan).expect_err("fails");
+        assert!(
+            err.contains("on ") && err.contains("/proc (type proc"),
+            "{err}"
+        );
+        assert!(err.contains("EPERM"), "{err}");
+    }
 
     #[test]
     fn secure_join_keeps_symlinks_inside_the_root() {

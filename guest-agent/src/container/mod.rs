@@ -57,7 +57,7 @@ use std::time::Duration;
 
 /// Most containers at once.
 pub const MAX_CONTAINERS: usize = 256;
-/// Most exec'd processes a container keeps (exited ones included, until removed).
+/// Most exec'd processes a container keeps; at the limit the exited ones are forgotten.
 pub const MAX_EXECS: usize = 1024;
 /// Longest identifier.
 pub const MAX_ID_LEN: usize = 128;
@@ -733,12 +733,16 @@ impl Containers {
             )));
         }
         {
-            let execs = lock(&container.execs);
+            let mut execs = lock(&container.execs);
             if execs.contains_key(&req.exec_id) {
                 return Err(ContainerError::ProcessExists {
                     id: req.id.clone(),
                     exec_id: req.exec_id.clone(),
                 });
+            }
+            if execs.len() >= MAX_EXECS {
+                // Exec probes add up over a pod's life: forget the exited ones first.
+                execs.retain(|_, proc| proc.is_alive());
             }
             if execs.len() >= MAX_EXECS {
                 return Err(ContainerError::TooMany("processes in this container"));
