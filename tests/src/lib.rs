@@ -162,6 +162,14 @@ impl TestVmBuilder {
         self
     }
 
+    /// Shares `dir` with the guest through virtio-fs (`--shared-dir`; the agent mounts it at
+    /// `/run/husk/shared`).
+    pub fn shared_dir(mut self, dir: &Path) -> Self {
+        self.extra_args.push("--shared-dir".into());
+        self.extra_args.push(dir.display().to_string());
+        self
+    }
+
     /// Starts `husk-vmm`; its stdout and stderr are captured to files in the VM's temp dir.
     pub fn spawn(self) -> Result<TestVm> {
         let dir = TempDir::new("husk-test-vm")?;
