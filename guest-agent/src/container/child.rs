@@ -344,6 +344,7 @@ fn setup_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
         // container's root over it and chroot, as runc's --no-pivot does. The mount namespace
         // is the container's own and the VM is the isolation boundary.
         Err(Errno::EINVAL) => {
+            detach_outside(rootfs)?;
             do_mount(
                 sys,
                 Some(rootfs),
@@ -358,6 +359,62 @@ fn setup_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
     }
     ctx(chdir("/"), || "chdir /".into())?;
     Ok(())
+}
+
+/// Before moving the container's root over the guest's: detaches every mount of this (the
+/// container's own) mount namespace that is not the root or under the container's root, deepest
+/// first, so nothing of the guest stays reachable beneath the chroot (as runc's msMoveRoot).
+fn detach_outside(rootfs: &Path) -> StepResult {
+    let mountinfo = ctx(fs::read_to_string("/proc/self/mountinfo"), || {
+        "reading mountinfo".into()
+    })?;
+    let mut points = mount_points_outside(&mountinfo, rootfs);
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        match umount2(&point, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => {}
+            Err(errno) => return Err(format!("detaching {}: {errno}", point.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Mount points of a mountinfo text that are neither `/` nor inside `rootfs` nor an ancestor of
+/// it (those hold the container's root).
+pub fn mount_points_outside(mountinfo: &str, rootfs: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(PathBuf::from)
+        .filter(|p| p != Path::new("/") && !p.starts_with(rootfs) && !rootfs.starts_with(p))
+        .collect()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes.get(i), octal) {
+            (Some(b'\\'), Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (Some(b), _) => {
+                out.push(*b);
+                i += 1;
+            }
+            (None, _) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// After the sysctls are written: masked and read-only paths, read-only root.
@@ -853,6 +910,24 @@ mod tests {
                 ),
                 mount_call(None, &target, None, MsFlags::MS_PRIVATE | MsFlags::MS_REC),
             ]
+        );
+    }
+
+    #[test]
+    fn mounts_outside_the_container_root_are_found_for_detaching() {
+        let mountinfo = "\
+1 0 0:1 / / rw - rootfs rootfs rw
+2 1 0:2 / /proc rw - proc proc rw
+3 1 0:3 / /run rw - tmpfs tmpfs rw
+4 3 0:4 / /run/husk/shared rw - virtiofs husk rw
+5 4 0:4 /c1/rootfs /run/husk/shared/c1/rootfs rw - virtiofs husk rw
+6 5 0:5 / /run/husk/shared/c1/rootfs/proc rw - proc proc rw
+7 1 0:6 / /mnt/with\\040space rw - tmpfs tmpfs rw
+";
+        let rootfs = Path::new("/run/husk/shared/c1/rootfs");
+        assert_eq!(
+            mount_points_outside(mountinfo, rootfs),
+            vec![PathBuf::from("/proc"), PathBuf::from("/mnt/with space")]
         );
     }
 
