@@ -61,6 +61,10 @@ fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 fn start_agent() -> Option<Agent> {
+    start_agent_with(&[])
+}
+
+fn start_agent_with(env: &[(&str, &str)]) -> Option<Agent> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("!!! SKIPPED: container tests need root");
         return None;
@@ -88,6 +92,7 @@ fn start_agent() -> Option<Agent> {
         Some(root) => cmd.env("HUSK_AGENT_CGROUP_ROOT", root),
         None => cmd.env("HUSK_AGENT_CGROUP_ROOT", dir.path().join("no-cgroup")),
     };
+    cmd.envs(env.iter().copied());
     let child = cmd.spawn().expect("spawn agent");
     Some(Agent {
         child,
@@ -520,4 +525,22 @@ fn pause_resume_and_stats_use_the_cgroup() {
     });
     assert_eq!(agent.wait("p", None).signal, Some(9));
     agent.ok(&Request::RemoveContainer { id: "p".into() });
+}
+
+#[test]
+fn without_pivot_root_the_container_root_is_moved_and_the_host_hidden() {
+    // The road an initramfs root takes (pivot_root refuses rootfs).
+    let Some(agent) = start_agent_with(&[("HUSK_AGENT_NO_PIVOT", "1")]) else {
+        return;
+    };
+    let script = "ls /; cat /proc/self/mountinfo | wc -l; [ -e /bundle ] || echo no-bundle";
+    let (out, err, status) = agent.run("np", spec(&["sh", "-c", script]));
+    assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"bin") && lines.contains(&"proc"), "{out}");
+    assert!(
+        !lines.contains(&"usr"),
+        "the host root shows through: {out}"
+    );
+    assert_eq!(lines.last(), Some(&"no-bundle"), "{out}");
 }

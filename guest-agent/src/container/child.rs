@@ -50,7 +50,14 @@ pub struct InitConfig {
     pub cgroup: Option<PathBuf>,
     pub process: ProcessPlan,
     pub seccomp: Vec<Vec<SockFilter>>,
+    /// Skip `pivot_root` and take the `MS_MOVE` + `chroot` road (what an initramfs root needs
+    /// anyway); [`NO_PIVOT_ENV`] sets it, for tests of that road on a host.
+    #[serde(default)]
+    pub no_pivot: bool,
 }
+
+/// Environment variable of the agent: when `1`, containers never `pivot_root`.
+pub const NO_PIVOT_ENV: &str = "HUSK_AGENT_NO_PIVOT";
 
 /// Agent -> helper.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,7 +125,7 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
         fork_into_pid_namespace(control)?;
     }
     if let Some(plan) = &config.create {
-        setup_rootfs(sys, plan)?;
+        setup_rootfs(sys, plan, config.no_pivot)?;
         if let Some(hostname) = &plan.hostname {
             ctx(nix::unistd::sethostname(hostname), || "sethostname".into())?;
         }
@@ -311,7 +318,7 @@ fn do_mount(
     )
 }
 
-fn setup_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
+fn setup_rootfs(sys: &dyn Syscall, plan: &Plan, no_pivot: bool) -> StepResult {
     let rootfs = &plan.rootfs;
     do_mount(
         sys,
@@ -334,7 +341,12 @@ fn setup_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
     }
     create_devices(sys, rootfs, &plan.devices)?;
     ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
-    match pivot_root(".", ".") {
+    let pivoted = if no_pivot {
+        Err(Errno::EINVAL)
+    } else {
+        pivot_root(".", ".")
+    };
+    match pivoted {
         Ok(()) => {
             ctx(umount2(".", MntFlags::MNT_DETACH), || {
                 "detaching the old root".into()

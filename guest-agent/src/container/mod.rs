@@ -484,6 +484,7 @@ fn clone_helper(flags: i32, fds: [RawFd; 4]) -> Result<i32, ContainerError> {
 pub struct Containers {
     reaper: Arc<Reaper>,
     cgroup_root: PathBuf,
+    no_pivot: bool,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -508,6 +509,7 @@ impl Containers {
         Self {
             reaper,
             cgroup_root: cgroup::root(),
+            no_pivot: std::env::var_os(child::NO_PIVOT_ENV).is_some_and(|v| v == "1"),
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -691,6 +693,7 @@ impl Containers {
             cgroup: cgroup.as_ref().map(|c| c.path.clone()),
             join: Vec::new(),
             create: Some(Box::new(plan)),
+            no_pivot: self.no_pivot,
         };
         let flags = if new_pid { libc::CLONE_NEWPID } else { 0 };
         let init = match self.spawn_process(flags, config, &req.stdio) {
@@ -766,6 +769,7 @@ impl Containers {
             cgroup: container.cgroup.as_ref().map(|c| c.path.clone()),
             process,
             seccomp: container.seccomp.clone(),
+            no_pivot: false,
         };
         let proc = self.spawn_process(0, config, &req.stdio)?;
         let pid = proc.pid;
