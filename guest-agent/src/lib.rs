@@ -1,8 +1,12 @@
 //! husk-agent: PID 1 of a husk guest.
 //!
-//! It runs as `/init` from the initramfs: mounts the pseudo file systems ([`init`]), reaps
-//! orphans ([`reaper`]) and serves the agent protocol ([`husk_agent_protocol`]) on vsock port
-//! 1024 ([`server`], [`rpc`]).
+//! It runs as `/init` from the initramfs: mounts the pseudo file systems and the host's shared
+//! directory (virtio-fs tag `husk` at `/run/husk/shared`) and brings up `lo` ([`init`]), reaps
+//! orphans ([`reaper`]), serves the agent protocol ([`husk_agent_protocol`]) on vsock port 1024
+//! ([`server`], [`rpc`]) and runs OCI containers ([`container`]).
+//!
+//! The same binary run as `husk-agent __husk-container-init` is a container's init helper
+//! ([`container::child`]).
 //!
 //! PID 1 must never panic (that panics the kernel) and is built with `panic = "abort"`: errors
 //! are logged ([`log`]) and the agent keeps serving. Only a failure to serve at all ends it,

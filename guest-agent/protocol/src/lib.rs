@@ -127,7 +127,9 @@ pub struct ExecProcess {
 
 /// Which standard streams a process gets from the host. With `terminal`, one [`StreamKind::Pty`]
 /// stream carries the terminal both ways and the other fields are ignored. A stream not
-/// requested is `/dev/null` in the guest.
+/// requested is `/dev/null` in the guest. Every requested stream must be attached
+/// ([`Request::AttachStdio`]) before [`Request::StartProcess`], which otherwise fails; `terminal`
+/// must equal the OCI `process.terminal`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StdioConfig {
     #[serde(default)]
