@@ -914,6 +914,33 @@ mod tests {
         assert_eq!(s.host_mode("created") & 0o7777, 0o711);
     }
 
+    #[test]
+    fn setattr_of_a_symlink_never_reaches_its_target() {
+        let s = share();
+        let c = ctx();
+        let before = fs::metadata(&s.secret).unwrap();
+        for link in ["abs", "rel"] {
+            let inode = s.lookup(ROOT_ID, link).unwrap().inode;
+            // SAFETY: stat64 is plain data; all-zero is a valid value.
+            let mut attr: stat64 = unsafe { std::mem::zeroed() };
+            attr.st_mode = 0o777;
+            attr.st_size = 0;
+            attr.st_uid = 4242;
+            attr.st_gid = 4242;
+            attr.st_mtime = 1;
+            let _ = s.fs.setattr(&c, inode, attr, None, SetattrValid::MODE);
+            let _ = s.fs.setattr(&c, inode, attr, None, SetattrValid::SIZE);
+            let _ =
+                s.fs.setattr(&c, inode, attr, None, SetattrValid::UID | SetattrValid::GID);
+            let _ = s.fs.setattr(&c, inode, attr, None, SetattrValid::MTIME);
+        }
+        s.secret_untouched();
+        let after = fs::metadata(&s.secret).unwrap();
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        assert_eq!(after.mtime(), before.mtime());
+        assert_eq!(after.len(), SECRET.len() as u64);
+    }
+
     /// Writes `data` like the FUSE server does for a WRITE request.
     struct SliceReader<'a>(&'a mut [u8]);
 
