@@ -383,6 +383,18 @@ fn seccomp_rule_denies_mkdir_with_eperm() {
 }
 
 #[test]
+fn real_deny_by_default_profile_runs_a_shell() {
+    let Some(agent) = start_agent() else { return };
+    let profile: Value =
+        serde_json::from_str(include_str!("fixtures/podman-seccomp-amd64.json")).expect("fixture");
+    let mut s = spec(&["sh", "-c", "echo ok; mkdir /tmp/d && echo made"]);
+    s["linux"]["seccomp"] = profile;
+    let (out, err, status) = agent.run("podman", s);
+    assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
+    assert_eq!(out, "ok\nmade\n");
+}
+
+#[test]
 fn bad_requests_fail_clearly_and_the_agent_keeps_serving() {
     let Some(agent) = start_agent() else { return };
     // A stream asked for must be attached before start.

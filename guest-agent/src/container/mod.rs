@@ -735,6 +735,13 @@ impl Containers {
                 req.id
             )));
         }
+        // A process joining a frozen cgroup would freeze in the middle of its setup.
+        if container.cgroup.as_ref().is_some_and(Cgroup::is_frozen) {
+            return Err(ContainerError::State(format!(
+                "container {} is paused",
+                req.id
+            )));
+        }
         {
             let mut execs = lock(&container.execs);
             if execs.contains_key(&req.exec_id) {

@@ -14,9 +14,13 @@
 //!
 //! What cannot be translated fails the whole profile: notify actions and listener paths,
 //! filter flags other than TSYNC (the container's init is single threaded), argument indexes
-//! beyond 5, and unknown syscall names in rules that deny (skipping one could let a syscall
-//! through). An unknown name in an ALLOW rule (other architectures' syscalls, which profiles
-//! like Docker's list) is skipped: not allowing a syscall that does not exist denies nothing.
+//! beyond 5.
+//!
+//! A syscall name that is not an x86_64 syscall is skipped, as runc and libseccomp do: real
+//! profiles (Docker's, podman's) list other architectures' calls (`bdflush`, `_llseek`, ...) in
+//! both allow and deny rules. Skipping is exact, not lenient: the name table covers every
+//! syscall of the guest kernel (the UAPI table plus [`NEWER_SYSCALLS`]), so a name it does not
+//! know has no number a process in the guest could invoke.
 //! Syscalls of another architecture (i386 / x32 entry) are killed by seccompiler's arch check.
 
 use super::syscalls_x86_64::SYSCALLS_X86_64;
@@ -36,9 +40,6 @@ pub enum SeccompError {
     /// Something the profile asks that this agent cannot do.
     #[error("unsupported {0}")]
     Unsupported(String),
-    /// A rule that denies names a syscall unknown on x86_64.
-    #[error("unknown syscall {0:?} in a rule that does not allow it")]
-    UnknownSyscall(String),
     /// seccompiler refused a filter.
     #[error("building the filter failed: {0}")]
     Build(String),
@@ -222,10 +223,7 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<Vec<SockFilter>>, SeccompEr
         let args = entry.args().as_deref().unwrap_or(&[]);
         for name in entry.names() {
             let Some(nr) = syscall_number(name) else {
-                if act == SeccompAction::Allow {
-                    continue;
-                }
-                return Err(SeccompError::UnknownSyscall(name.clone()));
+                continue;
             };
             let entry_rules = if args.is_empty() {
                 None
@@ -355,13 +353,19 @@ mod tests {
     }
 
     #[test]
-    fn unknown_syscall_in_a_deny_rule_fails() {
-        let err = compile(&profile(json!({
+    fn other_architectures_syscalls_are_skipped() {
+        let filters = compile(&profile(json!({
             "defaultAction": "SCMP_ACT_ALLOW",
-            "syscalls": [{"names": ["no_such_call"], "action": "SCMP_ACT_ERRNO"}]
+            "syscalls": [{"names": ["bdflush", "mkdir"], "action": "SCMP_ACT_ERRNO"}]
         })))
-        .expect_err("unknown");
-        assert_eq!(err, SeccompError::UnknownSyscall("no_such_call".into()));
+        .expect("compiles");
+        assert_eq!(filters.len(), 1);
+        let only_unknown = compile(&profile(json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["bdflush"], "action": "SCMP_ACT_ERRNO"}]
+        })))
+        .expect("compiles");
+        assert!(only_unknown.is_empty());
     }
 
     #[test]
