@@ -42,6 +42,9 @@ pub const RIG_PACKAGES: &[&str] = &[
     // Real OCI clients and peer runtimes for the OCI tests and benchmarks (gVisor's runsc is
     // not packaged in Debian 12; it would have to come from gVisor's own apt repository).
     "podman",
+    // podman's containers-common needs a `container-network-stack`, a virtual package that
+    // debootstrap does not resolve: name the CNI plugins.
+    "containernetworking-plugins",
     "docker.io",
     "runc",
     "crun",

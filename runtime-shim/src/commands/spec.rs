@@ -1,4 +1,5 @@
-//! `husk spec`: write a starter `config.json` (runc's example spec, hostname `husk`).
+//! `husk spec`: write a starter `config.json` (runc's example spec, hostname `husk`; like
+//! current runc, no ambient or inheritable capabilities).
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -10,9 +11,6 @@ pub struct SpecArgs {
     /// Where to write config.json.
     #[arg(long, short = 'b', default_value = ".")]
     pub bundle: PathBuf,
-    /// Not supported: husk containers run as root inside their microVM.
-    #[arg(long)]
-    pub rootless: bool,
 }
 
 /// runc's example spec, with hostname `husk`.
@@ -30,7 +28,7 @@ pub fn example_spec() -> Value {
             ],
             "cwd": "/",
             "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps, "ambient": caps
+                "bounding": caps, "effective": caps, "permitted": caps
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": true
@@ -72,9 +70,6 @@ pub fn example_spec() -> Value {
 
 /// `husk spec`.
 pub fn spec(args: &SpecArgs) -> Result<()> {
-    if args.rootless {
-        bail!("--rootless is not supported by husk");
-    }
     let path = args.bundle.join("config.json");
     if path.exists() {
         bail!("File {} exists. Remove it first", path.display());
@@ -97,7 +92,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let args = SpecArgs {
             bundle: dir.path().into(),
-            rootless: false,
         };
         spec(&args).expect("written");
         let err = spec(&args).expect_err("exists");
