@@ -8,6 +8,8 @@
 //! host's KVM cannot run a Linux guest, VM tests skip with a loud message - unless
 //! `HUSK_REQUIRE_KVM=1`, where they fail.
 
+pub mod oci;
+
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::Handshake;

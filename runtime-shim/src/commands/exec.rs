@@ -1,5 +1,5 @@
 //! `husk exec`: run an extra process in a running container, in the foreground (relaying its
-//! stdio and exiting with its status) or detached (`-d`: a background `husk` relays and mirrors
+//! stdio and exiting with its code, 128 + signal when killed) or detached (`-d`: a background `husk` relays and mirrors
 //! the status; its pid goes to `--pid-file`, which is what conmon waits on).
 
 use crate::agent::{call, connect};
@@ -204,16 +204,24 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
     if let Some(pid_file) = &args.pid_file {
         crate::state::write_atomic(pid_file, std::process::id().to_string().as_bytes())?;
     }
-    attach_start_wait(&dir, &exec_id, args.console_socket.as_deref(), &mut None)
+    attach_start_wait(
+        &dir,
+        &exec_id,
+        args.console_socket.as_deref(),
+        &mut None,
+        false,
+    )
 }
 
 /// Attaches the exec process's stdio, starts it, reports `started` (if `ready`), waits, and
-/// exits with its status.
+/// returns its exit code (128 + signal, as `runc exec` does), or with `reraise` ends this process
+/// the way the exec'd process ended (the background half of `exec -d`, whose pid conmon waits on).
 fn attach_start_wait(
     dir: &StateDir,
     exec_id: &str,
     console_socket: Option<&std::path::Path>,
     ready: &mut Option<std::fs::File>,
+    reraise: bool,
 ) -> Result<i32> {
     let socket = dir.vsock_socket();
     let process = ProcessRef {
@@ -237,7 +245,10 @@ fn attach_start_wait(
         husk_agent_protocol::client::AgentClient::connect(&socket, Duration::from_secs(10));
     let status = wait_process(waiter, &process).map_err(anyhow::Error::msg)?;
     relay.finish(husk_vmm::supervisor::DRAIN_TIMEOUT);
-    mirror_exit(&status)
+    if reraise {
+        mirror_exit(&status)
+    }
+    Ok(husk_vmm::supervisor::exit_code_of(&status))
 }
 
 /// `exec -d`: a background `husk exec-attach` does the rest; its pid is the pid file's.
@@ -279,6 +290,7 @@ pub fn exec_attach(globals: &Globals, args: &ExecAttachArgs) -> Result<i32> {
         &args.exec_id,
         args.console_socket.as_deref(),
         &mut ready,
+        true,
     );
     if let Err(e) = &result {
         if let Some(mut r) = ready {

@@ -1,5 +1,5 @@
 //! `husk run`: create and start a container; without `-d`, wait for it, delete it and exit
-//! with its status (the same code, or the same signal), as runc does.
+//! with its status (the same code, or 128 + the signal), as runc does.
 
 use crate::commands::create::{create_container, CreateArgs};
 use crate::commands::delete::{delete, DeleteArgs};
@@ -38,7 +38,7 @@ pub struct RunArgs {
     pub id: String,
 }
 
-/// `husk run`; returns the exit code (foreground runs re-raise a signal instead).
+/// `husk run`; returns the exit code.
 pub fn run(globals: &Globals, args: &RunArgs) -> Result<i32> {
     let create = CreateArgs {
         bundle: args.bundle.clone(),
@@ -77,10 +77,11 @@ pub fn run(globals: &Globals, args: &RunArgs) -> Result<i32> {
             },
         )?;
     }
-    let mirrored = ExitStatus {
+    // Like `runc run`: a container killed by a signal makes `run` exit with 128 + signal (the
+    // container's pid itself, husk-vmm, was killed by the signal).
+    Ok(husk_vmm::supervisor::exit_code_of(&ExitStatus {
         code: status.code(),
         signal: status.signal(),
         oom_killed: false,
-    };
-    husk_vmm::supervisor::mirror_exit(&mirrored)
+    }))
 }
