@@ -412,6 +412,24 @@ pub fn rss_split(pid: u32, guest_ranges: &[(u64, u64)]) -> Result<RssSplit> {
     Ok(parse_smaps_split(&read_smaps(pid)?, guest_ranges))
 }
 
+/// The address ranges of anonymous mappings of exactly `size_kib`: how guest memory was found
+/// before the VMM reported its ranges (a VMM that copies the kernel keeps guest RAM in one
+/// anonymous mapping per region). For comparing against such VMMs only.
+pub fn anonymous_ranges_of_size(smaps: &str, size_kib: u64) -> Vec<(u64, u64)> {
+    smaps
+        .lines()
+        .filter(|line| line.split_whitespace().count() <= 5)
+        .filter_map(|line| {
+            let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+            let (start, end) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            (end - start == size_kib * 1024).then_some((start, end))
+        })
+        .collect()
+}
+
 /// [`rss_split`] on smaps text already read.
 pub fn parse_smaps_split(smaps: &str, guest_ranges: &[(u64, u64)]) -> RssSplit {
     let mut split = RssSplit::default();
@@ -501,6 +519,10 @@ Anonymous:           100 kB
             }
         );
         assert_eq!(split.guest_file_kib(), 3880);
+        assert_eq!(
+            anonymous_ranges_of_size(smaps, 2048),
+            vec![(0x7f00_1000_0000, 0x7f00_1020_0000)]
+        );
         assert_eq!(parse_smaps_split(smaps, &[]).vmm_kib, 20200);
     }
 

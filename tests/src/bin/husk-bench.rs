@@ -12,7 +12,8 @@
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
 use husk_tests::{
-    parse_smaps_split, read_smaps, rss_split, stats, vm_artifacts, Artifacts, TempDir, BOOT_TIMEOUT,
+    anonymous_ranges_of_size, parse_smaps_split, read_smaps, rss_split, stats, vm_artifacts,
+    Artifacts, TempDir, BOOT_TIMEOUT,
 };
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -214,10 +215,14 @@ fn husk_vsock_run(artifacts: &Artifacts) -> Result<VsockRun> {
     }
     let timeline: husk_vmm::timeline::BootTimeline =
         serde_json::from_str(&std::fs::read_to_string(&report)?)?;
-    if timeline.guest_memory_host_ranges.is_empty() {
-        bail!("the boot report has no guest memory ranges");
-    }
-    let split = parse_smaps_split(&smaps, &timeline.guest_memory_host_ranges);
+    let ranges = if timeline.guest_memory_host_ranges.is_empty() {
+        // A husk-vmm from before the ranges were reported: its guest RAM is one anonymous
+        // mapping of the guest's size.
+        anonymous_ranges_of_size(&smaps, u64::from(MEM_MIB) * 1024)
+    } else {
+        timeline.guest_memory_host_ranges.clone()
+    };
+    let split = parse_smaps_split(&smaps, &ranges);
     client.shutdown()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.0.try_wait()?.is_none() && Instant::now() < deadline {
