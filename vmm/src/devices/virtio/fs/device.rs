@@ -215,7 +215,7 @@ mod tests {
     use std::sync::Mutex;
 
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-    use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, Opcode, OutHeader, ROOT_ID};
+    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InHeader, InitIn, Opcode, OutHeader, ROOT_ID};
     use vm_memory::{ByteValued, Bytes, GuestAddress};
 
     use super::*;
@@ -388,7 +388,9 @@ mod tests {
         assert_eq!(used, out.len);
         assert_eq!(h.irq.irq_status(), 1);
         let (_, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("missing"));
-        assert_eq!(out.error, -libc::ENOENT);
+        assert_eq!(out.error, 0, "a negative entry");
+        let entry: EntryOut = h.mem.read_obj(GuestAddress(REPLY_ADDR + 16)).unwrap();
+        assert_eq!((entry.nodeid, entry.entry_valid), (0, 1));
         assert_eq!(h.fs.lock().unwrap().requests(), 3);
     }
 

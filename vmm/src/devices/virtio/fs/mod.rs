@@ -49,7 +49,8 @@
 //!   setuid by another name; `trusted.*` and ACLs are host policy): all xattr operations
 //!   answer `ENOSYS` and `POSIX_ACL` is not offered.
 //! - **No DAX** (no shared memory window), no writeback cache, no ioctl, no locks (the guest
-//!   kernel then keeps POSIX and flock locks local).
+//!   kernel then keeps POSIX and flock locks local, so `FLUSH`, which only releases host
+//!   locks, answers `ENOSYS` and the guest stops sending it).
 //!
 //! The host side must keep the share's directory private (mode 0700, root-owned parent):
 //! files there are as the guest made them (owned by any uid, world-writable, symlinks to
@@ -59,7 +60,9 @@
 //!
 //! The host side of a container's rootfs does not change under the running container, and
 //! every guest change goes through this server, so the guest may cache: entries and
-//! attributes are valid for [`CACHE_TIMEOUT`] (10 s), file data stays in the guest's page
+//! attributes are valid for [`CACHE_TIMEOUT`] (10 s), missing names for [`NEGATIVE_TIMEOUT`]
+//! (1 s: PATH and library searches miss repeatedly, but the host may still be adding a new
+//! container's bundle), file data stays in the guest's page
 //! cache across opens (`CachePolicy::Always`), and with `AUTO_INVAL_DATA` the guest still
 //! drops cached data of a file whose size or mtime changed on the host once it revalidates
 //! the attributes (host-shared volumes then become coherent within the timeout). Writeback
@@ -105,6 +108,9 @@ pub const MAX_CHAIN_DESCRIPTORS: usize = REQUEST_QUEUE_SIZE as usize;
 pub const MAX_REQUEST_BYTES: usize = (1 << 20) + 0x2000;
 /// How long the guest may trust entries and attributes.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest may remember that a name does not exist. Short: the host may still be
+/// filling the share (a new container's bundle) while the guest looks.
+pub const NEGATIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Errors of the file system device.
 #[derive(Debug, thiserror::Error)]

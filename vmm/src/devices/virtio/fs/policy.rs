@@ -16,7 +16,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
-use super::{FsError, CACHE_TIMEOUT};
+use super::{FsError, CACHE_TIMEOUT, NEGATIVE_TIMEOUT};
 
 /// An inode number as the guest sees it.
 pub type Inode = u64;
@@ -211,6 +211,19 @@ fn drop_thread_caps(caps: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// "No such name" for [`NEGATIVE_TIMEOUT`]: inode 0.
+fn negative_entry() -> Entry {
+    Entry {
+        inode: 0,
+        generation: 0,
+        // SAFETY: stat64 is plain integers; all-zero is a valid value.
+        attr: unsafe { std::mem::zeroed() },
+        attr_flags: 0,
+        attr_timeout: Duration::ZERO,
+        entry_timeout: NEGATIVE_TIMEOUT,
+    }
+}
+
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
@@ -258,7 +271,11 @@ impl FileSystem for ConfinedFs {
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         check_name(name)?;
-        self.host()?.lookup(ctx, parent, name)
+        match self.host()?.lookup(ctx, parent, name) {
+            // A negative entry the guest may cache (misses repeat: PATH and library searches).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(negative_entry()),
+            other => other,
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
@@ -446,12 +463,14 @@ impl FileSystem for ConfinedFs {
 
     fn flush(
         &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        lock_owner: u64,
+        _ctx: &Context,
+        _inode: Inode,
+        _handle: Handle,
+        _lock_owner: u64,
     ) -> io::Result<()> {
-        self.host()?.flush(ctx, inode, handle, lock_owner)
+        // FLUSH only releases host POSIX locks, and locks stay in the guest (no POSIX_LOCKS):
+        // ENOSYS makes the guest stop sending it, one request less per close.
+        Err(enosys())
     }
 
     fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
@@ -751,7 +770,10 @@ mod tests {
         assert_eq!(target.unwrap(), s.secret.as_os_str().as_encoded_bytes());
         // Looking up through a symlink to an outside directory.
         let dirlink = s.lookup(ROOT_ID, "dirlink").unwrap().inode;
-        assert!(s.lookup(dirlink, "secret").is_err());
+        assert!(
+            s.lookup(dirlink, "secret").is_err(),
+            "O_PATH of a symlink is no directory"
+        );
         assert!(s.fs.opendir(&ctx(), dirlink, 0).is_err());
         s.secret_untouched();
     }
@@ -991,6 +1013,25 @@ mod tests {
         assert_eq!(n, 4);
         assert_eq!(fs::read(&path).unwrap(), b"evilin/sh\n");
         assert_eq!(s.host_mode("su") & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn missing_names_get_a_cacheable_negative_entry() {
+        let s = share();
+        let entry = s.lookup(ROOT_ID, "missing").unwrap();
+        assert_eq!(entry.inode, 0);
+        assert_eq!(entry.entry_timeout, NEGATIVE_TIMEOUT);
+        assert_eq!(
+            s.lookup(ROOT_ID, "sub").unwrap().attr.st_mode & libc::S_IFMT,
+            libc::S_IFDIR
+        );
+    }
+
+    #[test]
+    fn flush_is_not_needed() {
+        let s = share();
+        let err = s.fs.flush(&ctx(), ROOT_ID, 1, 0).unwrap_err();
+        assert_eq!(errno(err), libc::ENOSYS);
     }
 
     #[test]
