@@ -103,8 +103,14 @@ impl Cgroup {
     }
 
     /// Writes the resource files.
+    ///
+    /// A kernel without swap (the guest's: no `CONFIG_SWAP`) has no `memory.swap.max`; a swap
+    /// limit is then met by construction and skipped.
     pub fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
         for (file, value) in resource_files(resources)? {
+            if file == "memory.swap.max" && !self.path.join(&file).exists() {
+                continue;
+            }
             self.write(&file, &value)?;
         }
         Ok(())
@@ -404,6 +410,23 @@ mod tests {
         let err = resource_files(&resources(json!({"unified": {"cgroup.procs": "1"}})))
             .expect_err("cgroup file");
         assert!(err.to_string().contains("cgroup.procs"), "{err}");
+    }
+
+    #[test]
+    fn swap_limit_is_skipped_without_swap_accounting() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("memory.max"), "max\n").expect("file");
+        let cgroup = Cgroup {
+            path: dir.path().to_path_buf(),
+        };
+        cgroup
+            .apply(&resources(json!({"memory": {"limit": 1000, "swap": 1000}})))
+            .expect("applies");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("memory.max")).expect("read"),
+            "1000"
+        );
+        assert!(!dir.path().join("memory.swap.max").exists());
     }
 
     #[test]
