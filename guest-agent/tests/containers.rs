@@ -556,3 +556,36 @@ fn without_pivot_root_the_container_root_is_moved_and_the_host_hidden() {
     );
     assert_eq!(lines.last(), Some(&"no-bundle"), "{out}");
 }
+
+#[test]
+fn a_container_can_join_another_containers_namespaces() {
+    let Some(agent) = start_agent() else { return };
+    // The pod's first container ("pause") owns the namespaces.
+    let resp = agent.create("pause", spec(&["sleep", "100"]), StdioConfig::default());
+    let Response::Created { pid } = resp else {
+        panic!("{resp:?}")
+    };
+    agent.ok(&Request::StartProcess(pref("pause", None)));
+    let mut s = spec(&["sh", "-c", "hostname; cat /proc/1/comm; echo $$"]);
+    s.as_object_mut().expect("object").remove("hostname");
+    s["linux"]["namespaces"] = json!([
+        {"type": "mount"},
+        {"type": "pid", "path": format!("/proc/{pid}/ns/pid")},
+        {"type": "uts", "path": format!("/proc/{pid}/ns/uts")},
+        {"type": "ipc", "path": format!("/proc/{pid}/ns/ipc")},
+    ]);
+    let (out, err, status) = agent.run("app", s);
+    assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "husky", "the pause container's hostname");
+    assert_eq!(lines[1], "sleep", "the pause container's init is PID 1");
+    assert_ne!(lines[2], "1");
+    agent.ok(&Request::SignalProcess {
+        process: pref("pause", None),
+        signal: 9,
+        all: false,
+    });
+    assert_eq!(agent.wait("pause", None).signal, Some(9));
+    agent.ok(&Request::RemoveContainer { id: "pause".into() });
+}
