@@ -576,8 +576,13 @@ impl Containers {
         let (forked_pid, forked_status) = match result {
             Ok(r) => r,
             Err(err) => {
-                // The helper (or its forked child) exits on its own once the socket closes.
+                // A helper stuck in its setup (a hung mount, a timeout) is killed; one that
+                // already exited (status delivered) is not signalled, its pid may be reused. A
+                // child it forked reads the closed socket and exits.
                 drop(agent_end);
+                if helper_status.try_recv().is_err() {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(helper_pid), Signal::SIGKILL);
+                }
                 return Err(err);
             }
         };
