@@ -91,6 +91,18 @@ fn op_name(request: &Request) -> String {
         .unwrap_or_else(|| "this operation".to_string())
 }
 
+/// An error and its causes on one line (`writing /x failed: No such file or directory`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Handles a container operation.
 fn container_request(request: &Request, c: &Containers) -> Reply {
     let result: Result<(Response, After), ContainerError> = match request {
@@ -150,13 +162,9 @@ fn container_request(request: &Request, c: &Containers) -> Reply {
     match result {
         Ok((response, after)) => Reply::then(response, after),
         Err(err) => {
-            crate::log_warn!("{} failed: {err}", op_name(request));
-            Reply::then(
-                Response::Error {
-                    message: err.to_string(),
-                },
-                After::Continue,
-            )
+            let message = error_chain(&err);
+            crate::log_warn!("{} failed: {message}", op_name(request));
+            Reply::then(Response::Error { message }, After::Continue)
         }
     }
 }
@@ -209,6 +217,20 @@ mod tests {
         let reply = handle_frame(b"\x00\xffnot json", None);
         assert!(matches!(reply.response, Response::Error { .. }));
         assert!(matches!(reply.after, After::Continue));
+    }
+
+    #[test]
+    fn error_replies_carry_the_causes() {
+        let err =
+            crate::container::ContainerError::Cgroup(crate::container::cgroup::CgroupError::Io {
+                op: "writing",
+                path: "/cg/pids.max".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        assert_eq!(
+            error_chain(&err),
+            "writing /cg/pids.max failed: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub enum ContainerError {
     State(String),
     #[error("{what}: {errno}")]
     Sys { what: String, errno: Errno },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
