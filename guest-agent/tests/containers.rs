@@ -589,3 +589,31 @@ fn a_container_can_join_another_containers_namespaces() {
     assert_eq!(agent.wait("pause", None).signal, Some(9));
     agent.ok(&Request::RemoveContainer { id: "pause".into() });
 }
+
+#[test]
+fn stdin_reaches_the_process_and_close_stdin_ends_it() {
+    let Some(agent) = start_agent() else { return };
+    let stdio = StdioConfig {
+        stdin: true,
+        stdout: true,
+        ..Default::default()
+    };
+    let resp = agent.create("in", spec(&["cat"]), stdio);
+    assert!(matches!(resp, Response::Created { .. }), "{resp:?}");
+    let mut input = agent.attach("in", None, StreamKind::Stdin);
+    let mut output = agent.attach("in", None, StreamKind::Stdout);
+    agent.ok(&Request::StartProcess(pref("in", None)));
+    std::io::Write::write_all(&mut input, b"abc").expect("write stdin");
+    output
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut echoed = [0u8; 3];
+    output.read_exact(&mut echoed).expect("cat echoes");
+    assert_eq!(&echoed, b"abc");
+    // The stdin connection stays open: only CloseStdin gives cat its EOF.
+    agent.ok(&Request::CloseStdin(pref("in", None)));
+    assert_eq!(read_all(output), "");
+    assert_eq!(agent.wait("in", None), exited(0));
+    drop(input);
+    agent.ok(&Request::RemoveContainer { id: "in".into() });
+}
