@@ -75,13 +75,16 @@ impl ConfinedFs {
             path: shared_dir.to_path_buf(),
             source,
         };
-        let root_dir = shared_dir
+        // The host's own path to the share may go through symlinks: resolve it once, here (the
+        // passthrough opens its root with O_NOFOLLOW).
+        let resolved = shared_dir.canonicalize().map_err(err)?;
+        if !resolved.is_dir() {
+            return Err(err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        let root_dir = resolved
             .to_str()
             .ok_or_else(|| err(io::Error::from_raw_os_error(libc::EINVAL)))?
             .to_string();
-        if !shared_dir.is_dir() {
-            return Err(err(io::Error::from_raw_os_error(libc::ENOTDIR)));
-        }
         let cfg = Config {
             root_dir,
             entry_timeout: CACHE_TIMEOUT,
@@ -1087,7 +1090,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_or_non_directory_share_is_refused() {
+    fn a_missing_or_non_directory_share_is_refused_a_symlinked_one_served() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("f");
         fs::write(&file, b"").unwrap();
@@ -1099,5 +1102,12 @@ mod tests {
             ConfinedFs::new(&tmp.path().join("nope")),
             Err(FsError::SharedDir { .. })
         ));
+        // The host may name its share through a symlink.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        let fs = ConfinedFs::new(&link).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let entry = fs.lookup(&ctx(), ROOT_ID, &name("f")).unwrap();
+        assert_eq!(entry.attr.st_mode & libc::S_IFMT, libc::S_IFREG);
     }
 }
