@@ -54,7 +54,12 @@
 //!
 //! The host side must keep the share's directory private (mode 0700, root-owned parent):
 //! files there are as the guest made them (owned by any uid, world-writable, symlinks to
-//! anywhere), and host tools working in it must not follow symlinks in it.
+//! anywhere), and host tools working in it must not follow symlinks in it. The host must not
+//! move files or directories out of the share while the VM runs: the server holds inodes by
+//! file descriptor, so an inode the guest already reached stays reachable wherever it is moved
+//! (as with hard links above). Each inode and open file the guest holds costs the VMM one file
+//! descriptor: a guest can exhaust the VMM's `RLIMIT_NOFILE`, which hurts only its own VM.
+//! Guest uids other than 0 act through per-thread `setresuid`, which needs a root VMM.
 //!
 //! # Caching
 //!
