@@ -126,3 +126,66 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn engine_invocations_parse() {
+        for args in [
+            &[
+                "husk",
+                "--root",
+                "/r",
+                "--log",
+                "/l",
+                "--log-format",
+                "json",
+                "--systemd-cgroup",
+                "create",
+                "--bundle",
+                "/b",
+                "--pid-file",
+                "/p",
+                "--console-socket",
+                "/s",
+                "id",
+            ][..],
+            &["husk", "--root", "/r", "start", "id"],
+            &["husk", "state", "id"],
+            &["husk", "kill", "--all", "id", "KILL"],
+            &["husk", "kill", "id", "15"],
+            &["husk", "delete", "--force", "id"],
+            &[
+                "husk",
+                "exec",
+                "--pid-file",
+                "/p",
+                "--process",
+                "/x.json",
+                "--detach",
+                "--preserve-fds",
+                "0",
+                "id",
+            ],
+            &["husk", "exec", "-t", "id", "sh", "-c", "ls -l"],
+            &["husk", "run", "-d", "--bundle", "/b", "id"],
+            &["husk", "ps", "--format", "json", "id"],
+            &["husk", "list", "-q"],
+            &["husk", "events", "--stats", "id"],
+            &["husk", "update", "--memory", "1000000", "id"],
+            &["husk", "checkpoint", "--image-path", "/x", "id"],
+        ] {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
+    }
+}

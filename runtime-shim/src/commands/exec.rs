@@ -57,6 +57,9 @@ pub struct ExecArgs {
     /// Accepted for runc compatibility; AppArmor does not apply in the guest.
     #[arg(long)]
     pub apparmor: Option<String>,
+    /// Extra fds passed to the process: not supported (only 0 is accepted).
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
     /// The container id.
     pub id: String,
     /// The command and its arguments (without -p).
@@ -150,6 +153,9 @@ fn new_exec_id() -> String {
 /// `husk exec`; returns the exit code (or re-raises the process's signal).
 pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
     let dir = StateDir::new(&globals.root, &args.id)?;
+    if args.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported by husk");
+    }
     let (process, exec_id) = {
         let _lock = dir.lock()?;
         let state = ContainerState::load(&dir)?;
