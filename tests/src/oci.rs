@@ -22,6 +22,8 @@ pub fn husk_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("husk"))
 }
 
+static NEXT_OUTPUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One test's husk environment.
 pub struct OciEnv {
     pub root: TempDir,
@@ -85,9 +87,27 @@ impl OciEnv {
         cmd
     }
 
-    /// Runs `husk ARGS` to completion.
+    /// Runs `husk ARGS` to completion. Output goes through files, not pipes: `create` and
+    /// `run -d` leave a `husk-vmm` holding their stdout and stderr (as runc's container process
+    /// would), so a pipe would never reach EOF.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.husk(args).output().expect("spawn husk")
+        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out_path = self.work.path().join(format!("out.{n}"));
+        let err_path = self.work.path().join(format!("err.{n}"));
+        let status = self
+            .husk(args)
+            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+            .status()
+            .expect("spawn husk");
+        let output = Output {
+            status,
+            stdout: std::fs::read(&out_path).unwrap_or_default(),
+            stderr: std::fs::read(&err_path).unwrap_or_default(),
+        };
+        let _ = std::fs::remove_file(&out_path);
+        let _ = std::fs::remove_file(&err_path);
+        output
     }
 
     /// A bundle named `name` whose container runs `args`; `patch` edits the spec further.

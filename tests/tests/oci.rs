@@ -237,7 +237,7 @@ fn twenty_concurrent_runs_leave_nothing_behind() {
         return;
     };
     let bundle = env.bundle("true", &["true"], |s| {
-        s["annotations"] = serde_json::json!({"io.husk.vm.mem_mib": "64"});
+        s["annotations"] = serde_json::json!({"io.husk.vm.mem_mib": "128"});
     });
     let bundle = bundle.to_str().expect("utf-8").to_string();
     let children: Vec<_> = (0..20)
