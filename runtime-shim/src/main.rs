@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 /// A hardware-isolated container runtime: every container in its own KVM microVM.
 #[derive(Debug, Parser)]
-#[command(name = "husk", version)]
+#[command(name = "husk", version, args_override_self = true)]
 struct Cli {
     /// State root.
     #[arg(long, global = true, default_value = husk::container::DEFAULT_ROOT)]
@@ -159,6 +159,7 @@ mod tests {
                 "id",
             ][..],
             &["husk", "--root", "/r", "start", "id"],
+            &["husk", "--root", "/r", "--root", "/s", "state", "id"],
             &["husk", "state", "id"],
             &["husk", "kill", "--all", "id", "KILL"],
             &["husk", "kill", "id", "15"],

@@ -191,6 +191,74 @@ impl OciEnv {
     }
 }
 
+/// A podman with its own storage and run dirs, using this environment's husk as its runtime.
+pub struct Podman {
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Podman {
+    /// Runs `podman ARGS` to completion (output through files, as [`OciEnv::run`]).
+    pub fn run(&self, args: &[&str]) -> Output {
+        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out_path = self.dir.join(format!("out.{n}"));
+        let err_path = self.dir.join(format!("err.{n}"));
+        let status = Command::new("podman")
+            .args(&self.args)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+            .status()
+            .expect("spawn podman");
+        Output {
+            status,
+            stdout: std::fs::read(&out_path).unwrap_or_default(),
+            stderr: std::fs::read(&err_path).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.run(&["rm", "-af"]);
+    }
+}
+
+impl OciEnv {
+    /// A podman whose runtime is a wrapper running this husk with this environment's root and
+    /// configuration (conmon passes no environment through).
+    pub fn podman(&self) -> Podman {
+        let dir = self.work.path().join("podman");
+        std::fs::create_dir_all(&dir).expect("podman dir");
+        let wrapper = dir.join("husk-runtime");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec env HUSK_CONFIG='{}' '{}' --root '{}' \"$@\"\n",
+                self.config.display(),
+                self.husk.display(),
+                self.root.path().display()
+            ),
+        )
+        .expect("wrapper");
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let args = vec![
+            format!("--root={}", dir.join("storage").display()),
+            format!("--runroot={}", dir.join("run").display()),
+            "--storage-driver=vfs".to_string(),
+            "--cgroup-manager=cgroupfs".to_string(),
+            "--events-backend=file".to_string(),
+            format!("--runtime={}", wrapper.display()),
+        ];
+        Podman { args, dir }
+    }
+}
+
 impl Drop for OciEnv {
     fn drop(&mut self) {
         for id in self.root_entries() {

@@ -124,6 +124,36 @@ fn run_mirrors_exit_codes_stdio_and_signals() {
 }
 
 #[test]
+fn output_arrives_while_the_container_runs() {
+    let Some(env) = OciEnv::new("output_arrives_while_the_container_runs") else {
+        return;
+    };
+    let bundle = env.bundle("talk", &["sh", "-c", "echo first; sleep 1000"], |_| {});
+    let log = env.work.path().join("talk.out");
+    let status = env
+        .husk(&[
+            "run",
+            "-d",
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+            "talk",
+        ])
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("run -d");
+    assert!(status.success());
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t == "first\n")),
+        "output while running: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let out = env.run(&["delete", "--force", "talk"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
 fn bad_input_fails_clearly_and_changes_nothing() {
     let Some(env) = OciEnv::new("bad_input_fails_clearly_and_changes_nothing") else {
         return;
@@ -286,4 +316,95 @@ fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
     assert!(env.root_entries().is_empty());
     assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
+}
+
+/// podman drives husk exactly as it drives runc (conmon, pid file, stdio pipes, exit status of
+/// the husk-vmm pid): an image imported from a tarball (no registry), `run --rm`, exit codes,
+/// `exec`, `stop` (SIGTERM, then SIGKILL after the timeout), `rm -f`.
+#[test]
+fn podman_runs_an_imported_image() {
+    let Some(env) = OciEnv::new("podman_runs_an_imported_image") else {
+        return;
+    };
+    if std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("!!! SKIPPED podman_runs_an_imported_image: podman is not installed !!!");
+        return;
+    }
+    let podman = env.podman();
+    let tarball = env.work.path().join("rootfs.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(env.work.path().join("rootfs"))
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let out = podman.run(&[
+        "import",
+        tarball.to_str().expect("utf-8"),
+        "localhost/bb:latest",
+    ]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "localhost/bb",
+        "echo",
+        "hi",
+    ]);
+    assert!(out.status.success(), "run: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi\n");
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "localhost/bb",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+
+    let out = podman.run(&[
+        "run",
+        "-d",
+        "--name",
+        "s1",
+        "--network=none",
+        "--log-driver=k8s-file",
+        "localhost/bb",
+        "sh",
+        "-c",
+        "echo logged; sleep 1000",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let out = podman.run(&["exec", "s1", "sh", "-c", "echo in-exec; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "exec: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "in-exec\n");
+    let out = podman.run(&["logs", "s1"]);
+    assert_eq!(text(&out.stdout), "logged\n", "{}", text(&out.stderr));
+    let out = podman.run(&["stop", "-t", "2", "s1"]);
+    assert!(out.status.success(), "stop: {}", text(&out.stderr));
+    let out = podman.run(&["inspect", "--format", "{{.State.ExitCode}}", "s1"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "137",
+        "killed after the stop timeout"
+    );
+    let out = podman.run(&["rm", "-f", "s1"]);
+    assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+        "{:?}",
+        env.vmms_left()
+    );
 }

@@ -450,7 +450,7 @@ impl Relay {
             .name("husk-stdin".into())
             .spawn(move || {
                 let mut stdin = stdin;
-                let _ = io::copy(&mut File::from(host_in), &mut stdin);
+                pump(&mut File::from(host_in), &mut stdin);
                 let _ = stdin.shutdown(std::net::Shutdown::Write);
             })
             .map_err(|e| SupervisorError::Stdio(io::Error::other(e)))?;
@@ -491,7 +491,7 @@ impl Relay {
             .name("husk-pty-in".into())
             .spawn(move || {
                 let mut to_guest = to_guest;
-                let _ = io::copy(&mut { from_slave }, &mut to_guest);
+                pump(&mut { from_slave }, &mut to_guest);
             })
             .map_err(|e| SupervisorError::Stdio(io::Error::other(e)))?;
         let out = spawn_copy("husk-pty-out", stream, slave)?;
@@ -526,10 +526,27 @@ fn spawn_copy(
     thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let _ = io::copy(&mut from, &mut to);
+            pump(&mut from, &mut to);
             let _ = to.flush();
         })
         .map_err(|e| SupervisorError::Stdio(io::Error::other(e)))
+}
+
+/// Copies until end of stream or an error, passing on every read at once. (Not `io::copy`:
+/// its splice fast path from a socket into a pipe held data back until the stream ended.)
+pub fn pump(from: &mut impl Read, to: &mut impl Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
 }
 
 /// Sends `master` over the Unix socket at `path` with SCM_RIGHTS, with the pty's name as the

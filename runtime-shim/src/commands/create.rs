@@ -167,6 +167,10 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         })
         .arg("--supervise")
         .arg(dir.plan_file());
+    if globals.debug || cfg.debug {
+        // The guest console goes to the VMM's stdout, which is vmm.log in supervisor mode.
+        cmd.arg("--console");
+    }
     logging::debug(&format!("spawning {cmd:?}"));
     let child = cmd
         .spawn()
