@@ -154,6 +154,36 @@ fn output_arrives_while_the_container_runs() {
 }
 
 #[test]
+fn foreground_run_forwards_sigterm() {
+    let Some(env) = OciEnv::new("foreground_run_forwards_sigterm") else {
+        return;
+    };
+    let bundle = env.bundle(
+        "trap",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 12' TERM; echo ready; while true; do sleep 1; done",
+        ],
+        |_| {},
+    );
+    let child = env
+        .husk(&["run", "--bundle", bundle.to_str().expect("utf-8"), "trap"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    assert!(env.wait_status("trap", "running", T));
+    // Give the shell time to install its trap (it prints "ready" first; the pipe is read below).
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) on our own child; no memory is involved.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(12), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ready\n");
+}
+
+#[test]
 fn bad_input_fails_clearly_and_changes_nothing() {
     let Some(env) = OciEnv::new("bad_input_fails_clearly_and_changes_nothing") else {
         return;

@@ -1,12 +1,17 @@
 //! `husk run`: create and start a container; without `-d`, wait for it, delete it and exit
-//! with its status (the same code, or 128 + the signal), as runc does.
+//! with its status (the same code, or 128 + the signal), as runc does. A foreground `run`
+//! forwards the usual job-control signals (HUP, INT, QUIT, TERM, USR1, USR2) to the container.
 
+use crate::agent::{call_ok, connect, init_process};
 use crate::commands::create::{create_container, CreateArgs};
 use crate::commands::delete::{delete, DeleteArgs};
 use crate::commands::start::start_locked;
+use crate::container::StateDir;
 use crate::Globals;
 use anyhow::Result;
 use husk_agent_protocol::ExitStatus;
+use husk_agent_protocol::Request;
+use nix::sys::signal::{SigSet, Signal};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 
@@ -38,6 +43,52 @@ pub struct RunArgs {
     pub id: String,
 }
 
+/// Signals a foreground `run` forwards to the container's init, as runc does.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTERM,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// Blocks [`FORWARDED`] in this thread (threads spawned later inherit it) and forwards each
+/// one that arrives to the container's init through the agent.
+fn forward_signals(dir: &StateDir) {
+    let mut set = SigSet::empty();
+    for sig in FORWARDED {
+        set.add(*sig);
+    }
+    if set.thread_block().is_err() {
+        crate::logging::warn("cannot block signals: they will not reach the container");
+        return;
+    }
+    let dir = dir.clone();
+    let spawned = std::thread::Builder::new()
+        .name("husk-signals".into())
+        .spawn(move || loop {
+            let Ok(sig) = set.wait() else { return };
+            if sig == Signal::SIGWINCH {
+                continue;
+            }
+            let request = Request::SignalProcess {
+                process: init_process(&dir.id),
+                signal: sig as i32,
+                all: false,
+            };
+            let sent =
+                connect(&dir).and_then(|mut c| call_ok(&mut c, "forwarding a signal", &request));
+            if let Err(e) = sent {
+                crate::logging::debug(&format!("signal {sig} not forwarded: {e}"));
+            }
+        });
+    if spawned.is_err() {
+        crate::logging::warn("cannot start the signal forwarder");
+    }
+}
+
 /// `husk run`; returns the exit code.
 pub fn run(globals: &Globals, args: &RunArgs) -> Result<i32> {
     let create = CreateArgs {
@@ -50,6 +101,10 @@ pub fn run(globals: &Globals, args: &RunArgs) -> Result<i32> {
         id: args.id.clone(),
     };
     let mut created = create_container(globals, &create)?;
+    if !args.detach {
+        // Blocked only now, so that the VMM (already spawned) keeps its own signal mask.
+        forward_signals(&created.dir);
+    }
     {
         let _lock = created.dir.lock()?;
         if let Err(e) = start_locked(&created.dir) {
