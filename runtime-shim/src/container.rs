@@ -24,6 +24,19 @@ pub const MAX_ID_LEN: usize = 128;
 /// Default state root, as runc's `/run/runc`.
 pub const DEFAULT_ROOT: &str = "/run/husk";
 
+/// Longest socket path used in place: `sun_path` holds 108 bytes with the final NUL.
+pub const MAX_SOCKET_PATH: usize = 100;
+
+/// Where vsock sockets go whose path in the state dir would be too long.
+pub const SHORT_SOCKET_DIR: &str = "/run/husk-vsock";
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Errors about container ids and state directories.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -88,8 +101,16 @@ impl StateDir {
     pub fn plan_file(&self) -> PathBuf {
         self.dir.join("plan.json")
     }
+    /// The VMM's vsock socket: `vsock.sock` in the state dir, or, where that path would not
+    /// fit a Unix socket address (docker's root plus a 64-character id does not), a socket
+    /// named by a hash of the state dir in [`SHORT_SOCKET_DIR`].
     pub fn vsock_socket(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        let inside = self.dir.join("vsock.sock");
+        if inside.as_os_str().len() <= MAX_SOCKET_PATH {
+            return inside;
+        }
+        let hash = fnv1a(self.dir.as_os_str().as_encoded_bytes());
+        Path::new(SHORT_SOCKET_DIR).join(format!("{hash:016x}.sock"))
     }
     pub fn exit_file(&self) -> PathBuf {
         self.dir.join("exit.json")
@@ -215,6 +236,20 @@ mod tests {
             StateDir::new(Path::new("/run/husk"), "../etc"),
             Err(ContainerError::InvalidId(_))
         ));
+    }
+
+    #[test]
+    fn long_state_dirs_get_a_short_socket_path() {
+        let id = "a".repeat(64);
+        let dir =
+            StateDir::new(Path::new("/var/run/docker/runtime-runc/moby"), &id).expect("valid");
+        let socket = dir.vsock_socket();
+        assert!(socket.starts_with(SHORT_SOCKET_DIR), "{}", socket.display());
+        assert!(socket.as_os_str().len() <= MAX_SOCKET_PATH);
+        let other =
+            StateDir::new(Path::new("/var/run/docker/runtime-runc/other"), &id).expect("valid");
+        assert_ne!(other.vsock_socket(), socket);
+        assert_eq!(dir.vsock_socket(), socket, "stable");
     }
 
     #[test]

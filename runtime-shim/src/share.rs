@@ -153,9 +153,14 @@ pub fn release_share(dir: &StateDir) -> Result<(), ShareError> {
     }
 }
 
-/// Removes the state directory after [`release_share`] found no mount left in it.
+/// Removes the state directory (and a vsock socket kept outside it) after [`release_share`]
+/// found no mount left in it.
 pub fn remove_state_dir(dir: &StateDir) -> Result<(), ShareError> {
     release_share(dir)?;
+    let socket = dir.vsock_socket();
+    if !socket.starts_with(&dir.dir) {
+        let _ = std::fs::remove_file(&socket);
+    }
     match std::fs::remove_dir_all(&dir.dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

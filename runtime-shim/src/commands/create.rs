@@ -127,6 +127,15 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
 
+    let socket = dir.vsock_socket();
+    if !socket.starts_with(&dir.dir) {
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        // A stale socket of an earlier container with the same state dir (killed VMM).
+        let _ = std::fs::remove_file(&socket);
+    }
     let (ready_read, ready_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the ready pipe")?;
     fcntl(ready_write.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
@@ -154,7 +163,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         .arg("--mem-mib")
         .arg(size.mem_mib.to_string())
         .arg("--vsock-socket")
-        .arg(dir.vsock_socket())
+        .arg(&socket)
         .arg("--shared-dir")
         .arg(dir.shared_dir())
         .arg("--agent-timeout-ms")
