@@ -206,6 +206,15 @@ pub fn translate_spec(bundle: &Bundle, id: &str) -> Translation {
             });
         }
     }
+    if let Some(resources) = spec["linux"]
+        .get_mut("resources")
+        .and_then(Value::as_object_mut)
+    {
+        // docker sends `"blockIO": {"weight": 0}` and the like: settings that set nothing.
+        if resources.get("blockIO").is_some_and(is_unset) {
+            resources.remove("blockIO");
+        }
+    }
     if let Some(obj) = spec.as_object_mut() {
         if obj.remove("hooks").is_some() {
             notes.push("OCI hooks are not run by husk; ignored".into());
@@ -229,6 +238,18 @@ pub fn translate_spec(bundle: &Bundle, id: &str) -> Translation {
     Translation { spec, binds, notes }
 }
 
+/// Whether a JSON value sets nothing: null, zero, false, or containers of such.
+fn is_unset(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.iter().all(is_unset),
+        Value::Object(o) => o.values().all(is_unset),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +266,10 @@ mod tests {
                 {"destination": "/etc/hosts", "type": "none", "source": "/etc/hosts", "options": ["bind", "ro"]}
             ],
             "hooks": {"prestart": [{"path": "/bin/true"}]},
-            "linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "mount"}]}
+            "linux": {
+                "namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "mount"}],
+                "resources": {"blockIO": {"weight": 0, "weightDevice": []}, "cpu": {"shares": 2}}
+            }
         })
     }
 
@@ -345,6 +369,8 @@ mod tests {
             ]
         );
         assert!(t.spec.get("hooks").is_none());
+        assert!(t.spec["linux"]["resources"].get("blockIO").is_none());
+        assert_eq!(t.spec["linux"]["resources"]["cpu"]["shares"], 2);
         assert!(t.spec["linux"]["namespaces"][0].get("path").is_none());
         assert_eq!(t.notes.len(), 2);
     }

@@ -93,10 +93,38 @@ fn bind(source: &Path, target: &Path, extra: MsFlags) -> Result<(), ShareError> 
     })
 }
 
-/// Mount points at or below `dir`, deepest first.
+/// Mount points at or below `dir`, deepest first. `dir` is resolved first: mountinfo names
+/// real paths (docker's `/var/run/...` root is `/run/...` there).
 pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, ShareError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(ShareError::MountInfo)?;
-    Ok(mounts_under_in(&text, dir))
+    let real = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut found = mounts_under_in(&text, &real);
+    if real != dir {
+        found.extend(mounts_under_in(&text, dir));
+    }
+    Ok(found)
+}
+
+/// Removes `path` recursively without ever crossing into another file system: a directory
+/// whose device differs from its parent's is a mount point left behind, and is refused.
+fn remove_tree(path: &Path, dev: u64) -> Result<(), ShareError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |e| ShareError::Create(path.to_path_buf(), e);
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if !meta.is_dir() {
+        return std::fs::remove_file(path).map_err(io);
+    }
+    if meta.dev() != dev {
+        return Err(ShareError::StillMounted(path.to_path_buf()));
+    }
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        remove_tree(&entry.map_err(io)?.path(), dev)?;
+    }
+    std::fs::remove_dir(path).map_err(io)
 }
 
 /// [`mounts_under`] on the text of a mountinfo file.
@@ -161,8 +189,9 @@ pub fn remove_state_dir(dir: &StateDir) -> Result<(), ShareError> {
     if !socket.starts_with(&dir.dir) {
         let _ = std::fs::remove_file(&socket);
     }
-    match std::fs::remove_dir_all(&dir.dir) {
-        Ok(()) => Ok(()),
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(&dir.dir) {
+        Ok(meta) => remove_tree(&dir.dir, meta.dev()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ShareError::Create(dir.dir.clone(), e)),
     }
@@ -192,6 +221,29 @@ mod tests {
                 PathBuf::from("/run/husk/c1/shared"),
             ]
         );
+    }
+
+    #[test]
+    fn remove_tree_removes_a_plain_tree() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().expect("temp dir");
+        let dir = root.path().join("c1");
+        std::fs::create_dir_all(dir.join("shared/c1/mounts")).expect("mkdir");
+        std::fs::write(dir.join("state.json"), "{}").expect("write");
+        std::os::unix::fs::symlink("/etc", dir.join("shared/c1/link")).expect("symlink");
+        let dev = std::fs::metadata(&dir).expect("stat").dev();
+        remove_tree(&dir, dev).expect("removed");
+        assert!(!dir.exists());
+        assert!(Path::new("/etc").exists(), "symlinks are not followed");
+    }
+
+    #[test]
+    fn remove_tree_refuses_another_device() {
+        let root = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(root.path().join("d")).expect("mkdir");
+        let err = remove_tree(&root.path().join("d"), u64::MAX).expect_err("refused");
+        assert!(matches!(err, ShareError::StillMounted(_)));
+        assert!(root.path().join("d").exists());
     }
 
     #[test]
