@@ -3,8 +3,10 @@
 //! [`mmio::MmioTransport`] implements the virtio-mmio (version 2) register file and the device
 //! status state machine; each device (`vsock`, `rng`, `fs`) implements [`VirtioDevice`] for the
 //! transport and `event_manager::MutEventSubscriber` for its queue and backend events on the
-//! device thread.
+//! device thread. The part of both that all devices share lives in one
+//! [`device_state::VirtioDeviceState`] each device embeds.
 
+pub mod device_state;
 pub mod fs;
 pub mod mmio;
 pub mod rng;
@@ -20,6 +22,8 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use device_state::{read_config_bytes, ActiveState, VirtioDeviceState};
 
 /// Device ID of a network card (virtio spec 5).
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -148,18 +152,6 @@ impl IrqTrigger {
         self.irq_status.fetch_or(bits, Ordering::SeqCst);
         self.irq_evt.write(1)
     }
-}
-
-/// What a device holds once the driver activated it.
-pub struct ActiveState {
-    /// Guest memory the queues live in.
-    pub mem: GuestMemoryMmap<()>,
-    /// The device's interrupt line.
-    pub interrupt: Arc<IrqTrigger>,
-    /// The queues, in device order.
-    pub queues: Vec<virtio_queue::Queue>,
-    /// The queue notification eventfds, same order.
-    pub queue_evts: Vec<EventFd>,
 }
 
 /// Interrupts the guest after used buffers were added to `queue`, if the queue asks for it.

@@ -3,37 +3,30 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use tracing::debug;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::request::handle_chain;
 use super::{
     ConfinedFs, FsError, CONFIG_SIZE, DEFAULT_TAG, HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE, TAG_LEN,
 };
 use crate::devices::virtio::{
-    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_FS,
+    read_config_bytes, signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice,
+    VirtioDeviceState, VIRTIO_ID_FS,
 };
 
 /// The virtio file system device, sharing one host directory.
 pub struct Fs {
-    pub(super) acked_features: u64,
+    /// Features, activation and reset; its `reset_pending` means: forget the guest's inodes
+    /// and handles, the FUSE session ended with a reset.
+    pub(super) state: VirtioDeviceState,
     pub(super) queue_sizes: [u16; 2],
     pub(super) config: [u8; CONFIG_SIZE],
     pub(super) fs: Arc<ConfinedFs>,
     pub(super) server: Server<Arc<ConfinedFs>>,
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
-    /// Whether the active queue eventfds are registered with the device thread.
-    pub(super) queue_evts_registered: bool,
-    /// Queue eventfds of a reset activation, still to be unregistered on the device thread.
-    pub(super) stale_queue_evts: Vec<EventFd>,
-    /// The FUSE session ended with a reset: forget the guest's inodes and handles.
-    pub(super) session_reset_pending: bool,
     pub(super) bad_request_log: RateLimitedLog,
     /// Requests answered.
     pub(super) requests: u64,
@@ -49,16 +42,11 @@ impl Fs {
     pub fn with_tag(shared_dir: &Path, tag: &str) -> Result<Self, FsError> {
         let fs = Arc::new(ConfinedFs::new(shared_dir)?);
         Ok(Self {
-            acked_features: 0,
+            state: VirtioDeviceState::new("virtio-fs").map_err(FsError::EventFd)?,
             queue_sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
             config: config_space(tag)?,
             server: Server::new(fs.clone()),
             fs,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)?,
-            active: None,
-            queue_evts_registered: false,
-            stale_queue_evts: Vec::new(),
-            session_reset_pending: false,
             bad_request_log: RateLimitedLog::default(),
             requests: 0,
         })
@@ -72,7 +60,7 @@ impl Fs {
     /// Serves every available request of queue `index`; interrupts the guest if any was
     /// completed.
     pub(super) fn process_queue(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active.as_mut() else {
             return;
         };
         let Some(queue) = active.queues.get_mut(index) else {
@@ -104,13 +92,6 @@ impl Fs {
             signal_used_queue(queue, &active.mem, &active.interrupt);
         }
     }
-
-    /// Drops the old session's inodes and open files (device thread, after a reset).
-    pub(super) fn finish_session_reset(&mut self) {
-        if std::mem::take(&mut self.session_reset_pending) {
-            self.fs.destroy();
-        }
-    }
 }
 
 /// The configuration space: the tag, NUL-padded, then one request queue.
@@ -135,27 +116,19 @@ impl VirtioDevice for Fs {
     }
 
     fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+        self.state.avail_features
     }
 
     fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.state.acked_features
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
+        self.state.set_acked_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            if let Some(v) = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o))
-            {
-                *byte = *v;
-            }
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -169,42 +142,18 @@ impl VirtioDevice for Fs {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
         let expected = self.queue_sizes.len();
-        if queues.len() != expected || queue_evts.len() != expected {
-            return Err(ActivateError::QueueCount {
-                expected,
-                got: queues.len(),
-            });
-        }
-        self.active = Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            queue_evts,
-        });
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)
+        self.state
+            .activate(expected, mem, interrupt, queues, queue_evts)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            // The device thread unregisters the old eventfds and ends the session when woken.
-            self.stale_queue_evts.extend(active.queue_evts);
-            self.session_reset_pending = true;
-            if let Err(e) = self.activate_evt.write(1) {
-                tracing::warn!("virtio-fs: failed to signal the reset: {e}");
-            }
-        }
-        self.acked_features = 0;
-        true
+        // The device thread unregisters the old eventfds and ends the session when woken.
+        self.state.reset()
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.state.is_activated()
     }
 }
 
@@ -221,6 +170,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::fs::{MAX_REQUEST_BYTES, REQUEST_QUEUE};
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -479,7 +429,7 @@ mod tests {
         assert!(h.fs.lock().unwrap().reset());
         assert!(!h.fs.lock().unwrap().is_activated());
         h.em.run_with_timeout(100).unwrap();
-        assert!(!h.fs.lock().unwrap().session_reset_pending);
+        assert!(!h.fs.lock().unwrap().state.reset_pending);
         let hiprio = GuestQueue::new(&h.mem, 0x60000, 16);
         let requests = GuestQueue::new(&h.mem, 0x70000, 16);
         h.fs.lock()

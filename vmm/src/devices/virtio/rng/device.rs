@@ -5,25 +5,19 @@ use std::sync::Arc;
 use tracing::debug;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::request::fill_request;
 use super::{RngError, QUEUE_SIZE, REQ_QUEUE};
 use crate::devices::virtio::{
-    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
+    signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice, VirtioDeviceState,
+    VIRTIO_ID_RNG,
 };
 
 /// The virtio entropy device.
 pub struct Rng {
-    pub(super) acked_features: u64,
+    pub(super) state: VirtioDeviceState,
     pub(super) queue_sizes: [u16; 1],
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
-    /// Whether the active queue eventfds are registered with the device thread.
-    pub(super) queue_evts_registered: bool,
-    /// Queue eventfds of a reset activation, still to be unregistered on the device thread.
-    pub(super) stale_queue_evts: Vec<EventFd>,
     pub(super) bad_request_log: RateLimitedLog,
     /// Bytes of randomness handed to the guest.
     pub(super) bytes_served: u64,
@@ -33,12 +27,8 @@ impl Rng {
     /// Creates an inactive entropy device.
     pub fn new() -> Result<Self, RngError> {
         Ok(Self {
-            acked_features: 0,
+            state: VirtioDeviceState::new("virtio-rng").map_err(RngError::EventFd)?,
             queue_sizes: [QUEUE_SIZE],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
-            queue_evts_registered: false,
-            stale_queue_evts: Vec::new(),
             bad_request_log: RateLimitedLog::default(),
             bytes_served: 0,
         })
@@ -51,7 +41,7 @@ impl Rng {
 
     /// Serves every available request; interrupts the guest if any was completed.
     pub(super) fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active.as_mut() else {
             return;
         };
         let Some(queue) = active.queues.get_mut(REQ_QUEUE) else {
@@ -95,15 +85,15 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+        self.state.avail_features
     }
 
     fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.state.acked_features
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
+        self.state.set_acked_features(features);
     }
 
     fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
@@ -117,40 +107,17 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        self.active = Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            queue_evts,
-        });
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)
+        let expected = self.queue_sizes.len();
+        self.state
+            .activate(expected, mem, interrupt, queues, queue_evts)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            // The device thread unregisters the old eventfds when woken.
-            self.stale_queue_evts.extend(active.queue_evts);
-            if let Err(e) = self.activate_evt.write(1) {
-                tracing::warn!("virtio-rng: failed to signal the reset: {e}");
-            }
-        }
-        self.acked_features = 0;
-        true
+        self.state.reset()
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.state.is_activated()
     }
 }
 
@@ -164,6 +131,7 @@ mod tests {
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::Mutex;
     use vm_memory::Bytes;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 

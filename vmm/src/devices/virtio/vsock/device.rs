@@ -7,14 +7,14 @@ use event_manager::EventOps;
 use tracing::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{parse_rx_chain, parse_tx_chain};
 use super::unix::VsockUnixBackend;
 use super::{VsockBackend, VsockError, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX, VSOCK_HOST_CID};
 use crate::devices::virtio::{
-    signal_used_queue, ActivateError, ActiveState, IrqTrigger, RateLimitedLog, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
+    read_config_bytes, signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice,
+    VirtioDeviceState, VIRTIO_ID_VSOCK,
 };
 
 /// Counters of the socket device.
@@ -34,16 +34,10 @@ pub struct VsockMetrics {
 pub struct Vsock<B: VsockBackend = VsockUnixBackend> {
     pub(super) guest_cid: u64,
     pub(super) backend: B,
-    pub(super) acked_features: u64,
+    /// Features, activation and reset; its `reset_pending` means: the backend's connections
+    /// are to be dropped on the device thread.
+    pub(super) state: VirtioDeviceState,
     pub(super) queue_sizes: [u16; 3],
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
-    /// Whether the active queue eventfds are registered with the device thread.
-    pub(super) queue_evts_registered: bool,
-    /// Queue eventfds of a reset activation, still to be unregistered on the device thread.
-    pub(super) stale_queue_evts: Vec<EventFd>,
-    /// A reset happened: the backend's connections are to be dropped on the device thread.
-    pub(super) backend_reset_pending: bool,
     pub(super) metrics: VsockMetrics,
     pub(super) bad_chain_log: RateLimitedLog,
 }
@@ -70,13 +64,8 @@ impl<B: VsockBackend> Vsock<B> {
         Ok(Self {
             guest_cid,
             backend,
-            acked_features: 0,
+            state: VirtioDeviceState::new("vsock").map_err(VsockError::EventFd)?,
             queue_sizes: [QUEUE_SIZE; 3],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
-            active: None,
-            queue_evts_registered: false,
-            stale_queue_evts: Vec::new(),
-            backend_reset_pending: false,
             metrics: VsockMetrics::default(),
             bad_chain_log: RateLimitedLog::default(),
         })
@@ -99,7 +88,7 @@ impl<B: VsockBackend> Vsock<B> {
 
     /// Takes every packet the guest queued on the tx queue to the backend.
     pub(super) fn process_tx(&mut self, ops: &mut EventOps) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active.as_mut() else {
             return;
         };
         let Some(queue) = active.queues.get_mut(TXQ_INDEX) else {
@@ -135,7 +124,7 @@ impl<B: VsockBackend> Vsock<B> {
 
     /// Fills rx buffers with the backend's packets while both last.
     pub(super) fn process_rx(&mut self, ops: &mut EventOps) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active.as_mut() else {
             return;
         };
         let Some(queue) = active.queues.get_mut(RXQ_INDEX) else {
@@ -200,29 +189,20 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn avail_features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+        self.state.avail_features
     }
 
     fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.state.acked_features
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
+        self.state.set_acked_features(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let value = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o));
-            if let Some(value) = value {
-                *byte = *value;
-            }
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -240,41 +220,18 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        if queues.len() != self.queue_sizes.len() || queue_evts.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
-        self.active = Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            queue_evts,
-        });
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)
+        let expected = self.queue_sizes.len();
+        self.state
+            .activate(expected, mem, interrupt, queues, queue_evts)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            // The device thread drops the connections and unregisters the old eventfds.
-            self.stale_queue_evts.extend(active.queue_evts);
-            self.backend_reset_pending = true;
-            if let Err(e) = self.activate_evt.write(1) {
-                tracing::warn!("vsock: failed to signal the reset: {e}");
-            }
-        }
-        self.acked_features = 0;
-        true
+        // The device thread drops the connections and unregisters the old eventfds.
+        self.state.reset()
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.state.is_activated()
     }
 }
 
@@ -348,7 +305,7 @@ mod tests {
         assert!(!dev.is_activated());
         assert_eq!(dev.acked_features(), 0);
         assert_eq!(dev.backend().resets, 1);
-        assert!(dev.stale_queue_evts.is_empty());
+        assert!(dev.state.stale_queue_evts.is_empty());
     }
 
     #[test]
