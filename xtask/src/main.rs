@@ -36,7 +36,17 @@ enum Cmd {
         cmd: RigCmd,
     },
     /// Run every test: unit tests on the host, VM-level tests where KVM can run Linux guests.
-    Test,
+    Test {
+        /// Only the VM-level tests (no host unit tests, no L3 smoke check): for working on one.
+        #[arg(long)]
+        vm_only: bool,
+        /// Only these VM-level test binaries (`boot`, `oci`, ...); repeatable. Implies --vm-only.
+        #[arg(long = "bin")]
+        bins: Vec<String>,
+        /// Passed to each test binary (a name filter, `--exact`, ...). Implies --vm-only.
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
@@ -88,7 +98,15 @@ fn main() -> Result<()> {
         } => println!("{}", kernel::build()?.display()),
         Cmd::Initramfs => println!("{}", initramfs::build()?.display()),
         Cmd::Rig { cmd } => rig_command(cmd)?,
-        Cmd::Test => testing::test()?,
+        Cmd::Test {
+            vm_only,
+            bins,
+            test_args,
+        } => testing::test(&testing::TestSelection {
+            vm_only: vm_only || !bins.is_empty() || !test_args.is_empty(),
+            bins,
+            test_args,
+        })?,
         Cmd::Run => testing::run_demo()?,
         Cmd::Bench { what, runs } => bench::bench(&what, runs)?,
     }

@@ -113,18 +113,30 @@ fn build_vm_test_binaries() -> Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
+/// What `cargo xtask test` runs: everything by default; a subset while working on one test.
+pub struct TestSelection {
+    /// Skip the host unit tests and the rig's L3 smoke check.
+    pub vm_only: bool,
+    /// VM-level test binaries by name (`oci` for `tests/tests/oci.rs`); empty means all.
+    pub bins: Vec<String>,
+    /// Extra arguments for every selected test binary (a name filter, `--exact`, ...).
+    pub test_args: Vec<String>,
+}
+
 /// `cargo xtask test`.
-pub fn test() -> Result<()> {
+pub fn test(sel: &TestSelection) -> Result<()> {
     let (place, why) = decide_vm_place()?;
     eprintln!("xtask: VM-level tests will run: {place:?} ({why})");
 
     // Unit tests and everything that needs no KVM, on the host.
-    run(Command::new(cargo()).current_dir(workspace_root()).args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "husk-tests",
-    ]))?;
+    if !sel.vm_only {
+        run(Command::new(cargo()).current_dir(workspace_root()).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "husk-tests",
+        ]))?;
+    }
 
     if place == VmPlace::Skip {
         let msg = "VM-LEVEL TESTS SKIPPED (HUSK_TEST_VM=skip): nothing booted a guest";
@@ -136,10 +148,16 @@ pub fn test() -> Result<()> {
     }
 
     let artifacts = build_vm_artifacts()?;
-    let tests = build_vm_test_binaries()?;
+    let mut tests = build_vm_test_binaries()?;
+    if !sel.bins.is_empty() {
+        tests.retain(|t| sel.bins.iter().any(|b| test_binary_name(t) == b.as_str()));
+        if tests.is_empty() {
+            bail!("no VM-level test binary is named {}", sel.bins.join(" or "));
+        }
+    }
     match place {
-        VmPlace::Host => run_tests_on_host(&artifacts, &tests),
-        VmPlace::Rig => run_tests_in_rig(&artifacts, &tests),
+        VmPlace::Host => run_tests_on_host(&artifacts, &tests, &sel.test_args),
+        VmPlace::Rig => run_tests_in_rig(&artifacts, &tests, !sel.vm_only, &sel.test_args),
         VmPlace::Skip => unreachable!("handled above"),
     }
 }
@@ -148,10 +166,22 @@ fn require_kvm() -> bool {
     std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1")
 }
 
-fn run_tests_on_host(artifacts: &VmArtifacts, tests: &[PathBuf]) -> Result<()> {
+/// `oci` for cargo's `target/release/deps/oci-0123abcd`.
+fn test_binary_name(exe: &Path) -> &str {
+    let file = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    file.rsplit_once('-').map_or(file, |(name, _hash)| name)
+}
+
+/// Quotes `arg` for the rig's POSIX shell.
+fn sh_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+fn run_tests_on_host(artifacts: &VmArtifacts, tests: &[PathBuf], args: &[String]) -> Result<()> {
     let mut failed = Vec::new();
     for test in tests {
         let status = Command::new(test)
+            .args(args)
             .env("HUSK_VMM_BIN", artifacts.bin_dir.join("husk-vmm"))
             .env("HUSK_BIN", artifacts.bin_dir.join("husk"))
             .env("HUSK_KERNEL", &artifacts.kernel)
@@ -317,15 +347,23 @@ pub fn rig_smoke() -> Result<()> {
     result
 }
 
-fn run_tests_in_rig(artifacts: &VmArtifacts, tests: &[PathBuf]) -> Result<()> {
+fn run_tests_in_rig(
+    artifacts: &VmArtifacts,
+    tests: &[PathBuf],
+    smoke: bool,
+    args: &[String],
+) -> Result<()> {
     let image = rig::build()?;
     let scratch = rig::tempdir("husk-xtask-test")?;
+    let extra: String = args.iter().map(|a| format!(" {}", sh_quote(a))).collect();
     let result = (|| {
         let (mut inputs, env) = rig_vm_inputs(artifacts);
-        let (smoke_inputs, smoke) = l3_smoke_inputs(&image, &scratch)?;
-        inputs.extend(smoke_inputs);
         let mut script = String::from("rc=0\n");
-        script.push_str(&format!("( {smoke} ) || rc=1\n"));
+        if smoke {
+            let (smoke_inputs, smoke) = l3_smoke_inputs(&image, &scratch)?;
+            inputs.extend(smoke_inputs);
+            script.push_str(&format!("( {smoke} ) || rc=1\n"));
+        }
         for test in tests {
             let name = test
                 .file_name()
@@ -335,7 +373,7 @@ fn run_tests_in_rig(artifacts: &VmArtifacts, tests: &[PathBuf]) -> Result<()> {
             inputs.push((test.clone(), format!("tests/{name}")));
             script.push_str(&format!(
                 "echo \"== husk-rig: running {name}\"\n\
-                 /work/tests/{name} --test-threads=1 || {{ echo \"== husk-rig: {name} FAILED\"; rc=1; }}\n"
+                 /work/tests/{name} --test-threads=1{extra} || {{ echo \"== husk-rig: {name} FAILED\"; rc=1; }}\n"
             ));
         }
         script.push_str("exit $rc\n");
