@@ -7,9 +7,14 @@
 use crate::{vm_artifacts, wait_until, Artifacts, TempDir};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The `husk` binary: `HUSK_BIN`, else the one cargo built next to this test.
 pub fn husk_binary() -> PathBuf {
@@ -198,6 +203,13 @@ pub struct Podman {
 }
 
 impl Podman {
+    /// A `podman ARGS` command with this podman's storage and runtime.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.args(&self.args).args(args);
+        cmd
+    }
+
     /// Runs `podman ARGS` to completion (output through files, as [`OciEnv::run`]).
     pub fn run(&self, args: &[&str]) -> Output {
         let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -242,11 +254,7 @@ impl OciEnv {
             ),
         )
         .expect("wrapper");
-        std::fs::set_permissions(
-            &wrapper,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let args = vec![
             format!("--root={}", dir.join("storage").display()),
             format!("--runroot={}", dir.join("run").display()),
@@ -288,4 +296,436 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(dir.join("etc/group"), "root:x:0:\n")?;
     Ok(())
+}
+
+/// Whether the client program `name` (podman, docker, dockerd) is installed. When it is not:
+/// a failure where `HUSK_REQUIRE_KVM=1` (the rig installs every client), else a loud skip.
+pub fn client_available(test: &str, name: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    if found {
+        return true;
+    }
+    if std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1") {
+        panic!("{test}: HUSK_REQUIRE_KVM=1 but {name} is not installed");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "!!! SKIPPED {test}: {name} is not installed !!!"
+    );
+    false
+}
+
+impl OciEnv {
+    /// A tarball of the busybox rootfs (for `podman import` / `docker import`).
+    pub fn rootfs_tarball(&self) -> PathBuf {
+        let tarball = self.work.path().join("rootfs.tar");
+        if !tarball.exists() {
+            let status = Command::new("tar")
+                .arg("-C")
+                .arg(&self.rootfs)
+                .arg("-cf")
+                .arg(&tarball)
+                .arg(".")
+                .status()
+                .expect("tar");
+            assert!(status.success(), "tar of the rootfs failed");
+        }
+        tarball
+    }
+
+    /// The busybox rootfs the bundles use (tests may add files to it).
+    pub fn rootfs(&self) -> &Path {
+        &self.rootfs
+    }
+
+    /// A script that runs this husk with this environment's configuration and every argument
+    /// it is given (the engine passes its own `--root`); engines pass no environment through.
+    pub fn runtime_wrapper(&self, path: &Path) -> PathBuf {
+        std::fs::write(
+            path,
+            format!(
+                "#!/bin/sh\nexec env HUSK_CONFIG='{}' '{}' \"$@\"\n",
+                self.config.display(),
+                self.husk.display(),
+            ),
+        )
+        .expect("wrapper");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path.to_path_buf()
+    }
+}
+
+/// Live `husk-vmm` processes whose command line mentions `path` (their state dir lives there).
+pub fn vmms_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("husk-vmm") && cmdline.contains(&needle) && crate::process_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Mount points under `path` (by its real path).
+pub fn mounts_under(path: &Path) -> Vec<String> {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let prefix = real.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sets RLIMIT_NOFILE of the command's process (and so of everything it starts) before it
+/// runs: how an engine whose own hard limit is below the spec's runs the runtime.
+pub fn with_nofile_limit(cmd: &mut Command, soft: u64, hard: u64) {
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe, on a stack value.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A program running on a fresh pty (its controlling terminal), as a user at a terminal runs
+/// `podman run -it`. A thread collects everything the program writes.
+pub struct PtySession {
+    child: Child,
+    master: std::fs::File,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+fn set_cloexec(fd: &OwnedFd) -> Result<()> {
+    // SAFETY: fcntl on an fd we own; no memory is involved.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        bail!("fcntl: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl PtySession {
+    /// Spawns `cmd` with a new session whose controlling terminal is a new pty (80x24).
+    pub fn spawn(mut cmd: Command) -> Result<PtySession> {
+        let mut master: libc::c_int = -1;
+        let mut replica: libc::c_int = -1;
+        let size = libc::winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: the out-pointers are valid for the call; no name buffer, default termios.
+        let ret = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut replica,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        if ret != 0 {
+            bail!("openpty: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: openpty returned two new fds that nothing else owns.
+        let (master, replica) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(replica)) };
+        set_cloexec(&master)?;
+        set_cloexec(&replica)?;
+        cmd.stdin(Stdio::from(replica.try_clone()?))
+            .stdout(Stdio::from(replica.try_clone()?))
+            .stderr(Stdio::from(replica.try_clone()?));
+        // SAFETY: the closure only calls setsid and ioctl, both async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning on the pty")?;
+        drop(replica);
+        let master = std::fs::File::from(master);
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone()?;
+        let sink = Arc::clone(&output);
+        // Detached: it ends when the last replica closes (EIO), or with the test process.
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        Ok(PtySession {
+            child,
+            master,
+            output,
+        })
+    }
+
+    /// Everything the program wrote so far, with `\r` removed.
+    pub fn output(&self) -> String {
+        let bytes = self
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        String::from_utf8_lossy(&bytes).replace('\r', "")
+    }
+
+    /// Waits until the output contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.output().contains(needle))
+    }
+
+    /// Types `text` at the terminal.
+    pub fn write(&mut self, text: &str) -> Result<()> {
+        self.master.write_all(text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Waits for the program to exit (killing it after `timeout`).
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "the program on the pty did not exit within {} s; output: {:?}",
+                    timeout.as_secs(),
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PtySession {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A `dockerd` of the test's own: its own data root, exec root, pid file and socket, no
+/// iptables and no bridge, vfs storage, and `husk` registered as a runtime (through a wrapper
+/// that gives husk the test's configuration). It starts its own containerd.
+pub struct Dockerd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub exec_root: PathBuf,
+    pub data_root: PathBuf,
+}
+
+impl Dockerd {
+    /// Starts dockerd in `dir` and waits (up to `timeout`) until it answers.
+    pub fn start(dir: &Path, husk_runtime: &Path, timeout: Duration) -> Result<Dockerd> {
+        std::fs::create_dir_all(dir)?;
+        let data_root = dir.join("data");
+        let exec_root = dir.join("exec");
+        let socket = dir.join("docker.sock");
+        let config = dir.join("daemon.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"runtimes": {"husk": {"path": husk_runtime}}}).to_string(),
+        )?;
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(&data_root)
+            .arg("--exec-root")
+            .arg(&exec_root)
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--storage-driver=vfs",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning dockerd")?;
+        let mut dockerd = Dockerd {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            socket,
+            exec_root,
+            data_root,
+        };
+        let up = wait_until(timeout, || {
+            let exited = dockerd
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            exited || (dockerd.socket.exists() && dockerd.docker(&["version"]).status.success())
+        });
+        let exited = dockerd
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            bail!("dockerd exited with {status}: {}", dockerd.log_tail());
+        }
+        if !up {
+            bail!(
+                "dockerd did not answer within {} s: {}",
+                timeout.as_secs(),
+                dockerd.log_tail()
+            );
+        }
+        Ok(dockerd)
+    }
+
+    /// The last lines of dockerd's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Runs `docker ARGS` against this daemon (output through files).
+    pub fn docker(&self, args: &[&str]) -> Output {
+        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out_path = self.dir.join(format!("out.{n}"));
+        let err_path = self.dir.join(format!("err.{n}"));
+        let status = Command::new("docker")
+            .env("DOCKER_CONFIG", self.dir.join("client"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+            .status()
+            .expect("spawn docker");
+        let output = Output {
+            status,
+            stdout: std::fs::read(&out_path).unwrap_or_default(),
+            stderr: std::fs::read(&err_path).unwrap_or_default(),
+        };
+        let _ = std::fs::remove_file(&out_path);
+        let _ = std::fs::remove_file(&err_path);
+        output
+    }
+
+    /// Stops dockerd with SIGTERM and waits for it (SIGKILL after `timeout`).
+    pub fn stop(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("dockerd was already stopped");
+        };
+        let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+        // SAFETY: kill(2) on our own child, not yet reaped (we hold its `Child`).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "dockerd did not stop within {} s of SIGTERM: {}",
+                    timeout.as_secs(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let ids = self.docker(&["ps", "-aq"]);
+            for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+                let _ = self.docker(&["rm", "-f", id]);
+            }
+            let _ = self.stop(Duration::from_secs(60));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pty_session_is_a_controlling_terminal() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "tty; [ -t 0 ] && echo stdin-is-a-tty; printf 'ready\\n'; read x; echo \"got $x\"; exit 3",
+        ]);
+        let mut session = PtySession::spawn(cmd).expect("spawn");
+        assert!(
+            session.wait_for("ready\n", Duration::from_secs(30)),
+            "{:?}",
+            session.output()
+        );
+        session.write("hello\n").expect("write");
+        let status = session.wait(Duration::from_secs(30)).expect("wait");
+        assert_eq!(status.code(), Some(3));
+        let output = session.output();
+        assert!(output.starts_with("/dev/pts/"), "{output:?}");
+        assert!(output.contains("stdin-is-a-tty\n"), "{output:?}");
+        // The pty echoes what is typed, then the shell answers.
+        assert!(output.contains("hello\ngot hello\n"), "{output:?}");
+    }
+
+    #[test]
+    fn nofile_limit_applies_to_the_child() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ulimit -Sn; ulimit -Hn"]);
+        with_nofile_limit(&mut cmd, 512, 2000);
+        let out = cmd.output().expect("sh");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "512\n2000\n");
+    }
 }

@@ -1,9 +1,12 @@
 //! The OCI runtime CLI end to end: `husk` drives real microVMs the way podman and docker drive
 //! runc (lifecycle, exit statuses, bad input, concurrency, a VMM killed under a container).
 
-use husk_tests::oci::OciEnv;
+use husk_tests::oci::{
+    client_available, mounts_under, vmms_mentioning, with_nofile_limit, Dockerd, OciEnv, PtySession,
+};
 use husk_tests::{process_alive, wait_until};
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
@@ -356,25 +359,11 @@ fn podman_runs_an_imported_image() {
     let Some(env) = OciEnv::new("podman_runs_an_imported_image") else {
         return;
     };
-    if std::process::Command::new("podman")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("!!! SKIPPED podman_runs_an_imported_image: podman is not installed !!!");
+    if !client_available("podman_runs_an_imported_image", "podman") {
         return;
     }
     let podman = env.podman();
-    let tarball = env.work.path().join("rootfs.tar");
-    let status = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(env.work.path().join("rootfs"))
-        .arg("-cf")
-        .arg(&tarball)
-        .arg(".")
-        .status()
-        .expect("tar");
-    assert!(status.success());
+    let tarball = env.rootfs_tarball();
     let out = podman.run(&[
         "import",
         tarball.to_str().expect("utf-8"),
@@ -437,4 +426,395 @@ fn podman_runs_an_imported_image() {
         "{:?}",
         env.vmms_left()
     );
+}
+
+/// What the spec test's container prints about itself, one `key=value` per line, then `END`.
+/// `try CMD` prints `rc=<exit code> <output>` on one line.
+const SELF_REPORT: &str = r#"try() { out=$("$@" 2>&1); echo "rc=$? $out"; }
+echo "args=[$0][$1][$2]"
+echo "env=[$HUSK_SPEC_VAR]"
+echo "cwd=$(pwd)"
+echo "hostname=$(hostname)"
+while read -r k v; do
+  case "$k" in Uid:|Gid:|Groups:|CapInh:|CapPrm:|CapEff:|CapBnd:|CapAmb:|NoNewPrivs:|Seccomp:) echo "$k" $v;; esac
+done < /proc/self/status
+while read -r line; do
+  case "$line" in "Max open files"*|"Max core file size"*) echo "limit:" $line;; esac
+done < /proc/self/limits
+echo "rootfs_write=$(try touch /scratch/x)"
+echo "masked_file=[$(cat /proc/version)]"
+echo "masked_dir=[$(ls -A /etc/masked)]"
+echo "bind_read=[$(cat /data/hello.txt)]"
+echo "bind_write=$(try sh -c 'echo from-guest > /data/written')"
+echo "ro_path=$(try touch /data/ro/x)"
+echo "tmpfs=$(grep ' /tmp ' /proc/self/mountinfo | sed 's/.* - //')"
+echo "tmpfs_write=$(try sh -c 'echo t > /tmp/t && cat /tmp/t')"
+echo "seccomp=$(try mkdir /tmp/d)"
+echo END
+exec sleep 1000
+"#;
+
+/// The spec is applied inside the guest, each item checked from inside the container: args,
+/// env, cwd, uid/gid/additional groups, hostname, rlimits, all five capability sets,
+/// noNewPrivileges, a read-only rootfs, masked and read-only paths, a bind mount from the
+/// bundle, a tmpfs, a seccomp rule (mkdir -> EPERM), and a memory limit whose OOM kill of a hog
+/// `exec` is reported as runc reports it (137) while the VM and the container live on.
+///
+/// husk runs with RLIMIT_NOFILE capped at 20000 (as on this project's host); the spec asks
+/// for 1048576 (podman's default), which the container must get all the same.
+#[test]
+fn spec_is_applied_inside_the_guest() {
+    let Some(env) = OciEnv::new("spec_is_applied_inside_the_guest") else {
+        return;
+    };
+    let rootfs = env.rootfs().to_path_buf();
+    std::fs::create_dir_all(rootfs.join("scratch")).expect("mkdir");
+    std::fs::set_permissions(
+        rootfs.join("scratch"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .expect("chmod");
+    std::fs::create_dir_all(rootfs.join("etc/masked")).expect("mkdir");
+    std::fs::write(rootfs.join("etc/masked/secret"), "secret\n").expect("write");
+
+    // Capabilities (numbers): CHOWN 0, KILL 5, SETUID 7, NET_BIND_SERVICE 10, AUDIT_WRITE 29.
+    let bundle = env.bundle(
+        "spec",
+        &["sh", "-c", SELF_REPORT, "argzero", "one", "two words"],
+        |s| {
+            s["hostname"] = "spec-host".into();
+            let p = &mut s["process"];
+            p["env"] = serde_json::json!([
+                "PATH=/bin",
+                "HUSK_SPEC_VAR=hello spec"
+            ]);
+            p["cwd"] = "/root".into();
+            p["user"] = serde_json::json!({"uid": 1000, "gid": 1001, "additionalGids": [1002, 1003]});
+            p["rlimits"] = serde_json::json!([
+                {"type": "RLIMIT_NOFILE", "soft": 1048576, "hard": 1048576},
+                {"type": "RLIMIT_CORE", "soft": 1024, "hard": 4096}
+            ]);
+            p["capabilities"] = serde_json::json!({
+                "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_NET_BIND_SERVICE", "CAP_AUDIT_WRITE"],
+                "permitted": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "effective": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "inheritable": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "ambient": ["CAP_KILL", "CAP_NET_BIND_SERVICE"]
+            });
+            p["noNewPrivileges"] = true.into();
+            s["root"]["readonly"] = true.into();
+            let mounts = s["mounts"].as_array_mut().expect("mounts");
+            mounts.push(serde_json::json!({
+                "destination": "/data", "type": "bind", "source": "data",
+                "options": ["rbind", "rw"]
+            }));
+            mounts.push(serde_json::json!({
+                "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777", "size=1m"]
+            }));
+            let linux = &mut s["linux"];
+            linux["maskedPaths"] = serde_json::json!(["/proc/version", "/etc/masked"]);
+            linux["readonlyPaths"] = serde_json::json!(["/proc/sys", "/data/ro"]);
+            linux["resources"]["memory"] = serde_json::json!({"limit": 32 * 1024 * 1024});
+            linux["seccomp"] = serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+            });
+        },
+    );
+    let data = bundle.join("data");
+    std::fs::create_dir_all(data.join("ro")).expect("mkdir");
+    std::fs::write(data.join("hello.txt"), "hello from the bundle\n").expect("write");
+    for dir in [&data, &data.join("ro")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+
+    let log = env.work.path().join("spec.out");
+    let errlog = env.work.path().join("spec.err");
+    let mut cmd = env.husk(&[
+        "run",
+        "-d",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "spec",
+    ]);
+    cmd.stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(&errlog).expect("log"));
+    with_nofile_limit(&mut cmd, 1024, 20000);
+    let status = cmd.status().expect("run -d");
+    assert!(
+        status.success(),
+        "run -d: {:?}",
+        std::fs::read_to_string(&errlog)
+    );
+    let done = wait_until(T, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\nEND\n"))
+    });
+    let report = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(done, "no full report: {report:?}");
+    let lines: Vec<&str> = report.lines().collect();
+    let has = |line: &str| {
+        assert!(
+            lines.contains(&line),
+            "the container's report lacks {line:?}:\n{report}"
+        )
+    };
+    let value = |key: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .unwrap_or_else(|| panic!("no {key} in the report:\n{report}"))
+            .to_string()
+    };
+    has("args=[argzero][one][two words]");
+    has("env=[hello spec]");
+    has("cwd=/root");
+    has("hostname=spec-host");
+    has("Uid: 1000 1000 1000 1000");
+    has("Gid: 1001 1001 1001 1001");
+    has("Groups: 1002 1003");
+    // After execve as a non-root user without file capabilities, the kernel makes the
+    // permitted and effective sets the ambient set (as under runc); CHOWN, permitted but not
+    // ambient, is gone. Raising the ambient set needed KILL and NET_BIND_SERVICE in both the
+    // permitted and inheritable sets the agent set.
+    has("CapInh: 0000000000000420");
+    has("CapPrm: 0000000000000420");
+    has("CapEff: 0000000000000420");
+    has("CapBnd: 00000000200004a1");
+    has("CapAmb: 0000000000000420");
+    has("NoNewPrivs: 1");
+    has("Seccomp: 2");
+    has("limit: Max open files 1048576 1048576 files");
+    has("limit: Max core file size 1024 4096 bytes");
+    let rootfs_write = value("rootfs_write");
+    assert!(
+        rootfs_write.starts_with("rc=1 ") && rootfs_write.contains("Read-only file system"),
+        "{rootfs_write}"
+    );
+    has("masked_file=[]");
+    has("masked_dir=[]");
+    has("bind_read=[hello from the bundle]");
+    has("bind_write=rc=0 ");
+    let ro_path = value("ro_path");
+    assert!(
+        ro_path.starts_with("rc=1 ") && ro_path.contains("Read-only file system"),
+        "{ro_path}"
+    );
+    let tmpfs = value("tmpfs");
+    assert!(
+        tmpfs.starts_with("tmpfs ") && tmpfs.contains("size=1024k"),
+        "/tmp: {tmpfs}"
+    );
+    has("tmpfs_write=rc=0 t");
+    let seccomp = value("seccomp");
+    assert!(
+        seccomp.starts_with("rc=1 ") && seccomp.contains("Operation not permitted"),
+        "{seccomp}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("written")).expect("the guest's write"),
+        "from-guest\n"
+    );
+    assert!(!rootfs.join("scratch/x").exists());
+
+    // The memory limit: a hog exec'd into the container is OOM-killed (runc: 137)...
+    let out = env.run(&[
+        "exec",
+        "spec",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "hog: {}", text(&out.stderr));
+    // ...and the container and its VM live on.
+    assert_eq!(env.state("spec").expect("state")["status"], "running");
+    let out = env.run(&[
+        "exec",
+        "spec",
+        "sh",
+        "-c",
+        "echo alive; cat /sys/fs/cgroup/memory.max; grep '^oom_kill ' /sys/fs/cgroup/memory.events",
+    ]);
+    assert!(
+        out.status.success(),
+        "exec after the OOM: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "alive\n33554432\noom_kill 1\n");
+    let out = env.run(&["delete", "--force", "spec"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
+
+/// `podman run -it` at a terminal: the test is the user at a pty. The container's shell has a
+/// tty of its own, answers what is typed, and its exit code is podman's. podman is started
+/// with its RLIMIT_NOFILE hard limit at 20000 (as root it raises its own limit at start-up) and
+/// asks for 1048576 in the spec: the container gets it.
+#[test]
+fn podman_run_it_with_a_tty() {
+    let Some(env) = OciEnv::new("podman_run_it_with_a_tty") else {
+        return;
+    };
+    if !client_available("podman_run_it_with_a_tty", "podman") {
+        return;
+    }
+    let podman = env.podman();
+    let tarball = env.rootfs_tarball();
+    let out = podman.run(&[
+        "import",
+        tarball.to_str().expect("utf-8"),
+        "localhost/bb:latest",
+    ]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+
+    let mut cmd = podman.command(&[
+        "run",
+        "-it",
+        "--rm",
+        "--network=none",
+        "--ulimit",
+        "nofile=1048576:1048576",
+        "localhost/bb",
+        "sh",
+    ]);
+    with_nofile_limit(&mut cmd, 1024, 20000);
+    let mut session = PtySession::spawn(cmd).expect("podman on a pty");
+    // busybox sh's prompt for root is "/ # ".
+    assert!(
+        session.wait_for("# ", T),
+        "no shell prompt: {:?}",
+        session.output()
+    );
+    session
+        .write("tty; echo $((6*7)); ulimit -n; ulimit -Hn; exit 5\n")
+        .expect("type");
+    let status = session.wait(T).expect("podman exits");
+    let output = session.output();
+    assert_eq!(
+        status.code(),
+        Some(5),
+        "podman's exit code; output {output:?}"
+    );
+    let lines: Vec<&str> = output.lines().map(str::trim).collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("/dev/pts/")),
+        "tty names a pty: {output:?}"
+    );
+    assert!(lines.contains(&"42"), "the shell computed: {output:?}");
+    assert_eq!(
+        lines.iter().filter(|l| **l == "1048576").count(),
+        2,
+        "soft and hard RLIMIT_NOFILE in the container: {output:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || env.root_entries().is_empty()),
+        "{:?}",
+        env.root_entries()
+    );
+}
+
+/// dockerd (started here, with its own roots and socket) with husk registered as a runtime:
+/// `docker run --runtime husk` prints, mirrors exit codes, and `rm -f` of a running container
+/// works. Once dockerd is stopped nothing of husk is left: no husk-vmm, no state, no mount.
+#[test]
+fn docker_runs_containers_with_husk() {
+    let Some(env) = OciEnv::new("docker_runs_containers_with_husk") else {
+        return;
+    };
+    for client in ["dockerd", "docker"] {
+        if !client_available("docker_runs_containers_with_husk", client) {
+            return;
+        }
+    }
+    let dir = env.work.path().join("d");
+    let wrapper = env.runtime_wrapper(&env.work.path().join("husk-runtime"));
+    let mut dockerd = Dockerd::start(&dir, &wrapper, T).expect("dockerd");
+    let version = dockerd.docker(&["version", "--format", "{{.Server.Version}}"]);
+    eprintln!("dockerd version {}", text(&version.stdout).trim());
+
+    let tarball = env.rootfs_tarball();
+    let out = dockerd.docker(&["import", tarball.to_str().expect("utf-8"), "bb:latest"]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+
+    let out = dockerd.docker(&[
+        "run",
+        "--runtime",
+        "husk",
+        "--rm",
+        "--network",
+        "none",
+        "bb",
+        "echo",
+        "hi",
+    ]);
+    assert!(
+        out.status.success(),
+        "docker run: {}\ndockerd: {}",
+        text(&out.stderr),
+        dockerd.log_tail()
+    );
+    assert_eq!(text(&out.stdout), "hi\n");
+    let out = dockerd.docker(&[
+        "run",
+        "--runtime",
+        "husk",
+        "--rm",
+        "--network",
+        "none",
+        "bb",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+
+    // A running container: its husk state is where docker's shim keeps runc's.
+    let out = dockerd.docker(&[
+        "run",
+        "-d",
+        "--runtime",
+        "husk",
+        "--network",
+        "none",
+        "bb",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let state_root = dockerd.exec_root.join("runtime-husk/moby");
+    assert!(
+        state_root.join(&id).is_dir(),
+        "husk state of {id} under {}",
+        state_root.display()
+    );
+    assert_eq!(vmms_mentioning(&dockerd.exec_root).len(), 1);
+    let out = dockerd.docker(&["exec", &id, "sh", "-c", "echo in-exec; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "exec: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "in-exec\n");
+    let out = dockerd.docker(&["rm", "-f", &id]);
+    assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+
+    let status = dockerd.stop(T).expect("stop dockerd");
+    assert!(status.success(), "dockerd: {status}");
+    let left: Vec<_> = std::fs::read_dir(&state_root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "husk state left: {left:?}");
+    assert!(
+        wait_until(Duration::from_secs(30), || vmms_mentioning(
+            &dockerd.exec_root
+        )
+        .is_empty()),
+        "{:?}",
+        vmms_mentioning(&dockerd.exec_root)
+    );
+    let mounts: Vec<_> = mounts_under(&dockerd.exec_root)
+        .into_iter()
+        .chain(mounts_under(&dockerd.data_root))
+        .collect();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
 }
