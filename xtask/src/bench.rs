@@ -1,16 +1,29 @@
 //! `cargo xtask bench <what>`: benchmarks run where VM tests run (the rig on machines without
 //! hardware KVM), each runtime against its peers in the same run. Results land in `target/bench/`.
+//!
+//! - `boot`: husk-vmm's boot against QEMU's microvm machine (`husk-bench boot`).
+//! - `oci`: husk against runc, crun and gVisor's runsc as OCI runtimes (`husk-bench oci`):
+//!   `run` of `/bin/true`, idle memory, a syscall loop, reads from the rootfs. runc and crun come
+//!   with the rig's packages; runsc is fetched from Debian by [`crate::bench_oci::fetch_runsc`].
 
+use crate::bench_oci;
 use crate::rig::{self, RigRun};
 use crate::testing::{self, VmPlace};
 use crate::util::{run, target_dir, workspace_root};
 use anyhow::{bail, Result};
+use std::path::PathBuf;
 use std::process::Command;
+
+/// The suites `husk-bench` knows.
+const SUITES: &[&str] = &["boot", "oci"];
 
 /// Runs one benchmark suite.
 pub fn bench(what: &str, runs: usize) -> Result<()> {
-    if what != "boot" {
-        bail!("unknown benchmark {what:?}; available: boot");
+    if !SUITES.contains(&what) {
+        bail!(
+            "unknown benchmark {what:?}; available: {}",
+            SUITES.join(", ")
+        );
     }
     let (place, why) = testing::decide_vm_place()?;
     eprintln!("xtask: benchmarks run: {place:?} ({why})");
@@ -27,27 +40,53 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
                 "husk-bench",
             ]),
     )?;
+    // runsc for the OCI suite; without it the bench still runs and says loudly what it could
+    // not check.
+    let runsc: Option<PathBuf> = if what == "oci" {
+        match bench_oci::fetch_runsc() {
+            Ok(path) => Some(path),
+            Err(e) => {
+                eprintln!("xtask: !!! runsc (gVisor) is UNAVAILABLE: {e:#}; the bench runs without it and its targets CANNOT BE CHECKED !!!");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let bench_bin = target_dir().join("release/husk-bench");
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let runs = runs.to_string();
+    let load_before = bench_oci::host_load();
+    let started = std::time::Instant::now();
     match place {
         VmPlace::Skip => bail!("HUSK_TEST_VM=skip: benchmarks need a VM"),
         VmPlace::Host => run(Command::new(&bench_bin)
             .args([what, "--runs", &runs, "--out"])
             .arg(&out)
             .env("HUSK_VMM_BIN", artifacts.bin_dir.join("husk-vmm"))
+            .env("HUSK_BIN", artifacts.bin_dir.join("husk"))
             .env("HUSK_KERNEL", &artifacts.kernel)
             .env("HUSK_INITRAMFS", &artifacts.initramfs))?,
         VmPlace::Rig => {
             let image = rig::build()?;
             let (mut inputs, env) = testing::rig_vm_inputs(&artifacts);
             inputs.push((bench_bin, "bin/husk-bench".into()));
+            if let Some(runsc) = runsc {
+                inputs.push((runsc, "bin/runsc".into()));
+            }
+            // The OCI suite builds its rootfs on the work disk (a disk file system, so that
+            // dropping the page cache makes reads cold; the rig's /tmp is tmpfs).
+            let extra = if what == "oci" {
+                " --dir /work/oci-bench"
+            } else {
+                ""
+            };
             let outcome = rig::run_in_rig(
                 &image,
                 &RigRun {
                     inputs,
-                    script: Some(format!("husk-bench {what} --runs {runs}")),
+                    script: Some(format!("husk-bench {what} --runs {runs}{extra}")),
                     env,
                     out_dir: Some(out.clone()),
                     timeout: testing::rig_timeout(),
@@ -60,6 +99,20 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
                 );
             }
         }
+    }
+    let load_after = bench_oci::host_load();
+    let load = format!(
+        "Host ({} CPUs) load average (1, 5, 15 min, runnable/total, last pid) before: {load_before}; \
+         after: {load_after}; the whole run took {:.0} s.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!("xtask: {load}");
+    let md = out.join(format!("{what}.md"));
+    if let Ok(mut text) = std::fs::read_to_string(&md) {
+        text.push('\n');
+        text.push_str(&load);
+        std::fs::write(&md, text)?;
     }
     eprintln!("xtask: results in {}", out.display());
     Ok(())

@@ -1,6 +1,7 @@
 //! `cargo xtask`: builds husk's guest kernel, agent initramfs and test rig, and runs its tests.
 
 mod bench;
+mod bench_oci;
 mod bundle;
 mod cpio;
 mod initramfs;
@@ -50,7 +51,7 @@ enum Cmd {
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
-    /// Run a benchmark suite against its peers in the same place (boot).
+    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`).
     Bench {
         /// Which suite.
         what: String,

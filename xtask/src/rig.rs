@@ -183,7 +183,7 @@ pub fn build() -> Result<RigImage> {
 }
 
 /// The Debian mirror the host's apt uses, so that the rig comes from the same place.
-fn host_debian_mirror() -> Option<String> {
+pub fn host_debian_mirror() -> Option<String> {
     let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
         for entry in dir.flatten() {

@@ -8,6 +8,10 @@
 //!   that moment, husk-vmm's RSS without guest memory, and the guest memory the host backs;
 //! - husk and QEMU on the serial console: process spawn to the agent's first console line
 //!   (`husk-agent ...: up`), with the same kernel, initramfs and kernel command line.
+//!
+//! `husk-bench oci`: husk against runc, crun and runsc as OCI runtimes (see `oci.rs`).
+
+mod oci;
 
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
@@ -41,6 +45,9 @@ struct VsockRun {
     first_vcpu_ms: f64,
 }
 
+const USAGE: &str = "usage: husk-bench boot|oci [--runs N] [--out DIR] \
+     [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--dir DIR] [--timeout-s S]";
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut runs = 20usize;
@@ -48,23 +55,47 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/bench"));
     let mut what = None;
+    let mut oci_opts = oci::OciOptions {
+        runs,
+        pss_runs: 5,
+        dd_runs: 5,
+        io_runs: 3,
+        dir: PathBuf::from("/var/tmp/husk-bench-oci"),
+        out: out.clone(),
+        timeout: Duration::from_secs(1200),
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value; {USAGE}"))
+        };
         match arg.as_str() {
-            "--runs" => runs = it.next().context("--runs N")?.parse()?,
-            "--out" => out = PathBuf::from(it.next().context("--out DIR")?),
+            "--runs" => runs = value("--runs")?.parse()?,
+            "--out" => out = PathBuf::from(value("--out")?),
+            "--idle-runs" => oci_opts.pss_runs = value("--idle-runs")?.parse()?,
+            "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
+            "--read-runs" => oci_opts.io_runs = value("--read-runs")?.parse()?,
+            "--dir" => oci_opts.dir = PathBuf::from(value("--dir")?),
+            "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
             "boot" => what = Some("boot"),
-            other => {
-                bail!("unknown argument {other:?}; usage: husk-bench boot [--runs N] [--out DIR]")
-            }
+            "oci" => what = Some("oci"),
+            other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
-    if what != Some("boot") {
-        bail!("usage: husk-bench boot [--runs N] [--out DIR]");
-    }
-    let artifacts = vm_artifacts("husk-bench").context("no usable KVM or artifacts")?;
     std::fs::create_dir_all(&out)?;
-    bench_boot(&artifacts, runs, &out)
+    match what {
+        Some("boot") => {
+            let artifacts = vm_artifacts("husk-bench").context("no usable KVM or artifacts")?;
+            bench_boot(&artifacts, runs, &out)
+        }
+        Some("oci") => {
+            oci_opts.runs = runs;
+            oci_opts.out = out;
+            oci::bench_oci(&oci_opts)
+        }
+        _ => bail!("{USAGE}"),
+    }
 }
 
 fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
