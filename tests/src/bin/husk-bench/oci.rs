@@ -931,6 +931,7 @@ fn report(
     println!("{md}");
     std::fs::write(opts.out.join("oci.md"), &md)?;
     std::fs::write(opts.out.join("oci.csv"), &csv)?;
+    std::fs::write(opts.out.join("oci.svg"), svg(runtimes, figs))?;
     let json = json!({
         "runs": {"run_true": opts.runs, "idle": opts.pss_runs, "dd": opts.dd_runs, "read": opts.io_runs},
         "runtimes": runtimes.iter().map(|r| (r.name.to_string(), json!(versions[r.name]))).collect::<serde_json::Map<_, _>>(),
@@ -945,4 +946,89 @@ fn report(
         serde_json::to_string_pretty(&json)?,
     )?;
     Ok(())
+}
+
+/// A strip plot of every figure: one panel per figure, one row per runtime, a dot per run and a
+/// bar at the median, on a linear axis from 0 to the panel's largest value.
+fn svg(runtimes: &[Runtime], figs: &BTreeMap<&str, Figure>) -> String {
+    const WIDTH: f64 = 760.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 90.0;
+    const ROW: f64 = 18.0;
+    const TITLE: f64 = 22.0;
+    const COLORS: &[&str] = &["#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let mut body = String::new();
+    let mut y = 10.0;
+    for (key, title, unit) in FIGURES {
+        let Some(fig) = figs.get(key) else { continue };
+        let max = fig
+            .values
+            .values()
+            .flatten()
+            .copied()
+            .fold(0.0f64, f64::max);
+        if max <= 0.0 {
+            continue;
+        }
+        let title = title.replace('`', "");
+        body.push_str(&format!(
+            "<text x=\"4\" y=\"{:.1}\" font-weight=\"bold\">{}</text>\n",
+            y + 14.0,
+            xml_escape(&format!("{title} ({unit})"))
+        ));
+        y += TITLE;
+        let top = y;
+        for (i, rt) in runtimes.iter().enumerate() {
+            let Some(values) = fig.values.get(rt.name) else {
+                continue;
+            };
+            let color = COLORS[i % COLORS.len()];
+            let cy = y + ROW / 2.0;
+            body.push_str(&format!(
+                "<text x=\"4\" y=\"{:.1}\">{}</text>\n",
+                cy + 4.0,
+                rt.name
+            ));
+            for v in values {
+                body.push_str(&format!(
+                    "<circle cx=\"{:.1}\" cy=\"{cy:.1}\" r=\"3\" fill=\"{color}\" fill-opacity=\"0.5\"/>\n",
+                    LEFT + v / max * plot_w
+                ));
+            }
+            let median = stats(values).0;
+            let mx = LEFT + median / max * plot_w;
+            body.push_str(&format!(
+                "<line x1=\"{mx:.1}\" x2=\"{mx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-width=\"2\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{median:.2}</text>\n",
+                cy - 7.0,
+                cy + 7.0,
+                WIDTH - RIGHT + 6.0,
+                cy + 4.0
+            ));
+            y += ROW;
+        }
+        body.push_str(&format!(
+            "<line x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{top:.1}\" y2=\"{y:.1}\" stroke=\"#888\"/>\n\
+             <line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#888\"/>\n\
+             <text x=\"{LEFT}\" y=\"{:.1}\" font-size=\"10\">0</text>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{max:.2} {unit}</text>\n",
+            WIDTH - RIGHT,
+            y + 11.0,
+            WIDTH - RIGHT,
+            y + 11.0
+        ));
+        y += 20.0;
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{y:.0}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
+    )
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
