@@ -1,4 +1,4 @@
-//! husk's host side: the runc-compatible OCI runtime CLI (and, later, the containerd shim v2).
+//! husk's host side: the runc-compatible OCI runtime CLI and the containerd shim v2 ([`shim`]).
 //! One file and one function per command, as the OCI runtime CLI spec lists them.
 //!
 //! Process model (see DESIGN.md "Host process model"): `create` spawns one `husk-vmm` per
@@ -14,6 +14,7 @@ pub mod config;
 pub mod container;
 pub mod logging;
 pub mod share;
+pub mod shim;
 pub mod sizing;
 pub mod state;
 

@@ -41,9 +41,16 @@ pub fn prepare_share(
     binds: &[BindPlan],
     mounts: &mut Vec<PathBuf>,
 ) -> Result<(), ShareError> {
+    mount_share(dir, mounts)?;
+    bind_into_share(&dir.shared_bundle(), binds, mounts)
+}
+
+/// Creates `shared/` and makes it a private bind mount of itself (once per sandbox), so that
+/// the binds below it do not propagate into other mount namespaces. The mount is appended to
+/// `mounts`.
+pub fn mount_share(dir: &StateDir, mounts: &mut Vec<PathBuf>) -> Result<(), ShareError> {
     let shared = dir.shared_dir();
-    let bundle = dir.shared_bundle();
-    std::fs::create_dir_all(&bundle).map_err(|e| ShareError::Create(bundle.clone(), e))?;
+    std::fs::create_dir_all(&shared).map_err(|e| ShareError::Create(shared.clone(), e))?;
     bind(&shared, &shared, MsFlags::empty())?;
     mounts.push(shared.clone());
     mount(
@@ -57,7 +64,17 @@ pub fn prepare_share(
         source_path: shared.clone(),
         target: shared.clone(),
         source,
-    })?;
+    })
+}
+
+/// Bind-mounts `binds` below `bundle` (a container's `shared/<id>/`, created here); every mount
+/// made is appended to `mounts` (also on error).
+pub fn bind_into_share(
+    bundle: &Path,
+    binds: &[BindPlan],
+    mounts: &mut Vec<PathBuf>,
+) -> Result<(), ShareError> {
+    std::fs::create_dir_all(bundle).map_err(|e| ShareError::Create(bundle.to_path_buf(), e))?;
     for plan in binds {
         if !plan.source.exists() {
             return Err(ShareError::SourceMissing(plan.source.clone()));
@@ -107,7 +124,7 @@ pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, ShareError> {
 
 /// Removes `path` recursively without ever crossing into another file system: a directory
 /// whose device differs from its parent's is a mount point left behind, and is refused.
-fn remove_tree(path: &Path, dev: u64) -> Result<(), ShareError> {
+pub fn remove_tree(path: &Path, dev: u64) -> Result<(), ShareError> {
     use std::os::unix::fs::MetadataExt;
     let io = |e| ShareError::Create(path.to_path_buf(), e);
     let meta = match std::fs::symlink_metadata(path) {
@@ -162,8 +179,13 @@ fn unescape_mountinfo(field: &str) -> String {
 
 /// Detaches every mount below the state directory, then checks that none is left.
 pub fn release_share(dir: &StateDir) -> Result<(), ShareError> {
+    unmount_all_under(&dir.dir)
+}
+
+/// Detaches every mount at or below `path` (deepest first), then checks that none is left.
+pub fn unmount_all_under(path: &Path) -> Result<(), ShareError> {
     for _ in 0..3 {
-        let mounts = mounts_under(&dir.dir)?;
+        let mounts = mounts_under(path)?;
         if mounts.is_empty() {
             return Ok(());
         }
@@ -175,7 +197,7 @@ pub fn release_share(dir: &StateDir) -> Result<(), ShareError> {
             }
         }
     }
-    match mounts_under(&dir.dir)?.into_iter().next() {
+    match mounts_under(path)?.into_iter().next() {
         Some(left) => Err(ShareError::StillMounted(left)),
         None => Ok(()),
     }

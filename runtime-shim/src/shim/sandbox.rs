@@ -1,0 +1,345 @@
+//! A sandbox's microVM, as the shim runs it: a plain `husk-vmm` child (no supervisor mode: the
+//! shim itself drives the agent) with the sandbox's share, in a state directory of the OCI CLI's
+//! layout under [`SHIM_ROOT`](super::SHIM_ROOT)`/<namespace>/<sandbox id>/`, plus
+//! `sandbox.json` (the VMM's pid and start time) so that `delete` can find a VM whose shim died.
+//!
+//! A monitor thread owns the child and waits for it: when the VMM ends, whatever the reason,
+//! [`Sandbox::wait_exit`] returns and the shim marks every process of the sandbox as exited.
+
+use crate::agent::{call_ok, connect, AgentError};
+use crate::config::HuskConfig;
+use crate::container::{process_alive, process_start_time, StateDir};
+use crate::share::{mount_share, remove_state_dir};
+use crate::sizing::{host_cpus, size_vm};
+use crate::state::write_atomic;
+use anyhow::{bail, Context, Result};
+use husk_agent_protocol::client::AgentClient;
+use husk_agent_protocol::Request;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the VM may take to go away after the agent acknowledged `Shutdown`.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What `sandbox.json` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub id: String,
+    pub vmm_pid: i32,
+    pub vmm_start_time: u64,
+}
+
+/// The state root of a containerd namespace.
+pub fn sandbox_root(namespace: &str) -> PathBuf {
+    Path::new(super::SHIM_ROOT).join(namespace)
+}
+
+fn sandbox_file(dir: &StateDir) -> PathBuf {
+    dir.dir.join("sandbox.json")
+}
+
+/// A running sandbox VM.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: StateDir,
+    pub vmm_pid: i32,
+    /// Set by the monitor thread once the VMM exited (with its wait status text).
+    exited: Arc<(Mutex<Option<String>>, Condvar)>,
+}
+
+impl Sandbox {
+    /// Boots the VM of sandbox `id` under `root`, sized from `spec` (the sandbox container's
+    /// OCI spec: husk's annotations, memory limit, CPU quota), and waits for its agent.
+    pub fn boot(root: &Path, id: &str, spec: &serde_json::Value) -> Result<Sandbox> {
+        let cfg = HuskConfig::load()?;
+        let size = size_vm(spec, &cfg, host_cpus())?;
+        let kernel = cfg.kernel_path()?;
+        let initramfs = cfg.initramfs_path()?;
+        let dir = StateDir::new(root, id)?;
+        let _lock = dir.create_locked()?;
+        let mut guard = BootGuard {
+            dir: &dir,
+            child: None,
+            armed: true,
+        };
+        let mut mounts = Vec::new();
+        mount_share(&dir, &mut mounts).context("preparing the share")?;
+        let socket = dir.vsock_socket();
+        if !socket.starts_with(&dir.dir) {
+            if let Some(parent) = socket.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            let _ = std::fs::remove_file(&socket);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.log_file())
+            .with_context(|| format!("cannot create {}", dir.log_file().display()))?;
+        let vmm = cfg.vmm_path();
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--kernel")
+            .arg(&kernel)
+            .arg("--initramfs")
+            .arg(&initramfs)
+            .arg("--cpus")
+            .arg(size.vcpus.to_string())
+            .arg("--mem-mib")
+            .arg(size.mem_mib.to_string())
+            .arg("--vsock-socket")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(dir.shared_dir())
+            .arg("--agent-timeout-ms")
+            .arg(cfg.agent_timeout.as_millis().to_string())
+            .arg("--log-level")
+            .arg(if cfg.debug { "debug" } else { "warn" })
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if cfg.debug {
+            cmd.arg("--console");
+        }
+        log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", vmm.display()))?;
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        let start_time = process_start_time(pid).unwrap_or(0);
+        guard.child = Some(child);
+        let state = SandboxState {
+            id: id.to_string(),
+            vmm_pid: pid,
+            vmm_start_time: start_time,
+        };
+        write_atomic(&sandbox_file(&dir), &serde_json::to_vec_pretty(&state)?)?;
+
+        // Wait for the agent, but stop at once if the VMM dies.
+        let deadline = Instant::now() + cfg.agent_timeout;
+        loop {
+            match AgentClient::connect(&socket, Duration::from_millis(500)) {
+                Ok(_) => break,
+                Err(e) => {
+                    let child = guard.child.as_mut().context("the VMM handle is gone")?;
+                    if let Some(status) = child.try_wait()? {
+                        bail!(
+                            "husk-vmm exited during boot ({status}){}",
+                            log_tail(&dir.log_file())
+                        );
+                    }
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "the guest agent did not answer within {:?}: {}",
+                            cfg.agent_timeout,
+                            husk_vmm::supervisor::chain(&e)
+                        );
+                    }
+                }
+            }
+        }
+        let mut child = guard.child.take().context("the VMM handle is gone")?;
+        guard.armed = false;
+        drop(guard);
+        let exited = Arc::new((Mutex::new(None), Condvar::new()));
+        let monitor = exited.clone();
+        std::thread::Builder::new()
+            .name("husk-vmm-monitor".into())
+            .spawn(move || {
+                let status = match child.wait() {
+                    Ok(status) => status.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                let (lock, cvar) = &*monitor;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                cvar.notify_all();
+            })
+            .context("cannot start the VMM monitor")?;
+        Ok(Sandbox {
+            id: id.to_string(),
+            dir,
+            vmm_pid: pid,
+            exited,
+        })
+    }
+
+    /// A new control connection to the agent.
+    pub fn client(&self) -> Result<AgentClient, AgentError> {
+        connect(&self.dir)
+    }
+
+    /// The VMM's vsock socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.vsock_socket()
+    }
+
+    /// Whether the VMM still runs.
+    pub fn alive(&self) -> bool {
+        self.exited
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    /// Blocks until the VMM exited (or `timeout` passed); its wait status when it exited.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<String> {
+        let (lock, cvar) = &*self.exited;
+        let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while guard.is_none() {
+            match deadline {
+                None => guard = cvar.wait(guard).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    guard = cvar
+                        .wait_timeout(guard, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        guard.clone()
+    }
+
+    /// Stops the VM (the agent shuts the guest down; SIGKILL if it does not end in time),
+    /// releases the share and removes the state directory.
+    pub fn shutdown(&self) -> Result<()> {
+        if self.alive() {
+            let graceful = self
+                .client()
+                .map_err(anyhow::Error::from)
+                .and_then(|mut c| {
+                    Ok(call_ok(
+                        &mut c,
+                        "shutting down the guest",
+                        &Request::Shutdown,
+                    )?)
+                });
+            if let Err(e) = &graceful {
+                log::warn!("sandbox {}: {e:#}", self.id);
+            }
+            let grace = if graceful.is_ok() {
+                SHUTDOWN_GRACE
+            } else {
+                Duration::ZERO
+            };
+            if self.wait_exit(Some(grace)).is_none() {
+                self.kill();
+                if self.wait_exit(Some(SHUTDOWN_GRACE)).is_none() {
+                    bail!("husk-vmm (pid {}) did not exit after SIGKILL", self.vmm_pid);
+                }
+            }
+        }
+        remove_state_dir(&self.dir).context("removing the sandbox state")?;
+        Ok(())
+    }
+
+    /// SIGKILLs the VMM (still our unreaped child until the monitor saw it exit, so the pid
+    /// cannot have been reused).
+    pub fn kill(&self) {
+        if self.alive() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.vmm_pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Undoes a failed boot: kills the VMM, unmounts, removes the state directory.
+struct BootGuard<'a> {
+    dir: &'a StateDir,
+    child: Option<std::process::Child>,
+    armed: bool,
+}
+
+impl Drop for BootGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = remove_state_dir(self.dir) {
+            log::warn!("cleanup after a failed boot: {e:#}");
+        }
+    }
+}
+
+/// Cleans up a sandbox whose shim is gone: SIGKILLs its VMM if it still runs (checked against
+/// the recorded start time), waits for it to go, unmounts and removes the state directory.
+pub fn remove_stale_sandbox(root: &Path, id: &str) -> Result<()> {
+    let dir = StateDir::new(root, id)?;
+    if !dir.dir.exists() {
+        return Ok(());
+    }
+    if let Ok(text) = std::fs::read_to_string(sandbox_file(&dir)) {
+        let state: SandboxState = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid", sandbox_file(&dir).display()))?;
+        if process_alive(state.vmm_pid, state.vmm_start_time) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(state.vmm_pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while process_alive(state.vmm_pid, state.vmm_start_time) {
+                if Instant::now() >= deadline {
+                    bail!("husk-vmm (pid {}) survived SIGKILL", state.vmm_pid);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    remove_state_dir(&dir).context("removing the sandbox state")?;
+    Ok(())
+}
+
+/// The last lines of the VMM log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail: Vec<&str> = lines.into_iter().rev().collect();
+    format!("; its log says: {}", tail.join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_sandbox_cleanup_removes_state_of_a_dead_vmm() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dir = StateDir::new(root.path(), "pod1").expect("valid");
+        std::fs::create_dir_all(dir.shared_dir()).expect("mkdir");
+        let state = SandboxState {
+            id: "pod1".into(),
+            vmm_pid: i32::MAX,
+            vmm_start_time: 1,
+        };
+        std::fs::write(
+            sandbox_file(&dir),
+            serde_json::to_vec(&state).expect("json"),
+        )
+        .expect("write");
+        remove_stale_sandbox(root.path(), "pod1").expect("cleaned");
+        assert!(!dir.dir.exists());
+        remove_stale_sandbox(root.path(), "pod1").expect("nothing to do is fine");
+    }
+
+    #[test]
+    fn sandbox_roots_are_per_namespace() {
+        assert_eq!(sandbox_root("k8s.io"), Path::new("/run/husk-shim/k8s.io"));
+    }
+}

@@ -1,0 +1,189 @@
+//! Conversions at the containerd boundary: agent results to containerd's API types (status,
+//! exit codes, cgroup v2 metrics, timestamps) and shim errors to ttrpc status codes.
+
+use containerd_shim::protos::cgroups_v2::metrics::{
+    CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::ttrpc;
+use husk_agent_protocol::{ContainerStats, ExitStatus};
+use std::time::SystemTime;
+
+/// The type URL containerd's typeurl registry knows cgroup v2 metrics by.
+pub const METRICS_V2_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
+
+/// Errors the Task service returns; each maps to the gRPC code containerd turns into its
+/// `errdefs` kind.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(err: ShimError) -> ttrpc::Error {
+        let code = match &err {
+            ShimError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            ShimError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+            ShimError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
+            ShimError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
+            ShimError::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
+            ShimError::Internal(_) => ttrpc::Code::INTERNAL,
+        };
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, err.to_string()))
+    }
+}
+
+/// A protobuf timestamp.
+pub fn timestamp(at: SystemTime) -> Timestamp {
+    Timestamp::from(at)
+}
+
+/// The exit status containerd records: the code, or 128 + the signal (as runc's shim does).
+pub fn exit_status_code(status: &ExitStatus) -> u32 {
+    u32::try_from(husk_vmm::supervisor::exit_code_of(status)).unwrap_or(255)
+}
+
+/// The guest cgroup's usage as containerd's cgroup v2 metrics. `memory.usage` is the cgroup's
+/// `memory.current`; `inactive_file` is what makes containerd's (and the kubelet's) working set,
+/// `usage - inactive_file`, equal the agent's working set.
+pub fn metrics(stats: &ContainerStats) -> Metrics {
+    let inactive_file = stats
+        .memory_current_bytes
+        .saturating_sub(stats.memory_working_set_bytes);
+    Metrics {
+        pids: Some(PidsStat {
+            current: stats.pids_current,
+            limit: stats.pids_limit.unwrap_or(0),
+            ..Default::default()
+        })
+        .into(),
+        cpu: Some(CPUStat {
+            usage_usec: stats.cpu_usage_usec,
+            user_usec: stats.cpu_user_usec,
+            system_usec: stats.cpu_system_usec,
+            ..Default::default()
+        })
+        .into(),
+        memory: Some(MemoryStat {
+            usage: stats.memory_current_bytes,
+            usage_limit: stats.memory_limit_bytes.unwrap_or(u64::MAX),
+            inactive_file,
+            ..Default::default()
+        })
+        .into(),
+        memory_events: Some(MemoryEvents {
+            oom_kill: stats.oom_kills,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// Packs metrics into the `Any` a `StatsResponse` carries.
+pub fn metrics_any(metrics: &Metrics) -> Result<Any, ShimError> {
+    Ok(Any {
+        type_url: METRICS_V2_TYPE_URL.to_string(),
+        value: metrics
+            .write_to_bytes()
+            .map_err(|e| ShimError::Internal(anyhow::anyhow!("encoding metrics: {e}")))?,
+        ..Default::default()
+    })
+}
+
+/// Decodes an `Any` holding JSON (containerd's typeurl encodes OCI types such as
+/// `specs.Process` and `specs.LinuxResources` as JSON).
+pub fn json_any(any: &Any, what: &str) -> Result<serde_json::Value, ShimError> {
+    serde_json::from_slice(&any.value).map_err(|e| {
+        ShimError::InvalidArgument(format!("{what} ({}): invalid JSON: {e}", any.type_url))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_runc() {
+        let killed = ExitStatus {
+            code: None,
+            signal: Some(9),
+            oom_killed: false,
+        };
+        assert_eq!(exit_status_code(&killed), 137);
+        let code = ExitStatus {
+            code: Some(3),
+            signal: None,
+            oom_killed: false,
+        };
+        assert_eq!(exit_status_code(&code), 3);
+    }
+
+    #[test]
+    fn metrics_carry_the_working_set_and_round_trip() {
+        let stats = ContainerStats {
+            cpu_usage_usec: 10,
+            cpu_user_usec: 6,
+            cpu_system_usec: 4,
+            memory_current_bytes: 1000,
+            memory_limit_bytes: Some(4096),
+            memory_working_set_bytes: 700,
+            pids_current: 2,
+            pids_limit: None,
+            oom_kills: 1,
+        };
+        let m = metrics(&stats);
+        let memory = m.memory.as_ref().expect("memory");
+        assert_eq!(memory.usage - memory.inactive_file, 700);
+        assert_eq!(memory.usage_limit, 4096);
+        assert_eq!(m.pids.as_ref().expect("pids").current, 2);
+        assert_eq!(m.cpu.as_ref().expect("cpu").usage_usec, 10);
+        let any = metrics_any(&m).expect("packed");
+        assert_eq!(any.type_url, METRICS_V2_TYPE_URL);
+        let back = Metrics::parse_from_bytes(&any.value).expect("decodes");
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn errors_map_to_grpc_codes() {
+        let err: ttrpc::Error = ShimError::NotFound("no such task".into()).into();
+        match err {
+            ttrpc::Error::RpcStatus(status) => {
+                assert_eq!(status.code(), ttrpc::Code::NOT_FOUND);
+                assert_eq!(status.message(), "no such task");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_anys_decode_or_say_why_not() {
+        let any = Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: br#"{"args":["sh"]}"#.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(json_any(&any, "spec").expect("json")["args"][0], "sh");
+        let bad = Any {
+            value: b"\x08\x01".to_vec(),
+            ..any
+        };
+        assert!(matches!(
+            json_any(&bad, "spec"),
+            Err(ShimError::InvalidArgument(_))
+        ));
+    }
+}
