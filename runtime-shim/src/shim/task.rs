@@ -16,7 +16,10 @@ use super::io::{attach, IoPaths, ProcessIo};
 use super::rootfs::{mount_rootfs, release_container_share, unmount_rootfs};
 use super::sandbox::{sandbox_root, Sandbox};
 use super::sandbox_id_of;
-use super::translate::{exit_status_code, json_any, metrics, metrics_any, timestamp, ShimError};
+use super::translate::{
+    exit_status_code, join_sandbox_namespaces, json_any, metrics, metrics_any, timestamp,
+    use_vm_network, ShimError,
+};
 use crate::agent::{call, call_ok, AGENT_CONNECT_TIMEOUT};
 use crate::bundle::{translate_spec, Bundle, GUEST_SHARE};
 use crate::container::validate_id;
@@ -66,6 +69,8 @@ struct Exited {
 struct Process {
     container_id: String,
     exec_id: Option<String>,
+    /// The guest pid (a pod member joins its sandbox init's namespaces through it).
+    guest_pid: i32,
     paths: IoPaths,
     status: Mutex<ProcStatus>,
     exit: watch::Sender<Option<Exited>>,
@@ -206,6 +211,25 @@ impl Shared {
         sandbox
             .client()
             .map_err(|e| ShimError::Internal(anyhow::Error::from(e)))
+    }
+
+    /// The guest pid of the sandbox container's init, which pod members join.
+    fn sandbox_init_pid(&self, sandbox_id: &str) -> Result<i32, ShimError> {
+        let containers = lock(&self.containers);
+        let init = &containers
+            .get(sandbox_id)
+            .ok_or_else(|| {
+                ShimError::FailedPrecondition(format!(
+                    "the sandbox container {sandbox_id} is gone; its pod cannot take new containers"
+                ))
+            })?
+            .init;
+        if *init.status() != ProcStatus::Running {
+            return Err(ShimError::FailedPrecondition(format!(
+                "the sandbox container {sandbox_id} is not running"
+            )));
+        }
+        Ok(init.guest_pid)
     }
 
     /// The sandbox `sandbox_id`, booting its VM (sized from `spec`) if this shim has none yet.
@@ -383,6 +407,14 @@ impl Shared {
             log::info!("task {id}: {note}");
         }
         translation.spec["process"]["terminal"] = serde_json::Value::Bool(req.terminal);
+        if sandbox_id == id {
+            if use_vm_network(&mut translation.spec) {
+                log::info!("task {id}: the sandbox uses the microVM's network namespace");
+            }
+        } else {
+            let sandbox_pid = self.sandbox_init_pid(&sandbox_id)?;
+            join_sandbox_namespaces(&bundle.spec, &mut translation.spec, sandbox_pid)?;
+        }
         let share = sandbox.dir.shared_dir().join(id);
         undo.share = Some(share.clone());
         let mut mounts = Vec::new();
@@ -400,7 +432,7 @@ impl Shared {
             }),
         )
         .map_err(anyhow::Error::from)?;
-        let Response::Created { .. } = created else {
+        let Response::Created { pid: guest_pid } = created else {
             return Err(ShimError::Internal(anyhow::anyhow!(
                 "creating the container: unexpected {} reply",
                 created.kind()
@@ -412,7 +444,7 @@ impl Shared {
             exec_id: None,
         };
         let io = attach(&sandbox.socket(), &reference, &paths).map_err(anyhow::Error::from)?;
-        let init = new_process(id, None, paths.clone(), io);
+        let init = new_process(id, None, guest_pid, paths.clone(), io);
         self.spawn_waiter(&sandbox, &init)?;
         lock(&self.containers).insert(
             id.to_string(),
@@ -650,7 +682,7 @@ impl Shared {
             }),
         )
         .map_err(anyhow::Error::from)?;
-        let Response::Created { .. } = created else {
+        let Response::Created { pid: guest_pid } = created else {
             return Err(ShimError::Internal(anyhow::anyhow!(
                 "creating the exec process: unexpected {} reply",
                 created.kind()
@@ -661,7 +693,7 @@ impl Shared {
             exec_id: Some(exec_id.to_string()),
         };
         let io = attach(&sandbox.socket(), &reference, &paths).map_err(anyhow::Error::from)?;
-        let exec = new_process(id, Some(exec_id.to_string()), paths, io);
+        let exec = new_process(id, Some(exec_id.to_string()), guest_pid, paths, io);
         self.spawn_waiter(&sandbox, &exec)?;
         match lock(&self.containers).get_mut(id) {
             Some(container) => {
@@ -907,11 +939,18 @@ impl Shared {
     }
 }
 
-fn new_process(id: &str, exec_id: Option<String>, paths: IoPaths, io: ProcessIo) -> Arc<Process> {
+fn new_process(
+    id: &str,
+    exec_id: Option<String>,
+    guest_pid: i32,
+    paths: IoPaths,
+    io: ProcessIo,
+) -> Arc<Process> {
     let (exit, _) = watch::channel(None);
     Arc::new(Process {
         container_id: id.to_string(),
         exec_id,
+        guest_pid,
         paths,
         status: Mutex::new(ProcStatus::Created),
         exit,

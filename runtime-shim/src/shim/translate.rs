@@ -104,6 +104,76 @@ pub fn metrics_any(metrics: &Metrics) -> Result<Any, ShimError> {
     })
 }
 
+/// The namespaces a pod member shares with its sandbox when its spec names one by path:
+/// OCI type -> `/proc/<pid>/ns/<name>`. The mount namespace is always the container's own.
+const SHARED_NAMESPACES: &[(&str, &str)] = &[
+    ("network", "net"),
+    ("ipc", "ipc"),
+    ("uts", "uts"),
+    ("pid", "pid"),
+    ("cgroup", "cgroup"),
+];
+
+/// Points a pod member's namespaces at its sandbox container's in the guest: every namespace
+/// of `original` (the spec containerd wrote) given by a host path (the pause container's
+/// `/proc/<pid>/ns/...`, a CNI netns) becomes the sandbox init's `/proc/<sandbox_pid>/ns/...`
+/// in `translated` (where [`translate_spec`](crate::bundle::translate_spec) dropped the host
+/// paths). Joining a user or mount namespace is refused.
+pub fn join_sandbox_namespaces(
+    original: &serde_json::Value,
+    translated: &mut serde_json::Value,
+    sandbox_pid: i32,
+) -> Result<(), ShimError> {
+    let Some(wanted) = original["linux"]["namespaces"].as_array() else {
+        return Ok(());
+    };
+    let Some(namespaces) = translated["linux"]
+        .get_mut("namespaces")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return Ok(());
+    };
+    for ns in wanted {
+        let Some(kind) = ns["type"].as_str() else {
+            continue;
+        };
+        if ns["path"].as_str().unwrap_or("").is_empty() {
+            continue;
+        }
+        let name = SHARED_NAMESPACES
+            .iter()
+            .find(|(t, _)| *t == kind)
+            .map(|(_, name)| *name)
+            .ok_or_else(|| {
+                ShimError::InvalidArgument(format!(
+                    "joining a {kind} namespace by path is not supported in a husk pod"
+                ))
+            })?;
+        for entry in namespaces.iter_mut() {
+            if entry["type"].as_str() == Some(kind) {
+                entry["path"] = serde_json::Value::String(format!("/proc/{sandbox_pid}/ns/{name}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives a sandbox's own container (a pod's pause container, or a container that is its own
+/// sandbox) the VM's network namespace instead of a new one: the microVM is the pod's network,
+/// its loopback is up, and a pod member joins it through the sandbox init. Returns whether the
+/// spec asked for a network namespace.
+pub fn use_vm_network(spec: &mut serde_json::Value) -> bool {
+    let Some(namespaces) = spec["linux"]
+        .get_mut("namespaces")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return false;
+    };
+    let before = namespaces.len();
+    namespaces.retain(|ns| ns["type"].as_str() != Some("network"));
+    namespaces.len() != before
+}
+
 /// Decodes an `Any` holding JSON (containerd's typeurl encodes OCI types such as
 /// `specs.Process` and `specs.LinuxResources` as JSON).
 pub fn json_any(any: &Any, what: &str) -> Result<serde_json::Value, ShimError> {
@@ -167,6 +237,57 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn pod_members_join_the_sandbox_namespaces_they_name() {
+        let original = serde_json::json!({"linux": {"namespaces": [
+            {"type": "mount"},
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+            {"type": "uts", "path": "/proc/4242/ns/uts"},
+        ]}});
+        let mut translated = serde_json::json!({"linux": {"namespaces": [
+            {"type": "mount"},
+            {"type": "pid"},
+            {"type": "network"},
+            {"type": "ipc"},
+            {"type": "uts"},
+        ]}});
+        join_sandbox_namespaces(&original, &mut translated, 7).expect("joined");
+        assert_eq!(
+            translated["linux"]["namespaces"],
+            serde_json::json!([
+                {"type": "mount"},
+                {"type": "pid"},
+                {"type": "network", "path": "/proc/7/ns/net"},
+                {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                {"type": "uts", "path": "/proc/7/ns/uts"},
+            ])
+        );
+        let user = serde_json::json!({"linux": {"namespaces": [
+            {"type": "user", "path": "/proc/1/ns/user"},
+        ]}});
+        assert!(matches!(
+            join_sandbox_namespaces(&user, &mut translated, 7),
+            Err(ShimError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_sandbox_container_uses_the_vm_network() {
+        let mut spec = serde_json::json!({"linux": {"namespaces": [
+            {"type": "mount"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+        ]}});
+        assert!(use_vm_network(&mut spec));
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            serde_json::json!([{"type": "mount"}])
+        );
+        assert!(!use_vm_network(&mut spec));
+        assert!(!use_vm_network(&mut serde_json::json!({})));
     }
 
     #[test]
