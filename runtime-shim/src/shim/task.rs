@@ -920,22 +920,26 @@ impl Shared {
     }
 
     /// `Shutdown`: once no container is left (or with `now`), stops the VM and ends the shim.
+    /// The reply does not wait for the VM (containerd gives `Shutdown` a few seconds only): the
+    /// VM is stopped and its state removed in the background, then the server stops.
     fn do_shutdown(&self, now: bool) -> Result<(), ShimError> {
         if !now && !lock(&self.containers).is_empty() {
             return Ok(());
         }
         let sandbox = lock(&self.sandbox).take();
-        let result = match sandbox {
-            Some(sandbox) => sandbox.shutdown().map_err(ShimError::Internal),
-            None => Ok(()),
-        };
-        // Reply first, then stop serving.
         let exit = self.exit.clone();
-        self.runtime.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            exit.signal();
-        });
-        result
+        std::thread::Builder::new()
+            .name("husk-shim-shutdown".into())
+            .spawn(move || {
+                if let Some(sandbox) = sandbox {
+                    if let Err(e) = sandbox.shutdown() {
+                        log::error!("stopping sandbox {}: {e:#}", sandbox.id);
+                    }
+                }
+                exit.signal();
+            })
+            .context("cannot start the shutdown thread")?;
+        Ok(())
     }
 }
 
