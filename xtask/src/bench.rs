@@ -5,6 +5,9 @@
 //! - `oci`: husk against runc, crun and gVisor's runsc as OCI runtimes (`husk-bench oci`):
 //!   `run` of `/bin/true`, idle memory, a syscall loop, reads from the rootfs. runc and crun come
 //!   with the rig's packages; runsc is fetched from Debian by [`crate::bench_oci::fetch_runsc`].
+//!
+//! `HUSK_BENCH_ARGS` passes further options to `husk-bench` (split at spaces), e.g.
+//! `--idle-runs 3 --dd-runs 3 --read-runs 2` for the OCI suite's other workloads.
 
 use crate::bench_oci;
 use crate::rig::{self, RigRun};
@@ -57,6 +60,11 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let runs = runs.to_string();
+    let extra_args: Vec<String> = std::env::var("HUSK_BENCH_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let load_before = bench_oci::host_load();
     let started = std::time::Instant::now();
     match place {
@@ -64,6 +72,7 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
         VmPlace::Host => run(Command::new(&bench_bin)
             .args([what, "--runs", &runs, "--out"])
             .arg(&out)
+            .args(&extra_args)
             .env("HUSK_VMM_BIN", artifacts.bin_dir.join("husk-vmm"))
             .env("HUSK_BIN", artifacts.bin_dir.join("husk"))
             .env("HUSK_KERNEL", &artifacts.kernel)
@@ -77,11 +86,14 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
             }
             // The OCI suite builds its rootfs on the work disk (a disk file system, so that
             // dropping the page cache makes reads cold; the rig's /tmp is tmpfs).
-            let extra = if what == "oci" {
-                " --dir /work/oci-bench"
-            } else {
-                ""
-            };
+            let mut extra = String::new();
+            if what == "oci" {
+                extra.push_str(" --dir /work/oci-bench");
+            }
+            for arg in &extra_args {
+                extra.push(' ');
+                extra.push_str(&testing::sh_quote(arg));
+            }
             let outcome = rig::run_in_rig(
                 &image,
                 &RigRun {

@@ -173,7 +173,7 @@ fn test_binary_name(exe: &Path) -> &str {
 }
 
 /// Quotes `arg` for the rig's POSIX shell.
-fn sh_quote(arg: &str) -> String {
+pub fn sh_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', r"'\''"))
 }
 
