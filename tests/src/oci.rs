@@ -448,9 +448,10 @@ impl PtySession {
         if ret != 0 {
             bail!("openpty: {}", std::io::Error::last_os_error());
         }
-        // SAFETY: openpty returned two new fds that nothing else owns.
-        let (master, replica) =
-            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(replica)) };
+        // SAFETY: openpty returned this new fd; nothing else owns it.
+        let master = unsafe { OwnedFd::from_raw_fd(master) };
+        // SAFETY: as above.
+        let replica = unsafe { OwnedFd::from_raw_fd(replica) };
         set_cloexec(&master)?;
         set_cloexec(&replica)?;
         cmd.stdin(Stdio::from(replica.try_clone()?))
