@@ -981,8 +981,13 @@ struct CreateUndo {
 }
 
 impl CreateUndo {
+    /// Keeps everything (field by field: assigning a whole new value would drop, and so run,
+    /// the armed one).
     fn disarm(&mut self) {
-        *self = CreateUndo::default();
+        self.rootfs = None;
+        self.share = None;
+        self.guest = None;
+        self.sandbox = None;
     }
 }
 
@@ -1175,4 +1180,51 @@ impl Task for TaskService {
 
 fn ttrpc_error(err: ShimError) -> containerd_shim::protos::ttrpc::Error {
     err.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disarmed_create_undo_keeps_everything_and_an_armed_one_cleans_up() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kept = dir.path().join("kept");
+        std::fs::create_dir_all(kept.join("rootfs")).expect("mkdir");
+        let mut undo = CreateUndo::default();
+        undo.share = Some(kept.clone());
+        undo.disarm();
+        drop(undo);
+        assert!(kept.exists(), "disarmed: nothing undone");
+        let removed = dir.path().join("removed");
+        std::fs::create_dir_all(removed.join("rootfs")).expect("mkdir");
+        let mut undo = CreateUndo::default();
+        undo.share = Some(removed.clone());
+        drop(undo);
+        assert!(!removed.exists(), "armed: the share is released");
+    }
+
+    #[test]
+    fn processes_describe_themselves_and_start_created() {
+        let (exit, _) = watch::channel(None);
+        let process = Process {
+            container_id: "c1".into(),
+            exec_id: Some("e1".into()),
+            guest_pid: 5,
+            paths: IoPaths::default(),
+            status: Mutex::new(ProcStatus::Created),
+            exit,
+            io: Mutex::new(None),
+        };
+        assert_eq!(process.describe(), "exec e1 of c1");
+        assert_eq!(*process.status(), ProcStatus::Created);
+        assert_eq!(process.exited(), None);
+        assert_eq!(
+            process.reference(),
+            ProcessRef {
+                id: "c1".into(),
+                exec_id: Some("e1".into())
+            }
+        );
+    }
 }
