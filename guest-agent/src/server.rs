@@ -5,11 +5,13 @@ use crate::container::Containers;
 use crate::reaper::Reaper;
 use crate::rpc::{handle_frame, After};
 use crate::sys;
-use husk_agent_protocol::{read_frame_bytes, write_frame, FrameError, Response, AGENT_VSOCK_PORT};
+use husk_agent_protocol::{
+    read_frame_bytes, write_frame, FrameError, Response, AGENT_READY_PORT, AGENT_VSOCK_PORT,
+};
 use nix::errno::Errno;
 use nix::sys::socket::{
-    accept4, bind, getpeername, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
-    SockFlag, SockType, VsockAddr,
+    accept4, bind, connect, getpeername, listen, setsockopt, socket, sockopt, AddressFamily,
+    Backlog, SockFlag, SockType, VsockAddr,
 };
 use nix::sys::time::TimeVal;
 use std::fs::File;
@@ -88,10 +90,17 @@ pub trait Listener {
 #[derive(Debug)]
 pub struct VsockListener {
     fd: OwnedFd,
+    /// The connection attempt that told the host we listen (see [`Self::bind`]); kept open so
+    /// its REQUEST is not withdrawn before it leaves. The host refuses it.
+    _ready_signal: Option<OwnedFd>,
 }
 
 impl VsockListener {
-    /// Listens on `port` for any CID (`VMADDR_CID_ANY`).
+    /// Listens on `port` for any CID (`VMADDR_CID_ANY`), then tells the host so by starting a
+    /// connection to host port [`AGENT_READY_PORT`]: husk-vmm holds host clients' connections
+    /// until that signal instead of letting them poll the booting guest. The signal is best
+    /// effort (a host without it just sees a refused connection); a host that never gets it
+    /// still reaches the agent through clients that connect and retry.
     pub fn bind(port: u32) -> Result<Self, ServerError> {
         let fd = socket(
             AddressFamily::Vsock,
@@ -104,7 +113,38 @@ impl VsockListener {
             .map_err(|errno| ServerError::VsockBind { port, errno })?;
         let backlog = Backlog::new(MAX_CONNECTIONS as i32).map_err(ServerError::Listen)?;
         listen(&fd, backlog).map_err(ServerError::Listen)?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            _ready_signal: signal_ready(),
+        })
+    }
+}
+
+/// Starts a non-blocking connection to the host's [`AGENT_READY_PORT`]; the REQUEST it sends is
+/// the signal. Returns the socket, or `None` (logged) if the attempt failed at once.
+fn signal_ready() -> Option<OwnedFd> {
+    let fd = match socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    ) {
+        Ok(fd) => fd,
+        Err(errno) => {
+            crate::log_warn!("ready signal: vsock socket failed: {errno}");
+            return None;
+        }
+    };
+    let host = VsockAddr::new(libc::VMADDR_CID_HOST, AGENT_READY_PORT);
+    match connect(fd.as_raw_fd(), &host) {
+        // In progress (the usual answer) or already refused: the REQUEST went out either way.
+        Ok(()) | Err(Errno::EINPROGRESS | Errno::ECONNRESET | Errno::ECONNREFUSED) => Some(fd),
+        Err(errno) => {
+            crate::log_warn!(
+                "ready signal: connecting to host port {AGENT_READY_PORT} failed: {errno}"
+            );
+            None
+        }
     }
 }
 

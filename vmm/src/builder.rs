@@ -21,8 +21,8 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042Device, I8042_RANGE_LEN};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
 use crate::devices::virtio::fs::{Fs, FsError};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -173,7 +173,10 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
 
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
-    let vsock = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &cfg.vsock_socket)?));
+    let mut vsock = Vsock::new(GUEST_CID, &cfg.vsock_socket)?;
+    // Host clients wait, without reaching the guest, until the agent says it listens.
+    vsock.hold_until_ready(husk_agent_protocol::AGENT_READY_PORT);
+    let vsock = Arc::new(Mutex::new(vsock));
     mmio.attach_virtio_device(vsock, &mut event_manager, &mut cmdline)?;
     let rng = Arc::new(Mutex::new(Rng::new()?));
     mmio.attach_virtio_device(rng, &mut event_manager, &mut cmdline)?;

@@ -24,6 +24,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The host vsock port the agent connects to once it listens on [`AGENT_VSOCK_PORT`], to say
+/// so. husk-vmm holds host connections until then (no polling of a booting guest), refuses the
+/// connection itself, and never forwards this port to a host socket.
+pub const AGENT_READY_PORT: u32 = 1023;
+
 /// A request from the host to the agent.
 ///
 /// Encoded as a JSON object tagged by `"op"`, e.g. `{"op":"handshake","protocol_version":1}`.

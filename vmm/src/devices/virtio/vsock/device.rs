@@ -48,6 +48,12 @@ impl Vsock<VsockUnixBackend> {
         check_cid(guest_cid)?;
         Self::with_backend(guest_cid, VsockUnixBackend::new(guest_cid, uds_path)?)
     }
+
+    /// Host connections wait until the guest connects to host port `ready_port` (see
+    /// [`super::muxer::VsockMuxer::hold_until_ready`]).
+    pub fn hold_until_ready(&mut self, ready_port: u32) {
+        self.backend.muxer_mut().hold_until_ready(ready_port);
+    }
 }
 
 fn check_cid(cid: u64) -> Result<(), VsockError> {

@@ -1,6 +1,16 @@
 //! The connection table: routes guest packets to connections, collects guest-bound packets in
 //! a bounded backlog, and keeps each host stream's epoll registration in step with what its
 //! connection waits for.
+//!
+//! Readiness gate ([`VsockMuxer::hold_until_ready`]): a host client usually connects before
+//! the guest's agent listens. Without the gate, each attempt becomes a REQUEST that the booting
+//! guest has to take an interrupt for and refuse with a RST, and the client retries every few
+//! milliseconds, interrupting the guest's single vCPU all through its boot. With the gate,
+//! host-initiated connections wait in the table, silently, until the guest opens a connection
+//! to the gate's host port (the agent does so once it listens; the muxer refuses that
+//! connection with a RST, having taken note); then their REQUESTs go out. The guest controls
+//! only when its own connections proceed: a guest that never says so leaves them to time out
+//! on the client side, as a guest that never listens does. A device reset closes the gate again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -20,6 +30,19 @@ use super::{
     VSOCK_OP_RST,
 };
 use crate::devices::virtio::RateLimitedLog;
+
+/// Whether the host client of `stream` has closed its end (a non-blocking peek reads EOF).
+fn client_gone(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        nix::sys::socket::recv(
+            stream.as_raw_fd(),
+            &mut byte,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ),
+        Ok(0)
+    )
+}
 
 /// A connection's identity: our (host-side) port and the guest's port.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -49,6 +72,12 @@ pub struct VsockMuxer {
     drain_timeout: Duration,
     /// Fires every [`CONN_SWEEP_INTERVAL`] to expire connections past their deadline.
     sweep_timer: Option<TimerFd>,
+    /// The readiness gate's host port, if the gate is on (see the module docs).
+    ready_port: Option<u32>,
+    /// Whether the guest has connected to `ready_port` since the last reset.
+    guest_ready: bool,
+    /// Host-initiated connections whose REQUEST waits for the gate, oldest first.
+    held: VecDeque<ConnKey>,
 }
 
 impl VsockMuxer {
@@ -68,6 +97,64 @@ impl VsockMuxer {
             request_timeout: CONN_REQUEST_TIMEOUT,
             drain_timeout: CONN_DRAIN_TIMEOUT,
             sweep_timer: None,
+            ready_port: None,
+            guest_ready: false,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// Turns the readiness gate on: host-initiated connections wait until the guest connects
+    /// to host port `port` (which is then never forwarded to a host socket).
+    pub fn hold_until_ready(&mut self, port: u32) {
+        self.ready_port = Some(port);
+    }
+
+    /// Whether host-initiated connections may reach the guest now.
+    pub fn gate_open(&self) -> bool {
+        self.ready_port.is_none() || self.guest_ready
+    }
+
+    /// How many host-initiated connections wait for the gate.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The guest said it listens: release the held connections' REQUESTs, oldest first.
+    fn open_gate(&mut self, ops: &mut EventOps) {
+        if !self.guest_ready {
+            debug!(
+                held = self.held.len(),
+                "vsock: the guest is ready for host connections"
+            );
+        }
+        self.guest_ready = true;
+        while let Some(key) = self.held.pop_front() {
+            if self
+                .conns
+                .get(&key)
+                .is_some_and(|c| client_gone(c.stream()))
+            {
+                // The client gave up while it waited (e.g. a connect timeout): the guest
+                // never hears of it.
+                debug!(?key, "vsock: held client left before the guest was ready");
+                self.remove(key, ops);
+                continue;
+            }
+            self.sync(key, ops);
+        }
+    }
+
+    /// Drops held connections whose clients have left, so clients that retry with short
+    /// timeouts while the guest boots do not pile up.
+    fn prune_held(&mut self, ops: &mut EventOps) {
+        let gone: Vec<ConnKey> = self
+            .held
+            .iter()
+            .filter(|k| self.conns.get(k).is_none_or(|c| client_gone(c.stream())))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove(key, ops);
         }
     }
 
@@ -168,6 +255,9 @@ impl VsockMuxer {
         peer_port: u32,
         ops: &mut EventOps,
     ) -> Result<u32, VsockError> {
+        if !self.held.is_empty() {
+            self.prune_held(ops);
+        }
         if self.conns.len() >= self.max_connections {
             return Err(VsockError::TooManyConnections);
         }
@@ -179,6 +269,9 @@ impl VsockMuxer {
             peer_port,
         };
         let conn = VsockConnection::new_local_init(stream, self.guest_cid, local_port, peer_port);
+        if !self.gate_open() {
+            self.held.push_back(key);
+        }
         self.insert(key, conn, ops);
         Ok(local_port)
     }
@@ -227,6 +320,11 @@ impl VsockMuxer {
             return;
         }
         match hdr.op {
+            VSOCK_OP_REQUEST if Some(hdr.dst_port) == self.ready_port => {
+                // The readiness signal: noted, and refused (there is nothing to connect to).
+                self.open_gate(ops);
+                self.queue_reset(VsockPacket::rst_reply_to(&hdr));
+            }
             VSOCK_OP_REQUEST => {
                 if self.conns.len() >= self.max_connections {
                     if self.guest_warn_log.should_log() {
@@ -304,7 +402,7 @@ impl VsockMuxer {
                 conn.kill(true);
             }
         }
-        if conn.has_pending_rx() && self.rx_queued.insert(key) {
+        if conn.has_pending_rx() && !self.held.contains(&key) && self.rx_queued.insert(key) {
             self.rx_backlog.push_back(key);
         }
     }
@@ -319,6 +417,7 @@ impl VsockMuxer {
             }
             self.fd_keys.remove(&fd);
         }
+        self.held.retain(|k| *k != key);
     }
 
     /// Drops every connection (closing the host sockets) and everything owed to the guest.
@@ -330,6 +429,8 @@ impl VsockMuxer {
         self.rx_backlog.clear();
         self.rx_queued.clear();
         self.resets.clear();
+        self.held.clear();
+        self.guest_ready = false;
     }
 
     /// Whether [`Self::recv_pkt`] may have a packet.
@@ -367,7 +468,7 @@ impl VsockMuxer {
 mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use super::*;
     use crate::devices::virtio::vsock::packet::VsockHeader;
@@ -758,5 +859,108 @@ mod tests {
         }
         let dev = ctx.device.lock().unwrap();
         assert_eq!(dev.backend().muxer().dropped_resets, 10);
+    }
+
+    const READY_PORT: u32 = 1023;
+
+    fn gated(dir: &Path) -> (Ctx, PathBuf) {
+        let (ctx, path) = Ctx::new_unix(dir);
+        ctx.device
+            .lock()
+            .unwrap()
+            .backend
+            .muxer_mut()
+            .hold_until_ready(READY_PORT);
+        (ctx, path)
+    }
+
+    fn held_count(ctx: &Ctx) -> usize {
+        ctx.device.lock().unwrap().backend().muxer().held_count()
+    }
+
+    #[test]
+    fn gated_host_connections_wait_for_the_guest_to_say_it_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = gated(dir.path());
+        let mut first = UnixStream::connect(&path).unwrap();
+        first.write_all(b"CONNECT 1024\n").unwrap();
+        let mut second = UnixStream::connect(&path).unwrap();
+        second.write_all(b"CONNECT 1024\n").unwrap();
+        ctx.pump();
+        // Nothing reaches the booting guest.
+        assert!(ctx.drain_rx().is_empty());
+        assert_eq!((connection_count(&ctx), held_count(&ctx)), (2, 2));
+
+        // The agent listens and says so: its connection is refused, the REQUESTs go out in order.
+        ctx.guest_send(guest_hdr(VSOCK_OP_REQUEST, 40000, READY_PORT), b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(
+            ops_of(&pkts),
+            vec![VSOCK_OP_RST, VSOCK_OP_REQUEST, VSOCK_OP_REQUEST]
+        );
+        assert_eq!(
+            (pkts[0].hdr.src_port, pkts[0].hdr.dst_port),
+            (READY_PORT, 40000)
+        );
+        assert!(pkts[1].hdr.src_port < pkts[2].hdr.src_port);
+        assert_eq!(held_count(&ctx), 0);
+        guest_accept(&mut ctx, &pkts[1].hdr, 4096);
+        guest_accept(&mut ctx, &pkts[2].hdr, 4096);
+        assert_eq!(
+            read_line(&mut first),
+            format!("OK {}\n", pkts[1].hdr.src_port)
+        );
+        assert_eq!(
+            read_line(&mut second),
+            format!("OK {}\n", pkts[2].hdr.src_port)
+        );
+
+        // Once open, the gate lets new connections straight through.
+        let (_third, req) = host_connect(&mut ctx, &path);
+        assert_eq!(req.dst_port, GUEST_PORT);
+    }
+
+    #[test]
+    fn the_ready_port_never_reaches_a_host_socket_and_a_reset_closes_the_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, path) = gated(dir.path());
+        // Even with a host listener on the ready port, the guest's connection is refused.
+        let listener = UnixListener::bind(format!("{}_{READY_PORT}", path.display())).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ctx.guest_send(guest_hdr(VSOCK_OP_REQUEST, 40000, READY_PORT), b"");
+        assert_eq!(ops_of(&ctx.drain_rx()), vec![VSOCK_OP_RST]);
+        assert!(listener.accept().is_err());
+        assert_eq!(connection_count(&ctx), 0);
+
+        // A device reset (guest reboot) closes the gate again.
+        ctx.reset();
+        ctx.reactivate();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        ctx.pump();
+        assert!(ctx.drain_rx().is_empty());
+        assert_eq!(held_count(&ctx), 1);
+        // A held client that gives up is dropped when the next one arrives, and never reaches
+        // the guest.
+        let mut gone = UnixStream::connect(&path).unwrap();
+        gone.write_all(b"CONNECT 1024\n").unwrap();
+        ctx.pump();
+        assert_eq!(held_count(&ctx), 2);
+        drop(gone);
+        let mut late = UnixStream::connect(&path).unwrap();
+        late.write_all(b"CONNECT 1024\n").unwrap();
+        ctx.pump();
+        assert_eq!((held_count(&ctx), connection_count(&ctx)), (2, 2));
+        // One that leaves later is dropped when the gate opens.
+        drop(late);
+        // The gate opens for the new boot: only the live client's REQUEST goes out.
+        ctx.guest_send(guest_hdr(VSOCK_OP_REQUEST, 40001, READY_PORT), b"");
+        let pkts = ctx.drain_rx();
+        assert_eq!(ops_of(&pkts), vec![VSOCK_OP_RST, VSOCK_OP_REQUEST]);
+        guest_accept(&mut ctx, &pkts[1].hdr, 4096);
+        assert_eq!(
+            read_line(&mut client),
+            format!("OK {}\n", pkts[1].hdr.src_port)
+        );
     }
 }
