@@ -59,7 +59,7 @@ fn main() -> Result<()> {
         runs,
         pss_runs: 5,
         dd_runs: 5,
-        io_runs: 3,
+        io_runs: 2,
         dir: PathBuf::from("/var/tmp/husk-bench-oci"),
         out: out.clone(),
         timeout: Duration::from_secs(1200),

@@ -19,7 +19,7 @@
 //!    1 KiB (`find tree -type f | xargs cat > /dev/null`), each timed inside by busybox `time`,
 //!    first cold (the page cache of the machine running the runtimes dropped just before the
 //!    container starts; the container's own caches - husk's guest, runsc's sentry - are new),
-//!    then warm (the same reads again in the same container).
+//!    then warm (the same reads again in the same container), then a walk of the tree alone.
 
 use anyhow::{bail, Context, Result};
 use husk_tests::{oci::make_busybox_rootfs, stats};
@@ -56,13 +56,25 @@ const DD_COUNT: u64 = 2_000_000;
 /// native one (0.5 s per 20,000 on hardware), so the full count would take ~20 min per run
 /// in the rig. Compared per byte.
 const DD_COUNT_RUNSC: u64 = 20_000;
-/// The read workload, run by `sh -c` in the container; prints four `real` lines (busybox
-/// `time -p`): big file cold, tree cold, big file warm, tree warm.
+/// The read workload, run by `sh -c` in the container; prints five `real` lines (busybox
+/// `time -p`): big file cold, tree cold, big file warm, tree warm, and a last walk of the tree
+/// that opens no file (`find` alone: lookups, attributes and directory reads), which splits
+/// the warm tree pass into walking and opening. busybox `cat` copies with `sendfile`, so a warm
+/// pass costs page-cache lookups rather than copies into user memory.
 const IO_SCRIPT: &str = "cd /bench && \
     time -p cat big > /dev/null && \
     time -p sh -c 'find tree -type f | xargs cat > /dev/null' && \
     time -p cat big > /dev/null && \
-    time -p sh -c 'find tree -type f | xargs cat > /dev/null'";
+    time -p sh -c 'find tree -type f | xargs cat > /dev/null' && \
+    time -p find tree -type f > /dev/null";
+/// The figures of one read run, in the order of `IO_SCRIPT`'s reports.
+const IO_FIGURES: [&str; 5] = [
+    "big_cold",
+    "tree_cold",
+    "big_warm",
+    "tree_warm",
+    "walk_warm",
+];
 
 /// What `husk-bench oci` was asked for.
 pub struct OciOptions {
@@ -425,6 +437,11 @@ const FIGURES: &[(&str, &str, &str)] = &[
         "`dd bs=1 count=2000000`, timed inside (`time -p`)",
         "s",
     ),
+    (
+        "dd_per_byte",
+        "`dd bs=1`: time per byte (a read and a write), inside",
+        "us",
+    ),
     ("dd_wall", "`run` of the `dd` container, end to end", "s"),
     ("big_cold", "read 256 MiB file, cold", "s"),
     ("tree_cold", "read 10,000 x 1 KiB files, cold", "s"),
@@ -436,6 +453,11 @@ const FIGURES: &[(&str, &str, &str)] = &[
     (
         "tree_warm",
         "read 10,000 x 1 KiB files, warm (2nd pass)",
+        "s",
+    ),
+    (
+        "walk_warm",
+        "walk the 10,000-file tree without opening (`find`), after the passes",
         "s",
     ),
 ];
@@ -650,11 +672,13 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
             }
             std::thread::sleep(PSS_SETTLE);
             let mut procs = Vec::new();
-            let mut ignored = 0;
+            let mut ignored = Vec::new();
             let (mut pss, mut rss) = (0u64, 0u64);
             for pid in pids().difference(&before) {
                 if !exe_id(*pid).is_some_and(|id| ours.contains(&id)) {
-                    ignored += 1;
+                    if pss_rss_kib(*pid).is_some_and(|(_, r)| r > 0) {
+                        ignored.push(comm(*pid));
+                    }
                     continue;
                 }
                 if let Some((p, r)) = pss_rss_kib(*pid) {
@@ -672,7 +696,7 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
             }
             let start_ms = o.wall.as_secs_f64() * 1e3;
             eprintln!(
-                "oci bench: idle {i}: {} PSS {:.2} MiB, RSS {:.2} MiB over {} processes ({}; {ignored} other new processes ignored), detached start {start_ms:.0} ms",
+                "oci bench: idle {i}: {} PSS {:.2} MiB, RSS {:.2} MiB over {} processes ({}; other new processes ignored: {ignored:?}), detached start {start_ms:.0} ms",
                 rt.name,
                 pss as f64 / 1024.0,
                 rss as f64 / 1024.0,
@@ -688,7 +712,9 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
             figs.entry("start_detached")
                 .or_default()
                 .push(rt.name, start_ms);
-            pss_detail.push(json!({"runtime": rt.name, "run": i, "processes": procs}));
+            pss_detail.push(
+                json!({"runtime": rt.name, "run": i, "processes": procs, "ignored": ignored}),
+            );
         }
     }
 
@@ -751,7 +777,7 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
             )?;
             containers.remove(rt, &id)?;
             let real = real_seconds(&o.stderr);
-            if !o.status.success() || real.len() != 4 {
+            if !o.status.success() || real.len() != IO_FIGURES.len() {
                 bail!(
                     "{} read run failed ({}): {}",
                     rt.name,
@@ -760,13 +786,10 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
                 );
             }
             eprintln!(
-                "oci bench: read {i}: {} big cold {:.2} s, tree cold {:.2} s, big warm {:.2} s, tree warm {:.2} s",
-                rt.name, real[0], real[1], real[2], real[3]
+                "oci bench: read {i}: {} big cold {:.2} s, tree cold {:.2} s, big warm {:.2} s, tree warm {:.2} s, walk only {:.2} s",
+                rt.name, real[0], real[1], real[2], real[3], real[4]
             );
-            for (key, value) in ["big_cold", "tree_cold", "big_warm", "tree_warm"]
-                .into_iter()
-                .zip(real)
-            {
+            for (key, value) in IO_FIGURES.into_iter().zip(real) {
                 figs.entry(key).or_default().push(rt.name, value);
             }
         }
@@ -809,8 +832,8 @@ fn ratios(figs: &BTreeMap<&str, Figure>) -> Vec<Ratio> {
             [("runsc", Some(0.6)), ("runc", None), ("crun", None)],
         ),
         (
-            "dd_inside",
-            "`dd` syscall loop",
+            "dd_per_byte",
+            "`dd` syscall loop, per byte",
             [("runc", Some(1.2)), ("crun", None), ("runsc", None)],
         ),
         (
@@ -831,6 +854,11 @@ fn ratios(figs: &BTreeMap<&str, Figure>) -> Vec<Ratio> {
         (
             "tree_warm",
             "10,000 files read, warm",
+            [("runc", None), ("crun", None), ("runsc", None)],
+        ),
+        (
+            "walk_warm",
+            "10,000-file walk, warm",
             [("runc", None), ("crun", None), ("runsc", None)],
         ),
     ] {
@@ -922,7 +950,7 @@ fn report(
          `dd` and the reads are timed inside the container by busybox `time -p` (10 ms \
          resolution). Cold reads: the page cache of the machine running the runtimes is dropped \
          just before the container starts; husk's guest and runsc's sentry start with empty caches \
-         anyway. Warm: the same reads again in the same container. husk's read runs get 512 MiB \
+         anyway. Warm: the same reads again in the same container; then a `find` walk of the tree alone. husk's read runs get 512 MiB \
          of guest memory (annotation `io.husk.vm.mem_mib`), the other workloads its default.\n",
     );
     for note in notes {
