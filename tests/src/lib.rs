@@ -8,6 +8,7 @@
 //! host's KVM cannot run a Linux guest, VM tests skip with a loud message - unless
 //! `HUSK_REQUIRE_KVM=1`, where they fail.
 
+pub mod containerd;
 pub mod oci;
 
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,417 @@
+//! containerd drives husk through `containerd-shim-husk-v2`: a containerd of the test's own,
+//! a busybox image the test builds and imports, and `ctr` as the client.
+//!
+//! Each test has its own containerd and namespace, and ends by checking that nothing of its
+//! namespace is left: no shim, no VMM, no mount, no shim state.
+
+use husk_tests::containerd::{processes_mentioning, Containerd, IMAGE, RUNTIME};
+use husk_tests::oci::PtySession;
+use husk_tests::wait_until;
+use std::time::Duration;
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_clean(ctrd: &Containerd) {
+    let clean = wait_until(Duration::from_secs(60), || ctrd.leftovers().is_empty());
+    assert!(
+        clean,
+        "left behind: {:?}\ncontainerd log:\n{}",
+        ctrd.leftovers(),
+        ctrd.log_tail()
+    );
+}
+
+#[test]
+fn ctr_runs_containers_in_husk_microvms() {
+    let Some(ctrd) = Containerd::start("ctr_runs_containers_in_husk_microvms", "husk-ctr") else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+
+    // Output reaches ctr, and the container runs in the guest kernel, not the host's.
+    let out = ctrd.ctr(
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            IMAGE,
+            "hello",
+            "echo",
+            "hi",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "ctr run failed ({}): {}\n{}",
+        out.status,
+        stderr(&out),
+        ctrd.log_tail()
+    );
+    assert_eq!(stdout(&out), "hi\n");
+
+    // Exit codes reach ctr.
+    let out = ctrd.ctr(
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            IMAGE,
+            "code",
+            "sh",
+            "-c",
+            "exit 42",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(42), "{}", stderr(&out));
+
+    // stdin is relayed to the end (EOF included), then the output.
+    let input: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    let out = ctrd.ctr(
+        &["run", "--runtime", RUNTIME, "--rm", IMAGE, "cat", "cat"],
+        Some(input.as_bytes()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), input, "stdin came back through cat");
+
+    // A detached container: exec into it, list its processes, kill it.
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "web",
+        "sleep",
+        "100000",
+    ]);
+    let host_uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let out = ctrd.ctr(
+        &[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e1",
+            "web",
+            "sh",
+            "-c",
+            "uname -r; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let guest_uname = stdout(&out);
+    assert!(!guest_uname.trim().is_empty());
+    assert_ne!(
+        guest_uname.trim(),
+        host_uname.trim(),
+        "the exec ran in the guest kernel"
+    );
+    let ps = ctrd.ctr_ok(&["tasks", "ps", "web"]);
+    assert!(
+        ps.lines().count() >= 2,
+        "ctr tasks ps lists the init: {ps:?}"
+    );
+    // Stats come from the guest cgroup, mapped to containerd's cgroup v2 metrics.
+    let metrics = ctrd.ctr_ok(&["tasks", "metrics", "web"]);
+    let metric = |name: &str| -> Option<u64> {
+        metrics.lines().find_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
+        })
+    };
+    assert!(
+        metric("memory.usage").is_some_and(|v| v > 0),
+        "memory usage: {metrics}"
+    );
+    assert!(
+        metric("pids.current").is_some_and(|v| v >= 1),
+        "pids: {metrics}"
+    );
+    let tasks = ctrd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("web") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "web"]);
+    let stopped = wait_until(Duration::from_secs(60), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with("web") && l.contains("STOPPED"))
+    });
+    assert!(stopped, "{}", ctrd.ctr_ok(&["tasks", "ls"]));
+    ctrd.ctr_ok(&["tasks", "delete", "web"]);
+    ctrd.ctr_ok(&["containers", "delete", "web"]);
+
+    assert_clean(&ctrd);
+}
+
+#[test]
+fn ctr_run_with_a_terminal() {
+    let Some(ctrd) = Containerd::start("ctr_run_with_a_terminal", "husk-tty") else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+    // `stty size` shows the size ctr forwards from its terminal (80x24), which may arrive just
+    // after the program started: poll it.
+    let script = "for i in $(seq 100); do s=$(stty size); [ \"$s\" != '0 0' ] && break; \
+                  sleep 0.1; done; echo size=$s; [ -t 0 ] && [ -t 1 ] && echo on-a-terminal; exit 7";
+    let cmd = ctrd.ctr_command(&[
+        "run",
+        "-t",
+        "--runtime",
+        RUNTIME,
+        "--rm",
+        IMAGE,
+        "term",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let mut session = PtySession::spawn(cmd).expect("ctr on a pty");
+    let status = session
+        .wait(Duration::from_secs(300))
+        .expect("ctr run -t exits");
+    let output = session.output();
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "output: {output:?}\n{}",
+        ctrd.log_tail()
+    );
+    assert!(output.contains("size=24 80"), "{output:?}");
+    assert!(output.contains("on-a-terminal"), "{output:?}");
+    assert_clean(&ctrd);
+}
+
+/// A pod as the CRI plugin lays it out (the sandbox-type and sandbox-id annotations, members
+/// naming the sandbox's namespaces), driven with `ctr`: both containers run in one microVM and
+/// talk over the pod's localhost.
+#[test]
+fn a_pod_runs_its_containers_in_one_vm() {
+    let Some(ctrd) = Containerd::start("a_pod_runs_its_containers_in_one_vm", "husk-pod") else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+        IMAGE,
+        "pod1",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo pong > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    let sandbox_boot_id = ctrd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "boot-id",
+        "pod1",
+        "cat",
+        "/proc/sys/kernel/random/boot_id",
+    ]);
+    let out = ctrd.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod1",
+            "--with-ns",
+            "network:/proc/1/ns/net",
+            "--with-ns",
+            "ipc:/proc/1/ns/ipc",
+            "--with-ns",
+            "uts:/proc/1/ns/uts",
+            IMAGE,
+            "app",
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/random/boot_id; test -e /www && echo shared-rootfs; \
+             for i in $(seq 100); do wget -qO- http://127.0.0.1:8080/ && exit 0; sleep 0.2; done; exit 1",
+        ],
+        None,
+    );
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "the member failed ({}): {text:?} {}\n{}",
+        out.status,
+        stderr(&out),
+        ctrd.log_tail()
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(sandbox_boot_id.trim()),
+        "same guest boot id: {text:?}"
+    );
+    assert!(
+        !text.contains("shared-rootfs"),
+        "each container has its own rootfs: {text:?}"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some("pong"),
+        "the pod's localhost: {text:?}"
+    );
+    let vmms =
+        husk_tests::containerd::processes_mentioning(&["husk-vmm", "/run/husk-shim/husk-pod/"]);
+    assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:?}");
+
+    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "pod1"]);
+    let stopped = wait_until(Duration::from_secs(60), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with("pod1") && l.contains("STOPPED"))
+    });
+    assert!(stopped, "{}", ctrd.ctr_ok(&["tasks", "ls"]));
+    ctrd.ctr_ok(&["tasks", "delete", "pod1"]);
+    ctrd.ctr_ok(&["containers", "delete", "pod1"]);
+    assert_clean(&ctrd);
+}
+
+/// Faults: the VMM killed (containerd sees the task exit and can delete it), the shim killed
+/// (containerd's cleanup runs the shim's `delete`, which removes the VM), and an OOM kill in
+/// the guest (an OOM event, then the exit).
+#[test]
+fn faults_end_tasks_and_leave_nothing() {
+    let Some(ctrd) = Containerd::start("faults_end_tasks_and_leave_nothing", "husk-fault") else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+    let state = |id: &str| format!("/run/husk-shim/husk-fault/{id}/");
+    let kill9 = |pid: u32| {
+        let pid = libc::pid_t::try_from(pid).expect("pid");
+        // SAFETY: kill(2) of a process this test found by its command line; no memory involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    };
+
+    // kill -9 of the VMM.
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "vmm-kill",
+        "sleep",
+        "100000",
+    ]);
+    let vmms = processes_mentioning(&["husk-vmm", &state("vmm-kill")]);
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    kill9(vmms[0]);
+    let stopped = wait_until(Duration::from_secs(60), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with("vmm-kill") && l.contains("STOPPED"))
+    });
+    assert!(
+        stopped,
+        "{}\n{}",
+        ctrd.ctr_ok(&["tasks", "ls"]),
+        ctrd.log_tail()
+    );
+    ctrd.ctr_ok(&["tasks", "delete", "vmm-kill"]);
+    ctrd.ctr_ok(&["containers", "delete", "vmm-kill"]);
+
+    // kill -9 of the shim.
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "shim-kill",
+        "sleep",
+        "100000",
+    ]);
+    let socket = ctrd.socket.display().to_string();
+    let shims = processes_mentioning(&["containerd-shim-husk-v2", "-id shim-kill", &socket]);
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    assert_eq!(
+        processes_mentioning(&["husk-vmm", &state("shim-kill")]).len(),
+        1
+    );
+    kill9(shims[0]);
+    let vm_gone = wait_until(Duration::from_secs(120), || {
+        processes_mentioning(&["husk-vmm", &state("shim-kill")]).is_empty()
+    });
+    assert!(
+        vm_gone,
+        "containerd's cleanup removes the VM\n{}",
+        ctrd.log_tail()
+    );
+    let task_gone = wait_until(Duration::from_secs(60), || {
+        !ctrd
+            .ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with("shim-kill"))
+    });
+    assert!(task_gone, "{}", ctrd.ctr_ok(&["tasks", "ls"]));
+    ctrd.ctr_ok(&["containers", "delete", "shim-kill"]);
+
+    // An OOM kill inside the guest: the event, then the exit.
+    let events_out = ctrd.dir.path().join("events.out");
+    let mut events = ctrd
+        .ctr_command(&["events"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&events_out).expect("events file"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    let out = ctrd.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--memory-limit",
+            "33554432",
+            IMAGE,
+            "hog",
+            "sh",
+            "-c",
+            "x=0123456789abcdef; while true; do x=\"$x$x\"; done",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "the hog is OOM-killed: {}",
+        stderr(&out)
+    );
+    let saw_oom = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&events_out).is_ok_and(|e| e.contains("/tasks/oom"))
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(
+        saw_oom,
+        "events: {}",
+        std::fs::read_to_string(&events_out).unwrap_or_default()
+    );
+    assert_clean(&ctrd);
+}
