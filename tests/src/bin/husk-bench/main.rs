@@ -46,7 +46,7 @@ struct VsockRun {
 }
 
 const USAGE: &str = "usage: husk-bench boot|oci [--runs N] [--out DIR] \
-     [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--dir DIR] [--timeout-s S]";
+     [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--dir DIR] [--timeout-s S]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,6 +60,7 @@ fn main() -> Result<()> {
         pss_runs: 5,
         dd_runs: 5,
         io_runs: 2,
+        split_runs: 5,
         dir: PathBuf::from("/var/tmp/husk-bench-oci"),
         out: out.clone(),
         timeout: Duration::from_secs(1200),
@@ -76,6 +77,7 @@ fn main() -> Result<()> {
             "--idle-runs" => oci_opts.pss_runs = value("--idle-runs")?.parse()?,
             "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
             "--read-runs" => oci_opts.io_runs = value("--read-runs")?.parse()?,
+            "--split-runs" => oci_opts.split_runs = value("--split-runs")?.parse()?,
             "--dir" => oci_opts.dir = PathBuf::from(value("--dir")?),
             "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
             "boot" => what = Some("boot"),

@@ -86,6 +86,8 @@ pub struct OciOptions {
     pub dd_runs: usize,
     /// Read-workload runs per runtime.
     pub io_runs: usize,
+    /// Lifecycle runs (`create`, `start`, `delete` timed apart) per runtime.
+    pub split_runs: usize,
     /// Where the rootfs and bundles are built (a disk file system, so that dropping the page
     /// cache makes reads cold).
     pub dir: PathBuf,
@@ -124,6 +126,7 @@ impl Runtime {
 struct Outcome {
     status: ExitStatus,
     wall: Duration,
+    stdout: String,
     stderr: String,
 }
 
@@ -155,6 +158,7 @@ fn run_cmd(mut cmd: Command, scratch: &Path, timeout: Duration) -> Result<Outcom
     let wall = started.elapsed();
     let _ = done.send(());
     let killed = watchdog.join().unwrap_or(false);
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
     let _ = std::fs::remove_file(&err_path);
@@ -169,6 +173,7 @@ fn run_cmd(mut cmd: Command, scratch: &Path, timeout: Duration) -> Result<Outcom
     Ok(Outcome {
         status,
         wall,
+        stdout,
         stderr,
     })
 }
@@ -417,6 +422,9 @@ impl Figure {
 /// The figures of the report, in order: key, title, unit.
 const FIGURES: &[(&str, &str, &str)] = &[
     ("run_true", "`run` of /bin/true, end to end", "ms"),
+    ("split_create", "`create` of the /bin/true container", "ms"),
+    ("split_start", "`start` of it", "ms"),
+    ("split_delete", "`delete` of it once stopped", "ms"),
     (
         "start_detached",
         "`run --detach` of `sleep` (until it returns)",
@@ -647,6 +655,57 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
             let ms = o.wall.as_secs_f64() * 1e3;
             figs.entry("run_true").or_default().push(rt.name, ms);
             eprintln!("oci bench: run {i}: {} run /bin/true {ms:.0} ms", rt.name);
+        }
+    }
+
+    // 1b. The same container's lifecycle step by step: where a `run` spends its time.
+    for i in 0..opts.split_runs {
+        for k in 0..runtimes.len() {
+            let rt = &runtimes[(i + k) % runtimes.len()];
+            let id = format!("split-{i}-{}", rt.name);
+            containers.started(rt, &id);
+            let step = |args: &[&str], what: &str| -> Result<f64> {
+                let o = run_cmd(rt.command(args), &scratch, opts.timeout)?;
+                if !o.status.success() {
+                    bail!(
+                        "{} {what} failed ({}): {}",
+                        rt.name,
+                        o.status,
+                        tail(&o.stderr)
+                    );
+                }
+                Ok(o.wall.as_secs_f64() * 1e3)
+            };
+            let create = step(
+                &["create", "--bundle", path_str(&true_bundle)?, &id],
+                "create",
+            )?;
+            let start = step(&["start", &id], "start")?;
+            // Untimed: wait until /bin/true has exited.
+            let deadline = Instant::now() + opts.timeout;
+            loop {
+                let state = run_cmd(rt.command(&["state", &id]), &scratch, opts.timeout)?;
+                if !state.status.success() || state.stdout.contains("\"stopped\"") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{}: {id} never stopped", rt.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let delete = step(&["delete", &id], "delete")?;
+            containers.remove(rt, &id)?;
+            eprintln!(
+                "oci bench: lifecycle {i}: {} create {create:.0} ms, start {start:.0} ms, delete {delete:.0} ms",
+                rt.name
+            );
+            figs.entry("split_create")
+                .or_default()
+                .push(rt.name, create);
+            figs.entry("split_start").or_default().push(rt.name, start);
+            figs.entry("split_delete")
+                .or_default()
+                .push(rt.name, delete);
         }
     }
 
