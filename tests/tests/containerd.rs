@@ -137,13 +137,20 @@ fn ctr_runs_containers_in_husk_microvms() {
         metric("pids.current").is_some_and(|v| v >= 1),
         "pids: {metrics}"
     );
-    let tasks = ctrd.ctr_ok(&["tasks", "ls"]);
-    assert!(
-        tasks
+    let task_status = |id: &str| -> String {
+        ctrd.ctr_ok(&["tasks", "ls"])
             .lines()
-            .any(|l| l.starts_with("web") && l.contains("RUNNING")),
-        "{tasks}"
-    );
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(task_status("web"), "RUNNING");
+    // Pause freezes the guest cgroup; resume thaws it.
+    ctrd.ctr_ok(&["tasks", "pause", "web"]);
+    assert_eq!(task_status("web"), "PAUSED");
+    ctrd.ctr_ok(&["tasks", "resume", "web"]);
+    assert_eq!(task_status("web"), "RUNNING");
     ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "web"]);
     let stopped = wait_until(Duration::from_secs(60), || {
         ctrd.ctr_ok(&["tasks", "ls"])
@@ -413,5 +420,53 @@ fn faults_end_tasks_and_leave_nothing() {
         "events: {}",
         std::fs::read_to_string(&events_out).unwrap_or_default()
     );
+    assert_clean(&ctrd);
+}
+
+/// Bad husk annotations fail the create with a message naming the problem, and leave nothing.
+#[test]
+fn bad_annotations_fail_the_create_clearly() {
+    let Some(ctrd) = Containerd::start("bad_annotations_fail_the_create_clearly", "husk-bad")
+    else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+    for (id, annotation, expected) in [
+        (
+            "not-a-number",
+            "io.husk.vm.mem_mib=abc",
+            "io.husk.vm.mem_mib",
+        ),
+        ("too-large", "io.husk.vm.mem_mib=99999999", "memory"),
+        ("no-cpus", "io.husk.vm.cpus=0", "io.husk.vm.cpus"),
+    ] {
+        let out = ctrd.ctr(
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--annotation",
+                annotation,
+                IMAGE,
+                id,
+                "true",
+            ],
+            None,
+        );
+        assert!(!out.status.success(), "{annotation} was accepted");
+        let message = stderr(&out);
+        assert!(
+            message.contains(expected),
+            "{annotation}: the error names {expected}: {message}"
+        );
+        assert!(
+            !ctrd
+                .ctr_ok(&["tasks", "ls"])
+                .lines()
+                .any(|l| l.starts_with(id)),
+            "no task {id} is left"
+        );
+    }
     assert_clean(&ctrd);
 }
