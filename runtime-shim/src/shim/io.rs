@@ -23,7 +23,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -69,7 +70,7 @@ pub enum IoError {
 /// The relays of one process.
 pub struct ProcessIo {
     /// Output relays (end when the guest closes its side).
-    outputs: Vec<JoinHandle<()>>,
+    outputs: Vec<Output>,
     /// Clones of the guest streams, shut down to end relays that outlive the drain timeout.
     streams: Vec<UnixStream>,
     /// Write end of the stdin relay's close pipe (`CloseIO`).
@@ -89,21 +90,51 @@ impl ProcessIo {
         }
     }
 
-    /// Waits up to `timeout` for the output relays to drain, then cuts what is left, so that
-    /// every output FIFO is closed when this returns.
-    pub fn finish(self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        for handle in &self.outputs {
-            while !handle.is_finished() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(2));
+    /// Lets the output relays drain, then cuts what is left, so that every output FIFO is
+    /// closed (or its relay detached) when this returns. A relay that keeps moving bytes - a slow
+    /// reader - is waited for; one that moved nothing for `stall_timeout` (the guest stream is
+    /// held open by a leftover process, or nobody reads the FIFO) is cut.
+    pub fn finish(self, stall_timeout: Duration) {
+        let moved = |outputs: &[Output]| -> u64 {
+            outputs
+                .iter()
+                .map(|o| o.progress.load(Ordering::Relaxed))
+                .sum()
+        };
+        let mut last = (moved(&self.outputs), Instant::now());
+        while !self.outputs.iter().all(|o| o.handle.is_finished()) {
+            let now = moved(&self.outputs);
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() >= stall_timeout {
+                break;
             }
+            thread::sleep(Duration::from_millis(5));
         }
         self.close_stdin();
         for stream in &self.streams {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
-        for handle in self.outputs {
-            let _ = handle.join();
+        for output in self.outputs {
+            if !output.handle.is_finished() {
+                if let Some(path) = &output.fifo {
+                    // A relay still waiting in open() for a reader: be that reader for a moment;
+                    // its first write then fails and it drains into the void.
+                    let _ = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(path);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !output.handle.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(2));
+            }
+            if output.handle.is_finished() {
+                let _ = output.handle.join();
+            } else {
+                log::warn!("an output relay is stuck writing its FIFO; leaving it behind");
+            }
         }
     }
 }
@@ -234,10 +265,39 @@ fn relay_stdin(fifo: &File, close: &OwnedFd, to: &mut impl Write) {
     }
 }
 
+/// One output relay.
+struct Output {
+    handle: JoinHandle<()>,
+    /// Bytes written to the FIFO so far.
+    progress: Arc<AtomicU64>,
+    fifo: Option<PathBuf>,
+}
+
+/// A writer that counts what it wrote.
+struct Counting<'a, W> {
+    inner: W,
+    count: &'a AtomicU64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Copies `from` into the FIFO at `path` (opened write-only here, waiting for the reader), or
 /// discards it when there is no FIFO.
-fn spawn_output(from: UnixStream, path: Option<PathBuf>) -> Result<JoinHandle<()>, IoError> {
-    thread::Builder::new()
+fn spawn_output(from: UnixStream, path: Option<PathBuf>) -> Result<Output, IoError> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let counter = progress.clone();
+    let fifo = path.clone();
+    let handle = thread::Builder::new()
         .name("husk-shim-out".into())
         .spawn(move || {
             let mut from = from;
@@ -248,16 +308,22 @@ fn spawn_output(from: UnixStream, path: Option<PathBuf>) -> Result<JoinHandle<()
                     None
                 }
             });
-            match fifo {
-                Some(mut fifo) => {
-                    pump(&mut from, &mut fifo);
-                    // The reader went away early: keep draining so the guest never blocks.
-                    pump(&mut from, &mut io::sink());
-                }
-                None => pump(&mut from, &mut io::sink()),
+            if let Some(fifo) = fifo {
+                let mut to = Counting {
+                    inner: fifo,
+                    count: &counter,
+                };
+                pump(&mut from, &mut to);
             }
+            // No FIFO, or its reader went away: keep draining so the guest never blocks.
+            pump(&mut from, &mut io::sink());
         })
-        .map_err(IoError::Thread)
+        .map_err(IoError::Thread)?;
+    Ok(Output {
+        handle,
+        progress,
+        fifo,
+    })
 }
 
 #[cfg(test)]
@@ -340,6 +406,62 @@ mod tests {
         drop(writer);
     }
 
+    fn relays(outputs: Vec<Output>, streams: Vec<UnixStream>) -> ProcessIo {
+        ProcessIo {
+            outputs,
+            streams,
+            stdin_close: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn finish_waits_for_a_slow_reader_and_loses_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = fifo(dir.path(), "stdout");
+        let (mut guest, host) = UnixStream::pair().expect("pair");
+        let keep = host.try_clone().expect("clone");
+        let output = spawn_output(host, Some(path.clone())).expect("relay");
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let writer_data = data.clone();
+        let writer = thread::spawn(move || {
+            guest.write_all(&writer_data).expect("write");
+        });
+        let reader = thread::spawn(move || {
+            let mut file = File::open(&path).expect("reader");
+            let mut all = Vec::new();
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                // Far slower than the relay: the whole copy takes longer than the stall timeout.
+                thread::sleep(Duration::from_millis(5));
+                match file.read(&mut buf).expect("read") {
+                    0 => break,
+                    n => all.extend_from_slice(&buf[..n]),
+                }
+            }
+            all
+        });
+        relays(vec![output], vec![keep]).finish(Duration::from_millis(100));
+        writer.join().expect("writer");
+        assert_eq!(reader.join().expect("reader"), data);
+    }
+
+    #[test]
+    fn finish_cuts_a_relay_nobody_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = fifo(dir.path(), "stdout");
+        let (mut guest, host) = UnixStream::pair().expect("pair");
+        let keep = host.try_clone().expect("clone");
+        let output = spawn_output(host, Some(path)).expect("relay");
+        guest.write_all(b"nobody reads this").expect("write");
+        let started = Instant::now();
+        relays(vec![output], vec![keep]).finish(Duration::from_millis(100));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[test]
     fn output_relay_copies_to_the_fifo_and_closes_it() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -354,11 +476,12 @@ mod tests {
             all
         });
         let (mut guest, host) = UnixStream::pair().expect("pair");
-        let handle = spawn_output(host, Some(path)).expect("relay");
+        let output = spawn_output(host, Some(path)).expect("relay");
         let data = vec![7u8; 300_000];
         guest.write_all(&data).expect("write");
         drop(guest);
-        handle.join().expect("relay thread");
+        output.handle.join().expect("relay thread");
+        assert_eq!(output.progress.load(Ordering::Relaxed), 300_000);
         assert_eq!(reader.join().expect("reader"), data);
     }
 }
