@@ -20,7 +20,7 @@ use std::time::Duration;
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "id", "hostname", "mkdir", "sleep", "ls", "grep", "touch", "wc", "pwd",
-    "true", "false", "head", "stty",
+    "true", "false", "head", "stty", "tty",
 ];
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -474,7 +474,7 @@ fn terminal_process_gets_a_pty_with_the_requested_size() {
     let mut s = spec(&[
         "sh",
         "-c",
-        "[ -t 0 ] && [ -t 1 ] && echo tty; stty size; read line; echo got=$line",
+        "[ -t 0 ] && [ -t 1 ] && echo tty; tty; stty size; read line; echo got=$line",
     ]);
     s["process"]["terminal"] = json!(true);
     let stdio = StdioConfig {
@@ -499,6 +499,9 @@ fn terminal_process_gets_a_pty_with_the_requested_size() {
     let out = String::from_utf8_lossy(&out).replace('\r', "");
     // The terminal echoes the typed line somewhere in between.
     assert!(out.contains("tty\n"), "{out:?}");
+    // The pty is the first of the container's own devpts instance (as runc makes it), so
+    // ttyname() finds it inside the container.
+    assert!(out.contains("\n/dev/pts/0\n"), "{out:?}");
     assert!(out.contains("30 100\n"), "{out:?}");
     assert!(out.contains("got=hi\n"), "{out:?}");
     assert_eq!(agent.wait("t", None), exited(0));

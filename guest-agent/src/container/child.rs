@@ -5,9 +5,15 @@
 //! File descriptors: 0-2 the process's stdio, 3 a socket to the agent carrying frames:
 //! agent -> helper [`ToInit::Setup`] then [`ToInit::Start`]; helper -> agent an optional
 //! [`FromInit::Pid`] (the process to watch, when the helper had to fork to enter a pid
-//! namespace), then [`FromInit::Ready`] or [`FromInit::Error`]. After `Start` the helper applies
-//! the process attributes and `execve`s the program; the socket is close-on-exec, so the agent
-//! reads end-of-stream on success, or a [`FromInit::Error`].
+//! namespace), with `process.terminal` a [`FromInit::Console`], then [`FromInit::Ready`] or
+//! [`FromInit::Error`]. After `Start` the helper applies the process attributes and `execve`s
+//! the program; the socket is close-on-exec, so the agent reads end-of-stream on success, or a
+//! [`FromInit::Error`].
+//!
+//! A terminal is made inside the container, as runc makes it: the helper opens the container's
+//! `/dev/ptmx` (its own devpts instance) once it is in the container's mount namespace, so that
+//! the process's tty is `/dev/pts/N` of that instance (`tty`, `ttyname` and `ps` work). The
+//! replica becomes fds 0-2; the controller goes to the agent over the socket (SCM_RIGHTS).
 
 use super::seccomp::{self, SockFilter};
 use super::spec::{
@@ -16,8 +22,10 @@ use super::spec::{
 use crate::sys::{LinuxSyscall, Syscall};
 use husk_agent_protocol::{read_frame, write_frame};
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
 use nix::unistd::{chdir, pivot_root, Gid, Uid};
 use serde::{Deserialize, Serialize};
@@ -25,7 +33,7 @@ use std::collections::VecDeque;
 use std::ffi::{CString, OsString};
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path, PathBuf};
@@ -71,6 +79,8 @@ pub enum ToInit {
 pub enum FromInit {
     /// The pid (in the agent's namespace) of the process that will run the program.
     Pid(i32),
+    /// The pty's controller follows on the socket: one byte carrying it as SCM_RIGHTS.
+    Console,
     /// Set up; waiting for [`ToInit::Start`].
     Ready,
     /// Setup or start failed.
@@ -138,6 +148,9 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
         }
         finalize_rootfs(sys, plan)?;
     }
+    if config.process.terminal {
+        setup_console(control)?;
+    }
     ctx(write_frame(control, &FromInit::Ready), || {
         "reporting ready".into()
     })?;
@@ -148,6 +161,51 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
         Err(_) => std::process::exit(1),
     }
     exec_process(&config.process, &config.seccomp)
+}
+
+/// Makes the process's pty in the container's devpts (through its `/dev/ptmx`), puts the
+/// replica on fds 0-2 and sends the controller to the agent.
+fn setup_console(control: &UnixStream) -> StepResult {
+    let master = ctx(
+        nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC),
+        || "process.terminal: opening the container's /dev/ptmx (is /dev/pts mounted?)".into(),
+    )?;
+    ctx(nix::pty::unlockpt(&master), || "unlockpt".into())?;
+    // SAFETY: TIOCGPTPEER takes open(2) flags by value and returns a new fd (or -1); the
+    // controller fd is valid for the call.
+    let replica = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if replica < 0 {
+        return Err(format!("opening the pty's replica: {}", Errno::last()));
+    }
+    // SAFETY: TIOCGPTPEER returned a new fd that nothing else owns.
+    let replica = unsafe { OwnedFd::from_raw_fd(replica) };
+    for target in 0..=2 {
+        // SAFETY: dup2 of a valid fd onto 0-2; the old stdio placeholders (/dev/null) close.
+        if unsafe { libc::dup2(replica.as_raw_fd(), target) } < 0 {
+            return Err(format!(
+                "dup2 of the pty onto fd {target}: {}",
+                Errno::last()
+            ));
+        }
+    }
+    let mut control_ref = control;
+    ctx(write_frame(&mut control_ref, &FromInit::Console), || {
+        "reporting the console".into()
+    })?;
+    let fds = [master.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [io::IoSlice::new(&[0u8])];
+    ctx(
+        sendmsg::<()>(control.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None),
+        || "sending the pty to the agent".into(),
+    )?;
+    Ok(())
 }
 
 /// Enters the namespaces: joins those with a path, creates the others. Returns whether a pid

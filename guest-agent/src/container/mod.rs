@@ -374,27 +374,12 @@ fn pipe() -> Result<(File, File), ContainerError> {
 fn make_stdio(config: &StdioConfig) -> Result<StdioFds, ContainerError> {
     let mut pending = Pending::default();
     if config.terminal {
-        let pty = nix::pty::openpty(None, None).map_err(sys_err("openpty"))?;
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(sys_err("pty cloexec"))?;
-        }
-        let master = File::from(pty.master);
-        let resize = master.try_clone().map_err(io_err("dup pty"))?;
-        pending.pty = Some(master);
-        let slave = pty.slave;
-        let child = [
-            slave.try_clone().map_err(io_err("dup pty"))?,
-            slave.try_clone().map_err(io_err("dup pty"))?,
-            slave,
-        ];
+        // The helper makes the pty inside the container and sends the controller
+        // ([`child::FromInit::Console`]); until then fds 0-2 are placeholders.
         return Ok(StdioFds {
-            child,
+            child: [dev_null()?, dev_null()?, dev_null()?],
             pending,
-            pty: Some(resize),
+            pty: None,
         });
     }
     let stdin = if config.stdin {
@@ -423,6 +408,46 @@ fn make_stdio(config: &StdioConfig) -> Result<StdioFds, ContainerError> {
         pending,
         pty: None,
     })
+}
+
+/// What a helper reported during its setup: the pid to watch (0: the helper itself), the
+/// watch on a forked child, and the pty controller it made.
+type HelperReport = (
+    i32,
+    Option<std::sync::mpsc::Receiver<ReapStatus>>,
+    Option<OwnedFd>,
+);
+
+/// Receives the one fd the helper sends after [`child::FromInit::Console`] (close-on-exec).
+fn receive_fd(socket: &UnixStream) -> Result<OwnedFd, ContainerError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(sys_err("receiving the pty"))?;
+    let mut received = Vec::new();
+    for cmsg in msg.cmsgs().map_err(sys_err("receiving the pty"))? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: SCM_RIGHTS installed these fds in this process; nothing else owns them.
+            received.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let mut received = received.into_iter();
+    match (received.next(), received.next()) {
+        (Some(fd), None) => Ok(fd),
+        _ => Err(ContainerError::Setup(
+            "the helper's console message carried no single fd".into(),
+        )),
+    }
 }
 
 /// Starts the helper with `clone(2)`: fds 0-2 and 3 (control) set up, then `execve` of the
@@ -547,33 +572,42 @@ impl Containers {
             .spawn_watched(|| clone_helper(clone_flags, raw).map(|pid| (pid, pid)))?;
         drop(helper_end);
         drop(fds.child);
-        let result =
-            (|| -> Result<(i32, Option<std::sync::mpsc::Receiver<ReapStatus>>), ContainerError> {
-                agent_end
-                    .set_read_timeout(Some(SETUP_TIMEOUT))
-                    .map_err(io_err("socket timeout"))?;
-                write_frame(&mut agent_end, &ToInit::Setup(Box::new(config)))
-                    .map_err(|err| ContainerError::Setup(format!("sending the setup: {err}")))?;
-                let mut watched = None;
-                let mut pid = None;
-                loop {
-                    let msg: FromInit = read_frame(&mut agent_end).map_err(|err| {
-                        ContainerError::Setup(format!("the helper ended without reporting: {err}"))
-                    })?;
-                    match msg {
-                        FromInit::Pid(p) if p > 1 && pid.is_none() => {
-                            watched = Some(self.reaper.watch(p));
-                            pid = Some(p);
-                        }
-                        FromInit::Pid(p) => {
-                            return Err(ContainerError::Setup(format!("unexpected pid {p}")))
-                        }
-                        FromInit::Ready => return Ok((pid.unwrap_or(0), watched)),
-                        FromInit::Error(message) => return Err(ContainerError::Setup(message)),
+        let result = (|| -> Result<HelperReport, ContainerError> {
+            agent_end
+                .set_read_timeout(Some(SETUP_TIMEOUT))
+                .map_err(io_err("socket timeout"))?;
+            write_frame(&mut agent_end, &ToInit::Setup(Box::new(config)))
+                .map_err(|err| ContainerError::Setup(format!("sending the setup: {err}")))?;
+            let mut watched = None;
+            let mut pid = None;
+            let mut console = None;
+            loop {
+                let msg: FromInit = read_frame(&mut agent_end).map_err(|err| {
+                    ContainerError::Setup(format!("the helper ended without reporting: {err}"))
+                })?;
+                match msg {
+                    FromInit::Pid(p) if p > 1 && pid.is_none() => {
+                        watched = Some(self.reaper.watch(p));
+                        pid = Some(p);
                     }
+                    FromInit::Pid(p) => {
+                        return Err(ContainerError::Setup(format!("unexpected pid {p}")))
+                    }
+                    FromInit::Console if stdio.terminal && console.is_none() => {
+                        console = Some(receive_fd(&agent_end)?);
+                    }
+                    FromInit::Console => {
+                        return Err(ContainerError::Setup("unexpected console".into()))
+                    }
+                    FromInit::Ready if stdio.terminal && console.is_none() => {
+                        return Err(ContainerError::Setup("the helper made no terminal".into()))
+                    }
+                    FromInit::Ready => return Ok((pid.unwrap_or(0), watched, console)),
+                    FromInit::Error(message) => return Err(ContainerError::Setup(message)),
                 }
-            })();
-        let (forked_pid, forked_status) = match result {
+            }
+        })();
+        let (forked_pid, forked_status, console) = match result {
             Ok(r) => r,
             Err(err) => {
                 // A helper stuck in its setup (a hung mount, a timeout) is killed; one that
@@ -594,14 +628,21 @@ impl Containers {
         agent_end
             .set_read_timeout(None)
             .map_err(io_err("socket timeout"))?;
+        let mut pending = fds.pending;
+        let mut pty = fds.pty;
+        if let Some(console) = console {
+            let master = File::from(console);
+            pty = Some(master.try_clone().map_err(io_err("dup pty"))?);
+            pending.pty = Some(master);
+        }
         let proc = Arc::new(Proc {
             pid,
             stdio: *stdio,
             state: Mutex::new(ProcState::Created),
             exited: Condvar::new(),
-            pending: Mutex::new(fds.pending),
+            pending: Mutex::new(pending),
             stdin: Arc::new(Mutex::new(None)),
-            pty: fds.pty,
+            pty,
             control: Mutex::new(Some(agent_end)),
         });
         Ok(self.watch_exit(proc, status_rx))
