@@ -29,6 +29,47 @@ pub fn husk_binary() -> PathBuf {
 
 static NEXT_OUTPUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// How long one client command (husk, podman, docker) may take before the test kills it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs `cmd` to completion with its output through files in `dir` (a pipe would never reach
+/// EOF while a `husk-vmm` it started holds it); kills it after [`COMMAND_TIMEOUT`] and panics.
+pub fn output_of(mut cmd: Command, dir: &Path) -> Output {
+    let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out_path = dir.join(format!("out.{n}"));
+    let err_path = dir.join(format!("err.{n}"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {} s; stdout {:?}, stderr {:?}",
+                COMMAND_TIMEOUT.as_secs(),
+                std::fs::read_to_string(&out_path).unwrap_or_default(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let output = Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    output
+}
+
 /// One test's husk environment.
 pub struct OciEnv {
     pub root: TempDir,
@@ -96,23 +137,7 @@ impl OciEnv {
     /// `run -d` leave a `husk-vmm` holding their stdout and stderr (as runc's container process
     /// would), so a pipe would never reach EOF.
     pub fn run(&self, args: &[&str]) -> Output {
-        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let out_path = self.work.path().join(format!("out.{n}"));
-        let err_path = self.work.path().join(format!("err.{n}"));
-        let status = self
-            .husk(args)
-            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-            .status()
-            .expect("spawn husk");
-        let output = Output {
-            status,
-            stdout: std::fs::read(&out_path).unwrap_or_default(),
-            stderr: std::fs::read(&err_path).unwrap_or_default(),
-        };
-        let _ = std::fs::remove_file(&out_path);
-        let _ = std::fs::remove_file(&err_path);
-        output
+        output_of(self.husk(args), self.work.path())
     }
 
     /// A bundle named `name` whose container runs `args`; `patch` edits the spec further.
@@ -152,6 +177,11 @@ impl OciEnv {
         wait_until(timeout, || {
             self.state(id).is_some_and(|s| s["status"] == status)
         })
+    }
+
+    /// The tail of every container's `vmm.log` under the state root, for failure messages.
+    pub fn logs(&self) -> String {
+        logs_under(self.root.path())
     }
 
     /// Entries of the state root.
@@ -212,22 +242,9 @@ impl Podman {
 
     /// Runs `podman ARGS` to completion (output through files, as [`OciEnv::run`]).
     pub fn run(&self, args: &[&str]) -> Output {
-        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let out_path = self.dir.join(format!("out.{n}"));
-        let err_path = self.dir.join(format!("err.{n}"));
-        let status = Command::new("podman")
-            .args(&self.args)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-            .status()
-            .expect("spawn podman");
-        Output {
-            status,
-            stdout: std::fs::read(&out_path).unwrap_or_default(),
-            stderr: std::fs::read(&err_path).unwrap_or_default(),
-        }
+        let mut cmd = self.command(args);
+        cmd.stdin(Stdio::null());
+        output_of(cmd, &self.dir)
     }
 }
 
@@ -358,6 +375,43 @@ impl OciEnv {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         path.to_path_buf()
     }
+}
+
+/// The tails of the `vmm.log` files of husk's state dirs under `root`.
+pub fn logs_under(root: &Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let log = std::fs::read_to_string(entry.path().join("vmm.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        text.push_str(&format!(
+            "--- {}:\n{}\n",
+            entry.path().display(),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        ));
+    }
+    text
+}
+
+/// husk's container state dirs (those holding a `plan.json`) anywhere under `dir`: where an
+/// engine's `--root` put them.
+pub fn husk_state_dirs(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: u32, found: &mut Vec<PathBuf>) {
+        if dir.join("plan.json").is_file() {
+            found.push(dir.to_path_buf());
+            return;
+        }
+        if depth == 0 {
+            return;
+        }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&entry.path(), depth - 1, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, 8, &mut found);
+    found
 }
 
 /// Live `husk-vmm` processes whose command line mentions `path` (their state dir lives there).
@@ -632,27 +686,13 @@ impl Dockerd {
 
     /// Runs `docker ARGS` against this daemon (output through files).
     pub fn docker(&self, args: &[&str]) -> Output {
-        let n = NEXT_OUTPUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let out_path = self.dir.join(format!("out.{n}"));
-        let err_path = self.dir.join(format!("err.{n}"));
-        let status = Command::new("docker")
-            .env("DOCKER_CONFIG", self.dir.join("client"))
+        let mut cmd = Command::new("docker");
+        cmd.env("DOCKER_CONFIG", self.dir.join("client"))
             .arg("-H")
             .arg(format!("unix://{}", self.socket.display()))
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-            .status()
-            .expect("spawn docker");
-        let output = Output {
-            status,
-            stdout: std::fs::read(&out_path).unwrap_or_default(),
-            stderr: std::fs::read(&err_path).unwrap_or_default(),
-        };
-        let _ = std::fs::remove_file(&out_path);
-        let _ = std::fs::remove_file(&err_path);
-        output
+            .stdin(Stdio::null());
+        output_of(cmd, &self.dir)
     }
 
     /// Stops dockerd with SIGTERM and waits for it (SIGKILL after `timeout`).

@@ -2,12 +2,14 @@
 //! runc (lifecycle, exit statuses, bad input, concurrency, a VMM killed under a container).
 
 use husk_tests::oci::{
-    client_available, mounts_under, vmms_mentioning, with_nofile_limit, Dockerd, OciEnv, PtySession,
+    client_available, husk_state_dirs, logs_under, mounts_under, vmms_mentioning,
+    with_nofile_limit, Dockerd, OciEnv, PtySession,
 };
 use husk_tests::{process_alive, wait_until};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -682,16 +684,22 @@ fn podman_run_it_with_a_tty() {
     ]);
     with_nofile_limit(&mut cmd, 1024, 20000);
     let mut session = PtySession::spawn(cmd).expect("podman on a pty");
+    eprintln!("podman run -it started");
     // busybox sh's prompt for root is "/ # ".
     assert!(
         session.wait_for("# ", T),
-        "no shell prompt: {:?}",
-        session.output()
+        "no shell prompt: {:?}\nhusk state: {:?}\n{}",
+        session.output(),
+        env.root_entries(),
+        env.logs()
     );
+    eprintln!("prompt seen");
     session
         .write("tty; echo $((6*7)); ulimit -n; ulimit -Hn; exit 5\n")
         .expect("type");
-    let status = session.wait(T).expect("podman exits");
+    let status = session
+        .wait(T)
+        .unwrap_or_else(|e| panic!("{e:#}\nhusk logs:\n{}", env.logs()));
     let output = session.output();
     assert_eq!(
         status.code(),
@@ -734,6 +742,20 @@ fn docker_runs_containers_with_husk() {
     let mut dockerd = Dockerd::start(&dir, &wrapper, T).expect("dockerd");
     let version = dockerd.docker(&["version", "--format", "{{.Server.Version}}"]);
     eprintln!("dockerd version {}", text(&version.stdout).trim());
+    let diag = |what: &str, out: &std::process::Output| {
+        let roots: std::collections::BTreeSet<_> = husk_state_dirs(&dockerd.exec_root)
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect();
+        format!(
+            "{what}: status {}, stdout {:?}, stderr {:?}\ndockerd log:\n{}\nhusk logs:\n{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr),
+            dockerd.log_tail(),
+            roots.iter().map(|r| logs_under(r)).collect::<String>()
+        )
+    };
 
     let tarball = env.rootfs_tarball();
     let out = dockerd.docker(&["import", tarball.to_str().expect("utf-8"), "bb:latest"]);
@@ -750,13 +772,9 @@ fn docker_runs_containers_with_husk() {
         "echo",
         "hi",
     ]);
-    assert!(
-        out.status.success(),
-        "docker run: {}\ndockerd: {}",
-        text(&out.stderr),
-        dockerd.log_tail()
-    );
-    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(out.status.success(), "{}", diag("docker run", &out));
+    assert_eq!(text(&out.stdout), "hi\n", "{}", diag("docker run", &out));
+    eprintln!("docker run echo hi: ok");
     let out = dockerd.docker(&[
         "run",
         "--runtime",
@@ -769,7 +787,8 @@ fn docker_runs_containers_with_husk() {
         "-c",
         "exit 3",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{}", diag("exit 3", &out));
+    eprintln!("docker run exit 3: ok");
 
     // A running container: its husk state is where docker's shim keeps runc's.
     let out = dockerd.docker(&[
@@ -783,20 +802,24 @@ fn docker_runs_containers_with_husk() {
         "sleep",
         "1000",
     ]);
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    assert!(out.status.success(), "{}", diag("run -d", &out));
     let id = text(&out.stdout).trim().to_string();
-    let state_root = dockerd.exec_root.join("runtime-husk/moby");
+    // Docker's shim passes runc's --root; husk keeps its state there.
+    let state_dirs = husk_state_dirs(&dockerd.exec_root);
     assert!(
-        state_root.join(&id).is_dir(),
-        "husk state of {id} under {}",
-        state_root.display()
+        state_dirs.len() == 1 && state_dirs[0].ends_with(&id),
+        "husk state of {id} under {}: {state_dirs:?}",
+        dockerd.exec_root.display()
     );
+    let state_root = state_dirs[0].parent().expect("state root").to_path_buf();
+    eprintln!("husk state root under docker: {}", state_root.display());
     assert_eq!(vmms_mentioning(&dockerd.exec_root).len(), 1);
     let out = dockerd.docker(&["exec", &id, "sh", "-c", "echo in-exec; exit 4"]);
-    assert_eq!(out.status.code(), Some(4), "exec: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{}", diag("exec", &out));
     assert_eq!(text(&out.stdout), "in-exec\n");
     let out = dockerd.docker(&["rm", "-f", &id]);
-    assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+    assert!(out.status.success(), "{}", diag("rm -f", &out));
+    eprintln!("docker run -d, exec, rm -f: ok");
 
     let status = dockerd.stop(T).expect("stop dockerd");
     assert!(status.success(), "dockerd: {status}");
