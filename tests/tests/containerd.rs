@@ -83,6 +83,30 @@ fn ctr_runs_containers_in_husk_microvms() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), input, "stdin came back through cat");
 
+    // Bulk output arrives whole and in order.
+    let out = ctrd.ctr(
+        &[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--rm",
+            IMAGE,
+            "bulk",
+            "seq",
+            "1",
+            "200000",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        stdout(&out) == expected,
+        "seq output differs ({} bytes of {})",
+        out.stdout.len(),
+        expected.len()
+    );
+
     // A detached container: exec into it, list its processes, kill it.
     ctrd.ctr_ok(&[
         "run",
@@ -151,7 +175,20 @@ fn ctr_runs_containers_in_husk_microvms() {
     assert_eq!(task_status("web"), "PAUSED");
     ctrd.ctr_ok(&["tasks", "resume", "web"]);
     assert_eq!(task_status("web"), "RUNNING");
-    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "web"]);
+    // A detached exec, then a kill of every process of the container.
+    ctrd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "-d",
+        "--exec-id",
+        "bg",
+        "web",
+        "sleep",
+        "100000",
+    ]);
+    let ps = ctrd.ctr_ok(&["tasks", "ps", "web"]);
+    assert!(ps.lines().count() >= 3, "the init and the exec: {ps:?}");
+    ctrd.ctr_ok(&["tasks", "kill", "--all", "-s", "SIGKILL", "web"]);
     let stopped = wait_until(Duration::from_secs(60), || {
         ctrd.ctr_ok(&["tasks", "ls"])
             .lines()
