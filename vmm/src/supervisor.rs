@@ -201,6 +201,11 @@ fn supervise_container(
 ) -> Result<ExitStatus, String> {
     let (mut control, _) =
         AgentClient::connect(socket, timeout).map_err(|e| format!("connect: {}", chain(&e)))?;
+    // Creating the container (share mounts through virtio-fs, the helper's setup) can take
+    // long on a loaded host, like the boot: wait for it as long as for the agent.
+    control
+        .set_io_timeout(timeout)
+        .map_err(|e| format!("connect: {}", chain(&e)))?;
     let process = ProcessRef {
         id: plan.id.clone(),
         exec_id: None,
