@@ -252,6 +252,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         left
     }
 
+    /// The ttrpc socket of the shim serving sandbox `id`: containerd's shim socket naming,
+    /// `/run/containerd/s/<sha256 of "<address>/<namespace>/<id>">`.
+    pub fn shim_socket(&self, id: &str) -> PathBuf {
+        let key = self.socket.join(&self.namespace).join(id);
+        let digest = digest(
+            key.display().to_string().as_bytes(),
+            &self.dir.path().join("digest.tmp"),
+        )
+        .expect("sha256");
+        Path::new("/run/containerd/s").join(digest.trim_start_matches("sha256:"))
+    }
+
     /// Stops containerd (SIGTERM, then SIGKILL after `timeout`).
     pub fn stop(&mut self, timeout: Duration) {
         let Some(mut child) = self.child.take() else {

@@ -398,6 +398,8 @@ fn faults_end_tasks_and_leave_nothing() {
         processes_mentioning(&["husk-vmm", &state("shim-kill")]).len(),
         1
     );
+    let shim_socket = ctrd.shim_socket("shim-kill");
+    assert!(shim_socket.exists(), "{}", shim_socket.display());
     kill9(shims[0]);
     let vm_gone = wait_until(Duration::from_secs(120), || {
         processes_mentioning(&["husk-vmm", &state("shim-kill")]).is_empty()
@@ -415,6 +417,11 @@ fn faults_end_tasks_and_leave_nothing() {
     });
     assert!(task_gone, "{}", ctrd.ctr_ok(&["tasks", "ls"]));
     ctrd.ctr_ok(&["containers", "delete", "shim-kill"]);
+    assert!(
+        !shim_socket.exists(),
+        "the dead shim's socket is removed: {}",
+        shim_socket.display()
+    );
 
     // An OOM kill inside the guest: the event, then the exit.
     let events_out = ctrd.dir.path().join("events.out");

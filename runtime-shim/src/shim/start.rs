@@ -135,6 +135,13 @@ pub fn delete(flags: &Flags) -> Result<()> {
     if let Err(e) = rootfs::unmount_rootfs(&bundle.join("rootfs")) {
         problems.push(format!("{e:#}"));
     }
+    // The dead server's ttrpc socket (only when nothing answers there any more).
+    if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+        let path = socket_path(address.trim());
+        if path.starts_with('/') && UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     if !problems.is_empty() {
         bail!("cleanup of {} failed: {}", flags.id, problems.join("; "));
     }
