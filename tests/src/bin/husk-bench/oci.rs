@@ -984,7 +984,11 @@ fn report(
         let value = r
             .value
             .map_or("n/a (runtime unavailable)".to_string(), |v| {
-                format!("{v:.2}x")
+                if v < 0.1 {
+                    format!("{v:.4}x")
+                } else {
+                    format!("{v:.2}x")
+                }
             });
         let (target, verdict) = match (r.target, r.value) {
             (Some(t), Some(v)) => (
