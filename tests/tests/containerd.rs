@@ -257,6 +257,9 @@ fn a_pod_runs_its_containers_in_one_vm() {
         "io.kubernetes.cri.container-type=sandbox",
         "--annotation",
         "io.kubernetes.cri.sandbox-id=pod1",
+        // The pod's summed memory (containerd 1.7's CRI sets it): 256 MiB + husk's overhead.
+        "--annotation",
+        "io.kubernetes.cri.sandbox-memory=268435456",
         IMAGE,
         "pod1",
         "sh",
@@ -272,6 +275,24 @@ fn a_pod_runs_its_containers_in_one_vm() {
         "cat",
         "/proc/sys/kernel/random/boot_id",
     ]);
+    let meminfo = ctrd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "meminfo",
+        "pod1",
+        "cat",
+        "/proc/meminfo",
+    ]);
+    let mem_total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("MemTotal");
+    assert!(
+        (256 * 1024..=320 * 1024).contains(&mem_total_kib),
+        "the VM is sized from the pod's memory (default 128 MiB): MemTotal {mem_total_kib} kB"
+    );
     let out = ctrd.ctr(
         &[
             "run",

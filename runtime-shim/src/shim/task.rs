@@ -17,8 +17,8 @@ use super::rootfs::{mount_rootfs, release_container_share, unmount_rootfs};
 use super::sandbox::{sandbox_root, Sandbox};
 use super::sandbox_id_of;
 use super::translate::{
-    exit_status_code, join_sandbox_namespaces, json_any, metrics, metrics_any, timestamp,
-    use_vm_network, ShimError,
+    exit_status_code, join_sandbox_namespaces, json_any, metrics, metrics_any, sizing_spec,
+    timestamp, use_vm_network, ShimError,
 };
 use crate::agent::{call, call_ok, AGENT_CONNECT_TIMEOUT};
 use crate::bundle::{translate_spec, Bundle, GUEST_SHARE};
@@ -392,7 +392,7 @@ impl Shared {
         let bundle =
             Bundle::load(&bundle_dir).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         let sandbox_id = sandbox_id_of(&bundle.spec, id);
-        let (sandbox, booted) = self.sandbox_for(&sandbox_id, id, &bundle.spec)?;
+        let (sandbox, booted) = self.sandbox_for(&sandbox_id, id, &sizing_spec(&bundle.spec)?)?;
         if booted {
             undo.sandbox = Some(sandbox.clone());
         }

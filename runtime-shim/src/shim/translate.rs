@@ -174,6 +174,56 @@ pub fn use_vm_network(spec: &mut serde_json::Value) -> bool {
     namespaces.len() != before
 }
 
+/// CRI annotations (containerd 1.7 and later) with the pod's summed resources.
+pub const ANNOTATION_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const ANNOTATION_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const ANNOTATION_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The spec the sandbox VM is sized from: the sandbox container's, with the pod's memory limit
+/// and CPU quota from the CRI sandbox annotations where the spec sets none (a pause container
+/// has no limits of its own). `io.husk.vm.*` annotations still win in
+/// [`size_vm`](crate::sizing::size_vm).
+pub fn sizing_spec(spec: &serde_json::Value) -> Result<serde_json::Value, ShimError> {
+    let mut sized = spec.clone();
+    let number = |key: &str| -> Result<Option<i64>, ShimError> {
+        match spec["annotations"][key].as_str() {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .map(|n| (n > 0).then_some(n))
+                .map_err(|_| {
+                    ShimError::InvalidArgument(format!(
+                        "annotation {key}={v:?}: expected an integer"
+                    ))
+                }),
+        }
+    };
+    let resources = &spec["linux"]["resources"];
+    if let Some(memory) = number(ANNOTATION_SANDBOX_MEMORY)? {
+        if resources["memory"]["limit"]
+            .as_i64()
+            .filter(|l| *l > 0)
+            .is_none()
+        {
+            sized["linux"]["resources"]["memory"]["limit"] = memory.into();
+        }
+    }
+    if let Some(quota) = number(ANNOTATION_SANDBOX_CPU_QUOTA)? {
+        if resources["cpu"]["quota"]
+            .as_i64()
+            .filter(|q| *q > 0)
+            .is_none()
+        {
+            sized["linux"]["resources"]["cpu"]["quota"] = quota.into();
+            if let Some(period) = number(ANNOTATION_SANDBOX_CPU_PERIOD)? {
+                sized["linux"]["resources"]["cpu"]["period"] = period.into();
+            }
+        }
+    }
+    Ok(sized)
+}
+
 /// Decodes an `Any` holding JSON (containerd's typeurl encodes OCI types such as
 /// `specs.Process` and `specs.LinuxResources` as JSON).
 pub fn json_any(any: &Any, what: &str) -> Result<serde_json::Value, ShimError> {
@@ -288,6 +338,38 @@ mod tests {
         );
         assert!(!use_vm_network(&mut spec));
         assert!(!use_vm_network(&mut serde_json::json!({})));
+    }
+
+    #[test]
+    fn pod_resources_from_cri_annotations_size_the_vm() {
+        let spec = serde_json::json!({
+            "annotations": {
+                ANNOTATION_SANDBOX_MEMORY: "268435456",
+                ANNOTATION_SANDBOX_CPU_QUOTA: "150000",
+                ANNOTATION_SANDBOX_CPU_PERIOD: "100000",
+            },
+            "linux": {"resources": {}},
+        });
+        let sized = sizing_spec(&spec).expect("valid");
+        assert_eq!(sized["linux"]["resources"]["memory"]["limit"], 268435456);
+        assert_eq!(sized["linux"]["resources"]["cpu"]["quota"], 150000);
+        let size = crate::sizing::size_vm(&sized, &crate::config::HuskConfig::default(), 8)
+            .expect("sized");
+        assert_eq!(size.mem_mib, 256 + crate::sizing::MEM_OVERHEAD_MIB);
+        assert_eq!(size.vcpus, 2);
+        let own_limit = serde_json::json!({
+            "annotations": {ANNOTATION_SANDBOX_MEMORY: "268435456"},
+            "linux": {"resources": {"memory": {"limit": 1048576}}},
+        });
+        assert_eq!(
+            sizing_spec(&own_limit).expect("valid")["linux"]["resources"]["memory"]["limit"],
+            1048576
+        );
+        let bad = serde_json::json!({"annotations": {ANNOTATION_SANDBOX_MEMORY: "lots"}});
+        assert!(matches!(
+            sizing_spec(&bad),
+            Err(ShimError::InvalidArgument(_))
+        ));
     }
 
     #[test]
