@@ -40,7 +40,7 @@ pub const RIG_PACKAGES: &[&str] = &[
     "util-linux",
     "e2fsprogs",
     // Real OCI clients and peer runtimes for the OCI tests and benchmarks (gVisor's runsc is
-    // not packaged in Debian 12; it would have to come from gVisor's own apt repository).
+    // in bookworm-backports, not bookworm: `bench_oci::fetch_runsc` brings it in when needed).
     "podman",
     // podman's containers-common needs a `container-network-stack`, a virtual package that
     // debootstrap does not resolve: name the CNI plugins.
