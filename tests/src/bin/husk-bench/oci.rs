@@ -1123,3 +1123,47 @@ fn xml_escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busybox_time_reports_are_read_in_order() {
+        let stderr =
+            "2000000+0 records in\n2000000+0 records out\nreal 3.85\nuser 1.20\nsys 2.60\n\
+                      real 0.07\nuser 0.00\nsys 0.07\n";
+        assert_eq!(real_seconds(stderr), vec![3.85, 0.07]);
+        assert!(real_seconds("dd: can't open 'x'\n").is_empty());
+    }
+
+    #[test]
+    fn dd_args_carry_the_count() {
+        assert_eq!(
+            dd_args(20_000).join(" "),
+            "time -p dd if=/dev/zero of=/dev/null bs=1 count=20000"
+        );
+    }
+
+    #[test]
+    fn ratios_compare_husk_with_each_peer_and_mark_missing_ones() {
+        let mut figs = BTreeMap::new();
+        let mut fig = Figure::default();
+        for (rt, v) in [("husk", 30.0), ("husk", 32.0), ("runsc", 40.0)] {
+            fig.push(rt, v);
+        }
+        figs.insert("idle_pss", fig);
+        let all = ratios(&figs);
+        let vs_runsc = all
+            .iter()
+            .find(|r| r.what == "idle PSS: husk / runsc")
+            .expect("the runsc ratio");
+        assert_eq!(vs_runsc.value, Some(31.0 / 40.0));
+        assert_eq!(vs_runsc.target, Some(0.6));
+        let vs_runc = all
+            .iter()
+            .find(|r| r.what == "idle PSS: husk / runc")
+            .expect("the runc ratio");
+        assert_eq!(vs_runc.value, None);
+    }
+}
