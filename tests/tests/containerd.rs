@@ -209,8 +209,11 @@ fn ctr_run_with_a_terminal() {
     ctrd.import_busybox().expect("import the busybox image");
     // `stty size` shows the size ctr forwards from its terminal (80x24), which may arrive just
     // after the program started: poll it.
-    let script = "for i in $(seq 100); do s=$(stty size); [ \"$s\" != '0 0' ] && break; \
-                  sleep 0.1; done; echo size=$s; [ -t 0 ] && [ -t 1 ] && echo on-a-terminal; exit 7";
+    // (Retried while it fails too: a `stty` at the very start of the program has been seen to
+    // fail once, with a stale errno.)
+    let script = "for i in $(seq 100); do s=$(stty size 2>/dev/null); \
+                  case \"$s\" in [1-9]*' '[1-9]*) break;; esac; sleep 0.1; done; \
+                  echo size=$s; [ -t 0 ] && [ -t 1 ] && echo on-a-terminal; exit 7";
     let cmd = ctrd.ctr_command(&[
         "run",
         "-t",
