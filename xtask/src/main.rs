@@ -5,6 +5,7 @@ mod bench_oci;
 mod bundle;
 mod cpio;
 mod initramfs;
+mod install;
 mod kernel;
 mod rig;
 mod testing;
@@ -47,6 +48,13 @@ enum Cmd {
         /// Passed to each test binary (a name filter, `--exact`, ...). Implies --vm-only.
         #[arg(last = true)]
         test_args: Vec<String>,
+    },
+    /// Build and install husk-vmm, husk, containerd-shim-husk-v2 (PREFIX/bin) and the guest
+    /// kernel and initramfs (PREFIX/share/husk).
+    Install {
+        /// Installation prefix.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
     },
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
@@ -109,6 +117,7 @@ fn main() -> Result<()> {
             test_args,
         })?,
         Cmd::Run => testing::run_demo()?,
+        Cmd::Install { prefix } => install::install(&prefix)?,
         Cmd::Bench { what, runs } => bench::bench(&what, runs)?,
     }
     Ok(())

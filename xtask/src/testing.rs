@@ -80,7 +80,7 @@ pub fn build_vm_artifacts() -> Result<VmArtifacts> {
 pub type RigInputs = (Vec<(PathBuf, String)>, Vec<(String, String)>);
 
 /// The binaries a VM-level run takes along.
-const VM_BINARIES: &[&str] = &["husk-vmm", "husk", "containerd-shim-husk-v2"];
+pub const VM_BINARIES: &[&str] = &["husk-vmm", "husk", "containerd-shim-husk-v2"];
 
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
