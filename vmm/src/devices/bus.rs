@@ -70,7 +70,12 @@ impl Bus {
     fn resolve(&self, addr: u64) -> Option<(u64, &SharedBusDevice)> {
         let (range, dev) = self
             .devices
-            .range(..=BusRange { base: addr, len: u64::MAX })
+            .range(
+                ..=BusRange {
+                    base: addr,
+                    len: u64::MAX,
+                },
+            )
             .next_back()?;
         (addr - range.base < range.len).then_some((addr - range.base, dev))
     }
@@ -156,11 +161,17 @@ mod tests {
         bus.insert(recorder(), 0x1000, 0x100).expect("free range");
         assert_eq!(
             bus.insert(recorder(), 0x10ff, 1),
-            Err(BusError::Overlap { base: 0x10ff, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(recorder(), 0xf00, 0x101),
-            Err(BusError::Overlap { base: 0xf00, len: 0x101 })
+            Err(BusError::Overlap {
+                base: 0xf00,
+                len: 0x101
+            })
         );
         assert_eq!(
             bus.insert(recorder(), 5, 0),
@@ -168,8 +179,12 @@ mod tests {
         );
         assert_eq!(
             bus.insert(recorder(), u64::MAX, 2),
-            Err(BusError::InvalidRange { base: u64::MAX, len: 2 })
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
-        bus.insert(recorder(), 0x1100, 0x10).expect("adjacent is fine");
+        bus.insert(recorder(), 0x1100, 0x10)
+            .expect("adjacent is fine");
     }
 }
