@@ -325,7 +325,7 @@ pub fn rig_smoke() -> Result<()> {
     let scratch = rig::tempdir("husk-xtask-smoke")?;
     let result = (|| {
         let (inputs, script) = l3_smoke_inputs(&image, &scratch)?;
-        let outcome = rig::run_in_rig(
+        let outcome = rig::run_in_rig_retrying_lockup(
             &image,
             &RigRun {
                 inputs,
@@ -380,7 +380,7 @@ fn run_tests_in_rig(
         let mut env = env;
         env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
         env.push(("RUST_BACKTRACE".into(), "1".into()));
-        let outcome = rig::run_in_rig(
+        let outcome = rig::run_in_rig_retrying_lockup(
             &image,
             &RigRun {
                 inputs,
