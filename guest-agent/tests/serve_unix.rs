@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The agent under test: this build's, or another one (e.g. the static release build in
-/// `target/x86_64-unknown-linux-gnu/release/`) named by `HUSK_AGENT_BIN`.
+/// `target/x86_64-unknown-linux-gnu/agent/`) named by `HUSK_AGENT_BIN`.
 fn agent_bin() -> std::ffi::OsString {
     std::env::var_os("HUSK_AGENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_husk-agent").into())
 }
