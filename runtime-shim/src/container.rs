@@ -171,6 +171,48 @@ impl StateDir {
     }
 }
 
+/// The `husk-vmm` command that boots the VM of the container or sandbox in `dir` with `size`,
+/// its share and its vsock socket (a stale socket of an earlier VM with the same state dir is
+/// removed first). `debug` logs at debug level and keeps the guest console in the VMM's
+/// stdout. The OCI CLI adds `--supervise`; the shim runs it as it is.
+pub fn vmm_command(
+    cfg: &crate::config::HuskConfig,
+    kernel: &Path,
+    initramfs: &Path,
+    size: crate::sizing::VmSize,
+    dir: &StateDir,
+    debug: bool,
+) -> io::Result<std::process::Command> {
+    let socket = dir.vsock_socket();
+    if !socket.starts_with(&dir.dir) {
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+    let mut cmd = std::process::Command::new(cfg.vmm_path());
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initramfs)
+        .arg("--cpus")
+        .arg(size.vcpus.to_string())
+        .arg("--mem-mib")
+        .arg(size.mem_mib.to_string())
+        .arg("--vsock-socket")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(dir.shared_dir())
+        .arg("--agent-timeout-ms")
+        .arg(cfg.agent_timeout.as_millis().to_string())
+        .arg("--log-level")
+        .arg(if debug { "debug" } else { "warn" });
+    if debug {
+        cmd.arg("--console");
+    }
+    Ok(cmd)
+}
+
 /// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot), `None`
 /// when it does not exist or is a zombie (it ran to its end and waits to be reaped).
 pub fn process_start_time(pid: i32) -> Option<u64> {

@@ -3,7 +3,7 @@
 
 use crate::bundle::{translate_spec, Bundle};
 use crate::config::HuskConfig;
-use crate::container::{process_start_time, StateDir};
+use crate::container::{process_start_time, vmm_command, StateDir};
 use crate::share::{prepare_share, remove_state_dir};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
@@ -16,7 +16,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// Options of `husk create`.
@@ -127,15 +127,6 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
 
-    let socket = dir.vsock_socket();
-    if !socket.starts_with(&dir.dir) {
-        if let Some(parent) = socket.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        // A stale socket of an earlier container with the same state dir (killed VMM).
-        let _ = std::fs::remove_file(&socket);
-    }
     let (ready_read, ready_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the ready pipe")?;
     fcntl(ready_write.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
@@ -152,38 +143,15 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     };
     write_atomic(&dir.plan_file(), &serde_json::to_vec_pretty(&plan)?)?;
 
-    let vmm = cfg.vmm_path();
-    let mut cmd = Command::new(&vmm);
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .arg("--initramfs")
-        .arg(&initramfs)
-        .arg("--cpus")
-        .arg(size.vcpus.to_string())
-        .arg("--mem-mib")
-        .arg(size.mem_mib.to_string())
-        .arg("--vsock-socket")
-        .arg(&socket)
-        .arg("--shared-dir")
-        .arg(dir.shared_dir())
-        .arg("--agent-timeout-ms")
-        .arg(cfg.agent_timeout.as_millis().to_string())
-        .arg("--log-level")
-        .arg(if globals.debug || cfg.debug {
-            "debug"
-        } else {
-            "warn"
-        })
-        .arg("--supervise")
-        .arg(dir.plan_file());
-    if globals.debug || cfg.debug {
-        // The guest console goes to the VMM's stdout, which is vmm.log in supervisor mode.
-        cmd.arg("--console");
-    }
+    let debug = globals.debug || cfg.debug;
+    // In supervisor mode the VMM's stdout (the guest console with `debug`) is vmm.log.
+    let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, debug)
+        .with_context(|| format!("preparing {}", dir.vsock_socket().display()))?;
+    cmd.arg("--supervise").arg(dir.plan_file());
     logging::debug(&format!("spawning {cmd:?}"));
     let child = cmd
         .spawn()
-        .with_context(|| format!("cannot start {}", vmm.display()))?;
+        .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
     drop(ready_write);
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     rollback.child = Some(child);

@@ -8,7 +8,7 @@
 
 use crate::agent::{call_ok, connect, AgentError};
 use crate::config::HuskConfig;
-use crate::container::{process_alive, process_start_time, StateDir};
+use crate::container::{process_alive, process_start_time, vmm_command, StateDir};
 use crate::share::{mount_share, remove_state_dir};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::write_atomic;
@@ -17,7 +17,7 @@ use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::Request;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,47 +67,21 @@ impl Sandbox {
         };
         let mut mounts = Vec::new();
         mount_share(&dir, &mut mounts).context("preparing the share")?;
-        let socket = dir.vsock_socket();
-        if !socket.starts_with(&dir.dir) {
-            if let Some(parent) = socket.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-            }
-            let _ = std::fs::remove_file(&socket);
-        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.log_file())
             .with_context(|| format!("cannot create {}", dir.log_file().display()))?;
-        let vmm = cfg.vmm_path();
-        let mut cmd = Command::new(&vmm);
-        cmd.arg("--kernel")
-            .arg(&kernel)
-            .arg("--initramfs")
-            .arg(&initramfs)
-            .arg("--cpus")
-            .arg(size.vcpus.to_string())
-            .arg("--mem-mib")
-            .arg(size.mem_mib.to_string())
-            .arg("--vsock-socket")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(dir.shared_dir())
-            .arg("--agent-timeout-ms")
-            .arg(cfg.agent_timeout.as_millis().to_string())
-            .arg("--log-level")
-            .arg(if cfg.debug { "debug" } else { "warn" })
-            .stdin(Stdio::null())
+        let socket = dir.vsock_socket();
+        let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, cfg.debug)
+            .with_context(|| format!("preparing {}", socket.display()))?;
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if cfg.debug {
-            cmd.arg("--console");
-        }
         log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
         let child = cmd
             .spawn()
-            .with_context(|| format!("cannot start {}", vmm.display()))?;
+            .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
         let pid = i32::try_from(child.id()).context("pid out of range")?;
         let start_time = process_start_time(pid).unwrap_or(0);
         guard.child = Some(child);
