@@ -6,7 +6,7 @@
 //! `/work/bin`, first on `PATH`) and passes its environment on to the shim, so the shim gets
 //! the test's husk configuration through `HUSK_CONFIG`.
 
-use crate::oci::{client_available, make_busybox_rootfs, mounts_under};
+use crate::oci::{client_available, husk_config_text, make_busybox_rootfs, mounts_under};
 use crate::{vm_artifacts, wait_until, Artifacts, TempDir};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -56,15 +56,7 @@ impl Containerd {
         let dir = TempDir::new("husk-ctrd")?;
         let socket = dir.path().join("containerd.sock");
         let husk_config = dir.path().join("husk.toml");
-        std::fs::write(
-            &husk_config,
-            format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\ndefault_mem_mib = 128\nagent_timeout_ms = 600000\n",
-                artifacts.kernel.display(),
-                artifacts.initramfs.display(),
-                artifacts.vmm.display()
-            ),
-        )?;
+        std::fs::write(&husk_config, husk_config_text(&artifacts))?;
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,

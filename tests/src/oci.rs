@@ -29,6 +29,17 @@ pub fn husk_binary() -> PathBuf {
 
 static NEXT_OUTPUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// A husk `config.toml` for tests: this build's kernel, initramfs and VMM, 128 MiB guests, and
+/// an agent timeout generous enough for a loaded rig.
+pub fn husk_config_text(artifacts: &Artifacts) -> String {
+    format!(
+        "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\ndefault_mem_mib = 128\nagent_timeout_ms = 600000\n",
+        artifacts.kernel.display(),
+        artifacts.initramfs.display(),
+        artifacts.vmm.display()
+    )
+}
+
 /// How long one client command (husk, podman, docker) may take before the test kills it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -101,15 +112,7 @@ impl OciEnv {
         let root = TempDir::new("husk-oci-root")?;
         let work = TempDir::new("husk-oci-work")?;
         let config = work.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\ndefault_mem_mib = 128\nagent_timeout_ms = 600000\n",
-                artifacts.kernel.display(),
-                artifacts.initramfs.display(),
-                artifacts.vmm.display()
-            ),
-        )?;
+        std::fs::write(&config, husk_config_text(&artifacts))?;
         let rootfs = work.path().join("rootfs");
         make_busybox_rootfs(&rootfs)?;
         Ok(OciEnv {
