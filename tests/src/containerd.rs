@@ -37,6 +37,12 @@ impl Containerd {
     /// Starts containerd for `test` in namespace `namespace`, or `None` (loudly) where VM tests
     /// cannot run, this is not root, or containerd is not installed.
     pub fn start(test: &str, namespace: &str) -> Option<Containerd> {
+        let artifacts = Containerd::available(test)?;
+        Some(Containerd::launch(artifacts, namespace, None).expect("start containerd"))
+    }
+
+    /// Whether the VM tests can run a containerd here (they skip loudly where not).
+    pub fn available(test: &str) -> Option<Artifacts> {
         let artifacts = vm_artifacts(test)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
@@ -49,32 +55,47 @@ impl Containerd {
         if !client_available(test, "containerd") || !client_available(test, "ctr") {
             return None;
         }
-        Some(Containerd::launch(artifacts, namespace).expect("start containerd"))
+        Some(artifacts)
     }
 
-    fn launch(artifacts: Artifacts, namespace: &str) -> Result<Containerd> {
+    /// Starts containerd in `dir`-relative root and state; `cri` is the CRI plugin's config
+    /// section (the plugin is disabled when `None`), in which `{dir}` stands for the
+    /// containerd's own directory.
+    pub fn launch(artifacts: Artifacts, namespace: &str, cri: Option<&str>) -> Result<Containerd> {
         let dir = TempDir::new("husk-ctrd")?;
         let socket = dir.path().join("containerd.sock");
         let husk_config = dir.path().join("husk.toml");
         std::fs::write(&husk_config, husk_config_text(&artifacts))?;
         let config = dir.path().join("config.toml");
+        let mut disabled = vec![
+            "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.zfs",
+            "io.containerd.snapshotter.v1.aufs",
+            "io.containerd.snapshotter.v1.devmapper",
+        ];
+        if cri.is_none() {
+            disabled.push("io.containerd.grpc.v1.cri");
+        }
         std::fs::write(
             &config,
             format!(
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
+disabled_plugins = {disabled:?}
 
 [grpc]
   address = "{socket}"
 
 [debug]
   level = "debug"
-"#,
+{cri}"#,
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
                 socket = socket.display(),
+                cri = cri
+                    .unwrap_or_default()
+                    .replace("{dir}", &dir.path().display().to_string()),
             ),
         )?;
         let log = std::fs::File::create(dir.path().join("containerd.log"))?;
@@ -123,6 +144,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The lines of containerd's log (with the shims' logs) that mention `needle`, at most the
+    /// last 150.
+    pub fn log_mentioning(&self, needle: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+        lines[lines.len().saturating_sub(150)..].join("\n")
     }
 
     /// `ctr --address SOCKET --namespace NS ARGS`, with `stdin` as its standard input
@@ -190,7 +220,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
     /// Builds the busybox OCI image and imports it as [`IMAGE`].
     pub fn import_busybox(&self) -> Result<()> {
-        let tar = build_busybox_image(self.dir.path())?;
+        self.import_image(
+            IMAGE,
+            json!({"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}),
+        )
+    }
+
+    /// Builds a busybox OCI image whose image config is `config` and imports it as `name`.
+    pub fn import_image(&self, name: &str, config: serde_json::Value) -> Result<()> {
+        let tar = build_busybox_image(self.dir.path(), name, config)?;
         let out = self.ctr(
             &[
                 "images",
@@ -210,8 +248,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             );
         }
         let images = self.ctr_ok(&["images", "ls", "-q"]);
-        if !images.lines().any(|l| l.trim() == IMAGE) {
-            bail!("the imported image is not listed as {IMAGE}: {images:?}");
+        if !images.lines().any(|l| l.trim() == name) {
+            bail!("the imported image is not listed as {name}: {images:?}");
         }
         Ok(())
     }
@@ -338,9 +376,11 @@ fn digest(data: &[u8], scratch: &Path) -> Result<String> {
 }
 
 /// Builds an OCI image layout tarball of a busybox image (one uncompressed layer with Debian's
-/// static busybox and its applet links) in `dir`; returns the tarball's path.
-pub fn build_busybox_image(dir: &Path) -> Result<PathBuf> {
-    let work = dir.join("image");
+/// static busybox and its applet links) named `name`, with `config` as the image config's
+/// `config` (command, environment), in `dir`; returns the tarball's path.
+pub fn build_busybox_image(dir: &Path, name: &str, config: serde_json::Value) -> Result<PathBuf> {
+    let key = digest(name.as_bytes(), &dir.join("digest.tmp"))?;
+    let work = dir.join(format!("image-{}", &key["sha256:".len()..][..12]));
     let rootfs = work.join("rootfs");
     make_busybox_rootfs(&rootfs)?;
     let layer = work.join("layer.tar");
@@ -370,7 +410,7 @@ pub fn build_busybox_image(dir: &Path) -> Result<PathBuf> {
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = put(config.to_string().as_bytes())?;
@@ -397,7 +437,7 @@ pub fn build_busybox_image(dir: &Path) -> Result<PathBuf> {
             "size": manifest_size,
             "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
-                "io.containerd.image.name": IMAGE,
+                "io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": "test",
             },
         }],

@@ -9,6 +9,7 @@
 //! `HUSK_REQUIRE_KVM=1`, where they fail.
 
 pub mod containerd;
+pub mod cri;
 pub mod oci;
 
 use anyhow::{bail, Context, Result};

@@ -31,6 +31,7 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     let (place, why) = testing::decide_vm_place()?;
     eprintln!("xtask: benchmarks run: {place:?} ({why})");
     let artifacts = testing::build_vm_artifacts()?;
+    testing::install_test_build_packages()?;
     run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(workspace_root())

@@ -356,24 +356,28 @@ pub struct RigOutcome {
     pub exit_code: i32,
 }
 
-/// L2's kernel found one of its CPUs stuck and panicked (`softlockup_panic`): the emulated
-/// nested virtualization under QEMU's TCG occasionally leaves an L2 vCPU looping in an L3 guest
-/// for good (seen in the L3 smoke check with an unmodified Debian kernel; no exit ever reaches
-/// L2, so no signal can end that process). Not a failure of the command: callers may run it
-/// again.
+/// L2's own kernel failed and panicked while running the command: a CPU stuck in a nested
+/// guest (`softlockup_panic`), or an oops (`panic_on_oops`). Both are faults of the emulated
+/// nested virtualization under QEMU's TCG, seen rarely and never on real hardware: an L2 vCPU
+/// left looping in an L3 guest for good (the L3 smoke check, with an unmodified Debian kernel),
+/// and kvm_amd's return from an L3 guest with a corrupt per-CPU base (a recursive page fault
+/// in L2's `exc_page_fault` on a `husk-vcpu` thread). Before L2 panicked on an oops, such a
+/// fault left the process of that thread unkillable and the test waiting on it for good. Not a
+/// failure of the command: callers may run it again.
 #[derive(Debug)]
-pub struct L2Lockup;
+pub struct L2KernelFault;
 
-impl std::fmt::Display for L2Lockup {
+impl std::fmt::Display for L2KernelFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(
-            "the rig's L2 kernel found a CPU stuck running a nested guest (soft lockup) and \
-             panicked: a fault of the emulated nested virtualization, not of the command",
+            "the rig's L2 kernel failed (a soft lockup or an oops while running a nested guest; \
+             see its console above) and panicked: a fault of the emulated nested \
+             virtualization, not of the command",
         )
     }
 }
 
-impl std::error::Error for L2Lockup {}
+impl std::error::Error for L2KernelFault {}
 
 /// Boots L2 with a fresh work disk, runs the command, and returns its exit code.
 pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
@@ -383,11 +387,11 @@ pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
     result
 }
 
-/// [`run_in_rig`], run once more if L2 panicked on a soft lockup ([`L2Lockup`]); a second
-/// lockup is an error.
-pub fn run_in_rig_retrying_lockup(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
+/// [`run_in_rig`], run once more if L2's kernel failed ([`L2KernelFault`]); a second fault is
+/// an error.
+pub fn run_in_rig_retrying_fault(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
     match run_in_rig(image, job) {
-        Err(e) if e.is::<L2Lockup>() => {
+        Err(e) if e.is::<L2KernelFault>() => {
             eprintln!("xtask: !!! {e}; running the whole command again, once !!!");
             run_in_rig(image, job)
         }
@@ -424,7 +428,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
     let mut qemu = qemu_command(image, &disk, interactive);
     eprintln!("xtask: booting the rig: {}", describe(&qemu));
     let started = Instant::now();
-    let (marker_code, lockup) = if interactive {
+    let (marker_code, fault) = if interactive {
         let status = qemu.status().context("spawning qemu-system-x86_64")?;
         ensure!(status.success(), "QEMU failed: {status}");
         (None, false)
@@ -458,8 +462,8 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
                 .arg(dest))?;
         }
     }
-    if lockup && file_code.or(marker_code).is_none() {
-        return Err(L2Lockup.into());
+    if fault && file_code.or(marker_code).is_none() {
+        return Err(L2KernelFault.into());
     }
     let exit_code = file_code
         .or(marker_code)
@@ -471,10 +475,11 @@ fn qemu_command(image: &RigImage, work_disk: &Path, interactive: bool) -> Comman
     let mem_mib = std::env::var("HUSK_RIG_MEM_MIB").unwrap_or_else(|_| "6144".into());
     // softlockup_panic: a CPU stuck for 2 x watchdog_thresh (60 s) panics L2, which ends the
     // run at once (panic=-1 reboots, -no-reboot exits) instead of at the run's timeout; see
-    // [`L2Lockup`]. 60 s is far above any pause a busy host gives L2's vCPU threads.
+    // [`L2KernelFault`]. 60 s is far above any pause a busy host gives L2's vCPU threads.
+    // panic_on_oops: an oops panics L2 too, rather than leaving a process unkillable.
     let mut append = format!(
         "console=ttyS0 panic=-1 loglevel=4 pci=off tsc=reliable tsc_early_khz={} \
-         softlockup_panic=1 watchdog_thresh=30",
+         softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1",
         host_tsc_khz()
     );
     if !interactive {
@@ -551,9 +556,13 @@ fn parse_cpu_mhz(cpuinfo: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// What L2's kernel prints when it fails (see [`L2KernelFault`]).
+const L2_FAULT_MARKS: &[&str] = &["soft lockup", "BUG: ", "Oops: ", "Kernel panic"];
+
 /// Runs QEMU, copying its console to our stdout line by line, and kills it at `timeout`.
 /// Returns the exit code the rig's init printed, if it printed one, and whether L2 reported a
-/// soft lockup.
+/// kernel fault (see [`L2KernelFault`]; the caller counts it only when the command did not
+/// finish, as a test's own output may quote such lines).
 fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<(Option<i32>, bool)> {
     let mut child = qemu
         .stdout(Stdio::piped())
@@ -582,7 +591,7 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<(Option<i32>,
     };
     let stdout = child.stdout.take().context("qemu stdout")?;
     let mut marker = None;
-    let mut lockup = false;
+    let mut fault = false;
     for line in BufReader::new(stdout).split(b'\n') {
         let line = line?;
         let text = String::from_utf8_lossy(&line);
@@ -591,7 +600,7 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<(Option<i32>,
         if let Some(code) = text.trim().strip_prefix(EXIT_MARKER) {
             marker = code.trim().parse().ok();
         }
-        lockup |= text.contains("soft lockup");
+        fault |= L2_FAULT_MARKS.iter().any(|mark| text.contains(mark));
     }
     let status = child.wait()?;
     done.store(true, Ordering::Relaxed);
@@ -602,10 +611,10 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<(Option<i32>,
             timeout.as_secs()
         );
     }
-    if !status.success() && marker.is_none() && !lockup {
+    if !status.success() && marker.is_none() && !fault {
         bail!("QEMU exited with {status} before the command finished");
     }
-    Ok((marker, lockup))
+    Ok((marker, fault))
 }
 
 fn shell_quote(s: &str) -> String {

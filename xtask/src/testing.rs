@@ -86,8 +86,18 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// Debian packages that building `husk-tests` needs on the host: `protoc`, for the CRI client
+/// the `k8s-cri` crate generates from the Kubernetes protobuf definitions at build time.
+const TEST_BUILD_PACKAGES: &[&str] = &["protobuf-compiler"];
+
+/// Installs what building `husk-tests` (its tests and `husk-bench`) needs.
+pub fn install_test_build_packages() -> Result<()> {
+    util::apt_install(TEST_BUILD_PACKAGES)
+}
+
 /// Builds the integration-test executables of `husk-tests` (release) and returns their paths.
 fn build_vm_test_binaries() -> Result<Vec<PathBuf>> {
+    install_test_build_packages()?;
     let out = util::output(Command::new(cargo()).current_dir(workspace_root()).args([
         "test",
         "--release",
@@ -325,7 +335,7 @@ pub fn rig_smoke() -> Result<()> {
     let scratch = rig::tempdir("husk-xtask-smoke")?;
     let result = (|| {
         let (inputs, script) = l3_smoke_inputs(&image, &scratch)?;
-        let outcome = rig::run_in_rig_retrying_lockup(
+        let outcome = rig::run_in_rig_retrying_fault(
             &image,
             &RigRun {
                 inputs,
@@ -373,14 +383,16 @@ fn run_tests_in_rig(
             inputs.push((test.clone(), format!("tests/{name}")));
             script.push_str(&format!(
                 "echo \"== husk-rig: running {name}\"\n\
-                 /work/tests/{name} --test-threads=1{extra} || {{ echo \"== husk-rig: {name} FAILED\"; rc=1; }}\n"
+                 run_test {limit} /work/tests/{name} --test-threads=1{extra} || {{ echo \"== husk-rig: {name} FAILED\"; rc=1; }}\n",
+                limit = test_binary_timeout().as_secs(),
             ));
         }
         script.push_str("exit $rc\n");
+        let script = format!("{RUN_TEST_FN}{script}");
         let mut env = env;
         env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
         env.push(("RUST_BACKTRACE".into(), "1".into()));
-        let outcome = rig::run_in_rig_retrying_lockup(
+        let outcome = rig::run_in_rig_retrying_fault(
             &image,
             &RigRun {
                 inputs,
@@ -401,6 +413,47 @@ fn run_tests_in_rig(
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
+
+/// How long one VM-level test binary may run in the rig before it is killed with a report
+/// (`HUSK_TEST_BINARY_TIMEOUT_S`, default 20 min; a whole CI run takes about 12).
+pub fn test_binary_timeout() -> Duration {
+    let secs = std::env::var("HUSK_TEST_BINARY_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1200);
+    Duration::from_secs(secs)
+}
+
+/// `run_test LIMIT CMD...` for the rig's script: runs one test binary; if it is still running
+/// after LIMIT seconds it is a hang, so the report says where everything is stuck (every
+/// process's state and kernel wait channel, the kernel stacks of the test's and husk's threads,
+/// the kernel log's tail) before the binary is killed and counted as failed. The test's own
+/// output already names the test that hung (`--test-threads=1` prints `test NAME ...` first).
+const RUN_TEST_FN: &str = r#"
+hang_report() {
+    echo "== husk-rig: HANG: $1 still running after $2 s; where everything is:"
+    ps -eo pid,ppid,stat,wchan:32,etime,args
+    for p in $(pgrep -f -- "$1") $(pgrep -f husk-vmm) $(pgrep -f containerd-shim-husk) $(pgrep -x husk); do
+        for t in /proc/$p/task/*; do
+            echo "-- pid $p task ${t##*/} ($(cat $t/comm 2>/dev/null)) $(cut -d' ' -f3 $t/stat 2>/dev/null):"
+            cat $t/stack 2>/dev/null
+        done
+    done
+    echo "-- kernel log tail:"
+    dmesg | tail -n 60
+}
+run_test() {
+    limit=$1; shift
+    "$@" &
+    tp=$!
+    ( sleep "$limit"; if kill -0 "$tp" 2>/dev/null; then hang_report "$1" "$limit"; kill -KILL "$tp"; fi ) &
+    wp=$!
+    wait "$tp"
+    trc=$?
+    kill "$wp" 2>/dev/null
+    return $trc
+}
+"#;
 
 /// How long one rig run may take before it is killed (`HUSK_RIG_TIMEOUT_S`, default 40 min).
 pub fn rig_timeout() -> Duration {

@@ -44,6 +44,12 @@ use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::{CreateContainer, ExecProcess, ProcessRef, Request, Response};
 use husk_vmm::supervisor::{wait_process, DRAIN_TIMEOUT};
+
+/// How long a waiter whose agent connection failed waits for the VMM's watcher to see the VMM
+/// exit before it calls the failure an agent error.
+const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long `Delete` tries to reach the agent to remove the container there.
+const DELETE_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -353,8 +359,11 @@ impl Shared {
                 let (status, oom) = match wait_process(waiter, &process.reference()) {
                     Ok(status) => (exit_status_code(&status), status.oom_killed),
                     Err(e) => {
-                        // The VMM died (its watcher records the kill) or the agent failed.
-                        if sandbox.alive() {
+                        // The VMM died or the agent failed. A dying VMM closes its connections
+                        // a moment before its watcher reaps it: give the watcher that moment,
+                        // so that the exit recorded below finds the sandbox dead (a `Delete`
+                        // that follows the exit event must not wait for a dead agent).
+                        if sandbox.wait_exit(Some(VMM_EXIT_GRACE)).is_none() {
                             log::error!("waiting for {}: {e}", process.describe());
                         }
                         (128 + libc::SIGKILL as u32, false)
@@ -591,14 +600,22 @@ impl Shared {
             return Ok(response);
         }
         if sandbox.alive() {
-            let removed = self.agent(&sandbox).and_then(|mut client| {
-                call_ok(
-                    &mut client,
-                    "removing the container",
-                    &Request::RemoveContainer { id: id.to_string() },
-                )
+            // Bounded well inside containerd's 10 s for a `Delete`: an agent that does not
+            // answer must not leave the task undeletable (the container's state in the guest
+            // goes with the VM anyway).
+            let removed = AgentClient::connect(&sandbox.socket(), DELETE_AGENT_TIMEOUT)
                 .map_err(|e| ShimError::Internal(e.into()))
-            });
+                .and_then(|(mut client, _)| {
+                    client
+                        .set_io_timeout(DELETE_AGENT_TIMEOUT)
+                        .map_err(|e| ShimError::Internal(e.into()))?;
+                    call_ok(
+                        &mut client,
+                        "removing the container",
+                        &Request::RemoveContainer { id: id.to_string() },
+                    )
+                    .map_err(|e| ShimError::Internal(e.into()))
+                });
             if let Err(e) = removed {
                 log::warn!("task {id}: {e}");
             }
