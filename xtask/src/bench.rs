@@ -5,6 +5,8 @@
 //! - `oci`: husk against runc, crun and gVisor's runsc as OCI runtimes (`husk-bench oci`):
 //!   `run` of `/bin/true`, idle memory, a syscall loop, reads from the rootfs. runc and crun come
 //!   with the rig's packages; runsc is fetched from Debian by [`crate::bench_oci::fetch_runsc`].
+//! - `cri`: pods through containerd's CRI plugin, runtime handler `husk` against `runc`
+//!   (`husk-bench cri`): pod start, and memory per idle pod with ten pods up at once.
 //!
 //! `HUSK_BENCH_ARGS` passes further options to `husk-bench` (split at spaces), e.g.
 //! `--idle-runs 3 --dd-runs 3 --read-runs 2` for the OCI suite's other workloads.
@@ -18,7 +20,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The suites `husk-bench` knows.
-const SUITES: &[&str] = &["boot", "oci"];
+const SUITES: &[&str] = &["boot", "oci", "cri"];
 
 /// Runs one benchmark suite.
 pub fn bench(what: &str, runs: usize) -> Result<()> {

@@ -59,7 +59,7 @@ enum Cmd {
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
-    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`).
+    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`).
     Bench {
         /// Which suite.
         what: String,

@@ -10,7 +10,10 @@
 //!   (`husk-agent ...: up`), with the same kernel, initramfs and kernel command line.
 //!
 //! `husk-bench oci`: husk against runc, crun and runsc as OCI runtimes (see `oci.rs`).
+//!
+//! `husk-bench cri`: pods through CRI, handler `husk` against `runc` (see `cri.rs`).
 
+mod cri;
 mod oci;
 
 use anyhow::{bail, Context, Result};
@@ -45,7 +48,7 @@ struct VsockRun {
     first_vcpu_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|oci [--runs N] [--out DIR] \
+const USAGE: &str = "usage: husk-bench boot|oci|cri [--runs N] [--out DIR] [cri: --idle-pods N] \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--dir DIR] [--timeout-s S]";
 
 fn main() -> Result<()> {
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         out: out.clone(),
         timeout: Duration::from_secs(1200),
     };
+    let mut idle_pods = 10usize;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -74,6 +78,7 @@ fn main() -> Result<()> {
         match arg.as_str() {
             "--runs" => runs = value("--runs")?.parse()?,
             "--out" => out = PathBuf::from(value("--out")?),
+            "--idle-pods" => idle_pods = value("--idle-pods")?.parse()?,
             "--idle-runs" => oci_opts.pss_runs = value("--idle-runs")?.parse()?,
             "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
             "--read-runs" => oci_opts.io_runs = value("--read-runs")?.parse()?,
@@ -82,6 +87,7 @@ fn main() -> Result<()> {
             "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
             "boot" => what = Some("boot"),
             "oci" => what = Some("oci"),
+            "cri" => what = Some("cri"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -96,6 +102,11 @@ fn main() -> Result<()> {
             oci_opts.out = out;
             oci::bench_oci(&oci_opts)
         }
+        Some("cri") => cri::bench_cri(&cri::CriOptions {
+            runs,
+            idle_pods,
+            out,
+        }),
         _ => bail!("{USAGE}"),
     }
 }
