@@ -273,26 +273,17 @@ impl Cri {
         command: &[&str],
         memory_limit: i64,
     ) -> Result<String, tonic::Status> {
-        let config = ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.to_string(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: IMAGE.to_string(),
-                ..Default::default()
-            }),
-            command: command.iter().map(|s| s.to_string()).collect(),
-            log_path: format!("{name}.log"),
-            linux: Some(LinuxContainerConfig {
-                resources: Some(LinuxContainerResources {
-                    memory_limit_in_bytes: memory_limit,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let config = container_config(name, command, memory_limit);
+        self.start_container_with(pod, pod_config, config)
+    }
+
+    /// CreateContainer of `config` in pod `pod`, then StartContainer; the container's id.
+    pub fn start_container_with(
+        &self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String, tonic::Status> {
         let request = CreateContainerRequest {
             pod_sandbox_id: pod.to_string(),
             config: Some(config),
@@ -440,6 +431,31 @@ impl Drop for Cri {
             .args(["link", "delete", BRIDGE])
             .stderr(std::process::Stdio::null())
             .status();
+    }
+}
+
+/// A container of the busybox image running `command`, logging to `<name>.log`, with a memory
+/// limit of `memory_limit` bytes (0: none), as the kubelet would ask for it.
+pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.to_string(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: memory_limit,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

@@ -1,9 +1,9 @@
 //! The kubelet's path: a CRI client against containerd's CRI plugin with runtime handler `husk`
 //! (see `husk_tests::cri`): a pod's lifecycle, faults, and bad annotations.
 
-use husk_tests::cri::{read_cri_log, Cri, HANDLER};
+use husk_tests::cri::{container_config, read_cri_log, Cri, HANDLER};
 use husk_tests::wait_until;
-use k8s_cri::v1::ContainerState;
+use k8s_cri::v1::{ContainerState, Mount};
 use std::time::Duration;
 
 fn kill9(pid: u32) {
@@ -62,8 +62,18 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
             0,
         )
         .unwrap_or_else(|e| panic!("server container: {e}\n{}", cri.ctrd.log_tail()));
+    // The client has a volume: a host directory bind-mounted at /data.
+    let volume = cri.ctrd.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).expect("volume dir");
+    std::fs::write(volume.join("from-host"), "host data\n").expect("volume file");
+    let mut client_config = container_config("client", &["sleep", "100000"], 0);
+    client_config.mounts.push(Mount {
+        container_path: "/data".into(),
+        host_path: volume.display().to_string(),
+        ..Default::default()
+    });
     let client = cri
-        .start_container(&pod, &pod_config, "client", &["sleep", "100000"], 0)
+        .start_container_with(&pod, &pod_config, client_config)
         .unwrap_or_else(|e| panic!("client container: {e}\n{}", cri.ctrd.log_tail()));
     assert_eq!(
         cri.vmms_of(&pod),
@@ -111,6 +121,28 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
         text(&r.stderr)
     );
 
+    // The volume, both ways.
+    let r = cri
+        .exec_sync(
+            &client,
+            &[
+                "sh",
+                "-c",
+                "cat /data/from-host && echo guest data > /data/from-guest",
+            ],
+        )
+        .expect("ExecSync on the volume");
+    assert_eq!(
+        (r.exit_code, text(&r.stdout)),
+        (0, "host data\n".to_string()),
+        "{}",
+        text(&r.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.join("from-guest")).expect("written in the guest"),
+        "guest data\n"
+    );
+
     // ExecSync carries both streams and the exit code.
     let r = cri
         .exec_sync(&client, &["sh", "-c", "echo out; echo err >&2; exit 3"])
@@ -155,9 +187,44 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
         .expect("stop and remove the server");
     cri.stop_and_remove_container(&client, 10)
         .expect("stop and remove the client");
+    let netns = cri
+        .call("PodSandboxStatus", |mut c| {
+            let request = k8s_cri::v1::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: true,
+            };
+            async move { c.pod_sandbox_status(request).await }
+        })
+        .expect("PodSandboxStatus")
+        .info
+        .get("info")
+        .and_then(|info| serde_json::from_str::<serde_json::Value>(info).ok())
+        .and_then(|info| {
+            info["runtimeSpec"]["linux"]["namespaces"]
+                .as_array()
+                .cloned()
+        })
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n["type"] == "network")
+                .and_then(|n| n["path"].as_str().map(String::from))
+        })
+        .expect("the pod's network namespace path");
+    let shim_socket = cri.ctrd.shim_socket(&pod);
+    assert!(shim_socket.exists(), "{}", shim_socket.display());
+    assert!(std::path::Path::new(&netns).exists(), "{netns}");
     cri.stop_and_remove_pod(&pod)
         .expect("stop and remove the pod");
     assert_clean(&cri);
+    assert!(
+        !shim_socket.exists(),
+        "the shim's socket is removed: {}",
+        shim_socket.display()
+    );
+    assert!(
+        !std::path::Path::new(&netns).exists(),
+        "the pod's network namespace is removed: {netns}"
+    );
 }
 
 /// `kill -9` of a pod's VMM ends every container and the pod can still be removed; `kill -9` of

@@ -5,6 +5,8 @@
 //! - `oci`: husk against runc, crun and gVisor's runsc as OCI runtimes (`husk-bench oci`):
 //!   `run` of `/bin/true`, idle memory, a syscall loop, reads from the rootfs. runc and crun come
 //!   with the rig's packages; runsc is fetched from Debian by [`crate::bench_oci::fetch_runsc`].
+//! - `boot-trace`: one husk boot with the guest kernel's messages, each line with the host
+//!   time it arrived (`HUSK_BENCH_ARGS="--trace-cmdline initcall_debug"` adds kernel parameters).
 //! - `cri`: pods through containerd's CRI plugin, runtime handler `husk` against `runc`
 //!   (`husk-bench cri`): pod start, and memory per idle pod with ten pods up at once.
 //!
@@ -20,7 +22,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The suites `husk-bench` knows.
-const SUITES: &[&str] = &["boot", "oci", "cri"];
+const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri"];
 
 /// Runs one benchmark suite.
 pub fn bench(what: &str, runs: usize) -> Result<()> {

@@ -16,7 +16,7 @@
 use crate::cpio::CpioWriter;
 use crate::util::{self, apt_install, cache_dir, describe, hash_inputs, run, write_atomic};
 use anyhow::{bail, ensure, Context, Result};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +67,8 @@ const RIG_FORMAT: &str = "husk-rig-v1";
 const ROOT_LABEL: &str = "husk-rig-root";
 const WORK_LABEL: &str = "husk-rig-work";
 const EXIT_MARKER: &str = "HUSK-RIG-EXIT=";
+/// A report a command may leave in the work disk's `out/` for the host to print after the run.
+pub const HANG_REPORT: &str = "hang-report.txt";
 
 /// A built rig: the cached files QEMU boots.
 pub struct RigImage {
@@ -428,13 +430,18 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
     let mut qemu = qemu_command(image, &disk, interactive);
     eprintln!("xtask: booting the rig: {}", describe(&qemu));
     let started = Instant::now();
-    let (marker_code, fault) = if interactive {
+    let end = if interactive {
         let status = qemu.status().context("spawning qemu-system-x86_64")?;
         ensure!(status.success(), "QEMU failed: {status}");
-        (None, false)
+        ConsoleEnd {
+            marker: None,
+            fault: false,
+            timed_out: false,
+        }
     } else {
         stream_console(&mut qemu, job.timeout)?
     };
+    let (marker_code, fault) = (end.marker, end.fault);
     eprintln!(
         "xtask: rig run finished after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -450,6 +457,17 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
+    // Reports the command left on the work disk for when L2's console is no help (a hang
+    // report written while the console was stuck; see `testing::RUN_TEST_FN`).
+    if let Ok(report) = std::fs::read_to_string(out_dir.join(HANG_REPORT)) {
+        eprintln!("xtask: {HANG_REPORT} from the rig's work disk:\n{report}");
+    }
+    if end.timed_out {
+        bail!(
+            "the rig did not finish within {} s; QEMU was killed (see the console above)",
+            job.timeout.as_secs()
+        );
+    }
     let file_code = std::fs::read_to_string(out_dir.join("exit-code"))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
@@ -477,9 +495,10 @@ fn qemu_command(image: &RigImage, work_disk: &Path, interactive: bool) -> Comman
     // run at once (panic=-1 reboots, -no-reboot exits) instead of at the run's timeout; see
     // [`L2KernelFault`]. 60 s is far above any pause a busy host gives L2's vCPU threads.
     // panic_on_oops: an oops panics L2 too, rather than leaving a process unkillable.
+    // printk.devkmsg=on: a hang report written to /dev/kmsg is not rate-limited away.
     let mut append = format!(
         "console=ttyS0 panic=-1 loglevel=4 pci=off tsc=reliable tsc_early_khz={} \
-         softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1",
+         softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1 printk.devkmsg=on",
         host_tsc_khz()
     );
     if !interactive {
@@ -559,11 +578,20 @@ fn parse_cpu_mhz(cpuinfo: &str) -> Option<f64> {
 /// What L2's kernel prints when it fails (see [`L2KernelFault`]).
 const L2_FAULT_MARKS: &[&str] = &["soft lockup", "BUG: ", "Oops: ", "Kernel panic"];
 
-/// Runs QEMU, copying its console to our stdout line by line, and kills it at `timeout`.
-/// Returns the exit code the rig's init printed, if it printed one, and whether L2 reported a
-/// kernel fault (see [`L2KernelFault`]; the caller counts it only when the command did not
-/// finish, as a test's own output may quote such lines).
-fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<(Option<i32>, bool)> {
+/// How a rig run's console ended.
+struct ConsoleEnd {
+    /// The exit code the rig's init printed, if it printed one.
+    marker: Option<i32>,
+    /// Whether L2 reported a kernel fault (see [`L2KernelFault`]; the caller counts it only
+    /// when the command did not finish, as a test's own output may quote such lines).
+    fault: bool,
+    /// Whether QEMU was killed at the run's timeout.
+    timed_out: bool,
+}
+
+/// Runs QEMU, copying its console to our stdout as it arrives (partial lines too: a test
+/// binary prints `test NAME ... ` before the test runs), and kills it at `timeout`.
+fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<ConsoleEnd> {
     let mut child = qemu
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -589,32 +617,47 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<(Option<i32>,
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         })
     };
-    let stdout = child.stdout.take().context("qemu stdout")?;
+    let mut stdout = child.stdout.take().context("qemu stdout")?;
     let mut marker = None;
     let mut fault = false;
-    for line in BufReader::new(stdout).split(b'\n') {
-        let line = line?;
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches('\r');
-        println!("{text}");
-        if let Some(code) = text.trim().strip_prefix(EXIT_MARKER) {
-            marker = code.trim().parse().ok();
+    let mut line = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut out = std::io::stdout();
+    loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the rig's console"),
+        };
+        let chunk: Vec<u8> = buf[..n].iter().copied().filter(|&b| b != b'\r').collect();
+        out.write_all(&chunk)?;
+        out.flush()?;
+        for &b in &chunk {
+            if b != b'\n' {
+                line.push(b);
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line);
+            if let Some(code) = text.trim().strip_prefix(EXIT_MARKER) {
+                marker = code.trim().parse().ok();
+            }
+            fault |= L2_FAULT_MARKS.iter().any(|mark| text.contains(mark));
+            line.clear();
         }
-        fault |= L2_FAULT_MARKS.iter().any(|mark| text.contains(mark));
     }
     let status = child.wait()?;
     done.store(true, Ordering::Relaxed);
     let _ = watchdog.join();
-    if timed_out.load(Ordering::Relaxed) {
-        bail!(
-            "the rig did not finish within {} s; QEMU was killed (see the console above)",
-            timeout.as_secs()
-        );
-    }
-    if !status.success() && marker.is_none() && !fault {
+    let timed_out = timed_out.load(Ordering::Relaxed);
+    if !timed_out && !status.success() && marker.is_none() && !fault {
         bail!("QEMU exited with {status} before the command finished");
     }
-    Ok((marker, fault))
+    Ok(ConsoleEnd {
+        marker,
+        fault,
+        timed_out,
+    })
 }
 
 fn shell_quote(s: &str) -> String {

@@ -415,21 +415,25 @@ fn run_tests_in_rig(
 }
 
 /// How long one VM-level test binary may run in the rig before it is killed with a report
-/// (`HUSK_TEST_BINARY_TIMEOUT_S`, default 20 min; a whole CI run takes about 12).
+/// (`HUSK_TEST_BINARY_TIMEOUT_S`, default 10 min; the slowest binary takes about 2 in the rig).
 pub fn test_binary_timeout() -> Duration {
     let secs = std::env::var("HUSK_TEST_BINARY_TIMEOUT_S")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1200);
+        .unwrap_or(600);
     Duration::from_secs(secs)
 }
 
-/// `run_test LIMIT CMD...` for the rig's script: runs one test binary; if it is still running
-/// after LIMIT seconds it is a hang, so the report says where everything is stuck (every
-/// process's state and kernel wait channel, the kernel stacks of the test's and husk's threads,
-/// the kernel log's tail) before the binary is killed and counted as failed. The test's own
-/// output already names the test that hung (`--test-threads=1` prints `test NAME ...` first).
+/// `run_test LIMIT CMD...` for the rig's script: runs one test binary, its output to the
+/// console and to `/work/out/tests.log`. If it is still running after LIMIT seconds it is a
+/// hang, so the report says where everything is stuck (every process's state and kernel wait
+/// channel, the kernel stacks of the test's and husk's threads, the serial port's counters,
+/// the kernel log's tail) before the binary is killed and counted as failed. The report goes
+/// to the work disk (`out/hang-report.txt`, which the host prints after the run) and to
+/// `/dev/kmsg`, whose lines reach the console even when the console's tty is stuck. The test's
+/// own output names the test that hung (`--test-threads=1` prints `test NAME ...` first).
 const RUN_TEST_FN: &str = r#"
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 hang_report() {
     echo "== husk-rig: HANG: $1 still running after $2 s; where everything is:"
     ps -eo pid,ppid,stat,wchan:32,etime,args
@@ -439,14 +443,22 @@ hang_report() {
             cat $t/stack 2>/dev/null
         done
     done
+    echo "-- serial ports:"
+    cat /proc/tty/driver/serial 2>/dev/null
     echo "-- kernel log tail:"
     dmesg | tail -n 60
 }
 run_test() {
     limit=$1; shift
-    "$@" &
+    "$@" > >(tee -a /work/out/tests.log) 2>&1 &
     tp=$!
-    ( sleep "$limit"; if kill -0 "$tp" 2>/dev/null; then hang_report "$1" "$limit"; kill -KILL "$tp"; fi ) &
+    ( sleep "$limit"
+      if kill -0 "$tp" 2>/dev/null; then
+          hang_report "$1" "$limit" > /work/out/hang-report.txt 2>&1
+          sync
+          while IFS= read -r l; do echo "<2>husk-rig: $l" > /dev/kmsg; done < /work/out/hang-report.txt
+          kill -KILL "$tp"
+      fi ) &
     wp=$!
     wait "$tp"
     trc=$?

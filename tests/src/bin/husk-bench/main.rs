@@ -12,6 +12,11 @@
 //! `husk-bench oci`: husk against runc, crun and runsc as OCI runtimes (see `oci.rs`).
 //!
 //! `husk-bench cri`: pods through CRI, handler `husk` against `runc` (see `cri.rs`).
+//!
+//! `husk-bench boot-trace`: one husk boot with the guest kernel's messages on (`loglevel=7`,
+//! plus each `--trace-cmdline P`, e.g. `initcall_debug`), each console line printed with the host
+//! time it arrived, to see where a boot spends its time (the kernel's own timestamps start
+//! only with its clock). Printing slows the boot (every console byte is an exit to the VMM).
 
 mod cri;
 mod oci;
@@ -48,7 +53,8 @@ struct VsockRun {
     first_vcpu_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|oci|cri [--runs N] [--out DIR] [cri: --idle-pods N] \
+const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri [--runs N] [--out DIR] [cri: --idle-pods N] \
+     [boot-trace: --trace-cmdline PARAM]... \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--dir DIR] [--timeout-s S]";
 
 fn main() -> Result<()> {
@@ -69,6 +75,7 @@ fn main() -> Result<()> {
         timeout: Duration::from_secs(1200),
     };
     let mut idle_pods = 10usize;
+    let mut trace_cmdline = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -78,6 +85,7 @@ fn main() -> Result<()> {
         match arg.as_str() {
             "--runs" => runs = value("--runs")?.parse()?,
             "--out" => out = PathBuf::from(value("--out")?),
+            "--trace-cmdline" => trace_cmdline.push(value("--trace-cmdline")?.clone()),
             "--idle-pods" => idle_pods = value("--idle-pods")?.parse()?,
             "--idle-runs" => oci_opts.pss_runs = value("--idle-runs")?.parse()?,
             "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
@@ -88,6 +96,7 @@ fn main() -> Result<()> {
             "boot" => what = Some("boot"),
             "oci" => what = Some("oci"),
             "cri" => what = Some("cri"),
+            "boot-trace" => what = Some("boot-trace"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -101,6 +110,10 @@ fn main() -> Result<()> {
             oci_opts.runs = runs;
             oci_opts.out = out;
             oci::bench_oci(&oci_opts)
+        }
+        Some("boot-trace") => {
+            let artifacts = vm_artifacts("husk-bench").context("no usable KVM or artifacts")?;
+            boot_trace(&artifacts, &trace_cmdline)
         }
         Some("cri") => cri::bench_cri(&cri::CriOptions {
             runs,
@@ -371,6 +384,37 @@ fn console_run(cmd: &Command, measure_rss: bool) -> Result<(f64, f64)> {
         0.0
     };
     Ok((ms, rss))
+}
+
+/// `husk-bench boot-trace` (see the module docs).
+fn boot_trace(artifacts: &Artifacts, extra: &[String]) -> Result<()> {
+    let mut cmd = husk_console_cmd(artifacts)?;
+    cmd.arg("--cmdline-extra")
+        .arg(format!("loglevel=7 {}", extra.join(" ")));
+    let started = Instant::now();
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning husk-vmm")?,
+    );
+    let stdout = child.0.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            println!("{:9.1} ms | {text}", started.elapsed().as_secs_f64() * 1e3);
+            if text.contains(AGENT_UP) {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    rx.recv_timeout(BOOT_TIMEOUT)
+        .context("the agent's console line never came")?;
+    let _ = std::fs::remove_dir_all(console_dir());
+    Ok(())
 }
 
 fn clone_command(cmd: &Command) -> Command {
