@@ -154,6 +154,10 @@ pub fn serve(flags: &containerd_shim::Flags) -> anyhow::Result<()> {
             exit.clone(),
             tokio::runtime::Handle::current(),
         ));
+        // containerd starts the shim in the bundle of the container it was started for.
+        if let Ok(spec) = task::read_spec(&std::env::current_dir().unwrap_or_default()) {
+            service.preboot(&flags.id, &spec);
+        }
         let mut services = create_task(service.clone());
         let v2 = create_task(service.clone())
             .remove(TASK_V3)

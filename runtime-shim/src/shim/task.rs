@@ -130,6 +130,9 @@ pub struct Shared {
     /// Held while the sandbox is being booted.
     boot: Mutex<()>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
+    /// The container a VM was booted for ahead of its `Create` (see [`TaskService::preboot`]);
+    /// taken by that `Create`, which then owns the VM as if it had booted it.
+    prebooted_for: Mutex<Option<String>>,
     containers: Mutex<BTreeMap<String, Container>>,
 }
 
@@ -153,8 +156,36 @@ impl TaskService {
                 runtime,
                 boot: Mutex::new(()),
                 sandbox: Mutex::new(None),
+                prebooted_for: Mutex::new(None),
                 containers: Mutex::new(BTreeMap::new()),
             }),
+        }
+    }
+
+    /// Starts booting the VM of sandbox `id` now, before containerd's `Create` for it arrives,
+    /// from `spec` (the bundle's `config.json`, which is in place when containerd starts the
+    /// shim). The boot then overlaps containerd's connecting to the shim and sending `Create`
+    /// (and, for a pod, the sandbox's rootfs mount). Only for a container that is its own
+    /// sandbox; a spec that would not size a VM is left to `Create` to refuse. If the early boot
+    /// fails, `Create` boots again and reports the error.
+    pub fn preboot(&self, id: &str, spec: &serde_json::Value) {
+        if sandbox_id_of(spec, id) != id {
+            return;
+        }
+        let Ok(sized) = sizing_spec(spec) else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let id = id.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("husk-shim-preboot".into())
+            .spawn(move || {
+                if let Err(e) = shared.sandbox_for(&id, &id, &sized, true) {
+                    log::info!("sandbox {id}: the early boot failed ({e}); Create boots again");
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("sandbox: no early boot: {e}");
         }
     }
 
@@ -239,12 +270,14 @@ impl Shared {
     }
 
     /// The sandbox `sandbox_id`, booting its VM (sized from `spec`) if this shim has none yet.
-    /// Returns whether it was booted for this call.
+    /// Returns whether it was booted for this call. An `early` boot (no `Create` yet) marks the
+    /// VM as booted for `container_id`'s coming `Create`, before anyone else can see it.
     fn sandbox_for(
         self: &Arc<Self>,
         sandbox_id: &str,
         container_id: &str,
         spec: &serde_json::Value,
+        early: bool,
     ) -> Result<(Arc<Sandbox>, bool), ShimError> {
         let _boot = lock(&self.boot);
         if let Some(sandbox) = lock(&self.sandbox).clone() {
@@ -259,7 +292,13 @@ impl Shared {
                     "the VM of sandbox {sandbox_id} has exited"
                 )));
             }
-            return Ok((sandbox, false));
+            // The `Create` a VM was booted early for owns it as if it had booted it.
+            let mut prebooted = lock(&self.prebooted_for);
+            let owns = prebooted.as_deref() == Some(container_id);
+            if owns {
+                *prebooted = None;
+            }
+            return Ok((sandbox, owns));
         }
         if sandbox_id != container_id {
             return Err(ShimError::FailedPrecondition(format!(
@@ -271,6 +310,9 @@ impl Shared {
                 .with_context(|| format!("booting the VM of sandbox {sandbox_id}"))?,
         );
         *lock(&self.sandbox) = Some(sandbox.clone());
+        if early {
+            *lock(&self.prebooted_for) = Some(container_id.to_string());
+        }
         let shared = self.clone();
         let monitored = sandbox.clone();
         std::thread::Builder::new()
@@ -401,7 +443,8 @@ impl Shared {
         let bundle =
             Bundle::load(&bundle_dir).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         let sandbox_id = sandbox_id_of(&bundle.spec, id);
-        let (sandbox, booted) = self.sandbox_for(&sandbox_id, id, &sizing_spec(&bundle.spec)?)?;
+        let (sandbox, booted) =
+            self.sandbox_for(&sandbox_id, id, &sizing_spec(&bundle.spec)?, false)?;
         if booted {
             undo.sandbox = Some(sandbox.clone());
         }
@@ -417,8 +460,22 @@ impl Shared {
         }
         translation.spec["process"]["terminal"] = serde_json::Value::Bool(req.terminal);
         if sandbox_id == id {
+            let host_netns = bundle.spec["linux"]["namespaces"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["type"] == "network"))
+                .and_then(|n| n["path"].as_str());
             if use_vm_network(&mut translation.spec) {
-                log::info!("task {id}: the sandbox uses the microVM's network namespace");
+                match host_netns {
+                    // Said loudly: a pod that expects its CNI address will not find it.
+                    Some(path) => log::warn!(
+                        "task {id}: pod networking is not supported yet: the pod's network \
+                         namespace {path} (its CNI interfaces and address) is not carried into \
+                         the microVM; the pod has the VM's loopback only"
+                    ),
+                    None => {
+                        log::info!("task {id}: the sandbox uses the microVM's network namespace")
+                    }
+                }
             }
         } else {
             let sandbox_pid = self.sandbox_init_pid(&sandbox_id)?;
@@ -979,7 +1036,7 @@ fn new_process(
     })
 }
 
-fn read_spec(bundle: &std::path::Path) -> Result<serde_json::Value, ShimError> {
+pub(crate) fn read_spec(bundle: &std::path::Path) -> Result<serde_json::Value, ShimError> {
     let path = bundle.join("config.json");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| ShimError::InvalidArgument(format!("cannot read {}: {e}", path.display())))?;
