@@ -1,6 +1,6 @@
 //! Guest RAM: anonymous, private, `MAP_NORESERVE` mappings (vm-memory's `MmapRegion::new`
 //! passes exactly these flags), split around the 32-bit MMIO gap. Untouched guest pages cost
-//! the host nothing. Read-only-at-boot images (the kernel's segments, the initramfs) can be
+//! the host nothing. The kernel's segments (read-only at boot, mostly) can be
 //! mapped over parts of it from their files, privately: see [`map_file_private`].
 //!
 //! Guest RAM is marked `MADV_NOHUGEPAGE`. On a host whose transparent huge pages are "always"

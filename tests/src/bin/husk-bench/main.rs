@@ -16,7 +16,8 @@
 //! `husk-bench boot-trace`: one husk boot with the guest kernel's messages on (`loglevel=7`,
 //! plus each `--trace-cmdline P`, e.g. `initcall_debug`), each console line printed with the host
 //! time it arrived, to see where a boot spends its time (the kernel's own timestamps start
-//! only with its clock). Printing slows the boot (every console byte is an exit to the VMM).
+//! only with its clock). Printing slows the boot (every console byte is an exit to the VMM),
+//! so a second, quiet boot counts the VM's exits by kind (KVM's debugfs statistics).
 
 mod cri;
 mod oci;
@@ -413,8 +414,73 @@ fn boot_trace(artifacts: &Artifacts, extra: &[String]) -> Result<()> {
     });
     rx.recv_timeout(BOOT_TIMEOUT)
         .context("the agent's console line never came")?;
+    drop(child);
+
+    // A quiet boot, to count its VM exits by kind (KVM's per-VM statistics in debugfs) at the
+    // agent's first line: printing would add an exit per console byte.
+    let mut cmd = husk_console_cmd(artifacts)?;
+    let started = Instant::now();
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning husk-vmm")?,
+    );
+    let stdout = child.0.stdout.take().context("stdout")?;
+    let up = BufReader::new(stdout)
+        .split(b'\n')
+        .map_while(Result::ok)
+        .any(|line| String::from_utf8_lossy(&line).contains(AGENT_UP));
+    if !up {
+        bail!("the quiet boot's agent never printed its line");
+    }
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let stats = kvm_stats(child.0.id())?;
+    println!("quiet boot: agent up after {ms:.0} ms; KVM statistics of the VM at that moment:");
+    for (name, value) in stats {
+        println!("{name:>28} {value}");
+    }
     let _ = std::fs::remove_dir_all(console_dir());
     Ok(())
+}
+
+/// KVM's statistics of the VM of process `pid` (`/sys/kernel/debug/kvm/<pid>-<fd>/`, the
+/// per-VM sums over its vCPUs), non-zero ones, largest first. Mounts debugfs if needed.
+fn kvm_stats(pid: u32) -> Result<Vec<(String, u64)>> {
+    let root = Path::new("/sys/kernel/debug");
+    if !root.join("kvm").exists() {
+        let status = Command::new("mount")
+            .args(["-t", "debugfs", "debugfs"])
+            .arg(root)
+            .status()
+            .context("mount debugfs")?;
+        if !status.success() {
+            bail!("cannot mount debugfs at {}", root.display());
+        }
+    }
+    let prefix = format!("{pid}-");
+    let dir = std::fs::read_dir(root.join("kvm"))?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .with_context(|| format!("no KVM statistics for pid {pid}"))?
+        .path();
+    let mut stats = Vec::new();
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        if !entry.path().is_file() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if let Ok(value) = text.trim().parse::<u64>() {
+            if value > 0 {
+                stats.push((entry.file_name().to_string_lossy().into_owned(), value));
+            }
+        }
+    }
+    stats.sort_by(|a, b| b.1.cmp(&a.1));
+    Ok(stats)
 }
 
 fn clone_command(cmd: &Command) -> Command {

@@ -183,8 +183,16 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<KernelEntry, LoadEr
     })
 }
 
-/// Loads the initramfs page aligned at the top of low RAM, above `kernel_end`, mapped
-/// copy-on-write from the file (the partial last page is copied).
+/// Loads the initramfs page aligned at the top of low RAM, above `kernel_end`, copied into
+/// guest memory.
+///
+/// Copied, not mapped from the file like the kernel's segments: the guest writes every page of
+/// it once it has unpacked it (the kernel poisons the initrd's pages as it frees them), so a
+/// file mapping saves no memory, and it costs the guest time: each page is first mapped into
+/// the guest read-only, then the poisoning write breaks the copy-on-write, which makes KVM zap
+/// the mapping, flush TLBs and fault again. Measured in the rig (KVM's statistics at the
+/// agent's first line, `husk-bench boot-trace`): per boot, VM exits 9,487 -> 8,029, NPT faults
+/// 7,828 -> 6,396, remote TLB flushes 1,448 -> 730.
 pub fn load_initramfs(
     mem: &GuestMemory,
     mem_size: u64,
@@ -204,7 +212,7 @@ pub fn load_initramfs(
             size,
         }
     })?;
-    place_file_range(mem, &file, 0, addr, size).map_err(io_err)?;
+    copy_file_range(mem, &file, 0, addr, size).map_err(io_err)?;
     Ok(InitramfsPlacement { addr, size })
 }
 
