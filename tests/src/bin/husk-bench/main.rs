@@ -479,7 +479,7 @@ fn kvm_stats(pid: u32) -> Result<Vec<(String, u64)>> {
             }
         }
     }
-    stats.sort_by(|a, b| b.1.cmp(&a.1));
+    stats.sort_by_key(|s| std::cmp::Reverse(s.1));
     Ok(stats)
 }
 
