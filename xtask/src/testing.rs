@@ -417,10 +417,15 @@ fn run_tests_in_rig(
 /// How long one VM-level test binary may run in the rig before it is killed with a report
 /// (`HUSK_TEST_BINARY_TIMEOUT_S`, default 10 min; the slowest binary takes about 2 in the rig).
 pub fn test_binary_timeout() -> Duration {
-    let secs = std::env::var("HUSK_TEST_BINARY_TIMEOUT_S")
+    secs_from_env("HUSK_TEST_BINARY_TIMEOUT_S", 600)
+}
+
+/// Seconds from the environment variable `name`, else `default`.
+fn secs_from_env(name: &str, default: u64) -> Duration {
+    let secs = std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(default);
     Duration::from_secs(secs)
 }
 
@@ -469,9 +474,5 @@ run_test() {
 
 /// How long one rig run may take before it is killed (`HUSK_RIG_TIMEOUT_S`, default 40 min).
 pub fn rig_timeout() -> Duration {
-    let secs = std::env::var("HUSK_RIG_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2400);
-    Duration::from_secs(secs)
+    secs_from_env("HUSK_RIG_TIMEOUT_S", 2400)
 }

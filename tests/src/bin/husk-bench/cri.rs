@@ -11,11 +11,11 @@
 //!    the guest memory the host backs; runc: the shims, pause and container processes), per
 //!    pod. containerd's own growth is left out for both.
 
+use crate::oci::{comm, pids, pss_rss_kib};
 use anyhow::{bail, Context, Result};
 use husk_tests::cri::{Cri, HANDLER, RUNC_HANDLER};
 use husk_tests::{stats, vm_artifacts};
 use serde_json::json;
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -38,37 +38,11 @@ struct Start {
     container_ms: f64,
 }
 
-fn pids() -> BTreeSet<u32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// `Pss` in KiB of a process; `None` for kernel threads (no user memory) and processes gone.
 fn pss_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let rss: u64 = field(&text, "Rss:")?;
-    (rss > 0).then_some(())?;
-    field(&text, "Pss:")
-}
-
-fn field(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(name))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    pss_rss_kib(pid)
+        .filter(|(_, rss)| *rss > 0)
+        .map(|(pss, _)| pss)
 }
 
 fn start_pod(cri: &Cri, handler: &str, name: &str) -> Result<(String, Start)> {

@@ -393,14 +393,7 @@ fn boot_trace(artifacts: &Artifacts, extra: &[String]) -> Result<()> {
     cmd.arg("--cmdline-extra")
         .arg(format!("loglevel=7 {}", extra.join(" ")));
     let started = Instant::now();
-    let mut child = KillOnDrop(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning husk-vmm")?,
-    );
-    let stdout = child.0.stdout.take().context("stdout")?;
+    let (child, stdout) = spawn_with_stdout(&mut cmd)?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
@@ -420,14 +413,7 @@ fn boot_trace(artifacts: &Artifacts, extra: &[String]) -> Result<()> {
     // agent's first line: printing would add an exit per console byte.
     let mut cmd = husk_console_cmd(artifacts)?;
     let started = Instant::now();
-    let mut child = KillOnDrop(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning husk-vmm")?,
-    );
-    let stdout = child.0.stdout.take().context("stdout")?;
+    let (child, stdout) = spawn_with_stdout(&mut cmd)?;
     let up = BufReader::new(stdout)
         .split(b'\n')
         .map_while(Result::ok)
@@ -443,6 +429,19 @@ fn boot_trace(artifacts: &Artifacts, extra: &[String]) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(console_dir());
     Ok(())
+}
+
+/// Spawns husk-vmm from `cmd` with its stdout piped to us; killed when the handle drops.
+fn spawn_with_stdout(cmd: &mut Command) -> Result<(KillOnDrop, std::process::ChildStdout)> {
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning husk-vmm")?,
+    );
+    let stdout = child.0.stdout.take().context("stdout")?;
+    Ok((child, stdout))
 }
 
 /// KVM's statistics of the VM of process `pid` (`/sys/kernel/debug/kvm/<pid>-<fd>/`, the

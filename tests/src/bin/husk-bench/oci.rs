@@ -353,7 +353,7 @@ fn real_seconds(stderr: &str) -> Vec<f64> {
 }
 
 /// Every pid in `/proc` now.
-fn pids() -> BTreeSet<u32> {
+pub(crate) fn pids() -> BTreeSet<u32> {
     std::fs::read_dir("/proc")
         .map(|d| {
             d.flatten()
@@ -365,7 +365,7 @@ fn pids() -> BTreeSet<u32> {
 
 /// `(Pss, Rss)` in KiB of a process from `/proc/PID/smaps_rollup`; `None` for kernel threads,
 /// zombies and processes gone meanwhile.
-fn pss_rss_kib(pid: u32) -> Option<(u64, u64)> {
+pub(crate) fn pss_rss_kib(pid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let field = |name: &str| -> Option<u64> {
         text.lines()
@@ -396,7 +396,7 @@ fn file_id(path: &Path) -> Result<(u64, u64)> {
     ))
 }
 
-fn comm(pid: u32) -> String {
+pub(crate) fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
