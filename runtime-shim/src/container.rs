@@ -240,6 +240,43 @@ pub fn process_alive(pid: i32, start_time: u64) -> bool {
     process_start_time(pid) == Some(start_time)
 }
 
+/// Undoes a VM that was being set up, if dropped while armed: kills and reaps the VMM (or
+/// supervisor) child, unmounts and removes the state directory. `create` and the shim's
+/// sandbox boot hold one until the VM is theirs for good; `warn` reports a cleanup that failed.
+pub struct VmRollback<'a> {
+    pub dir: &'a StateDir,
+    pub child: Option<std::process::Child>,
+    pub armed: bool,
+    warn: fn(&str),
+}
+
+impl<'a> VmRollback<'a> {
+    /// An armed rollback of `dir`, with no child yet.
+    pub fn new(dir: &'a StateDir, warn: fn(&str)) -> VmRollback<'a> {
+        VmRollback {
+            dir,
+            child: None,
+            armed: true,
+            warn,
+        }
+    }
+}
+
+impl Drop for VmRollback<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = crate::share::remove_state_dir(self.dir) {
+            (self.warn)(&format!("cleanup after a failed VM set-up: {e:#}"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

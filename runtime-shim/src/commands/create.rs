@@ -3,8 +3,8 @@
 
 use crate::bundle::{translate_spec, Bundle};
 use crate::config::HuskConfig;
-use crate::container::{process_start_time, vmm_command, StateDir};
-use crate::share::{prepare_share, remove_state_dir};
+use crate::container::{process_start_time, vmm_command, StateDir, VmRollback};
+use crate::share::prepare_share;
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
 use crate::{logging, Globals};
@@ -57,28 +57,6 @@ pub fn create(globals: &Globals, args: &CreateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Undoes a partial create: stops the VMM, unmounts, removes the state directory.
-struct Rollback<'a> {
-    dir: &'a StateDir,
-    child: Option<Child>,
-    armed: bool,
-}
-
-impl Drop for Rollback<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Err(e) = remove_state_dir(self.dir) {
-            logging::warn(&format!("cleanup after a failed create: {e:#}"));
-        }
-    }
-}
-
 /// Checks the console socket the engine gave: it must exist and be a Unix socket.
 pub fn validate_console_socket(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path)
@@ -119,11 +97,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     }
 
     let _lock = dir.create_locked()?;
-    let mut rollback = Rollback {
-        dir: &dir,
-        child: None,
-        armed: true,
-    };
+    let mut rollback = VmRollback::new(&dir, logging::warn);
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
 

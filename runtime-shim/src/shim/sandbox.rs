@@ -8,7 +8,7 @@
 
 use crate::agent::{call_ok, connect, AgentError};
 use crate::config::HuskConfig;
-use crate::container::{process_alive, process_start_time, vmm_command, StateDir};
+use crate::container::{process_alive, process_start_time, vmm_command, StateDir, VmRollback};
 use crate::share::{mount_share, remove_state_dir};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::write_atomic;
@@ -60,11 +60,7 @@ impl Sandbox {
         let initramfs = cfg.initramfs_path()?;
         let dir = StateDir::new(root, id)?;
         let _lock = dir.create_locked()?;
-        let mut guard = BootGuard {
-            dir: &dir,
-            child: None,
-            armed: true,
-        };
+        let mut guard = VmRollback::new(&dir, |m| log::warn!("{m}"));
         let mut mounts = Vec::new();
         mount_share(&dir, &mut mounts).context("preparing the share")?;
         let log = std::fs::OpenOptions::new()
@@ -223,28 +219,6 @@ impl Sandbox {
                 nix::unistd::Pid::from_raw(self.vmm_pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-        }
-    }
-}
-
-/// Undoes a failed boot: kills the VMM, unmounts, removes the state directory.
-struct BootGuard<'a> {
-    dir: &'a StateDir,
-    child: Option<std::process::Child>,
-    armed: bool,
-}
-
-impl Drop for BootGuard<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Err(e) = remove_state_dir(self.dir) {
-            log::warn!("cleanup after a failed boot: {e:#}");
         }
     }
 }
