@@ -175,6 +175,29 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
         "cpu: {cpu:?}"
     );
 
+    // UpdateContainerResources reaches the container's cgroup in the guest.
+    let memory_max = |id: &str| {
+        let r = cri
+            .exec_sync(id, &["cat", "/sys/fs/cgroup/memory.max"])
+            .expect("ExecSync memory.max");
+        assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+        text(&r.stdout).trim().to_string()
+    };
+    assert_eq!(memory_max(&server), "max");
+    cri.call("UpdateContainerResources", |mut c| {
+        let request = k8s_cri::v1::UpdateContainerResourcesRequest {
+            container_id: server.clone(),
+            linux: Some(k8s_cri::v1::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        async move { c.update_container_resources(request).await }
+    })
+    .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", cri.ctrd.log_tail()));
+    assert_eq!(memory_max(&server), (64u64 << 20).to_string());
+
     // The container's output reached CRI's log file, stream by stream.
     let log = cri.log_path("web", "server");
     let logged = wait_until(Duration::from_secs(30), || {
