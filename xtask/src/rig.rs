@@ -360,12 +360,14 @@ pub struct RigOutcome {
 
 /// L2's own kernel failed and panicked while running the command: a CPU stuck in a nested
 /// guest (`softlockup_panic`), or an oops (`panic_on_oops`). Both are faults of the emulated
-/// nested virtualization under QEMU's TCG, seen rarely and never on real hardware: an L2 vCPU
-/// left looping in an L3 guest for good (the L3 smoke check, with an unmodified Debian kernel),
-/// and kvm_amd's return from an L3 guest with a corrupt per-CPU base (a recursive page fault
-/// in L2's `exc_page_fault` on a `husk-vcpu` thread). Before L2 panicked on an oops, such a
-/// fault left the process of that thread unkillable and the test waiting on it for good. Not a
-/// failure of the command: callers may run it again.
+/// nested virtualization under QEMU's TCG, seen now and then (a few runs in a day's dozens)
+/// and never on real hardware: an L2 vCPU left looping in an L3 guest for good (the L3 smoke
+/// check, with an unmodified Debian kernel), L2's KVM stuck injecting a timer interrupt into a
+/// 4-vCPU guest (`kvm_inject_apic_timer_irqs`), and kvm_amd's return from an L3 guest with a
+/// corrupt per-CPU base (a recursive page fault in L2's `exc_page_fault` on a `husk-vcpu`
+/// thread). Before L2 panicked on an oops, such a fault left the process of that thread
+/// unkillable and the test waiting on it for good. Not a failure of the command: callers may
+/// run it again.
 #[derive(Debug)]
 pub struct L2KernelFault;
 
@@ -389,15 +391,23 @@ pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
     result
 }
 
-/// [`run_in_rig`], run once more if L2's kernel failed ([`L2KernelFault`]); a second fault is
-/// an error.
+/// How many times a command is run again after an [`L2KernelFault`].
+const FAULT_RETRIES: usize = 2;
+
+/// [`run_in_rig`], run again (up to [`FAULT_RETRIES`] times) if L2's kernel failed
+/// ([`L2KernelFault`]); a fault on the last attempt is an error.
 pub fn run_in_rig_retrying_fault(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
-    match run_in_rig(image, job) {
-        Err(e) if e.is::<L2KernelFault>() => {
-            eprintln!("xtask: !!! {e}; running the whole command again, once !!!");
-            run_in_rig(image, job)
+    let mut attempt = 0;
+    loop {
+        match run_in_rig(image, job) {
+            Err(e) if e.is::<L2KernelFault>() && attempt < FAULT_RETRIES => {
+                attempt += 1;
+                eprintln!(
+                    "xtask: !!! {e}; running the whole command again ({attempt} of {FAULT_RETRIES}) !!!"
+                );
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 

@@ -44,17 +44,17 @@ use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::{CreateContainer, ExecProcess, ProcessRef, Request, Response};
 use husk_vmm::supervisor::{wait_process, DRAIN_TIMEOUT};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 
 /// How long a waiter whose agent connection failed waits for the VMM's watcher to see the VMM
 /// exit before it calls the failure an agent error.
 const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long `Delete` tries to reach the agent to remove the container there.
 const DELETE_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
 
 /// Where a process is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1000,7 +1000,12 @@ impl Shared {
         if !now && !lock(&self.containers).is_empty() {
             return Ok(());
         }
-        let sandbox = lock(&self.sandbox).take();
+        // A boot in progress (an early one, see `TaskService::preboot`) finishes first, so that
+        // its VM is stopped here rather than left behind by a shim that has gone.
+        let sandbox = {
+            let _boot = lock(&self.boot);
+            lock(&self.sandbox).take()
+        };
         let exit = self.exit.clone();
         std::thread::Builder::new()
             .name("husk-shim-shutdown".into())
