@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod container;
 pub mod logging;
+pub mod network;
 pub mod share;
 pub mod shim;
 pub mod sizing;

@@ -77,6 +77,17 @@ impl Cri {
             eprintln!("!!! SKIPPED {test}: no CNI plugins in /usr/lib/cni !!!");
             return None;
         }
+        // Pod networking needs /dev/net/tun; a node loads `tun` at boot, the rig's L2 does not.
+        if !Path::new("/dev/net/tun").exists() {
+            let loaded = std::process::Command::new("modprobe")
+                .arg("tun")
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                loaded && Path::new("/dev/net/tun").exists(),
+                "{test}: no /dev/net/tun, and `modprobe tun` did not provide it"
+            );
+        }
         Some(Cri::launch(artifacts).expect("start containerd with CRI"))
     }
 

@@ -16,6 +16,20 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A plain HTTP/1.0 GET of `/` from `ip:port`; the whole response.
+fn http_get(ip: &str, port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}")
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{e}")))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
 fn assert_clean(cri: &Cri) {
     let mut left = Vec::new();
     let clean = wait_until(Duration::from_secs(60), || {
@@ -142,6 +156,36 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
         std::fs::read_to_string(volume.join("from-guest")).expect("written in the guest"),
         "guest data\n"
     );
+
+    // The pod's own address, from the host: CNI's interface carried into the VM.
+    let pod_ip = cri
+        .call("PodSandboxStatus", |mut c| {
+            let request = k8s_cri::v1::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            };
+            async move { c.pod_sandbox_status(request).await }
+        })
+        .expect("PodSandboxStatus")
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(!pod_ip.is_empty(), "CNI gave the pod an address");
+    let mut reply = String::new();
+    let served = wait_until(Duration::from_secs(60), || {
+        reply = http_get(&pod_ip, 8080).unwrap_or_else(|e| e.to_string());
+        reply.ends_with("\r\n\r\npong\n")
+    });
+    assert!(
+        served,
+        "GET http://{pod_ip}:8080/ from the host: {reply:?}\n{}",
+        cri.ctrd.log_tail()
+    );
+    let r = cri
+        .exec_sync(&client, &["cat", "/sys/class/net/eth0/address"])
+        .expect("ExecSync eth0");
+    assert_eq!(r.exit_code, 0, "the guest has eth0: {}", text(&r.stderr));
 
     // ExecSync carries both streams and the exit code.
     let r = cri

@@ -23,6 +23,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{Net, NetError, Tap};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -124,6 +125,9 @@ pub enum BuildError {
     /// The virtio-fs device.
     #[error("failed to create the virtio-fs device")]
     Fs(#[from] FsError),
+    /// The network card.
+    #[error("failed to create the network device")]
+    Net(#[from] NetError),
     /// The device event loop.
     #[error("failed to create the device event loop")]
     EventManager(event_manager::Error),
@@ -183,6 +187,16 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     if let Some(dir) = &cfg.shared_dir {
         let fs = Arc::new(Mutex::new(Fs::new(dir)?));
         mmio.attach_virtio_device(fs, &mut event_manager, &mut cmdline)?;
+    }
+    if let Some(net_cfg) = &cfg.net {
+        // SAFETY: the descriptor was handed to this process for the network card alone (the
+        // `--net-tap-fd` contract); nothing else in the VMM opens or uses it.
+        let tap = unsafe { Tap::from_raw_fd(net_cfg.tap_fd) }?;
+        let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac)?));
+        mmio.attach_virtio_device(net, &mut event_manager, &mut cmdline)?;
+        if let Some(param) = net_cfg.kernel_ip_param() {
+            cmdline.insert_str(&param).map_err(BuildError::Cmdline)?;
+        }
     }
 
     if let Some(extra) = &cfg.cmdline_extra {

@@ -97,6 +97,63 @@ pub struct VmConfig {
     pub allow_kvm_pvm: bool,
     /// Host directory shared with the guest through virtio-fs (tag `husk`).
     pub shared_dir: Option<PathBuf>,
+    /// A network card over an inherited TAP device.
+    pub net: Option<NetConfig>,
+}
+
+/// The guest's network card: the TAP it sits on, its MAC, and the IPv4 configuration the guest
+/// kernel applies at boot (`ip=` on the command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// An open TAP (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) the VMM inherits and takes over.
+    pub tap_fd: i32,
+    /// The card's MAC address.
+    pub mac: [u8; 6],
+    /// The guest's address and prefix length.
+    pub ipv4: Option<(std::net::Ipv4Addr, u8)>,
+    /// The default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl NetConfig {
+    /// The kernel's IP autoconfiguration parameter for this card (`eth0`), if it has an
+    /// address: `ip=<address>::<gateway>:<netmask>::eth0:off`.
+    pub fn kernel_ip_param(&self) -> Option<String> {
+        let (addr, prefix) = self.ipv4?;
+        let mask =
+            std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0));
+        let gateway = self.gateway.map(|g| g.to_string()).unwrap_or_default();
+        Some(format!("ip={addr}::{gateway}:{mask}::eth0:off"))
+    }
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16)
+            .ok()
+            .filter(|_| part.len() == 2)
+            .ok_or_else(|| format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    Ok(mac)
+}
+
+/// Parses an IPv4 address with a prefix length, `10.0.0.2/24`.
+pub fn parse_ipv4_cidr(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let bad = || format!("{text:?} is not an IPv4 address with a prefix length (10.0.0.2/24)");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(bad)?;
+    Ok((addr, prefix))
 }
 
 impl VmConfig {
@@ -115,6 +172,7 @@ impl VmConfig {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             allow_kvm_pvm: false,
             shared_dir: None,
+            net: None,
         }
     }
 }
@@ -251,6 +309,45 @@ mod tests {
             mem_size_mib: 32,
             ..VmConfig::new(kernel, dir.join("v.sock"))
         }
+    }
+
+    #[test]
+    fn network_parameters_parse_and_make_the_kernel_ip_parameter() {
+        assert_eq!(
+            parse_mac("02:aB:00:11:22:ff"),
+            Ok([2, 0xab, 0, 0x11, 0x22, 0xff])
+        );
+        for bad in [
+            "02:ab:00:11:22",
+            "02:ab:00:11:22:gg",
+            "2:ab:00:11:22:33",
+            "",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        let (addr, prefix) = parse_ipv4_cidr("10.88.0.5/24").expect("cidr");
+        assert_eq!((addr.to_string(), prefix), ("10.88.0.5".to_string(), 24));
+        for bad in ["10.88.0.5", "10.88.0.5/33", "10.88.0.5/0", "x/24"] {
+            assert!(parse_ipv4_cidr(bad).is_err(), "{bad}");
+        }
+        let mut net = NetConfig {
+            tap_fd: 3,
+            mac: [2, 0, 0, 0, 0, 1],
+            ipv4: Some((addr, prefix)),
+            gateway: Some("10.88.0.1".parse().expect("ip")),
+        };
+        assert_eq!(
+            net.kernel_ip_param().as_deref(),
+            Some("ip=10.88.0.5::10.88.0.1:255.255.255.0::eth0:off")
+        );
+        net.gateway = None;
+        net.ipv4 = Some((addr, 32));
+        assert_eq!(
+            net.kernel_ip_param().as_deref(),
+            Some("ip=10.88.0.5:::255.255.255.255::eth0:off")
+        );
+        net.ipv4 = None;
+        assert_eq!(net.kernel_ip_param(), None);
     }
 
     #[test]

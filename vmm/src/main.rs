@@ -53,6 +53,20 @@ struct Args {
     /// Share this host directory with the guest through virtio-fs (tag `husk`).
     #[arg(long)]
     shared_dir: Option<PathBuf>,
+    /// A network card over this inherited TAP file descriptor (opened with IFF_TAP, IFF_NO_PI
+    /// and IFF_VNET_HDR; husk-vmm takes it over).
+    #[arg(long, requires = "net_mac")]
+    net_tap_fd: Option<i32>,
+    /// The network card's MAC address.
+    #[arg(long, value_parser = husk_vmm::config::parse_mac, requires = "net_tap_fd")]
+    net_mac: Option<[u8; 6]>,
+    /// The guest's IPv4 address on the card, with its prefix length (10.0.0.2/24): the guest
+    /// kernel configures eth0 with it at boot.
+    #[arg(long, value_parser = husk_vmm::config::parse_ipv4_cidr, requires = "net_tap_fd")]
+    net_ip: Option<(std::net::Ipv4Addr, u8)>,
+    /// The guest's default gateway on the card.
+    #[arg(long, requires = "net_ip")]
+    net_gateway: Option<std::net::Ipv4Addr>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -71,6 +85,15 @@ fn run(args: Args) -> anyhow::Result<i32> {
         agent_timeout: Duration::from_millis(args.agent_timeout_ms),
         allow_kvm_pvm: args.allow_kvm_pvm,
         shared_dir: args.shared_dir,
+        net: match (args.net_tap_fd, args.net_mac) {
+            (Some(tap_fd), Some(mac)) => Some(husk_vmm::config::NetConfig {
+                tap_fd,
+                mac,
+                ipv4: args.net_ip,
+                gateway: args.net_gateway,
+            }),
+            _ => None,
+        },
     };
     if let Some(plan) = &args.supervise {
         return husk_vmm::supervisor::run_supervised(&cfg, plan)

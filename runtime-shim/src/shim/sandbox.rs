@@ -9,6 +9,7 @@
 use crate::agent::{call_ok, connect, AgentError};
 use crate::config::HuskConfig;
 use crate::container::{process_alive, process_start_time, vmm_command, StateDir, VmRollback};
+use crate::network;
 use crate::share::{mount_share, remove_state_dir};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::write_atomic;
@@ -16,6 +17,8 @@ use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::Request;
 use serde::{Deserialize, Serialize};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex};
@@ -74,10 +77,34 @@ impl Sandbox {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // The pod's CNI interface, carried into the VM over a TAP (see `crate::network`).
+        let network = match network::netns_path(spec) {
+            Some(netns) => network::prepare(&netns)
+                .with_context(|| format!("wiring the pod's network {}", netns.display()))?,
+            None => None,
+        };
+        if let Some(net) = &network {
+            log::info!(
+                "sandbox {id}: the pod's {} ({}, {}) goes to the VM's eth0 through {}",
+                net.interface,
+                net.mac,
+                net.ipv4.as_deref().unwrap_or("no IPv4 address"),
+                network::TAP_NAME
+            );
+            cmd.args(net.vmm_args(VMM_TAP_FD));
+            let tap = net.tap.as_raw_fd();
+            // SAFETY: between fork and exec the closure only calls dup2(2)/fcntl(2), which are
+            // async-signal-safe, on descriptors that are open in the child.
+            unsafe {
+                cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
+            }
+        }
         log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+        // The VMM has its own copy of the TAP now.
+        drop(network);
         let pid = i32::try_from(child.id()).context("pid out of range")?;
         let start_time = process_start_time(pid).unwrap_or(0);
         guard.child = Some(child);
@@ -221,6 +248,26 @@ impl Sandbox {
             );
         }
     }
+}
+
+/// The descriptor number the VMM finds the pod's TAP at.
+const VMM_TAP_FD: i32 = 3;
+
+/// In a forked child: makes `fd` available as `target`, inherited across exec.
+fn pass_fd(fd: i32, target: i32) -> std::io::Result<()> {
+    if fd == target {
+        // Already there: only the close-on-exec flag has to go.
+        // SAFETY: fcntl on a descriptor open in this process; touches only its flags.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    // SAFETY: dup2 of an open descriptor; the new one has no close-on-exec flag.
+    if unsafe { libc::dup2(fd, target) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Cleans up a sandbox whose shim is gone: SIGKILLs its VMM if it still runs (checked against

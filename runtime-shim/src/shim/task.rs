@@ -460,22 +460,10 @@ impl Shared {
         }
         translation.spec["process"]["terminal"] = serde_json::Value::Bool(req.terminal);
         if sandbox_id == id {
-            let host_netns = bundle.spec["linux"]["namespaces"]
-                .as_array()
-                .and_then(|ns| ns.iter().find(|n| n["type"] == "network"))
-                .and_then(|n| n["path"].as_str());
             if use_vm_network(&mut translation.spec) {
-                match host_netns {
-                    // Said loudly: a pod that expects its CNI address will not find it.
-                    Some(path) => log::warn!(
-                        "task {id}: pod networking is not supported yet: the pod's network \
-                         namespace {path} (its CNI interfaces and address) is not carried into \
-                         the microVM; the pod has the VM's loopback only"
-                    ),
-                    None => {
-                        log::info!("task {id}: the sandbox uses the microVM's network namespace")
-                    }
-                }
+                // The pod's CNI interface, if it has one, was carried into the VM's network
+                // namespace when the VM booted (see `crate::network`).
+                log::info!("task {id}: the sandbox uses the microVM's network namespace");
             }
         } else {
             let sandbox_pid = self.sandbox_init_pid(&sandbox_id)?;

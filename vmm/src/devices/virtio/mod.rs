@@ -1,7 +1,7 @@
 //! Virtio 1.x devices over the MMIO transport.
 //!
 //! [`mmio::MmioTransport`] implements the virtio-mmio (version 2) register file and the device
-//! status state machine; each device (`vsock`, `rng`, `fs`) implements [`VirtioDevice`] for the
+//! status state machine; each device (`vsock`, `rng`, `fs`, `net`) implements [`VirtioDevice`] for the
 //! transport and `event_manager::MutEventSubscriber` for its queue and backend events on the
 //! device thread. The part of both that all devices share lives in one
 //! [`device_state::VirtioDeviceState`] each device embeds.
@@ -9,6 +9,7 @@
 pub mod device_state;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 

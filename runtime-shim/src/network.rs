@@ -1,0 +1,283 @@
+//! Pod networking: the pod's CNI interface carried into its microVM.
+//!
+//! containerd's CRI plugin creates the pod's network namespace and has CNI put an interface in
+//! it (a veth end, `eth0`, with the pod's address) before the sandbox starts. The VM cannot
+//! join a host namespace, so the shim wires the interface to the VM's network card the way
+//! Kata Containers does: in the pod's namespace it creates a TAP device (`husk0`) and mirrors
+//! every frame between the two with `tc` (an ingress qdisc on each, whose filter redirects
+//! everything to the other's egress). husk-vmm gets the TAP's file descriptor, and a virtio-net
+//! card with the CNI interface's MAC address; the guest kernel configures the pod's IPv4
+//! address and default route on its `eth0` at boot. To the host network the guest is the pod:
+//! same MAC, same address.
+//!
+//! Departure from DESIGN.md, which has the agent configure the guest's interface: the MAC is
+//! the virtio-net card's own (its configuration space), and the address and default route are
+//! applied by the guest kernel's IP autoconfiguration (`ip=` on the command line, which
+//! husk-vmm adds for its card). That costs no agent round trip, is in place before `/init`
+//! runs, and keeps netlink code out of the agent; what it cannot do yet is more than one IPv4
+//! address, IPv6, or routes other than the default one, which would move to the agent.
+//!
+//! The TAP goes with the namespace when CNI tears the pod down (and with the VMM's descriptor
+//! before that), so nothing here needs removing. The links and `tc` filters are set up with
+//! iproute2's `ip` and `tc` (present on every Kubernetes node), run in the namespace.
+//! IPv6 addresses are not carried yet: the guest's `eth0` gets the IPv4 configuration only.
+
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The TAP device's name in the pod's namespace.
+pub const TAP_NAME: &str = "husk0";
+
+/// `TUNSETIFF`: `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+/// The pod's network as the VM gets it.
+#[derive(Debug)]
+pub struct PodNetwork {
+    /// The TAP, open, for husk-vmm's `--net-tap-fd`.
+    pub tap: File,
+    /// The CNI interface it mirrors, and that interface's MAC (the guest card's).
+    pub interface: String,
+    pub mac: String,
+    /// The pod's IPv4 address with its prefix length (`10.88.0.5/16`), if CNI gave one.
+    pub ipv4: Option<String>,
+    /// The default gateway, if the namespace has a default route.
+    pub gateway: Option<String>,
+}
+
+impl PodNetwork {
+    /// husk-vmm's arguments for this network, with the TAP as descriptor `fd` in the VMM.
+    pub fn vmm_args(&self, fd: i32) -> Vec<String> {
+        let mut args = vec![
+            "--net-tap-fd".to_string(),
+            fd.to_string(),
+            "--net-mac".to_string(),
+            self.mac.clone(),
+        ];
+        if let Some(ip) = &self.ipv4 {
+            args.extend(["--net-ip".to_string(), ip.clone()]);
+            if let Some(gw) = &self.gateway {
+                args.extend(["--net-gateway".to_string(), gw.clone()]);
+            }
+        }
+        args
+    }
+}
+
+/// The interface to carry: the namespace's first Ethernet interface other than loopback and
+/// our own TAP, with its MAC, MTU and IPv4 address, from `ip -j addr show`'s output.
+fn pick_interface(addrs: &serde_json::Value) -> Option<(String, String, u64, Option<String>)> {
+    addrs.as_array()?.iter().find_map(|link| {
+        let name = link["ifname"].as_str()?;
+        if name == "lo" || name == TAP_NAME || link["link_type"].as_str() != Some("ether") {
+            return None;
+        }
+        let mac = link["address"].as_str()?.to_string();
+        let mtu = link["mtu"].as_u64().unwrap_or(1500);
+        let ipv4 = link["addr_info"].as_array().and_then(|infos| {
+            infos.iter().find_map(|info| {
+                if info["family"].as_str() != Some("inet") {
+                    return None;
+                }
+                Some(format!(
+                    "{}/{}",
+                    info["local"].as_str()?,
+                    info["prefixlen"].as_u64()?
+                ))
+            })
+        });
+        Some((name.to_string(), mac, mtu, ipv4))
+    })
+}
+
+/// The default route's gateway from `ip -j -4 route show default`'s output.
+fn pick_gateway(routes: &serde_json::Value) -> Option<String> {
+    routes
+        .as_array()?
+        .iter()
+        .find_map(|r| r["gateway"].as_str().map(String::from))
+}
+
+/// Runs `program args` (in the calling thread's network namespace) and returns its stdout.
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (iproute2 is needed for pod networking)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Opens a TAP named [`TAP_NAME`] (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) in the calling
+/// thread's network namespace.
+fn open_tap() -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("cannot open /dev/net/tun")?;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: i16,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..TAP_NAME.len()].copy_from_slice(TAP_NAME.as_bytes());
+    // SAFETY: TUNSETIFF reads (and updates) a `struct ifreq`, which `req` is, valid for the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error()).context("TUNSETIFF for the pod's TAP");
+    }
+    Ok(file)
+}
+
+/// Wires the pod network namespace at `netns` to a new TAP (see the module docs). `None` when
+/// the namespace has no Ethernet interface to carry (a pod without CNI networking).
+pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
+    let netns: PathBuf = netns.to_path_buf();
+    // setns(2) changes the calling thread only: a thread of its own enters the namespace, and
+    // the commands it spawns start there.
+    std::thread::Builder::new()
+        .name("husk-netns".into())
+        .spawn(move || -> Result<Option<PodNetwork>> {
+            let ns = File::open(&netns).with_context(|| {
+                format!(
+                    "cannot open the pod's network namespace {}",
+                    netns.display()
+                )
+            })?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| {
+                format!("cannot enter the network namespace {}", netns.display())
+            })?;
+            let addrs: serde_json::Value =
+                serde_json::from_str(&run("ip", &["-j", "addr", "show"])?)
+                    .context("parsing `ip -j addr show`")?;
+            let Some((interface, mac, mtu, ipv4)) = pick_interface(&addrs) else {
+                return Ok(None);
+            };
+            let routes: serde_json::Value =
+                serde_json::from_str(&run("ip", &["-j", "-4", "route", "show", "default"])?)
+                    .context("parsing `ip -j -4 route show default`")?;
+            let gateway = pick_gateway(&routes);
+            let tap = open_tap()?;
+            let mtu = mtu.to_string();
+            run("ip", &["link", "set", TAP_NAME, "mtu", &mtu, "up"])?;
+            for (from, to) in [
+                (interface.as_str(), TAP_NAME),
+                (TAP_NAME, interface.as_str()),
+            ] {
+                // `replace` and a fresh filter: a second boot attempt finds the first's qdisc.
+                run("tc", &["qdisc", "replace", "dev", from, "ingress"])?;
+                let _ = run("tc", &["filter", "del", "dev", from, "ingress"]);
+                run(
+                    "tc",
+                    &[
+                        "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
+                        "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev",
+                        to,
+                    ],
+                )?;
+            }
+            Ok(Some(PodNetwork {
+                tap,
+                interface,
+                mac,
+                ipv4,
+                gateway,
+            }))
+        })
+        .context("cannot start the network namespace thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the network namespace thread panicked"))?
+}
+
+/// The network namespace path of an OCI spec, if it names one.
+pub fn netns_path(spec: &serde_json::Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|ns| ns["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_cni_interface_and_gateway_are_picked_from_iproute2_json() {
+        let addrs = json!([
+            {"ifname": "lo", "link_type": "loopback", "address": "00:00:00:00:00:00", "mtu": 65536,
+             "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
+            {"ifname": "husk0", "link_type": "ether", "address": "aa:aa:aa:aa:aa:aa", "mtu": 1500,
+             "addr_info": []},
+            {"ifname": "eth0", "link_type": "ether", "address": "6e:f8:3a:b4:8c:90", "mtu": 1450,
+             "addr_info": [
+                {"family": "inet6", "local": "fe80::1", "prefixlen": 64},
+                {"family": "inet", "local": "10.88.77.2", "prefixlen": 24}]}
+        ]);
+        assert_eq!(
+            pick_interface(&addrs),
+            Some((
+                "eth0".to_string(),
+                "6e:f8:3a:b4:8c:90".to_string(),
+                1450,
+                Some("10.88.77.2/24".to_string())
+            ))
+        );
+        assert_eq!(pick_interface(&json!([addrs[0].clone()])), None);
+        let routes = json!([{"dst": "default", "gateway": "10.88.77.1", "dev": "eth0"}]);
+        assert_eq!(pick_gateway(&routes).as_deref(), Some("10.88.77.1"));
+        assert_eq!(pick_gateway(&json!([])), None);
+    }
+
+    #[test]
+    fn vmm_arguments_carry_what_cni_gave() {
+        let net = PodNetwork {
+            tap: tempfile::tempfile().expect("file"),
+            interface: "eth0".into(),
+            mac: "6e:f8:3a:b4:8c:90".into(),
+            ipv4: Some("10.88.77.2/24".into()),
+            gateway: Some("10.88.77.1".into()),
+        };
+        assert_eq!(
+            net.vmm_args(3).join(" "),
+            "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-ip 10.88.77.2/24 --net-gateway 10.88.77.1"
+        );
+    }
+
+    #[test]
+    fn the_netns_path_comes_from_the_spec() {
+        let spec = json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]}});
+        assert_eq!(
+            netns_path(&spec),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(
+            netns_path(&json!({"linux": {"namespaces": [{"type": "network"}]}})),
+            None
+        );
+    }
+}
