@@ -219,3 +219,40 @@ fn inaccessible_dev_kvm_is_named() {
     );
     case.assert_fails(out, &["/dev/kvm is not accessible"]);
 }
+
+/// Network card arguments: a malformed MAC or address is refused before anything starts, and a
+/// descriptor that is not a TAP is named (this one needs a VM to get that far, so real KVM).
+#[test]
+fn bad_network_card_arguments_are_named() {
+    let case = Case::new();
+    let kernel = some_kernel().to_string_lossy().into_owned();
+    let socket = case.socket().to_string_lossy().into_owned();
+    let base = ["--kernel", &kernel, "--vsock-socket", &socket];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (status, stderr) = run_vmm(&args).expect("run husk-vmm");
+        (status.code().unwrap_or(-1), stderr)
+    };
+    case.assert_fails(
+        run(&["--net-tap-fd", "0", "--net-mac", "02:00:00:00:00"]),
+        &["not a MAC address"],
+    );
+    case.assert_fails(
+        run(&[
+            "--net-tap-fd",
+            "0",
+            "--net-mac",
+            "02:00:00:00:00:01",
+            "--net-ip",
+            "10.0.0.2",
+        ]),
+        &["prefix length"],
+    );
+    if husk_tests::vm_artifacts("bad_network_card_arguments_are_named").is_some() {
+        // Descriptor 0 is /dev/null here (run_vmm's stdin).
+        case.assert_fails(
+            run(&["--net-tap-fd", "0", "--net-mac", "02:00:00:00:00:01"]),
+            &["file descriptor 0 is not a TAP device"],
+        );
+    }
+}
