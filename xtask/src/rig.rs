@@ -368,18 +368,32 @@ pub struct RigOutcome {
 /// thread). Before L2 panicked on an oops, such a fault left the process of that thread
 /// unkillable and the test waiting on it for good. Not a failure of the command: callers may
 /// run it again.
+///
+/// Also: L2 stopped answering altogether (both of its CPUs spinning, seen with a husk-vcpu
+/// thread livelocked in L2's KVM while the other CPU waited for it), which no detector inside
+/// L2 reports; the host notices that L2's heartbeat (a console line every 30 s, see
+/// [`HEARTBEAT`]) stopped, and kills it after [`SILENCE_LIMIT`].
 #[derive(Debug)]
-pub struct L2KernelFault;
+pub struct L2KernelFault(pub &'static str);
 
 impl std::fmt::Display for L2KernelFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "the rig's L2 kernel failed (a soft lockup or an oops while running a nested guest; \
-             see its console above) and panicked: a fault of the emulated nested \
-             virtualization, not of the command",
+        write!(
+            f,
+            "the rig's L2 kernel failed ({}; see its console above): a fault of the emulated \
+             nested virtualization, not of the command",
+            self.0
         )
     }
 }
+
+/// Prepended to every rig command: a line on L2's console every 30 s, through the kernel log
+/// (which reaches the console even when the console's tty is stuck), so the host can tell a
+/// quiet command from a wedged L2.
+const HEARTBEAT: &str =
+    "( while sleep 30; do echo '<3>husk-rig: alive' > /dev/kmsg; done ) 2>/dev/null &\n";
+/// How long L2's console may stay silent (heartbeat included) before the host calls L2 wedged.
+const SILENCE_LIMIT: Duration = Duration::from_secs(180);
 
 impl std::error::Error for L2KernelFault {}
 
@@ -391,16 +405,35 @@ pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
     result
 }
 
-/// How many times a command is run again after an [`L2KernelFault`].
+/// A test binary in the rig hung and was killed by its time limit (the hang report, printed
+/// above, says where everything was). The rig's emulated nested virtualization sometimes
+/// livelocks a vCPU thread inside L2's KVM, where even SIGKILL does not reach it; that is the
+/// hang seen so far. Retried like an [`L2KernelFault`]: a hang of husk's own would come back
+/// on the next run and fail it, with its report.
+#[derive(Debug)]
+pub struct RigHang;
+
+impl std::fmt::Display for RigHang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "a test binary hung in the rig and was killed at its time limit (hang report above)",
+        )
+    }
+}
+
+impl std::error::Error for RigHang {}
+
+/// How many times a command is run again after an [`L2KernelFault`] or a [`RigHang`].
 const FAULT_RETRIES: usize = 2;
 
 /// [`run_in_rig`], run again (up to [`FAULT_RETRIES`] times) if L2's kernel failed
-/// ([`L2KernelFault`]); a fault on the last attempt is an error.
+/// ([`L2KernelFault`]) or a test binary hung ([`RigHang`]); either on the last attempt is an
+/// error.
 pub fn run_in_rig_retrying_fault(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
     let mut attempt = 0;
     loop {
         match run_in_rig(image, job) {
-            Err(e) if e.is::<L2KernelFault>() && attempt < FAULT_RETRIES => {
+            Err(e) if (e.is::<L2KernelFault>() || e.is::<RigHang>()) && attempt < FAULT_RETRIES => {
                 attempt += 1;
                 eprintln!(
                     "xtask: !!! {e}; running the whole command again ({attempt} of {FAULT_RETRIES}) !!!"
@@ -425,7 +458,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
             .arg(&target))?;
     }
     if let Some(script) = &job.script {
-        std::fs::write(work.join("cmd"), script)?;
+        std::fs::write(work.join("cmd"), format!("{HEARTBEAT}{script}"))?;
     }
     let mut env = String::new();
     for (k, v) in &job.env {
@@ -447,6 +480,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
             marker: None,
             fault: false,
             timed_out: false,
+            wedged: false,
         }
     } else {
         stream_console(&mut qemu, job.timeout)?
@@ -469,8 +503,15 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
         .unwrap_or(false);
     // Reports the command left on the work disk for when L2's console is no help (a hang
     // report written while the console was stuck; see `testing::RUN_TEST_FN`).
-    if let Ok(report) = std::fs::read_to_string(out_dir.join(HANG_REPORT)) {
+    let hang_report = std::fs::read_to_string(out_dir.join(HANG_REPORT)).ok();
+    if let Some(report) = &hang_report {
         eprintln!("xtask: {HANG_REPORT} from the rig's work disk:\n{report}");
+    }
+    if end.wedged {
+        return Err(L2KernelFault(
+            "L2 stopped answering: no console output, not even its heartbeat, for 3 minutes",
+        )
+        .into());
     }
     if end.timed_out {
         bail!(
@@ -491,11 +532,17 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
         }
     }
     if fault && file_code.or(marker_code).is_none() {
-        return Err(L2KernelFault.into());
+        return Err(L2KernelFault(
+            "a soft lockup or an oops while running a nested guest; it panicked",
+        )
+        .into());
     }
     let exit_code = file_code
         .or(marker_code)
         .context("the command in the rig left no exit code: L2 died before it finished (see its console above)")?;
+    if exit_code != 0 && hang_report.is_some() {
+        return Err(RigHang.into());
+    }
     Ok(RigOutcome { exit_code })
 }
 
@@ -597,6 +644,8 @@ struct ConsoleEnd {
     fault: bool,
     /// Whether QEMU was killed at the run's timeout.
     timed_out: bool,
+    /// Whether QEMU was killed because L2's console fell silent (see [`SILENCE_LIMIT`]).
+    wedged: bool,
 }
 
 /// Runs QEMU, copying its console to our stdout as it arrives (partial lines too: a test
@@ -610,18 +659,35 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<ConsoleEnd> {
     let pid = child.id();
     let done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
+    let wedged = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    // Milliseconds after `started` of the console's last output.
+    let last_output = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watchdog = {
         let done = done.clone();
         let timed_out = timed_out.clone();
+        let wedged = wedged.clone();
+        let last_output = last_output.clone();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
+            let deadline = started + timeout;
+            loop {
                 if done.load(Ordering::Relaxed) {
                     return;
                 }
+                let now = Instant::now();
+                if now >= deadline {
+                    timed_out.store(true, Ordering::Relaxed);
+                    break;
+                }
+                let quiet_ms = (now - started)
+                    .as_millis()
+                    .saturating_sub(u128::from(last_output.load(Ordering::Relaxed)));
+                if quiet_ms > SILENCE_LIMIT.as_millis() {
+                    wedged.store(true, Ordering::Relaxed);
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            timed_out.store(true, Ordering::Relaxed);
             // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet (the
             // main thread reaps it only after this thread is joined or the pipe closes).
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
@@ -640,6 +706,10 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<ConsoleEnd> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("reading the rig's console"),
         };
+        last_output.store(
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let chunk: Vec<u8> = buf[..n].iter().copied().filter(|&b| b != b'\r').collect();
         out.write_all(&chunk)?;
         out.flush()?;
@@ -660,13 +730,15 @@ fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<ConsoleEnd> {
     done.store(true, Ordering::Relaxed);
     let _ = watchdog.join();
     let timed_out = timed_out.load(Ordering::Relaxed);
-    if !timed_out && !status.success() && marker.is_none() && !fault {
+    let wedged = wedged.load(Ordering::Relaxed);
+    if !timed_out && !wedged && !status.success() && marker.is_none() && !fault {
         bail!("QEMU exited with {status} before the command finished");
     }
     Ok(ConsoleEnd {
         marker,
         fault,
         timed_out,
+        wedged,
     })
 }
 
