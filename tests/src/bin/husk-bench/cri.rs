@@ -45,12 +45,29 @@ fn pss_kib(pid: u32) -> Option<u64> {
         .map(|(pss, _)| pss)
 }
 
+/// The command name of a process's parent.
+fn parent_comm(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid: u32 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(comm(ppid))
+}
+
 fn start_pod(cri: &Cri, handler: &str, name: &str) -> Result<(String, Start)> {
     let config = cri.pod_config(name, &[]);
     let t0 = Instant::now();
-    let pod = cri
-        .run_pod(&config, handler)
-        .map_err(|e| anyhow::anyhow!("{handler}: RunPodSandbox {name}: {e}"))?;
+    let pod = cri.run_pod(&config, handler).map_err(|e| {
+        let logs = cri.ctrd.log_mentioning("husk-vmm exited");
+        anyhow::anyhow!(
+            "{handler}: RunPodSandbox {name}: {e}\ncontainerd log:\n{}\n{logs}",
+            cri.ctrd.log_tail()
+        )
+    })?;
     let t1 = Instant::now();
     cri.start_container(&pod, &config, "sleeper", &["sleep", "100000"], 0)
         .map_err(|e| anyhow::anyhow!("{handler}: the container of {name}: {e}"))?;
@@ -104,6 +121,10 @@ pub fn bench_cri(opts: &CriOptions) -> Result<()> {
         let mut total_kib = 0u64;
         let mut by_comm: std::collections::BTreeMap<String, (u64, usize)> = Default::default();
         for pid in pids().difference(&before) {
+            // Not the pods': the rig's own heartbeat (`sleep` under its shell).
+            if parent_comm(*pid).as_deref() == Some("bash") {
+                continue;
+            }
             if let Some(pss) = pss_kib(*pid) {
                 total_kib += pss;
                 let entry = by_comm.entry(comm(*pid)).or_default();
