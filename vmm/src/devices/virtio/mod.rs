@@ -72,34 +72,58 @@ pub enum ActivateError {
     ActivateEvent(#[source] io::Error),
 }
 
-/// A virtio device as seen by its transport.
+/// A virtio device as seen by its transport. A device provides its identity, queue sizes and
+/// configuration space, and the [`VirtioDeviceState`] it embeds; features, activation and
+/// reset are that state's (the defaults below), which a device overrides only to do more.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (`VIRTIO_ID_*`).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// The features the device offers, including `VIRTIO_F_VERSION_1`.
-    fn avail_features(&self) -> u64;
-    /// The features the driver accepted.
-    fn acked_features(&self) -> u64;
-    /// Records the features the driver accepted (a subset of [`Self::avail_features`]).
-    fn set_acked_features(&mut self, features: u64);
     /// Reads from the device configuration space; bytes out of range are left untouched.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes to the device configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device with the queues the driver set up.
+    /// The state every device shares.
+    fn state(&self) -> &VirtioDeviceState;
+    /// The state every device shares, to change.
+    fn state_mut(&mut self) -> &mut VirtioDeviceState;
+
+    /// The features the device offers, including `VIRTIO_F_VERSION_1`.
+    fn avail_features(&self) -> u64 {
+        self.state().avail_features
+    }
+    /// The features the driver accepted.
+    fn acked_features(&self) -> u64 {
+        self.state().acked_features
+    }
+    /// Records the features the driver accepted (a subset of [`Self::avail_features`]).
+    fn set_acked_features(&mut self, features: u64) {
+        self.state_mut().set_acked_features(features);
+    }
+    /// Starts the device with the queues the driver set up (one per [`Self::queue_max_sizes`]
+    /// entry); the device thread, woken, starts watching them.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap<()>,
         interrupt: Arc<IrqTrigger>,
         queues: Vec<virtio_queue::Queue>,
         queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError>;
+    ) -> Result<(), ActivateError> {
+        let expected = self.queue_max_sizes().len();
+        self.state_mut()
+            .activate(expected, mem, interrupt, queues, queue_evts)
+    }
     /// Resets the device; returns false if the device cannot be reset in its current state.
-    fn reset(&mut self) -> bool;
+    /// The device thread, woken, unregisters the old queue eventfds and drops the device's
+    /// session (see [`VirtioDeviceState::finish_reset`]).
+    fn reset(&mut self) -> bool {
+        self.state_mut().reset()
+    }
     /// Whether [`Self::activate`] succeeded.
-    fn is_activated(&self) -> bool;
+    fn is_activated(&self) -> bool {
+        self.state().is_activated()
+    }
 }
 
 /// The interrupt line of one virtio-mmio device: an eventfd (registered as a KVM irqfd) plus

@@ -25,6 +25,7 @@ pub fn test_memory() -> GuestMemoryMmap<()> {
 
 /// A device that records what the transport tells it.
 pub struct DummyDevice {
+    state: super::VirtioDeviceState,
     queue_sizes: Vec<u16>,
     acked: u64,
     pub activated_queues: Option<Vec<Queue>>,
@@ -33,6 +34,7 @@ pub struct DummyDevice {
 impl DummyDevice {
     pub fn new(queue_sizes: Vec<u16>) -> Self {
         Self {
+            state: super::VirtioDeviceState::new("dummy").unwrap(),
             queue_sizes,
             acked: 0,
             activated_queues: None,
@@ -46,6 +48,12 @@ impl VirtioDevice for DummyDevice {
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
+    }
+    fn state(&self) -> &super::VirtioDeviceState {
+        &self.state
+    }
+    fn state_mut(&mut self) -> &mut super::VirtioDeviceState {
+        &mut self.state
     }
     fn avail_features(&self) -> u64 {
         (1 << 32) | 0b101

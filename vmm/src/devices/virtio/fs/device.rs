@@ -5,17 +5,15 @@ use std::sync::Arc;
 
 use fuse_backend_rs::api::server::Server;
 use tracing::debug;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::QueueT;
 
 use super::request::handle_chain;
 use super::{
     ConfinedFs, FsError, CONFIG_SIZE, DEFAULT_TAG, HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE, TAG_LEN,
 };
 use crate::devices::virtio::{
-    read_config_bytes, signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice,
-    VirtioDeviceState, VIRTIO_ID_FS,
+    read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState,
+    VIRTIO_ID_FS,
 };
 
 /// The virtio file system device, sharing one host directory.
@@ -115,16 +113,12 @@ impl VirtioDevice for Fs {
         &self.queue_sizes
     }
 
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
+    fn state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -133,27 +127,6 @@ impl VirtioDevice for Fs {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // The configuration space is read-only.
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap<()>,
-        interrupt: Arc<IrqTrigger>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        let expected = self.queue_sizes.len();
-        self.state
-            .activate(expected, mem, interrupt, queues, queue_evts)
-    }
-
-    fn reset(&mut self) -> bool {
-        // The device thread unregisters the old eventfds and ends the session when woken.
-        self.state.reset()
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
     }
 }
 
@@ -168,8 +141,13 @@ mod tests {
     use vm_memory::{ByteValued, Bytes, GuestAddress};
 
     use super::*;
+    use crate::devices::virtio::{ActivateError, IrqTrigger};
+    use std::sync::Arc;
+
     use crate::devices::virtio::fs::{MAX_REQUEST_BYTES, REQUEST_QUEUE};
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;

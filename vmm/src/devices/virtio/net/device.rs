@@ -1,12 +1,8 @@
 //! [`Net`]: the `VirtioDevice` side of the network device, and its queue processing.
 
-use std::sync::Arc;
-
 use event_manager::{EventOps, EventSet, Events};
 use tracing::debug;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::QueueT;
 
 use super::frame::{gather, scatter};
 use super::{
@@ -14,8 +10,8 @@ use super::{
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
-    read_config_bytes, signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice,
-    VirtioDeviceState, VIRTIO_ID_NET,
+    read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState,
+    VIRTIO_ID_NET,
 };
 
 /// Frame counters.
@@ -224,16 +220,12 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         &self.queue_sizes
     }
 
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
+    fn state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -243,26 +235,6 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR; writes are ignored.
     }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap<()>,
-        interrupt: Arc<IrqTrigger>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        let expected = self.queue_sizes.len();
-        self.state
-            .activate(expected, mem, interrupt, queues, queue_evts)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.state.reset()
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
 }
 
 #[cfg(test)]
@@ -270,12 +242,17 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::IrqTrigger;
+    use std::sync::Arc;
+
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::os::fd::{AsRawFd, RawFd};
     use std::os::unix::net::UnixDatagram;
     use std::sync::Mutex;
+    use vm_memory::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A datagram socket as the backend: like a TAP, it keeps frame boundaries.

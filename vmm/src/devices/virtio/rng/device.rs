@@ -1,17 +1,12 @@
 //! [`Rng`]: the `VirtioDevice` side of the entropy device.
 
-use std::sync::Arc;
-
 use tracing::debug;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::QueueT;
 
 use super::request::fill_request;
 use super::{RngError, QUEUE_SIZE, REQ_QUEUE};
 use crate::devices::virtio::{
-    signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice, VirtioDeviceState,
-    VIRTIO_ID_RNG,
+    signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState, VIRTIO_ID_RNG,
 };
 
 /// The virtio entropy device.
@@ -84,41 +79,17 @@ impl VirtioDevice for Rng {
         &self.queue_sizes
     }
 
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
+    fn state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.state
     }
 
     fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap<()>,
-        interrupt: Arc<IrqTrigger>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        let expected = self.queue_sizes.len();
-        self.state
-            .activate(expected, mem, interrupt, queues, queue_evts)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.state.reset()
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
 }
 
 #[cfg(test)]
@@ -126,11 +97,16 @@ impl VirtioDevice for Rng {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{ActivateError, IrqTrigger};
+    use std::sync::Arc;
+
     use crate::devices::virtio::rng::MAX_REQUEST_BYTES;
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::Mutex;
     use vm_memory::Bytes;
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;

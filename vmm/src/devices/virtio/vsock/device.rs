@@ -1,20 +1,17 @@
 //! [`Vsock`]: the `VirtioDevice` side of the socket device, and its queue processing.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use event_manager::EventOps;
 use tracing::debug;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::packet::{parse_rx_chain, parse_tx_chain};
 use super::unix::VsockUnixBackend;
 use super::{VsockBackend, VsockError, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX, VSOCK_HOST_CID};
 use crate::devices::virtio::{
-    read_config_bytes, signal_used_queue, ActivateError, IrqTrigger, RateLimitedLog, VirtioDevice,
-    VirtioDeviceState, VIRTIO_ID_VSOCK,
+    read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState,
+    VIRTIO_ID_VSOCK,
 };
 
 /// Counters of the socket device.
@@ -194,16 +191,12 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         &self.queue_sizes
     }
 
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features
+    fn state(&self) -> &VirtioDeviceState {
+        &self.state
     }
 
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
+    fn state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -218,27 +211,6 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
             "vsock: ignored write to read-only config space"
         );
     }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap<()>,
-        interrupt: Arc<IrqTrigger>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        let expected = self.queue_sizes.len();
-        self.state
-            .activate(expected, mem, interrupt, queues, queue_evts)
-    }
-
-    fn reset(&mut self) -> bool {
-        // The device thread drops the connections and unregisters the old eventfds.
-        self.state.reset()
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
 }
 
 #[cfg(test)]
@@ -246,6 +218,9 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{ActivateError, IrqTrigger};
+    use std::sync::Arc;
+
     use crate::devices::virtio::test_utils::test_memory;
     use crate::devices::virtio::vsock::packet::VsockPacket;
     use crate::devices::virtio::vsock::test_utils::{
