@@ -24,7 +24,9 @@ finish() {
     sleep 10
 }
 
-if ! modprobe kvm_amd nested=1; then
+# kvm_amd's options come from L2's kernel command line (`kvm_amd.nested=0`, ...: see
+# `RigConfig` in xtask/src/rig.rs), which modprobe reads.
+if ! modprobe kvm_amd; then
     echo "husk-rig: modprobe kvm_amd failed: no SVM in this L2 CPU?" >&2
 fi
 [ -e /dev/kvm ] || echo "husk-rig: /dev/kvm missing in L2" >&2

@@ -35,19 +35,7 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     let (place, why) = testing::decide_vm_place()?;
     eprintln!("xtask: benchmarks run: {place:?} ({why})");
     let artifacts = testing::build_vm_artifacts()?;
-    testing::install_test_build_packages()?;
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "husk-tests",
-                "--bin",
-                "husk-bench",
-            ]),
-    )?;
+    let bench_bin = build_husk_bench()?;
     // runsc for the OCI suite; without it the bench still runs and says loudly what it could
     // not check.
     let runsc: Option<PathBuf> = if what == "oci" {
@@ -61,7 +49,6 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     } else {
         None
     };
-    let bench_bin = target_dir().join("release/husk-bench");
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let runs = runs.to_string();
@@ -99,21 +86,15 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
                 extra.push(' ');
                 extra.push_str(&testing::sh_quote(arg));
             }
-            let outcome = rig::run_in_rig(
-                &image,
-                &RigRun {
-                    inputs,
-                    script: Some(format!("husk-bench {what} --runs {runs}{extra}")),
-                    env,
-                    out_dir: Some(out.clone()),
-                    timeout: testing::rig_timeout(),
-                },
-            )?;
-            if outcome.exit_code != 0 {
-                bail!(
-                    "the benchmark failed in the rig (exit code {})",
-                    outcome.exit_code
-                );
+            let mut job = RigRun::new(
+                inputs,
+                Some(format!("husk-bench {what} --runs {runs}{extra}")),
+                env,
+            );
+            job.out_dir = Some(out.clone());
+            let code = rig::run_in_rig(&image, &job)?.exit_code()?;
+            if code != 0 {
+                bail!("the benchmark failed in the rig (exit code {code})");
             }
         }
     }
@@ -133,4 +114,22 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     }
     eprintln!("xtask: results in {}", out.display());
     Ok(())
+}
+
+/// Builds `husk-bench` (release) and returns its path.
+pub fn build_husk_bench() -> Result<PathBuf> {
+    testing::install_test_build_packages()?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "husk-tests",
+                "--bin",
+                "husk-bench",
+            ]),
+    )?;
+    Ok(target_dir().join("release/husk-bench"))
 }

@@ -9,13 +9,14 @@
 //! keys like any apt download), unpacks `runsc` from it and carries it into the rig like the
 //! husk binaries.
 
+use crate::debian::{PrivateApt, BACKPORTS};
 use crate::util::{self, cache_dir, run};
-use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// The suite that carries runsc for the rig's Debian release.
-const RUNSC_SUITE: &str = "bookworm-backports";
+const RUNSC_SUITE: &str = BACKPORTS;
 
 /// The `runsc` binary from Debian's `runsc` package in [`RUNSC_SUITE`], fetched once into the
 /// cache (`<cache>/runsc/runsc`, with the package version beside it in `version`).
@@ -30,40 +31,9 @@ pub fn fetch_runsc() -> Result<PathBuf> {
     if bin.exists() {
         return Ok(bin);
     }
-    let mirror = crate::rig::host_debian_mirror()
-        .context("the host's apt sources name no Debian mirror to fetch runsc from")?;
     let apt = dir.join("apt");
-    if apt.exists() {
-        std::fs::remove_dir_all(&apt)?;
-    }
-    for sub in [
-        "lists/partial",
-        "cache/archives/partial",
-        "sources.list.d",
-        "deb",
-    ] {
-        std::fs::create_dir_all(apt.join(sub))?;
-    }
-    let sources = apt.join("sources.list");
-    std::fs::write(&sources, format!("deb {mirror} {RUNSC_SUITE} main\n"))?;
-    let opts = [
-        format!("-oDir::State::Lists={}", apt.join("lists").display()),
-        format!("-oDir::Etc::SourceList={}", sources.display()),
-        format!(
-            "-oDir::Etc::SourceParts={}",
-            apt.join("sources.list.d").display()
-        ),
-        format!("-oDir::Cache={}", apt.join("cache").display()),
-        // The download lands in a root-owned folder; apt's `_apt` user could not write there.
-        "-oAPT::Sandbox::User=root".to_string(),
-    ];
-    run(Command::new("apt-get").args(&opts).args(["-q", "update"]))?;
-    let deb_dir = apt.join("deb");
-    run(Command::new("apt-get")
-        .current_dir(&deb_dir)
-        .args(&opts)
-        .args(["-q", "download", &format!("runsc/{RUNSC_SUITE}")]))?;
-    let deb = only_deb(&deb_dir)?;
+    let private = PrivateApt::new(&apt, RUNSC_SUITE)?;
+    let deb = private.download("runsc")?;
     let unpacked = apt.join("unpacked");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     let found = ["usr/bin/runsc", "usr/sbin/runsc", "bin/runsc"]
@@ -84,22 +54,6 @@ pub fn fetch_runsc() -> Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
-}
-
-fn only_deb(dir: &Path) -> Result<PathBuf> {
-    let debs: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    match debs.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => bail!(
-            "expected one runsc .deb in {}, found {}",
-            dir.display(),
-            debs.len()
-        ),
-    }
 }
 
 /// The host's load average line (`/proc/loadavg`), for saying how busy the machine was.

@@ -4,10 +4,13 @@ mod bench;
 mod bench_oci;
 mod bundle;
 mod cpio;
+mod debian;
 mod initramfs;
 mod install;
 mod kernel;
 mod rig;
+mod rig_console;
+mod soak;
 mod testing;
 mod util;
 
@@ -91,6 +94,19 @@ enum RigCmd {
     },
     /// Check the rig itself: QEMU inside it boots an L3 Linux guest to user space under its KVM.
     Smoke,
+    /// Boot L3 guests back to back (1 and 4 vCPUs, `husk run` containers) with a CPU hog on the
+    /// host, and count how the rig holds up: boots, L2 wedges, soft lockups, RCU stalls, oopses.
+    Soak {
+        /// Stop after this many L3 boots.
+        #[arg(long, default_value_t = 300)]
+        boots: usize,
+        /// Stop starting boots after this many minutes.
+        #[arg(long, default_value_t = 40.0)]
+        minutes: f64,
+        /// Leave the host's CPUs alone (no hog).
+        #[arg(long)]
+        no_hog: bool,
+    },
     /// Boot the rig with an interactive shell on its console (exit the shell to power off).
     Shell {
         /// Skip building the husk binaries, kernel and initramfs.
@@ -156,40 +172,31 @@ fn rig_command(cmd: RigCmd) -> Result<()> {
                 .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
                 .collect::<Vec<_>>()
                 .join(" ");
-            let outcome = rig::run_in_rig(
-                &image,
-                &rig::RigRun {
-                    inputs,
-                    script: Some(script),
-                    env,
-                    out_dir: Some(out),
-                    timeout: testing::rig_timeout(),
-                },
-            )?;
-            if outcome.exit_code != 0 {
-                eprintln!(
-                    "xtask: the command exited {} inside the rig",
-                    outcome.exit_code
-                );
-                std::process::exit(outcome.exit_code.clamp(1, 255));
+            let mut job = rig::RigRun::new(inputs, Some(script), env);
+            job.out_dir = Some(out);
+            let code = rig::run_in_rig(&image, &job)?.exit_code()?;
+            if code != 0 {
+                eprintln!("xtask: the command exited {code} inside the rig");
+                std::process::exit(code.clamp(1, 255));
             }
         }
         RigCmd::Smoke => testing::rig_smoke()?,
+        RigCmd::Soak {
+            boots,
+            minutes,
+            no_hog,
+        } => soak::soak(&soak::SoakArgs {
+            boots,
+            minutes,
+            hog: !no_hog,
+        })?,
         RigCmd::Shell { no_husk } => {
             let (inputs, env) = husk_inputs(no_husk)?;
             let image = rig::build()?;
-            let outcome = rig::run_in_rig(
-                &image,
-                &rig::RigRun {
-                    inputs,
-                    script: None,
-                    env,
-                    out_dir: None,
-                    timeout: testing::rig_timeout(),
-                },
-            )?;
-            if outcome.exit_code != 0 {
-                bail!("the rig shell exited {}", outcome.exit_code);
+            let code =
+                rig::run_in_rig(&image, &rig::RigRun::new(inputs, None, env))?.exit_code()?;
+            if code != 0 {
+                bail!("the rig shell exited {code}");
             }
         }
     }

@@ -14,13 +14,12 @@
 //! left in `$HUSK_RIG_OUT` back from the work disk (debugfs, again no mounts), and powers off.
 
 use crate::cpio::CpioWriter;
+use crate::rig_console::{self, L2Faults};
 use crate::util::{self, apt_install, cache_dir, describe, hash_inputs, run, write_atomic};
 use anyhow::{bail, ensure, Context, Result};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Debian packages in the L2 image: the one place to extend when a test needs a tool in L2.
@@ -50,25 +49,17 @@ pub const RIG_PACKAGES: &[&str] = &[
     "crun",
 ];
 
-/// Modules the L2 initramfs loads, in dependency order, relative to `/lib/modules/<version>/`.
-/// KVM itself is loaded later from the root disk with modprobe (so its options stay in one place).
-const INITRAMFS_MODULES: &[&str] = &[
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio_mmio.ko",
-    "kernel/drivers/block/virtio_blk.ko",
-];
+/// Modules the L2 initramfs loads (with what they depend on, from the kernel's `modules.dep`)
+/// to reach its disks. KVM itself is loaded later from the root disk with modprobe.
+const INITRAMFS_MODULES: &[&str] = &["virtio_mmio", "virtio_blk"];
 
 const INITRAMFS_INIT: &str = include_str!("../rig/initramfs-init.sh");
 const RIG_INIT: &str = include_str!("../rig/rig-init.sh");
 /// Bump when the way the image is assembled changes in a way the inputs above do not show.
-const RIG_FORMAT: &str = "husk-rig-v1";
+const RIG_FORMAT: &str = "husk-rig-v2";
 
 const ROOT_LABEL: &str = "husk-rig-root";
 const WORK_LABEL: &str = "husk-rig-work";
-const EXIT_MARKER: &str = "HUSK-RIG-EXIT=";
-/// A report a command may leave in the work disk's `out/` for the host to print after the run.
-pub const HANG_REPORT: &str = "hang-report.txt";
 
 /// A built rig: the cached files QEMU boots.
 pub struct RigImage {
@@ -77,7 +68,7 @@ pub struct RigImage {
     pub root: PathBuf,
 }
 
-fn rig_key() -> String {
+fn rig_key(config: &RigConfig) -> String {
     let packages = RIG_PACKAGES.join("\n");
     let modules = INITRAMFS_MODULES.join("\n");
     hash_inputs([
@@ -86,23 +77,19 @@ fn rig_key() -> String {
         ("modules", modules.as_bytes()),
         ("initramfs-init", INITRAMFS_INIT.as_bytes()),
         ("rig-init", RIG_INIT.as_bytes()),
+        ("l2-kernel-suite", config.l2_kernel_suite.as_bytes()),
     ])
 }
 
 /// Tools the host needs to build and run the rig.
-const HOST_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "debootstrap",
-    "e2fsprogs",
-    "lz4",
-    "xz-utils",
-    "zstd",
-];
+/// QEMU itself comes from the configured suite (see [`install_host_qemu`]).
+const HOST_PACKAGES: &[&str] = &["debootstrap", "e2fsprogs", "lz4", "xz-utils", "zstd"];
 
 /// Builds the rig image if the cache does not hold one for the current inputs.
 pub fn build() -> Result<RigImage> {
-    apt_install(HOST_PACKAGES)?;
-    let key = rig_key();
+    let config = RigConfig::from_env()?;
+    install_host_qemu(&config)?;
+    let key = rig_key(&config);
     let rig_root = cache_dir()?.join("rig");
     let dir = rig_root.join(&key[..16]);
     let image = RigImage {
@@ -156,6 +143,10 @@ pub fn build() -> Result<RigImage> {
         }
     }
 
+    if config.l2_kernel_suite != "bookworm" {
+        replace_kernel(&rootfs, &config.l2_kernel_suite, &work.join("apt"))?;
+    }
+
     std::fs::create_dir_all(&dir)?;
     let (kernel_version, vmlinuz) = find_kernel(&rootfs)?;
     extract_vmlinux(&vmlinuz, &work.join("vmlinux"))?;
@@ -170,10 +161,13 @@ pub fn build() -> Result<RigImage> {
         &dir.join("ready"),
         format!("kernel {kernel_version}\nkey {key}\n").as_bytes(),
     )?;
-    // Older images only take disk space now.
+    // Images of other inputs only take disk space, once they have not been built for two
+    // weeks (a soak comparing configurations switches between a few of them).
+    let stale = std::time::SystemTime::now() - Duration::from_secs(14 * 24 * 3600);
     for entry in std::fs::read_dir(&rig_root)? {
         let path = entry?.path();
-        if path != dir && path.is_dir() {
+        let built = std::fs::metadata(path.join("ready")).and_then(|m| m.modified());
+        if path != dir && path.is_dir() && built.map_or(true, |t| t < stale) {
             let _ = std::fs::remove_dir_all(&path);
         }
     }
@@ -219,6 +213,50 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// Replaces L2's kernel (bookworm's, which debootstrap installed) with the cloud kernel of
+/// `suite`: its package is unpacked into the root (no maintainer scripts: the rig makes its own
+/// initramfs), its module index made with `depmod`, and bookworm's kernel removed.
+fn replace_kernel(rootfs: &Path, suite: &str, apt_dir: &Path) -> Result<()> {
+    let apt = crate::debian::PrivateApt::new(apt_dir, suite)?;
+    let image = apt
+        .depends("linux-image-cloud-amd64")?
+        .into_iter()
+        .find(|d| d.starts_with("linux-image-"))
+        .with_context(|| format!("linux-image-cloud-amd64 in {suite} names no kernel package"))?;
+    let deb = apt.download(&image)?;
+    for entry in std::fs::read_dir(rootfs.join("boot"))? {
+        let path = entry?.path();
+        std::fs::remove_file(&path)
+            .or_else(|_| std::fs::remove_dir_all(&path))
+            .with_context(|| format!("removing {}", path.display()))?;
+    }
+    let modules = rootfs.join("lib/modules");
+    if modules.exists() {
+        std::fs::remove_dir_all(&modules)?;
+    }
+    // Unpacked beside the root and copied in: unpacking into it could replace the merged-/usr
+    // symlinks (`/lib -> usr/lib`) with folders.
+    let unpacked = apt_dir.join("unpacked");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    std::fs::create_dir_all(&modules)?;
+    for (from, to) in [
+        ("boot/.", rootfs.join("boot")),
+        ("lib/modules/.", modules.clone()),
+        ("usr/lib/modules/.", modules.clone()),
+    ] {
+        if unpacked.join(from).exists() {
+            run(Command::new("cp")
+                .arg("-a")
+                .arg(unpacked.join(from))
+                .arg(&to))?;
+        }
+    }
+    let (version, _) = find_kernel(rootfs)?;
+    run(Command::new("depmod").arg("-b").arg(rootfs).arg(&version))?;
+    eprintln!("xtask: L2 runs kernel {version} from {suite}");
+    Ok(())
 }
 
 fn find_kernel(rootfs: &Path) -> Result<(String, PathBuf)> {
@@ -303,19 +341,71 @@ fn write_initrd(rootfs: &Path, kernel_version: &str, out: &Path) -> Result<()> {
     w.file("init", 0o755, INITRAMFS_INIT.as_bytes())?;
     let mut order = String::new();
     let modules = rootfs.join("lib/modules").join(kernel_version);
-    for module in INITRAMFS_MODULES {
-        let name = Path::new(module)
+    let deps = std::fs::read_to_string(modules.join("modules.dep"))
+        .with_context(|| format!("modules.dep missing for kernel {kernel_version}"))?;
+    for module in module_load_order(&deps, INITRAMFS_MODULES)? {
+        let path = modules.join(&module);
+        let mut bytes = std::fs::read(&path)
+            .with_context(|| format!("module {module} missing for kernel {kernel_version}"))?;
+        // busybox's insmod takes plain modules only; newer Debian kernels compress theirs.
+        let tool = if module.ends_with(".ko.xz") {
+            Some("xz")
+        } else if module.ends_with(".ko.zst") {
+            Some("zstd")
+        } else {
+            None
+        };
+        if let Some(tool) = tool {
+            let out = Command::new(tool)
+                .arg("-dc")
+                .arg(&path)
+                .output()
+                .with_context(|| format!("spawning {tool}"))?;
+            ensure!(out.status.success(), "{tool} -dc {module} failed");
+            bytes = out.stdout;
+        }
+        let file = Path::new(&module)
             .file_name()
             .expect("module paths name a file")
             .to_string_lossy();
-        let bytes = std::fs::read(modules.join(module))
-            .with_context(|| format!("module {module} missing for kernel {kernel_version}"))?;
+        let name = format!("{}.ko", file.split(".ko").next().unwrap_or(&file));
         w.file(&format!("modules/{name}"), 0o644, &bytes)?;
         order.push_str(&name);
         order.push('\n');
     }
     w.file("modules.order", 0o644, order.as_bytes())?;
     write_atomic(out, &w.finish()?)
+}
+
+/// The module files (paths relative to the kernel's module folder) to load, in order, for the
+/// modules `wanted` and everything they depend on, from `modules.dep`. A module that is not in
+/// `modules.dep` must be built into the kernel; that is checked by the boot, which fails
+/// to find its disk otherwise.
+fn module_load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>> {
+    let stem = |path: &str| -> String {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        file.split(".ko").next().unwrap_or(file).replace('-', "_")
+    };
+    let mut order: Vec<String> = Vec::new();
+    for name in wanted {
+        let Some((module, deps)) = modules_dep.lines().find_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            (stem(m) == name.replace('-', "_")).then_some((m.trim(), d))
+        }) else {
+            continue;
+        };
+        // modules.dep lists every dependency, the deepest last: load them from the end.
+        for dep in deps.split_whitespace().rev().chain(std::iter::once(module)) {
+            if !order.iter().any(|o| o == dep) {
+                order.push(dep.to_string());
+            }
+        }
+    }
+    ensure!(
+        !order.is_empty() || wanted.is_empty(),
+        "none of the modules {wanted:?} is in modules.dep"
+    );
+    Ok(order)
 }
 
 /// Writes `dir` into a new ext4 image of its size plus `extra_mib`, without mounting anything.
@@ -351,100 +441,106 @@ pub struct RigRun {
     /// Host folder that receives what the command wrote to `$HUSK_RIG_OUT`.
     pub out_dir: Option<PathBuf>,
     pub timeout: Duration,
+    /// Console lines starting with this are kept in [`RigReport::collected`].
+    pub collect_prefix: Option<String>,
 }
 
-/// How a rig run ended.
-pub struct RigOutcome {
-    pub exit_code: i32,
-}
-
-/// L2's own kernel failed and panicked while running the command: a CPU stuck in a nested
-/// guest (`softlockup_panic`), or an oops (`panic_on_oops`). Both are faults of the emulated
-/// nested virtualization under QEMU's TCG, seen now and then (a few runs in a day's dozens)
-/// and never on real hardware: an L2 vCPU left looping in an L3 guest for good (the L3 smoke
-/// check, with an unmodified Debian kernel), L2's KVM stuck injecting a timer interrupt into a
-/// 4-vCPU guest (`kvm_inject_apic_timer_irqs`), and kvm_amd's return from an L3 guest with a
-/// corrupt per-CPU base (a recursive page fault in L2's `exc_page_fault` on a `husk-vcpu`
-/// thread). Before L2 panicked on an oops, such a fault left the process of that thread
-/// unkillable and the test waiting on it for good. Not a failure of the command: callers may
-/// run it again.
-///
-/// Also: L2 stopped answering altogether (both of its CPUs spinning, seen with a husk-vcpu
-/// thread livelocked in L2's KVM while the other CPU waited for it), which no detector inside
-/// L2 reports; the host notices that L2's heartbeat (a console line every 30 s, see
-/// [`HEARTBEAT`]) stopped, and kills it after [`SILENCE_LIMIT`].
-#[derive(Debug)]
-pub struct L2KernelFault(pub &'static str);
-
-impl std::fmt::Display for L2KernelFault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the rig's L2 kernel failed ({}; see its console above): a fault of the emulated \
-             nested virtualization, not of the command",
-            self.0
-        )
+impl RigRun {
+    /// A run of `script` with `inputs` and `env`, bounded by the rig timeout.
+    pub fn new(
+        inputs: Vec<(PathBuf, String)>,
+        script: Option<String>,
+        env: Vec<(String, String)>,
+    ) -> RigRun {
+        RigRun {
+            inputs,
+            script,
+            env,
+            out_dir: None,
+            timeout: crate::testing::rig_timeout(),
+            collect_prefix: None,
+        }
     }
 }
 
-/// Prepended to every rig command: a line on L2's console every 30 s, through the kernel log
-/// (which reaches the console even when the console's tty is stuck), so the host can tell a
-/// quiet command from a wedged L2.
-const HEARTBEAT: &str =
-    "( while sleep 30; do echo '<3>husk-rig: alive' > /dev/kmsg; done ) 2>/dev/null &\n";
-/// How long L2's console may stay silent (heartbeat included) before the host calls L2 wedged.
-const SILENCE_LIMIT: Duration = Duration::from_secs(180);
+/// How a rig run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RigEnd {
+    /// The command ran to its end and exited with this code.
+    Finished(i32),
+    /// L2's heartbeat stopped (see [`rig_console::HEARTBEAT_LIMIT`]); the host sent it an NMI
+    /// and, if it did not panic, killed QEMU.
+    Wedged,
+    /// L2 died (a panic, QEMU gone) before the command finished.
+    Died,
+    /// The run's time limit passed; QEMU was killed.
+    TimedOut,
+}
 
-impl std::error::Error for L2KernelFault {}
+/// What a rig run did and what L2 said about itself meanwhile.
+pub struct RigReport {
+    pub end: RigEnd,
+    pub faults: L2Faults,
+    /// L2's uptime when its init started the command.
+    pub l2_up_s: Option<f64>,
+    /// From QEMU's start to its end.
+    pub elapsed: Duration,
+    /// Console lines matching [`RigRun::collect_prefix`].
+    pub collected: Vec<String>,
+    /// Hang reports the command left (`out/hang-*.txt`, see `testing::RUN_TEST_FN`), by file name.
+    pub hang_reports: Vec<(String, String)>,
+}
 
-/// Boots L2 with a fresh work disk, runs the command, and returns its exit code.
-pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
+impl RigReport {
+    /// Whether L2's own kernel proved that a failure is the rig's: it reported a fault (soft
+    /// lockup, RCU stall, oops, hung task, or the panic of the NMI sent to a wedged L2) whose
+    /// trace runs through L2's KVM. Faults of the emulated nested virtualization look like
+    /// this (see the README's "How the rig was chosen"); a hang of husk's own does not.
+    pub fn rig_fault_proven(&self) -> bool {
+        self.faults.in_kvm
+    }
+
+    /// How the run ended, in words.
+    pub fn describe(&self) -> String {
+        let end = match self.end {
+            RigEnd::Finished(code) => format!("the command exited {code}"),
+            RigEnd::Wedged => "L2 wedged (its heartbeat stopped)".into(),
+            RigEnd::Died => "L2 died before the command finished".into(),
+            RigEnd::TimedOut => "the run's time limit passed".into(),
+        };
+        if self.faults.any() {
+            format!("{end}; L2's kernel reported: {}", self.faults.summary())
+        } else {
+            end
+        }
+    }
+
+    /// The command's exit code, or an error naming how L2 failed.
+    pub fn exit_code(&self) -> Result<i32> {
+        match self.end {
+            RigEnd::Finished(code) => Ok(code),
+            _ => bail!(
+                "the rig run failed: {} (see its console above)",
+                self.describe()
+            ),
+        }
+    }
+}
+
+/// Prepended to every rig command: a line on L2's console at once and then every 10 s, through
+/// the kernel log (which reaches the console even when the console's tty is stuck), so the
+/// host can tell a quiet command from a wedged L2 (see [`rig_console::HEARTBEAT_LIMIT`]).
+pub const HEARTBEAT: &str = "( while :; do echo \"<3>husk-rig: alive $(cut -d' ' -f1 /proc/uptime)\" > /dev/kmsg; sleep 10; done ) 2>/dev/null &\n";
+
+/// Boots L2 with a fresh work disk, runs the command, and reports how it went.
+pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigReport> {
     let scratch = tempdir("husk-rig-run")?;
     let result = run_in_rig_at(image, job, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
 
-/// A test binary in the rig hung and was killed by its time limit (the hang report, printed
-/// above, says where everything was). The rig's emulated nested virtualization sometimes
-/// livelocks a vCPU thread inside L2's KVM, where even SIGKILL does not reach it; that is the
-/// hang seen so far. Retried like an [`L2KernelFault`]: a hang of husk's own would come back
-/// on the next run and fail it, with its report.
-#[derive(Debug)]
-pub struct RigHang;
-
-impl std::fmt::Display for RigHang {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "a test binary hung in the rig and was killed at its time limit (hang report above)",
-        )
-    }
-}
-
-impl std::error::Error for RigHang {}
-
-/// How many times a command is run again after an [`L2KernelFault`] or a [`RigHang`].
-const FAULT_RETRIES: usize = 2;
-
-/// [`run_in_rig`], run again (up to [`FAULT_RETRIES`] times) if L2's kernel failed
-/// ([`L2KernelFault`]) or a test binary hung ([`RigHang`]); either on the last attempt is an
-/// error.
-pub fn run_in_rig_retrying_fault(image: &RigImage, job: &RigRun) -> Result<RigOutcome> {
-    let mut attempt = 0;
-    loop {
-        match run_in_rig(image, job) {
-            Err(e) if (e.is::<L2KernelFault>() || e.is::<RigHang>()) && attempt < FAULT_RETRIES => {
-                attempt += 1;
-                eprintln!(
-                    "xtask: !!! {e}; running the whole command again ({attempt} of {FAULT_RETRIES}) !!!"
-                );
-            }
-            other => return other,
-        }
-    }
-}
-
-fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOutcome> {
+fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigReport> {
     let work = scratch.join("work");
     std::fs::create_dir_all(work.join("out"))?;
     for (src, dest) in &job.inputs {
@@ -470,25 +566,31 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
     std::fs::remove_dir_all(&work)?;
 
     let interactive = job.script.is_none();
-    let mut qemu = qemu_command(image, &disk, interactive);
-    eprintln!("xtask: booting the rig: {}", describe(&qemu));
+    let config = RigConfig::from_env()?;
+    let qmp = scratch.join("qmp.sock");
+    let mut qemu = qemu_command(&config, image, &disk, interactive, &qmp);
+    eprintln!(
+        "xtask: booting the rig ({}): {}",
+        config.describe(),
+        describe(&qemu)
+    );
     let started = Instant::now();
     let end = if interactive {
         let status = qemu.status().context("spawning qemu-system-x86_64")?;
         ensure!(status.success(), "QEMU failed: {status}");
-        ConsoleEnd {
-            marker: None,
-            fault: false,
-            timed_out: false,
-            wedged: false,
-        }
+        None
     } else {
-        stream_console(&mut qemu, job.timeout)?
+        Some(rig_console::stream_console(
+            &mut qemu,
+            job.timeout,
+            Some(qmp),
+            job.collect_prefix.clone(),
+        )?)
     };
-    let (marker_code, fault) = (end.marker, end.fault);
+    let elapsed = started.elapsed();
     eprintln!(
         "xtask: rig run finished after {:.1} s",
-        started.elapsed().as_secs_f64()
+        elapsed.as_secs_f64()
     );
 
     let out_dir = scratch.join("out");
@@ -503,25 +605,18 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
         .unwrap_or(false);
     // Reports the command left on the work disk for when L2's console is no help (a hang
     // report written while the console was stuck; see `testing::RUN_TEST_FN`).
-    let hang_report = std::fs::read_to_string(out_dir.join(HANG_REPORT)).ok();
-    if let Some(report) = &hang_report {
-        eprintln!("xtask: {HANG_REPORT} from the rig's work disk:\n{report}");
+    let mut hang_reports = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(&out_dir) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("hang-") && name.ends_with(".txt") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                eprintln!("xtask: {name} from the rig's work disk:\n{text}");
+                hang_reports.push((name, text));
+            }
+        }
     }
-    if end.wedged {
-        return Err(L2KernelFault(
-            "L2 stopped answering: no console output, not even its heartbeat, for 3 minutes",
-        )
-        .into());
-    }
-    if end.timed_out {
-        bail!(
-            "the rig did not finish within {} s; QEMU was killed (see the console above)",
-            job.timeout.as_secs()
-        );
-    }
-    let file_code = std::fs::read_to_string(out_dir.join("exit-code"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
+    hang_reports.sort();
     if let Some(dest) = &job.out_dir {
         std::fs::create_dir_all(dest)?;
         if dumped && out_dir.exists() {
@@ -531,33 +626,209 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigOu
                 .arg(dest))?;
         }
     }
-    if fault && file_code.or(marker_code).is_none() {
-        return Err(L2KernelFault(
-            "a soft lockup or an oops while running a nested guest; it panicked",
-        )
-        .into());
+    let Some(end) = end else {
+        return Ok(RigReport {
+            end: RigEnd::Finished(0),
+            faults: L2Faults::default(),
+            l2_up_s: None,
+            elapsed,
+            collected: Vec::new(),
+            hang_reports,
+        });
+    };
+    let file_code = std::fs::read_to_string(out_dir.join("exit-code"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let code = file_code.or(end.scan.marker);
+    let rig_end = match code {
+        Some(code) => RigEnd::Finished(code),
+        None if end.wedged => RigEnd::Wedged,
+        None if end.timed_out => RigEnd::TimedOut,
+        None => RigEnd::Died,
+    };
+    if end.qemu_failed && code.is_none() && !end.wedged && !end.timed_out && !end.scan.faults.any()
+    {
+        bail!("QEMU exited with a failure before the command finished (see its messages above)");
     }
-    let exit_code = file_code
-        .or(marker_code)
-        .context("the command in the rig left no exit code: L2 died before it finished (see its console above)")?;
-    if exit_code != 0 && hang_report.is_some() {
-        return Err(RigHang.into());
-    }
-    Ok(RigOutcome { exit_code })
+    Ok(RigReport {
+        end: rig_end,
+        faults: end.scan.faults,
+        l2_up_s: end.scan.l2_up_s,
+        elapsed,
+        collected: end.scan.collected,
+        hang_reports,
+    })
 }
 
-fn qemu_command(image: &RigImage, work_disk: &Path, interactive: bool) -> Command {
+/// The rig's configuration: which QEMU runs L2, how L2's CPUs look, which kernel L2 runs and
+/// how its KVM is loaded. The defaults are the combination `cargo xtask rig soak` found not to
+/// wedge (the README's "How the rig was chosen" has the tallies); each may be overridden
+/// from the environment to measure another with the soak:
+/// `HUSK_RIG_QEMU` (`bookworm` or `bookworm-backports`: the suite L1's QEMU comes from),
+/// `HUSK_RIG_L2_KERNEL` (the same, for L2's kernel; part of the image's cache key),
+/// `HUSK_RIG_CPU` (QEMU's `-cpu`), `HUSK_RIG_SMP` (L2's CPU count) and `HUSK_RIG_KVM_AMD`
+/// (kvm_amd's module options, space-separated, given to L2 on its kernel command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RigConfig {
+    pub qemu_suite: String,
+    pub l2_kernel_suite: String,
+    pub cpu: String,
+    pub smp: u32,
+    pub kvm_amd: String,
+}
+
+/// The configuration the rig uses unless told otherwise (see [`RigConfig`]).
+pub const DEFAULT_QEMU_SUITE: &str = "bookworm-backports";
+pub const DEFAULT_L2_KERNEL_SUITE: &str = "bookworm-backports";
+pub const DEFAULT_CPU: &str = "max";
+pub const DEFAULT_SMP: u32 = 2;
+/// L3 guests never run guests of their own: no nested SVM for them.
+pub const DEFAULT_KVM_AMD: &str = "nested=0";
+
+impl RigConfig {
+    pub fn from_env() -> Result<RigConfig> {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        let suite = |name: &str, default: &str| -> Result<String> {
+            let v = var(name, default);
+            ensure!(
+                v == "bookworm" || v == crate::debian::BACKPORTS,
+                "{name}={v}: expected bookworm or {}",
+                crate::debian::BACKPORTS
+            );
+            Ok(v)
+        };
+        let smp = var("HUSK_RIG_SMP", &DEFAULT_SMP.to_string());
+        Ok(RigConfig {
+            qemu_suite: suite("HUSK_RIG_QEMU", DEFAULT_QEMU_SUITE)?,
+            l2_kernel_suite: suite("HUSK_RIG_L2_KERNEL", DEFAULT_L2_KERNEL_SUITE)?,
+            cpu: var("HUSK_RIG_CPU", DEFAULT_CPU),
+            smp: smp
+                .parse()
+                .ok()
+                .filter(|n| (1..=8).contains(n))
+                .with_context(|| format!("HUSK_RIG_SMP={smp}: expected 1 to 8"))?,
+            kvm_amd: var("HUSK_RIG_KVM_AMD", DEFAULT_KVM_AMD),
+        })
+    }
+
+    /// One line naming every knob, for logs and the soak's tally.
+    pub fn describe(&self) -> String {
+        format!(
+            "qemu {} ({}), L2 kernel {}, -cpu {}, -smp {}, kvm_amd {:?}",
+            self.qemu_suite,
+            host_qemu_version().unwrap_or_else(|| "not installed".into()),
+            self.l2_kernel_suite,
+            self.cpu,
+            self.smp,
+            self.kvm_amd
+        )
+    }
+}
+
+/// `qemu-system-x86_64 --version`'s number, if QEMU is installed.
+pub fn host_qemu_version() -> Option<String> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()?
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .map(str::to_string)
+}
+
+/// Installs QEMU on the host from the configured suite (bookworm-backports' is installed with
+/// `apt-get -t`, from a source list of the host's own mirror that xtask adds; apt's default
+/// priority for backports keeps every other package where it is).
+fn install_host_qemu(config: &RigConfig) -> Result<()> {
+    apt_install(HOST_PACKAGES)?;
+    if config.qemu_suite != crate::debian::BACKPORTS {
+        return Ok(());
+    }
+    let major = host_qemu_version()
+        .and_then(|v| v.split('.').next().and_then(|m| m.parse::<u32>().ok()))
+        .unwrap_or(0);
+    if major >= 10 {
+        return Ok(());
+    }
+    let mirror = host_debian_mirror().context("the host's apt sources name no Debian mirror")?;
+    let list = Path::new("/etc/apt/sources.list.d/husk-bookworm-backports.list");
+    write_atomic(
+        list,
+        format!(
+            "# Added by husk's `cargo xtask` for the rig's QEMU (see README: the test rig).\n\
+             deb {mirror} {} main\n",
+            crate::debian::BACKPORTS
+        )
+        .as_bytes(),
+    )?;
+    eprintln!(
+        "xtask: installing QEMU from {} for the rig",
+        crate::debian::BACKPORTS
+    );
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "-t",
+            crate::debian::BACKPORTS,
+        ])
+        .args([
+            "qemu-system-x86",
+            "qemu-system-data",
+            "qemu-system-common",
+            "qemu-utils",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let version = host_qemu_version().unwrap_or_default();
+    ensure!(
+        version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok())
+            .unwrap_or(0)
+            >= 10,
+        "QEMU from {} is {version:?}, not 10 or later",
+        crate::debian::BACKPORTS
+    );
+    Ok(())
+}
+
+fn qemu_command(
+    config: &RigConfig,
+    image: &RigImage,
+    work_disk: &Path,
+    interactive: bool,
+    qmp: &Path,
+) -> Command {
     let mem_mib = std::env::var("HUSK_RIG_MEM_MIB").unwrap_or_else(|_| "6144".into());
     // softlockup_panic: a CPU stuck for 2 x watchdog_thresh (60 s) panics L2, which ends the
-    // run at once (panic=-1 reboots, -no-reboot exits) instead of at the run's timeout; see
-    // [`L2KernelFault`]. 60 s is far above any pause a busy host gives L2's vCPU threads.
+    // run at once (panic=-1 reboots, -no-reboot exits) instead of at the run's timeout.
+    // panic_on_rcu_stall with a 60 s stall timeout: the same for a CPU that stops RCU (seen:
+    // L2 reporting stalls every 63 s while its heartbeat had stopped). 60 s is far above any
+    // pause a busy host gives L2's vCPU threads.
     // panic_on_oops: an oops panics L2 too, rather than leaving a process unkillable.
+    // unknown_nmi_panic, panic_print=0x40: the NMI the host sends a wedged L2 panics it, with
+    // every CPU's backtrace (see `rig_console::stream_console`).
+    // printk.time: kernel lines carry a timestamp, which tells them from the command's output.
     // printk.devkmsg=on: a hang report written to /dev/kmsg is not rate-limited away.
     let mut append = format!(
         "console=ttyS0 panic=-1 loglevel=4 pci=off tsc=reliable tsc_early_khz={} \
-         softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1 printk.devkmsg=on",
+         softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1 \
+         sysctl.kernel.panic_on_rcu_stall=1 rcupdate.rcu_cpu_stall_timeout=60 \
+         unknown_nmi_panic=1 panic_print=0x40 printk.time=1 printk.devkmsg=on",
         host_tsc_khz()
     );
+    for opt in config.kvm_amd.split_whitespace() {
+        append.push_str(&format!(" kvm_amd.{opt}"));
+    }
     if !interactive {
         append.push_str(" quiet");
     }
@@ -568,9 +839,9 @@ fn qemu_command(image: &RigImage, work_disk: &Path, interactive: bool) -> Comman
         "-accel",
         "tcg,thread=multi,tb-size=512",
         "-cpu",
-        "max",
+        &config.cpu,
         "-smp",
-        "2",
+        &config.smp.to_string(),
         "-m",
         &mem_mib,
         "-nodefaults",
@@ -579,8 +850,10 @@ fn qemu_command(image: &RigImage, work_disk: &Path, interactive: bool) -> Comman
         "-no-reboot",
         "-serial",
         if interactive { "mon:stdio" } else { "stdio" },
-        "-kernel",
+        "-qmp",
     ])
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .arg("-kernel")
     .arg(&image.vmlinux)
     .arg("-initrd")
     .arg(&image.initrd)
@@ -630,116 +903,6 @@ fn parse_cpu_mhz(cpuinfo: &str) -> Option<f64> {
         .find(|l| l.starts_with("cpu MHz"))
         .and_then(|l| l.split(':').nth(1))
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// What L2's kernel prints when it fails (see [`L2KernelFault`]).
-const L2_FAULT_MARKS: &[&str] = &["soft lockup", "BUG: ", "Oops: ", "Kernel panic"];
-
-/// How a rig run's console ended.
-struct ConsoleEnd {
-    /// The exit code the rig's init printed, if it printed one.
-    marker: Option<i32>,
-    /// Whether L2 reported a kernel fault (see [`L2KernelFault`]; the caller counts it only
-    /// when the command did not finish, as a test's own output may quote such lines).
-    fault: bool,
-    /// Whether QEMU was killed at the run's timeout.
-    timed_out: bool,
-    /// Whether QEMU was killed because L2's console fell silent (see [`SILENCE_LIMIT`]).
-    wedged: bool,
-}
-
-/// Runs QEMU, copying its console to our stdout as it arrives (partial lines too: a test
-/// binary prints `test NAME ... ` before the test runs), and kills it at `timeout`.
-fn stream_console(qemu: &mut Command, timeout: Duration) -> Result<ConsoleEnd> {
-    let mut child = qemu
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawning qemu-system-x86_64")?;
-    let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let wedged = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    // Milliseconds after `started` of the console's last output.
-    let last_output = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let watchdog = {
-        let done = done.clone();
-        let timed_out = timed_out.clone();
-        let wedged = wedged.clone();
-        let last_output = last_output.clone();
-        std::thread::spawn(move || {
-            let deadline = started + timeout;
-            loop {
-                if done.load(Ordering::Relaxed) {
-                    return;
-                }
-                let now = Instant::now();
-                if now >= deadline {
-                    timed_out.store(true, Ordering::Relaxed);
-                    break;
-                }
-                let quiet_ms = (now - started)
-                    .as_millis()
-                    .saturating_sub(u128::from(last_output.load(Ordering::Relaxed)));
-                if quiet_ms > SILENCE_LIMIT.as_millis() {
-                    wedged.store(true, Ordering::Relaxed);
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet (the
-            // main thread reaps it only after this thread is joined or the pipe closes).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        })
-    };
-    let mut stdout = child.stdout.take().context("qemu stdout")?;
-    let mut marker = None;
-    let mut fault = false;
-    let mut line = Vec::new();
-    let mut buf = [0u8; 8192];
-    let mut out = std::io::stdout();
-    loop {
-        let n = match stdout.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("reading the rig's console"),
-        };
-        last_output.store(
-            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        let chunk: Vec<u8> = buf[..n].iter().copied().filter(|&b| b != b'\r').collect();
-        out.write_all(&chunk)?;
-        out.flush()?;
-        for &b in &chunk {
-            if b != b'\n' {
-                line.push(b);
-                continue;
-            }
-            let text = String::from_utf8_lossy(&line);
-            if let Some(code) = text.trim().strip_prefix(EXIT_MARKER) {
-                marker = code.trim().parse().ok();
-            }
-            fault |= L2_FAULT_MARKS.iter().any(|mark| text.contains(mark));
-            line.clear();
-        }
-    }
-    let status = child.wait()?;
-    done.store(true, Ordering::Relaxed);
-    let _ = watchdog.join();
-    let timed_out = timed_out.load(Ordering::Relaxed);
-    let wedged = wedged.load(Ordering::Relaxed);
-    if !timed_out && !wedged && !status.success() && marker.is_none() && !fault {
-        bail!("QEMU exited with {status} before the command finished");
-    }
-    Ok(ConsoleEnd {
-        marker,
-        fault,
-        timed_out,
-        wedged,
-    })
 }
 
 fn shell_quote(s: &str) -> String {
@@ -802,6 +965,24 @@ mod tests {
         assert!(bzimage_payload(&image).is_err());
         image[0x202] = b'X';
         assert!(bzimage_payload(&image).is_err());
+    }
+
+    #[test]
+    fn modules_load_after_their_dependencies_once_each() {
+        let dep = "kernel/drivers/virtio/virtio.ko.xz:\n\
+                   kernel/drivers/virtio/virtio_ring.ko.xz: kernel/drivers/virtio/virtio.ko.xz\n\
+                   kernel/drivers/virtio/virtio_mmio.ko.xz: kernel/drivers/virtio/virtio_ring.ko.xz kernel/drivers/virtio/virtio.ko.xz\n\
+                   kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio_ring.ko.xz kernel/drivers/virtio/virtio.ko.xz\n";
+        assert_eq!(
+            module_load_order(dep, &["virtio_mmio", "virtio_blk"]).expect("found"),
+            vec![
+                "kernel/drivers/virtio/virtio.ko.xz",
+                "kernel/drivers/virtio/virtio_ring.ko.xz",
+                "kernel/drivers/virtio/virtio_mmio.ko.xz",
+                "kernel/drivers/block/virtio_blk.ko.xz",
+            ]
+        );
+        assert!(matches!(module_load_order(dep, &["nvme"]), Err(_)));
     }
 
     #[test]

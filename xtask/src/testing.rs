@@ -239,21 +239,14 @@ pub fn run_demo() -> Result<()> {
             let image = rig::build()?;
             let (mut inputs, env) = rig_vm_inputs(&artifacts);
             inputs.push((bundle, "bundles/busybox".into()));
-            let outcome = rig::run_in_rig(
-                &image,
-                &RigRun {
-                    inputs,
-                    script: Some("husk run --bundle /work/bundles/busybox demo".into()),
-                    env,
-                    out_dir: None,
-                    timeout: rig_timeout(),
-                },
-            )?;
-            if outcome.exit_code != 0 {
-                bail!(
-                    "the container did not run in the rig (exit code {})",
-                    outcome.exit_code
-                );
+            let job = RigRun::new(
+                inputs,
+                Some("husk run --bundle /work/bundles/busybox demo".into()),
+                env,
+            );
+            let code = rig::run_in_rig(&image, &job)?.exit_code()?;
+            if code != 0 {
+                bail!("the container did not run in the rig (exit code {code})");
             }
             Ok(())
         }
@@ -335,27 +328,18 @@ pub fn rig_smoke() -> Result<()> {
     let scratch = rig::tempdir("husk-xtask-smoke")?;
     let result = (|| {
         let (inputs, script) = l3_smoke_inputs(&image, &scratch)?;
-        let outcome = rig::run_in_rig_retrying_fault(
-            &image,
-            &RigRun {
-                inputs,
-                script: Some(script),
-                env: Vec::new(),
-                out_dir: None,
-                timeout: rig_timeout(),
-            },
-        )?;
-        if outcome.exit_code != 0 {
-            bail!(
-                "the rig's L3 smoke test failed (exit code {})",
-                outcome.exit_code
-            );
-        }
-        Ok(())
+        let plan = vec![RigStep::Script {
+            name: SMOKE_NAME.into(),
+            text: script,
+        }];
+        run_steps_in_rig(&image, &plan, inputs, Vec::new())
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
+
+/// The L3 smoke check's name among the test binaries' in a rig run's results.
+const SMOKE_NAME: &str = "l3-smoke";
 
 fn run_tests_in_rig(
     artifacts: &VmArtifacts,
@@ -367,51 +351,313 @@ fn run_tests_in_rig(
     let scratch = rig::tempdir("husk-xtask-test")?;
     let extra: String = args.iter().map(|a| format!(" {}", sh_quote(a))).collect();
     let result = (|| {
-        let (mut inputs, env) = rig_vm_inputs(artifacts);
-        let mut script = String::from("rc=0\n");
+        let (mut inputs, mut env) = rig_vm_inputs(artifacts);
+        let mut plan = Vec::new();
         if smoke {
-            let (smoke_inputs, smoke) = l3_smoke_inputs(&image, &scratch)?;
+            let (smoke_inputs, text) = l3_smoke_inputs(&image, &scratch)?;
             inputs.extend(smoke_inputs);
-            script.push_str(&format!("( {smoke} ) || rc=1\n"));
+            plan.push(RigStep::Script {
+                name: SMOKE_NAME.into(),
+                text,
+            });
         }
         for test in tests {
-            let name = test
+            let file = test
                 .file_name()
                 .context("test executable has a file name")?
                 .to_string_lossy()
                 .into_owned();
-            inputs.push((test.clone(), format!("tests/{name}")));
-            script.push_str(&format!(
-                "echo \"== husk-rig: running {name}\"\n\
-                 run_test {limit} /work/tests/{name} --test-threads=1{extra} || {{ echo \"== husk-rig: {name} FAILED\"; rc=1; }}\n",
-                limit = test_binary_timeout().as_secs(),
-            ));
+            inputs.push((test.clone(), format!("tests/{file}")));
+            plan.push(RigStep::Binary {
+                name: test_binary_name(test).to_string(),
+                file,
+                extra: extra.clone(),
+            });
         }
-        script.push_str("exit $rc\n");
-        let script = format!("{RUN_TEST_FN}{script}");
-        let mut env = env;
         env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
         env.push(("RUST_BACKTRACE".into(), "1".into()));
-        let outcome = rig::run_in_rig_retrying_fault(
-            &image,
-            &RigRun {
-                inputs,
-                script: Some(script),
-                env,
-                out_dir: None,
-                timeout: rig_timeout(),
-            },
-        )?;
-        if outcome.exit_code != 0 {
-            bail!(
-                "VM-level tests failed inside the rig (exit code {}); their output is above",
-                outcome.exit_code
-            );
-        }
-        Ok(())
+        run_steps_in_rig(&image, &plan, inputs, env)
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// One step of a rig test run: a test binary, or shell text (the L3 smoke check).
+#[derive(Clone, Debug)]
+enum RigStep {
+    Binary {
+        name: String,
+        /// The executable's file name under /work/tests.
+        file: String,
+        /// Arguments for it, quoted for the shell, each with a leading space.
+        extra: String,
+    },
+    Script {
+        name: String,
+        text: String,
+    },
+}
+
+impl RigStep {
+    fn name(&self) -> &str {
+        match self {
+            RigStep::Binary { name, .. } | RigStep::Script { name, .. } => name,
+        }
+    }
+
+    /// Shell text that runs the step and records its exit code and seconds in
+    /// `out/results/NAME` (synced, so that it survives an L2 that dies after it).
+    fn script(&self) -> String {
+        let name = self.name();
+        let body = match self {
+            RigStep::Binary { file, extra, .. } => format!(
+                "run_test {limit} {name} /work/tests/{file} --test-threads=1{extra}",
+                limit = test_binary_timeout().as_secs(),
+            ),
+            RigStep::Script { text, .. } => format!("( {text} )"),
+        };
+        format!(
+            "echo \"== husk-rig: running {name}\"\n\
+             t0=$(date +%s.%N)\n\
+             {body}\n\
+             trc=$?\n\
+             echo \"$trc $(awk \"BEGIN{{printf \\\"%.1f\\\", $(date +%s.%N) - $t0}}\")\" > /work/out/results/{name}\n\
+             sync\n\
+             [ $trc = 0 ] || {{ echo \"== husk-rig: {name} FAILED ($trc)\"; rc=1; }}\n"
+        )
+    }
+}
+
+/// How one step ended in one rig run.
+#[derive(Clone, Debug, PartialEq)]
+enum StepEnd {
+    Passed {
+        secs: f64,
+    },
+    Failed {
+        code: i32,
+        secs: f64,
+    },
+    /// Killed at its time limit; `rig_fault` says whether L2's kernel log (in the hang report)
+    /// shows a fault inside its KVM, the only hang that is retried.
+    Hung {
+        rig_fault: Option<String>,
+    },
+    /// L2 died or wedged while it ran; `rig_fault` as for `Hung`, from L2's console.
+    L2Failed {
+        rig_fault: Option<String>,
+        how: String,
+    },
+    /// Never started: L2 failed before it.
+    NotRun,
+}
+
+/// What to do about one step after a rig run.
+#[derive(Clone, Debug, PartialEq)]
+enum Verdict {
+    Final(StepEnd),
+    /// Run it again in a fresh L2, for this reason (a rig fault, or not run yet).
+    Again(Option<String>),
+}
+
+/// How many times one step is run again after a proven rig fault.
+const RIG_FAULT_RETRIES: usize = 2;
+
+/// Judges every step of `plan` after a rig run, from the results the steps wrote (`name ->
+/// (exit code, seconds)`), their hang reports, and how the run ended. The rules: a step that
+/// finished keeps its result; a hang is retried only when the hang report's kernel log shows
+/// L2's own fault inside its KVM; a step during which L2 died or wedged is retried only when
+/// L2's console showed such a fault; steps after it had not run and run now. Everything else
+/// (a husk hang, a silent wedge) fails the run.
+fn judge(
+    plan: &[RigStep],
+    results: &std::collections::BTreeMap<String, (i32, f64)>,
+    hang_reports: &[(String, String)],
+    report_end: &rig::RigReport,
+    retries: &std::collections::BTreeMap<String, usize>,
+) -> Vec<(String, Verdict)> {
+    let mut verdicts = Vec::new();
+    let mut l2_failure_seen = false;
+    for step in plan {
+        let name = step.name().to_string();
+        let hang = hang_reports
+            .iter()
+            .find(|(file, _)| *file == format!("hang-{name}.txt"))
+            .map(|(_, text)| text);
+        let end = if let Some(text) = hang {
+            StepEnd::Hung {
+                rig_fault: kvm_fault_in_kernel_log(text),
+            }
+        } else if let Some(&(code, secs)) = results.get(&name) {
+            if code == 0 {
+                StepEnd::Passed { secs }
+            } else {
+                StepEnd::Failed { code, secs }
+            }
+        } else if !l2_failure_seen {
+            l2_failure_seen = true;
+            StepEnd::L2Failed {
+                rig_fault: report_end
+                    .rig_fault_proven()
+                    .then(|| report_end.faults.summary()),
+                how: report_end.describe(),
+            }
+        } else {
+            StepEnd::NotRun
+        };
+        let used = retries.get(&name).copied().unwrap_or(0);
+        let verdict = match &end {
+            StepEnd::NotRun => Verdict::Again(None),
+            StepEnd::Hung {
+                rig_fault: Some(why),
+            }
+            | StepEnd::L2Failed {
+                rig_fault: Some(why),
+                ..
+            } if used < RIG_FAULT_RETRIES => Verdict::Again(Some(why.clone())),
+            _ => Verdict::Final(end),
+        };
+        verdicts.push((name, verdict));
+    }
+    verdicts
+}
+
+/// The first fault of L2's kernel inside its KVM in a hang report's kernel log, if any.
+fn kvm_fault_in_kernel_log(report: &str) -> Option<String> {
+    let mut scan = crate::rig_console::ConsoleScan::new(None);
+    for line in report.lines() {
+        scan.line(line);
+    }
+    (scan.faults.any() && scan.faults.in_kvm).then(|| scan.faults.summary())
+}
+
+/// Runs the steps in the rig, each step's result kept across L2s: after a rig run, steps that
+/// finished are done, steps that L2's failure cut short are run again in a fresh L2 only
+/// where the rig's fault is proven (see [`judge`]), and every retry is listed with its cause
+/// in the final report.
+fn run_steps_in_rig(
+    image: &RigImage,
+    plan: &[RigStep],
+    inputs: Vec<(PathBuf, String)>,
+    env: Vec<(String, String)>,
+) -> Result<()> {
+    let mut pending: Vec<RigStep> = plan.to_vec();
+    let mut finals: Vec<(String, StepEnd)> = Vec::new();
+    let mut retries: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut retry_log: Vec<String> = Vec::new();
+    let started = std::time::Instant::now();
+    let mut l2_times = Vec::new();
+    while !pending.is_empty() {
+        let mut script = format!("{RUN_TEST_FN}mkdir -p /work/out/results\nrc=0\n");
+        for step in &pending {
+            script.push_str(&step.script());
+        }
+        script.push_str("exit $rc\n");
+        let out = rig::tempdir("husk-xtask-results")?;
+        let mut job = RigRun::new(inputs.clone(), Some(script), env.clone());
+        job.out_dir = Some(out.clone());
+        let report = rig::run_in_rig(image, &job);
+        let results = read_results(&out.join("results"));
+        let _ = std::fs::remove_dir_all(&out);
+        let report = report?;
+        l2_times.push(format!(
+            "L2 up after {}, run {:.0} s",
+            report.l2_up_s.map_or("?".into(), |s| format!("{s:.1} s")),
+            report.elapsed.as_secs_f64()
+        ));
+        if let rig::RigEnd::TimedOut = report.end {
+            bail!(
+                "the rig did not finish within {} s; QEMU was killed (see the console above)",
+                job.timeout.as_secs()
+            );
+        }
+        let verdicts = judge(&pending, &results, &report.hang_reports, &report, &retries);
+        let mut next = Vec::new();
+        for (step, (name, verdict)) in pending.iter().zip(verdicts) {
+            match verdict {
+                Verdict::Final(end) => finals.push((name, end)),
+                Verdict::Again(None) => next.push(step.clone()),
+                Verdict::Again(Some(why)) => {
+                    *retries.entry(name.clone()).or_default() += 1;
+                    let line = format!("{name}: run again after a rig fault: {why}");
+                    eprintln!("xtask: !!! {line} !!!");
+                    retry_log.push(line);
+                    next.push(step.clone());
+                }
+            }
+        }
+        pending = next;
+    }
+    // The report: every step's end, in plan order, and every retry with its cause.
+    eprintln!(
+        "\nxtask: VM-level test results ({} s in all; {}):",
+        started.elapsed().as_secs_f64().round(),
+        l2_times.join("; ")
+    );
+    let mut failed = Vec::new();
+    for step in plan {
+        let Some((_, end)) = finals.iter().find(|(n, _)| n == step.name()) else {
+            continue;
+        };
+        let text = match end {
+            StepEnd::Passed { secs } => format!("passed ({secs:.0} s)"),
+            StepEnd::Failed { code, secs } => format!("FAILED, exit code {code} ({secs:.0} s)"),
+            StepEnd::Hung { rig_fault: None } => {
+                "FAILED: hung, and L2's kernel reported no fault of its own: a hang of husk's or the test's (hang report above)".into()
+            }
+            StepEnd::Hung { rig_fault: Some(why) } => {
+                format!("FAILED: hung after {RIG_FAULT_RETRIES} retries, each a rig fault: {why}")
+            }
+            StepEnd::L2Failed { rig_fault: None, how } => format!(
+                "FAILED: {how} while it ran, with no fault inside L2's KVM to show the rig caused it"
+            ),
+            StepEnd::L2Failed { rig_fault: Some(_), how } => {
+                format!("FAILED: {how} while it ran, also on its last retry")
+            }
+            StepEnd::NotRun => "not run".into(),
+        };
+        if !matches!(end, StepEnd::Passed { .. }) {
+            failed.push(step.name().to_string());
+        }
+        eprintln!("xtask:   {:<12} {text}", step.name());
+    }
+    if retry_log.is_empty() {
+        eprintln!("xtask: retries: none");
+    } else {
+        eprintln!("xtask: retries ({}):", retry_log.len());
+        for line in &retry_log {
+            eprintln!("xtask:   {line}");
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "VM-level tests failed inside the rig: {}",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `out/results/NAME` files: `EXIT_CODE SECONDS`.
+fn read_results(dir: &Path) -> std::collections::BTreeMap<String, (i32, f64)> {
+    let mut results = std::collections::BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let mut words = text.split_whitespace();
+            if let Some(code) = words.next().and_then(|c| c.parse().ok()) {
+                let secs = words
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(f64::NAN);
+                results.insert(
+                    entry.file_name().to_string_lossy().into_owned(),
+                    (code, secs),
+                );
+            }
+        }
+    }
+    results
 }
 
 /// How long one VM-level test binary may run in the rig before it is killed with a report
@@ -429,14 +675,15 @@ fn secs_from_env(name: &str, default: u64) -> Duration {
     Duration::from_secs(secs)
 }
 
-/// `run_test LIMIT CMD...` for the rig's script: runs one test binary, its output to the
+/// `run_test LIMIT NAME CMD...` for the rig's script: runs one test binary, its output to the
 /// console and to `/work/out/tests.log`. If it is still running after LIMIT seconds it is a
 /// hang, so the report says where everything is stuck (every process's state and kernel wait
 /// channel, the kernel stacks of the test's and husk's threads, the serial port's counters,
 /// the kernel log's tail) before the binary is killed and counted as failed. The report goes
-/// to the work disk (`out/hang-report.txt`, which the host prints after the run) and to
-/// `/dev/kmsg`, whose lines reach the console even when the console's tty is stuck. The test's
-/// own output names the test that hung (`--test-threads=1` prints `test NAME ...` first).
+/// to the work disk (`out/hang-NAME.txt`, which the host prints after the run and reads to
+/// judge whether L2's kernel failed) and to `/dev/kmsg`, whose lines reach the console even
+/// when the console's tty is stuck. The test's own output names the test that hung
+/// (`--test-threads=1` prints `test NAME ...` first).
 const RUN_TEST_FN: &str = r#"
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 hang_report() {
@@ -454,14 +701,14 @@ hang_report() {
     dmesg | tail -n 60
 }
 run_test() {
-    limit=$1; shift
+    limit=$1; name=$2; shift 2
     "$@" > >(tee -a /work/out/tests.log) 2>&1 &
     tp=$!
     ( sleep "$limit"
       if kill -0 "$tp" 2>/dev/null; then
-          hang_report "$1" "$limit" > /work/out/hang-report.txt 2>&1
+          hang_report "$1" "$limit" > /work/out/hang-$name.txt 2>&1
           sync
-          while IFS= read -r l; do echo "<2>husk-rig: $l" > /dev/kmsg; done < /work/out/hang-report.txt
+          while IFS= read -r l; do echo "<2>husk-rig: $l" > /dev/kmsg; done < /work/out/hang-$name.txt
           kill -KILL "$tp"
       fi ) &
     wp=$!
@@ -475,4 +722,167 @@ run_test() {
 /// How long one rig run may take before it is killed (`HUSK_RIG_TIMEOUT_S`, default 40 min).
 pub fn rig_timeout() -> Duration {
     secs_from_env("HUSK_RIG_TIMEOUT_S", 2400)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rig::{RigEnd, RigReport};
+    use crate::rig_console::L2Faults;
+    use std::collections::BTreeMap;
+
+    fn step(name: &str) -> RigStep {
+        RigStep::Binary {
+            name: name.into(),
+            file: format!("{name}-0123"),
+            extra: String::new(),
+        }
+    }
+
+    fn report(end: RigEnd, faults: L2Faults) -> RigReport {
+        RigReport {
+            end,
+            faults,
+            l2_up_s: None,
+            elapsed: Duration::from_secs(1),
+            collected: Vec::new(),
+            hang_reports: Vec::new(),
+        }
+    }
+
+    const HUSK_HANG: &str = "== husk-rig: HANG: /work/tests/oci still running after 600 s\n\
+        -- kernel log tail:\n[  700.1] husk-rig: alive 700.1\n[  701.0] tap0: entered promiscuous mode\n";
+    const KVM_HANG: &str = "-- kernel log tail:\n\
+        [  650.0] INFO: task husk-vcpu:812 blocked for more than 120 seconds.\n\
+        [  650.1] Call Trace:\n[  650.2]  kvm_vcpu_ioctl+0x2a0/0x6b0 [kvm]\n";
+
+    #[test]
+    fn a_hang_without_a_kvm_fault_fails_and_is_never_retried() {
+        // The harness's own acceptance: a test binary that hangs (one time in three, say) fails
+        // the run every time it hangs, whatever the other binaries did.
+        let plan = [step("boot"), step("oci"), step("share")];
+        let results = BTreeMap::from([
+            ("boot".to_string(), (0, 30.0)),
+            ("oci".to_string(), (137, 600.0)),
+            ("share".to_string(), (0, 20.0)),
+        ]);
+        let hangs = vec![("hang-oci.txt".to_string(), HUSK_HANG.to_string())];
+        let v = judge(
+            &plan,
+            &results,
+            &hangs,
+            &report(RigEnd::Finished(1), L2Faults::default()),
+            &BTreeMap::new(),
+        );
+        assert_eq!(v[0].1, Verdict::Final(StepEnd::Passed { secs: 30.0 }));
+        assert_eq!(v[1].1, Verdict::Final(StepEnd::Hung { rig_fault: None }));
+        assert_eq!(v[2].1, Verdict::Final(StepEnd::Passed { secs: 20.0 }));
+    }
+
+    #[test]
+    fn a_hang_with_l2s_own_fault_inside_kvm_is_run_again_alone() {
+        let plan = [step("boot"), step("oci")];
+        let results = BTreeMap::from([
+            ("boot".to_string(), (0, 30.0)),
+            ("oci".to_string(), (137, 600.0)),
+        ]);
+        let hangs = vec![("hang-oci.txt".to_string(), KVM_HANG.to_string())];
+        let v = judge(
+            &plan,
+            &results,
+            &hangs,
+            &report(RigEnd::Finished(1), L2Faults::default()),
+            &BTreeMap::new(),
+        );
+        assert_eq!(v[0].1, Verdict::Final(StepEnd::Passed { secs: 30.0 }));
+        assert!(matches!(&v[1].1, Verdict::Again(Some(why)) if why.contains("hung tasks 1")));
+        // ... but not for ever.
+        let used = BTreeMap::from([("oci".to_string(), RIG_FAULT_RETRIES)]);
+        let v = judge(
+            &plan,
+            &results,
+            &hangs,
+            &report(RigEnd::Finished(1), L2Faults::default()),
+            &used,
+        );
+        assert!(matches!(
+            &v[1].1,
+            Verdict::Final(StepEnd::Hung { rig_fault: Some(_) })
+        ));
+    }
+
+    #[test]
+    fn an_l2_death_is_retried_only_with_a_kvm_trace_and_later_steps_run_anyway() {
+        let plan = [step("boot"), step("oci"), step("share")];
+        let results = BTreeMap::from([("boot".to_string(), (0, 30.0))]);
+        let proven = L2Faults {
+            soft_lockups: 1,
+            panicked: true,
+            in_kvm: true,
+            ..L2Faults::default()
+        };
+        let v = judge(
+            &plan,
+            &results,
+            &[],
+            &report(RigEnd::Died, proven),
+            &BTreeMap::new(),
+        );
+        assert_eq!(v[0].1, Verdict::Final(StepEnd::Passed { secs: 30.0 }));
+        assert!(matches!(&v[1].1, Verdict::Again(Some(_))));
+        assert_eq!(
+            v[2].1,
+            Verdict::Again(None),
+            "never ran: runs now, not a retry"
+        );
+
+        // A silent wedge proves nothing: the step that was running fails (husk could have
+        // livelocked L2), and the ones after it still run.
+        let v = judge(
+            &plan,
+            &results,
+            &[],
+            &report(RigEnd::Wedged, L2Faults::default()),
+            &BTreeMap::new(),
+        );
+        assert!(matches!(
+            &v[1].1,
+            Verdict::Final(StepEnd::L2Failed {
+                rig_fault: None,
+                ..
+            })
+        ));
+        assert_eq!(v[2].1, Verdict::Again(None));
+    }
+
+    #[test]
+    fn a_failing_step_is_final() {
+        let plan = [step("oci")];
+        let results = BTreeMap::from([("oci".to_string(), (101, 40.0))]);
+        let v = judge(
+            &plan,
+            &results,
+            &[],
+            &report(RigEnd::Finished(1), L2Faults::default()),
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            v[0].1,
+            Verdict::Final(StepEnd::Failed {
+                code: 101,
+                secs: 40.0
+            })
+        );
+    }
+
+    #[test]
+    fn step_scripts_record_results_under_their_names() {
+        let text = step("oci").script();
+        assert!(
+            text.contains("run_test 600 oci /work/tests/oci-0123 --test-threads=1"),
+            "{text}"
+        );
+        assert!(text.contains("> /work/out/results/oci"), "{text}");
+        assert!(text.contains("sync"), "{text}");
+    }
 }

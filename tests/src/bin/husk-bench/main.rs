@@ -13,6 +13,8 @@
 //!
 //! `husk-bench cri`: pods through CRI, handler `husk` against `runc` (see `cri.rs`).
 //!
+//! `husk-bench soak`: guests booted back to back, for `cargo xtask rig soak` (see `soak.rs`).
+//!
 //! `husk-bench boot-trace`: one husk boot with the guest kernel's messages on (`loglevel=7`,
 //! plus each `--trace-cmdline P`, e.g. `initcall_debug`), each console line printed with the host
 //! time it arrived, to see where a boot spends its time (the kernel's own timestamps start
@@ -21,6 +23,7 @@
 
 mod cri;
 mod oci;
+mod soak;
 
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
@@ -54,7 +57,8 @@ struct VsockRun {
     first_vcpu_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri [--runs N] [--out DIR] [cri: --idle-pods N] \
+const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
+     [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--dir DIR] [--timeout-s S]";
 
@@ -77,6 +81,11 @@ fn main() -> Result<()> {
     };
     let mut idle_pods = 10usize;
     let mut trace_cmdline = Vec::new();
+    let mut soak_opts = soak::SoakOptions {
+        boots: 300,
+        duration: Duration::from_secs(3600),
+        first: 0,
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -87,6 +96,12 @@ fn main() -> Result<()> {
             "--runs" => runs = value("--runs")?.parse()?,
             "--out" => out = PathBuf::from(value("--out")?),
             "--trace-cmdline" => trace_cmdline.push(value("--trace-cmdline")?.clone()),
+            "--boots" => soak_opts.boots = value("--boots")?.parse()?,
+            "--minutes" => {
+                soak_opts.duration =
+                    Duration::from_secs_f64(value("--minutes")?.parse::<f64>()? * 60.0)
+            }
+            "--first" => soak_opts.first = value("--first")?.parse()?,
             "--idle-pods" => idle_pods = value("--idle-pods")?.parse()?,
             "--idle-runs" => oci_opts.pss_runs = value("--idle-runs")?.parse()?,
             "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
@@ -98,6 +113,7 @@ fn main() -> Result<()> {
             "oci" => what = Some("oci"),
             "cri" => what = Some("cri"),
             "boot-trace" => what = Some("boot-trace"),
+            "soak" => what = Some("soak"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -116,6 +132,7 @@ fn main() -> Result<()> {
             let artifacts = vm_artifacts("husk-bench").context("no usable KVM or artifacts")?;
             boot_trace(&artifacts, &trace_cmdline)
         }
+        Some("soak") => soak::soak(&soak_opts),
         Some("cri") => cri::bench_cri(&cri::CriOptions {
             runs,
             idle_pods,

@@ -1,0 +1,422 @@
+//! L2's console, read as it arrives: copied to our stdout, scanned for what L2's kernel reports
+//! about itself (soft lockups, RCU stalls, oopses, panics, and whether their traces run through
+//! L2's KVM), and watched for L2's heartbeat, whose absence means L2 is wedged.
+//!
+//! Kernel lines are told from the command's own output by their timestamp (`printk.time=1`:
+//! `[   12.345678] text`), so a test that prints "BUG:" or a hang report quoting `dmesg` is
+//! never taken for a fault of L2's (the hang report's lines reach the console through
+//! `/dev/kmsg` with a `husk-rig: ` prefix, which the scan leaves out too).
+
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the rig's init prints as the command's exit code.
+pub const EXIT_MARKER: &str = "HUSK-RIG-EXIT=";
+/// The kernel-log line L2's heartbeat writes (see [`crate::rig::HEARTBEAT`]).
+pub const HEARTBEAT_TEXT: &str = "husk-rig: alive";
+/// Lines the command writes through `/dev/kmsg` (hang reports, the heartbeat) carry this prefix.
+const RIG_KMSG_PREFIX: &str = "husk-rig:";
+/// How long L2 may go without a heartbeat before the host calls it wedged. The heartbeat comes
+/// every 10 s; a busy host has been seen to delay L2's timers by a few seconds, never by 50.
+pub const HEARTBEAT_LIMIT: Duration = Duration::from_secs(60);
+/// How long the first heartbeat may take: L2's boot (3-10 s, 30 s on a loaded host) comes first.
+const FIRST_HEARTBEAT_LIMIT: Duration = Duration::from_secs(150);
+/// After a wedge, how long the host waits for L2's panic (from the NMI it injects) to print.
+const NMI_PANIC_WAIT: Duration = Duration::from_secs(40);
+/// How many lines after a fault's first line are searched for a trace through KVM.
+const TRACE_WINDOW: usize = 120;
+
+/// What L2's kernel reported about itself during a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L2Faults {
+    pub soft_lockups: usize,
+    pub rcu_stalls: usize,
+    pub oopses: usize,
+    pub hung_tasks: usize,
+    /// L2 panicked (on a fault above, or on the NMI the host sent a wedged L2).
+    pub panicked: bool,
+    /// A fault's trace runs through L2's KVM (`[kvm]` or `[kvm_amd]` frames): the emulated
+    /// nested virtualization failed, not the command.
+    pub in_kvm: bool,
+    /// The first fault line, for messages.
+    pub first: Option<String>,
+}
+
+impl L2Faults {
+    /// Whether L2's kernel reported any fault.
+    pub fn any(&self) -> bool {
+        self.soft_lockups + self.rcu_stalls + self.oopses + self.hung_tasks > 0 || self.panicked
+    }
+
+    /// One line: counts and the first fault.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "soft lockups {}, RCU stalls {}, oopses {}, hung tasks {}{}{}",
+            self.soft_lockups,
+            self.rcu_stalls,
+            self.oopses,
+            self.hung_tasks,
+            if self.panicked { ", panicked" } else { "" },
+            if self.in_kvm {
+                ", trace inside L2's KVM"
+            } else {
+                ""
+            },
+        );
+        if let Some(first) = &self.first {
+            s.push_str(&format!("; first: {first:?}"));
+        }
+        s
+    }
+}
+
+/// Scans console lines one at a time.
+#[derive(Default)]
+pub struct ConsoleScan {
+    pub faults: L2Faults,
+    /// The exit code the rig's init printed.
+    pub marker: Option<i32>,
+    /// L2's uptime when the rig's init started the command.
+    pub l2_up_s: Option<f64>,
+    /// Lines starting with the collect prefix.
+    pub collected: Vec<String>,
+    collect_prefix: Option<String>,
+    /// Lines left to search for a KVM frame after the last fault line.
+    trace_window: usize,
+}
+
+/// What one console line told.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineKind {
+    Heartbeat,
+    Other,
+}
+
+impl ConsoleScan {
+    pub fn new(collect_prefix: Option<String>) -> ConsoleScan {
+        ConsoleScan {
+            collect_prefix,
+            ..ConsoleScan::default()
+        }
+    }
+
+    pub fn line(&mut self, line: &str) -> LineKind {
+        let line = line.trim_end();
+        if let Some(code) = line.trim().strip_prefix(EXIT_MARKER) {
+            self.marker = code.trim().parse().ok();
+        }
+        if let Some(up) = line
+            .strip_prefix("husk-rig: L2 up after ")
+            .and_then(|r| r.strip_suffix(" s"))
+        {
+            self.l2_up_s = up.trim().parse().ok();
+        }
+        if let Some(prefix) = &self.collect_prefix {
+            if line.starts_with(prefix.as_str()) {
+                self.collected.push(line.to_string());
+            }
+        }
+        let Some(text) = kernel_text(line) else {
+            return LineKind::Other;
+        };
+        if text.starts_with(RIG_KMSG_PREFIX) {
+            return if text.starts_with(HEARTBEAT_TEXT) {
+                LineKind::Heartbeat
+            } else {
+                LineKind::Other
+            };
+        }
+        if self.trace_window > 0 {
+            self.trace_window -= 1;
+            if text.contains("[kvm]") || text.contains("[kvm_amd]") {
+                self.faults.in_kvm = true;
+            }
+        }
+        let f = &mut self.faults;
+        let fault = if text.contains("soft lockup") {
+            f.soft_lockups += 1;
+            true
+        } else if text.contains("rcu: INFO:") && text.contains("stall") {
+            f.rcu_stalls += 1;
+            true
+        } else if text.contains("blocked for more than") && text.starts_with("INFO: task") {
+            f.hung_tasks += 1;
+            true
+        } else if text.starts_with("Oops:")
+            || text.starts_with("BUG: ")
+            || text.starts_with("general protection fault")
+        {
+            f.oopses += 1;
+            true
+        } else if text.starts_with("Kernel panic") {
+            f.panicked = true;
+            true
+        } else {
+            false
+        };
+        if fault {
+            if f.first.is_none() {
+                f.first = Some(text.to_string());
+            }
+            self.trace_window = TRACE_WINDOW;
+        }
+        LineKind::Other
+    }
+}
+
+/// The text of a kernel console line (`[   12.345678] text`), or `None` for any other line.
+fn kernel_text(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('[')?;
+    let (stamp, text) = rest.split_once(']')?;
+    let stamp = stamp.trim();
+    let (secs, frac) = stamp.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(secs) && digits(frac)).then(|| text.strip_prefix(' ').unwrap_or(text))
+}
+
+/// How a rig run's console ended.
+pub struct ConsoleEnd {
+    pub scan: ConsoleScan,
+    /// QEMU was killed at the run's timeout.
+    pub timed_out: bool,
+    /// L2's heartbeat stopped for [`HEARTBEAT_LIMIT`] (the host then sent it an NMI, so that
+    /// its panic shows where its CPUs were).
+    pub wedged: bool,
+    /// QEMU's own exit status was a failure.
+    pub qemu_failed: bool,
+}
+
+/// Runs QEMU, copying its console to our stdout as it arrives (partial lines too: a test
+/// binary prints `test NAME ... ` before the test runs), scanning it, and killing QEMU at
+/// `timeout` or when L2's heartbeat stops. `qmp` is QEMU's QMP socket, through which a wedged
+/// L2 is sent an NMI first (it panics, and the panic prints its CPUs' stacks).
+pub fn stream_console(
+    qemu: &mut Command,
+    timeout: Duration,
+    qmp: Option<PathBuf>,
+    collect_prefix: Option<String>,
+) -> Result<ConsoleEnd> {
+    let mut child = qemu
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning qemu-system-x86_64")?;
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let wedged = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    // Milliseconds after `started` of the last heartbeat (0: none yet).
+    let last_heartbeat = Arc::new(AtomicU64::new(0));
+    let watchdog = {
+        let done = done.clone();
+        let timed_out = timed_out.clone();
+        let wedged = wedged.clone();
+        let last_heartbeat = last_heartbeat.clone();
+        std::thread::spawn(move || {
+            let deadline = started + timeout;
+            let mut nmi_sent: Option<Instant> = None;
+            loop {
+                if done.load(Ordering::Relaxed) {
+                    return;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    timed_out.store(true, Ordering::Relaxed);
+                    break;
+                }
+                if let Some(sent) = nmi_sent {
+                    if now - sent > NMI_PANIC_WAIT {
+                        break;
+                    }
+                } else {
+                    let last = last_heartbeat.load(Ordering::Relaxed);
+                    let since = now - started;
+                    let silent = if last == 0 {
+                        since > FIRST_HEARTBEAT_LIMIT
+                    } else {
+                        since.saturating_sub(Duration::from_millis(last)) > HEARTBEAT_LIMIT
+                    };
+                    if silent {
+                        wedged.store(true, Ordering::Relaxed);
+                        eprintln!(
+                            "\nxtask: !!! L2's heartbeat stopped ({} s without one): L2 is wedged; \
+                             sending it an NMI so that its panic shows where its CPUs are !!!",
+                            if last == 0 {
+                                since.as_secs()
+                            } else {
+                                since.as_secs() - last / 1000
+                            }
+                        );
+                        match qmp.as_deref().map(inject_nmi) {
+                            Some(Ok(())) => nmi_sent = Some(now),
+                            Some(Err(e)) => {
+                                eprintln!("xtask: could not send the NMI: {e:#}");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet (the
+            // main thread reaps it only after this thread is joined or the pipe closes).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        })
+    };
+    let mut stdout = child.stdout.take().context("qemu stdout")?;
+    let mut scan = ConsoleScan::new(collect_prefix);
+    let mut line = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut out = std::io::stdout();
+    loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the rig's console"),
+        };
+        let chunk: Vec<u8> = buf[..n].iter().copied().filter(|&b| b != b'\r').collect();
+        out.write_all(&chunk)?;
+        out.flush()?;
+        for &b in &chunk {
+            if b != b'\n' {
+                line.push(b);
+                continue;
+            }
+            if scan.line(&String::from_utf8_lossy(&line)) == LineKind::Heartbeat {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                last_heartbeat.store(ms.max(1), Ordering::Relaxed);
+            }
+            line.clear();
+        }
+    }
+    let status = child.wait()?;
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    Ok(ConsoleEnd {
+        scan,
+        timed_out: timed_out.load(Ordering::Relaxed),
+        wedged: wedged.load(Ordering::Relaxed),
+        qemu_failed: !status.success(),
+    })
+}
+
+/// Sends every CPU of L2 an NMI through QEMU's QMP socket. L2 runs with `unknown_nmi_panic`,
+/// so it panics and prints where its CPUs were (`panic_print`: every CPU's backtrace).
+fn inject_nmi(qmp: &Path) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixStream;
+    let stream =
+        UnixStream::connect(qmp).with_context(|| format!("connecting to {}", qmp.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut reply = String::new();
+    // The greeting, then one reply per command.
+    reader.read_line(&mut reply)?;
+    for cmd in [
+        r#"{"execute":"qmp_capabilities"}"#,
+        r#"{"execute":"inject-nmi"}"#,
+    ] {
+        writer.write_all(cmd.as_bytes())?;
+        writer.write_all(b"\n")?;
+        reply.clear();
+        reader.read_line(&mut reply)?;
+        if !reply.contains("\"return\"") {
+            bail!("QMP {cmd}: {}", reply.trim());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(lines: &[&str]) -> ConsoleScan {
+        let mut s = ConsoleScan::new(Some("soak: ".into()));
+        for l in lines {
+            s.line(l);
+        }
+        s
+    }
+
+    #[test]
+    fn kernel_lines_are_told_by_their_timestamp() {
+        assert_eq!(kernel_text("[   12.345678] hello"), Some("hello"));
+        assert_eq!(kernel_text("[12.3] x"), Some("x"));
+        assert_eq!(kernel_text("[ ok ] hello"), None);
+        assert_eq!(kernel_text("test foo ... ok"), None);
+        assert_eq!(kernel_text("[12] no fraction"), None);
+    }
+
+    #[test]
+    fn a_soft_lockup_with_a_kvm_trace_is_counted_and_placed_in_kvm() {
+        let s = scan(&[
+            "[  100.000000] watchdog: BUG: soft lockup - CPU#1 stuck for 63s! [husk-vcpu:812]",
+            "[  100.000001] Call Trace:",
+            "[  100.000002]  __apic_accept_irq+0x1a/0x2c0 [kvm]",
+            "[  100.000003] Kernel panic - not syncing: softlockup: hung tasks",
+        ]);
+        assert_eq!(s.faults.soft_lockups, 1);
+        assert_eq!(
+            s.faults.oopses, 0,
+            "the soft lockup's BUG: is not an oops too"
+        );
+        assert!(s.faults.panicked);
+        assert!(s.faults.in_kvm);
+        assert!(s
+            .faults
+            .first
+            .as_deref()
+            .is_some_and(|f| f.contains("soft lockup")));
+    }
+
+    #[test]
+    fn rcu_stalls_oopses_and_hung_tasks_are_counted_apart() {
+        let s = scan(&[
+            "[   63.1] rcu: INFO: rcu_preempt self-detected stall on CPU",
+            "[   70.2] BUG: unable to handle page fault for address: 0000000000001234",
+            "[   70.3] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+            "[  130.0] INFO: task husk:99 blocked for more than 120 seconds.",
+        ]);
+        assert_eq!(s.faults.rcu_stalls, 1);
+        assert_eq!(s.faults.oopses, 2);
+        assert_eq!(s.faults.hung_tasks, 1);
+        assert!(!s.faults.in_kvm, "no KVM frame in any trace");
+        assert!(!s.faults.panicked);
+    }
+
+    #[test]
+    fn the_commands_own_output_and_quoted_reports_are_not_faults() {
+        let s = scan(&[
+            "test prints_bug ... BUG: soft lockup (a test's own words)",
+            "Oops: not the kernel",
+            "[   80.0] husk-rig: [   70.3] Oops: 0000 [#1] quoted by a hang report",
+            "[   90.0] husk-rig: alive 90.0",
+        ]);
+        assert!(!s.faults.any(), "{:?}", s.faults);
+    }
+
+    #[test]
+    fn the_heartbeat_exit_marker_and_collected_lines_are_read() {
+        let mut s = ConsoleScan::new(Some("soak: ".into()));
+        assert_eq!(
+            s.line("[   12.5] husk-rig: alive 12.5"),
+            LineKind::Heartbeat
+        );
+        assert_eq!(s.line("husk-rig: L2 up after 4.25 s"), LineKind::Other);
+        s.line("soak: boot 0 1vcpu ok 1.20 s");
+        s.line("HUSK-RIG-EXIT=3");
+        assert_eq!(s.marker, Some(3));
+        assert_eq!(s.l2_up_s, Some(4.25));
+        assert_eq!(s.collected, vec!["soak: boot 0 1vcpu ok 1.20 s"]);
+    }
+}
