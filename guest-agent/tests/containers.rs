@@ -1,9 +1,10 @@
 //! Containers run by the real agent binary in `--serve-unix` mode on this host, driven by the
 //! real `AgentClient`, with a busybox root file system (Debian's `busybox-static`).
 //!
-//! Needs root (namespaces, mounts, pivot_root). Without root or without `/bin/busybox` the
-//! tests skip with a loud message. The OOM test needs a cgroup v2 hierarchy with the memory
-//! controller; it skips loudly otherwise.
+//! Needs root (namespaces, mounts, pivot_root), `/bin/busybox` and a cgroup v2 hierarchy
+//! (with the memory controller for the OOM test). Where one is missing the tests skip with a
+//! loud message naming each test, or fail under `HUSK_REQUIRE_KVM=1` (CI, `cargo xtask test`),
+//! through the skip helper every husk test crate shares.
 
 use husk_agent_protocol::{
     AgentClient, AttachStdio, CreateContainer, ExecProcess, ExitStatus, ProcessRef, Request,
@@ -16,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+#[path = "../../tests/src/skip.rs"]
+mod skip;
 
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
@@ -65,12 +69,13 @@ fn start_agent() -> Option<Agent> {
 }
 
 fn start_agent_with(env: &[(&str, &str)]) -> Option<Agent> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("!!! SKIPPED: container tests need root");
+    if !skip::have_root("namespaces, mounts and pivot_root") {
         return None;
     }
     if !Path::new(BUSYBOX).exists() {
-        eprintln!("!!! SKIPPED: {BUSYBOX} missing (apt-get install busybox-static)");
+        skip::skip(&format!(
+            "{BUSYBOX} is missing (apt-get install busybox-static)"
+        ));
         return None;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -448,11 +453,10 @@ fn memory_limit_oom_kills_a_hog() {
             .is_some_and(|c| c.split_whitespace().any(|x| x == "memory"))
     });
     if !memory_ok {
-        eprintln!(
-            "!!! SKIPPED memory_limit_oom_kills_a_hog: no cgroup v2 memory controller on this \
-             host ({:?})",
+        skip::skip(&format!(
+            "no cgroup v2 memory controller on this host ({:?})",
             agent.cgroup_root
-        );
+        ));
         return;
     }
     let mut s = spec(&["sh", "-c", "x=aaaaaaaa; while true; do x=$x$x; done"]);
@@ -512,7 +516,7 @@ fn terminal_process_gets_a_pty_with_the_requested_size() {
 fn pause_resume_and_stats_use_the_cgroup() {
     let Some(agent) = start_agent() else { return };
     if agent.cgroup_root.is_none() {
-        eprintln!("!!! SKIPPED pause_resume_and_stats_use_the_cgroup: no cgroup v2 hierarchy");
+        skip::skip("no cgroup v2 hierarchy on this host");
         return;
     }
     let resp = agent.create("p", spec(&["sleep", "100"]), StdioConfig::default());

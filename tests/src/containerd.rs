@@ -44,12 +44,7 @@ impl Containerd {
     /// Whether the VM tests can run a containerd here (they skip loudly where not).
     pub fn available(test: &str) -> Option<Artifacts> {
         let artifacts = vm_artifacts(test)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            if std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1") {
-                panic!("{test}: the containerd tests need root");
-            }
-            eprintln!("!!! SKIPPED {test}: the containerd tests need root !!!");
+        if !crate::skip::have_root("containerd and its shims") {
             return None;
         }
         if !client_available(test, "containerd") || !client_available(test, "ctr") {

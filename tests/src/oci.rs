@@ -96,12 +96,7 @@ impl OciEnv {
     /// this is not root (bind mounts need it).
     pub fn new(test: &str) -> Option<OciEnv> {
         let artifacts = vm_artifacts(test)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            if std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1") {
-                panic!("{test}: the OCI tests need root");
-            }
-            eprintln!("!!! SKIPPED {test}: the OCI tests need root !!!");
+        if !crate::skip::have_root("bind mounts into the sandbox share") {
             return None;
         }
         let env = OciEnv::build(artifacts).expect("set up the OCI test environment");
@@ -330,13 +325,7 @@ pub fn client_available(test: &str, name: &str) -> bool {
     if found {
         return true;
     }
-    if std::env::var("HUSK_REQUIRE_KVM").is_ok_and(|v| v == "1") {
-        panic!("{test}: HUSK_REQUIRE_KVM=1 but {name} is not installed");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "!!! SKIPPED {test}: {name} is not installed !!!"
-    );
+    crate::skip::skip(&format!("{test}: {name} is not installed"));
     false
 }
 

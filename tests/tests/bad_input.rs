@@ -9,6 +9,11 @@ use std::process::Command;
 
 /// A kernel that passes validation: the real one when the harness provides it, otherwise any
 /// 64-bit ELF file (validation only checks the ELF header before KVM is opened).
+/// husk-vmm's exit code for an error it names (bad files, sizes, sockets, /dev/kvm).
+const REFUSED: i32 = 1;
+/// clap's exit code for a malformed command-line argument.
+const USAGE_ERROR: i32 = 2;
+
 fn some_kernel() -> PathBuf {
     std::env::var_os("HUSK_KERNEL")
         .map(PathBuf::from)
@@ -49,8 +54,19 @@ impl Case {
     }
 
     /// Asserts a failure whose message contains every one of `needles`, and no leftovers.
-    fn assert_fails(&self, (code, stderr): (i32, String), needles: &[&str]) {
-        assert_ne!(code, 0, "must fail; stderr: {stderr}");
+    /// husk-vmm refused: exactly `expected` (never a panic's 101 or a crash's signal), its
+    /// message on stderr naming every needle.
+    fn assert_fails(&self, (code, stderr): (i32, String), expected: i32, needles: &[&str]) {
+        assert_eq!(code, expected, "exit code; stderr: {stderr}");
+        let prefix = if expected == USAGE_ERROR {
+            "error: "
+        } else {
+            "husk-vmm: "
+        };
+        assert!(
+            stderr.starts_with(prefix),
+            "the message starts with {prefix:?}: {stderr}"
+        );
         for needle in needles {
             assert!(
                 stderr.contains(needle),
@@ -70,7 +86,7 @@ fn missing_kernel_is_named() {
     let case = Case::new();
     let missing = case.dir.path().join("no-such-vmlinux");
     let out = case.run(&missing, "1", "128", &case.socket());
-    case.assert_fails(out, &["no-such-vmlinux", "no such file"]);
+    case.assert_fails(out, REFUSED, &["no-such-vmlinux", "no such file"]);
 }
 
 #[test]
@@ -80,7 +96,7 @@ fn unreadable_kernel_is_named() {
     let dir = case.dir.path().join("vmlinux-dir");
     std::fs::create_dir(&dir).expect("mkdir");
     let out = case.run(&dir, "1", "128", &case.socket());
-    case.assert_fails(out, &["vmlinux-dir"]);
+    case.assert_fails(out, REFUSED, &["vmlinux-dir"]);
 }
 
 #[test]
@@ -89,35 +105,35 @@ fn a_file_that_is_not_an_elf_vmlinux_is_refused() {
     let bogus = case.dir.path().join("bzImage");
     std::fs::write(&bogus, b"MZ\x00\x00 not an ELF kernel").expect("write");
     let out = case.run(&bogus, "1", "128", &case.socket());
-    case.assert_fails(out, &["bzImage", "not an ELF"]);
+    case.assert_fails(out, REFUSED, &["bzImage", "not an ELF"]);
 }
 
 #[test]
 fn zero_vcpus_is_refused() {
     let case = Case::new();
     let out = case.run(&some_kernel(), "0", "128", &case.socket());
-    case.assert_fails(out, &["at least 1 vCPU"]);
+    case.assert_fails(out, REFUSED, &["at least 1 vCPU"]);
 }
 
 #[test]
 fn too_many_vcpus_is_refused() {
     let case = Case::new();
     let out = case.run(&some_kernel(), "200", "128", &case.socket());
-    case.assert_fails(out, &["200 vCPUs", "at most"]);
+    case.assert_fails(out, REFUSED, &["200 vCPUs", "at most"]);
 }
 
 #[test]
 fn memory_below_the_minimum_is_refused() {
     let case = Case::new();
     let out = case.run(&some_kernel(), "1", "4", &case.socket());
-    case.assert_fails(out, &["4 MiB", "at least"]);
+    case.assert_fails(out, REFUSED, &["4 MiB", "at least"]);
 }
 
 #[test]
 fn memory_above_host_memory_is_refused() {
     let case = Case::new();
     let out = case.run(&some_kernel(), "1", "4000000", &case.socket());
-    case.assert_fails(out, &["4000000 MiB", "host has only"]);
+    case.assert_fails(out, REFUSED, &["4000000 MiB", "host has only"]);
 }
 
 #[test]
@@ -126,8 +142,11 @@ fn an_existing_socket_path_is_refused_and_kept() {
     let socket = case.socket();
     std::fs::write(&socket, b"someone else's").expect("write");
     let (code, stderr) = case.run(&some_kernel(), "1", "128", &socket);
-    assert_ne!(code, 0);
-    assert!(stderr.contains("already exists"), "{stderr}");
+    assert_eq!(code, REFUSED, "{stderr}");
+    assert!(
+        stderr.starts_with("husk-vmm: ") && stderr.contains("already exists"),
+        "{stderr}"
+    );
     assert_eq!(
         std::fs::read(&socket).expect("still there"),
         b"someone else's",
@@ -140,20 +159,25 @@ fn a_socket_in_a_missing_directory_is_refused() {
     let case = Case::new();
     let socket = case.dir.path().join("missing-dir").join("v.sock");
     let out = case.run(&some_kernel(), "1", "128", &socket);
-    case.assert_fails(out, &["missing-dir", "parent directory does not exist"]);
+    case.assert_fails(
+        out,
+        REFUSED,
+        &["missing-dir", "parent directory does not exist"],
+    );
 }
 
 fn have_root_and_unshare() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    if !husk_tests::skip::have_root("a private mount namespace with its own /dev") {
+        return false;
+    }
     let unshare = Command::new("unshare")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !(root && unshare) {
-        eprintln!("!!! SKIPPED: the /dev/kvm cases need root and util-linux unshare !!!");
+    if !unshare {
+        husk_tests::skip::skip("util-linux's unshare is missing");
     }
-    root && unshare
+    unshare
 }
 
 /// Runs husk-vmm in a private mount namespace after `setup` (shell text) changed its /dev.
@@ -198,7 +222,7 @@ fn absent_dev_kvm_is_named() {
         "mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3",
         false,
     );
-    case.assert_fails(out, &["/dev/kvm does not exist"]);
+    case.assert_fails(out, REFUSED, &["/dev/kvm does not exist"]);
 }
 
 #[test]
@@ -207,7 +231,7 @@ fn inaccessible_dev_kvm_is_named() {
         return;
     }
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("!!! SKIPPED: no /dev/kvm on this host to make inaccessible !!!");
+        husk_tests::skip::skip("no /dev/kvm on this host to make inaccessible");
         return;
     }
     let case = Case::new();
@@ -217,7 +241,7 @@ fn inaccessible_dev_kvm_is_named() {
         "mount -t tmpfs none /dev && mknod -m 600 /dev/kvm c 10 232 && mknod -m 666 /dev/null c 1 3",
         true,
     );
-    case.assert_fails(out, &["/dev/kvm is not accessible"]);
+    case.assert_fails(out, REFUSED, &["/dev/kvm is not accessible"]);
 }
 
 /// Network card arguments: a malformed MAC or address is refused before anything starts, and a
@@ -235,6 +259,7 @@ fn bad_network_card_arguments_are_named() {
     };
     case.assert_fails(
         run(&["--net-tap-fd", "0", "--net-mac", "02:00:00:00:00"]),
+        USAGE_ERROR,
         &["not a MAC address"],
     );
     case.assert_fails(
@@ -246,12 +271,14 @@ fn bad_network_card_arguments_are_named() {
             "--net-ip",
             "10.0.0.2",
         ]),
+        USAGE_ERROR,
         &["prefix length"],
     );
     if husk_tests::vm_artifacts("bad_network_card_arguments_are_named").is_some() {
         // Descriptor 0 is /dev/null here (run_vmm's stdin).
         case.assert_fails(
             run(&["--net-tap-fd", "0", "--net-mac", "02:00:00:00:00:01"]),
+            REFUSED,
             &["file descriptor 0 is not a TAP device"],
         );
     }

@@ -198,10 +198,15 @@ fn bad_input_fails_clearly_and_changes_nothing() {
     let fails = |args: &[&str], needle: &str| {
         let out = env.run(args);
         let err = text(&out.stderr);
-        assert!(!out.status.success(), "{args:?} must fail");
+        // Exactly husk's refusal (exit 1 with its message), never a panic's 101 or a signal.
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} must be refused: {err}"
+        );
         assert!(
-            err.contains(needle),
-            "{args:?}: stderr {err:?} lacks {needle:?}"
+            err.starts_with("husk: ") && err.contains(needle),
+            "{args:?}: stderr {err:?} is not husk's refusal naming {needle:?}"
         );
     };
     let before = env.root_entries();

@@ -12,7 +12,7 @@ use husk_agent_protocol::{
 };
 use husk_tests::{vm_artifacts, TempDir, TestVmBuilder, BOOT_TIMEOUT};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -197,12 +197,11 @@ fn container_in_the_share_cannot_escape_it() {
     let Some(artifacts) = vm_artifacts("container_in_the_share_cannot_escape_it") else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new(BUSYBOX).exists() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "!!! SKIPPED container_in_the_share_cannot_escape_it: needs root and {BUSYBOX} !!!"
-        );
+    if !husk_tests::skip::have_root("bind mounts into the share") {
+        return;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        husk_tests::skip::skip(&format!("{BUSYBOX} is missing (busybox-static)"));
         return;
     }
     let base = TempDir::new("husk-share-test").expect("temp dir");

@@ -17,7 +17,7 @@ use crate::bench_oci;
 use crate::rig::{self, RigRun};
 use crate::testing::{self, VmPlace};
 use crate::util::{run, target_dir, workspace_root};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -51,6 +51,14 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     };
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
+    // Results are written fresh: an earlier run's files never get this run's labels.
+    let md = out.join(format!("{what}.md"));
+    for old in [md.clone(), out.join(format!("{what}.json"))] {
+        if old.exists() {
+            std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    let commit = git_commit();
     let runs = runs.to_string();
     let extra_args: Vec<String> = std::env::var("HUSK_BENCH_ARGS")
         .unwrap_or_default()
@@ -58,6 +66,7 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
         .map(String::from)
         .collect();
     let load_before = bench_oci::host_load();
+    let started_at = utc_now();
     let started = std::time::Instant::now();
     match place {
         VmPlace::Skip => bail!("HUSK_TEST_VM=skip: benchmarks need a VM"),
@@ -106,9 +115,17 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     eprintln!("xtask: {load}");
-    let md = out.join(format!("{what}.md"));
-    if let Ok(mut text) = std::fs::read_to_string(&md) {
+    if what != "boot-trace" {
+        let mut text = std::fs::read_to_string(&md).with_context(|| {
+            format!(
+                "the {what} benchmark finished but left no {} (results not copied back from the rig?)",
+                md.display()
+            )
+        })?;
         text.push('\n');
+        text.push_str(&format!(
+            "Measured at commit {commit}, run started {started_at}.\n"
+        ));
         text.push_str(&load);
         std::fs::write(&md, text)?;
     }
@@ -132,4 +149,23 @@ pub fn build_husk_bench() -> Result<PathBuf> {
             ]),
     )?;
     Ok(target_dir().join("release/husk-bench"))
+}
+
+/// The checked-out commit (`git describe --always --dirty`), or "unknown".
+fn git_commit() -> String {
+    crate::util::output(Command::new("git").current_dir(workspace_root()).args([
+        "describe",
+        "--always",
+        "--dirty",
+        "--abbrev=12",
+    ]))
+    .map(|s| s.trim().to_string())
+    .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The time now in UTC, as `date -u` prints it.
+fn utc_now() -> String {
+    crate::util::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M:%S UTC"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }

@@ -747,7 +747,7 @@ pub fn host_qemu_version() -> Option<String> {
 fn install_host_qemu(config: &RigConfig) -> Result<()> {
     apt_install(HOST_PACKAGES)?;
     if config.qemu_suite != crate::debian::BACKPORTS {
-        return Ok(());
+        return apt_install(&["qemu-system-x86"]);
     }
     let major = host_qemu_version()
         .and_then(|v| v.split('.').next().and_then(|m| m.parse::<u32>().ok()))
@@ -770,22 +770,11 @@ fn install_host_qemu(config: &RigConfig) -> Result<()> {
         "xtask: installing QEMU from {} for the rig",
         crate::debian::BACKPORTS
     );
-    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get").args(["update", "-q", util::APT_WAIT_FOR_LOCK]))?;
     run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "-t",
-            crate::debian::BACKPORTS,
-        ])
-        .args([
-            "qemu-system-x86",
-            "qemu-system-data",
-            "qemu-system-common",
-            "qemu-utils",
-        ])
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args([util::APT_WAIT_FOR_LOCK, "-t", crate::debian::BACKPORTS])
+        .arg("qemu-system-x86")
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     let version = host_qemu_version().unwrap_or_default();
     ensure!(
@@ -961,10 +950,33 @@ mod tests {
         image[0x24c..0x250].copy_from_slice(&4u32.to_le_bytes());
         image[0x810..0x814].copy_from_slice(b"LZ4!");
         assert_eq!(bzimage_payload(&image).expect("valid header"), b"LZ4!");
+    }
+
+    fn valid_bzimage() -> Vec<u8> {
+        let mut image = vec![0u8; 0x2000];
+        image[0x1f1] = 3;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x248..0x24c].copy_from_slice(&0x10u32.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&4u32.to_le_bytes());
+        image
+    }
+
+    #[test]
+    fn a_bzimage_payload_past_the_file_is_refused() {
+        // One corruption per case: the header is otherwise valid.
+        let mut image = valid_bzimage();
+        assert!(bzimage_payload(&image).is_ok());
         image[0x24c..0x250].copy_from_slice(&0x10000u32.to_le_bytes());
-        assert!(bzimage_payload(&image).is_err());
+        let err = bzimage_payload(&image).expect_err("payload too long");
+        assert_eq!(err.to_string(), "payload lies outside the file");
+    }
+
+    #[test]
+    fn a_bzimage_without_the_setup_magic_is_refused() {
+        let mut image = valid_bzimage();
         image[0x202] = b'X';
-        assert!(bzimage_payload(&image).is_err());
+        let err = bzimage_payload(&image).expect_err("bad magic");
+        assert_eq!(err.to_string(), "no setup header magic");
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub fn describe(cmd: &Command) -> String {
     s
 }
 
+/// apt waits this long for another apt (a second `cargo xtask`, a person) to finish, rather
+/// than failing at once.
+pub const APT_WAIT_FOR_LOCK: &str = "-oDPkg::Lock::Timeout=600";
+
 /// Makes sure the Debian packages are installed, installing the missing ones with apt.
 pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -98,9 +102,15 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get").args(["update", "-q", APT_WAIT_FOR_LOCK]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            APT_WAIT_FOR_LOCK,
+        ])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

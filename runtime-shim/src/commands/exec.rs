@@ -51,10 +51,10 @@ pub struct ExecArgs {
     /// Set no_new_privileges.
     #[arg(long)]
     pub no_new_privs: bool,
-    /// Accepted for runc compatibility; SELinux labels do not apply in the guest.
+    /// Refused, as `process.selinuxLabel` in config.json is: the guest kernel has no LSM.
     #[arg(long)]
     pub process_label: Option<String>,
-    /// Accepted for runc compatibility; AppArmor does not apply in the guest.
+    /// Refused, as `process.apparmorProfile` in config.json is: the guest kernel has no LSM.
     #[arg(long)]
     pub apparmor: Option<String>,
     /// Extra fds passed to the process: not supported (only 0 is accepted).
@@ -155,6 +155,12 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
     let dir = StateDir::new(&globals.root, &args.id)?;
     if args.preserve_fds > 0 {
         bail!("--preserve-fds is not supported by husk");
+    }
+    if args.apparmor.is_some() || args.process_label.is_some() {
+        bail!(
+            "--apparmor / --process-label are not supported: the guest kernel has no LSM \
+             (the same as apparmorProfile / selinuxLabel in config.json)"
+        );
     }
     let (process, exec_id) = {
         let _lock = dir.lock()?;
