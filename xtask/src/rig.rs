@@ -489,21 +489,33 @@ pub struct RigReport {
     pub collected: Vec<String>,
     /// Hang reports the command left (`out/hang-*.txt`, see `testing::RUN_TEST_FN`), by file name.
     pub hang_reports: Vec<(String, String)>,
+    /// L2 wedged and did not answer the NMI the host sent it (see `rig_console::ConsoleEnd`).
+    pub nmi_unanswered: bool,
 }
 
 impl RigReport {
-    /// Whether L2's own kernel proved that a failure is the rig's: it reported a fault (soft
-    /// lockup, RCU stall, oops, hung task, or the panic of the NMI sent to a wedged L2) whose
-    /// trace runs through L2's KVM. Faults of the emulated nested virtualization look like
-    /// this (see the README's "How the rig was chosen"); a hang of husk's own does not.
-    pub fn rig_fault_proven(&self) -> bool {
-        self.faults.in_kvm
+    /// Whether the rig proved that a failure is its own, and how: L2's kernel reported a fault
+    /// (soft lockup, RCU stall, oops, hung task, or the panic of the NMI sent to a wedged L2)
+    /// whose trace runs through L2's KVM, or L2 wedged so deep that it did not even take an
+    /// NMI, which nothing L2 runs (husk's processes, its L3 guests) can cause. A hang of
+    /// husk's own shows neither: L2 stays up, or its panic's traces are elsewhere.
+    pub fn rig_fault(&self) -> Option<String> {
+        if self.nmi_unanswered {
+            Some("L2 wedged and did not answer an NMI (its CPUs stuck below its kernel)".into())
+        } else if self.faults.in_kvm {
+            Some(self.faults.summary())
+        } else {
+            None
+        }
     }
 
     /// How the run ended, in words.
     pub fn describe(&self) -> String {
         let end = match self.end {
             RigEnd::Finished(code) => format!("the command exited {code}"),
+            RigEnd::Wedged if self.nmi_unanswered => {
+                "L2 wedged (its heartbeat stopped) and did not answer an NMI".into()
+            }
             RigEnd::Wedged => "L2 wedged (its heartbeat stopped)".into(),
             RigEnd::Died => "L2 died before the command finished".into(),
             RigEnd::TimedOut => "the run's time limit passed".into(),
@@ -634,6 +646,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
             elapsed,
             collected: Vec::new(),
             hang_reports,
+            nmi_unanswered: false,
         });
     };
     let file_code = std::fs::read_to_string(out_dir.join("exit-code"))
@@ -657,6 +670,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
         elapsed,
         collected: end.scan.collected,
         hang_reports,
+        nmi_unanswered: end.nmi_unanswered,
     })
 }
 

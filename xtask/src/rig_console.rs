@@ -187,6 +187,10 @@ pub struct ConsoleEnd {
     /// L2's heartbeat stopped for [`HEARTBEAT_LIMIT`] (the host then sent it an NMI, so that
     /// its panic shows where its CPUs were).
     pub wedged: bool,
+    /// L2 was wedged and did not even panic on the NMI the host sent it: its CPUs are stuck
+    /// where no code of L2's (nor of anything L2 runs) can keep an NMI out, in the emulator or
+    /// in L2's KVM.
+    pub nmi_unanswered: bool,
     /// QEMU's own exit status was a failure.
     pub qemu_failed: bool,
 }
@@ -300,40 +304,102 @@ pub fn stream_console(
     let status = child.wait()?;
     done.store(true, Ordering::Relaxed);
     let _ = watchdog.join();
+    let wedged = wedged.load(Ordering::Relaxed);
     Ok(ConsoleEnd {
+        nmi_unanswered: wedged && !scan.faults.panicked,
         scan,
         timed_out: timed_out.load(Ordering::Relaxed),
-        wedged: wedged.load(Ordering::Relaxed),
+        wedged,
         qemu_failed: !status.success(),
     })
 }
 
-/// Sends every CPU of L2 an NMI through QEMU's QMP socket. L2 runs with `unknown_nmi_panic`,
-/// so it panics and prints where its CPUs were (`panic_print`: every CPU's backtrace).
+/// Asks a wedged L2's QEMU, through its QMP socket, where L2's CPUs are (`info registers -a`,
+/// of which each CPU's instruction pointer and halt state are printed), then sends every CPU an
+/// NMI. L2 runs with `unknown_nmi_panic`, so a kernel that still takes interrupts panics and
+/// prints every CPU's backtrace (`panic_print=0x40`); one that does not answer is stuck below
+/// its own kernel's reach.
 fn inject_nmi(qmp: &Path) -> Result<()> {
-    use std::io::BufRead;
-    use std::os::unix::net::UnixStream;
-    let stream =
-        UnixStream::connect(qmp).with_context(|| format!("connecting to {}", qmp.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = std::io::BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    let mut reply = String::new();
-    // The greeting, then one reply per command.
-    reader.read_line(&mut reply)?;
-    for cmd in [
-        r#"{"execute":"qmp_capabilities"}"#,
-        r#"{"execute":"inject-nmi"}"#,
-    ] {
-        writer.write_all(cmd.as_bytes())?;
-        writer.write_all(b"\n")?;
-        reply.clear();
-        reader.read_line(&mut reply)?;
-        if !reply.contains("\"return\"") {
-            bail!("QMP {cmd}: {}", reply.trim());
+    let mut session = Qmp::connect(qmp)?;
+    session.execute(r#"{"execute":"qmp_capabilities"}"#)?;
+    match session.execute(
+        r#"{"execute":"human-monitor-command","arguments":{"command-line":"info registers -a"}}"#,
+    ) {
+        Ok(reply) => eprintln!("xtask: L2's CPUs: {}", cpu_summary(&reply)),
+        Err(e) => eprintln!("xtask: could not read L2's registers: {e:#}"),
+    }
+    session.execute(r#"{"execute":"inject-nmi"}"#)?;
+    Ok(())
+}
+
+/// A QMP session: one JSON command a line, one reply a line (events in between are skipped).
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp> {
+        use std::io::BufRead;
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = std::io::BufReader::new(stream.try_clone()?);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        Ok(Qmp {
+            reader,
+            writer: stream,
+        })
+    }
+
+    /// Sends `cmd` and returns the reply's `return` value as JSON text.
+    fn execute(&mut self, cmd: &str) -> Result<String> {
+        use std::io::BufRead;
+        self.writer.write_all(cmd.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        for _ in 0..100 {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("QMP closed the connection");
+            }
+            let reply: serde_json::Value = serde_json::from_str(&line).context("QMP reply")?;
+            if let Some(ret) = reply.get("return") {
+                return Ok(match ret {
+                    serde_json::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                });
+            }
+            if let Some(err) = reply.get("error") {
+                bail!("QMP {cmd}: {err}");
+            }
+        }
+        bail!("QMP {cmd}: no reply")
+    }
+}
+
+/// `CPU#0 RIP=ffffffff81000000 HLT=1; CPU#1 ...` from `info registers -a`.
+fn cpu_summary(registers: &str) -> String {
+    let mut cpus = Vec::new();
+    let mut current = String::new();
+    for line in registers.lines() {
+        if let Some(n) = line.strip_prefix("CPU#") {
+            if !current.is_empty() {
+                cpus.push(std::mem::take(&mut current));
+            }
+            current = format!("CPU#{}", n.trim());
+        }
+        for word in line.split_whitespace() {
+            if word.starts_with("RIP=") || word.starts_with("HLT=") || word.starts_with("CPL=") {
+                current.push(' ');
+                current.push_str(word);
+            }
         }
     }
-    Ok(())
+    if !current.is_empty() {
+        cpus.push(current);
+    }
+    cpus.join("; ")
 }
 
 #[cfg(test)]
@@ -346,6 +412,16 @@ mod tests {
             s.line(l);
         }
         s
+    }
+
+    #[test]
+    fn cpu_summary_keeps_each_cpus_place() {
+        let regs = "CPU#0\nRAX=0 RBX=1\nRIP=ffffffff81a0 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n\
+                    CPU#1\nRIP=00007f12 RFL=0 [---] CPL=3 II=0 A20=1 SMM=0 HLT=0\n";
+        assert_eq!(
+            cpu_summary(regs),
+            "CPU#0 RIP=ffffffff81a0 CPL=0 HLT=1; CPU#1 RIP=00007f12 CPL=3 HLT=0"
+        );
     }
 
     #[test]

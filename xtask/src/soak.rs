@@ -32,6 +32,8 @@ struct Tally {
     next: usize,
     l2_runs: usize,
     wedges: usize,
+    /// Wedges where L2 did not answer the host's NMI.
+    deaf_wedges: usize,
     deaths: usize,
     soft_lockups: usize,
     rcu_stalls: usize,
@@ -86,7 +88,7 @@ impl Tally {
         sorted.sort_by(f64::total_cmp);
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
         format!(
-            "soak tally: {} boots ({}), {} ok, {} failed; L2 wedges {}, L2 deaths {}, soft lockups {}, \
+            "soak tally: {} boots ({}), {} ok, {} failed; L2 wedges {} ({} deaf to an NMI), L2 deaths {}, soft lockups {}, \
              RCU stalls {}, oopses {}, hung tasks {} ({} with a trace inside L2's KVM); {} L2 boots, \
              {secs:.0} s, median boot {median:.2} s; host CPU hog {}; {}",
             self.ok + self.failed,
@@ -94,6 +96,7 @@ impl Tally {
             self.ok,
             self.failed,
             self.wedges,
+            self.deaf_wedges,
             self.deaths,
             self.soft_lockups,
             self.rcu_stalls,
@@ -185,7 +188,10 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
         tally.in_kvm += usize::from(f.in_kvm);
         match report.end {
             RigEnd::Finished(_) => break,
-            RigEnd::Wedged => tally.wedges += 1,
+            RigEnd::Wedged => {
+                tally.wedges += 1;
+                tally.deaf_wedges += usize::from(report.nmi_unanswered);
+            }
             RigEnd::Died => tally.deaths += 1,
             RigEnd::TimedOut => bail!("the soak's rig run passed its time limit"),
         }

@@ -497,9 +497,7 @@ fn judge(
         } else if !l2_failure_seen {
             l2_failure_seen = true;
             StepEnd::L2Failed {
-                rig_fault: report_end
-                    .rig_fault_proven()
-                    .then(|| report_end.faults.summary()),
+                rig_fault: report_end.rig_fault(),
                 how: report_end.describe(),
             }
         } else {
@@ -747,6 +745,7 @@ mod tests {
             elapsed: Duration::from_secs(1),
             collected: Vec::new(),
             hang_reports: Vec::new(),
+            nmi_unanswered: false,
         }
     }
 
@@ -836,8 +835,22 @@ mod tests {
             "never ran: runs now, not a retry"
         );
 
-        // A silent wedge proves nothing: the step that was running fails (husk could have
-        // livelocked L2), and the ones after it still run.
+        // An L2 that wedged and did not even take an NMI is stuck below anything husk runs.
+        let mut deaf = report(RigEnd::Wedged, L2Faults::default());
+        deaf.nmi_unanswered = true;
+        let v = judge(&plan, &results, &[], &deaf, &BTreeMap::new());
+        assert!(matches!(&v[1].1, Verdict::Again(Some(why)) if why.contains("NMI")));
+
+        // A wedge that proves nothing (L2 panicked on the NMI, no trace in its KVM): the step
+        // that was running fails (husk could have livelocked L2), and the ones after it run.
+        let mut silent = report(
+            RigEnd::Wedged,
+            L2Faults {
+                panicked: true,
+                ..L2Faults::default()
+            },
+        );
+        silent.nmi_unanswered = false;
         let v = judge(
             &plan,
             &results,
