@@ -91,7 +91,11 @@ fn start_agent_with(env: &[(&str, &str)]) -> Option<Agent> {
     let cgroup_root =
         cgroup2_mount().map(|m| m.join(format!("husk-test-{}-{n}", std::process::id())));
     let socket = dir.path().join("agent.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_husk-agent"));
+    // `cargo xtask test` runs these tests in the rig, with the agent it carries there.
+    let agent = std::env::var_os("HUSK_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_husk-agent")));
+    let mut cmd = Command::new(agent);
     cmd.arg("--serve-unix").arg(&socket).stdin(Stdio::null());
     match &cgroup_root {
         Some(root) => cmd.env("HUSK_AGENT_CGROUP_ROOT", root),
@@ -510,6 +514,40 @@ fn terminal_process_gets_a_pty_with_the_requested_size() {
     assert!(out.contains("got=hi\n"), "{out:?}");
     assert_eq!(agent.wait("t", None), exited(0));
     agent.ok(&Request::RemoveContainer { id: "t".into() });
+}
+
+/// `linux.resources.devices` holds: with CAP_MKNOD and "deny all" (`runc spec`'s rules), any node
+/// can be made but only the runtime's default devices opened; a rule of the spec opens one more.
+#[test]
+fn device_rules_decide_which_nodes_open() {
+    let Some(agent) = start_agent() else { return };
+    if agent.cgroup_root.is_none() {
+        skip::skip("no cgroup v2 hierarchy on this host");
+        return;
+    }
+    // Writing to /dev/kmsg needs no privilege of its own (reading does): a refusal is the
+    // device program's.
+    let script = "mknod /tmp/null2 c 1 3 && echo x > /tmp/null2 && echo null-ok; \
+                  mknod /tmp/kmsg2 c 1 11 && echo made; echo husk-test > /tmp/kmsg2; echo rc=$?; \
+                  mknod /tmp/zero2 c 1 5 && head -c 1 /tmp/zero2 | wc -c";
+    let mut s = spec(&["sh", "-c", script]);
+    s["process"]["capabilities"] = json!({
+        "bounding": ["CAP_MKNOD"], "effective": ["CAP_MKNOD"], "permitted": ["CAP_MKNOD"]
+    });
+    s["linux"]["resources"] = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    let (out, err, status) = agent.run("dev", s.clone());
+    assert_eq!(status, exited(0), "stdout {out}\nstderr {err}");
+    assert_eq!(out, "null-ok\nmade\nrc=1\n1\n", "stderr {err}");
+    assert!(err.contains("/tmp/kmsg2: Operation not permitted"), "{err}");
+
+    // A rule of the spec that allows writing to /dev/kmsg's numbers, and the same script.
+    s["linux"]["resources"]["devices"] = json!([
+        {"allow": false, "access": "rwm"},
+        {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "w"}
+    ]);
+    let (out, err, status) = agent.run("dev2", s);
+    assert_eq!(status, exited(0), "stdout {out}\nstderr {err}");
+    assert!(out.contains("rc=0\n"), "the spec's rule opens it: {out} {err}");
 }
 
 #[test]

@@ -214,6 +214,7 @@ pub fn translate_spec(bundle: &Bundle, id: &str) -> Translation {
         if resources.get("blockIO").is_some_and(is_unset) {
             resources.remove("blockIO");
         }
+        notes.extend(drop_ignored_resources(resources, false));
     }
     if let Some(obj) = spec.as_object_mut() {
         if obj.remove("hooks").is_some() {
@@ -236,6 +237,59 @@ pub fn translate_spec(bundle: &Bundle, id: &str) -> Translation {
         }
     }
     Translation { spec, binds, notes }
+}
+
+/// Removes the resources husk ignores, each with a note (a warning the user sees, from the
+/// CLI and from the shim): those runc ignores on cgroup v2 (`memory.kernel`,
+/// `memory.kernelTCP`, `network`, i.e. net_cls / net_prio), and those the microVM meets by
+/// construction (`memory.swappiness` and `hugepageLimits`: the guest kernel has neither swap
+/// nor huge pages). Everything else reaches the agent, which applies it or refuses it by name.
+/// For an update (`husk update`, the shim's Update), `devices` too: a container's device rules
+/// are set when it is created and stay, as with `runc update`.
+pub fn drop_ignored_resources(
+    resources: &mut serde_json::Map<String, Value>,
+    updating: bool,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if updating && resources.remove("devices").is_some_and(|v| !is_unset(&v)) {
+        notes.push(
+            "linux.resources.devices is ignored by an update: device rules are set when the \
+             container is created (as runc update does)"
+                .into(),
+        );
+    }
+    if let Some(memory) = resources.get_mut("memory").and_then(Value::as_object_mut) {
+        for (key, why) in [
+            ("kernel", "deprecated, and ignored on cgroup v2 (as runc does)"),
+            ("kernelTCP", "deprecated, and ignored on cgroup v2 (as runc does)"),
+            (
+                "swappiness",
+                "the guest has no swap, so there is nothing to tune (cgroup v2 has no such file either)",
+            ),
+        ] {
+            if memory.remove(key).is_some_and(|v| !v.is_null()) {
+                notes.push(format!("linux.resources.memory.{key} is ignored: {why}"));
+            }
+        }
+    }
+    if resources.remove("network").is_some_and(|v| !is_unset(&v)) {
+        notes.push(
+            "linux.resources.network (net_cls / net_prio) is ignored: cgroup v2 has neither \
+             controller (as runc does)"
+                .into(),
+        );
+    }
+    if resources
+        .remove("hugepageLimits")
+        .is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        notes.push(
+            "linux.resources.hugepageLimits is ignored: the guest kernel has no huge pages, so \
+             every limit holds"
+                .into(),
+        );
+    }
+    notes
 }
 
 /// Whether a JSON value sets nothing: null, zero, false, or containers of such.
@@ -373,5 +427,36 @@ mod tests {
         assert_eq!(t.spec["linux"]["resources"]["cpu"]["shares"], 2);
         assert!(t.spec["linux"]["namespaces"][0].get("path").is_none());
         assert_eq!(t.notes.len(), 2);
+    }
+
+    #[test]
+    fn ignored_resources_are_dropped_each_with_a_warning() {
+        let mut s = spec();
+        s["linux"]["resources"] = json!({
+            "memory": {"limit": 1048576, "kernel": 1, "kernelTCP": 2, "swappiness": 60},
+            "network": {"classID": 1048577},
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+            "devices": [{"allow": false, "access": "rwm"}]
+        });
+        let dir = bundle_dir(&s);
+        let bundle = Bundle::load(dir.path()).expect("valid");
+        let t = translate_spec(&bundle, "c1");
+        let r = &t.spec["linux"]["resources"];
+        assert_eq!(r["memory"], json!({"limit": 1048576}), "only the limit is left");
+        assert!(r.get("network").is_none() && r.get("hugepageLimits").is_none());
+        assert_eq!(r["devices"], json!([{"allow": false, "access": "rwm"}]), "applied in the guest");
+        for field in [
+            "memory.kernel ",
+            "memory.kernelTCP ",
+            "memory.swappiness ",
+            "resources.network ",
+            "hugepageLimits ",
+        ] {
+            assert!(
+                t.notes.iter().any(|n| n.contains(field) && n.contains("ignored")),
+                "a warning names {field}: {:?}",
+                t.notes
+            );
+        }
     }
 }

@@ -220,15 +220,24 @@ impl TestVm {
         self.child.id()
     }
 
-    /// Connects to the agent and returns the client and its handshake.
+    /// Connects to the agent and returns the client and its handshake. Fails as soon as
+    /// husk-vmm exits (a guest that crashed while booting), not at [`BOOT_TIMEOUT`].
     pub fn connect(&mut self) -> Result<(AgentClient, Handshake)> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "husk-vmm exited with {status} before the agent answered; stderr: {}",
-                self.stderr()
-            );
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "husk-vmm exited with {status} before the agent answered; stderr: {}",
+                    self.stderr()
+                );
+            }
+            if self.socket.exists() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        AgentClient::connect(&self.socket, BOOT_TIMEOUT).with_context(|| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        AgentClient::connect(&self.socket, left.max(Duration::from_secs(1))).with_context(|| {
             format!(
                 "no handshake from the agent; husk-vmm stderr: {}",
                 self.stderr()

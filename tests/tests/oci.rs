@@ -656,6 +656,57 @@ fn spec_is_applied_inside_the_guest() {
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }
 
+/// The spec's device rules hold in the guest: a container with CAP_MKNOD whose spec allows only
+/// the default devices (`runc spec`'s "deny all") can make any node, but opens only those on its
+/// list (a made /dev/null works, writing to a made /dev/kmsg is EPERM). And the resources husk ignores are
+/// named in a warning on `husk run`'s stderr, one per field, while the container still runs.
+#[test]
+fn device_rules_hold_and_ignored_resources_are_named() {
+    let Some(env) = OciEnv::new("device_rules_hold_and_ignored_resources_are_named") else {
+        return;
+    };
+    // Writing to /dev/kmsg needs no privilege of its own: a refusal is the device program's.
+    let script = "mknod /dev/null2 c 1 3 && echo x > /dev/null2 && echo null-ok; \
+                  mknod /dev/kmsg2 c 1 11 && echo made-kmsg; echo husk-test > /dev/kmsg2; echo rc=$?";
+    let bundle = env.bundle("devices", &["sh", "-c", script], |s| {
+        for set in ["bounding", "permitted", "effective"] {
+            s["process"]["capabilities"][set] = serde_json::json!(["CAP_MKNOD"]);
+        }
+        s["process"]["capabilities"]
+            .as_object_mut()
+            .expect("capabilities")
+            .remove("ambient");
+        s["linux"]["resources"] = serde_json::json!({
+            "devices": [{"allow": false, "access": "rwm"}],
+            "memory": {"swappiness": 10, "kernel": 1048576, "kernelTCP": 1048576},
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+            "network": {"classID": 1048577, "priorities": [{"name": "eth0", "priority": 5}]}
+        });
+    });
+    let out = env.run(&["run", "--bundle", bundle.to_str().expect("utf-8"), "devices"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout {stdout}\nstderr {stderr}");
+    assert!(stdout.contains("null-ok\n"), "an allowed device opens: {stdout} {stderr}");
+    assert!(stdout.contains("made-kmsg\n"), "mknod of any node is allowed: {stdout}");
+    assert!(
+        stderr.contains("/dev/kmsg2: Operation not permitted") && stdout.contains("rc=1"),
+        "a device off the list is EPERM: stdout {stdout} stderr {stderr}"
+    );
+    for field in [
+        "memory.swappiness",
+        "memory.kernel ",
+        "memory.kernelTCP",
+        "hugepageLimits",
+        "resources.network",
+    ] {
+        assert!(
+            stderr.contains(field) && stderr.contains("is ignored"),
+            "a warning names {field}: {stderr}"
+        );
+    }
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
+
 /// `podman run -it` at a terminal: the test is the user at a pty. The container's shell has a
 /// tty of its own, answers what is typed, and its exit code is podman's. podman is started
 /// with its RLIMIT_NOFILE hard limit at 20000 (as root it raises its own limit at start-up) and

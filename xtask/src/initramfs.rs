@@ -47,7 +47,7 @@ pub fn build() -> Result<PathBuf> {
 
 /// `cargo build --profile agent -p husk-agent` for [`AGENT_TARGET`], statically linked and
 /// stripped.
-fn build_agent() -> Result<PathBuf> {
+pub fn build_agent() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo)
         .current_dir(workspace_root())

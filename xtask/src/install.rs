@@ -54,6 +54,7 @@ mod tests {
             bin_dir: "/t/release".into(),
             kernel: "/cache/kernel/abc/vmlinux".into(),
             initramfs: "/t/husk/initramfs.cpio".into(),
+            agent: "/t/agent/husk-agent".into(),
         };
         let plan = plan(&artifacts, Path::new("/usr/local"));
         let to: Vec<&str> = plan

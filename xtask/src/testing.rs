@@ -54,6 +54,8 @@ pub struct VmArtifacts {
     pub bin_dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The static agent the initramfs holds.
+    pub agent: PathBuf,
 }
 
 /// Builds the release binaries, the guest kernel and the initramfs.
@@ -69,10 +71,13 @@ pub fn build_vm_artifacts() -> Result<VmArtifacts> {
     ]))?;
     let kernel = crate::kernel::build()?;
     let initramfs = crate::initramfs::build()?;
+    // Built already by the initramfs: cargo only confirms it is up to date.
+    let agent = crate::initramfs::build_agent()?;
     Ok(VmArtifacts {
         bin_dir: util::target_dir().join("release"),
         kernel,
         initramfs,
+        agent,
     })
 }
 
@@ -123,6 +128,25 @@ fn build_vm_test_binaries() -> Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
+/// Builds the agent's container tests (`guest-agent/tests/containers.rs`) and returns the
+/// executable, which the rig runs with the static agent of the initramfs (`HUSK_AGENT_BIN`).
+fn build_agent_container_tests() -> Result<PathBuf> {
+    let out = util::output(Command::new(cargo()).current_dir(workspace_root()).args([
+        "test",
+        "-p",
+        "husk-agent",
+        "--test",
+        "containers",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["profile"]["test"] == true)
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no executable for husk-agent's container tests")
+}
+
 /// What `cargo xtask test` runs: everything by default; a subset while working on one test.
 pub struct TestSelection {
     /// Skip the host unit tests and the rig's L3 smoke check.
@@ -138,14 +162,28 @@ pub fn test(sel: &TestSelection) -> Result<()> {
     let (place, why) = decide_vm_place()?;
     eprintln!("xtask: VM-level tests will run: {place:?} ({why})");
 
-    // Unit tests and everything that needs no KVM, on the host.
+    // Unit tests and everything that needs no KVM, on the host. The agent's container tests
+    // need a host with a pure cgroup v2 hierarchy and its controllers (a rig host is a VM like
+    // this one, whose cgroups may be v1 or hybrid): where VM tests run in the rig, so do they.
     if !sel.vm_only {
-        run(Command::new(cargo()).current_dir(workspace_root()).args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "husk-tests",
-        ]))?;
+        let mut host = Command::new(cargo());
+        host.current_dir(workspace_root())
+            .args(["test", "--workspace", "--exclude", "husk-tests"]);
+        if place == VmPlace::Rig {
+            host.args(["--exclude", "husk-agent"]);
+        }
+        run(&mut host)?;
+        if place == VmPlace::Rig {
+            run(Command::new(cargo()).current_dir(workspace_root()).args([
+                "test",
+                "-p",
+                "husk-agent",
+                "--lib",
+                "--bins",
+                "--test",
+                "serve_unix",
+            ]))?;
+        }
     }
 
     if place == VmPlace::Skip {
@@ -159,6 +197,9 @@ pub fn test(sel: &TestSelection) -> Result<()> {
 
     let artifacts = build_vm_artifacts()?;
     let mut tests = build_vm_test_binaries()?;
+    if place == VmPlace::Rig {
+        tests.push(build_agent_container_tests()?);
+    }
     if !sel.bins.is_empty() {
         tests.retain(|t| sel.bins.iter().any(|b| test_binary_name(t) == b.as_str()));
         if tests.is_empty() {
@@ -264,6 +305,7 @@ pub fn rig_vm_inputs(artifacts: &VmArtifacts) -> RigInputs {
     }
     inputs.push((artifacts.kernel.clone(), "husk/vmlinux".into()));
     inputs.push((artifacts.initramfs.clone(), "husk/initramfs.cpio".into()));
+    inputs.push((artifacts.agent.clone(), "bin/husk-agent".into()));
     let env = vec![
         (
             "PATH".into(),
@@ -273,6 +315,7 @@ pub fn rig_vm_inputs(artifacts: &VmArtifacts) -> RigInputs {
         ("HUSK_BIN".into(), "/work/bin/husk".into()),
         ("HUSK_KERNEL".into(), "/work/husk/vmlinux".into()),
         ("HUSK_INITRAMFS".into(), "/work/husk/initramfs.cpio".into()),
+        ("HUSK_AGENT_BIN".into(), "/work/bin/husk-agent".into()),
     ];
     (inputs, env)
 }

@@ -250,9 +250,11 @@ fn limit(value: i64) -> String {
 
 /// The cgroup v2 files and values for OCI resources, in write order.
 ///
-/// Device rules are not applied: the guest holds only the VM's own virtual devices, and the
-/// container's `/dev` is built from the spec. Hugepage limits are skipped (the guest kernel has
-/// no hugetlb pages). Block I/O, network and RDMA limits are refused.
+/// Device rules are not files in cgroup v2: they become a device program at create
+/// ([`super::devices`]); an update leaves them as created, as `runc update` does. Hugepage
+/// limits are met by construction (the guest kernel has no huge pages; the host warns that
+/// they are ignored, see `runtime-shim`'s `translate_spec`), as is `memory.swappiness` (no
+/// swap). Block I/O, network and RDMA limits are refused.
 pub fn resource_files(r: &LinuxResources) -> Result<Vec<(String, String)>, CgroupError> {
     let mut files = Vec::new();
     let mut push = |file: &str, value: String| files.push((file.to_string(), value));
@@ -315,6 +317,9 @@ pub fn resource_files(r: &LinuxResources) -> Result<Vec<(String, String)>, Cgrou
         if let Some(mems) = cpu.mems().as_ref().filter(|m| !m.is_empty()) {
             push("cpuset.mems", mems.clone());
         }
+        if let Some(idle) = cpu.idle() {
+            push("cpu.idle", idle.to_string());
+        }
         if cpu.realtime_runtime().is_some() || cpu.realtime_period().is_some() {
             return Err(CgroupError::Unsupported("cpu.realtime*".into()));
         }
@@ -361,7 +366,7 @@ mod tests {
     fn resources_map_to_v2_files() {
         let files = resource_files(&resources(json!({
             "memory": {"limit": 104857600, "swap": 209715200, "reservation": 1000},
-            "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0-1", "mems": "0"},
+            "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0-1", "mems": "0", "idle": 1},
             "pids": {"limit": 64},
             "unified": {"memory.high": "90000000"}
         })))
@@ -374,6 +379,7 @@ mod tests {
             ("cpu.max", "50000 100000"),
             ("cpuset.cpus", "0-1"),
             ("cpuset.mems", "0"),
+            ("cpu.idle", "1"),
             ("pids.max", "64"),
             ("memory.high", "90000000"),
         ]

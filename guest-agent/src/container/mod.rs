@@ -30,6 +30,7 @@
 
 pub mod cgroup;
 pub mod child;
+pub mod devices;
 pub mod seccomp;
 pub mod spec;
 mod syscalls_x86_64;
@@ -87,6 +88,8 @@ pub enum ContainerError {
     Spec(#[from] spec::SpecError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Devices(#[from] devices::DevicesError),
     #[error("the container's process setup failed: {0}")]
     Setup(String),
     #[error("{0}")]
@@ -699,6 +702,19 @@ impl Containers {
         let spec = spec::parse_spec(&req.spec)?;
         let plan: Plan = spec::translate_spec(&spec, Path::new(&req.bundle))?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        // The device rules of the spec and the runtime, with one for each of `linux.devices`.
+        let device_rules = match resources.as_ref().and_then(|r| r.devices().as_ref()) {
+            Some(rules) => {
+                let devs: Vec<(bool, u64, u64)> = plan
+                    .devices
+                    .iter()
+                    .filter(|d| d.kind == libc::S_IFCHR || d.kind == libc::S_IFBLK)
+                    .map(|d| (d.kind == libc::S_IFBLK, d.major, d.minor))
+                    .collect();
+                Some(devices::rules_for(rules, &devs)?)
+            }
+            None => None,
+        };
         if let Some(resources) = &resources {
             // Refuse what cannot be applied before anything exists.
             cgroup::resource_files(resources)?;
@@ -719,6 +735,12 @@ impl Containers {
         };
         if let (Some(cgroup), Some(resources)) = (&cgroup, &resources) {
             if let Err(err) = cgroup.apply(resources) {
+                cleanup(&Some(cgroup.clone()));
+                return Err(err.into());
+            }
+        }
+        if let (Some(cgroup), Some(rules)) = (&cgroup, &device_rules) {
+            if let Err(err) = devices::attach(&cgroup.path, rules) {
                 cleanup(&Some(cgroup.clone()));
                 return Err(err.into());
             }

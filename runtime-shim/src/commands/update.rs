@@ -104,7 +104,12 @@ pub fn build_resources(args: &UpdateArgs) -> Result<Value> {
 
 /// `husk update`.
 pub fn update(globals: &Globals, args: &UpdateArgs) -> Result<()> {
-    let resources = build_resources(args)?;
+    let mut resources = build_resources(args)?;
+    if let Some(map) = resources.as_object_mut() {
+        for note in crate::bundle::drop_ignored_resources(map, true) {
+            crate::logging::warn(&note);
+        }
+    }
     let dir = StateDir::new(&globals.root, &args.id)?;
     let _lock = dir.lock()?;
     let state = ContainerState::load(&dir)?;

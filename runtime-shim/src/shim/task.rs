@@ -456,7 +456,7 @@ impl Shared {
         };
         let mut translation = translate_spec(&bundle, id);
         for note in &translation.notes {
-            log::info!("task {id}: {note}");
+            log::warn!("task {id}: {note}");
         }
         translation.spec["process"]["terminal"] = serde_json::Value::Bool(req.terminal);
         if sandbox_id == id {
@@ -933,7 +933,12 @@ impl Shared {
             .resources
             .as_ref()
             .ok_or_else(|| ShimError::InvalidArgument("update without resources".into()))?;
-        let resources = json_any(resources, "resources")?;
+        let mut resources = json_any(resources, "resources")?;
+        if let Some(map) = resources.as_object_mut() {
+            for note in crate::bundle::drop_ignored_resources(map, true) {
+                log::warn!("task {}: update: {note}", req.id);
+            }
+        }
         let sandbox = self.sandbox()?;
         let mut client = self.agent(&sandbox)?;
         call_ok(

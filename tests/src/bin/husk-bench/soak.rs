@@ -113,11 +113,18 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
 
 /// Boots a bare guest to the agent's handshake, checks it, and shuts it down through the agent.
 fn boot_bare(artifacts: &Artifacts, cpus: u8) -> Result<()> {
+    // The console (quiet: the kernel prints only emergencies) shows why a guest crashed.
     let mut vm = TestVmBuilder::new(artifacts)
         .cpus(cpus)
         .mem_mib(MEM_MIB)
+        .console(true)
         .spawn()?;
-    let (client, hello) = vm.connect()?;
+    let (client, hello) = vm.connect().map_err(|e| {
+        let console = vm.stdout();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        e.context(format!("the guest's console ends:\n{}", tail.join("\n")))
+    })?;
     if hello.cpus != u32::from(cpus) {
         bail!("the guest has {} vCPUs, asked for {cpus}", hello.cpus);
     }
