@@ -547,7 +547,10 @@ fn device_rules_decide_which_nodes_open() {
     ]);
     let (out, err, status) = agent.run("dev2", s);
     assert_eq!(status, exited(0), "stdout {out}\nstderr {err}");
-    assert!(out.contains("rc=0\n"), "the spec's rule opens it: {out} {err}");
+    assert!(
+        out.contains("rc=0\n"),
+        "the spec's rule opens it: {out} {err}"
+    );
 }
 
 #[test]

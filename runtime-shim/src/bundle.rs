@@ -442,9 +442,17 @@ mod tests {
         let bundle = Bundle::load(dir.path()).expect("valid");
         let t = translate_spec(&bundle, "c1");
         let r = &t.spec["linux"]["resources"];
-        assert_eq!(r["memory"], json!({"limit": 1048576}), "only the limit is left");
+        assert_eq!(
+            r["memory"],
+            json!({"limit": 1048576}),
+            "only the limit is left"
+        );
         assert!(r.get("network").is_none() && r.get("hugepageLimits").is_none());
-        assert_eq!(r["devices"], json!([{"allow": false, "access": "rwm"}]), "applied in the guest");
+        assert_eq!(
+            r["devices"],
+            json!([{"allow": false, "access": "rwm"}]),
+            "applied in the guest"
+        );
         for field in [
             "memory.kernel ",
             "memory.kernelTCP ",
@@ -453,7 +461,9 @@ mod tests {
             "hugepageLimits ",
         ] {
             assert!(
-                t.notes.iter().any(|n| n.contains(field) && n.contains("ignored")),
+                t.notes
+                    .iter()
+                    .any(|n| n.contains(field) && n.contains("ignored")),
                 "a warning names {field}: {:?}",
                 t.notes
             );

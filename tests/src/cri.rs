@@ -444,8 +444,7 @@ impl Drop for Cri {
 }
 
 /// A container of the busybox image running `command`, logging to `<name>.log`, with a memory
-/// limit of `memory_limit` bytes (0: none), as the kubelet would ask for it (which also gives
-/// every container a zero limit for each huge page size the node has).
+/// limit of `memory_limit` bytes (0: none), as the kubelet would ask for it.
 pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
@@ -461,10 +460,6 @@ pub fn container_config(name: &str, command: &[&str], memory_limit: i64) -> Cont
         linux: Some(LinuxContainerConfig {
             resources: Some(LinuxContainerResources {
                 memory_limit_in_bytes: memory_limit,
-                hugepage_limits: vec![k8s_cri::v1::HugepageLimit {
-                    page_size: "2MB".into(),
-                    limit: 0,
-                }],
                 ..Default::default()
             }),
             ..Default::default()

@@ -491,6 +491,75 @@ fn faults_end_tasks_and_leave_nothing() {
     assert_clean(&ctrd);
 }
 
+/// A spec with the resources husk ignores runs through the shim, and containerd's log carries
+/// the shim's warning for each (`ctr run --config`: the spec as a file, with its own rootfs).
+#[test]
+fn ignored_resources_are_warned_by_the_shim() {
+    let Some(ctrd) = Containerd::start("ignored_resources_are_warned_by_the_shim", "husk-ign")
+    else {
+        return;
+    };
+    let rootfs = ctrd.dir.path().join("rootfs");
+    husk_tests::oci::make_busybox_rootfs(&rootfs).expect("busybox rootfs");
+    let bundle = ctrd.dir.path().join("spec");
+    std::fs::create_dir_all(&bundle).expect("mkdir");
+    let out = std::process::Command::new(husk_tests::oci::husk_binary())
+        .arg("spec")
+        .arg("--bundle")
+        .arg(&bundle)
+        .output()
+        .expect("husk spec");
+    assert!(out.status.success(), "husk spec: {}", stderr(&out));
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("spec")).expect("JSON");
+    spec["process"]["args"] = serde_json::json!(["echo", "ran"]);
+    spec["process"]["terminal"] = false.into();
+    spec["root"]["path"] = rootfs.display().to_string().into();
+    spec["linux"]["resources"] = serde_json::json!({
+        "memory": {"swappiness": 10, "kernel": 1048576, "kernelTCP": 1048576},
+        "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+        "network": {"classID": 1048577}
+    });
+    std::fs::write(&path, spec.to_string()).expect("write spec");
+    let id = "ignored";
+    let out = ctrd.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--config",
+            path.to_str().expect("utf-8"),
+            id,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "ctr run failed ({}): {}\n{}",
+        out.status,
+        stderr(&out),
+        ctrd.log_tail()
+    );
+    assert_eq!(stdout(&out), "ran\n");
+    let log = ctrd.log_mentioning(id);
+    for field in [
+        "memory.swappiness",
+        "memory.kernel ",
+        "memory.kernelTCP",
+        "hugepageLimits",
+        "resources.network",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("level=warn") && l.contains(field) && l.contains("is ignored")),
+            "no warning names {field}: {log}"
+        );
+    }
+    assert_clean(&ctrd);
+}
+
 /// Bad husk annotations fail the create with a message naming the problem, and leave nothing.
 #[test]
 fn bad_annotations_fail_the_create_clearly() {

@@ -100,13 +100,6 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
             "{id}: {:?}",
             cri.container_status(id)
         );
-        // The kubelet's hugepage limits are ignored (the guest has no huge pages), with a
-        // warning in containerd's log from the shim.
-        let log = cri.ctrd.log_mentioning(id);
-        assert!(
-            log.contains("hugepageLimits is ignored") && log.contains("level=warn"),
-            "{id}: no warning about hugepageLimits: {log}"
-        );
     }
 
     // Both containers run in the same guest, which is not the host.

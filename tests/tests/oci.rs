@@ -683,11 +683,26 @@ fn device_rules_hold_and_ignored_resources_are_named() {
             "network": {"classID": 1048577, "priorities": [{"name": "eth0", "priority": 5}]}
         });
     });
-    let out = env.run(&["run", "--bundle", bundle.to_str().expect("utf-8"), "devices"]);
+    let out = env.run(&[
+        "run",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "devices",
+    ]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "stdout {stdout}\nstderr {stderr}");
-    assert!(stdout.contains("null-ok\n"), "an allowed device opens: {stdout} {stderr}");
-    assert!(stdout.contains("made-kmsg\n"), "mknod of any node is allowed: {stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout}\nstderr {stderr}"
+    );
+    assert!(
+        stdout.contains("null-ok\n"),
+        "an allowed device opens: {stdout} {stderr}"
+    );
+    assert!(
+        stdout.contains("made-kmsg\n"),
+        "mknod of any node is allowed: {stdout}"
+    );
     assert!(
         stderr.contains("/dev/kmsg2: Operation not permitted") && stdout.contains("rc=1"),
         "a device off the list is EPERM: stdout {stdout} stderr {stderr}"

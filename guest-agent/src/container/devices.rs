@@ -117,7 +117,9 @@ pub fn rules_for(
                 'w' => ACC_WRITE,
                 'm' => ACC_MKNOD,
                 other => {
-                    return Err(DevicesError::BadRule(format!("access {other:?} (not r, w or m)")))
+                    return Err(DevicesError::BadRule(format!(
+                        "access {other:?} (not r, w or m)"
+                    )))
                 }
             };
         }
@@ -132,7 +134,8 @@ pub fn rules_for(
     rules.extend(runtime_rules());
     for &(block, major, minor) in spec_devices {
         let number = |n: u64| {
-            u32::try_from(n).map_err(|_| DevicesError::BadRule(format!("device number {n} out of range")))
+            u32::try_from(n)
+                .map_err(|_| DevicesError::BadRule(format!("device number {n} out of range")))
         };
         rules.push(Rule {
             allow: true,
@@ -202,8 +205,9 @@ pub fn program(rules: &[Rule]) -> Result<Vec<Insn>, DevicesError> {
         }
         for (reg, number) in [(4, rule.major), (5, rule.minor)] {
             if let Some(n) = number {
-                let imm = i32::try_from(n)
-                    .map_err(|_| DevicesError::BadRule(format!("device number {n} out of range")))?;
+                let imm = i32::try_from(n).map_err(|_| {
+                    DevicesError::BadRule(format!("device number {n} out of range"))
+                })?;
                 block.push(insn(JNE_K, reg, 0, 0, imm));
             }
         }
@@ -390,14 +394,26 @@ mod tests {
     #[test]
     fn the_default_spec_allows_the_default_devices_and_mknod_only() {
         // `runc spec`'s rules: deny everything.
-        let rules = rules_for(&spec_rules(json!([{"allow": false, "access": "rwm"}])), &[])
-            .expect("rules");
+        let rules =
+            rules_for(&spec_rules(json!([{"allow": false, "access": "rwm"}])), &[]).expect("rules");
         let prog = program(&rules).expect("program");
-        assert_eq!(run(&prog, DEV_CHAR, ACC_READ | ACC_WRITE, 1, 3), 1, "/dev/null");
+        assert_eq!(
+            run(&prog, DEV_CHAR, ACC_READ | ACC_WRITE, 1, 3),
+            1,
+            "/dev/null"
+        );
         assert_eq!(run(&prog, DEV_CHAR, ACC_READ, 136, 7), 1, "a pty");
-        assert_eq!(run(&prog, DEV_CHAR, ACC_READ, 1, 1), 0, "/dev/mem is denied");
+        assert_eq!(
+            run(&prog, DEV_CHAR, ACC_READ, 1, 1),
+            0,
+            "/dev/mem is denied"
+        );
         assert_eq!(run(&prog, DEV_BLOCK, ACC_READ, 8, 0), 0, "a disk is denied");
-        assert_eq!(run(&prog, DEV_CHAR, ACC_MKNOD, 1, 1), 1, "mknod is allowed, as runc does");
+        assert_eq!(
+            run(&prog, DEV_CHAR, ACC_MKNOD, 1, 1),
+            1,
+            "mknod is allowed, as runc does"
+        );
         assert_eq!(
             run(&prog, DEV_CHAR, ACC_MKNOD | ACC_READ, 1, 1),
             0,
@@ -418,16 +434,28 @@ mod tests {
         .expect("rules");
         let prog = program(&rules).expect("program");
         assert_eq!(run(&prog, DEV_BLOCK, ACC_READ, 8, 0), 1, "sda read");
-        assert_eq!(run(&prog, DEV_BLOCK, ACC_WRITE, 8, 0), 0, "sda write: r only");
-        assert_eq!(run(&prog, DEV_BLOCK, ACC_READ, 8, 1), 0, "sda1 denied after");
+        assert_eq!(
+            run(&prog, DEV_BLOCK, ACC_WRITE, 8, 0),
+            0,
+            "sda write: r only"
+        );
+        assert_eq!(
+            run(&prog, DEV_BLOCK, ACC_READ, 8, 1),
+            0,
+            "sda1 denied after"
+        );
         assert_eq!(run(&prog, DEV_CHAR, ACC_READ, 8, 0), 0, "type matters");
-        assert_eq!(run(&prog, DEV_CHAR, ACC_READ | ACC_WRITE, 10, 200), 1, "linux.devices");
+        assert_eq!(
+            run(&prog, DEV_CHAR, ACC_READ | ACC_WRITE, 10, 200),
+            1,
+            "linux.devices"
+        );
     }
 
     #[test]
     fn an_allow_all_spec_allows_everything() {
-        let rules = rules_for(&spec_rules(json!([{"allow": true, "access": "rwm"}])), &[])
-            .expect("rules");
+        let rules =
+            rules_for(&spec_rules(json!([{"allow": true, "access": "rwm"}])), &[]).expect("rules");
         let prog = program(&rules).expect("program");
         assert_eq!(run(&prog, DEV_BLOCK, ACC_READ | ACC_WRITE, 253, 4), 1);
     }
@@ -443,11 +471,18 @@ mod tests {
             access: ACC_ALL,
         };
         let prog = program(&[deny_all]).expect("program");
-        assert_eq!(&prog[6..], &[insn(MOV64_K, 0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)]);
+        assert_eq!(
+            &prog[6..],
+            &[insn(MOV64_K, 0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)]
+        );
         let allow_null = Rule::char_dev(1, Some(3));
         let prog = program(&[deny_all, allow_null]).expect("program");
         assert_eq!(prog.last(), Some(&insn(EXIT, 0, 0, 0, 0)));
-        assert_eq!(prog.len(), 6 + 5 + 2, "the null rule, then deny all: no default after it");
+        assert_eq!(
+            prog.len(),
+            6 + 5 + 2,
+            "the null rule, then deny all: no default after it"
+        );
     }
 
     #[test]
