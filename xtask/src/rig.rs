@@ -254,7 +254,11 @@ fn replace_kernel(rootfs: &Path, suite: &str, apt_dir: &Path) -> Result<()> {
         }
     }
     let (version, _) = find_kernel(rootfs)?;
-    run(Command::new("depmod").arg("-b").arg(rootfs).arg(&version))?;
+    // The root's own depmod (kmod is one of its packages): the host need not have one.
+    run(Command::new("chroot")
+        .arg(rootfs)
+        .args(["/usr/sbin/depmod", "-a"])
+        .arg(&version))?;
     eprintln!("xtask: L2 runs kernel {version} from {suite}");
     Ok(())
 }
@@ -755,6 +759,13 @@ pub fn host_qemu_version() -> Option<String> {
         .map(str::to_string)
 }
 
+/// The installed QEMU's major version (0 if unknown).
+fn qemu_major() -> u32 {
+    host_qemu_version()
+        .and_then(|v| v.split('.').next().and_then(|m| m.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// Installs QEMU on the host from the configured suite (bookworm-backports' is installed with
 /// `apt-get -t`, from a source list of the host's own mirror that xtask adds; apt's default
 /// priority for backports keeps every other package where it is).
@@ -763,10 +774,7 @@ fn install_host_qemu(config: &RigConfig) -> Result<()> {
     if config.qemu_suite != crate::debian::BACKPORTS {
         return apt_install(&["qemu-system-x86"]);
     }
-    let major = host_qemu_version()
-        .and_then(|v| v.split('.').next().and_then(|m| m.parse::<u32>().ok()))
-        .unwrap_or(0);
-    if major >= 10 {
+    if qemu_major() >= 10 {
         return Ok(());
     }
     let mirror = host_debian_mirror().context("the host's apt sources name no Debian mirror")?;
@@ -835,10 +843,17 @@ fn qemu_command(
     if !interactive {
         append.push_str(" quiet");
     }
+    // QEMU 7.2's microvm firmware (qboot) enters a PVH kernel itself; from QEMU 8 on Debian's
+    // is SeaBIOS, which needs the PVH option ROM to do it.
+    let machine = if qemu_major() >= 8 {
+        "microvm,isa-serial=on,rtc=on"
+    } else {
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+    };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        machine,
         "-accel",
         "tcg,thread=multi,tb-size=512",
         "-cpu",
