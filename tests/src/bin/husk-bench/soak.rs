@@ -50,7 +50,7 @@ impl Kind {
     fn of(n: usize) -> Kind {
         if n % RUN_EVERY == RUN_EVERY - 1 {
             Kind::Container
-        } else if n % 2 == 0 {
+        } else if n.is_multiple_of(2) {
             Kind::Bare { cpus: 1 }
         } else {
             Kind::Bare { cpus: 4 }
