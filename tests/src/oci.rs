@@ -290,6 +290,25 @@ impl Drop for OciEnv {
     }
 }
 
+/// `linux.resources` that husk ignores, each with a warning on the CLI's stderr and in the
+/// shim's log (`runtime-shim`'s `drop_ignored_resources`).
+pub fn ignored_resources() -> Value {
+    serde_json::json!({
+        "memory": {"swappiness": 10, "kernel": 1048576, "kernelTCP": 1048576},
+        "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+        "network": {"classID": 1048577, "priorities": [{"name": "eth0", "priority": 5}]}
+    })
+}
+
+/// What the warnings for [`ignored_resources`] name, one each.
+pub const IGNORED_RESOURCE_WARNINGS: &[&str] = &[
+    "memory.swappiness",
+    "memory.kernel ",
+    "memory.kernelTCP",
+    "hugepageLimits",
+    "resources.network",
+];
+
 /// A busybox rootfs at `dir`.
 pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     let busybox = Path::new("/bin/busybox");

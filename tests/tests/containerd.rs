@@ -516,11 +516,7 @@ fn ignored_resources_are_warned_by_the_shim() {
     spec["process"]["args"] = serde_json::json!(["echo", "ran"]);
     spec["process"]["terminal"] = false.into();
     spec["root"]["path"] = rootfs.display().to_string().into();
-    spec["linux"]["resources"] = serde_json::json!({
-        "memory": {"swappiness": 10, "kernel": 1048576, "kernelTCP": 1048576},
-        "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
-        "network": {"classID": 1048577}
-    });
+    spec["linux"]["resources"] = husk_tests::oci::ignored_resources();
     std::fs::write(&path, spec.to_string()).expect("write spec");
     let id = "ignored";
     let out = ctrd.ctr(
@@ -544,13 +540,7 @@ fn ignored_resources_are_warned_by_the_shim() {
     );
     assert_eq!(stdout(&out), "ran\n");
     let log = ctrd.log_mentioning(id);
-    for field in [
-        "memory.swappiness",
-        "memory.kernel ",
-        "memory.kernelTCP",
-        "hugepageLimits",
-        "resources.network",
-    ] {
+    for field in husk_tests::oci::IGNORED_RESOURCE_WARNINGS {
         assert!(
             log.lines()
                 .any(|l| l.contains("level=warn") && l.contains(field) && l.contains("is ignored")),

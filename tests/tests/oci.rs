@@ -676,12 +676,9 @@ fn device_rules_hold_and_ignored_resources_are_named() {
             .as_object_mut()
             .expect("capabilities")
             .remove("ambient");
-        s["linux"]["resources"] = serde_json::json!({
-            "devices": [{"allow": false, "access": "rwm"}],
-            "memory": {"swappiness": 10, "kernel": 1048576, "kernelTCP": 1048576},
-            "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
-            "network": {"classID": 1048577, "priorities": [{"name": "eth0", "priority": 5}]}
-        });
+        let mut resources = husk_tests::oci::ignored_resources();
+        resources["devices"] = serde_json::json!([{"allow": false, "access": "rwm"}]);
+        s["linux"]["resources"] = resources;
     });
     let out = env.run(&[
         "run",
@@ -707,13 +704,7 @@ fn device_rules_hold_and_ignored_resources_are_named() {
         stderr.contains("/dev/kmsg2: Operation not permitted") && stdout.contains("rc=1"),
         "a device off the list is EPERM: stdout {stdout} stderr {stderr}"
     );
-    for field in [
-        "memory.swappiness",
-        "memory.kernel ",
-        "memory.kernelTCP",
-        "hugepageLimits",
-        "resources.network",
-    ] {
+    for field in husk_tests::oci::IGNORED_RESOURCE_WARNINGS {
         assert!(
             stderr.contains(field) && stderr.contains("is ignored"),
             "a warning names {field}: {stderr}"

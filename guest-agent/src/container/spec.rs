@@ -292,6 +292,14 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
             "linux.intelRdt / linux.personality".into(),
         ));
     }
+    if linux.mount_label().as_ref().is_some_and(|l| !l.is_empty()) {
+        return Err(SpecError::Unsupported(
+            "linux.mountLabel (the guest kernel has no LSM)".into(),
+        ));
+    }
+    if linux.time_offsets().as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(SpecError::Unsupported("linux.timeOffsets".into()));
+    }
     Ok(Plan {
         rootfs,
         readonly_rootfs: root.readonly().unwrap_or(false),
@@ -437,6 +445,14 @@ pub fn translate_process(process: &Process) -> Result<ProcessPlan, SpecError> {
     if process.apparmor_profile().is_some() || process.selinux_label().is_some() {
         return Err(SpecError::Unsupported(
             "apparmorProfile / selinuxLabel (the guest kernel has no LSM)".into(),
+        ));
+    }
+    if process.io_priority().is_some()
+        || process.scheduler().is_some()
+        || process.exec_cpu_affinity().is_some()
+    {
+        return Err(SpecError::Unsupported(
+            "process.ioPriority / process.scheduler / process.execCPUAffinity".into(),
         ));
     }
     Ok(ProcessPlan {
@@ -769,6 +785,46 @@ mod tests {
         let spec = parse_spec(&json).expect("valid");
         let err = translate_spec(&spec, Path::new("/b")).expect_err("user ns");
         assert!(err.to_string().contains("namespace User"), "{err}");
+    }
+
+    #[test]
+    fn fields_the_guest_cannot_apply_are_refused_by_name() {
+        for (path, value, named) in [
+            (
+                "mountLabel",
+                json!("system_u:object_r:container_file_t:s0"),
+                "linux.mountLabel",
+            ),
+            (
+                "timeOffsets",
+                json!({"monotonic": {"secs": 1}}),
+                "linux.timeOffsets",
+            ),
+            (
+                "ioPriority",
+                json!({"class": "IOPRIO_CLASS_IDLE", "priority": 0}),
+                "process.ioPriority",
+            ),
+            (
+                "scheduler",
+                json!({"policy": "SCHED_IDLE"}),
+                "process.scheduler",
+            ),
+        ] {
+            let mut json = base_spec();
+            let place = if path == "ioPriority" || path == "scheduler" {
+                "process"
+            } else {
+                "linux"
+            };
+            json[place][path] = value;
+            let spec = parse_spec(&json).expect("valid");
+            let err = translate_spec(&spec, Path::new("/b")).expect_err("refused");
+            assert!(
+                matches!(&err, SpecError::Unsupported(m) if m.contains(named)),
+                "{path}: {err}"
+            );
+        }
     }
 
     #[test]
