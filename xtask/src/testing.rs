@@ -798,6 +798,18 @@ mod tests {
         [  650.0] INFO: task husk-vcpu:812 blocked for more than 120 seconds.\n\
         [  650.1] Call Trace:\n[  650.2]  kvm_vcpu_ioctl+0x2a0/0x6b0 [kvm]\n";
 
+    /// `judge` after a run that finished, in which `oci` hung with `hang` as its report.
+    fn judge_oci_hang(
+        plan: &[RigStep],
+        results: &BTreeMap<String, (i32, f64)>,
+        hang: &str,
+        retries: &BTreeMap<String, usize>,
+    ) -> Vec<(String, Verdict)> {
+        let hangs = vec![("hang-oci.txt".to_string(), hang.to_string())];
+        let end = report(RigEnd::Finished(1), L2Faults::default());
+        judge(plan, results, &hangs, &end, retries)
+    }
+
     #[test]
     fn a_hang_without_a_kvm_fault_fails_and_is_never_retried() {
         // The harness's own acceptance: a test binary that hangs (one time in three, say) fails
@@ -808,14 +820,7 @@ mod tests {
             ("oci".to_string(), (137, 600.0)),
             ("share".to_string(), (0, 20.0)),
         ]);
-        let hangs = vec![("hang-oci.txt".to_string(), HUSK_HANG.to_string())];
-        let v = judge(
-            &plan,
-            &results,
-            &hangs,
-            &report(RigEnd::Finished(1), L2Faults::default()),
-            &BTreeMap::new(),
-        );
+        let v = judge_oci_hang(&plan, &results, HUSK_HANG, &BTreeMap::new());
         assert_eq!(v[0].1, Verdict::Final(StepEnd::Passed { secs: 30.0 }));
         assert_eq!(v[1].1, Verdict::Final(StepEnd::Hung { rig_fault: None }));
         assert_eq!(v[2].1, Verdict::Final(StepEnd::Passed { secs: 20.0 }));
@@ -828,25 +833,12 @@ mod tests {
             ("boot".to_string(), (0, 30.0)),
             ("oci".to_string(), (137, 600.0)),
         ]);
-        let hangs = vec![("hang-oci.txt".to_string(), KVM_HANG.to_string())];
-        let v = judge(
-            &plan,
-            &results,
-            &hangs,
-            &report(RigEnd::Finished(1), L2Faults::default()),
-            &BTreeMap::new(),
-        );
+        let v = judge_oci_hang(&plan, &results, KVM_HANG, &BTreeMap::new());
         assert_eq!(v[0].1, Verdict::Final(StepEnd::Passed { secs: 30.0 }));
         assert!(matches!(&v[1].1, Verdict::Again(Some(why)) if why.contains("hung tasks 1")));
         // ... but not for ever.
         let used = BTreeMap::from([("oci".to_string(), RIG_FAULT_RETRIES)]);
-        let v = judge(
-            &plan,
-            &results,
-            &hangs,
-            &report(RigEnd::Finished(1), L2Faults::default()),
-            &used,
-        );
+        let v = judge_oci_hang(&plan, &results, KVM_HANG, &used);
         assert!(matches!(
             &v[1].1,
             Verdict::Final(StepEnd::Hung { rig_fault: Some(_) })
