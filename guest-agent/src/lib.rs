@@ -14,6 +14,7 @@
 //! VMM reports a crash instead of leaving the host to time out.
 
 pub mod container;
+pub mod identity;
 pub mod init;
 pub mod log;
 pub mod reaper;
@@ -22,7 +23,7 @@ pub mod server;
 pub mod sys;
 pub mod sysinfo;
 
-use husk_agent_protocol::AGENT_VSOCK_PORT;
+use husk_agent_protocol::{AGENT_IDENTITY_PORT, AGENT_VSOCK_PORT};
 use reaper::{Reaper, ReaperError};
 use server::{Server, ServerError, ShutdownMode, UnixTestListener, VsockListener};
 use std::io::Write;
@@ -49,13 +50,17 @@ pub fn run_init() -> AgentError {
     for err in mount_errors {
         log_error!("{err}: {}", err_source(&err));
     }
-    match init::mount_share(sys.as_ref()) {
-        Ok(true) => log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT),
-        Ok(false) => log_info!(
-            "no host share (no virtio-fs device tagged {})",
-            init::SHARE_TAG
-        ),
-        Err(err) => log_error!("{err}: {}", err_source(&err)),
+    if identity::detect_template_boot() {
+        log_info!("template boot: the host share waits for the renewal");
+    } else {
+        match init::mount_share(sys.as_ref()) {
+            Ok(true) => log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT),
+            Ok(false) => log_info!(
+                "no host share (no virtio-fs device tagged {})",
+                init::SHARE_TAG
+            ),
+            Err(err) => log_error!("{err}: {}", err_source(&err)),
+        }
     }
     if let Err(errno) = sys::bring_up_loopback() {
         log_error!("bringing up lo failed: {errno}");
@@ -73,11 +78,25 @@ pub fn run_init() -> AgentError {
         "husk-agent {}: up",
         sysinfo::AGENT_VERSION
     );
+    let server = Server::new(ShutdownMode::ResetVm, Some(reaper));
+    // The identity port listens before the ready signal, so that a template taken after the
+    // signal has it (see `identity`).
+    let identity = match VsockListener::bind_quiet(AGENT_IDENTITY_PORT) {
+        Ok(listener) => listener,
+        Err(err) => return err.into(),
+    };
+    let identity_server = server.clone();
+    if let Err(err) = std::thread::Builder::new()
+        .name("identity".into())
+        .spawn(move || server::serve(identity, identity_server))
+    {
+        log_error!("starting the identity listener failed: {err}");
+    }
     let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
         Ok(listener) => listener,
         Err(err) => return err.into(),
     };
-    server::serve(listener, Server::new(ShutdownMode::ResetVm, Some(reaper)))
+    server::serve(listener, server)
 }
 
 /// Serves the protocol on a Unix socket that behaves like husk-vmm's vsock socket, for tests

@@ -64,6 +64,14 @@ pub fn handle_request(request: &Request, containers: Option<&Containers>) -> Rep
             Reply::then(Response::Handshake(do_handshake()), After::Continue)
         }
         Request::Echo => Reply::then(Response::Ok, After::Echo),
+        Request::Renew(renewal) => match crate::identity::renew(renewal) {
+            Ok(()) => Reply::then(Response::Ok, After::Continue),
+            Err(err) => {
+                let message = error_chain(&err);
+                crate::log_error!("renewal failed: {message}");
+                Reply::then(Response::Error { message }, After::Continue)
+            }
+        },
         Request::Shutdown => {
             crate::log_info!("shutdown requested");
             Reply::then(Response::Ok, After::Shutdown)
@@ -152,7 +160,7 @@ fn container_request(request: &Request, c: &Containers) -> Reply {
             },
             After::Continue,
         )),
-        Request::Handshake { .. } | Request::Echo | Request::Shutdown => Ok((
+        Request::Handshake { .. } | Request::Echo | Request::Shutdown | Request::Renew(_) => Ok((
             Response::Error {
                 message: "not a container operation".into(),
             },

@@ -102,6 +102,14 @@ impl VsockListener {
     /// effort (a host without it just sees a refused connection); a host that never gets it
     /// still reaches the agent through clients that connect and retry.
     pub fn bind(port: u32) -> Result<Self, ServerError> {
+        let mut listener = Self::bind_quiet(port)?;
+        listener._ready_signal = signal_ready();
+        Ok(listener)
+    }
+
+    /// Listens on `port` without telling the host (the identity port of a restored guest,
+    /// [`husk_agent_protocol::AGENT_IDENTITY_PORT`], which the host reaches before the signal).
+    pub fn bind_quiet(port: u32) -> Result<Self, ServerError> {
         let fd = socket(
             AddressFamily::Vsock,
             SockType::Stream,
@@ -115,9 +123,18 @@ impl VsockListener {
         listen(&fd, backlog).map_err(ServerError::Listen)?;
         Ok(Self {
             fd,
-            _ready_signal: signal_ready(),
+            _ready_signal: None,
         })
     }
+}
+
+/// Signals readiness once more (a guest restored from a template, once renewed): the host
+/// holds its clients' connections again after a restore. The signal's socket is kept until the
+/// next one.
+pub fn signal_ready_again() {
+    static SIGNAL: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+    let fd = signal_ready();
+    *SIGNAL.lock().unwrap_or_else(|p| p.into_inner()) = fd;
 }
 
 /// Starts a non-blocking connection to the host's [`AGENT_READY_PORT`]; the REQUEST it sends is

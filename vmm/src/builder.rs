@@ -28,8 +28,9 @@ use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::kvm_check;
+use crate::snapshot::{self, FileStamp, Template, TemplateError, TemplateInputs};
 use crate::timeline::{self, BootTimeline, TimelineRecorder};
-use crate::vmm::{DeviceEventManager, Vmm};
+use crate::vmm::{DeviceEventManager, TemplateJob, VmMode, Vmm, VmmParts};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -134,12 +135,42 @@ pub enum BuildError {
     /// vCPU creation or configuration.
     #[error("failed to set up the vCPUs")]
     Vcpu(#[from] VcpuError),
+    /// A template cannot be made of this configuration.
+    #[error("cannot make a template: {0}")]
+    TemplateConfig(&'static str),
+    /// A template's files.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Restoring a template failed (nothing of the guest ran): the caller boots instead.
+    #[error("cannot restore the template {}", dir.display())]
+    Restore {
+        dir: std::path::PathBuf,
+        #[source]
+        source: Box<BuildError>,
+    },
+}
+
+impl BuildError {
+    /// Whether this is the refusal of a template (the sandbox can boot without it).
+    pub fn is_template_refusal(&self) -> bool {
+        matches!(self, BuildError::Restore { .. })
+    }
 }
 
 /// Builds a microVM ready to run: validates `cfg`, then sets up KVM, memory, the kernel,
 /// boot structures, devices and vCPUs.
 pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
+    if let Some(dir) = &cfg.restore_from {
+        return restore_microvm(cfg, dir).map_err(|source| BuildError::Restore {
+            dir: dir.clone(),
+            source: Box::new(source),
+        });
+    }
     cfg.validate()?;
+    let template_job = match &cfg.template_out {
+        Some(dir) => Some(template_job(cfg, dir)?),
+        None => None,
+    };
     let kvm = open_kvm()?;
     if kvm_check::kvm_pvm_loaded() {
         if !cfg.allow_kvm_pvm {
@@ -177,23 +208,13 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
 
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
-    let mut vsock = Vsock::new(GUEST_CID, &cfg.vsock_socket)?;
-    // Host clients wait, without reaching the guest, until the agent says it listens.
-    vsock.hold_until_ready(husk_agent_protocol::AGENT_READY_PORT);
-    let vsock = Arc::new(Mutex::new(vsock));
-    mmio.attach_virtio_device(vsock, &mut event_manager, &mut cmdline)?;
-    let rng = Arc::new(Mutex::new(Rng::new()?));
-    mmio.attach_virtio_device(rng, &mut event_manager, &mut cmdline)?;
-    if let Some(dir) = &cfg.shared_dir {
-        let fs = Arc::new(Mutex::new(Fs::new(dir)?));
-        mmio.attach_virtio_device(fs, &mut event_manager, &mut cmdline)?;
-    }
+    let vsock = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
     if let Some(net_cfg) = &cfg.net {
         // SAFETY: the descriptor was handed to this process for the network card alone (the
         // `--net-tap-fd` contract); nothing else in the VMM opens or uses it.
         let tap = unsafe { Tap::from_raw_fd(net_cfg.tap_fd) }?;
         let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac)?));
-        mmio.attach_virtio_device(net, &mut event_manager, &mut cmdline)?;
+        mmio.attach_virtio_device("net", net, &mut event_manager, &mut cmdline)?;
         if let Some(param) = net_cfg.kernel_ip_param() {
             cmdline.insert_str(&param).map_err(BuildError::Cmdline)?;
         }
@@ -202,10 +223,29 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     if let Some(extra) = &cfg.cmdline_extra {
         cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;
     }
+    if template_job.is_some() {
+        cmdline
+            .insert_str(husk_agent_protocol::TEMPLATE_CMDLINE_FLAG)
+            .map_err(BuildError::Cmdline)?;
+    }
     setup_boot_structures(&mem, mem_size, cfg.vcpus, &kernel, initramfs, &cmdline)?;
     let kernel_loaded_us = timeline::since_start_us();
 
-    let vcpus = create_vcpus(&kvm, &vm, &mem, cfg.vcpus, &kernel, pio_bus, mmio.bus)?;
+    let MmioDevices {
+        bus: mmio_bus,
+        transports,
+        ..
+    } = mmio;
+    let (vcpus, cpuid_sha256) =
+        create_vcpus(&kvm, &vm, &mem, cfg.vcpus, &kernel, pio_bus, mmio_bus)?;
+    let mode = match template_job {
+        Some((dir, mut inputs)) => {
+            inputs.cpuid_sha256 = cpuid_sha256;
+            inputs.devices = device_names(&transports);
+            VmMode::Template(TemplateJob { dir, inputs })
+        }
+        None => VmMode::Boot,
+    };
 
     let timeline = TimelineRecorder::new(BootTimeline {
         vcpus: cfg.vcpus,
@@ -223,11 +263,229 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         "microVM built"
     );
     Ok(Vmm::new(
-        vm,
-        mem,
-        vcpus,
-        event_manager,
-        reset_evt,
+        VmmParts {
+            vm,
+            mem,
+            vcpus,
+            event_manager,
+            reset_evt,
+            transports,
+            vsock,
+            mode,
+        },
+        cfg,
+        Arc::new(timeline),
+    ))
+}
+
+/// The devices every guest has, in slot order: vsock (held until the agent is ready), the
+/// entropy source and, with a shared directory, virtio-fs. Templates are made and restored
+/// with exactly these.
+fn attach_common_devices(
+    cfg: &VmConfig,
+    mmio: &mut MmioDevices,
+    event_manager: &mut DeviceEventManager,
+    cmdline: &mut Cmdline,
+) -> Result<Arc<Mutex<Vsock>>, BuildError> {
+    let mut vsock = Vsock::new(GUEST_CID, &cfg.vsock_socket)?;
+    // Host clients wait, without reaching the guest, until the agent says it listens.
+    vsock.hold_until_ready(husk_agent_protocol::AGENT_READY_PORT);
+    if cfg.restore_from.is_some() {
+        // The renewal of a restored guest passes the gate (see `husk_agent_protocol`).
+        vsock.exempt_from_gate(husk_agent_protocol::AGENT_IDENTITY_PORT);
+    }
+    let vsock = Arc::new(Mutex::new(vsock));
+    mmio.attach_virtio_device("vsock", vsock.clone(), event_manager, cmdline)?;
+    let rng = Arc::new(Mutex::new(Rng::new()?));
+    mmio.attach_virtio_device("rng", rng, event_manager, cmdline)?;
+    if let Some(dir) = &cfg.shared_dir {
+        let fs = Arc::new(Mutex::new(Fs::new(dir)?));
+        mmio.attach_virtio_device("fs", fs, event_manager, cmdline)?;
+    }
+    Ok(vsock)
+}
+
+fn device_names(transports: &[(&'static str, Arc<Mutex<MmioTransport>>)]) -> Vec<String> {
+    transports
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// What a template of `cfg` is made from (the CPUID and devices are filled in once known).
+fn sandbox_inputs(cfg: &VmConfig) -> Result<TemplateInputs, BuildError> {
+    Ok(TemplateInputs {
+        husk_version: env!("CARGO_PKG_VERSION").to_string(),
+        vcpus: cfg.vcpus,
+        mem_size_mib: cfg.mem_size_mib,
+        kernel: FileStamp::of(&cfg.kernel)?,
+        initramfs: cfg.initramfs.as_deref().map(FileStamp::of).transpose()?,
+        cpuid_sha256: String::new(),
+        devices: Vec::new(),
+    })
+}
+
+/// Checks that `cfg` can make a template into `dir` (a new directory in an existing one).
+fn template_job(
+    cfg: &VmConfig,
+    dir: &std::path::Path,
+) -> Result<(std::path::PathBuf, TemplateInputs), BuildError> {
+    if cfg.net.is_some() {
+        return Err(BuildError::TemplateConfig(
+            "a template has no network card (the sandbox's card is not in it)",
+        ));
+    }
+    if cfg.shared_dir.is_none() {
+        return Err(BuildError::TemplateConfig(
+            "a template needs a (empty) shared directory: sandboxes restore its virtio-fs device",
+        ));
+    }
+    if cfg.console {
+        return Err(BuildError::TemplateConfig(
+            "a template is made without the serial console",
+        ));
+    }
+    if !dir.is_dir() {
+        return Err(BuildError::TemplateConfig(
+            "the template directory must exist (and be empty)",
+        ));
+    }
+    Ok((dir.to_path_buf(), sandbox_inputs(cfg)?))
+}
+
+/// The SHA-256 of the CPUID each of `count` vCPUs gets.
+fn cpuid_digest(supported: &[kvm_bindings::kvm_cpuid_entry2], count: u8) -> String {
+    let mut all = Vec::new();
+    for index in 0..count {
+        let mut entries = supported.to_vec();
+        crate::arch::cpuid::apply_cpuid_policy(&mut entries, index, count);
+        all.push(entries);
+    }
+    crate::snapshot::sha256_hex(&serde_json::to_vec(&all).unwrap_or_default())
+}
+
+/// Restores the template in `dir` for `cfg` (see [`crate::snapshot`]): checks the template
+/// against the sandbox, maps its memory copy-on-write, and puts back the VM, its devices and
+/// its vCPUs as they were when it was taken. The guest has not run when this returns; an error
+/// leaves nothing behind (the caller boots instead).
+fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildError> {
+    cfg.validate()?;
+    if cfg.net.is_some() {
+        return Err(BuildError::TemplateConfig(
+            "a network card cannot be added to a restored guest",
+        ));
+    }
+    let template = Template::load(dir)?;
+    let kvm = open_kvm()?;
+    if kvm_check::kvm_pvm_loaded() && !cfg.allow_kvm_pvm {
+        return Err(BuildError::KvmPvm);
+    }
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let mut inputs = sandbox_inputs(cfg)?;
+    inputs.cpuid_sha256 = cpuid_digest(supported.as_slice(), cfg.vcpus);
+    inputs.devices = template.inputs.devices.clone();
+    template.inputs.check(&inputs)?;
+
+    let mem = memory::create_guest_memory(cfg.mem_size_mib)?;
+    if snapshot::memory_regions(&mem) != template.memory.regions {
+        return Err(TemplateError::Mismatch {
+            what: "memory layout",
+            template: format!("{:?}", template.memory.regions),
+            sandbox: format!("{:?}", snapshot::memory_regions(&mem)),
+        }
+        .into());
+    }
+    snapshot::verify_memory(dir, &template.memory)?;
+    let memory_path = dir.join(snapshot::MEMORY_FILE);
+    let memory_file = std::fs::File::open(&memory_path).map_err(|source| TemplateError::Io {
+        path: memory_path.clone(),
+        what: "cannot open it",
+        source,
+    })?;
+    for region in &template.memory.regions {
+        memory::map_file_private(
+            &mem,
+            GuestAddress(region.guest_addr),
+            region.len,
+            &memory_file,
+            region.file_offset,
+        )?;
+    }
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&mem)?;
+    vm.restore_state(&template.vm)?;
+    let vm_created_us = timeline::since_start_us();
+
+    // The command line is in the template's memory already; this one only numbers the slots.
+    let mut cmdline = base_cmdline(false)?;
+    let mut pio_bus = Bus::new();
+    let mut mmio = MmioDevices::new(&vm, &mem);
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Device("reset", e))?;
+    attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
+    let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
+    let vsock = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
+    let devices = device_names(&mmio.transports);
+    if devices != template.inputs.devices {
+        return Err(TemplateError::Mismatch {
+            what: "devices",
+            template: format!("{:?}", template.inputs.devices),
+            sandbox: format!("{devices:?}"),
+        }
+        .into());
+    }
+    for ((name, transport), saved) in mmio.transports.iter().zip(&template.devices) {
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(saved)
+            .map_err(|e| BuildError::Device(name, io::Error::other(e.to_string())))?;
+    }
+    if template.vcpus.len() != usize::from(cfg.vcpus) {
+        return Err(TemplateError::Mismatch {
+            what: "saved vCPUs",
+            template: template.vcpus.len().to_string(),
+            sandbox: cfg.vcpus.to_string(),
+        }
+        .into());
+    }
+    let MmioDevices {
+        bus: mmio_bus,
+        transports,
+        ..
+    } = mmio;
+    let pio_bus = Arc::new(pio_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+    let mut vcpus = Vec::with_capacity(template.vcpus.len());
+    for (index, state) in (0..cfg.vcpus).zip(&template.vcpus) {
+        let vcpu = Vcpu::new(&vm, index, pio_bus.clone(), mmio_bus.clone())?;
+        vcpu.set_cpuid(&vcpu.policy_cpuid(supported.as_slice(), cfg.vcpus))?;
+        vcpu.restore_state(state)?;
+        vcpus.push(vcpu);
+    }
+    let kernel_loaded_us = timeline::since_start_us();
+    let timeline = TimelineRecorder::new(BootTimeline {
+        vcpus: cfg.vcpus,
+        mem_size_mib: cfg.mem_size_mib,
+        boot_protocol: "restore".to_string(),
+        vm_created_us,
+        kernel_loaded_us,
+        guest_memory_host_ranges: memory::host_ranges(&mem),
+        ..Default::default()
+    });
+    tracing::debug!(vm_created_us, kernel_loaded_us, template = %dir.display(), "microVM restored");
+    Ok(Vmm::new(
+        VmmParts {
+            vm,
+            mem,
+            vcpus,
+            event_manager,
+            reset_evt,
+            transports,
+            vsock,
+            mode: VmMode::Restored,
+        },
         cfg,
         Arc::new(timeline),
     ))
@@ -306,6 +564,8 @@ struct MmioDevices<'a> {
     mem: &'a GuestMemory,
     bus: Bus,
     next_slot: u64,
+    /// Every transport with its device's name, in slot order (for templates).
+    transports: Vec<(&'static str, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl<'a> MmioDevices<'a> {
@@ -315,6 +575,7 @@ impl<'a> MmioDevices<'a> {
             mem,
             bus: Bus::new(),
             next_slot: 0,
+            transports: Vec::new(),
         }
     }
 
@@ -323,6 +584,7 @@ impl<'a> MmioDevices<'a> {
     /// thread, and the kernel learns about it from the command line.
     fn attach_virtio_device<D>(
         &mut self,
+        name: &'static str,
         device: Arc<Mutex<D>>,
         event_manager: &mut DeviceEventManager,
         cmdline: &mut Cmdline,
@@ -340,8 +602,9 @@ impl<'a> MmioDevices<'a> {
         }
         self.vm
             .register_irqfd(transport.irq_trigger().irq_evt(), irq)?;
-        self.bus
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_REGION_SIZE)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus.insert(transport.clone(), base, MMIO_REGION_SIZE)?;
+        self.transports.push((name, transport));
         event_manager.add_subscriber(device);
         cmdline
             .add_virtio_mmio_device(MMIO_REGION_SIZE, GuestAddress(base), irq, None)
@@ -384,19 +647,20 @@ fn create_vcpus(
     kernel: &KernelEntry,
     pio_bus: Bus,
     mmio_bus: Bus,
-) -> Result<Vec<Vcpu>, BuildError> {
+) -> Result<(Vec<Vcpu>, String), BuildError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
     let pio_bus = Arc::new(pio_bus);
     let mmio_bus = Arc::new(mmio_bus);
-    (0..count)
+    let vcpus = (0..count)
         .map(|index| {
             let vcpu = Vcpu::new(vm, index, pio_bus.clone(), mmio_bus.clone())?;
             vcpu.configure(mem, supported.as_slice(), count, kernel)?;
             Ok(vcpu)
         })
-        .collect()
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    Ok((vcpus, cpuid_digest(supported.as_slice(), count)))
 }
 
 #[cfg(test)]

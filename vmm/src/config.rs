@@ -99,6 +99,11 @@ pub struct VmConfig {
     pub shared_dir: Option<PathBuf>,
     /// A network card over an inherited TAP device.
     pub net: Option<NetConfig>,
+    /// Boot the guest to its agent's readiness, save it as a template into this (new)
+    /// directory and exit (see [`crate::snapshot`]).
+    pub template_out: Option<PathBuf>,
+    /// Start by restoring the template in this directory instead of booting.
+    pub restore_from: Option<PathBuf>,
 }
 
 /// The guest's network card: the TAP it sits on, its MAC, and the IPv4 configuration the guest
@@ -173,6 +178,8 @@ impl VmConfig {
             allow_kvm_pvm: false,
             shared_dir: None,
             net: None,
+            template_out: None,
+            restore_from: None,
         }
     }
 }

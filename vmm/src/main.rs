@@ -67,6 +67,15 @@ struct Args {
     /// The guest's default gateway on the card.
     #[arg(long, requires = "net_ip")]
     net_gateway: Option<std::net::Ipv4Addr>,
+    /// Boot the guest until its agent is ready, save it as a template into this directory
+    /// (which must exist and be empty), and exit 0. Needs --shared-dir (an empty directory);
+    /// no network card, no console.
+    #[arg(long, conflicts_with_all = ["restore", "supervise"])]
+    template_out: Option<PathBuf>,
+    /// Start by restoring the template in this directory instead of booting. Exits with
+    /// status 3 when the template cannot be used (nothing of the guest ran).
+    #[arg(long)]
+    restore: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -94,14 +103,30 @@ fn run(args: Args) -> anyhow::Result<i32> {
             }),
             _ => None,
         },
+        template_out: args.template_out,
+        restore_from: args.restore,
     };
     if let Some(plan) = &args.supervise {
-        return husk_vmm::supervisor::run_supervised(&cfg, plan)
-            .context("container supervision failed");
+        return match husk_vmm::supervisor::run_supervised(&cfg, plan) {
+            Err(e) if e.is_template_refusal() => Ok(refused(&e)),
+            result => result.context("container supervision failed"),
+        };
     }
-    let vmm = build_microvm(&cfg).context("failed to build the microVM")?;
-    let exit = vmm.run().context("the microVM failed")?;
+    let vmm = match build_microvm(&cfg) {
+        Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
+        result => result.context("failed to build the microVM")?,
+    };
+    let exit = match vmm.run() {
+        Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
+        result => result.context("the microVM failed")?,
+    };
     Ok(exit.exit_code())
+}
+
+/// Reports a template that could not be used; the exit status tells the runtime to boot.
+fn refused(err: &dyn std::error::Error) -> i32 {
+    eprintln!("husk-vmm: {}", husk_vmm::supervisor::chain(err));
+    vmm::TEMPLATE_REFUSED_EXIT
 }
 
 fn main() -> ExitCode {

@@ -86,6 +86,17 @@ pub enum SupervisorError {
     VmEnded(VmmExit),
 }
 
+impl SupervisorError {
+    /// Whether the VM could not start from its template (the runtime boots instead).
+    pub fn is_template_refusal(&self) -> bool {
+        match self {
+            SupervisorError::Build(e) => e.is_template_refusal(),
+            SupervisorError::Run(e) => e.is_template_refusal(),
+            _ => false,
+        }
+    }
+}
+
 /// What `husk create` tells the supervisor (a JSON file in the state dir).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SupervisorPlan {
@@ -143,8 +154,13 @@ pub fn run_supervised(cfg: &VmConfig, plan_path: &Path) -> Result<i32, Superviso
     };
     let ready = Arc::new(Mutex::new(ready));
     let result = supervise(cfg, &plan, ready.clone());
-    if let Err(e) = &result {
-        report_ready(&ready, &format!("error {}", error_chain(e)));
+    match &result {
+        // `husk create` boots instead, and says why.
+        Err(e) if e.is_template_refusal() => {
+            report_ready(&ready, &format!("refused {}", error_chain(e)))
+        }
+        Err(e) => report_ready(&ready, &format!("error {}", error_chain(e))),
+        Ok(_) => {}
     }
     result
 }

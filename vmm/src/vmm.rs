@@ -34,7 +34,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::VmConfig;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
 use crate::kvm_check;
+use crate::snapshot::{self, Template, TemplateInputs};
 use crate::timeline::{self, TimelineRecorder};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuExit};
@@ -50,13 +53,50 @@ pub enum VmmExit {
     GuestShutdown,
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// The guest was saved as a template (`--template-out`).
+    TemplateWritten,
+}
+
+/// The exit status of husk-vmm when it could not restore a template (before any guest code
+/// ran) or the restored guest did not take its new identity: the runtime then boots the
+/// sandbox instead, and throws the template away.
+pub const TEMPLATE_REFUSED_EXIT: i32 = 3;
+
+/// How a VM starts and what ends it.
+#[derive(Debug)]
+pub enum VmMode {
+    /// A cold boot.
+    Boot,
+    /// A boot that ends by saving the guest as a template, once its agent is ready.
+    Template(TemplateJob),
+    /// A template restored: the guest gets its new identity before anything else reaches it.
+    Restored,
+}
+
+/// Where a template goes and what it is made from.
+#[derive(Debug)]
+pub struct TemplateJob {
+    pub dir: PathBuf,
+    pub inputs: TemplateInputs,
+}
+
+/// What the builder hands to [`Vmm::new`].
+pub struct VmmParts {
+    pub vm: Vm,
+    pub mem: GuestMemory,
+    pub vcpus: Vec<Vcpu>,
+    pub event_manager: DeviceEventManager,
+    pub reset_evt: EventFd,
+    pub transports: Vec<(&'static str, Arc<Mutex<MmioTransport>>)>,
+    pub vsock: Arc<Mutex<Vsock>>,
+    pub mode: VmMode,
 }
 
 impl VmmExit {
     /// The process exit status: 0 for a guest shutdown, 128 + signal number for a signal.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmmExit::GuestShutdown => 0,
+            VmmExit::GuestShutdown | VmmExit::TemplateWritten => 0,
             VmmExit::Signal(signo) => 128 + signo,
         }
     }
@@ -90,6 +130,19 @@ pub enum VmmError {
     /// Waiting for the exit failed.
     #[error("failed to wait for the VM to exit")]
     Wait(#[source] nix::Error),
+    /// The restored guest did not take its new identity.
+    #[error("the restored guest did not take its new identity: {0}")]
+    Renew(String),
+    /// The template could not be made.
+    #[error("cannot make the template: {0}")]
+    Template(String),
+}
+
+impl VmmError {
+    /// Whether the runtime should boot the sandbox instead (see [`TEMPLATE_REFUSED_EXIT`]).
+    pub fn is_template_refusal(&self) -> bool {
+        matches!(self, VmmError::Renew(_))
+    }
 }
 
 /// How long teardown waits for the vCPU and device threads to stop.
@@ -153,6 +206,45 @@ impl StopReport {
     }
 }
 
+/// A request to the thread waiting in [`Vmm::run`] from a helper thread: save the template
+/// now, or give up.
+#[derive(Debug)]
+enum Control {
+    Snapshot,
+    Fail(VmmError),
+}
+
+/// The pending [`Control`] and the eventfd that wakes the waiting thread.
+struct ControlChannel {
+    request: Mutex<Option<Control>>,
+    evt: EventFd,
+}
+
+impl ControlChannel {
+    fn send(&self, control: Control) {
+        let mut request = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        if request.is_none() {
+            *request = Some(control);
+        }
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("failed to wake the VMM's main thread: {e}");
+        }
+    }
+
+    fn take(&self) -> Option<Control> {
+        self.request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// What [`wait_for_exit`] saw.
+enum Ended {
+    Exit(VmmExit),
+    Snapshot,
+}
+
 /// Ends the device thread's loop when its eventfd fires.
 struct StopSubscriber {
     evt: EventFd,
@@ -175,9 +267,12 @@ impl MutEventSubscriber for StopSubscriber {
 /// A microVM, built and ready to run.
 pub struct Vmm {
     // Kept alive for the VM's lifetime: the memory slots point into `mem`.
-    _vm: Vm,
-    _mem: GuestMemory,
+    vm: Vm,
+    mem: GuestMemory,
     vcpus: Vec<Vcpu>,
+    transports: Vec<(&'static str, Arc<Mutex<MmioTransport>>)>,
+    vsock: Arc<Mutex<Vsock>>,
+    mode: VmMode,
     event_manager: DeviceEventManager,
     reset_evt: EventFd,
     vsock_socket: PathBuf,
@@ -187,21 +282,16 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    pub(crate) fn new(
-        vm: Vm,
-        mem: GuestMemory,
-        vcpus: Vec<Vcpu>,
-        event_manager: DeviceEventManager,
-        reset_evt: EventFd,
-        cfg: &VmConfig,
-        timeline: Arc<TimelineRecorder>,
-    ) -> Self {
+    pub(crate) fn new(parts: VmmParts, cfg: &VmConfig, timeline: Arc<TimelineRecorder>) -> Self {
         Vmm {
-            _vm: vm,
-            _mem: mem,
-            vcpus,
-            event_manager,
-            reset_evt,
+            vm: parts.vm,
+            mem: parts.mem,
+            vcpus: parts.vcpus,
+            transports: parts.transports,
+            vsock: parts.vsock,
+            mode: parts.mode,
+            event_manager: parts.event_manager,
+            reset_evt: parts.reset_evt,
             vsock_socket: cfg.vsock_socket.clone(),
             boot_report: cfg.boot_report.clone(),
             agent_timeout: cfg.agent_timeout,
@@ -226,6 +316,10 @@ impl Vmm {
         });
 
         install_kick_handler()?;
+        let control = Arc::new(ControlChannel {
+            request: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Spawn("control", e))?,
+        });
 
         let (device_thread, device_stop_evt) = self.spawn_device_thread()?;
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
@@ -236,19 +330,164 @@ impl Vmm {
                 self.timeline.clone(),
             )?);
         }
-        self.spawn_readiness_thread()?;
+        match self.mode {
+            VmMode::Boot => self.spawn_readiness_thread()?,
+            VmMode::Template(_) => self.spawn_template_watcher(control.clone())?,
+            VmMode::Restored => self.spawn_renewal_thread(control.clone())?,
+        }
 
-        let result = wait_for_exit(&signals, &self.reset_evt, &stops);
+        let result = wait_for_exit(&signals, &self.reset_evt, &stops, &control);
 
         let deadline = Instant::now() + TEARDOWN_TIMEOUT;
         stops.stopping.store(true, Ordering::Release);
-        join_until(vcpu_threads, deadline, true);
+        let mut vcpus = join_until(vcpu_threads, deadline, true);
         if let Err(e) = device_stop_evt.write(1) {
             tracing::warn!("failed to stop the device thread: {e}");
         }
         join_until(vec![device_thread], deadline, false);
+        let result = match result {
+            Ok(Ended::Exit(exit)) => Ok(exit),
+            Ok(Ended::Snapshot) => self.save_template(&mut vcpus),
+            Err(e) => Err(e),
+        };
         self.remove_socket();
         result
+    }
+
+    /// Saves the stopped guest as a template (see [`crate::snapshot`]).
+    fn save_template(&self, vcpus: &mut [Vcpu]) -> Result<VmmExit, VmmError> {
+        let VmMode::Template(job) = &self.mode else {
+            return Err(VmmError::Template(
+                "this VM was not booted to be one".into(),
+            ));
+        };
+        if vcpus.len() != self.timeline.snapshot().vcpus as usize {
+            return Err(VmmError::Template("a vCPU thread did not stop".into()));
+        }
+        vcpus.sort_by_key(Vcpu::index);
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| VmmError::Template(format!("{what}: {e}"));
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| fail("opening /dev/kvm", &e))?;
+        let xsave_size = self.vm.fd().check_extension_int(kvm_ioctls::Cap::Xsave2);
+        if xsave_size > 4096 {
+            return Err(VmmError::Template(format!(
+                "the XSAVE area is {xsave_size} bytes (dynamic features such as AMX), more than \
+                 templates keep"
+            )));
+        }
+        let candidates = kvm
+            .get_msr_index_list()
+            .map_err(|e| fail("reading KVM's MSR list", &e))?;
+        for vcpu in vcpus.iter_mut() {
+            vcpu.complete_pending_io()
+                .map_err(|e| fail("completing a vCPU's I/O", &e))?;
+        }
+        let msrs = vcpus
+            .first()
+            .map(|v| v.readable_msrs(candidates.as_slice()))
+            .unwrap_or_default();
+        let vcpu_states = vcpus
+            .iter()
+            .map(|v| v.save_state(&msrs))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail("saving a vCPU", &crate::supervisor::chain(&e)))?;
+        let vm = self
+            .vm
+            .save_state()
+            .map_err(|e| fail("saving the VM", &crate::supervisor::chain(&e)))?;
+        let devices = self
+            .transports
+            .iter()
+            .map(|(_, t)| t.lock().unwrap_or_else(|p| p.into_inner()).snapshot())
+            .collect();
+        let memory = snapshot::write_memory(&job.dir, &self.mem)
+            .map_err(|e| fail("saving guest memory", &e))?;
+        let data: u64 = memory.data.iter().map(|(_, len)| len).sum();
+        Template {
+            inputs: job.inputs.clone(),
+            vm,
+            vcpus: vcpu_states,
+            devices,
+            memory,
+        }
+        .write(&job.dir)
+        .map_err(|e| fail("writing the state", &e))?;
+        tracing::info!(
+            dir = %job.dir.display(),
+            memory_kib = data / 1024,
+            "template written"
+        );
+        Ok(VmmExit::TemplateWritten)
+    }
+
+    /// Template mode: once the agent has signalled readiness and no vsock connection is open
+    /// or owes the guest a packet, for [`TEMPLATE_SETTLE`] on end, asks for the snapshot.
+    fn spawn_template_watcher(&self, control: Arc<ControlChannel>) -> Result<(), VmmError> {
+        let vsock = self.vsock.clone();
+        let timeout = self.agent_timeout;
+        thread::Builder::new()
+            .name("husk-template".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let mut idle_since: Option<Instant> = None;
+                loop {
+                    let idle = vsock
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .ready_and_idle();
+                    let now = Instant::now();
+                    idle_since = if idle { idle_since.or(Some(now)) } else { None };
+                    if idle_since.is_some_and(|t| now - t >= TEMPLATE_SETTLE) {
+                        control.send(Control::Snapshot);
+                        return;
+                    }
+                    if now - start > timeout {
+                        control.send(Control::Fail(VmmError::Template(format!(
+                            "the guest agent did not signal readiness within {} ms",
+                            timeout.as_millis()
+                        ))));
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+            .map_err(|e| VmmError::Spawn("template", e))?;
+        Ok(())
+    }
+
+    /// Restored mode: gives the guest its new identity through the agent's identity port
+    /// (the only one open to host clients until the agent signals readiness again).
+    fn spawn_renewal_thread(&self, control: Arc<ControlChannel>) -> Result<(), VmmError> {
+        let socket = self.vsock_socket.clone();
+        let timeout = self.agent_timeout;
+        let timeline = self.timeline.clone();
+        let report = self.boot_report.clone();
+        thread::Builder::new()
+            .name("husk-renew".into())
+            .spawn(move || {
+                match renew_guest(&socket, timeout) {
+                    Ok(handshake) => {
+                        let now = timeline::since_start_us();
+                        timeline.update(|t| {
+                            t.agent_handshake_us = Some(now);
+                            t.guest_uptime_at_handshake_us = Some(handshake.uptime_us);
+                            t.agent_version = Some(handshake.agent_version.clone());
+                        });
+                        tracing::debug!(timeline = ?timeline.snapshot(), "restored guest renewed");
+                    }
+                    Err(e) => {
+                        control.send(Control::Fail(VmmError::Renew(e)));
+                        return;
+                    }
+                }
+                if let Some(path) = report {
+                    if let Err(e) = timeline::write_report(&path, &timeline.snapshot()) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            })
+            .map_err(|e| VmmError::Spawn("renewal", e))?;
+        Ok(())
     }
 
     fn spawn_device_thread(&mut self) -> Result<(JoinHandle<()>, EventFd), VmmError> {
@@ -326,23 +565,61 @@ impl Vmm {
     }
 }
 
-/// Joins `threads`, kicking them out of KVM_RUN first if `kick`, until `deadline`.
-fn join_until(mut threads: Vec<JoinHandle<()>>, deadline: Instant, kick: bool) {
+/// How long a template's guest must stay idle (ready, no vsock connection) before it is
+/// saved: its agent's threads settle back into their waits.
+pub const TEMPLATE_SETTLE: Duration = Duration::from_millis(100);
+
+/// Bytes of host randomness a restored guest gets.
+const RENEWAL_ENTROPY: usize = 64;
+
+/// Connects to the restored guest's identity port and renews it; returns its handshake.
+fn renew_guest(
+    socket: &std::path::Path,
+    timeout: Duration,
+) -> Result<husk_agent_protocol::Handshake, String> {
+    let (mut client, handshake) =
+        AgentClient::connect_port(socket, husk_agent_protocol::AGENT_IDENTITY_PORT, timeout)
+            .map_err(|e| crate::supervisor::chain(&e))?;
+    let mut entropy = vec![0u8; RENEWAL_ENTROPY];
+    // SAFETY: getrandom writes at most `entropy.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    if usize::try_from(n).ok() != Some(entropy.len()) {
+        return Err(format!("getrandom failed: {}", io::Error::last_os_error()));
+    }
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_nanos();
+    client
+        .renew(husk_agent_protocol::Renewal {
+            entropy,
+            realtime_ns: u64::try_from(realtime_ns).unwrap_or(u64::MAX),
+            hostname: None,
+        })
+        .map_err(|e| crate::supervisor::chain(&e))?;
+    Ok(handshake)
+}
+
+/// Joins `threads`, kicking them out of KVM_RUN first if `kick`, until `deadline`; returns
+/// what the threads that ended returned.
+fn join_until<T>(mut threads: Vec<JoinHandle<T>>, deadline: Instant, kick: bool) -> Vec<T> {
+    let mut results = Vec::new();
     loop {
         let (finished, running): (Vec<_>, Vec<_>) =
             threads.into_iter().partition(|t| t.is_finished());
         for t in finished {
-            if t.join().is_err() {
-                tracing::warn!("a VMM thread panicked");
+            match t.join() {
+                Ok(value) => results.push(value),
+                Err(_) => tracing::warn!("a VMM thread panicked"),
             }
         }
         threads = running;
         if threads.is_empty() {
-            return;
+            return results;
         }
         if Instant::now() >= deadline {
             tracing::warn!("{} VMM thread(s) did not stop in time", threads.len());
-            return;
+            return results;
         }
         if kick {
             for t in &threads {
@@ -358,7 +635,7 @@ fn spawn_vcpu_thread(
     mut vcpu: Vcpu,
     stops: Arc<StopReport>,
     timeline: Arc<TimelineRecorder>,
-) -> Result<JoinHandle<()>, VmmError> {
+) -> Result<JoinHandle<Vcpu>, VmmError> {
     let index = vcpu.index();
     thread::Builder::new()
         .name(format!("husk-vcpu-{index}"))
@@ -380,6 +657,7 @@ fn spawn_vcpu_thread(
                     }
                 }
             }
+            vcpu
         })
         .map_err(|e| VmmError::Spawn("vCPU", e))
 }
@@ -395,12 +673,14 @@ fn wait_for_exit(
     signals: &SignalFd,
     reset_evt: &EventFd,
     stops: &StopReport,
-) -> Result<VmmExit, VmmError> {
+    control: &ControlChannel,
+) -> Result<Ended, VmmError> {
     loop {
         let mut fds = [
             PollFd::new(signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(borrow_fd(reset_evt), PollFlags::POLLIN),
             PollFd::new(borrow_fd(&stops.evt), PollFlags::POLLIN),
+            PollFd::new(borrow_fd(&control.evt), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
@@ -410,17 +690,25 @@ fn wait_for_exit(
         let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
         if ready(&fds[2]) {
             if let Some(stop) = stops.take() {
-                return vcpu_stop_outcome(stop);
+                return vcpu_stop_outcome(stop).map(Ended::Exit);
             }
         }
         if ready(&fds[1]) {
             tracing::debug!("guest reset through the i8042: shutting down");
-            return Ok(VmmExit::GuestShutdown);
+            return Ok(Ended::Exit(VmmExit::GuestShutdown));
         }
         if ready(&fds[0]) {
             if let Ok(Some(info)) = signals.read_signal() {
                 tracing::debug!("signal {}: shutting down", info.ssi_signo);
-                return Ok(VmmExit::Signal(info.ssi_signo as i32));
+                return Ok(Ended::Exit(VmmExit::Signal(info.ssi_signo as i32)));
+            }
+        }
+        if ready(&fds[3]) {
+            let _ = control.evt.read();
+            match control.take() {
+                Some(Control::Snapshot) => return Ok(Ended::Snapshot),
+                Some(Control::Fail(e)) => return Err(e),
+                None => {}
             }
         }
     }

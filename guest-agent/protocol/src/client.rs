@@ -164,10 +164,20 @@ impl AgentClient {
         uds_path: &Path,
         timeout: Duration,
     ) -> Result<(AgentClient, Handshake), ClientError> {
+        Self::connect_port(uds_path, AGENT_VSOCK_PORT, timeout)
+    }
+
+    /// [`Self::connect`] to the agent's vsock `port` ([`AGENT_VSOCK_PORT`], or
+    /// [`crate::AGENT_IDENTITY_PORT`] for the renewal of a restored guest).
+    pub fn connect_port(
+        uds_path: &Path,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<(AgentClient, Handshake), ClientError> {
         let start = Instant::now();
         let deadline = start + timeout;
         loop {
-            let err = match Self::try_connect(uds_path, deadline) {
+            let err = match Self::try_connect(uds_path, port, deadline) {
                 Ok(connected) => return Ok(connected),
                 Err(err) => err,
             };
@@ -189,6 +199,7 @@ impl AgentClient {
     /// One connection attempt: `CONNECT`, `OK`, handshake, each bounded by `deadline`.
     fn try_connect(
         uds_path: &Path,
+        port: u32,
         deadline: Instant,
     ) -> Result<(AgentClient, Handshake), ClientError> {
         let mut stream = UnixStream::connect(uds_path).map_err(|source| ClientError::Connect {
@@ -197,7 +208,7 @@ impl AgentClient {
         })?;
         set_timeouts(&stream, remaining(deadline))?;
         stream
-            .write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())
+            .write_all(format!("CONNECT {port}\n").as_bytes())
             .map_err(ClientError::ConnectIo)?;
         read_connect_reply(&mut stream)?;
         set_timeouts(&stream, remaining(deadline))?;
@@ -234,6 +245,11 @@ impl AgentClient {
     /// away right after, so the connection is dropped.
     pub fn shutdown(mut self) -> Result<(), ClientError> {
         self.request_ok(&Request::Shutdown)
+    }
+
+    /// Gives a guest restored from a template its own identity ([`Request::Renew`]).
+    pub fn renew(&mut self, renewal: crate::Renewal) -> Result<(), ClientError> {
+        self.request_ok(&Request::Renew(renewal))
     }
 
     /// Switches the connection to the agent's raw echo mode and returns the stream: every byte

@@ -29,6 +29,17 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// connection itself, and never forwards this port to a host socket.
 pub const AGENT_READY_PORT: u32 = 1023;
 
+/// The vsock port on which a guest restored from a template takes its new identity
+/// ([`Request::Renew`]). husk-vmm lets host connections to it through while it holds every
+/// other one (see [`AGENT_READY_PORT`]), so the restored guest is renewed before any other host
+/// client reaches it. The agent serves the whole protocol there, to the host only.
+pub const AGENT_IDENTITY_PORT: u32 = 1022;
+
+/// On the kernel command line of a guest booted to become a template: the agent leaves the
+/// host share unmounted until it is renewed ([`Request::Renew`]), so that every sandbox
+/// restored from the template mounts its own share.
+pub const TEMPLATE_CMDLINE_FLAG: &str = "husk.template=1";
+
 /// A request from the host to the agent.
 ///
 /// Encoded as a JSON object tagged by `"op"`, e.g. `{"op":"handshake","protocol_version":1}`.
@@ -55,6 +66,11 @@ pub enum Request {
     /// Shut the guest down cleanly. The agent replies [`Response::Ok`], then syncs and resets
     /// the VM, which the VMM reports as a clean exit.
     Shutdown,
+    /// A guest restored from a template takes its own identity: the kernel's random generator
+    /// is reseeded from `entropy`, the wall clock set to `realtime_ns`, the hostname set, and
+    /// the host share mounted; then the agent signals readiness on [`AGENT_READY_PORT`] again.
+    /// Answered by [`Response::Ok`] once all of it is done.
+    Renew(Renewal),
     /// Diagnostics: after the [`Response::Ok`] reply the connection stops carrying frames and
     /// becomes a raw byte echo until the host closes its write side. Tests and benchmarks use
     /// it to push bulk data through vsock.
@@ -146,6 +162,24 @@ pub struct StdioConfig {
     #[serde(default)]
     pub stderr: bool,
 }
+
+/// The new identity of a guest restored from a template ([`Request::Renew`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    /// Fresh randomness from the host, mixed into the guest's random pool (at least
+    /// [`RENEWAL_MIN_ENTROPY`] bytes, at most [`RENEWAL_MAX_ENTROPY`]).
+    pub entropy: Vec<u8>,
+    /// The host's wall clock (CLOCK_REALTIME), in nanoseconds since the Unix epoch.
+    pub realtime_ns: u64,
+    /// The guest's hostname, if the host has one for it.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// Fewest bytes of entropy a [`Renewal`] carries.
+pub const RENEWAL_MIN_ENTROPY: usize = 32;
+/// Most bytes of entropy a [`Renewal`] carries.
+pub const RENEWAL_MAX_ENTROPY: usize = 512;
 
 /// A container's init (`exec_id: None`) or one of its exec'd processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

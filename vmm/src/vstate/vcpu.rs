@@ -8,9 +8,10 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, CpuId, Msrs, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_INTERNAL_ERROR_DELIVERY_EV,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
+    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 
@@ -18,6 +19,7 @@ use super::memory::GuestMemory;
 use super::vm::Vm;
 use crate::arch::{cpuid, regs, KernelEntry};
 use crate::devices::bus::Bus;
+use crate::snapshot::VcpuState;
 
 /// Errors of vCPU creation, configuration and running.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +161,25 @@ impl Vcpu {
         }
     }
 
+    /// The CPUID this vCPU gets: KVM's supported CPUID after husk's policy.
+    pub fn policy_cpuid(
+        &self,
+        supported_cpuid: &[kvm_cpuid_entry2],
+        num_cpus: u8,
+    ) -> Vec<kvm_cpuid_entry2> {
+        let mut entries = supported_cpuid.to_vec();
+        cpuid::apply_cpuid_policy(&mut entries, self.index, num_cpus);
+        entries
+    }
+
+    /// Sets this vCPU's CPUID.
+    pub fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
+        let cpuid = CpuId::from_entries(entries).map_err(|_| VcpuError::BuildCpuid(self.index))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.configure_err("set CPUID"))
+    }
+
     /// Loads CPUID, MSRs and LAPIC LINT set-up; for the boot vCPU also the registers of the
     /// kernel entry (application processors wait for INIT/SIPI from the boot vCPU).
     pub fn configure(
@@ -168,12 +189,7 @@ impl Vcpu {
         num_cpus: u8,
         kernel: &KernelEntry,
     ) -> Result<(), VcpuError> {
-        let mut entries = supported_cpuid.to_vec();
-        cpuid::apply_cpuid_policy(&mut entries, self.index, num_cpus);
-        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::BuildCpuid(self.index))?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(self.configure_err("set CPUID"))?;
+        self.set_cpuid(&self.policy_cpuid(supported_cpuid, num_cpus))?;
 
         let boot_msrs = regs::boot_msrs();
         let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::BuildCpuid(self.index))?;
@@ -216,6 +232,161 @@ impl Vcpu {
                 .map_err(self.configure_err("set registers"))?;
         }
         Ok(())
+    }
+
+    /// Completes an I/O or MMIO exit whose result the guest has not taken yet: KVM_RUN with
+    /// `immediate_exit` finishes the emulated instruction and returns at once (EINTR) without
+    /// running the guest further. Call it on a stopped vCPU before saving its state.
+    pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(VcpuError::Run(self.index, e)),
+        }
+    }
+
+    /// The MSRs of `candidates` this vCPU can read, one by one (KVM's GET_MSRS stops at the
+    /// first it cannot).
+    pub fn readable_msrs(&self, candidates: &[u32]) -> Vec<u32> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let entry = kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                };
+                Msrs::from_entries(&[entry])
+                    .ok()
+                    .and_then(|mut msrs| self.fd.get_msrs(&mut msrs).ok())
+                    == Some(1)
+            })
+            .collect()
+    }
+
+    /// Saves the vCPU's state (in the order KVM needs: MP state first, as reading it may
+    /// deliver pending INIT/SIPI; events last). `msrs` are the MSRs to save (see
+    /// [`Self::readable_msrs`]).
+    pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(self.configure_err("get MP state"))?;
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(self.configure_err("get registers"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.configure_err("get sregs"))?;
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(self.configure_err("get XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(self.configure_err("get XCRs"))?;
+        let debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(self.configure_err("get debug registers"))?;
+        let lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.configure_err("get LAPIC"))?;
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        let wanted: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut kvm_msrs =
+            Msrs::from_entries(&wanted).map_err(|_| VcpuError::BuildCpuid(self.index))?;
+        let read = self
+            .fd
+            .get_msrs(&mut kvm_msrs)
+            .map_err(self.configure_err("get MSRs"))?;
+        if read != wanted.len() {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                set: read,
+                wanted: wanted.len(),
+            });
+        }
+        let msrs = order_msrs(kvm_msrs.as_slice().to_vec());
+        let vcpu_events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.configure_err("get vCPU events"))?;
+        Ok(VcpuState {
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            vcpu_events,
+            tsc_khz,
+        })
+    }
+
+    /// Restores a saved state (after [`Self::set_cpuid`]), in the order KVM needs.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        if let (Some(saved), Ok(now)) = (state.tsc_khz, self.fd.get_tsc_khz()) {
+            if saved != now {
+                self.fd
+                    .set_tsc_khz(saved)
+                    .map_err(self.configure_err("set the TSC frequency"))?;
+            }
+        }
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.configure_err("set MP state"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.configure_err("set registers"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.configure_err("set sregs"))?;
+        // SAFETY: a kvm_xsave is the legacy 4 KiB area KVM_SET_XSAVE reads, and the template's
+        // was read by KVM_GET_XSAVE on a host with the same CPUID (checked by the caller).
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.configure_err("set XSAVE"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.configure_err("set XCRs"))?;
+        self.fd
+            .set_debug_regs(&state.debug_regs)
+            .map_err(self.configure_err("set debug registers"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.configure_err("set LAPIC"))?;
+        let msrs =
+            Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::BuildCpuid(self.index))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.configure_err("set MSRs"))?;
+        if set != state.msrs.len() {
+            tracing::error!(
+                vcpu = self.index,
+                msr = format_args!("{:#x}", state.msrs.get(set).map_or(0, |e| e.index)),
+                "KVM refused a template MSR"
+            );
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                set,
+                wanted: state.msrs.len(),
+            });
+        }
+        self.fd
+            .set_vcpu_events(&state.vcpu_events)
+            .map_err(self.configure_err("set vCPU events"))
     }
 
     fn internal_error(&mut self) -> InternalError {
@@ -297,9 +468,61 @@ impl Vcpu {
     }
 }
 
+/// `IA32_TSC`.
+const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_TSC_DEADLINE`.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Orders saved MSRs for their restore: the TSC deadline last (KVM reads it against the guest
+/// TSC, restored first). A zero deadline becomes the saved TSC, so that a guest whose timer
+/// had fired, with the interrupt not yet taken, still gets a timer interrupt after the restore
+/// rather than waiting forever (a spurious tick costs the guest nothing).
+fn order_msrs(mut msrs: Vec<kvm_msr_entry>) -> Vec<kvm_msr_entry> {
+    let tsc = msrs
+        .iter()
+        .find(|e| e.index == MSR_IA32_TSC)
+        .map(|e| e.data);
+    if let Some(pos) = msrs.iter().position(|e| e.index == MSR_IA32_TSC_DEADLINE) {
+        let mut deadline = msrs.remove(pos);
+        if deadline.data == 0 {
+            deadline.data = tsc.unwrap_or(0);
+        }
+        msrs.push(deadline);
+    }
+    msrs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_deadline_goes_last_and_is_never_zero() {
+        let entry = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let ordered = order_msrs(vec![
+            entry(MSR_IA32_TSC, 500),
+            entry(MSR_IA32_TSC_DEADLINE, 0),
+            entry(0xc000_0080, 1),
+        ]);
+        let got: Vec<(u32, u64)> = ordered.iter().map(|e| (e.index, e.data)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (MSR_IA32_TSC, 500),
+                (0xc000_0080, 1),
+                (MSR_IA32_TSC_DEADLINE, 500)
+            ]
+        );
+        let kept = order_msrs(vec![
+            entry(MSR_IA32_TSC_DEADLINE, 9),
+            entry(MSR_IA32_TSC, 5),
+        ]);
+        assert_eq!(kept[1].data, 9);
+    }
 
     #[test]
     fn internal_error_suberrors_are_named() {

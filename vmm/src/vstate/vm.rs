@@ -1,13 +1,17 @@
 //! The KVM VM: creation, the in-kernel irqchip and PIT, guest memory slots, irqfds and
 //! ioeventfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestMemory as _, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestMemory;
 use crate::arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::snapshot::VmState;
 
 /// Errors of VM set-up.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Saving or restoring VM state failed.
+    #[error("failed to {0}")]
+    State(&'static str, #[source] kvm_ioctls::Error),
+    /// A saved irqchip names a chip that does not exist.
+    #[error("saved irqchip state for unknown chip {0}")]
+    BadChip(u32),
     /// KVM_IOEVENTFD failed.
     #[error("failed to register an ioeventfd at {addr:#x}")]
     RegisterIoevent {
@@ -80,6 +90,59 @@ impl Vm {
     /// The KVM VM file descriptor (for vCPU creation).
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// Saves the irqchip, PIT and kvm-clock state (the vCPUs must be stopped).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(|e| VmError::State("get the irqchip", e))?;
+            Ok(chip)
+        };
+        let mut clock = self
+            .fd
+            .get_clock()
+            .map_err(|e| VmError::State("get the clock", e))?;
+        // Only the clock's value is restored; the flags describe this host's clock source.
+        clock.flags = 0;
+        Ok(VmState {
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::State("get the PIT", e))?,
+            clock,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Restores a saved irqchip, PIT and kvm-clock state, before any vCPU runs.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| VmError::State("set the PIT", e))?;
+        self.fd
+            .set_clock(&state.clock)
+            .map_err(|e| VmError::State("set the clock", e))?;
+        for (chip, id) in [
+            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(VmError::BadChip(chip.chip_id));
+            }
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::State("set the irqchip", e))?;
+        }
+        Ok(())
     }
 
     /// Registers every region of `mem` as a KVM memory slot.

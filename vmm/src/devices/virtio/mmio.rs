@@ -392,6 +392,192 @@ impl MmioTransport {
     }
 }
 
+/// A queue's configuration and ring positions, as a template keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    /// The queue, checked by virtio-queue (sizes) like a driver's own configuration.
+    fn to_queue(&self) -> Result<Queue, TransportRestoreError> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| TransportRestoreError::Queue(e.to_string()))
+    }
+}
+
+/// A virtio-mmio device's state in a template: the transport's registers and, once the
+/// driver activated it, the device's negotiated features and queue positions. Devices hold
+/// no other state a template needs: one is taken with no vsock connection open and no file
+/// system session (see `crate::snapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub device_status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub irq_status: u32,
+    pub acked_features: u64,
+    /// The transport's queue registers.
+    pub queues: Vec<QueueSnapshot>,
+    /// The active device's queues, with the ring positions it reached.
+    pub active_queues: Option<Vec<QueueSnapshot>>,
+}
+
+/// Why a transport's state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error("device type {found} where the template has {expected}")]
+    DeviceType { expected: u32, found: u32 },
+    #[error("{found} queues where the template has {expected}")]
+    QueueCount { expected: usize, found: usize },
+    #[error("invalid queue: {0}")]
+    Queue(String),
+    #[error("a ready queue lies outside guest memory")]
+    InvalidQueue,
+    #[error("activation failed")]
+    Activate(#[source] super::ActivateError),
+    #[error("cloning a queue eventfd failed")]
+    Evt(#[source] io::Error),
+}
+
+impl MmioTransport {
+    /// The state a template keeps (call with the guest paused).
+    pub fn snapshot(&self) -> TransportSnapshot {
+        let device = lock(&self.device);
+        let active_queues = device.state().active.as_ref().map(|active| {
+            active
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect()
+        });
+        TransportSnapshot {
+            device_type: device.device_type(),
+            device_status: self.device_status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            irq_status: self.irq_trigger.irq_status(),
+            acked_features: device.acked_features(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect(),
+            active_queues,
+        }
+    }
+
+    /// Puts the transport (and its device) back in the state of `snap`, before the guest
+    /// runs: registers, queues, and for an active device its activation with the queues'
+    /// ring positions. Its interrupt is raised again if one was pending, and the device thread
+    /// looks at every queue once it takes the activation (so nothing the driver queued is
+    /// missed). Everything is checked as the driver's own writes would be.
+    pub fn restore(&mut self, snap: &TransportSnapshot) -> Result<(), TransportRestoreError> {
+        let device_type = lock(&self.device).device_type();
+        if device_type != snap.device_type {
+            return Err(TransportRestoreError::DeviceType {
+                expected: snap.device_type,
+                found: device_type,
+            });
+        }
+        if snap.queues.len() != self.queues.len() {
+            return Err(TransportRestoreError::QueueCount {
+                expected: snap.queues.len(),
+                found: self.queues.len(),
+            });
+        }
+        for (queue, saved) in self.queues.iter_mut().zip(&snap.queues) {
+            if saved.max_size != queue.max_size() {
+                return Err(TransportRestoreError::Queue(format!(
+                    "maximum size {} where the device has {}",
+                    saved.max_size,
+                    queue.max_size()
+                )));
+            }
+            *queue = saved.to_queue()?;
+        }
+        self.device_status = snap.device_status;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.driver_features = snap.driver_features;
+        self.queue_sel = snap.queue_sel;
+        self.config_generation = snap.config_generation;
+        if let Some(saved) = &snap.active_queues {
+            if saved.len() != self.queues.len() {
+                return Err(TransportRestoreError::QueueCount {
+                    expected: saved.len(),
+                    found: self.queues.len(),
+                });
+            }
+            let queues = saved
+                .iter()
+                .map(QueueSnapshot::to_queue)
+                .collect::<Result<Vec<_>, _>>()?;
+            if queues.iter().any(|q| q.ready() && !q.is_valid(&self.mem)) {
+                return Err(TransportRestoreError::InvalidQueue);
+            }
+            let evts = self
+                .queue_evts
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(TransportRestoreError::Evt)?;
+            let mut device = lock(&self.device);
+            device.set_acked_features(snap.acked_features);
+            device
+                .activate(self.mem.clone(), self.irq_trigger.clone(), queues, evts)
+                .map_err(TransportRestoreError::Activate)?;
+        } else {
+            lock(&self.device).set_acked_features(snap.acked_features);
+        }
+        if snap.irq_status != 0 {
+            self.irq_trigger.restore(snap.irq_status);
+        }
+        Ok(())
+    }
+}
+
 /// Locks the device; a poisoned lock (a panic on another thread) still yields the device,
 /// whose state stays consistent since every device method leaves it so before returning.
 fn lock(device: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {

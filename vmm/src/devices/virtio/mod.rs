@@ -173,6 +173,14 @@ impl IrqTrigger {
         self.irq_status.store(0, Ordering::SeqCst);
     }
 
+    /// Sets the InterruptStatus of a restored device and raises the line again (a restored
+    /// guest may not have taken the interrupt; a spurious one costs it a status read).
+    pub fn restore(&self, bits: u32) {
+        if let Err(e) = self.trigger(bits) {
+            tracing::warn!("failed to raise a restored device's interrupt: {e}");
+        }
+    }
+
     fn trigger(&self, bits: u32) -> io::Result<()> {
         self.irq_status.fetch_or(bits, Ordering::SeqCst);
         self.irq_evt.write(1)

@@ -51,6 +51,18 @@ impl Vsock<VsockUnixBackend> {
     pub fn hold_until_ready(&mut self, ready_port: u32) {
         self.backend.muxer_mut().hold_until_ready(ready_port);
     }
+
+    /// Host connections to guest port `port` pass while the others are held.
+    pub fn exempt_from_gate(&mut self, port: u32) {
+        self.backend.muxer_mut().exempt_from_gate(port);
+    }
+
+    /// Whether the guest said it is ready and no connection is open or owes the guest a
+    /// packet: nothing of the host side would be lost by a snapshot now.
+    pub fn ready_and_idle(&self) -> bool {
+        let muxer = self.backend.muxer();
+        muxer.gate_open() && muxer.connection_count() == 0 && !muxer.has_pending_rx()
+    }
 }
 
 fn check_cid(cid: u64) -> Result<(), VsockError> {

@@ -78,6 +78,9 @@ pub struct VsockMuxer {
     guest_ready: bool,
     /// Host-initiated connections whose REQUEST waits for the gate, oldest first.
     held: VecDeque<ConnKey>,
+    /// A guest port that host connections reach even while the gate is closed (the agent's
+    /// identity port, for the renewal of a restored guest).
+    gate_exempt_port: Option<u32>,
 }
 
 impl VsockMuxer {
@@ -100,7 +103,13 @@ impl VsockMuxer {
             ready_port: None,
             guest_ready: false,
             held: VecDeque::new(),
+            gate_exempt_port: None,
         }
+    }
+
+    /// Lets host connections to guest port `port` through while the gate is closed.
+    pub fn exempt_from_gate(&mut self, port: u32) {
+        self.gate_exempt_port = Some(port);
     }
 
     /// Turns the readiness gate on: host-initiated connections wait until the guest connects
@@ -269,7 +278,7 @@ impl VsockMuxer {
             peer_port,
         };
         let conn = VsockConnection::new_local_init(stream, self.guest_cid, local_port, peer_port);
-        if !self.gate_open() {
+        if !self.gate_open() && self.gate_exempt_port != Some(peer_port) {
             self.held.push_back(key);
         }
         self.insert(key, conn, ops);
