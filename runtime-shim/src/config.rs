@@ -10,6 +10,8 @@
 //! default_mem_mib = 256
 //! agent_timeout_ms = 120000
 //! debug = false
+//! warm_start = true          # start sandboxes from templates (see `crate::template`)
+//! template_dir = "/var/lib/husk/templates"
 //! ```
 //!
 //! Kernel and initramfs, when not configured: `/usr/local/share/husk/{vmlinux,initramfs.cpio}`
@@ -55,6 +57,8 @@ struct ConfigFile {
     default_mem_mib: Option<u32>,
     agent_timeout_ms: Option<u64>,
     debug: Option<bool>,
+    warm_start: Option<bool>,
+    template_dir: Option<PathBuf>,
 }
 
 /// The configuration, with defaults for what the file leaves out.
@@ -67,6 +71,10 @@ pub struct HuskConfig {
     pub default_mem_mib: u32,
     pub agent_timeout: Duration,
     pub debug: bool,
+    /// Start sandboxes from templates (on by default).
+    pub warm_start: bool,
+    /// Where templates live (default [`crate::template::DEFAULT_TEMPLATE_DIR`]).
+    pub template_dir: Option<PathBuf>,
 }
 
 impl Default for HuskConfig {
@@ -80,6 +88,8 @@ impl Default for HuskConfig {
             // Generous: an emulated test rig boots ~20x slower than hardware.
             agent_timeout: Duration::from_secs(120),
             debug: false,
+            warm_start: true,
+            template_dir: None,
         }
     }
 }
@@ -121,6 +131,8 @@ impl HuskConfig {
                 .agent_timeout_ms
                 .map_or(defaults.agent_timeout, Duration::from_millis),
             debug: file.debug.unwrap_or(defaults.debug),
+            warm_start: file.warm_start.unwrap_or(defaults.warm_start),
+            template_dir: file.template_dir,
         })
     }
 
@@ -174,6 +186,8 @@ default_vcpus = 2 # two
 default_mem_mib = 512
 agent_timeout_ms = 5000
 debug = true
+warm_start = false
+template_dir = "/t"
 "#;
         let cfg = HuskConfig::parse(Path::new("c.toml"), text).expect("valid");
         assert_eq!(
@@ -186,6 +200,8 @@ debug = true
                 default_mem_mib: 512,
                 agent_timeout: Duration::from_millis(5000),
                 debug: true,
+                warm_start: false,
+                template_dir: Some("/t".into()),
             }
         );
         assert_eq!(cfg.kernel_path().expect("configured"), Path::new("/k"));

@@ -18,6 +18,7 @@ pub mod share;
 pub mod shim;
 pub mod sizing;
 pub mod state;
+pub mod template;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use husk::commands::{
     check, create, delete, events, exec, features, kill, list, pause, ps, resume, run, spec, start,
-    state, unsupported, update,
+    state, template, unsupported, update,
 };
 use husk::logging::{self, LogFormat};
 use husk::Globals;
@@ -73,6 +73,11 @@ enum Cmd {
     Features,
     /// Write a starter config.json.
     Spec(spec::SpecArgs),
+    /// Manage the templates sandboxes start from (warm start).
+    Template {
+        #[command(subcommand)]
+        cmd: template::TemplateCmd,
+    },
     /// Not supported.
     Checkpoint(unsupported::UnsupportedArgs),
     /// Not supported.
@@ -99,6 +104,7 @@ fn dispatch(cli: &Cli, globals: &Globals) -> anyhow::Result<i32> {
         Cmd::Update(args) => ok(update::update(globals, args)),
         Cmd::Features => ok(features::features()),
         Cmd::Spec(args) => ok(spec::spec(args)),
+        Cmd::Template { cmd } => ok(template::template(cmd)),
         Cmd::Checkpoint(_) => ok(unsupported::unsupported("checkpoint")),
         Cmd::Restore(_) => ok(unsupported::unsupported("restore")),
     }

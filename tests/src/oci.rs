@@ -31,13 +31,20 @@ static NEXT_OUTPUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 /// A husk `config.toml` for tests: this build's kernel, initramfs and VMM, 128 MiB guests, and
 /// an agent timeout generous enough for a loaded rig.
+///
+/// Sandboxes start from templates (husk's default) unless `HUSK_TEST_WARM_START=0`, with
+/// which the suites run a second time, booting every sandbox.
 pub fn husk_config_text(artifacts: &Artifacts) -> String {
-    format!(
+    let mut text = format!(
         "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\ndefault_mem_mib = 128\nagent_timeout_ms = 600000\n",
         artifacts.kernel.display(),
         artifacts.initramfs.display(),
         artifacts.vmm.display()
-    )
+    );
+    if std::env::var("HUSK_TEST_WARM_START").is_ok_and(|v| v == "0") {
+        text.push_str("warm_start = false\n");
+    }
+    text
 }
 
 /// How long one client command (husk, podman, docker) may take before the test kills it.
@@ -118,6 +125,13 @@ impl OciEnv {
             config,
             rootfs,
         })
+    }
+
+    /// Adds lines to the test's config.toml.
+    pub fn append_config(&self, lines: &str) {
+        let mut text = std::fs::read_to_string(&self.config).expect("read config.toml");
+        text.push_str(lines);
+        std::fs::write(&self.config, text).expect("write config.toml");
     }
 
     /// A `husk --root <root> ARGS` command with the test's configuration.

@@ -242,7 +242,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         Some((dir, mut inputs)) => {
             inputs.cpuid_sha256 = cpuid_sha256;
             inputs.devices = device_names(&transports);
-            VmMode::Template(TemplateJob { dir, inputs })
+            VmMode::Template(Box::new(TemplateJob { dir, inputs }))
         }
         None => VmMode::Boot,
     };
@@ -338,11 +338,6 @@ fn template_job(
     if cfg.shared_dir.is_none() {
         return Err(BuildError::TemplateConfig(
             "a template needs a (empty) shared directory: sandboxes restore its virtio-fs device",
-        ));
-    }
-    if cfg.console {
-        return Err(BuildError::TemplateConfig(
-            "a template is made without the serial console",
         ));
     }
     if !dir.is_dir() {

@@ -68,7 +68,7 @@ pub enum VmMode {
     /// A cold boot.
     Boot,
     /// A boot that ends by saving the guest as a template, once its agent is ready.
-    Template(TemplateJob),
+    Template(Box<TemplateJob>),
     /// A template restored: the guest gets its new identity before anything else reaches it.
     Restored,
 }

@@ -383,6 +383,8 @@ pub fn rig_smoke() -> Result<()> {
 
 /// The L3 smoke check's name among the test binaries' in a rig run's results.
 const SMOKE_NAME: &str = "l3-smoke";
+/// The OCI suite's second run, with warm start off (`HUSK_TEST_WARM_START=0`).
+const COLD_OCI_NAME: &str = "oci-cold";
 
 fn run_tests_in_rig(
     artifacts: &VmArtifacts,
@@ -411,8 +413,20 @@ fn run_tests_in_rig(
                 .to_string_lossy()
                 .into_owned();
             inputs.push((test.clone(), format!("tests/{file}")));
+            let name = test_binary_name(test).to_string();
+            if name == "oci" {
+                // The OCI suite runs a second time with warm start off: every sandbox boots.
+                plan.push(RigStep::Script {
+                    name: COLD_OCI_NAME.into(),
+                    text: format!(
+                        "export HUSK_TEST_WARM_START=0; run_test {limit} {COLD_OCI_NAME} \
+                         /work/tests/{file} --test-threads=1{extra}",
+                        limit = test_binary_timeout().as_secs(),
+                    ),
+                });
+            }
             plan.push(RigStep::Binary {
-                name: test_binary_name(test).to_string(),
+                name,
                 file,
                 extra: extra.clone(),
             });

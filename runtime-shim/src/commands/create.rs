@@ -7,6 +7,7 @@ use crate::container::{process_start_time, vmm_command, StateDir, VmRollback};
 use crate::share::prepare_share;
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
+use crate::template::{self, Templates};
 use crate::{logging, Globals};
 use anyhow::{bail, Context, Result};
 use husk_vmm::supervisor::SupervisorPlan;
@@ -101,48 +102,68 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
 
-    let (ready_read, ready_write) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the ready pipe")?;
-    fcntl(ready_write.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-        .context("preparing the ready pipe")?;
-    let plan = SupervisorPlan {
-        id: args.id.clone(),
-        spec: translation.spec.clone(),
-        bundle: format!("{}/{}", crate::bundle::GUEST_SHARE, args.id),
-        terminal: bundle.terminal(),
-        console_socket: args.console_socket.clone(),
-        ready_fd: Some(ready_write.as_raw_fd()),
-        exit_file: dir.exit_file(),
-        log_file: Some(dir.log_file()),
-    };
-    write_atomic(&dir.plan_file(), &serde_json::to_vec_pretty(&plan)?)?;
-
     let debug = globals.debug || cfg.debug;
-    // In supervisor mode the VMM's stdout (the guest console with `debug`) is vmm.log.
-    let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, debug)
-        .with_context(|| format!("preparing {}", dir.vsock_socket().display()))?;
-    cmd.arg("--supervise").arg(dir.plan_file());
-    logging::debug(&format!("spawning {cmd:?}"));
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
-    drop(ready_write);
-    let pid = i32::try_from(child.id()).context("pid out of range")?;
-    rollback.child = Some(child);
+    let templates = Templates::new(&cfg);
+    let mut template = if template::wanted(&cfg, &bundle.spec)? {
+        templates.get(&cfg, &kernel, &initramfs, size, logging::warn)
+    } else {
+        None
+    };
+    let (pid, guest_pid) = loop {
+        let (ready_read, ready_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the ready pipe")?;
+        fcntl(ready_write.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+            .context("preparing the ready pipe")?;
+        let plan = SupervisorPlan {
+            id: args.id.clone(),
+            spec: translation.spec.clone(),
+            bundle: format!("{}/{}", crate::bundle::GUEST_SHARE, args.id),
+            terminal: bundle.terminal(),
+            console_socket: args.console_socket.clone(),
+            ready_fd: Some(ready_write.as_raw_fd()),
+            exit_file: dir.exit_file(),
+            log_file: Some(dir.log_file()),
+        };
+        write_atomic(&dir.plan_file(), &serde_json::to_vec_pretty(&plan)?)?;
 
-    let deadline = Instant::now() + cfg.agent_timeout + Duration::from_secs(10);
-    let report = read_ready(&ready_read, deadline);
-    let guest_pid = match report {
-        Ok(line) => match line.split_once(' ') {
-            Some(("created", pid)) => pid.trim().to_string(),
+        // In supervisor mode the VMM's stdout (the guest console with `debug`) is vmm.log.
+        let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, debug)
+            .with_context(|| format!("preparing {}", dir.vsock_socket().display()))?;
+        cmd.arg("--supervise").arg(dir.plan_file());
+        if let Some(template) = &template {
+            cmd.arg("--restore").arg(template);
+        }
+        logging::debug(&format!("spawning {cmd:?}"));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+        drop(ready_write);
+        let pid = i32::try_from(child.id()).context("pid out of range")?;
+        rollback.child = Some(child);
+
+        let deadline = Instant::now() + cfg.agent_timeout + Duration::from_secs(10);
+        let line = read_ready(&ready_read, deadline)?;
+        match line.split_once(' ') {
+            Some(("created", guest_pid)) => break (pid, guest_pid.trim().to_string()),
+            Some(("refused", why)) if template.is_some() => {
+                // The template could not be used: nothing of the container exists yet.
+                logging::warn(&format!("warm start: {why}; booting"));
+                if let Some(mut child) = rollback.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                let _ = std::fs::remove_file(dir.vsock_socket());
+                if let Some(dir) = template.take() {
+                    templates.discard(&dir);
+                }
+            }
             Some(("error", message)) => bail!("{message}"),
             _ if line.is_empty() => bail!(
                 "husk-vmm exited before the container was created{}",
                 log_tail(&dir.log_file())
             ),
             _ => bail!("husk-vmm reported {line:?}"),
-        },
-        Err(e) => return Err(e),
+        }
     };
     logging::debug(&format!(
         "container {} created, guest pid {guest_pid}",

@@ -15,5 +15,6 @@ pub mod run;
 pub mod spec;
 pub mod start;
 pub mod state;
+pub mod template;
 pub mod unsupported;
 pub mod update;

@@ -13,6 +13,7 @@ use crate::network;
 use crate::share::{mount_share, remove_state_dir};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::write_atomic;
+use crate::template::{self, Templates};
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::Request;
@@ -72,72 +73,105 @@ impl Sandbox {
             .open(dir.log_file())
             .with_context(|| format!("cannot create {}", dir.log_file().display()))?;
         let socket = dir.vsock_socket();
-        let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, cfg.debug)
-            .with_context(|| format!("preparing {}", socket.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
         // The pod's CNI interface, carried into the VM over a TAP (see `crate::network`).
         let network = match network::netns_path(spec) {
             Some(netns) => network::prepare(&netns)
                 .with_context(|| format!("wiring the pod's network {}", netns.display()))?,
             None => None,
         };
-        if let Some(net) = &network {
-            log::info!(
-                "sandbox {id}: the pod's {} ({}, {}) goes to the VM's eth0 through {}",
-                net.interface,
-                net.mac,
-                net.ipv4.as_deref().unwrap_or("no IPv4 address"),
-                network::TAP_NAME
-            );
-            cmd.args(net.vmm_args(VMM_TAP_FD));
-            let tap = net.tap.as_raw_fd();
-            // SAFETY: between fork and exec the closure only calls dup2(2)/fcntl(2), which are
-            // async-signal-safe, on descriptors that are open in the child.
-            unsafe {
-                cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
+        let templates = Templates::new(&cfg);
+        let mut template = match (template::wanted(&cfg, spec)?, &network) {
+            (false, _) => None,
+            (true, Some(_)) => {
+                log::info!(
+                    "sandbox {id}: warm start is not for a sandbox with a network card; booting"
+                );
+                None
             }
-        }
-        log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
-        // The VMM has its own copy of the TAP now.
-        drop(network);
-        let pid = i32::try_from(child.id()).context("pid out of range")?;
-        let start_time = process_start_time(pid).unwrap_or(0);
-        guard.child = Some(child);
-        let state = SandboxState {
-            id: id.to_string(),
-            vmm_pid: pid,
-            vmm_start_time: start_time,
+            (true, None) => templates.get(&cfg, &kernel, &initramfs, size, |m| log::warn!("{m}")),
         };
-        write_atomic(&sandbox_file(&dir), &serde_json::to_vec_pretty(&state)?)?;
-
-        // Wait for the agent, but stop at once if the VMM dies.
-        let deadline = Instant::now() + cfg.agent_timeout;
-        loop {
-            match AgentClient::connect(&socket, Duration::from_millis(500)) {
-                Ok(_) => break,
-                Err(e) => {
-                    let child = guard.child.as_mut().context("the VMM handle is gone")?;
-                    if let Some(status) = child.try_wait()? {
-                        bail!(
-                            "husk-vmm exited during boot ({status}){}",
-                            log_tail(&dir.log_file())
-                        );
-                    }
-                    if Instant::now() >= deadline {
-                        bail!(
-                            "the guest agent did not answer within {:?}: {}",
-                            cfg.agent_timeout,
-                            husk_vmm::supervisor::chain(&e)
-                        );
-                    }
+        let pid = loop {
+            let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, cfg.debug)
+                .with_context(|| format!("preparing {}", socket.display()))?;
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log.try_clone()?);
+            if let Some(template) = &template {
+                cmd.arg("--restore").arg(template);
+            }
+            if let Some(net) = &network {
+                log::info!(
+                    "sandbox {id}: the pod's {} ({}, {}) goes to the VM's eth0 through {}",
+                    net.interface,
+                    net.mac,
+                    net.ipv4.as_deref().unwrap_or("no IPv4 address"),
+                    network::TAP_NAME
+                );
+                cmd.args(net.vmm_args(VMM_TAP_FD));
+                let tap = net.tap.as_raw_fd();
+                // SAFETY: between fork and exec the closure only calls dup2(2)/fcntl(2), which
+                // are async-signal-safe, on descriptors that are open in the child.
+                unsafe {
+                    cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
                 }
             }
-        }
+            log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+            let pid = i32::try_from(child.id()).context("pid out of range")?;
+            let start_time = process_start_time(pid).unwrap_or(0);
+            guard.child = Some(child);
+            let state = SandboxState {
+                id: id.to_string(),
+                vmm_pid: pid,
+                vmm_start_time: start_time,
+            };
+            write_atomic(&sandbox_file(&dir), &serde_json::to_vec_pretty(&state)?)?;
+
+            // Wait for the agent, but stop at once if the VMM dies.
+            let deadline = Instant::now() + cfg.agent_timeout;
+            let refused = loop {
+                match AgentClient::connect(&socket, Duration::from_millis(500)) {
+                    Ok(_) => break false,
+                    Err(e) => {
+                        let child = guard.child.as_mut().context("the VMM handle is gone")?;
+                        if let Some(status) = child.try_wait()? {
+                            if template.is_some()
+                                && status.code() == Some(husk_vmm::vmm::TEMPLATE_REFUSED_EXIT)
+                            {
+                                break true;
+                            }
+                            bail!(
+                                "husk-vmm exited during boot ({status}){}",
+                                log_tail(&dir.log_file())
+                            );
+                        }
+                        if Instant::now() >= deadline {
+                            bail!(
+                                "the guest agent did not answer within {:?}: {}",
+                                cfg.agent_timeout,
+                                husk_vmm::supervisor::chain(&e)
+                            );
+                        }
+                    }
+                }
+            };
+            if !refused {
+                break pid;
+            }
+            log::warn!(
+                "sandbox {id}: warm start: husk-vmm could not use the template{}; booting",
+                log_tail(&dir.log_file())
+            );
+            guard.child = None;
+            let _ = std::fs::remove_file(&socket);
+            if let Some(dir) = template.take() {
+                templates.discard(&dir);
+            }
+        };
+        // The VMM has its own copy of the TAP now.
+        drop(network);
         let mut child = guard.child.take().context("the VMM handle is gone")?;
         guard.armed = false;
         drop(guard);

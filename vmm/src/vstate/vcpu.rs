@@ -352,7 +352,7 @@ impl Vcpu {
             .set_regs(&state.regs)
             .map_err(self.configure_err("set registers"))?;
         self.fd
-            .set_sregs(&state.sregs)
+            .set_sregs(&sregs_for_restore(&state.sregs, host_is_amd()))
             .map_err(self.configure_err("set sregs"))?;
         // SAFETY: a kvm_xsave is the legacy 4 KiB area KVM_SET_XSAVE reads, and the template's
         // was read by KVM_GET_XSAVE on a host with the same CPUID (checked by the caller).
@@ -468,6 +468,34 @@ impl Vcpu {
     }
 }
 
+/// Whether the host CPU is AMD's (SVM).
+fn host_is_amd() -> bool {
+    let leaf = std::arch::x86_64::__cpuid(0);
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&leaf.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&leaf.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&leaf.ecx.to_le_bytes());
+    &vendor == b"AuthenticAMD"
+}
+
+/// A TSS descriptor type: available (9) and busy (11).
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// The special registers to restore. On AMD, KVM_GET_SREGS reports the task register as a
+/// busy TSS although SVM keeps it as loaded, available (KVM's `svm_get_segment` sets the busy
+/// bit for user space); written back busy, a CPU that checks the type for I/O permission
+/// (QEMU's emulated SVM, which the test rig runs on) refuses every port access a process was
+/// allowed with ioperm(2) with a #GP. So the type goes back as SVM holds it. VMX, which
+/// requires a busy TSS on entry, gets it unchanged.
+fn sregs_for_restore(saved: &kvm_bindings::kvm_sregs, amd: bool) -> kvm_bindings::kvm_sregs {
+    let mut sregs = *saved;
+    if amd && sregs.tr.type_ == TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+    sregs
+}
+
 /// `IA32_TSC`.
 const MSR_IA32_TSC: u32 = 0x10;
 /// `IA32_TSC_DEADLINE`.
@@ -495,6 +523,16 @@ fn order_msrs(mut msrs: Vec<kvm_msr_entry>) -> Vec<kvm_msr_entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_tss_is_restored_available_on_amd_only() {
+        let mut saved = kvm_bindings::kvm_sregs::default();
+        saved.tr.type_ = TSS_BUSY;
+        assert_eq!(sregs_for_restore(&saved, true).tr.type_, TSS_AVAILABLE);
+        assert_eq!(sregs_for_restore(&saved, false).tr.type_, TSS_BUSY);
+        saved.tr.type_ = 3;
+        assert_eq!(sregs_for_restore(&saved, true).tr.type_, 3);
+    }
 
     #[test]
     fn tsc_deadline_goes_last_and_is_never_zero() {

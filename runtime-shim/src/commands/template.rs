@@ -1,0 +1,48 @@
+//! `husk template build|clear`: pre-warm or drop the templates sandboxes start from (see
+//! [`crate::template`]).
+
+use crate::config::HuskConfig;
+use crate::sizing::VmSize;
+use crate::template::Templates;
+use anyhow::Result;
+
+/// `husk template` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TemplateCmd {
+    /// Build the template for sandboxes of this size now (the first sandbox of the size would
+    /// otherwise build it), and print its directory.
+    Build {
+        /// vCPUs (default: config.toml's default_vcpus).
+        #[arg(long)]
+        cpus: Option<u8>,
+        /// Memory in MiB (default: config.toml's default_mem_mib).
+        #[arg(long)]
+        mem_mib: Option<u32>,
+    },
+    /// Remove every template (sandboxes rebuild them as they need them).
+    Clear,
+}
+
+/// `husk template ...`.
+pub fn template(cmd: &TemplateCmd) -> Result<()> {
+    let cfg = HuskConfig::load()?;
+    let templates = Templates::new(&cfg);
+    match cmd {
+        TemplateCmd::Build { cpus, mem_mib } => {
+            let size = VmSize {
+                vcpus: cpus.unwrap_or(cfg.default_vcpus),
+                mem_mib: mem_mib.unwrap_or(cfg.default_mem_mib),
+            };
+            let kernel = cfg.kernel_path()?;
+            let initramfs = cfg.initramfs_path()?;
+            let dir = templates.dir_for(&cfg, &kernel, &initramfs, size)?;
+            templates.ensure(&cfg, &kernel, &initramfs, size, &dir)?;
+            println!("{}", dir.display());
+        }
+        TemplateCmd::Clear => {
+            let removed = templates.clear()?;
+            println!("removed {removed} template(s)");
+        }
+    }
+    Ok(())
+}

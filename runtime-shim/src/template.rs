@@ -1,0 +1,446 @@
+//! Warm start: sandboxes restored from templates, for the CLI and the shim.
+//!
+//! A template is a guest booted to its agent's readiness and saved by `husk-vmm
+//! --template-out` (see `husk_vmm::snapshot`). One exists per shape of sandbox: it is keyed
+//! by everything that shapes the guest (husk version, the `husk-vmm` binary, the kernel and
+//! initramfs files, vCPUs, memory, the host kernel), built on first use (or by `husk template
+//! build`), and kept root-only under [`DEFAULT_TEMPLATE_DIR`] (`template_dir` in
+//! config.toml). husk-vmm verifies a template before each restore (its digests and inputs,
+//! CPUID included) and refuses one that does not match, exiting with
+//! [`husk_vmm::vmm::TEMPLATE_REFUSED_EXIT`]; the runtime then logs why, throws the template
+//! away (the next sandbox rebuilds it) and boots the sandbox. A user never sees a failure
+//! because of a template.
+//!
+//! On by default; off with `warm_start = false` in config.toml, or per sandbox with the
+//! annotation `io.husk.vm.warm_start=false`. A sandbox with a network card always boots (the
+//! card cannot be added to a restored guest yet).
+//!
+//! Builds are serialized per key by a lock file; a build is made in a directory of its own and
+//! renamed into place once complete, so a build killed half-way (even with `kill -9`) leaves
+//! nothing a restore would use; its leftovers are removed by the next build.
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::HuskConfig;
+use crate::sizing::VmSize;
+
+/// Where templates live unless config.toml says otherwise.
+pub const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/husk/templates";
+/// Annotation that turns warm start off (`false`) or on (`true`) for one sandbox.
+pub const ANNOTATION_WARM_START: &str = "io.husk.vm.warm_start";
+
+/// Whether the sandbox of `spec` is to start from a template: the configuration, overridden
+/// by the annotation.
+pub fn wanted(cfg: &HuskConfig, spec: &serde_json::Value) -> Result<bool> {
+    match spec["annotations"][ANNOTATION_WARM_START].as_str() {
+        None => Ok(cfg.warm_start),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => {
+            bail!("annotation {ANNOTATION_WARM_START}={other:?}: expected true or false")
+        }
+    }
+}
+
+/// The templates of one host.
+pub struct Templates {
+    root: PathBuf,
+}
+
+/// A file's identity in a key.
+fn stamp(path: &Path) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    Ok(format!(
+        "{}:{}:{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
+fn host_kernel() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| {
+            format!(
+                "{} {}",
+                u.release().to_string_lossy(),
+                u.version().to_string_lossy()
+            )
+        })
+        .unwrap_or_default()
+}
+
+impl Templates {
+    /// The templates under the configured directory.
+    pub fn new(cfg: &HuskConfig) -> Templates {
+        Templates {
+            root: cfg
+                .template_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TEMPLATE_DIR)),
+        }
+    }
+
+    /// The directory of the template for a sandbox of `size` booted from these images.
+    pub fn dir_for(
+        &self,
+        cfg: &HuskConfig,
+        kernel: &Path,
+        initramfs: &Path,
+        size: VmSize,
+    ) -> Result<PathBuf> {
+        let vmm = resolve(&cfg.vmm_path());
+        let mut hasher = Sha256::new();
+        for part in [
+            env!("CARGO_PKG_VERSION").to_string(),
+            stamp(&vmm)?,
+            stamp(kernel)?,
+            stamp(initramfs)?,
+            host_kernel(),
+        ] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        let digest: String = hasher.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(self
+            .root
+            .join(format!("{}cpu-{}mib-{digest}", size.vcpus, size.mem_mib)))
+    }
+
+    /// The template for a sandbox of `size`, built first if there is none. `None` (after a log
+    /// line through `log` saying why) when none can be had: the sandbox boots.
+    pub fn get(
+        &self,
+        cfg: &HuskConfig,
+        kernel: &Path,
+        initramfs: &Path,
+        size: VmSize,
+        log: fn(&str),
+    ) -> Option<PathBuf> {
+        let result = self.dir_for(cfg, kernel, initramfs, size).and_then(|dir| {
+            self.ensure(cfg, kernel, initramfs, size, &dir)
+                .map(|()| dir)
+        });
+        match result {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                log(&format!("warm start: no template ({e:#}); booting"));
+                None
+            }
+        }
+    }
+
+    /// Builds the template at `dir` unless it exists.
+    pub fn ensure(
+        &self,
+        cfg: &HuskConfig,
+        kernel: &Path,
+        initramfs: &Path,
+        size: VmSize,
+        dir: &Path,
+    ) -> Result<()> {
+        if dir.join(husk_vmm::snapshot::STATE_FILE).exists() {
+            return Ok(());
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .with_context(|| format!("cannot create {}", self.root.display()))?;
+        let name = dir
+            .file_name()
+            .context("a template directory has a name")?
+            .to_string_lossy()
+            .into_owned();
+        let lock_path = self.root.join(format!(".{name}.lock"));
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+        if dir.join(husk_vmm::snapshot::STATE_FILE).exists() {
+            return Ok(());
+        }
+        self.remove_stale_builds(&name);
+        let build = self
+            .root
+            .join(format!(".build-{name}-{}", std::process::id()));
+        let result = build_into(cfg, kernel, initramfs, size, &build, dir);
+        remove_dir(&build);
+        result
+    }
+
+    /// Removes build directories of `name` whose builder is gone (killed half-way).
+    fn remove_stale_builds(&self, name: &str) {
+        let prefix = format!(".build-{name}-");
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = file_name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let alive = pid
+                .parse::<i32>()
+                .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                remove_dir(&entry.path());
+            }
+        }
+    }
+
+    /// Throws a template away (it was refused): the next sandbox of its shape rebuilds it.
+    pub fn discard(&self, dir: &Path) {
+        let Some(name) = dir.file_name() else {
+            return;
+        };
+        let trash = self.root.join(format!(
+            ".discard-{}-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if std::fs::rename(dir, &trash).is_ok() {
+            remove_dir(&trash);
+        }
+    }
+
+    /// Removes every template.
+    pub fn clear(&self) -> Result<usize> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.root.display()))
+            }
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                remove_dir(&entry.path());
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The `husk-vmm` binary as a path (searched in `$PATH` if it is a bare name).
+fn resolve(vmm: &Path) -> PathBuf {
+    if vmm.components().count() > 1 {
+        return vmm.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(vmm))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| vmm.to_path_buf())
+}
+
+fn remove_dir(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Boots a template guest in `build` (its share, socket and output) and renames the result
+/// to `dest` once husk-vmm wrote all of it.
+fn build_into(
+    cfg: &HuskConfig,
+    kernel: &Path,
+    initramfs: &Path,
+    size: VmSize,
+    build: &Path,
+    dest: &Path,
+) -> Result<()> {
+    let out = build.join("template");
+    let share = build.join("share");
+    for dir in [&out, &share] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut cmd = Command::new(cfg.vmm_path());
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initramfs)
+        .arg("--cpus")
+        .arg(size.vcpus.to_string())
+        .arg("--mem-mib")
+        .arg(size.mem_mib.to_string())
+        .arg("--vsock-socket")
+        .arg(build.join("v.sock"))
+        .arg("--shared-dir")
+        .arg(&share)
+        .arg("--template-out")
+        .arg(&out)
+        .arg("--agent-timeout-ms")
+        .arg(cfg.agent_timeout.as_millis().to_string())
+        .arg("--log-level")
+        .arg("warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl with integer arguments is async-signal-safe. The template guest dies with
+    // the runtime that builds it (a killed build is never renamed into place).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+    let deadline = started + cfg.agent_timeout + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("husk-vmm did not save the template in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+        }
+        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+        bail!(
+            "husk-vmm --template-out exited {status}: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    std::fs::rename(&out, dest)
+        .with_context(|| format!("cannot move the template to {}", dest.display()))?;
+    log::info!(
+        "template {} built in {} ms",
+        dest.display(),
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_annotation_overrides_the_configuration() {
+        let on = HuskConfig::default();
+        assert!(on.warm_start);
+        let off = HuskConfig {
+            warm_start: false,
+            ..HuskConfig::default()
+        };
+        let spec = |v: &str| serde_json::json!({"annotations": {ANNOTATION_WARM_START: v}});
+        assert!(wanted(&on, &serde_json::json!({})).unwrap());
+        assert!(!wanted(&off, &serde_json::json!({})).unwrap());
+        assert!(!wanted(&on, &spec("false")).unwrap());
+        assert!(wanted(&off, &spec("true")).unwrap());
+        let err = wanted(&on, &spec("no")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "annotation io.husk.vm.warm_start=\"no\": expected true or false"
+        );
+    }
+
+    #[test]
+    fn keys_change_with_the_images_and_the_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let initramfs = dir.path().join("initramfs");
+        let vmm = dir.path().join("husk-vmm");
+        for f in [&kernel, &initramfs, &vmm] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let cfg = HuskConfig {
+            vmm: Some(vmm),
+            template_dir: Some(dir.path().join("t")),
+            ..HuskConfig::default()
+        };
+        let templates = Templates::new(&cfg);
+        let size = VmSize {
+            vcpus: 1,
+            mem_mib: 128,
+        };
+        let a = templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap();
+        assert!(a.starts_with(dir.path().join("t")));
+        assert!(a
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("1cpu-128mib-"));
+        assert_eq!(
+            a,
+            templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap()
+        );
+        let bigger = VmSize {
+            vcpus: 2,
+            mem_mib: 128,
+        };
+        assert_ne!(
+            a,
+            templates
+                .dir_for(&cfg, &kernel, &initramfs, bigger)
+                .unwrap()
+        );
+        // A new kernel (replaced by rename, as builds do) is a new template.
+        std::fs::write(dir.path().join("new"), b"y").unwrap();
+        std::fs::rename(dir.path().join("new"), &kernel).unwrap();
+        assert_ne!(
+            a,
+            templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap()
+        );
+    }
+
+    #[test]
+    fn stale_builds_go_and_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = HuskConfig {
+            template_dir: Some(dir.path().to_path_buf()),
+            ..HuskConfig::default()
+        };
+        let templates = Templates::new(&cfg);
+        let dead = dir.path().join(".build-x-999999999");
+        let live = dir.path().join(format!(".build-x-{}", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::create_dir(&live).unwrap();
+        templates.remove_stale_builds("x");
+        assert!(!dead.exists());
+        assert!(live.exists());
+    }
+}

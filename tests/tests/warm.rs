@@ -1,0 +1,328 @@
+//! Warm start end to end: containers whose microVMs are restored from one template are each
+//! their own (randomness, boot id, clock, memory), the template never changes, and a damaged,
+//! mismatched or half-built template is never restored: the container boots, the log says
+//! why, and the template is built again.
+
+use husk_tests::oci::OciEnv;
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An environment whose templates live in its own directory.
+fn env_with_templates(test: &str) -> Option<(OciEnv, PathBuf)> {
+    let env = OciEnv::new(test)?;
+    let templates = env.work.path().join("templates");
+    env.append_config(&format!(
+        "warm_start = true\ntemplate_dir = \"{}\"\n",
+        templates.display()
+    ));
+    Some((env, templates))
+}
+
+/// `husk template build`: the template's directory.
+fn build_template(env: &OciEnv) -> PathBuf {
+    let out = env.run(&["template", "build"]);
+    assert!(
+        out.status.success(),
+        "template build: {}",
+        text(&out.stderr)
+    );
+    let dir = PathBuf::from(text(&out.stdout).trim());
+    assert!(
+        dir.join("state").is_file() && dir.join("memory").is_file(),
+        "{dir:?}"
+    );
+    dir
+}
+
+fn digest(path: &Path) -> String {
+    let data = std::fs::read(path).expect("read");
+    Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Template files and their digests (the `verified` record excepted: it is a cache).
+fn template_digests(dir: &Path) -> Vec<(String, String)> {
+    ["state", "memory"]
+        .iter()
+        .map(|f| (f.to_string(), digest(&dir.join(f))))
+        .collect()
+}
+
+/// The command line of the container's `husk-vmm`.
+fn vmm_cmdline(env: &OciEnv, id: &str) -> String {
+    let state = env.state(id).expect("state");
+    let pid = state["pid"].as_u64().expect("pid");
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    text(&raw).replace('\0', " ")
+}
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// What a container says about itself: 32 bytes of /dev/urandom and of /dev/random (the
+/// getrandom(2) path), a kernel UUID, the boot id, the wall clock, and the marks in its
+/// /dev/shm.
+#[derive(Debug)]
+struct Identity {
+    urandom: String,
+    random: String,
+    uuid: String,
+    boot_id: String,
+    clock_s: f64,
+    marks: String,
+}
+
+const REPORT: &str = "od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; echo; \
+     od -An -tx1 -N32 /dev/random | tr -d ' \\n'; echo; \
+     cat /proc/sys/kernel/random/uuid; cat /proc/sys/kernel/random/boot_id; \
+     date +%s; ls /dev/shm | tr '\\n' ' '; echo";
+
+fn identity(env: &OciEnv, id: &str) -> (Identity, f64, f64) {
+    let before = now_s();
+    let out = env.run(&["exec", id, "sh", "-c", REPORT]);
+    let after = now_s();
+    assert!(out.status.success(), "exec {id}: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() >= 6, "report of {id}: {stdout:?}");
+    (
+        Identity {
+            urandom: lines[0].into(),
+            random: lines[1].into(),
+            uuid: lines[2].into(),
+            boot_id: lines[3].into(),
+            clock_s: lines[4].trim().parse().expect("date +%s"),
+            marks: lines[5].trim().into(),
+        },
+        before,
+        after,
+    )
+}
+
+#[test]
+fn restored_sandboxes_are_each_their_own() {
+    let Some((env, _templates)) = env_with_templates("restored_sandboxes_are_each_their_own")
+    else {
+        return;
+    };
+    let template = build_template(&env);
+    let before = template_digests(&template);
+    for id in ["w1", "w2"] {
+        let bundle = env.bundle(
+            id,
+            &[
+                "sh",
+                "-c",
+                &format!("head -c 4096 /dev/urandom > /dev/shm/{id}; exec sleep 1000"),
+            ],
+            |_| {},
+        );
+        let out = env.run(&["run", "-d", "--bundle", bundle.to_str().expect("utf-8"), id]);
+        assert!(out.status.success(), "run -d {id}: {}", text(&out.stderr));
+        let cmdline = vmm_cmdline(&env, id);
+        assert!(
+            cmdline.contains(&format!("--restore {}", template.display())),
+            "{id} was restored from the template: {cmdline}"
+        );
+    }
+    assert!(env.wait_status("w1", "running", Duration::from_secs(60)));
+    assert!(env.wait_status("w2", "running", Duration::from_secs(60)));
+    let (one, b1, a1) = identity(&env, "w1");
+    let (two, b2, a2) = identity(&env, "w2");
+    for (a, b, what) in [
+        (&one.urandom, &two.urandom, "/dev/urandom"),
+        (&one.random, &two.random, "/dev/random"),
+        (&one.uuid, &two.uuid, "a kernel UUID"),
+        (&one.boot_id, &two.boot_id, "the boot id"),
+    ] {
+        assert_eq!(a.len(), b.len(), "{what}: {a:?} {b:?}");
+        assert!(!a.is_empty(), "{what} read nothing");
+        assert_ne!(a, b, "two restored sandboxes read the same {what}");
+    }
+    // The guest's clock is the host's, within a second (date +%s truncates: one more).
+    for (id, clock, before, after) in [("w1", one.clock_s, b1, a1), ("w2", two.clock_s, b2, a2)] {
+        assert!(
+            clock >= before.floor() - 1.0 && clock <= after + 1.0,
+            "{id}: guest clock {clock}, host {before}..{after}"
+        );
+    }
+    // Each guest's memory is its own: each sees only its own file in its tmpfs.
+    assert_eq!(one.marks, "w1", "w1's /dev/shm");
+    assert_eq!(two.marks, "w2", "w2's /dev/shm");
+    for id in ["w1", "w2"] {
+        let out = env.run(&["delete", "--force", id]);
+        assert!(out.status.success(), "delete {id}: {}", text(&out.stderr));
+    }
+    assert_eq!(
+        template_digests(&template),
+        before,
+        "the template is unchanged by the sandboxes restored from it"
+    );
+    assert!(
+        env.vmms_left().is_empty(),
+        "no VMM left: {:?}",
+        env.vmms_left()
+    );
+}
+
+/// Runs `true` in a new container `id`; returns husk's stderr.
+fn run_true(env: &OciEnv, id: &str) -> String {
+    let bundle = env.bundle(id, &["true"], |_| {});
+    let out = env.run(&["run", "--bundle", bundle.to_str().expect("utf-8"), id]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "run {id}: {stderr}");
+    stderr
+}
+
+/// Flips the bits of one byte of `path` at `offset`.
+fn flip_byte(path: &Path, offset: u64) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).expect("read");
+    file.write_all_at(&[!byte[0]], offset).expect("write");
+}
+
+#[test]
+fn a_damaged_or_mismatched_template_is_never_restored() {
+    let Some((env, templates)) =
+        env_with_templates("a_damaged_or_mismatched_template_is_never_restored")
+    else {
+        return;
+    };
+    type Damage = fn(&Path);
+    let damages: [(&str, &str, Damage); 3] = [
+        ("memory", "corrupt", |dir| {
+            flip_byte(&dir.join("memory"), 0x100_0000 + 0x123)
+        }),
+        ("state", "truncated", |dir| {
+            let state = dir.join("state");
+            let len = std::fs::metadata(&state).expect("stat").len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&state)
+                .and_then(|f| f.set_len(len / 2))
+                .expect("truncate");
+        }),
+        ("state", "corrupt", |dir| {
+            let state = dir.join("state");
+            let len = std::fs::metadata(&state).expect("stat").len();
+            flip_byte(&state, len / 2);
+        }),
+    ];
+    for (n, (file, word, damage)) in damages.iter().enumerate() {
+        let template = build_template(&env);
+        damage(&template);
+        let stderr = run_true(&env, &format!("d{n}"));
+        assert!(
+            stderr.contains("warm start:") && stderr.contains(word) && stderr.contains(file),
+            "a {word} {file} is named in the log: {stderr}"
+        );
+        assert!(
+            !template.exists(),
+            "the refused template is thrown away ({word} {file})"
+        );
+        // The next container builds it again and starts from it, without a word.
+        let stderr = run_true(&env, &format!("r{n}"));
+        assert!(!stderr.contains("warm start:"), "{stderr}");
+        assert!(
+            template.join("state").is_file(),
+            "rebuilt after the {word} {file}"
+        );
+    }
+
+    // A template made for another shape, put where this shape's would be.
+    let template = build_template(&env);
+    let out = env.run(&["template", "build", "--mem-mib", "192"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let other = PathBuf::from(text(&out.stdout).trim());
+    std::fs::remove_dir_all(&template).expect("remove");
+    std::fs::rename(&other, &template).expect("swap");
+    let stderr = run_true(&env, "m1");
+    assert!(
+        stderr.contains("warm start:") && stderr.contains("memory (MiB) 192"),
+        "the mismatch is named: {stderr}"
+    );
+    assert!(!template.exists());
+    assert!(templates.exists());
+}
+
+#[test]
+fn a_template_build_killed_half_way_leaves_nothing_to_restore() {
+    let Some((env, templates)) =
+        env_with_templates("a_template_build_killed_half_way_leaves_nothing_to_restore")
+    else {
+        return;
+    };
+    let mut build = env.husk(&["template", "build"]);
+    build
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = build.spawn().expect("husk template build");
+    // Kill it once its guest is booting (the build directory exists).
+    let building = husk_tests::wait_until(Duration::from_secs(120), || {
+        std::fs::read_dir(&templates)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".build-"))
+    });
+    assert!(building, "the build started");
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let complete: Vec<String> = std::fs::read_dir(&templates)
+        .expect("templates")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    assert!(
+        complete.is_empty(),
+        "no template from a killed build: {complete:?}"
+    );
+    // The template VMM died with its builder.
+    assert!(
+        husk_tests::wait_until(Duration::from_secs(10), || env.vmms_left().is_empty()
+            && !vmm_building(&templates)),
+        "the template's husk-vmm is gone"
+    );
+    let stderr = run_true(&env, "after-kill");
+    assert!(!stderr.contains("warm start:"), "{stderr}");
+    let leftovers: Vec<String> = std::fs::read_dir(&templates)
+        .expect("templates")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".build-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "the killed build's files are gone: {leftovers:?}"
+    );
+}
+
+/// Whether a `husk-vmm --template-out` under `templates` still runs.
+fn vmm_building(templates: &Path) -> bool {
+    let needle = templates.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| text(&c))
+        .any(|c| c.contains("--template-out") && c.contains(&needle))
+}
