@@ -75,6 +75,7 @@ fn main() -> Result<()> {
         dd_runs: 5,
         io_runs: 2,
         split_runs: 5,
+        idle_many: 20,
         dir: PathBuf::from("/var/tmp/husk-bench-oci"),
         out: out.clone(),
         timeout: Duration::from_secs(1200),
@@ -107,6 +108,7 @@ fn main() -> Result<()> {
             "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
             "--read-runs" => oci_opts.io_runs = value("--read-runs")?.parse()?,
             "--split-runs" => oci_opts.split_runs = value("--split-runs")?.parse()?,
+            "--idle-many" => oci_opts.idle_many = value("--idle-many")?.parse()?,
             "--dir" => oci_opts.dir = PathBuf::from(value("--dir")?),
             "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
             "boot" => what = Some("boot"),
@@ -144,17 +146,27 @@ fn main() -> Result<()> {
 
 fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
     let mut vsock = Vec::new();
+    let mut restored = Vec::new();
     let mut husk_console = Vec::new();
     let mut qemu_console = Vec::new();
     let mut qemu_rss = Vec::new();
+    let template_dir = TempDir::new("husk-bench-template")?;
+    let template = build_template(artifacts, template_dir.path())?;
     // Interleave the runtimes so drift in the machine's load hits them alike.
     for i in 0..runs {
-        let v = husk_vsock_run(artifacts).with_context(|| format!("husk vsock run {i}"))?;
+        let v = husk_vsock_run(artifacts, None).with_context(|| format!("husk vsock run {i}"))?;
         eprintln!(
             "run {i}: husk handshake {:.1} ms (guest uptime {:.1} ms), VMM RSS {:.2} MiB, guest {:.1} MiB ({:.1} MiB private)",
             v.handshake_ms, v.uptime_ms, v.vmm_rss_mib, v.guest_mib, v.guest_anon_mib
         );
         vsock.push(v);
+        let r = husk_vsock_run(artifacts, Some(&template))
+            .with_context(|| format!("husk restore run {i}"))?;
+        eprintln!(
+            "run {i}: husk restored and renewed {:.1} ms, guest {:.1} MiB ({:.1} MiB private)",
+            r.handshake_ms, r.guest_mib, r.guest_anon_mib
+        );
+        restored.push(r);
         let h = console_run(&husk_console_cmd(artifacts)?, false)
             .with_context(|| format!("husk console run {i}"))?;
         let (q, rss) =
@@ -169,7 +181,23 @@ fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
     }
 
     let col = |f: fn(&VsockRun) -> f64| vsock.iter().map(f).collect::<Vec<_>>();
+    let rcol = |f: fn(&VsockRun) -> f64| restored.iter().map(f).collect::<Vec<_>>();
     let rows: Vec<(&str, Vec<f64>, &str)> = vec![
+        (
+            "(r) husk-vmm spawn to a renewed agent, restored from a template",
+            rcol(|r| r.handshake_ms),
+            "ms",
+        ),
+        (
+            "(r) guest memory touched on the host after the renewal",
+            rcol(|r| r.guest_mib),
+            "MiB",
+        ),
+        (
+            "(r) of which private to this VM (copied on write)",
+            rcol(|r| r.guest_anon_mib),
+            "MiB",
+        ),
         (
             "(a) husk-vmm spawn to agent handshake (vsock)",
             col(|r| r.handshake_ms),
@@ -247,6 +275,14 @@ fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
         "\nhusk / QEMU, median spawn to first agent line: **{ratio:.2}x** (target: at most 0.6x)\n"
     ));
     json.insert("ratio_husk_over_qemu".into(), serde_json::json!(ratio));
+    let restore_ratio = stats(&rcol(|r| r.handshake_ms)).0 / stats(&col(|r| r.handshake_ms)).0;
+    md.push_str(&format!(
+        "husk restored / booted, median spawn to agent: **{restore_ratio:.2}x** (target: at most 0.2x)\n"
+    ));
+    json.insert(
+        "ratio_restore_over_boot".into(),
+        serde_json::json!(restore_ratio),
+    );
     println!("{md}");
     std::fs::write(out.join("boot.md"), &md)?;
     std::fs::write(
@@ -256,31 +292,51 @@ fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn husk_vsock_run(artifacts: &Artifacts) -> Result<VsockRun> {
+/// The husk-vmm command of a bench guest in `dir` (1 vCPU, [`MEM_MIB`], a share).
+fn vmm_cmd(artifacts: &Artifacts, dir: &Path) -> Result<Command> {
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share)?;
+    let mut cmd = Command::new(&artifacts.vmm);
+    cmd.arg("--kernel")
+        .arg(&artifacts.kernel)
+        .arg("--initramfs")
+        .arg(&artifacts.initramfs)
+        .args(["--cpus", "1", "--mem-mib", &MEM_MIB.to_string()])
+        .arg("--vsock-socket")
+        .arg(dir.join("v.sock"))
+        .arg("--shared-dir")
+        .arg(share)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Ok(cmd)
+}
+
+/// A template of the bench's guest, saved under `dir`.
+fn build_template(artifacts: &Artifacts, dir: &Path) -> Result<PathBuf> {
+    let out = dir.join("template");
+    std::fs::create_dir_all(&out)?;
+    let status = vmm_cmd(artifacts, dir)?
+        .arg("--template-out")
+        .arg(&out)
+        .status()?;
+    if !status.success() {
+        bail!("husk-vmm --template-out failed ({status})");
+    }
+    Ok(out)
+}
+
+/// One guest booted (or restored from `template`) to its agent's answer, then shut down.
+fn husk_vsock_run(artifacts: &Artifacts, template: Option<&Path>) -> Result<VsockRun> {
     let dir = TempDir::new("husk-bench")?;
     let socket = dir.path().join("v.sock");
     let report = dir.path().join("boot.json");
+    let mut cmd = vmm_cmd(artifacts, dir.path())?;
+    cmd.arg("--boot-report").arg(&report);
+    if let Some(template) = template {
+        cmd.arg("--restore").arg(template);
+    }
     let started = Instant::now();
-    let mut child = KillOnDrop(
-        Command::new(&artifacts.vmm)
-            .arg("--kernel")
-            .arg(&artifacts.kernel)
-            .arg("--initramfs")
-            .arg(&artifacts.initramfs)
-            .args([
-                "--cpus",
-                "1",
-                "--mem-mib",
-                &MEM_MIB.to_string(),
-                "--vsock-socket",
-            ])
-            .arg(&socket)
-            .arg("--boot-report")
-            .arg(&report)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let mut child = KillOnDrop(cmd.spawn()?);
     let (client, hello) = AgentClient::connect(&socket, BOOT_TIMEOUT)?;
     let handshake_ms = started.elapsed().as_secs_f64() * 1e3;
     // Read smaps at the handshake; split it once the report names the guest memory's ranges.

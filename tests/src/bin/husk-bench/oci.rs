@@ -76,6 +76,9 @@ const IO_FIGURES: [&str; 5] = [
     "walk_warm",
 ];
 
+/// husk with warm start off (`warm_start = false`): every sandbox boots.
+const HUSK_COLD: &str = "husk-cold";
+
 /// What `husk-bench oci` was asked for.
 pub struct OciOptions {
     /// Runs of `/bin/true` per runtime.
@@ -88,6 +91,8 @@ pub struct OciOptions {
     pub io_runs: usize,
     /// Lifecycle runs (`create`, `start`, `delete` timed apart) per runtime.
     pub split_runs: usize,
+    /// Idle husk sandboxes alive at once, warm and cold, for the memory they share.
+    pub idle_many: usize,
     /// Where the rootfs and bundles are built (a disk file system, so that dropping the page
     /// cache makes reads cold).
     pub dir: PathBuf,
@@ -441,6 +446,11 @@ const FIGURES: &[(&str, &str, &str)] = &[
         "MiB",
     ),
     (
+        "idle_many_pss",
+        "PSS sum of N idle `sleep` containers alive at once (husk warm and cold)",
+        "MiB",
+    ),
+    (
         "dd_inside",
         "`dd bs=1 count=2000000`, timed inside (`time -p`)",
         "s",
@@ -494,6 +504,12 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
             artifacts.vmm.display()
         ),
     )?;
+    // husk again, every sandbox booted: warm start's gain, measured in the same run.
+    let cold_config = opts.dir.join("husk-cold-config.toml");
+    std::fs::write(
+        &cold_config,
+        format!("{}warm_start = false\n", std::fs::read_to_string(&config)?),
+    )?;
     let state_roots = PathBuf::from("/run/husk-bench-oci");
     let _ = std::fs::remove_dir_all(&state_roots);
 
@@ -506,6 +522,13 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
         global_args: Vec::new(),
         env: vec![("HUSK_CONFIG".into(), config.clone())],
     }];
+    candidates.push(Runtime {
+        name: HUSK_COLD,
+        program: husk.clone(),
+        root: state_roots.join(HUSK_COLD),
+        global_args: Vec::new(),
+        env: vec![("HUSK_CONFIG".into(), cold_config.clone())],
+    });
     for name in ["runc", "crun", "runsc"] {
         match which(name) {
             Some(program) => candidates.push(Runtime {
@@ -602,7 +625,7 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
                     Ok(o) => format!("exit {}: {}", o.status, tail(&o.stderr)),
                     Err(e) => format!("{e:#}"),
                 };
-                if rt.name == "husk" || rt.name == "runc" {
+                if rt.name == "husk" || rt.name == HUSK_COLD || rt.name == "runc" {
                     bail!("{} cannot run a container here: {why}", rt.name);
                 }
                 let note = format!(
@@ -713,6 +736,9 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
     for i in 0..opts.pss_runs {
         for k in 0..runtimes.len() {
             let rt = &runtimes[(i + k) % runtimes.len()];
+            if rt.name == HUSK_COLD {
+                continue;
+            }
             let id = format!("sleep-{i}-{}", rt.name);
             let before = pids();
             containers.started(rt, &id);
@@ -777,10 +803,61 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
         }
     }
 
+    // 2b. Many idle husk sandboxes alive at once, warm then cold: what they share.
+    for rt in runtimes
+        .iter()
+        .filter(|rt| rt.name == "husk" || rt.name == HUSK_COLD)
+    {
+        if opts.idle_many == 0 {
+            break;
+        }
+        let before = pids();
+        let ids: Vec<String> = (0..opts.idle_many)
+            .map(|n| format!("many-{n}-{}", rt.name))
+            .collect();
+        for id in &ids {
+            containers.started(rt, id);
+            let o = run_cmd(
+                rt.command(&["run", "--detach", "--bundle", path_str(&sleep_bundle)?, id]),
+                &scratch,
+                opts.timeout,
+            )?;
+            if !o.status.success() {
+                bail!(
+                    "{} run --detach sleep failed ({}): {}",
+                    rt.name,
+                    o.status,
+                    tail(&o.stderr)
+                );
+            }
+        }
+        std::thread::sleep(PSS_SETTLE);
+        let pss: u64 = pids()
+            .difference(&before)
+            .filter(|pid| exe_id(**pid).is_some_and(|id| ours.contains(&id)))
+            .filter_map(|pid| pss_rss_kib(*pid).map(|(p, _)| p))
+            .sum();
+        for id in &ids {
+            containers.remove(rt, id)?;
+        }
+        eprintln!(
+            "oci bench: {} idle {} containers at once: PSS sum {:.1} MiB",
+            opts.idle_many,
+            rt.name,
+            pss as f64 / 1024.0
+        );
+        figs.entry("idle_many_pss")
+            .or_default()
+            .push(rt.name, pss as f64 / 1024.0);
+    }
+
     // 3. Syscall cost.
     for i in 0..opts.dd_runs {
         for k in 0..runtimes.len() {
             let rt = &runtimes[(i + k) % runtimes.len()];
+            if rt.name == HUSK_COLD {
+                continue;
+            }
             let id = format!("dd-{i}-{}", rt.name);
             let (bundle, count) = if rt.name == "runsc" {
                 (&dd_runsc_bundle, DD_COUNT_RUNSC)
@@ -826,6 +903,9 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
     for i in 0..opts.io_runs {
         for k in 0..runtimes.len() {
             let rt = &runtimes[(i + k) % runtimes.len()];
+            if rt.name == HUSK_COLD {
+                continue;
+            }
             let id = format!("io-{i}-{}", rt.name);
             drop_caches()?;
             containers.started(rt, &id);
@@ -875,16 +955,36 @@ struct Ratio {
     target: Option<f64>,
 }
 
+/// A figure's key, its label, and the peers husk is compared with (each with its target).
+type RatioRow<'a> = (&'a str, &'a str, Vec<(&'a str, Option<f64>)>);
+
 fn ratios(figs: &BTreeMap<&str, Figure>) -> Vec<Ratio> {
     let median = |key: &str, rt: &str| figs.get(key).and_then(|f| f.median(rt));
     let ratio = |key: &str, peer: &str| Some(median(key, "husk")? / median(key, peer)?);
     let mut out = Vec::new();
-    for (key, label, peers) in [
+    let mut rows: Vec<RatioRow> = vec![
         (
             "run_true",
             "`run` of /bin/true",
-            [("runc", Some(3.0)), ("crun", None), ("runsc", None)],
+            vec![
+                ("runc", Some(1.5)),
+                ("crun", None),
+                ("runsc", None),
+                (HUSK_COLD, None),
+            ],
         ),
+        (
+            "split_create",
+            "`create`",
+            vec![("runc", None), (HUSK_COLD, None)],
+        ),
+        (
+            "idle_many_pss",
+            "idle sandboxes alive at once, PSS sum",
+            vec![(HUSK_COLD, Some(0.5))],
+        ),
+    ];
+    for (key, label, peers) in [
         (
             "idle_pss",
             "idle PSS",
@@ -921,6 +1021,9 @@ fn ratios(figs: &BTreeMap<&str, Figure>) -> Vec<Ratio> {
             [("runc", None), ("crun", None), ("runsc", None)],
         ),
     ] {
+        rows.push((key, label, peers.to_vec()));
+    }
+    for (key, label, peers) in rows {
         for (peer, target) in peers {
             out.push(Ratio {
                 what: format!("{label}: husk / {peer}"),
