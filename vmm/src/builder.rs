@@ -359,6 +359,38 @@ fn cpuid_digest(supported: &[kvm_bindings::kvm_cpuid_entry2], count: u8) -> Stri
     crate::snapshot::sha256_hex(&serde_json::to_vec(&all).unwrap_or_default())
 }
 
+/// Maps the template's data pages into the VMM's page tables ahead of the guest
+/// (`MADV_POPULATE_READ`, read-only: still shared with the page cache, copied only when the
+/// guest writes). A restored guest otherwise takes a host page fault on the first touch of
+/// every page it had before, one at a time while it runs. Best effort: a kernel without it
+/// (before 5.14) just faults them in later.
+fn populate_template_pages(mem: &GuestMemory, layout: &snapshot::MemoryLayout) {
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    for &(offset, len) in &layout.data {
+        let Some(region) = layout
+            .regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.len)
+        else {
+            continue;
+        };
+        let addr = GuestAddress(region.guest_addr + (offset - region.file_offset));
+        let Ok(host) = vm_memory::GuestMemory::get_host_address(mem, addr) else {
+            continue;
+        };
+        // SAFETY: [host, host + len) lies inside one guest memory mapping owned by `mem`;
+        // MADV_POPULATE_READ only faults its pages in for reading, never changing contents.
+        let ret = unsafe { libc::madvise(host.cast(), len as usize, MADV_POPULATE_READ) };
+        if ret != 0 {
+            tracing::debug!(
+                "MADV_POPULATE_READ of the template's memory failed: {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+    }
+}
+
 /// Restores the template in `dir` for `cfg` (see [`crate::snapshot`]): checks the template
 /// against the sandbox, maps its memory copy-on-write, and puts back the VM, its devices and
 /// its vCPUs as they were when it was taken. The guest has not run when this returns; an error
@@ -408,6 +440,7 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
             region.file_offset,
         )?;
     }
+    populate_template_pages(&mem, &template.memory);
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&mem)?;
     vm.restore_state(&template.vm)?;

@@ -60,7 +60,7 @@ struct VsockRun {
 const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
      [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
-     [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--dir DIR] [--timeout-s S]";
+     [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--idle-many N] [--dir DIR] [--timeout-s S]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
