@@ -115,9 +115,7 @@ impl Templates {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        Ok(self
-            .root
-            .join(format!("{}cpu-{}mib-{digest}", size.vcpus, size.mem_mib)))
+        Ok(self.root.join(format!("{}{digest}", shape_prefix(size))))
     }
 
     /// The template for a sandbox of `size`, built first if there is none. `None` (after a log
@@ -184,7 +182,30 @@ impl Templates {
             .join(format!(".build-{name}-{}", std::process::id()));
         let result = build_into(cfg, kernel, initramfs, size, &build, dir);
         remove_dir(&build);
+        if result.is_ok() {
+            self.remove_superseded(size, &name);
+        }
         result
+    }
+
+    /// Removes the other templates of this shape: made from inputs that changed since (a new
+    /// kernel, initramfs or husk), they would never be restored again. A sandbox restoring
+    /// one right now keeps its mapping; one about to is refused and boots.
+    fn remove_superseded(&self, size: VmSize, keep: &str) {
+        let prefix = shape_prefix(size);
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != keep && name.starts_with(&prefix) && entry.path().is_dir() {
+                log::info!(
+                    "removing the superseded template {}",
+                    entry.path().display()
+                );
+                self.discard(&entry.path());
+            }
+        }
     }
 
     /// Removes build directories of `name` whose builder is gone (killed half-way).
@@ -240,6 +261,11 @@ impl Templates {
         }
         Ok(removed)
     }
+}
+
+/// The start of the directory names of a shape's templates (`1cpu-128mib-`).
+fn shape_prefix(size: VmSize) -> String {
+    format!("{}cpu-{}mib-", size.vcpus, size.mem_mib)
 }
 
 /// The `husk-vmm` binary as a path (searched in `$PATH` if it is a bare name).
@@ -424,6 +450,39 @@ mod tests {
         assert_ne!(
             a,
             templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_new_template_supersedes_the_others_of_its_shape_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = HuskConfig {
+            template_dir: Some(dir.path().to_path_buf()),
+            ..HuskConfig::default()
+        };
+        let templates = Templates::new(&cfg);
+        for name in [
+            "1cpu-128mib-old",
+            "1cpu-128mib-new",
+            "2cpu-128mib-other",
+            "1cpu-1280mib-x",
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        let size = VmSize {
+            vcpus: 1,
+            mem_mib: 128,
+        };
+        templates.remove_superseded(size, "1cpu-128mib-new");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["1cpu-1280mib-x", "1cpu-128mib-new", "2cpu-128mib-other"]
         );
     }
 
