@@ -346,7 +346,19 @@ fn a_pod_runs_its_containers_in_one_vm() {
     );
     let vmms =
         husk_tests::containerd::processes_mentioning(&["husk-vmm", "/run/husk-shim/husk-pod/"]);
-    assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:?}");
+    assert_eq!(
+        vmms.len(),
+        1,
+        "one VM for the pod: {vmms:?}; every husk-vmm: {:?}\n{}\nvmm.log: {}",
+        husk_tests::containerd::processes_mentioning(&["husk-vmm"])
+            .iter()
+            .map(|pid| std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ctrd.log_tail(),
+        std::fs::read_to_string("/run/husk-shim/husk-pod/pod1/vmm.log").unwrap_or_default()
+    );
 
     ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "pod1"]);
     let stopped = wait_until(Duration::from_secs(60), || {

@@ -351,7 +351,26 @@ impl Vmm {
             Err(e) => Err(e),
         };
         self.remove_socket();
-        result
+        self.refuse_unrenewed(result)
+    }
+
+    /// A restored guest that ended (crashed, reset, or stopped KVM) before it was renewed ran
+    /// nothing of the sandbox's: that is the template's fault, and the runtime boots instead.
+    fn refuse_unrenewed(&self, result: Result<VmmExit, VmmError>) -> Result<VmmExit, VmmError> {
+        let renewed = self.timeline.snapshot().agent_handshake_us.is_some();
+        if !matches!(self.mode, VmMode::Restored) || renewed {
+            return result;
+        }
+        match result {
+            Ok(VmmExit::GuestShutdown) => Err(VmmError::Renew(
+                "the restored guest reset itself before its renewal".into(),
+            )),
+            Err(e) if !e.is_template_refusal() => Err(VmmError::Renew(format!(
+                "the restored guest ended before its renewal: {}",
+                crate::supervisor::chain(&e)
+            ))),
+            other => other,
+        }
     }
 
     /// Saves the stopped guest as a template (see [`crate::snapshot`]).

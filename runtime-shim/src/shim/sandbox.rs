@@ -80,16 +80,15 @@ impl Sandbox {
             None => None,
         };
         let templates = Templates::new(&cfg);
-        let mut template = match (template::wanted(&cfg, spec)?, &network) {
-            (false, _) => None,
-            (true, Some(_)) => {
-                log::info!(
-                    "sandbox {id}: warm start is not for a sandbox with a network card; booting"
-                );
-                None
-            }
-            (true, None) => templates.get(&cfg, &kernel, &initramfs, size, |m| log::warn!("{m}")),
-        };
+        // Pod sandboxes boot for now: a restored sandbox's guest crashed when a member
+        // container was deleted inside it (the rig, containerd suite), which a container run
+        // by the CLI never does (its VM ends with it). The annotation is still validated.
+        template::wanted(&cfg, spec)?;
+        let mut template: Option<std::path::PathBuf> = None;
+        log::info!(
+            "sandbox {id}: booting (warm start is for containers run by the husk CLI only{})",
+            if network.is_some() { "; and this sandbox has a network card" } else { "" }
+        );
         let pid = loop {
             let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, cfg.debug)
                 .with_context(|| format!("preparing {}", socket.display()))?;
