@@ -87,7 +87,11 @@ impl Sandbox {
         let mut template: Option<std::path::PathBuf> = None;
         log::info!(
             "sandbox {id}: booting (warm start is for containers run by the husk CLI only{})",
-            if network.is_some() { "; and this sandbox has a network card" } else { "" }
+            if network.is_some() {
+                "; and this sandbox has a network card"
+            } else {
+                ""
+            }
         );
         let pid = loop {
             let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, cfg.debug)
