@@ -24,7 +24,7 @@ mod skip;
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "id", "hostname", "mkdir", "sleep", "ls", "grep", "touch", "wc", "pwd",
-    "true", "false", "head", "stty", "tty",
+    "true", "false", "head", "stty", "tty", "mount",
 ];
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -664,4 +664,117 @@ fn stdin_reaches_the_process_and_close_stdin_ends_it() {
     assert_eq!(agent.wait("in", None), exited(0));
     drop(input);
     agent.ok(&Request::RemoveContainer { id: "in".into() });
+}
+
+/// The optional fields (`shared:N`, `master:N`, `unbindable`, ...) of the mountinfo line of the
+/// mount at `point`, or `None` when no line has that mount point.
+fn optional_fields<'a>(mountinfo: &'a str, point: &str) -> Option<Vec<&'a str>> {
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&point)).then(|| {
+            fields
+                .iter()
+                .skip(6)
+                .take_while(|f| **f != "-")
+                .copied()
+                .collect()
+        })
+    })
+}
+
+/// What the propagation of the root mount and of `/proc` (a mount below it) looks like for each
+/// `linux.rootfsPropagation`: the root is made private to be pivoted to (or moved), then the
+/// configured propagation is applied to it, to the mounts below it for the `r` forms (runc
+/// skips private; a slave of nothing is private).
+fn assert_root_propagation(value: &str, mountinfo: &str) {
+    let fields = |point: &str| {
+        optional_fields(mountinfo, point)
+            .unwrap_or_else(|| panic!("{value}: no {point} mount in\n{mountinfo}"))
+    };
+    let (root, proc) = (fields("/"), fields("/proc"));
+    let shared = |f: &[&str]| f.iter().any(|f| f.starts_with("shared:"));
+    let unbindable = |f: &[&str]| f.contains(&"unbindable");
+    let what = format!("{value}: / {root:?}, /proc {proc:?}\n{mountinfo}");
+    match value {
+        "shared" => assert!(shared(&root) && proc.is_empty(), "{what}"),
+        "rshared" => assert!(shared(&root) && shared(&proc), "{what}"),
+        "unbindable" => assert!(unbindable(&root) && proc.is_empty(), "{what}"),
+        "runbindable" => assert!(unbindable(&root) && unbindable(&proc), "{what}"),
+        _ => assert!(root.is_empty() && proc.is_empty(), "{what}"),
+    }
+}
+
+const PROPAGATIONS: &[&str] = &[
+    "shared",
+    "rshared",
+    "slave",
+    "rslave",
+    "private",
+    "rprivate",
+    "unbindable",
+    "runbindable",
+];
+
+#[test]
+fn every_rootfs_propagation_runs_with_pivot_root_and_without() {
+    for env in [&[][..], &[("HUSK_AGENT_NO_PIVOT", "1")][..]] {
+        let Some(agent) = start_agent_with(env) else {
+            return;
+        };
+        for (n, value) in PROPAGATIONS.iter().enumerate() {
+            let mut s = spec(&["cat", "/proc/self/mountinfo"]);
+            s["linux"]["rootfsPropagation"] = json!(value);
+            // Masked and read-only paths are bind mounts inside /proc: they must work under an
+            // unbindable root too.
+            s["linux"]["maskedPaths"] = json!(["/proc/kcore", "/proc/acpi"]);
+            s["linux"]["readonlyPaths"] = json!(["/proc/sys"]);
+            let (out, err, status) = agent.run(&format!("prop{n}"), s);
+            assert_eq!(status, exited(0), "{value} {env:?}: {out}\nstderr: {err}");
+            assert_root_propagation(value, &out);
+        }
+    }
+}
+
+#[test]
+fn a_mount_under_an_rshared_root_joins_a_peer_group() {
+    let Some(agent) = start_agent_with(&[("HUSK_AGENT_NO_PIVOT", "1")]) else {
+        return;
+    };
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "mkdir /mnt/sub && mount -t tmpfs none /mnt/sub && cat /proc/self/mountinfo",
+    ]);
+    s["linux"]["rootfsPropagation"] = json!("rshared");
+    s["mounts"].as_array_mut().expect("mounts").push(
+        json!({"destination": "/mnt", "type": "tmpfs", "source": "tmpfs",
+                     "options": ["private"]}),
+    );
+    let (out, err, status) = agent.run("rshared", s);
+    assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
+    for point in ["/", "/mnt", "/mnt/sub"] {
+        let fields = optional_fields(&out, point).unwrap_or_else(|| panic!("no {point}: {out}"));
+        assert!(
+            fields.iter().any(|f| f.starts_with("shared:")),
+            "{point}: {fields:?}\n{out}"
+        );
+    }
+}
+
+#[test]
+fn runc_spec_ambient_capabilities_without_inheritable_ones_are_skipped() {
+    let Some(agent) = start_agent() else { return };
+    let mut s = spec(&["grep", "Cap", "/proc/self/status"]);
+    let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    s["process"]["capabilities"] = json!({
+        "bounding": caps, "effective": caps, "permitted": caps, "ambient": caps
+    });
+    s["process"]["noNewPrivileges"] = json!(true);
+    let (out, err, status) = agent.run("runcspec", s);
+    assert_eq!(status, exited(0), "stdout: {out}\nstderr: {err}");
+    assert_eq!(
+        out,
+        "CapInh:\t0000000000000000\nCapPrm:\t0000000020000420\nCapEff:\t0000000020000420\n\
+         CapBnd:\t0000000020000420\nCapAmb:\t0000000000000000\n"
+    );
 }

@@ -34,6 +34,12 @@ pub enum BundleError {
     UnsupportedVersion(String),
     #[error("rootfs {0}: no such directory")]
     RootfsMissing(PathBuf),
+    #[error("config.json: namespace {kind} path {path}: {problem}")]
+    NamespacePath {
+        kind: String,
+        path: String,
+        problem: String,
+    },
 }
 
 /// A validated bundle.
@@ -70,6 +76,7 @@ impl Bundle {
         if !rootfs.is_dir() {
             return Err(BundleError::RootfsMissing(rootfs));
         }
+        check_namespace_paths(&spec)?;
         Ok(Bundle { dir, rootfs, spec })
     }
 
@@ -137,6 +144,73 @@ pub fn validate_spec(spec: &Value) -> Result<(), BundleError> {
         .and_then(Value::as_str)
         .filter(|p| !p.is_empty())
         .ok_or_else(|| BundleError::Invalid("missing field root.path".into()))?;
+    crate::hooks::Hooks::from_spec(spec).map_err(BundleError::Invalid)?;
+    Ok(())
+}
+
+/// The `CLONE_NEW*` flag of an OCI namespace type.
+fn namespace_flag(kind: &str) -> Option<libc::c_int> {
+    Some(match kind {
+        "pid" => libc::CLONE_NEWPID,
+        "network" => libc::CLONE_NEWNET,
+        "mount" => libc::CLONE_NEWNS,
+        "ipc" => libc::CLONE_NEWIPC,
+        "uts" => libc::CLONE_NEWUTS,
+        "user" => libc::CLONE_NEWUSER,
+        "cgroup" => libc::CLONE_NEWCGROUP,
+        "time" => libc::CLONE_NEWTIME,
+        _ => return None,
+    })
+}
+
+/// `NS_GET_NSTYPE` (linux/nsfs.h): the `CLONE_NEW*` type of a namespace file.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// The runtime spec: "If a path is specified, the runtime MUST ... fail if the file is not a
+/// namespace of the given type". Each namespace `path` must open and be a namespace of its
+/// entry's type. (The guest cannot join a host namespace: [`translate_spec`] then makes a new
+/// one and says so; the network namespace's interfaces are carried into the VM by the pod
+/// network code.)
+pub fn check_namespace_paths(spec: &Value) -> Result<(), BundleError> {
+    let Some(namespaces) = spec["linux"]["namespaces"].as_array() else {
+        return Ok(());
+    };
+    for ns in namespaces {
+        let kind = ns["type"].as_str().unwrap_or("?").to_string();
+        let Some(path) = ns.get("path").and_then(Value::as_str) else {
+            continue;
+        };
+        let problem = |problem: String| BundleError::NamespacePath {
+            kind: kind.clone(),
+            path: path.to_string(),
+            problem,
+        };
+        let Some(want) = namespace_flag(&kind) else {
+            return Err(problem("unknown namespace type".into()));
+        };
+        let file =
+            std::fs::File::open(path).map_err(|e| problem(format!("cannot open it: {e}")))?;
+        // SAFETY: NS_GET_NSTYPE takes no argument and only returns an integer; the fd is open
+        // for the duration of the call.
+        let got = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE) };
+        if got < 0 {
+            return Err(problem(format!(
+                "not a namespace file ({})",
+                std::io::Error::last_os_error()
+            )));
+        }
+        if got != want {
+            let actual = [
+                "pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time",
+            ]
+            .into_iter()
+            .find(|k| namespace_flag(k) == Some(got))
+            .unwrap_or("unknown");
+            return Err(problem(format!(
+                "is a {actual} namespace, not a {kind} namespace"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -173,7 +247,8 @@ fn is_bind(mount: &Value) -> bool {
 /// - `root.path` -> `GUEST_SHARE/<id>/rootfs`;
 /// - bind-mount sources -> `GUEST_SHARE/<id>/mounts/<n>` (relative sources resolve in the
 ///   bundle);
-/// - `hooks` are dropped (they would run on the host; husk does not run them yet);
+/// - `hooks` are removed (husk runs them on the host, see [`crate::hooks`]; the guest never
+///   sees them);
 /// - namespace `path`s are dropped (host namespaces cannot be joined from the guest; the guest
 ///   makes new ones).
 pub fn translate_spec(bundle: &Bundle, id: &str) -> Translation {
@@ -217,9 +292,7 @@ pub fn translate_spec(bundle: &Bundle, id: &str) -> Translation {
         notes.extend(drop_ignored_resources(resources, false));
     }
     if let Some(obj) = spec.as_object_mut() {
-        if obj.remove("hooks").is_some() {
-            notes.push("OCI hooks are not run by husk; ignored".into());
-        }
+        obj.remove("hooks");
     }
     if let Some(namespaces) = spec["linux"]
         .get_mut("namespaces")
@@ -321,7 +394,7 @@ mod tests {
             ],
             "hooks": {"prestart": [{"path": "/bin/true"}]},
             "linux": {
-                "namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "mount"}],
+                "namespaces": [{"type": "network", "path": "/proc/self/ns/net"}, {"type": "mount"}],
                 "resources": {"blockIO": {"weight": 0, "weightDevice": []}, "cpu": {"shares": 2}}
             }
         })
@@ -388,6 +461,44 @@ mod tests {
     }
 
     #[test]
+    fn namespace_paths_must_be_namespaces_of_their_type() {
+        let with = |kind: &str, path: &str| json!({"linux": {"namespaces": [{"type": "pid"}, {"type": kind, "path": path}]}});
+        check_namespace_paths(&with("ipc", "/proc/self/ns/ipc")).expect("an ipc namespace");
+        check_namespace_paths(&with("network", "/proc/self/ns/net")).expect("a net namespace");
+        let err = check_namespace_paths(&with("network", "/proc/self/ns/ipc"))
+            .expect_err("wrong type")
+            .to_string();
+        assert_eq!(
+            err,
+            "config.json: namespace network path /proc/self/ns/ipc: is a ipc namespace, not a \
+             network namespace"
+        );
+        let err = check_namespace_paths(&with("uts", "/nonexistent/ns"))
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            err.contains("uts path /nonexistent/ns: cannot open it"),
+            "{err}"
+        );
+        let err = check_namespace_paths(&with("ipc", "/proc/self/status"))
+            .expect_err("a plain file")
+            .to_string();
+        assert!(err.contains("not a namespace file"), "{err}");
+        let err = check_namespace_paths(&with("bogus", "/proc/self/ns/ipc"))
+            .expect_err("unknown type")
+            .to_string();
+        assert!(err.contains("unknown namespace type"), "{err}");
+    }
+
+    #[test]
+    fn malformed_hooks_are_refused_by_name() {
+        let mut s = spec();
+        s["hooks"] = json!({"prestart": [{"path": "relative/hook"}]});
+        let err = validate_spec(&s).expect_err("relative path").to_string();
+        assert!(err.contains("hooks.prestart[0]: path"), "{err}");
+    }
+
+    #[test]
     fn translation_rewrites_paths_to_the_share() {
         let dir = bundle_dir(&spec());
         let bundle = Bundle::load(dir.path()).expect("valid");
@@ -426,7 +537,7 @@ mod tests {
         assert!(t.spec["linux"]["resources"].get("blockIO").is_none());
         assert_eq!(t.spec["linux"]["resources"]["cpu"]["shares"], 2);
         assert!(t.spec["linux"]["namespaces"][0].get("path").is_none());
-        assert_eq!(t.notes.len(), 2);
+        assert_eq!(t.notes.len(), 1, "{:?}", t.notes);
     }
 
     #[test]

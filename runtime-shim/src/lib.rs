@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod commands;
 pub mod config;
 pub mod container;
+pub mod hooks;
 pub mod logging;
 pub mod network;
 pub mod share;

@@ -5,9 +5,17 @@
 //! kernel, the agent and page cache; else the configured default. Guest memory is mapped
 //! `MAP_NORESERVE`, so a large size costs the host only what the guest touches.
 //!
-//! vCPUs: the annotation `io.husk.vm.cpus` if set; else the smaller of the CPU quota
-//! (`ceil(quota / period)`) and the number of CPUs in `linux.resources.cpu.cpus`, when given;
-//! else the configured default. Always at least 1, at most the VMM's limit and the host's CPUs.
+//! vCPUs: the annotation `io.husk.vm.cpus` if set; else the number of CPUs in
+//! `linux.resources.cpu.cpus` when given (so that the guest has a CPU for each CPU of the
+//! cpuset; the quota still limits how much of them the container uses); else the CPU quota
+//! (`ceil(quota / period)`); else the configured default. Always at least 1, at most the VMM's
+//! limit and the host's CPUs.
+//!
+//! CPU sets ([`map_cpuset`]): the guest numbers its CPUs 0..n. The k-th CPU of the host cpuset
+//! (in ascending order) is the guest's CPU k, so the container's guest cgroup gets `0-(n-1)`
+//! for a cpuset of n CPUs (fewer when the VM has fewer vCPUs), and `cpuset.mems` becomes `0`,
+//! the guest's one memory node. The `husk` CLI pins the container's `husk-vmm` (its vCPU
+//! threads) to the host cpuset, so the workload runs on the CPUs asked for.
 
 use crate::config::HuskConfig;
 use husk_vmm::arch::layout::MAX_VCPUS;
@@ -57,25 +65,7 @@ fn annotation(spec: &Value, key: &'static str) -> Result<Option<u64>, SizingErro
 
 /// Counts the CPUs of a cpuset list like `0-3,6`.
 pub fn count_cpuset(list: &str) -> Result<u32, SizingError> {
-    let bad = || SizingError::BadCpuset(list.to_string());
-    let mut count = 0u32;
-    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let a: u32 = a.trim().parse().map_err(|_| bad())?;
-                let b: u32 = b.trim().parse().map_err(|_| bad())?;
-                if b < a {
-                    return Err(bad());
-                }
-                count = count.saturating_add(b - a + 1);
-            }
-            None => {
-                part.parse::<u32>().map_err(|_| bad())?;
-                count = count.saturating_add(1);
-            }
-        }
-    }
-    Ok(count)
+    Ok(parse_cpuset(list)?.len() as u32)
 }
 
 /// Sizes the VM for `spec` (see the module docs); `host_cpus` caps the vCPUs.
@@ -106,8 +96,7 @@ pub fn size_vm(spec: &Value, cfg: &HuskConfig, host_cpus: u32) -> Result<VmSize,
                 None => None,
             };
             match (from_quota, from_cpuset) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(a), None) | (None, Some(a)) => a,
+                (_, Some(n)) | (Some(n), None) => n,
                 (None, None) => u32::from(cfg.default_vcpus),
             }
         }
@@ -115,6 +104,75 @@ pub fn size_vm(spec: &Value, cfg: &HuskConfig, host_cpus: u32) -> Result<VmSize,
     let cap = u32::from(MAX_VCPUS).min(host_cpus.max(1));
     let vcpus = u8::try_from(vcpus.clamp(1, cap)).unwrap_or(1);
     Ok(VmSize { vcpus, mem_mib })
+}
+
+/// The CPUs of a cpuset list like `0-3,6`, ascending, without repeats.
+pub fn parse_cpuset(list: &str) -> Result<Vec<u32>, SizingError> {
+    let bad = || SizingError::BadCpuset(list.to_string());
+    let mut cpus = std::collections::BTreeSet::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: u32 = a.trim().parse().map_err(|_| bad())?;
+        let b: u32 = b.trim().parse().map_err(|_| bad())?;
+        // Bounded like the kernel's own limit, so that "0-4000000000" cannot eat memory.
+        if b < a || b >= 8192 {
+            return Err(bad());
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus.into_iter().collect())
+}
+
+/// Rewrites `cpu.cpus` and `cpu.mems` of `resources` (OCI `linux.resources`) from host to
+/// guest numbering for a VM of `vcpus` vCPUs (see the module docs); returns a note for the log
+/// when something could not be kept as asked.
+pub fn map_cpuset(
+    resources: &mut serde_json::Map<String, Value>,
+    vcpus: u32,
+) -> Result<Vec<String>, SizingError> {
+    let mut notes = Vec::new();
+    let Some(cpu) = resources.get_mut("cpu").and_then(Value::as_object_mut) else {
+        return Ok(notes);
+    };
+    if let Some(list) = cpu
+        .get("cpus")
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+        .map(str::to_string)
+    {
+        let host = parse_cpuset(&list)?;
+        let n = (host.len() as u32).min(vcpus.max(1));
+        if (host.len() as u32) > n {
+            notes.push(format!(
+                "linux.resources.cpu.cpus {list}: the microVM has {n} vCPUs, so the container                  gets guest CPUs 0-{} for these {} host CPUs",
+                n - 1,
+                host.len()
+            ));
+        }
+        let guest = if n == 1 {
+            "0".to_string()
+        } else {
+            format!("0-{}", n - 1)
+        };
+        cpu.insert("cpus".into(), Value::String(guest));
+    }
+    if let Some(mems) = cpu
+        .get("mems")
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+        .map(str::to_string)
+    {
+        if mems.trim() != "0" {
+            notes.push(format!(
+                "linux.resources.cpu.mems {mems}: the guest has one memory node, node 0"
+            ));
+        }
+        cpu.insert("mems".into(), Value::String("0".into()));
+    }
+    Ok(notes)
 }
 
 /// Online CPUs of the host.
@@ -156,8 +214,9 @@ mod tests {
         assert_eq!(size(quota).vcpus, 2);
         let cpuset = json!({"linux": {"resources": {"cpu": {"cpus": "0-2,5"}}}});
         assert_eq!(size(cpuset).vcpus, 4);
-        let both = json!({"linux": {"resources": {"cpu": {"quota": 100000, "cpus": "0-3"}}}});
-        assert_eq!(size(both).vcpus, 1);
+        // --cpus 0.5 --cpuset-cpus 0-1: a guest CPU for each CPU of the set, the quota kept.
+        let both = json!({"linux": {"resources": {"cpu": {"quota": 50000, "cpus": "0-1"}}}});
+        assert_eq!(size(both).vcpus, 2);
         let many = json!({"linux": {"resources": {"cpu": {"cpus": "0-63"}}}});
         assert_eq!(size(many).vcpus, 8, "capped at the host's CPUs");
     }
@@ -183,6 +242,43 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn cpusets_map_to_guest_cpus() {
+        let map = |cpu: Value, vcpus: u32| {
+            let mut resources = json!({ "cpu": cpu });
+            let notes =
+                map_cpuset(resources.as_object_mut().expect("object"), vcpus).expect("valid");
+            (resources["cpu"].clone(), notes)
+        };
+        // --cpuset-cpus=1: one vCPU, the guest's CPU 0.
+        let (cpu, notes) = map(json!({"cpus": "1"}), 1);
+        assert_eq!(cpu["cpus"], "0");
+        assert!(notes.is_empty());
+        let (cpu, _) = map(json!({"cpus": "0-1", "quota": 50000, "period": 100000}), 2);
+        assert_eq!(
+            cpu,
+            json!({"cpus": "0-1", "quota": 50000, "period": 100000})
+        );
+        let (cpu, _) = map(json!({"cpus": "2,5,7", "mems": "0"}), 3);
+        assert_eq!(cpu, json!({"cpus": "0-2", "mems": "0"}));
+        let (cpu, notes) = map(json!({"cpus": "0-7", "mems": "1"}), 2);
+        assert_eq!(cpu, json!({"cpus": "0-1", "mems": "0"}));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("has 2 vCPUs"), "{notes:?}");
+        let (cpu, notes) = map(json!({"shares": 512}), 2);
+        assert_eq!(cpu, json!({"shares": 512}));
+        assert!(notes.is_empty());
+        let mut bad = json!({"cpu": {"cpus": "3-1"}});
+        assert!(map_cpuset(bad.as_object_mut().expect("object"), 2).is_err());
+    }
+
+    #[test]
+    fn cpuset_lists_are_parsed() {
+        assert_eq!(parse_cpuset("5,0-2, 2").expect("valid"), [0, 1, 2, 5]);
+        assert!(parse_cpuset("0-99999").is_err(), "bounded");
+        assert!(parse_cpuset("").expect("empty").is_empty());
     }
 
     #[test]

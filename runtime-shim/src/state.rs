@@ -81,6 +81,12 @@ pub struct ContainerState {
     /// The init's exit status once known.
     #[serde(default)]
     pub exit: Option<ExitStatus>,
+    /// The microVM's vCPUs (0 in a state written before they were recorded).
+    #[serde(default)]
+    pub vcpus: u8,
+    /// The OCI hooks of `config.json`, for `start` and `delete` (see [`crate::hooks`]).
+    #[serde(default, skip_serializing_if = "crate::hooks::Hooks::is_empty")]
+    pub hooks: crate::hooks::Hooks,
 }
 
 impl ContainerState {
@@ -235,6 +241,8 @@ mod tests {
             annotations: BTreeMap::new(),
             mounts: vec![],
             exit: None,
+            vcpus: 1,
+            hooks: Default::default(),
         }
     }
 

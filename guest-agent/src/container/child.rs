@@ -8,7 +8,14 @@
 //! namespace), with `process.terminal` a [`FromInit::Console`], then [`FromInit::Ready`] or
 //! [`FromInit::Error`]. After `Start` the helper applies the process attributes and `execve`s
 //! the program; the socket is close-on-exec, so the agent reads end-of-stream on success, or a
-//! [`FromInit::Error`].
+//! [`FromInit::Error`]. Before either, [`FromInit::Warning`]s may come (an ambient capability
+//! that cannot be raised, which runc also only warns about): the agent logs them.
+//!
+//! The root file system is set up as runc's prepareRoot / pivotRoot / msMoveRoot do it: `/`
+//! gets `linux.rootfsPropagation` (default `rslave`), the mount holding the container's root is
+//! made private and the root bound onto itself, the old root is made a slave before anything of
+//! it is detached (no unmount propagates out), and the configured propagation is applied to the
+//! new root last.
 //!
 //! A terminal is made inside the container, as runc makes it: the helper opens the container's
 //! `/dev/ptmx` (its own devpts instance) once it is in the container's mount namespace, so that
@@ -17,7 +24,8 @@
 
 use super::seccomp::{self, SockFilter};
 use super::spec::{
-    DevicePlan, MountPlan, NamespacePlan, Plan, ProcessPlan, DEFAULT_DEVICES, DEV_SYMLINKS,
+    CapsPlan, DevicePlan, MountPlan, NamespacePlan, Plan, ProcessPlan, DEFAULT_DEVICES,
+    DEV_SYMLINKS,
 };
 use crate::sys::{LinuxSyscall, Syscall};
 use husk_agent_protocol::{read_frame, write_frame};
@@ -34,7 +42,7 @@ use std::ffi::{CString, OsString};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path, PathBuf};
 
@@ -85,6 +93,8 @@ pub enum FromInit {
     Ready,
     /// Setup or start failed.
     Error(String),
+    /// Something the agent logs as a warning; the process goes on (as runc's init logs to runc).
+    Warning(String),
 }
 
 /// A failed step, with context.
@@ -160,7 +170,12 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
         // The agent gave up on this process (removed it).
         Err(_) => std::process::exit(1),
     }
-    exec_process(&config.process, &config.seccomp)
+    exec_process(control, &config.process, &config.seccomp)
+}
+
+/// Sends a warning to the agent, which logs it. Best effort: a warning never fails the process.
+fn warn(control: &mut UnixStream, message: String) {
+    let _ = write_frame(control, &FromInit::Warning(message));
 }
 
 /// Makes the process's pty in the container's devpts (through its `/dev/ptmx`), puts the
@@ -378,66 +393,120 @@ fn do_mount(
 
 fn setup_rootfs(sys: &dyn Syscall, plan: &Plan, no_pivot: bool) -> StepResult {
     let rootfs = &plan.rootfs;
-    do_mount(
-        sys,
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::from_bits_retain(plan.rootfs_propagation),
-        None,
-    )?;
-    do_mount(
-        sys,
-        Some(rootfs),
-        rootfs,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
+    prepare_root(sys, plan)?;
     for m in &plan.mounts {
         mount_one(sys, rootfs, m)?;
     }
     create_devices(sys, rootfs, &plan.devices)?;
     ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
+    // To detach the old root after pivot_root: "." is no reliable name for it (runc's pivotRoot).
+    let old_root = ctx(
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open("/"),
+        || "opening the old root".into(),
+    )?;
     let pivoted = if no_pivot {
         Err(Errno::EINVAL)
     } else {
         pivot_root(".", ".")
     };
     match pivoted {
-        Ok(()) => {
-            ctx(umount2(".", MntFlags::MNT_DETACH), || {
-                "detaching the old root".into()
-            })?;
-        }
+        Ok(()) => detach_old_root(sys, &old_root)?,
         // The guest's root is the initramfs (rootfs), which pivot_root refuses: move the
         // container's root over it and chroot, as runc's --no-pivot does. The mount namespace
         // is the container's own and the VM is the isolation boundary.
-        Err(Errno::EINVAL) => {
-            detach_outside(rootfs)?;
-            do_mount(
-                sys,
-                Some(rootfs),
-                Path::new("/"),
-                None,
-                MsFlags::MS_MOVE,
-                None,
-            )?;
-            ctx(nix::unistd::chroot("."), || "chroot".into())?;
-        }
+        Err(Errno::EINVAL) => move_root(sys, rootfs)?,
         Err(errno) => return Err(format!("pivot_root: {errno}")),
     }
     ctx(chdir("/"), || "chdir /".into())?;
     Ok(())
 }
 
-/// Before moving the container's root over the guest's: detaches every mount of this (the
-/// container's own) mount namespace that is not the root or under the container's root, deepest
-/// first, so nothing of the guest stays reachable beneath the chroot (as runc's msMoveRoot).
-fn detach_outside(rootfs: &Path) -> StepResult {
+/// runc's prepareRoot: `/` gets `linux.rootfsPropagation` (runc's default `rslave`: what the
+/// container mounts never propagates out), the mount holding the root file system is made
+/// private (pivot_root and `MS_MOVE` refuse a shared parent, and the bind below must not
+/// propagate), and the root file system is bound onto itself, a mount of its own to pivot to.
+fn prepare_root(sys: &dyn Syscall, plan: &Plan) -> StepResult {
+    let root_flags = plan.rootfs_propagation.map_or(
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        MsFlags::from_bits_retain,
+    );
+    do_mount(sys, None, Path::new("/"), None, root_flags, None)?;
+    make_parent_mount_private(sys, &plan.rootfs)?;
+    do_mount(
+        sys,
+        Some(&plan.rootfs),
+        &plan.rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )
+}
+
+/// Makes the mount holding `path` private: `path` itself if it is a mount point, else the
+/// nearest mount point above it (`mount(2)` answers `EINVAL` for a path that is none), as runc's
+/// rootfsParentMountPrivate.
+fn make_parent_mount_private(sys: &dyn Syscall, path: &Path) -> StepResult {
+    let mut current = path;
+    loop {
+        match sys.mount(None, current, None, MsFlags::MS_PRIVATE, None) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EINVAL) => match current.parent() {
+                Some(parent) => current = parent,
+                None => break,
+            },
+            Err(errno) => {
+                return Err(format!(
+                    "making the mount of {} private ({}): {errno}",
+                    path.display(),
+                    current.display()
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "making the mount of {} private: no mount point above it",
+        path.display()
+    ))
+}
+
+/// After `pivot_root(".", ".")` the old root is stacked on the new one: make it a recursive
+/// slave, so that detaching it cannot propagate an unmount to a peer outside the container,
+/// then detach it (runc's pivotRoot).
+fn detach_old_root(sys: &dyn Syscall, old_root: &File) -> StepResult {
+    ctx(nix::unistd::fchdir(old_root.as_raw_fd()), || {
+        "entering the old root".into()
+    })?;
+    do_mount(
+        sys,
+        None,
+        Path::new("."),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detaching the old root".into()
+    })
+}
+
+/// The `MS_MOVE` road (runc's msMoveRoot): every mount of the old tree is made a slave, so that
+/// neither detaching mounts nor moving the root propagates anywhere (and the root is not made
+/// shared by a shared `/`); the mounts outside the container's root are detached, deepest
+/// first, so nothing of the guest stays reachable beneath the chroot; then the container's root
+/// is moved over `/` and entered.
+fn move_root(sys: &dyn Syscall, rootfs: &Path) -> StepResult {
     let mountinfo = ctx(fs::read_to_string("/proc/self/mountinfo"), || {
         "reading mountinfo".into()
     })?;
+    for point in mount_points_of_old_root(&mountinfo, rootfs) {
+        match sys.mount(None, &point, None, MsFlags::MS_SLAVE, None) {
+            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => {}
+            Err(errno) => return Err(format!("making {} a slave: {errno}", point.display())),
+        }
+    }
     let mut points = mount_points_outside(&mountinfo, rootfs);
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for point in points {
@@ -446,18 +515,39 @@ fn detach_outside(rootfs: &Path) -> StepResult {
             Err(errno) => return Err(format!("detaching {}: {errno}", point.display())),
         }
     }
-    Ok(())
+    do_mount(
+        sys,
+        Some(rootfs),
+        Path::new("/"),
+        None,
+        MsFlags::MS_MOVE,
+        None,
+    )?;
+    ctx(nix::unistd::chroot("."), || "chroot".into())
 }
 
-/// Mount points of a mountinfo text that are neither `/` nor inside `rootfs` nor an ancestor of
-/// it (those hold the container's root).
-pub fn mount_points_outside(mountinfo: &str, rootfs: &Path) -> Vec<PathBuf> {
+/// The mount points of a mountinfo text (unescaped).
+fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
     mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(unescape_mountinfo)
         .map(PathBuf::from)
+}
+
+/// Mount points of a mountinfo text that are neither `/` nor inside `rootfs` nor an ancestor of
+/// it (those hold the container's root).
+pub fn mount_points_outside(mountinfo: &str, rootfs: &Path) -> Vec<PathBuf> {
+    mount_points(mountinfo)
         .filter(|p| p != Path::new("/") && !p.starts_with(rootfs) && !rootfs.starts_with(p))
+        .collect()
+}
+
+/// Mount points of a mountinfo text that are not inside `rootfs`: the old tree, `/` and the
+/// ancestors of `rootfs` included.
+pub fn mount_points_of_old_root(mountinfo: &str, rootfs: &Path) -> Vec<PathBuf> {
+    mount_points(mountinfo)
+        .filter(|p| !p.starts_with(rootfs))
         .collect()
 }
 
@@ -487,7 +577,8 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// After the sysctls are written: masked and read-only paths, read-only root.
+/// After the sysctls are written: masked and read-only paths, read-only root, then the root's
+/// propagation.
 fn finalize_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
     for path in &plan.masked_paths {
         mask_path(sys, path)?;
@@ -505,7 +596,25 @@ fn finalize_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
             None,
         )?;
     }
-    Ok(())
+    apply_root_propagation(sys, plan)
+}
+
+/// `linux.rootfsPropagation` on the container's root mount, which was made private to be
+/// pivoted to (or moved), as runc applies it once the root is in place; runc skips `[r]private`,
+/// which the root already is. Last: masked and read-only paths are bind mounts, which an
+/// unbindable `/proc` or `/dev` would refuse.
+fn apply_root_propagation(sys: &dyn Syscall, plan: &Plan) -> StepResult {
+    match plan.rootfs_propagation {
+        Some(bits) if bits & MsFlags::MS_PRIVATE.bits() == 0 => do_mount(
+            sys,
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::from_bits_retain(bits),
+            None,
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn mount_one(sys: &dyn Syscall, rootfs: &Path, m: &MountPlan) -> StepResult {
@@ -555,13 +664,14 @@ fn mount_one(sys: &dyn Syscall, rootfs: &Path, m: &MountPlan) -> StepResult {
             m.data.as_deref(),
         )?;
     }
-    if m.propagation != 0 {
+    // One call per propagation option, with nothing but its flags (as runc).
+    for change in &m.propagation {
         do_mount(
             sys,
             None,
             &target,
             None,
-            MsFlags::from_bits_retain(m.propagation),
+            MsFlags::from_bits_retain(*change),
             None,
         )?;
     }
@@ -739,21 +849,25 @@ fn cap_set(numbers: &[u8]) -> caps::CapsHashSet {
         .collect()
 }
 
-fn prctl(option: i32, arg: libc::c_ulong, what: &str) -> StepResult {
+fn prctl_raw(option: i32, arg2: libc::c_ulong, arg3: libc::c_ulong) -> Result<(), Errno> {
     // SAFETY: prctl with integer arguments only; no memory is passed.
-    let ret = unsafe {
-        libc::prctl(
-            option,
-            arg,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    let ret = unsafe { libc::prctl(option, arg2, arg3, 0 as libc::c_ulong, 0 as libc::c_ulong) };
     if ret != 0 {
-        return Err(format!("{what}: {}", Errno::last()));
+        return Err(Errno::last());
     }
     Ok(())
+}
+
+fn prctl(option: i32, arg: libc::c_ulong, what: &str) -> StepResult {
+    prctl_raw(option, arg, 0).map_err(|errno| format!("{what}: {errno}"))
+}
+
+/// `CAP_NET_BIND_SERVICE` for 10.
+fn cap_name(number: u8) -> String {
+    caps::all()
+        .into_iter()
+        .find(|c| c.index() == number)
+        .map_or_else(|| format!("capability {number}"), |c| c.to_string())
 }
 
 fn install_seccomp(filters: &[Vec<SockFilter>]) -> StepResult {
@@ -765,9 +879,26 @@ fn install_seccomp(filters: &[Vec<SockFilter>]) -> StepResult {
 
 /// Applies the process attributes and executes the program.
 fn exec_process(
+    control: &mut UnixStream,
     p: &ProcessPlan,
     filters: &[Vec<SockFilter>],
 ) -> StepResult<std::convert::Infallible> {
+    let ambient = p
+        .caps
+        .as_ref()
+        .map(CapsPlan::ambient_split)
+        .unwrap_or_default();
+    // Reported now, before a seccomp filter could refuse the socket writes.
+    for cap in &ambient.skip {
+        warn(
+            control,
+            format!(
+                "ambient capability {} not raised: it is not in both the permitted and the \
+                 inheritable set",
+                cap_name(*cap)
+            ),
+        );
+    }
     ctx(nix::unistd::setsid(), || "setsid".into())?;
     if p.terminal {
         // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the pty's replica.
@@ -842,10 +973,20 @@ fn exec_process(
         ctx(caps::clear(None, caps::CapSet::Ambient), || {
             "clearing ambient capabilities".into()
         })?;
-        for cap in cap_set(&caps.ambient) {
-            ctx(caps::raise(None, caps::CapSet::Ambient, cap), || {
-                format!("ambient {cap}")
-            })?;
+        for cap in &ambient.raise {
+            match prctl_raw(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                libc::c_ulong::from(*cap),
+            ) {
+                Ok(()) => {}
+                // As runc: an ambient capability the kernel refuses is a warning, not a failure.
+                Err(errno @ Errno::EPERM) => warn(
+                    control,
+                    format!("ambient capability {} not raised: {errno}", cap_name(*cap)),
+                ),
+                Err(errno) => return Err(format!("ambient {}: {errno}", cap_name(*cap))),
+            }
         }
     }
     umask(Mode::from_bits_truncate(p.umask.unwrap_or(0o022)));
@@ -956,7 +1097,7 @@ mod tests {
             source: Some(source.clone()),
             fstype: None,
             flags: (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY).bits(),
-            propagation: (MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits(),
+            propagation: vec![(MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits()],
             data: None,
         };
         let sys = RecordingSyscall::new();
@@ -1002,6 +1143,207 @@ mod tests {
     }
 
     #[test]
+    fn mount_propagation_options_are_applied_one_call_each_after_the_mount() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let plan = MountPlan {
+            destination: "/mnt".into(),
+            source: Some("tmpfs".into()),
+            fstype: Some("tmpfs".into()),
+            flags: MsFlags::MS_NOSUID.bits(),
+            propagation: vec![
+                MsFlags::MS_PRIVATE.bits(),
+                (MsFlags::MS_SHARED | MsFlags::MS_REC).bits(),
+            ],
+            data: Some("size=1m".into()),
+        };
+        let sys = RecordingSyscall::new();
+        mount_one(&sys, dir.path(), &plan).expect("mount");
+        let target = dir.path().join("mnt");
+        let mut first = mount_call(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID);
+        if let Call::Mount { data, .. } = &mut first {
+            *data = Some("size=1m".into());
+        }
+        assert_eq!(
+            sys.calls(),
+            vec![
+                first,
+                mount_call(None, &target, None, MsFlags::MS_PRIVATE),
+                mount_call(None, &target, None, MsFlags::MS_SHARED | MsFlags::MS_REC),
+            ]
+        );
+    }
+
+    fn plan_with_rootfs(rootfs: &Path, propagation: Option<MsFlags>) -> Plan {
+        Plan {
+            rootfs: rootfs.to_path_buf(),
+            readonly_rootfs: false,
+            rootfs_propagation: propagation.map(|f| f.bits()),
+            namespaces: Vec::new(),
+            mounts: Vec::new(),
+            devices: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
+            hostname: None,
+            domainname: None,
+            sysctls: Vec::new(),
+            seccomp: Vec::new(),
+            process: ProcessPlan {
+                args: vec!["sh".into()],
+                env: Vec::new(),
+                cwd: "/".into(),
+                uid: 0,
+                gid: 0,
+                additional_gids: Vec::new(),
+                umask: None,
+                terminal: false,
+                caps: None,
+                rlimits: Vec::new(),
+                no_new_privileges: false,
+                oom_score_adj: None,
+            },
+        }
+    }
+
+    #[test]
+    fn root_is_prepared_as_runc_does_with_the_parent_mount_made_private() {
+        let rootfs = Path::new("/run/husk/shared/c1/rootfs");
+        let sys = RecordingSyscall::new();
+        // Neither the rootfs nor its directory is a mount point: the share above them is.
+        sys.fail_mount("/run/husk/shared/c1/rootfs", Errno::EINVAL);
+        sys.fail_mount("/run/husk/shared/c1", Errno::EINVAL);
+        let plan = plan_with_rootfs(rootfs, Some(MsFlags::MS_SHARED));
+        let err = prepare_root(&sys, &plan).expect_err("the scripted EINVAL hits the bind");
+        assert!(err.contains("MS_BIND"), "{err}");
+        assert_eq!(
+            sys.calls(),
+            vec![
+                mount_call(None, Path::new("/"), None, MsFlags::MS_SHARED),
+                mount_call(None, rootfs, None, MsFlags::MS_PRIVATE),
+                mount_call(
+                    None,
+                    Path::new("/run/husk/shared/c1"),
+                    None,
+                    MsFlags::MS_PRIVATE
+                ),
+                mount_call(
+                    None,
+                    Path::new("/run/husk/shared"),
+                    None,
+                    MsFlags::MS_PRIVATE
+                ),
+                mount_call(
+                    rootfs.to_str(),
+                    rootfs,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn unset_root_propagation_makes_the_root_a_recursive_slave_and_nothing_after() {
+        let rootfs = Path::new("/b/rootfs");
+        let sys = RecordingSyscall::new();
+        let plan = plan_with_rootfs(rootfs, None);
+        prepare_root(&sys, &plan).expect("prepared");
+        apply_root_propagation(&sys, &plan).expect("nothing to apply");
+        assert_eq!(
+            sys.calls(),
+            vec![
+                mount_call(
+                    None,
+                    Path::new("/"),
+                    None,
+                    MsFlags::MS_SLAVE | MsFlags::MS_REC
+                ),
+                mount_call(None, rootfs, None, MsFlags::MS_PRIVATE),
+                mount_call(
+                    rootfs.to_str(),
+                    rootfs,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn configured_root_propagation_is_applied_to_the_new_root_except_private() {
+        let rootfs = Path::new("/b/rootfs");
+        for (flags, applied) in [
+            (MsFlags::MS_SHARED, true),
+            (MsFlags::MS_SHARED | MsFlags::MS_REC, true),
+            (MsFlags::MS_SLAVE, true),
+            (MsFlags::MS_UNBINDABLE | MsFlags::MS_REC, true),
+            (MsFlags::MS_PRIVATE, false),
+            (MsFlags::MS_PRIVATE | MsFlags::MS_REC, false),
+        ] {
+            let sys = RecordingSyscall::new();
+            apply_root_propagation(&sys, &plan_with_rootfs(rootfs, Some(flags))).expect("applied");
+            let expected = if applied {
+                vec![mount_call(None, Path::new("/"), None, flags)]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(sys.calls(), expected, "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn a_rootfs_under_no_mount_point_fails_clearly() {
+        let sys = RecordingSyscall::new();
+        for path in ["/b/rootfs", "/b", "/"] {
+            sys.fail_mount(path, Errno::EINVAL);
+        }
+        let err = make_parent_mount_private(&sys, Path::new("/b/rootfs")).expect_err("none");
+        assert!(err.contains("no mount point above it"), "{err}");
+        let sys = RecordingSyscall::new();
+        sys.fail_mount("/b/rootfs", Errno::EPERM);
+        let err = make_parent_mount_private(&sys, Path::new("/b/rootfs")).expect_err("EPERM");
+        assert!(err.contains("EPERM"), "{err}");
+    }
+
+    #[test]
+    fn the_old_root_to_quiet_is_every_mount_not_inside_the_container_root() {
+        let mountinfo = "\
+1 0 0:1 / / rw - rootfs rootfs rw
+2 1 0:2 / /proc rw - proc proc rw
+3 1 0:3 / /run rw - tmpfs tmpfs rw
+4 3 0:4 / /run/husk/shared rw - virtiofs husk rw
+5 4 0:4 /c1/rootfs /run/husk/shared/c1/rootfs rw - virtiofs husk rw
+6 5 0:5 / /run/husk/shared/c1/rootfs/proc rw - proc proc rw
+7 4 0:4 /c2/rootfs /run/husk/shared/c2/rootfs rw - virtiofs husk rw
+";
+        let rootfs = Path::new("/run/husk/shared/c1/rootfs");
+        assert_eq!(
+            mount_points_of_old_root(mountinfo, rootfs),
+            [
+                "/",
+                "/proc",
+                "/run",
+                "/run/husk/shared",
+                "/run/husk/shared/c2/rootfs"
+            ]
+            .map(PathBuf::from)
+            .to_vec()
+        );
+        assert_eq!(
+            mount_points_outside(mountinfo, rootfs),
+            ["/proc", "/run/husk/shared/c2/rootfs"]
+                .map(PathBuf::from)
+                .to_vec()
+        );
+    }
+
+    #[test]
+    fn capability_numbers_are_named_as_in_the_spec() {
+        assert_eq!(cap_name(10), "CAP_NET_BIND_SERVICE");
+        assert_eq!(cap_name(29), "CAP_AUDIT_WRITE");
+        assert_eq!(cap_name(200), "capability 200");
+    }
+
+    #[test]
     fn failed_mount_names_the_target() {
         let dir = tempfile::tempdir().expect("tmp");
         let sys = RecordingSyscall::new();
@@ -1012,7 +1354,7 @@ mod tests {
             source: Some("proc".into()),
             fstype: Some("proc".into()),
             flags: 0,
-            propagation: 0,
+            propagation: Vec::new(),
             data: None,
         };
         let err = mount_one(&sys, dir.path(), &plan).expect_err("fails");
@@ -1069,6 +1411,10 @@ mod tests {
         let msg = FromInit::Error("boom".into());
         let json = serde_json::to_string(&msg).expect("json");
         assert_eq!(json, r#"{"Error":"boom"}"#);
+        assert_eq!(serde_json::from_str::<FromInit>(&json).expect("back"), msg);
+        let msg = FromInit::Warning("ambient".into());
+        let json = serde_json::to_string(&msg).expect("json");
+        assert_eq!(json, r#"{"Warning":"ambient"}"#);
         assert_eq!(serde_json::from_str::<FromInit>(&json).expect("back"), msg);
     }
 }

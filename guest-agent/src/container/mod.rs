@@ -40,7 +40,7 @@ use cgroup::Cgroup;
 use child::{FromInit, InitConfig, ToInit};
 use husk_agent_protocol::{
     read_frame, write_frame, ContainerInfo, ContainerStats, ContainerStatus, ExitStatus,
-    StdioConfig, StreamKind,
+    FrameError, StdioConfig, StreamKind,
 };
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -126,6 +126,14 @@ pub fn check_id(id: &str) -> Result<(), ContainerError> {
         Ok(())
     } else {
         Err(ContainerError::BadId(id.chars().take(MAX_ID_LEN).collect()))
+    }
+}
+
+/// How logs name a process: `container ID` or `container ID process EXEC_ID`.
+fn process_label(id: &str, exec_id: Option<&str>) -> String {
+    match exec_id {
+        Some(exec_id) => format!("container {id} process {exec_id}"),
+        None => format!("container {id}"),
     }
 }
 
@@ -549,12 +557,14 @@ impl Containers {
             .ok_or_else(|| ContainerError::NoContainer(id.to_owned()))
     }
 
-    /// Starts a helper and runs its setup; returns the process, waiting in `created`.
+    /// Starts a helper and runs its setup; returns the process, waiting in `created`. `label`
+    /// names the process in the helper's warnings.
     fn spawn_process(
         &self,
         clone_flags: i32,
         config: InitConfig,
         stdio: &StdioConfig,
+        label: &str,
     ) -> Result<Arc<Proc>, ContainerError> {
         if config.process.terminal != stdio.terminal {
             return Err(ContainerError::State(format!(
@@ -607,6 +617,7 @@ impl Containers {
                     }
                     FromInit::Ready => return Ok((pid.unwrap_or(0), watched, console)),
                     FromInit::Error(message) => return Err(ContainerError::Setup(message)),
+                    FromInit::Warning(message) => crate::log_warn!("{label}: {message}"),
                 }
             }
         })();
@@ -764,7 +775,8 @@ impl Containers {
             no_pivot: self.no_pivot,
         };
         let flags = if new_pid { libc::CLONE_NEWPID } else { 0 };
-        let init = match self.spawn_process(flags, config, &req.stdio) {
+        let label = process_label(&req.id, None);
+        let init = match self.spawn_process(flags, config, &req.stdio, &label) {
             Ok(init) => init,
             Err(err) => {
                 cleanup(&cgroup);
@@ -846,7 +858,8 @@ impl Containers {
             seccomp: container.seccomp.clone(),
             no_pivot: false,
         };
-        let proc = self.spawn_process(0, config, &req.stdio)?;
+        let label = process_label(&req.id, Some(&req.exec_id));
+        let proc = self.spawn_process(0, config, &req.stdio, &label)?;
         let pid = proc.pid;
         let mut execs = lock(&container.execs);
         if execs.contains_key(&req.exec_id) {
@@ -943,25 +956,25 @@ impl Containers {
             return Err(ContainerError::State("the process has exited".into()));
         }
         *lock(&proc.state) = ProcState::Running;
+        let label = process_label(&r.id, r.exec_id.as_deref());
         let outcome = (|| {
             sock.set_read_timeout(Some(SETUP_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
             write_frame(&mut sock, &ToInit::Start)
                 .map_err(|err| ContainerError::Setup(format!("sending start: {err}")))?;
-            let mut byte = [0u8; 4];
-            match sock.read(&mut byte) {
-                // Close-on-exec closed the helper's end: the program runs.
-                Ok(0) => Ok(()),
-                Ok(n) => {
-                    // An error frame: read it whole.
-                    let mut chained = io::Cursor::new(byte[..n].to_vec()).chain(&mut sock);
-                    match read_frame::<_, FromInit>(&mut chained) {
-                        Ok(FromInit::Error(message)) => Err(ContainerError::Setup(message)),
-                        Ok(other) => Err(ContainerError::Setup(format!("unexpected {other:?}"))),
-                        Err(err) => Err(ContainerError::Setup(format!("bad reply: {err}"))),
+            loop {
+                match read_frame::<_, FromInit>(&mut sock) {
+                    // Close-on-exec closed the helper's end: the program runs.
+                    Err(FrameError::Closed) => return Ok(()),
+                    Ok(FromInit::Warning(message)) => crate::log_warn!("{label}: {message}"),
+                    Ok(FromInit::Error(message)) => return Err(ContainerError::Setup(message)),
+                    Ok(other) => {
+                        return Err(ContainerError::Setup(format!("unexpected {other:?}")))
+                    }
+                    Err(err) => {
+                        return Err(ContainerError::Setup(format!("waiting for exec: {err}")))
                     }
                 }
-                Err(err) => Err(ContainerError::Setup(format!("waiting for exec: {err}"))),
             }
         })();
         if outcome.is_err() {

@@ -61,8 +61,10 @@ pub struct MountPlan {
     pub fstype: Option<String>,
     /// `MsFlags` bits (without propagation flags).
     pub flags: u64,
-    /// Propagation flags (`MS_SHARED`, `MS_PRIVATE`, ... with `MS_REC`), applied after mounting.
-    pub propagation: u64,
+    /// Propagation changes (`MS_SHARED`, `MS_PRIVATE`, ..., with `MS_REC` for the `r` forms), in
+    /// the order of the options: each is one `mount(2)` after the mount, as runc applies them
+    /// (the kernel takes one propagation type per call).
+    pub propagation: Vec<u64>,
     /// File system specific options (`mode=755,size=65536k`).
     pub data: Option<String>,
 }
@@ -97,6 +99,29 @@ pub struct CapsPlan {
     pub ambient: Vec<u8>,
 }
 
+impl CapsPlan {
+    /// Which ambient capabilities to raise and which to skip with a warning, as runc applies
+    /// them: the kernel raises an ambient capability only when it is in both the permitted and
+    /// the inheritable set (`PR_CAP_AMBIENT_RAISE` fails with `EPERM` otherwise), and runc warns
+    /// about one it cannot raise and carries on; every other set is applied exactly.
+    pub fn ambient_split(&self) -> AmbientSplit {
+        let (raise, skip) = self
+            .ambient
+            .iter()
+            .partition(|cap| self.permitted.contains(cap) && self.inheritable.contains(cap));
+        AmbientSplit { raise, skip }
+    }
+}
+
+/// The ambient set split by [`CapsPlan::ambient_split`] (capability numbers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmbientSplit {
+    /// In the permitted and inheritable sets: raised.
+    pub raise: Vec<u8>,
+    /// Missing from one of them: the kernel would refuse, so skipped with a warning.
+    pub skip: Vec<u8>,
+}
+
 /// One rlimit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RlimitPlan {
@@ -129,8 +154,9 @@ pub struct Plan {
     /// The container's root file system (absolute guest path).
     pub rootfs: PathBuf,
     pub readonly_rootfs: bool,
-    /// Propagation of `/` in the new mount namespace (`MsFlags` bits).
-    pub rootfs_propagation: u64,
+    /// `linux.rootfsPropagation` (`MsFlags` bits); `None`: not set, and `/` is made `rslave`
+    /// before the container's root is prepared, as runc does.
+    pub rootfs_propagation: Option<u64>,
     pub namespaces: Vec<NamespacePlan>,
     pub mounts: Vec<MountPlan>,
     pub devices: Vec<DevicePlan>,
@@ -303,7 +329,7 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
     Ok(Plan {
         rootfs,
         readonly_rootfs: root.readonly().unwrap_or(false),
-        rootfs_propagation: parse_propagation(linux.rootfs_propagation().as_deref())?,
+        rootfs_propagation: parse_rootfs_propagation(linux.rootfs_propagation().as_deref())?,
         namespaces,
         mounts,
         devices,
@@ -317,21 +343,35 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
     })
 }
 
-/// The rootfs propagation (`MS_REC` + one of shared/slave/private/unbindable); default
-/// `rprivate`: nothing of the container's mounts leaks into the agent's namespace.
-fn parse_propagation(value: Option<&str>) -> Result<u64, SpecError> {
-    let flag = match value.unwrap_or("rprivate") {
-        "shared" | "rshared" => MsFlags::MS_SHARED,
-        "slave" | "rslave" => MsFlags::MS_SLAVE,
-        "private" | "rprivate" => MsFlags::MS_PRIVATE,
-        "unbindable" | "runbindable" => MsFlags::MS_UNBINDABLE,
-        other => {
-            return Err(SpecError::Unsupported(format!(
-                "rootfsPropagation {other:?}"
-            )))
-        }
+/// The flags of a mount propagation name (runc's `mountPropagationMapping`): the `r` forms
+/// add `MS_REC`. `None` for anything else.
+pub fn propagation_flags(name: &str) -> Option<MsFlags> {
+    let (recursive, kind) = match name.strip_prefix('r') {
+        Some(kind @ ("shared" | "slave" | "private" | "unbindable")) => (true, kind),
+        _ => (false, name),
     };
-    Ok((flag | MsFlags::MS_REC).bits())
+    let flag = match kind {
+        "shared" => MsFlags::MS_SHARED,
+        "slave" => MsFlags::MS_SLAVE,
+        "private" => MsFlags::MS_PRIVATE,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        _ => return None,
+    };
+    Some(if recursive {
+        flag | MsFlags::MS_REC
+    } else {
+        flag
+    })
+}
+
+/// `linux.rootfsPropagation`; unset or empty is `None` (runc's default applies).
+fn parse_rootfs_propagation(value: Option<&str>) -> Result<Option<u64>, SpecError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(name) => propagation_flags(name)
+            .map(|flags| Some(flags.bits()))
+            .ok_or_else(|| SpecError::Unsupported(format!("rootfsPropagation {name:?}"))),
+    }
 }
 
 /// The namespaces of the spec. A mount and a pid namespace are required: a container sharing
@@ -535,16 +575,20 @@ pub fn translate_caps(caps: &LinuxCapabilities) -> Result<CapsPlan, SpecError> {
     })
 }
 
-/// Parses OCI mount options into `(flags, propagation flags, data)`.
+/// Parses OCI mount options into `(flags, propagation changes in order, data)`.
 pub fn parse_mount_options(
     destination: &str,
     options: &[String],
-) -> Result<(u64, u64, String), SpecError> {
+) -> Result<(u64, Vec<u64>, String), SpecError> {
     let mut flags = MsFlags::empty();
-    let mut propagation = MsFlags::empty();
+    let mut propagation = Vec::new();
     let mut data: Vec<&str> = Vec::new();
     for option in options {
         let option = option.as_str();
+        if let Some(change) = propagation_flags(option) {
+            propagation.push(change.bits());
+            continue;
+        }
         let (set, clear) = match option {
             "defaults" | "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
             "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
@@ -570,20 +614,6 @@ pub fn parse_mount_options(
             "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
             "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
-            | "runbindable" => {
-                let flag = match option.trim_start_matches('r') {
-                    "private" => MsFlags::MS_PRIVATE,
-                    "shared" => MsFlags::MS_SHARED,
-                    "slave" => MsFlags::MS_SLAVE,
-                    _ => MsFlags::MS_UNBINDABLE,
-                };
-                propagation |= flag;
-                if option.starts_with('r') {
-                    propagation |= MsFlags::MS_REC;
-                }
-                continue;
-            }
             // Options of the mount API that runc maps to ID-mapped or recursive-attr mounts.
             "idmap" | "ridmap" | "rro" | "rrw" | "rnosuid" | "rnodev" | "rnoexec" | "tmpcopyup" => {
                 return Err(SpecError::MountOption {
@@ -607,7 +637,7 @@ pub fn parse_mount_options(
         flags.insert(set);
         flags.remove(clear);
     }
-    Ok((flags.bits(), propagation.bits(), data.join(",")))
+    Ok((flags.bits(), propagation, data.join(",")))
 }
 
 /// The devices every container gets (OCI "default devices"), when `/dev` does not already have
@@ -699,7 +729,7 @@ mod tests {
                 source: Some("tmpfs".into()),
                 fstype: Some("tmpfs".into()),
                 flags: (MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME).bits(),
-                propagation: 0,
+                propagation: Vec::new(),
                 data: Some("mode=755,size=65536k".into()),
             }
         );
@@ -710,7 +740,7 @@ mod tests {
                 source: Some("/run/husk/shared/c1/mounts/0".into()),
                 fstype: None,
                 flags: (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY).bits(),
-                propagation: (MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits(),
+                propagation: vec![(MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits()],
                 data: None,
             }
         );
@@ -757,7 +787,10 @@ mod tests {
         .collect();
         let (flags, propagation, data) = parse_mount_options("/x", &opts).expect("parses");
         assert_eq!(flags, (MsFlags::MS_NOSUID | MsFlags::MS_NODEV).bits());
-        assert_eq!(propagation, (MsFlags::MS_SHARED | MsFlags::MS_REC).bits());
+        assert_eq!(
+            propagation,
+            vec![(MsFlags::MS_SHARED | MsFlags::MS_REC).bits()]
+        );
         assert_eq!(data, "mode=1777,newinstance");
         let err = parse_mount_options("/x", &["idmap".to_string()]).expect_err("unsupported");
         assert_eq!(
@@ -767,6 +800,105 @@ mod tests {
                 option: "idmap".into()
             }
         );
+    }
+
+    #[test]
+    fn propagation_names_map_to_one_flag_and_rec_for_the_r_forms() {
+        for (name, flags) in [
+            ("shared", MsFlags::MS_SHARED),
+            ("rshared", MsFlags::MS_SHARED | MsFlags::MS_REC),
+            ("slave", MsFlags::MS_SLAVE),
+            ("rslave", MsFlags::MS_SLAVE | MsFlags::MS_REC),
+            ("private", MsFlags::MS_PRIVATE),
+            ("rprivate", MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+            ("unbindable", MsFlags::MS_UNBINDABLE),
+            ("runbindable", MsFlags::MS_UNBINDABLE | MsFlags::MS_REC),
+        ] {
+            assert_eq!(propagation_flags(name), Some(flags), "{name}");
+        }
+        for name in ["", "r", "rro", "rrshared", "Shared", "bind", "relatime"] {
+            assert_eq!(propagation_flags(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn rootfs_propagation_is_kept_as_given_and_unset_means_runc_default() {
+        let mut json = base_spec();
+        let plan = |json: &serde_json::Value| {
+            translate_spec(&parse_spec(json).expect("valid"), Path::new("/b"))
+        };
+        assert_eq!(plan(&json).expect("plan").rootfs_propagation, None);
+        json["linux"]["rootfsPropagation"] = json!("");
+        assert_eq!(plan(&json).expect("plan").rootfs_propagation, None);
+        json["linux"]["rootfsPropagation"] = json!("shared");
+        assert_eq!(
+            plan(&json).expect("plan").rootfs_propagation,
+            Some(MsFlags::MS_SHARED.bits())
+        );
+        json["linux"]["rootfsPropagation"] = json!("runbindable");
+        assert_eq!(
+            plan(&json).expect("plan").rootfs_propagation,
+            Some((MsFlags::MS_UNBINDABLE | MsFlags::MS_REC).bits())
+        );
+        json["linux"]["rootfsPropagation"] = json!("sideways");
+        assert_eq!(
+            plan(&json),
+            Err(SpecError::Unsupported(
+                "rootfsPropagation \"sideways\"".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn each_propagation_option_is_its_own_change_in_order_not_data() {
+        let opts: Vec<String> = ["rbind", "private", "rw", "rslave", "unbindable"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (flags, propagation, data) = parse_mount_options("/x", &opts).expect("parses");
+        assert_eq!(flags, (MsFlags::MS_BIND | MsFlags::MS_REC).bits());
+        assert_eq!(
+            propagation,
+            vec![
+                MsFlags::MS_PRIVATE.bits(),
+                (MsFlags::MS_SLAVE | MsFlags::MS_REC).bits(),
+                MsFlags::MS_UNBINDABLE.bits(),
+            ]
+        );
+        assert_eq!(data, "");
+    }
+
+    #[test]
+    fn ambient_capabilities_outside_inheritable_or_permitted_are_skipped() {
+        // `runc spec` of runc 1.1: ambient = permitted, no inheritable set.
+        let runc_spec = CapsPlan {
+            bounding: vec![5, 10, 29],
+            effective: vec![5, 10, 29],
+            inheritable: Vec::new(),
+            permitted: vec![5, 10, 29],
+            ambient: vec![5, 10, 29],
+        };
+        assert_eq!(
+            runc_spec.ambient_split(),
+            AmbientSplit {
+                raise: Vec::new(),
+                skip: vec![5, 10, 29]
+            }
+        );
+        let mixed = CapsPlan {
+            inheritable: vec![5, 7, 10],
+            permitted: vec![0, 5, 10],
+            ambient: vec![0, 5, 7, 10],
+            ..CapsPlan::default()
+        };
+        assert_eq!(
+            mixed.ambient_split(),
+            AmbientSplit {
+                raise: vec![5, 10],
+                skip: vec![0, 7]
+            }
+        );
+        assert_eq!(CapsPlan::default().ambient_split(), AmbientSplit::default());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use crate::bundle::{translate_spec, Bundle};
 use crate::config::HuskConfig;
 use crate::container::{process_start_time, vmm_command, StateDir, VmRollback};
+use crate::hooks::{HookKind, Hooks};
 use crate::share::prepare_share;
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
@@ -16,6 +17,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -92,10 +94,18 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let size = size_vm(&bundle.spec, &cfg, host_cpus())?;
     let kernel = cfg.kernel_path()?;
     let initramfs = cfg.initramfs_path()?;
-    let translation = translate_spec(&bundle, &args.id);
+    let mut translation = translate_spec(&bundle, &args.id);
+    if let Some(resources) = translation.spec["linux"]
+        .get_mut("resources")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        let notes = crate::sizing::map_cpuset(resources, u32::from(size.vcpus))?;
+        translation.notes.extend(notes);
+    }
     for note in &translation.notes {
         logging::warn(note);
     }
+    let affinity = host_affinity(&bundle.spec)?;
 
     let _lock = dir.create_locked()?;
     let mut rollback = VmRollback::new(&dir, logging::warn);
@@ -132,6 +142,15 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         cmd.arg("--supervise").arg(dir.plan_file());
         if let Some(template) = &template {
             cmd.arg("--restore").arg(template);
+        }
+        if let Some(set) = affinity {
+            // SAFETY: sched_setaffinity(2) is async-signal-safe; `set` is a plain copy.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         logging::debug(&format!("spawning {cmd:?}"));
         let child = cmd
@@ -171,9 +190,9 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     ));
     let pid_start_time = process_start_time(pid)
         .with_context(|| format!("husk-vmm (pid {pid}) died right after creating the container"))?;
-    let state = ContainerState {
+    let mut state = ContainerState {
         id: args.id.clone(),
-        status: Status::Created,
+        status: Status::Creating,
         pid,
         pid_start_time,
         bundle: bundle.dir.clone(),
@@ -182,7 +201,28 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         annotations: bundle.annotations(),
         mounts,
         exit: None,
+        vcpus: size.vcpus,
+        hooks: Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?,
     };
+    // The container exists in the guest, its program not yet started: the create-time hooks.
+    let hooked = [
+        HookKind::Prestart,
+        HookKind::CreateRuntime,
+        HookKind::CreateContainer,
+    ]
+    .into_iter()
+    .try_for_each(|kind| {
+        state
+            .hooks
+            .run(kind, &state.oci_state(), &bundle.dir, logging::warn)
+    });
+    if let Err(e) = hooked {
+        // The lifecycle: stop and remove the container, then the poststop hooks.
+        drop(rollback);
+        run_poststop(&state);
+        return Err(e);
+    }
+    state.status = Status::Created;
     state.save(&dir)?;
     if let Some(pid_file) = &args.pid_file {
         let pid_file = std::path::absolute(pid_file).unwrap_or_else(|_| pid_file.clone());
@@ -195,6 +235,46 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         .context("the supervisor handle is gone")?;
     drop(rollback);
     Ok(Created { child, dir, state })
+}
+
+/// The host CPUs the container's `husk-vmm` is pinned to: its cpuset
+/// (`linux.resources.cpu.cpus`), each CPU of which must be online here (as runc refuses a
+/// cpuset the host does not have).
+fn host_affinity(spec: &serde_json::Value) -> Result<Option<nix::sched::CpuSet>> {
+    let Some(list) = spec["linux"]["resources"]["cpu"]["cpus"]
+        .as_str()
+        .filter(|s| !s.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let wanted = crate::sizing::parse_cpuset(list)?;
+    let online_text = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .context("reading /sys/devices/system/cpu/online")?;
+    let online = crate::sizing::parse_cpuset(online_text.trim())?;
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in wanted {
+        if !online.contains(&cpu) {
+            bail!(
+                "linux.resources.cpu.cpus {list}: CPU {cpu} is not online on this host                  (online: {})",
+                online_text.trim()
+            );
+        }
+        set.set(cpu as usize)
+            .with_context(|| format!("linux.resources.cpu.cpus {list}: CPU {cpu}"))?;
+    }
+    Ok(Some(set))
+}
+
+/// Runs the `poststop` hooks of a container that is gone (failures are warnings).
+pub fn run_poststop(state: &ContainerState) {
+    let mut stopped = state.clone();
+    stopped.status = Status::Stopped;
+    let _ = stopped.hooks.run(
+        HookKind::Poststop,
+        &stopped.oci_state(),
+        &stopped.bundle,
+        logging::warn,
+    );
 }
 
 /// Reads the supervisor's one-line report (empty when it exited without one).

@@ -50,6 +50,9 @@ pub fn delete(globals: &Globals, args: &DeleteArgs) -> Result<()> {
     }
     remove_state_dir(&dir)?;
     drop(lock);
+    if let Some(state) = &state {
+        crate::commands::create::run_poststop(state);
+    }
     Ok(())
 }
 

@@ -9,11 +9,14 @@ pub fn features_doc() -> Value {
     json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
-        "hooks": [],
+        "hooks": [
+            "prestart", "createRuntime", "createContainer", "startContainer", "poststart",
+            "poststop"
+        ],
         "mountOptions": [
             "bind", "rbind", "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
             "relatime", "norelatime", "strictatime", "noatime", "private", "rprivate",
-            "shared", "rshared", "slave", "rslave", "tmpcopyup"
+            "shared", "rshared", "slave", "rslave", "unbindable", "runbindable", "tmpcopyup"
         ],
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],

@@ -2,6 +2,8 @@
 
 use crate::agent::{call_ok, connect, init_process};
 use crate::container::StateDir;
+use crate::hooks::HookKind;
+use crate::logging::warn;
 use crate::state::{ContainerState, Status};
 use crate::Globals;
 use anyhow::{bail, Result};
@@ -30,6 +32,18 @@ pub fn start_locked(dir: &StateDir) -> Result<()> {
             other => bail!("cannot start an already {other} container"),
         }
     }
+    state
+        .hooks
+        .run(
+            HookKind::StartContainer,
+            &state.oci_state(),
+            &state.bundle,
+            warn,
+        )
+        .inspect_err(|_| {
+            // The lifecycle: a failed startContainer hook stops the container.
+            crate::commands::delete::stop_vmm(&state);
+        })?;
     let mut client = connect(dir)?;
     let started = call_ok(
         &mut client,
@@ -48,5 +62,8 @@ pub fn start_locked(dir: &StateDir) -> Result<()> {
     }
     state.status = Status::Running;
     state.save(dir)?;
+    state
+        .hooks
+        .run(HookKind::Poststart, &state.oci_state(), &state.bundle, warn)?;
     Ok(())
 }

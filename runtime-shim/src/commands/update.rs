@@ -116,6 +116,17 @@ pub fn update(globals: &Globals, args: &UpdateArgs) -> Result<()> {
     if !state.can_kill() {
         bail!("container {} is not running", args.id);
     }
+    if let Some(map) = resources.as_object_mut() {
+        // A new cpuset is in host numbering, like the one at create: onto the VM's vCPUs.
+        let vcpus = if state.vcpus == 0 {
+            crate::sizing::host_cpus()
+        } else {
+            u32::from(state.vcpus)
+        };
+        for note in crate::sizing::map_cpuset(map, vcpus)? {
+            crate::logging::warn(&note);
+        }
+    }
     let mut client = connect(&dir)?;
     call_ok(
         &mut client,

@@ -50,6 +50,8 @@ pub struct Sandbox {
     pub id: String,
     pub dir: StateDir,
     pub vmm_pid: i32,
+    /// The VM's vCPUs (a member container's cpuset is mapped onto them).
+    pub vcpus: u8,
     /// Set by the monitor thread once the VMM exited (with its wait status text).
     exited: Arc<(Mutex<Option<String>>, Condvar)>,
 }
@@ -196,6 +198,7 @@ impl Sandbox {
             id: id.to_string(),
             dir,
             vmm_pid: pid,
+            vcpus: size.vcpus,
             exited,
         })
     }

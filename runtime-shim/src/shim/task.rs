@@ -23,6 +23,7 @@ use super::translate::{
 use crate::agent::{call, call_ok, AGENT_CONNECT_TIMEOUT};
 use crate::bundle::{translate_spec, Bundle, GUEST_SHARE};
 use crate::container::validate_id;
+use crate::hooks::{HookKind, Hooks};
 use crate::share::bind_into_share;
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -115,6 +116,41 @@ struct Container {
     init: Arc<Process>,
     execs: BTreeMap<String, Arc<Process>>,
     paused: bool,
+    /// The OCI hooks of its `config.json` (see [`crate::hooks`]).
+    hooks: Hooks,
+    annotations: BTreeMap<String, String>,
+}
+
+/// The OCI state a hook of a shim container gets (its pid: the sandbox's VMM).
+fn hook_state(
+    id: &str,
+    bundle: &std::path::Path,
+    pid: u32,
+    annotations: &BTreeMap<String, String>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": crate::state::OCI_VERSION,
+        "id": id,
+        "status": "creating",
+        "pid": pid,
+        "bundle": bundle,
+        "annotations": annotations,
+    })
+}
+
+/// Runs the `poststop` hooks of a container that is gone (failures are warnings).
+fn run_poststop(
+    id: &str,
+    hooks: &Hooks,
+    bundle: &std::path::Path,
+    annotations: &BTreeMap<String, String>,
+) {
+    let _ = hooks.run(
+        HookKind::Poststop,
+        &hook_state(id, bundle, 0, annotations),
+        bundle,
+        |m| log::warn!("task {id}: {m}"),
+    );
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -459,6 +495,16 @@ impl Shared {
             log::warn!("task {id}: {note}");
         }
         translation.spec["process"]["terminal"] = serde_json::Value::Bool(req.terminal);
+        if let Some(resources) = translation.spec["linux"]
+            .get_mut("resources")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            let notes = crate::sizing::map_cpuset(resources, u32::from(sandbox.vcpus))
+                .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+            for note in notes {
+                log::warn!("task {id}: {note}");
+            }
+        }
         if sandbox_id == id {
             if use_vm_network(&mut translation.spec) {
                 // The pod's CNI interface, if it has one, was carried into the VM's network
@@ -493,6 +539,25 @@ impl Shared {
             )));
         };
         undo.guest = Some((sandbox.clone(), id.to_string()));
+        // The container exists in the guest, its program not yet started: the create-time
+        // hooks; one failing removes the container (`undo`), then the poststop hooks run.
+        let hooks = Hooks::from_spec(&bundle.spec).map_err(ShimError::InvalidArgument)?;
+        let annotations = bundle.annotations();
+        let state = hook_state(id, &bundle_dir, host_pid(&sandbox), &annotations);
+        let hooked = [
+            HookKind::Prestart,
+            HookKind::CreateRuntime,
+            HookKind::CreateContainer,
+        ]
+        .into_iter()
+        .try_for_each(|kind| {
+            hooks.run(kind, &state, &bundle_dir, |m| log::warn!("task {id}: {m}"))
+        });
+        if let Err(e) = hooked {
+            drop(undo);
+            run_poststop(id, &hooks, &bundle_dir, &annotations);
+            return Err(ShimError::Internal(e));
+        }
         let reference = ProcessRef {
             id: id.to_string(),
             exec_id: None,
@@ -508,6 +573,8 @@ impl Shared {
                 init,
                 execs: BTreeMap::new(),
                 paused: false,
+                hooks,
+                annotations,
             },
         );
         undo.disarm();
@@ -544,6 +611,28 @@ impl Shared {
                 *status
             )));
         }
+        let pid = host_pid(&sandbox);
+        // A container's init: its startContainer hooks first, its poststart hooks after.
+        let hooks = match &process.exec_id {
+            None => lock(&self.containers)
+                .get(id)
+                .map(|c| (c.hooks.clone(), c.bundle.clone(), c.annotations.clone())),
+            Some(_) => None,
+        };
+        if let Some((hooks, bundle, annotations)) = &hooks {
+            let mut state = hook_state(id, bundle, pid, annotations);
+            state["status"] = "created".into();
+            if let Err(e) = hooks.run(HookKind::StartContainer, &state, bundle, |m| {
+                log::warn!("task {id}: {m}")
+            }) {
+                // The lifecycle: a failed startContainer hook stops the container.
+                drop(status);
+                if let Err(kill) = self.kill_created(&sandbox, &process) {
+                    log::warn!("task {id}: stopping it after its startContainer hook: {kill}");
+                }
+                return Err(ShimError::Internal(e));
+            }
+        }
         let mut client = self.agent(&sandbox)?;
         call_ok(
             &mut client,
@@ -552,7 +641,12 @@ impl Shared {
         )
         .map_err(anyhow::Error::from)?;
         *status = ProcStatus::Running;
-        let pid = host_pid(&sandbox);
+        if let Some((hooks, bundle, annotations)) = &hooks {
+            let state = hook_state(id, bundle, pid, annotations);
+            let _ = hooks.run(HookKind::Poststart, &state, bundle, |m| {
+                log::warn!("task {id}: {m}")
+            });
+        }
         match &process.exec_id {
             None => self.publish(
                 "/tasks/start",
@@ -674,6 +768,9 @@ impl Shared {
             if let Err(e) = unmount_rootfs(rootfs) {
                 problems.push(format!("{e:#}"));
             }
+        }
+        if let Some(c) = &container {
+            run_poststop(id, &c.hooks, &c.bundle, &c.annotations);
         }
         self.publish(
             "/tasks/delete",
@@ -940,6 +1037,13 @@ impl Shared {
             }
         }
         let sandbox = self.sandbox()?;
+        if let Some(map) = resources.as_object_mut() {
+            let notes = crate::sizing::map_cpuset(map, u32::from(sandbox.vcpus))
+                .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+            for note in notes {
+                log::warn!("task {}: update: {note}", req.id);
+            }
+        }
         let mut client = self.agent(&sandbox)?;
         call_ok(
             &mut client,

@@ -1,0 +1,340 @@
+//! What the host side of `husk` does of the OCI runtime spec, end to end: hooks (all six
+//! kinds, once each, in lifecycle order, with the container's state on stdin; a failing
+//! prestart hook fails `create` and leaves nothing; a failing poststart hook is a warning),
+//! namespace paths checked for their type, and CPU sets mapped onto the microVM's vCPUs.
+
+use husk_tests::oci::OciEnv;
+use husk_tests::wait_until;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(300);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A hook that appends `KIND <state JSON>` as one line to `log`, then runs `extra`.
+fn logging_hook(kind: &str, log: &Path, extra: &str) -> Value {
+    json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!(
+            "{{ printf '%s ' {kind}; cat; echo; }} >> {log}; {extra}",
+            log = log.display()
+        )],
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        "timeout": 60
+    })
+}
+
+/// The `(kind, state)` lines a hook log holds.
+fn hook_log(log: &Path) -> Vec<(String, Value)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let (kind, state) = line.split_once(' ').expect("KIND STATE");
+            let state = serde_json::from_str(state)
+                .unwrap_or_else(|e| panic!("hook state of {kind} is not JSON ({e}): {state}"));
+            (kind.to_string(), state)
+        })
+        .collect()
+}
+
+#[test]
+fn every_hook_kind_runs_once_in_order_with_its_state() {
+    let Some(env) = OciEnv::new("every_hook_kind_runs_once_in_order_with_its_state") else {
+        return;
+    };
+    let log = env.work.path().join("hooks.log");
+    let marker = env.work.path().join("rootfs/created-by-hook");
+    let bundle = env.bundle("hooked", &["sleep", "1000"], |spec| {
+        spec["hooks"] = json!({
+            "prestart": [logging_hook("prestart", &log, "")],
+            "createRuntime": [logging_hook("createRuntime", &log, "")],
+            // What a createContainer hook writes into the rootfs is in the container.
+            "createContainer": [logging_hook(
+                "createContainer",
+                &log,
+                &format!("echo from-the-hook > {}", marker.display()),
+            )],
+            "startContainer": [logging_hook("startContainer", &log, "")],
+            "poststart": [logging_hook("poststart", &log, "")],
+            "poststop": [logging_hook("poststop", &log, "")],
+        });
+    });
+    let bundle_text = bundle.to_str().expect("utf-8");
+    let pid_file = env.work.path().join("c1.pid");
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle_text,
+        "--pid-file",
+        pid_file.to_str().expect("utf-8"),
+        "c1",
+    ]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid: u64 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let seen = hook_log(&log);
+    let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["prestart", "createRuntime", "createContainer"]);
+    for (kind, state) in &seen {
+        assert_eq!(state["status"], "creating", "{kind}: {state}");
+        assert_eq!(state["id"], "c1", "{kind}: {state}");
+        assert_eq!(state["pid"], pid, "{kind}: the container's pid, husk-vmm");
+        assert_eq!(state["bundle"], bundle_text, "{kind}: {state}");
+    }
+
+    let out = env.run(&["start", "c1"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let seen = hook_log(&log);
+    let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart"
+        ]
+    );
+    assert_eq!(seen[3].1["status"], "created");
+    assert_eq!(seen[4].1["status"], "running");
+    assert_eq!(seen[4].1["pid"], pid);
+
+    let out = env.run(&["exec", "c1", "cat", "/created-by-hook"]);
+    assert_eq!(
+        text(&out.stdout),
+        "from-the-hook\n",
+        "exec: {}",
+        text(&out.stderr)
+    );
+
+    let out = env.run(&["kill", "c1", "KILL"]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    assert!(env.wait_status("c1", "stopped", T), "stopped after SIGKILL");
+    assert_eq!(hook_log(&log).len(), 5, "no hook runs on kill");
+    let out = env.run(&["delete", "c1"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    let seen = hook_log(&log);
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_eq!(seen[5].0, "poststop");
+    assert_eq!(seen[5].1["status"], "stopped");
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
+
+#[test]
+fn a_failing_prestart_hook_fails_create_and_leaves_nothing() {
+    let Some(env) = OciEnv::new("a_failing_prestart_hook_fails_create_and_leaves_nothing") else {
+        return;
+    };
+    let log = env.work.path().join("hooks.log");
+    let bundle = env.bundle("broken", &["true"], |spec| {
+        spec["hooks"] = json!({
+            "prestart": [logging_hook("prestart", &log, "echo no network for you >&2; exit 4")],
+            "createRuntime": [logging_hook("createRuntime", &log, "")],
+            "poststop": [logging_hook("poststop", &log, "")],
+        });
+    });
+    let out = env.run(&["create", "--bundle", bundle.to_str().expect("utf-8"), "c2"]);
+    assert!(!out.status.success(), "create must fail");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("prestart hook 0 (/bin/sh)")
+            && stderr.contains("exit status: 4")
+            && stderr.contains("no network for you"),
+        "the error names the hook and quotes it: {stderr}"
+    );
+    let kinds: Vec<String> = hook_log(&log).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        kinds,
+        ["prestart", "poststop"],
+        "the hooks after the failed one do not run; poststop does"
+    );
+    assert!(env.state("c2").is_none(), "no container is left");
+    assert!(
+        wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+        "no husk-vmm is left: {:?}",
+        env.vmms_left()
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
+}
+
+#[test]
+fn a_failing_poststart_hook_warns_and_the_container_runs() {
+    let Some(env) = OciEnv::new("a_failing_poststart_hook_warns_and_the_container_runs") else {
+        return;
+    };
+    let log = env.work.path().join("hooks.log");
+    let bundle = env.bundle("warned", &["sh", "-c", "echo ran; exit 3"], |spec| {
+        spec["hooks"] = json!({
+            "poststart": [
+                logging_hook("poststart", &log, "exit 1"),
+                logging_hook("poststart", &log, ""),
+            ],
+            "poststop": [logging_hook("poststop", &log, "exit 1")],
+        });
+    });
+    let out = env.run(&["run", "--bundle", bundle.to_str().expect("utf-8"), "c3"]);
+    assert_eq!(out.status.code(), Some(3), "run: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ran\n");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("poststart hook 0") && stderr.contains("poststop hook 0"),
+        "each failure is a warning: {stderr}"
+    );
+    let kinds: Vec<String> = hook_log(&log).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds, ["poststart", "poststart", "poststop"]);
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
+
+#[test]
+fn a_namespace_path_of_the_wrong_type_fails_create() {
+    let Some(env) = OciEnv::new("a_namespace_path_of_the_wrong_type_fails_create") else {
+        return;
+    };
+    let bundle = env.bundle("wrongns", &["true"], |spec| {
+        let namespaces = spec["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces");
+        namespaces.retain(|ns| ns["type"] != "network");
+        namespaces.push(json!({"type": "network", "path": "/proc/self/ns/ipc"}));
+    });
+    let out = env.run(&["create", "--bundle", bundle.to_str().expect("utf-8"), "c4"]);
+    assert!(!out.status.success(), "create must fail");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("namespace network path /proc/self/ns/ipc")
+            && stderr.contains("not a network namespace"),
+        "{stderr}"
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(env.vmms_left().is_empty());
+}
+
+/// The host's online CPUs.
+fn online_cpus() -> Vec<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online CPUs");
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(a.parse::<u32>().expect("cpu")..=b.parse::<u32>().expect("cpu"));
+    }
+    cpus
+}
+
+#[test]
+fn a_cpuset_becomes_the_guests_cpus_and_pins_the_vmm() {
+    let Some(env) = OciEnv::new("a_cpuset_becomes_the_guests_cpus_and_pins_the_vmm") else {
+        return;
+    };
+    let online = online_cpus();
+    let last = *online.last().expect("a CPU");
+    let show = "cat /sys/fs/cgroup/cpuset.cpus /sys/fs/cgroup/cpu.max; nproc; sleep 1000";
+    // One host CPU, the last one (`--cpuset-cpus=N`) with half a CPU of quota.
+    let bundle = env.bundle("one", &["sh", "-c", show], |spec| {
+        spec["linux"]["resources"]["cpu"] =
+            json!({"cpus": last.to_string(), "quota": 50000, "period": 100000});
+    });
+    let pid_file = env.work.path().join("one.pid");
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "--pid-file",
+        pid_file.to_str().expect("utf-8"),
+        "one",
+    ]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string();
+    assert_eq!(
+        allowed,
+        last.to_string(),
+        "husk-vmm runs on the cpuset's CPU"
+    );
+    let out = env.run(&["start", "one"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let out = env.run(&[
+        "exec",
+        "one",
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/cpuset.cpus /sys/fs/cgroup/cpu.max; nproc",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "0\n50000 100000\n1\n",
+        "the guest cgroup has guest CPU 0 and the quota: {}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["delete", "--force", "one"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+
+    // `--cpus 0.5 --cpuset-cpus 0-1`: a guest CPU for each, the quota kept.
+    if online.len() >= 2 {
+        let pair = format!("{}-{}", online[0], online[1]);
+        let bundle = env.bundle("two", &["sh", "-c", show], |spec| {
+            spec["linux"]["resources"]["cpu"] =
+                json!({"cpus": pair, "quota": 50000, "period": 100000});
+        });
+        let out = env.run(&[
+            "run",
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+            "-d",
+            "two",
+        ]);
+        assert!(out.status.success(), "run: {}", text(&out.stderr));
+        let out = env.run(&[
+            "exec",
+            "two",
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/cpuset.cpus /sys/fs/cgroup/cpu.max; nproc",
+        ]);
+        assert_eq!(
+            text(&out.stdout),
+            "0-1\n50000 100000\n2\n",
+            "{}",
+            text(&out.stderr)
+        );
+        let out = env.run(&["delete", "--force", "two"]);
+        assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    } else {
+        eprintln!("NOTE: one host CPU: the two-CPU cpuset case needs two");
+    }
+
+    // A CPU this host does not have: refused by name, nothing made.
+    let missing = last + 1;
+    let bundle = env.bundle("none", &["true"], |spec| {
+        spec["linux"]["resources"]["cpu"] = json!({"cpus": missing.to_string()});
+    });
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "none",
+    ]);
+    assert!(!out.status.success(), "create must fail");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("CPU {missing} is not online on this host")),
+        "{stderr}"
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(env.vmms_left().is_empty());
+}
