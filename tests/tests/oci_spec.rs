@@ -1,7 +1,8 @@
 //! What the guest agent does of the OCI runtime spec, checked the way runc behaves: a config as
 //! `runc spec` writes it (ambient capabilities without inheritable ones) runs with the sets runc
 //! gives it, and every `linux.rootfsPropagation` creates and starts, with the root mount's
-//! propagation visible in the container's `/proc/self/mountinfo`.
+//! propagation visible in the container's `/proc/self/mountinfo`; a container in a user
+//! namespace runs with its mapped ids, and what it makes is owned accordingly on the host.
 
 use husk_tests::oci::OciEnv;
 use serde_json::{json, Value};
@@ -186,4 +187,194 @@ fn a_mount_made_under_an_rshared_root_is_shared() {
         .find(|l| l.split(' ').nth(4) == Some("/mnt/sub"))
         .expect("the /mnt/sub line");
     assert!(sub.contains(" - tmpfs "), "{sub}");
+}
+
+#[test]
+fn a_user_namespaced_container_runs_with_the_mapped_ids() {
+    let Some(env) = OciEnv::new("a_user_namespaced_container_runs_with_the_mapped_ids") else {
+        return;
+    };
+    // As podman --userns=auto prepares an image: the rootfs owned by the range's first id.
+    let rootfs = env.work.path().join("rootfs");
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "100000:100000"])
+        .arg(&rootfs)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    let script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
+                  touch /made-by-root; stat -c '%u:%g' /made-by-root /bin";
+    let bundle = env.bundle("userns", &["sh", "-c", script], |spec| {
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        spec["root"]["readonly"] = json!(false);
+    });
+    let out = run_ok(&env, &bundle, "userns");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            vec!["0", "100000", "65536"],
+            vec!["0", "100000", "65536"],
+            vec!["0"],
+            vec!["0"],
+            vec!["0:0"],
+            vec!["0:0"],
+        ],
+        "inside: {out}"
+    );
+    let made = std::fs::metadata(rootfs.join("made-by-root")).expect("the file reached the host");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (100000, 100000),
+        "the container's root is uid 100000 on the host"
+    );
+
+    // A process user inside the range: uid 1000 in the container is 101000 outside.
+    let bundle = env.bundle("userns-user", &["sh", "-c", "id -u; touch /tmp/x; stat -c %u /tmp/x"], |spec| {
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+        spec["mounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]}));
+    });
+    let out = run_ok(&env, &bundle, "userns-user");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["1000", "1000"],
+        "{out}"
+    );
+
+    // An exec joins the container's user namespace too.
+    let bundle = env.bundle("userns-exec", &["sleep", "1000"], |spec| {
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    });
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "userns-exec",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let out = env.run(&[
+        "exec",
+        "userns-exec",
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; id -u",
+    ]);
+    assert_eq!(
+        text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536", "0"],
+        "exec: {}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["delete", "--force", "userns-exec"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+
+    // Maps the kernel would refuse are refused by name, and nothing is left.
+    let bundle = env.bundle("userns-bad", &["true"], |spec| {
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .expect("namespaces")
+            .push(json!({"type": "user"}));
+        spec["linux"]["uidMappings"] = json!([{"containerID": 1, "hostID": 100000, "size": 10}]);
+        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 10}]);
+    });
+    let out = env.run(&[
+        "run",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "userns-bad",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("uidMappings: the container's root (id 0) is not mapped"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
+
+#[test]
+fn podman_passes_user_namespaces_and_cpusets_through() {
+    let test = "podman_passes_user_namespaces_and_cpusets_through";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    if !husk_tests::oci::client_available(test, "podman") {
+        return;
+    }
+    let podman = env.podman();
+    let tarball = env.rootfs_tarball();
+    let out = podman.run(&[
+        "import",
+        tarball.to_str().expect("utf-8"),
+        "localhost/bb:latest",
+    ]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+
+    // `--uidmap`: podman gives the container an id-shifted copy of the image and the maps.
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "--uidmap=0:100000:65536",
+        "--gidmap=0:100000:65536",
+        "localhost/bb",
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; id -u; stat -c %u /bin",
+    ]);
+    assert!(out.status.success(), "run --uidmap: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536", "0", "0"],
+        "{}",
+        text(&out.stderr)
+    );
+
+    // `--cpuset-cpus` with a quota: the guest cgroup has guest CPU 0 and the quota.
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "--cpuset-cpus=0",
+        "--cpus=0.5",
+        "localhost/bb",
+        "cat",
+        "/sys/fs/cgroup/cpuset.cpus",
+        "/sys/fs/cgroup/cpu.max",
+    ]);
+    assert!(
+        out.status.success(),
+        "run --cpuset-cpus: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "0\n50000 100000\n",
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -80,6 +80,8 @@ pub const NO_PIVOT_ENV: &str = "HUSK_AGENT_NO_PIVOT";
 pub enum ToInit {
     Setup(Box<InitConfig>),
     Start,
+    /// The maps of the helper's new user namespace are written.
+    IdsMapped,
 }
 
 /// Helper -> agent.
@@ -95,6 +97,9 @@ pub enum FromInit {
     Error(String),
     /// Something the agent logs as a warning; the process goes on (as runc's init logs to runc).
     Warning(String),
+    /// The helper is in its new user namespace: the agent writes its uid and gid maps (a
+    /// process cannot map ids other than its own), then answers [`ToInit::IdsMapped`].
+    MapIds,
 }
 
 /// A failed step, with context.
@@ -140,7 +145,15 @@ fn setup_and_exec(control: &mut UnixStream) -> StepResult<std::convert::Infallib
             format!("joining {}", procs.display())
         })?;
     }
-    let joined_pid = join_namespaces(&config)?;
+    let enters_userns = config.join.iter().any(|ns| ns.flag == libc::CLONE_NEWUSER)
+        || config
+            .create
+            .as_ref()
+            .is_some_and(|p| p.in_user_namespace());
+    if enters_userns {
+        set_rlimits(&config.process)?;
+    }
+    let joined_pid = join_namespaces(&config, control)?;
     if joined_pid {
         fork_into_pid_namespace(control)?;
     }
@@ -223,17 +236,25 @@ fn setup_console(control: &UnixStream) -> StepResult {
     Ok(())
 }
 
-/// Enters the namespaces: joins those with a path, creates the others. Returns whether a pid
-/// namespace was joined (the caller must fork to be in it).
-fn join_namespaces(config: &InitConfig) -> StepResult<bool> {
+/// Enters the namespaces: joins those with a path, creates the others. Returns whether the
+/// caller must fork to be in its pid namespace (one was joined, or made by `unshare`).
+///
+/// A new user namespace comes first, alone: the agent writes its maps (see
+/// [`FromInit::MapIds`]), the helper becomes its root, and every namespace made after it
+/// (the pid namespace too, which the agent then did not make) is owned by it, as with runc.
+fn join_namespaces(config: &InitConfig, control: &mut UnixStream) -> StepResult<bool> {
     let mut joins: Vec<&NamespacePlan> = config.join.iter().collect();
     let mut new_flags = CloneFlags::empty();
+    let mut new_user = false;
     if let Some(plan) = &config.create {
+        new_user = plan.user_namespace.is_some();
         for ns in &plan.namespaces {
             match &ns.path {
                 Some(_) => joins.push(ns),
-                // A new pid namespace was made by the agent's clone.
-                None if ns.flag == libc::CLONE_NEWPID => {}
+                None if ns.flag == libc::CLONE_NEWUSER => {}
+                // A new pid namespace was made by the agent's clone (unless after a new user
+                // namespace, made here).
+                None if ns.flag == libc::CLONE_NEWPID && !new_user => {}
                 None => new_flags |= CloneFlags::from_bits_retain(ns.flag),
             }
         }
@@ -247,8 +268,13 @@ fn join_namespaces(config: &InitConfig) -> StepResult<bool> {
         })?;
         opened.push((ns.flag, path.clone(), file));
     }
-    // The mount namespace last.
-    opened.sort_by_key(|(flag, _, _)| *flag == libc::CLONE_NEWNS);
+    // The user namespace next to last (the others are entered with the agent's privileges),
+    // the mount namespace last.
+    opened.sort_by_key(|(flag, _, _)| match *flag {
+        libc::CLONE_NEWNS => 2,
+        libc::CLONE_NEWUSER => 1,
+        _ => 0,
+    });
     let mut joined_pid = false;
     for (flag, path, file) in &opened {
         ctx(
@@ -256,11 +282,60 @@ fn join_namespaces(config: &InitConfig) -> StepResult<bool> {
             || format!("joining namespace {}", path.display()),
         )?;
         joined_pid |= *flag == libc::CLONE_NEWPID;
+        if *flag == libc::CLONE_NEWUSER {
+            become_namespace_root()?;
+        }
+    }
+    if new_user {
+        ctx(unshare(CloneFlags::CLONE_NEWUSER), || {
+            "unshare(CLONE_NEWUSER)".into()
+        })?;
+        ctx(write_frame(control, &FromInit::MapIds), || {
+            "asking for the id maps".into()
+        })?;
+        match read_frame::<_, ToInit>(control) {
+            Ok(ToInit::IdsMapped) => {}
+            Ok(other) => return Err(format!("expected the id maps, got {other:?}")),
+            Err(err) => return Err(format!("waiting for the id maps: {err}")),
+        }
+        become_namespace_root()?;
     }
     if !new_flags.is_empty() {
         ctx(unshare(new_flags), || format!("unshare({new_flags:?})"))?;
     }
-    Ok(joined_pid)
+    Ok(joined_pid || new_flags.contains(CloneFlags::CLONE_NEWPID))
+}
+
+/// Sets the process's rlimits. Raising a hard limit needs `CAP_SYS_RESOURCE` in the initial
+/// user namespace: a process bound for a user namespace sets them before entering it (they
+/// last through `setns`, `unshare`, `fork` and `execve`), as runc's parent sets them.
+fn set_rlimits(p: &ProcessPlan) -> StepResult {
+    for rl in &p.rlimits {
+        let limit = libc::rlimit64 {
+            rlim_cur: rl.soft,
+            rlim_max: rl.hard,
+        };
+        // SAFETY: `limit` is a valid rlimit64 for the call's duration; the old-limit pointer is
+        // null.
+        let ret = unsafe { libc::prlimit64(0, rl.resource as _, &limit, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(format!("setrlimit({}): {}", rl.resource, Errno::last()));
+        }
+    }
+    Ok(())
+}
+
+/// Becomes root (uid and gid 0) of the user namespace just entered: the helper's ids are the
+/// agent's, which the namespace need not map, and files it makes must have owners there.
+fn become_namespace_root() -> StepResult {
+    ctx(
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+        || "becoming gid 0 of the user namespace (is gid 0 mapped?)".into(),
+    )?;
+    ctx(
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)),
+        || "becoming uid 0 of the user namespace (is uid 0 mapped?)".into(),
+    )
 }
 
 /// After joining a pid namespace only children are in it: fork one, as a child of the agent
@@ -394,10 +469,11 @@ fn do_mount(
 fn setup_rootfs(sys: &dyn Syscall, plan: &Plan, no_pivot: bool) -> StepResult {
     let rootfs = &plan.rootfs;
     prepare_root(sys, plan)?;
+    let userns = plan.in_user_namespace();
     for m in &plan.mounts {
-        mount_one(sys, rootfs, m)?;
+        mount_one(sys, rootfs, m, userns)?;
     }
-    create_devices(sys, rootfs, &plan.devices)?;
+    create_devices(sys, rootfs, &plan.devices, userns)?;
     ctx(chdir(rootfs), || format!("chdir {}", rootfs.display()))?;
     // To detach the old root after pivot_root: "." is no reliable name for it (runc's pivotRoot).
     let old_root = ctx(
@@ -587,12 +663,17 @@ fn finalize_rootfs(sys: &dyn Syscall, plan: &Plan) -> StepResult {
         readonly_path(sys, path)?;
     }
     if plan.readonly_rootfs {
+        let locked = if plan.in_user_namespace() {
+            locked_flags(Path::new("/"))
+        } else {
+            MsFlags::empty()
+        };
         do_mount(
             sys,
             None,
             Path::new("/"),
             None,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked,
             None,
         )?;
     }
@@ -617,7 +698,32 @@ fn apply_root_propagation(sys: &dyn Syscall, plan: &Plan) -> StepResult {
     }
 }
 
-fn mount_one(sys: &dyn Syscall, rootfs: &Path, m: &MountPlan) -> StepResult {
+/// The flags of the mount at `path` that a user namespace cannot drop on a remount (the kernel
+/// locks them on the mounts a less privileged mount namespace inherits, and on binds of those):
+/// a remount there must repeat them, as runc's does.
+fn locked_flags(path: &Path) -> MsFlags {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let Ok(stat) = statvfs(path) else {
+        return MsFlags::empty();
+    };
+    let f = stat.flags();
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| f.contains(*st))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
+}
+
+/// Mounts one entry of `mounts`. In a user namespace (`userns`) a remount keeps the locked
+/// flags, and `sysfs`, which only the owner of the network namespace may mount, is bound
+/// from the guest's `/sys` when the kernel refuses it (as runc does).
+fn mount_one(sys: &dyn Syscall, rootfs: &Path, m: &MountPlan, userns: bool) -> StepResult {
     let target = ctx(secure_join(rootfs, &m.destination), || {
         format!("resolving {}", m.destination.display())
     })?;
@@ -643,26 +749,45 @@ fn mount_one(sys: &dyn Syscall, rootfs: &Path, m: &MountPlan) -> StepResult {
         do_mount(sys, Some(source), &target, None, bind_flags, None)?;
         let rest = flags - (MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !rest.is_empty() {
+            let locked = if userns {
+                locked_flags(&target)
+            } else {
+                MsFlags::empty()
+            };
             do_mount(
                 sys,
                 None,
                 &target,
                 None,
-                rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                rest | locked | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
                 None,
             )?;
         }
     } else {
         mkdir_all(&target)?;
         let source = m.source.clone().unwrap_or_else(|| PathBuf::from("none"));
-        do_mount(
+        let mounted = do_mount(
             sys,
             Some(&source),
             &target,
             m.fstype.as_deref(),
             flags,
             m.data.as_deref(),
-        )?;
+        );
+        match mounted {
+            Err(_) if userns && m.fstype.as_deref() == Some("sysfs") => {
+                // Refused (EPERM) to a user namespace that does not own the network namespace.
+                do_mount(
+                    sys,
+                    Some(Path::new("/sys")),
+                    &target,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None,
+                )?;
+            }
+            other => other?,
+        }
     }
     // One call per propagation option, with nothing but its flags (as runc).
     for change in &m.propagation {
@@ -722,9 +847,16 @@ fn make_device(
     )
 }
 
-fn create_devices(sys: &dyn Syscall, rootfs: &Path, devices: &[DevicePlan]) -> StepResult {
+/// Makes the spec's device nodes and the default ones. In a user namespace, where `mknod` is
+/// refused, each is the guest's own node bound in (as runc binds the host's).
+fn create_devices(
+    sys: &dyn Syscall,
+    rootfs: &Path,
+    devices: &[DevicePlan],
+    userns: bool,
+) -> StepResult {
     for dev in devices {
-        make_device(sys, rootfs, dev, false)?;
+        make_device(sys, rootfs, dev, userns)?;
     }
     for (path, major, minor) in DEFAULT_DEVICES {
         if devices.iter().any(|d| d.path == Path::new(path)) {
@@ -910,18 +1042,7 @@ fn exec_process(
             ));
         }
     }
-    for rl in &p.rlimits {
-        let limit = libc::rlimit64 {
-            rlim_cur: rl.soft,
-            rlim_max: rl.hard,
-        };
-        // SAFETY: `limit` is a valid rlimit64 for the call's duration; the old-limit pointer is
-        // null.
-        let ret = unsafe { libc::prlimit64(0, rl.resource as _, &limit, std::ptr::null_mut()) };
-        if ret != 0 {
-            return Err(format!("setrlimit({}): {}", rl.resource, Errno::last()));
-        }
-    }
+    set_rlimits(p)?;
     if let Some(adj) = p.oom_score_adj {
         ctx(
             fs::write("/proc/self/oom_score_adj", adj.to_string()),
@@ -1101,7 +1222,7 @@ mod tests {
             data: None,
         };
         let sys = RecordingSyscall::new();
-        mount_one(&sys, &rootfs, &plan).expect("mount");
+        mount_one(&sys, &rootfs, &plan, false).expect("mount");
         let target = rootfs.join("mnt/data");
         assert!(target.is_dir(), "mount point created");
         assert_eq!(
@@ -1157,7 +1278,7 @@ mod tests {
             data: Some("size=1m".into()),
         };
         let sys = RecordingSyscall::new();
-        mount_one(&sys, dir.path(), &plan).expect("mount");
+        mount_one(&sys, dir.path(), &plan, false).expect("mount");
         let target = dir.path().join("mnt");
         let mut first = mount_call(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID);
         if let Call::Mount { data, .. } = &mut first {
@@ -1187,6 +1308,7 @@ mod tests {
             domainname: None,
             sysctls: Vec::new(),
             seccomp: Vec::new(),
+            user_namespace: None,
             process: ProcessPlan {
                 args: vec!["sh".into()],
                 env: Vec::new(),
@@ -1357,7 +1479,7 @@ mod tests {
             propagation: Vec::new(),
             data: None,
         };
-        let err = mount_one(&sys, dir.path(), &plan).expect_err("fails");
+        let err = mount_one(&sys, dir.path(), &plan, false).expect_err("fails");
         assert!(
             err.contains("on ") && err.contains("/proc (type proc"),
             "{err}"

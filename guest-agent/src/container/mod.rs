@@ -3,11 +3,11 @@
 //! # Why our own code and not youki's `libcontainer`
 //!
 //! `libcontainer` is a complete runtime: it keeps its own state directory, drives hooks, owns
-//! the process tree through its own fork/IPC scheme (with a three-stage clone dance for user
-//! namespaces we do not use), supports cgroup v1 and v2 and systemd, and pulls in a large
+//! the process tree through its own fork/IPC scheme (a three-stage clone dance for user
+//! namespaces), supports cgroup v1 and v2 and systemd, and pulls in a large
 //! dependency tree (procfs, nix of another version, oci-spec, libbpf-less device emulation,
 //! ...). The agent is PID 1 of a VM that has one job: turn the spec the host sends into
-//! processes. Our needs are narrower (cgroup v2 only, no user namespaces, no hooks, no state on
+//! processes. Our needs are narrower (cgroup v2 only, hooks run by the host, no state on
 //! disk: the agent's memory is the state, the VM is the boundary) and the agent must own
 //! process lifetime itself (reaping, exit routing, stdio over vsock). So the setup is ours and
 //! short: [`spec`] translates and checks the spec (pure, unit tested), [`seccomp`] compiles
@@ -18,7 +18,10 @@
 //!
 //! A process (a container's init or an exec) starts as the agent binary re-executed in helper
 //! mode ([`child::INIT_ARG`]) through `clone(2)` (with `CLONE_NEWPID` for a new container), so
-//! that setup runs single threaded; the helper reports `Ready` and blocks until
+//! that setup runs single threaded. A container with a user namespace of its own gets it from
+//! the helper's `unshare`, its maps written by the agent (root of the parent namespace) when the
+//! helper asks, and then every other namespace, the pid namespace included, so that the user
+//! namespace owns them; the helper reports `Ready` and blocks until
 //! `StartProcess`, then `execve`s the program. Every process is a child of the agent (a helper
 //! that must fork to enter a joined pid namespace forks with `CLONE_PARENT`), so the agent's
 //! [`Reaper`] reaps it and routes its status. On the host (`--serve-unix`) the agent makes
@@ -461,6 +464,20 @@ fn receive_fd(socket: &UnixStream) -> Result<OwnedFd, ContainerError> {
     }
 }
 
+/// Writes the uid and gid maps of the helper `pid`'s new user namespace: from the agent, which
+/// is root in the parent namespace, so any ranges are allowed (as runc's parent writes them).
+fn write_id_maps(pid: i32, maps: &spec::UserNamespacePlan) -> Result<(), ContainerError> {
+    for (file, text) in [
+        ("uid_map", spec::UserNamespacePlan::map_text(&maps.uid_map)),
+        ("gid_map", spec::UserNamespacePlan::map_text(&maps.gid_map)),
+    ] {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, text.as_bytes())
+            .map_err(|err| ContainerError::Setup(format!("writing {path}: {err}")))?;
+    }
+    Ok(())
+}
+
 /// Starts the helper with `clone(2)`: fds 0-2 and 3 (control) set up, then `execve` of the
 /// agent binary in helper mode. Runs under the reaper's lock (see [`Reaper::spawn_watched`]).
 fn clone_helper(flags: i32, fds: [RawFd; 4]) -> Result<i32, ContainerError> {
@@ -537,6 +554,7 @@ const NAMESPACE_NAMES: &[(i32, &str)] = &[
     (libc::CLONE_NEWNET, "net"),
     (libc::CLONE_NEWPID, "pid"),
     (libc::CLONE_NEWCGROUP, "cgroup"),
+    (libc::CLONE_NEWUSER, "user"),
     (libc::CLONE_NEWNS, "mnt"),
 ];
 
@@ -580,6 +598,10 @@ impl Containers {
             fds.child[2].as_raw_fd(),
             helper_end.as_raw_fd(),
         ];
+        let user_namespace = config
+            .create
+            .as_ref()
+            .and_then(|plan| plan.user_namespace.clone());
         let (helper_pid, helper_status) = self
             .reaper
             .spawn_watched(|| clone_helper(clone_flags, raw).map(|pid| (pid, pid)))?;
@@ -618,6 +640,18 @@ impl Containers {
                     FromInit::Ready => return Ok((pid.unwrap_or(0), watched, console)),
                     FromInit::Error(message) => return Err(ContainerError::Setup(message)),
                     FromInit::Warning(message) => crate::log_warn!("{label}: {message}"),
+                    FromInit::MapIds if pid.is_none() => {
+                        let maps = user_namespace.as_ref().ok_or_else(|| {
+                            ContainerError::Setup("ids to map without a user namespace".into())
+                        })?;
+                        write_id_maps(helper_pid, maps)?;
+                        write_frame(&mut agent_end, &ToInit::IdsMapped).map_err(|err| {
+                            ContainerError::Setup(format!("answering the helper: {err}"))
+                        })?;
+                    }
+                    FromInit::MapIds => {
+                        return Err(ContainerError::Setup("unexpected id maps".into()))
+                    }
                 }
             }
         })();
@@ -774,7 +808,19 @@ impl Containers {
             create: Some(Box::new(plan)),
             no_pivot: self.no_pivot,
         };
-        let flags = if new_pid { libc::CLONE_NEWPID } else { 0 };
+        // With a new user namespace the helper makes the pid namespace itself, after the user
+        // namespace, so that the user namespace owns it (and the container's root can mount
+        // its /proc).
+        let flags = if new_pid
+            && config
+                .create
+                .as_ref()
+                .is_some_and(|p| p.user_namespace.is_none())
+        {
+            libc::CLONE_NEWPID
+        } else {
+            0
+        };
         let label = process_label(&req.id, None);
         let init = match self.spawn_process(flags, config, &req.stdio, &label) {
             Ok(init) => init,

@@ -169,6 +169,104 @@ pub struct Plan {
     /// Seccomp filters to install, in order (see [`seccomp`]).
     pub seccomp: Vec<Vec<SockFilter>>,
     pub process: ProcessPlan,
+    /// A new user namespace and its maps (`linux.uidMappings` / `gidMappings`), written by the
+    /// agent (see the helper's setup); `None`: no new one (a joined one is in `namespaces`).
+    #[serde(default)]
+    pub user_namespace: Option<UserNamespacePlan>,
+}
+
+impl Plan {
+    /// Whether the container is in a user namespace of its own (new or joined).
+    pub fn in_user_namespace(&self) -> bool {
+        self.namespaces
+            .iter()
+            .any(|ns| ns.flag == libc::CLONE_NEWUSER)
+    }
+}
+
+/// One line of a uid or gid map: `size` ids from `container_id` in the container are `host_id`
+/// and up in the agent's namespace (the guest's, whose ids are the host's through the share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub size: u32,
+}
+
+/// The maps of a new user namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNamespacePlan {
+    pub uid_map: Vec<IdMap>,
+    pub gid_map: Vec<IdMap>,
+}
+
+impl UserNamespacePlan {
+    /// The text of `/proc/<pid>/uid_map` (`uid`) or `gid_map`.
+    pub fn map_text(maps: &[IdMap]) -> String {
+        maps.iter()
+            .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+            .collect()
+    }
+}
+
+/// The kernel's limit on the lines of one id map.
+const MAX_ID_MAP_LINES: usize = 340;
+
+/// Checks one of `linux.uidMappings` / `gidMappings`: 1 to 340 ranges, none empty or past
+/// 2^32, none overlapping another on either side, and the container's root (id 0) mapped (the
+/// helper becomes the container's root to set it up, as runc's init does).
+fn translate_id_maps(
+    what: &'static str,
+    maps: &[oci_spec::runtime::LinuxIdMapping],
+) -> Result<Vec<IdMap>, SpecError> {
+    let bad = |why: String| SpecError::Unsupported(format!("linux.{what}: {why}"));
+    if maps.is_empty() {
+        return Err(bad("a new user namespace needs at least one range".into()));
+    }
+    if maps.len() > MAX_ID_MAP_LINES {
+        return Err(bad(format!(
+            "{} ranges, the kernel takes at most {MAX_ID_MAP_LINES}",
+            maps.len()
+        )));
+    }
+    let out: Vec<IdMap> = maps
+        .iter()
+        .map(|m| IdMap {
+            container_id: m.container_id(),
+            host_id: m.host_id(),
+            size: m.size(),
+        })
+        .collect();
+    for (i, m) in out.iter().enumerate() {
+        let end = |start: u32| u64::from(start) + u64::from(m.size);
+        if m.size == 0 || end(m.container_id) > 1 << 32 || end(m.host_id) > 1 << 32 {
+            return Err(bad(format!(
+                "range {} {} {} is empty or runs past 2^32",
+                m.container_id, m.host_id, m.size
+            )));
+        }
+        for other in &out[..i] {
+            let overlaps = |a: u32, b: u32| {
+                u64::from(a) < u64::from(b) + u64::from(other.size)
+                    && u64::from(b) < u64::from(a) + u64::from(m.size)
+            };
+            if overlaps(m.container_id, other.container_id) || overlaps(m.host_id, other.host_id) {
+                return Err(bad(format!(
+                    "ranges {} {} {} and {} {} {} overlap",
+                    other.container_id,
+                    other.host_id,
+                    other.size,
+                    m.container_id,
+                    m.host_id,
+                    m.size
+                )));
+            }
+        }
+    }
+    if !out.iter().any(|m| m.container_id == 0) {
+        return Err(bad("the container's root (id 0) is not mapped".into()));
+    }
+    Ok(out)
 }
 
 /// Parses a spec from JSON.
@@ -233,12 +331,30 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
         .as_ref()
         .ok_or(SpecError::Missing("process"))?;
     let linux = spec.linux().as_ref().ok_or(SpecError::Missing("linux"))?;
-    if spec.uid_mappings().is_some() || linux.uid_mappings().is_some() {
-        return Err(SpecError::Unsupported(
-            "user namespaces (uid/gid mappings)".into(),
-        ));
-    }
     let namespaces = translate_namespaces(linux.namespaces().as_deref().unwrap_or(&[]))?;
+    let new_user = namespaces
+        .iter()
+        .any(|ns| ns.flag == libc::CLONE_NEWUSER && ns.path.is_none());
+    let has_maps = linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+        || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty());
+    let user_namespace = match (new_user, has_maps) {
+        (true, _) => Some(UserNamespacePlan {
+            uid_map: translate_id_maps(
+                "uidMappings",
+                linux.uid_mappings().as_deref().unwrap_or(&[]),
+            )?,
+            gid_map: translate_id_maps(
+                "gidMappings",
+                linux.gid_mappings().as_deref().unwrap_or(&[]),
+            )?,
+        }),
+        (false, true) => {
+            return Err(SpecError::Unsupported(
+                "linux.uidMappings / gidMappings without a new user namespace".into(),
+            ))
+        }
+        (false, false) => None,
+    };
     let mut mounts = Vec::new();
     if let Some(spec_mounts) = spec.mounts() {
         check_len("mounts", spec_mounts)?;
@@ -340,6 +456,7 @@ pub fn translate_spec(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
         sysctls,
         seccomp,
         process: translate_process(process)?,
+        user_namespace,
     })
 }
 
@@ -389,6 +506,7 @@ pub fn translate_namespaces(
             LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
             LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
             LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+            LinuxNamespaceType::User => libc::CLONE_NEWUSER,
             other => {
                 return Err(SpecError::Unsupported(format!("namespace {other:?}")));
             }
@@ -911,12 +1029,102 @@ mod tests {
     }
 
     #[test]
-    fn user_namespace_is_unsupported() {
+    fn a_user_namespace_gets_its_maps() {
         let mut json = base_spec();
-        json["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "pid"}, {"type": "user"}]);
-        let spec = parse_spec(&json).expect("valid");
-        let err = translate_spec(&spec, Path::new("/b")).expect_err("user ns");
-        assert!(err.to_string().contains("namespace User"), "{err}");
+        json["linux"]["namespaces"] =
+            json!([{"type": "mount"}, {"type": "pid"}, {"type": "uts"}, {"type": "user"}]);
+        json["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        json["linux"]["gidMappings"] = json!([
+            {"containerID": 0, "hostID": 200000, "size": 1},
+            {"containerID": 1, "hostID": 300000, "size": 10}
+        ]);
+        let plan = translate_spec(&parse_spec(&json).expect("valid"), Path::new("/b"))
+            .expect("a user namespace");
+        assert!(plan.in_user_namespace());
+        let userns = plan.user_namespace.expect("new user namespace");
+        assert_eq!(
+            UserNamespacePlan::map_text(&userns.uid_map),
+            "0 100000 65536\n"
+        );
+        assert_eq!(
+            UserNamespacePlan::map_text(&userns.gid_map),
+            "0 200000 1\n1 300000 10\n"
+        );
+    }
+
+    #[test]
+    fn user_namespace_maps_are_checked() {
+        let with = |ns: serde_json::Value, uid: serde_json::Value, gid: serde_json::Value| {
+            let mut json = base_spec();
+            json["linux"]["namespaces"] = ns;
+            json["linux"]["uidMappings"] = uid;
+            json["linux"]["gidMappings"] = gid;
+            translate_spec(&parse_spec(&json).expect("valid"), Path::new("/b"))
+                .expect_err("refused")
+                .to_string()
+        };
+        let userns = json!([{"type": "mount"}, {"type": "pid"}, {"type": "uts"}, {"type": "user"}]);
+        let no_userns = json!([{"type": "mount"}, {"type": "pid"}, {"type": "uts"}]);
+        let root = json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+        for (ns, uid, gid, needle) in [
+            (
+                &userns,
+                json!([]),
+                root.clone(),
+                "uidMappings: a new user namespace needs",
+            ),
+            (
+                &userns,
+                root.clone(),
+                json!(null),
+                "gidMappings: a new user namespace needs",
+            ),
+            (
+                &no_userns,
+                root.clone(),
+                root.clone(),
+                "without a new user namespace",
+            ),
+            (
+                &userns,
+                json!([{"containerID": 1, "hostID": 1000, "size": 5}]),
+                root.clone(),
+                "root (id 0) is not mapped",
+            ),
+            (
+                &userns,
+                json!([{"containerID": 0, "hostID": 1000, "size": 0}]),
+                root.clone(),
+                "is empty or runs past 2^32",
+            ),
+            (
+                &userns,
+                json!([{"containerID": 0, "hostID": 4294967295u64, "size": 2}]),
+                root.clone(),
+                "is empty or runs past 2^32",
+            ),
+            (
+                &userns,
+                json!([
+                    {"containerID": 0, "hostID": 1000, "size": 10},
+                    {"containerID": 5, "hostID": 5000, "size": 10}
+                ]),
+                root.clone(),
+                "overlap",
+            ),
+            (
+                &userns,
+                root.clone(),
+                json!([
+                    {"containerID": 0, "hostID": 1000, "size": 10},
+                    {"containerID": 100, "hostID": 1005, "size": 10}
+                ]),
+                "overlap",
+            ),
+        ] {
+            let err = with(ns.clone(), uid, gid);
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
     }
 
     #[test]
