@@ -338,3 +338,55 @@ fn a_cpuset_becomes_the_guests_cpus_and_pins_the_vmm() {
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
     assert!(env.vmms_left().is_empty());
 }
+
+#[test]
+fn podman_oci_hooks_run_through_husk() {
+    let test = "podman_oci_hooks_run_through_husk";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    if !husk_tests::oci::client_available(test, "podman") {
+        return;
+    }
+    let podman = env.podman();
+    let tarball = env.rootfs_tarball();
+    let out = podman.run(&[
+        "import",
+        tarball.to_str().expect("utf-8"),
+        "localhost/bb:latest",
+    ]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    // A hook as tools ship them: a JSON file in a hooks directory, added by podman to the
+    // spec of every container it runs.
+    let hooks_dir = env.work.path().join("hooks.d");
+    std::fs::create_dir_all(&hooks_dir).expect("hooks dir");
+    let log = env.work.path().join("podman-hooks.log");
+    for (name, stage) in [("a-prestart", "prestart"), ("b-poststop", "poststop")] {
+        let hook = json!({
+            "version": "1.0.0",
+            "hook": logging_hook(stage, &log, ""),
+            "when": {"always": true},
+            "stages": [stage],
+        });
+        std::fs::write(hooks_dir.join(format!("{name}.json")), hook.to_string())
+            .expect("hook file");
+    }
+    let hooks_flag = format!("--hooks-dir={}", hooks_dir.display());
+    let out = podman.run(&[
+        &hooks_flag,
+        "run",
+        "--rm",
+        "--network=none",
+        "localhost/bb",
+        "echo",
+        "hooked",
+    ]);
+    assert!(out.status.success(), "run: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hooked\n");
+    let seen = hook_log(&log);
+    let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["prestart", "poststop"], "{seen:?}");
+    assert_eq!(seen[0].1["status"], "creating");
+    assert_eq!(seen[1].1["status"], "stopped");
+    assert_eq!(seen[0].1["id"], seen[1].1["id"]);
+}
