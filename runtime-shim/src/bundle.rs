@@ -206,9 +206,7 @@ pub fn check_namespace_paths(spec: &Value) -> Result<(), BundleError> {
             .into_iter()
             .find(|k| namespace_flag(k) == Some(got))
             .unwrap_or("unknown");
-            return Err(problem(format!(
-                "is a {actual} namespace, not a {kind} namespace"
-            )));
+            return Err(problem(format!("a namespace of type {actual}, not {kind}")));
         }
     }
     Ok(())
@@ -470,8 +468,8 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "config.json: namespace network path /proc/self/ns/ipc: is a ipc namespace, not a \
-             network namespace"
+            "config.json: namespace network path /proc/self/ns/ipc: a namespace of type ipc, not \
+             network"
         );
         let err = check_namespace_paths(&with("uts", "/nonexistent/ns"))
             .expect_err("missing")

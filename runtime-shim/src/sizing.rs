@@ -147,7 +147,8 @@ pub fn map_cpuset(
         let n = (host.len() as u32).min(vcpus.max(1));
         if (host.len() as u32) > n {
             notes.push(format!(
-                "linux.resources.cpu.cpus {list}: the microVM has {n} vCPUs, so the container                  gets guest CPUs 0-{} for these {} host CPUs",
+                "linux.resources.cpu.cpus {list}: the microVM has {n} vCPUs, so the container \
+                 gets guest CPUs 0-{} for these {} host CPUs",
                 n - 1,
                 host.len()
             ));

@@ -212,7 +212,7 @@ fn a_namespace_path_of_the_wrong_type_fails_create() {
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains("namespace network path /proc/self/ns/ipc")
-            && stderr.contains("not a network namespace"),
+            && stderr.contains("a namespace of type ipc, not network"),
         "{stderr}"
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());

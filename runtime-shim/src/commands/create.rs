@@ -255,7 +255,8 @@ fn host_affinity(spec: &serde_json::Value) -> Result<Option<nix::sched::CpuSet>>
     for cpu in wanted {
         if !online.contains(&cpu) {
             bail!(
-                "linux.resources.cpu.cpus {list}: CPU {cpu} is not online on this host                  (online: {})",
+                "linux.resources.cpu.cpus {list}: CPU {cpu} is not online on this host \
+                 (online: {})",
                 online_text.trim()
             );
         }
