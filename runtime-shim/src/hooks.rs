@@ -220,6 +220,20 @@ impl Hooks {
     }
 }
 
+impl Hooks {
+    /// The hooks of `create`, once the container exists in the guest: prestart, createRuntime,
+    /// createContainer, stopping at the first failure.
+    pub fn run_create(&self, state: &Value, cwd: &Path, warn: impl Fn(&str)) -> Result<()> {
+        [
+            HookKind::Prestart,
+            HookKind::CreateRuntime,
+            HookKind::CreateContainer,
+        ]
+        .into_iter()
+        .try_for_each(|kind| self.run(kind, state, cwd, &warn))
+    }
+}
+
 fn parse_hook(hook: &Value) -> Result<Hook, String> {
     let obj = hook.as_object().ok_or("a hook must be an object")?;
     let path = obj

@@ -380,6 +380,23 @@ impl OciEnv {
         tarball
     }
 
+    /// A [`OciEnv::podman`] with the busybox rootfs imported as `localhost/bb:latest`.
+    pub fn podman_with_busybox(&self) -> Podman {
+        let podman = self.podman();
+        let tarball = self.rootfs_tarball();
+        let out = podman.run(&[
+            "import",
+            tarball.to_str().expect("utf-8"),
+            "localhost/bb:latest",
+        ]);
+        assert!(
+            out.status.success(),
+            "podman import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        podman
+    }
+
     /// The busybox rootfs the bundles use (tests may add files to it).
     pub fn rootfs(&self) -> &Path {
         &self.rootfs

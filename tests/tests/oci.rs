@@ -369,14 +369,7 @@ fn podman_runs_an_imported_image() {
     if !client_available("podman_runs_an_imported_image", "podman") {
         return;
     }
-    let podman = env.podman();
-    let tarball = env.rootfs_tarball();
-    let out = podman.run(&[
-        "import",
-        tarball.to_str().expect("utf-8"),
-        "localhost/bb:latest",
-    ]);
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    let podman = env.podman_with_busybox();
 
     let out = podman.run(&[
         "run",
@@ -725,14 +718,7 @@ fn podman_run_it_with_a_tty() {
     if !client_available("podman_run_it_with_a_tty", "podman") {
         return;
     }
-    let podman = env.podman();
-    let tarball = env.rootfs_tarball();
-    let out = podman.run(&[
-        "import",
-        tarball.to_str().expect("utf-8"),
-        "localhost/bb:latest",
-    ]);
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    let podman = env.podman_with_busybox();
 
     let mut cmd = podman.command(&[
         "run",

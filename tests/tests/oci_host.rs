@@ -348,14 +348,7 @@ fn podman_oci_hooks_run_through_husk() {
     if !husk_tests::oci::client_available(test, "podman") {
         return;
     }
-    let podman = env.podman();
-    let tarball = env.rootfs_tarball();
-    let out = podman.run(&[
-        "import",
-        tarball.to_str().expect("utf-8"),
-        "localhost/bb:latest",
-    ]);
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    let podman = env.podman_with_busybox();
     // A hook as tools ship them: a JSON file in a hooks directory, added by podman to the
     // spec of every container it runs.
     let hooks_dir = env.work.path().join("hooks.d");

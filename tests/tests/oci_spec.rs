@@ -189,6 +189,18 @@ fn a_mount_made_under_an_rshared_root_is_shared() {
     assert!(sub.contains(" - tmpfs "), "{sub}");
 }
 
+/// Adds a user namespace: `size` uids from `first_uid`, and `size` gids from 0, are 100000 and
+/// up outside.
+fn with_user_namespace(spec: &mut Value, first_uid: u32, size: u32) {
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .expect("namespaces")
+        .push(json!({"type": "user"}));
+    spec["linux"]["uidMappings"] =
+        json!([{"containerID": first_uid, "hostID": 100000, "size": size}]);
+    spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": size}]);
+}
+
 #[test]
 fn a_user_namespaced_container_runs_with_the_mapped_ids() {
     let Some(env) = OciEnv::new("a_user_namespaced_container_runs_with_the_mapped_ids") else {
@@ -205,12 +217,7 @@ fn a_user_namespaced_container_runs_with_the_mapped_ids() {
     let script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
                   touch /made-by-root; stat -c '%u:%g' /made-by-root /bin";
     let bundle = env.bundle("userns", &["sh", "-c", script], |spec| {
-        spec["linux"]["namespaces"]
-            .as_array_mut()
-            .expect("namespaces")
-            .push(json!({"type": "user"}));
-        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        with_user_namespace(spec, 0, 65536);
         spec["root"]["readonly"] = json!(false);
     });
     let out = run_ok(&env, &bundle, "userns");
@@ -240,12 +247,7 @@ fn a_user_namespaced_container_runs_with_the_mapped_ids() {
 
     // A process user inside the range: uid 1000 in the container is 101000 outside.
     let bundle = env.bundle("userns-user", &["sh", "-c", "id -u; touch /tmp/x; stat -c %u /tmp/x"], |spec| {
-        spec["linux"]["namespaces"]
-            .as_array_mut()
-            .expect("namespaces")
-            .push(json!({"type": "user"}));
-        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        with_user_namespace(spec, 0, 65536);
         spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
         spec["mounts"]
             .as_array_mut()
@@ -261,12 +263,7 @@ fn a_user_namespaced_container_runs_with_the_mapped_ids() {
 
     // An exec joins the container's user namespace too.
     let bundle = env.bundle("userns-exec", &["sleep", "1000"], |spec| {
-        spec["linux"]["namespaces"]
-            .as_array_mut()
-            .expect("namespaces")
-            .push(json!({"type": "user"}));
-        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        with_user_namespace(spec, 0, 65536);
     });
     let out = env.run(&[
         "run",
@@ -294,12 +291,7 @@ fn a_user_namespaced_container_runs_with_the_mapped_ids() {
 
     // Maps the kernel would refuse are refused by name, and nothing is left.
     let bundle = env.bundle("userns-bad", &["true"], |spec| {
-        spec["linux"]["namespaces"]
-            .as_array_mut()
-            .expect("namespaces")
-            .push(json!({"type": "user"}));
-        spec["linux"]["uidMappings"] = json!([{"containerID": 1, "hostID": 100000, "size": 10}]);
-        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 10}]);
+        with_user_namespace(spec, 1, 10);
     });
     let out = env.run(&[
         "run",
@@ -325,14 +317,7 @@ fn podman_passes_user_namespaces_and_cpusets_through() {
     if !husk_tests::oci::client_available(test, "podman") {
         return;
     }
-    let podman = env.podman();
-    let tarball = env.rootfs_tarball();
-    let out = podman.run(&[
-        "import",
-        tarball.to_str().expect("utf-8"),
-        "localhost/bb:latest",
-    ]);
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    let podman = env.podman_with_busybox();
 
     // `--uidmap`: podman gives the container an id-shifted copy of the image and the maps.
     let out = podman.run(&[

@@ -205,17 +205,9 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         hooks: Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?,
     };
     // The container exists in the guest, its program not yet started: the create-time hooks.
-    let hooked = [
-        HookKind::Prestart,
-        HookKind::CreateRuntime,
-        HookKind::CreateContainer,
-    ]
-    .into_iter()
-    .try_for_each(|kind| {
-        state
-            .hooks
-            .run(kind, &state.oci_state(), &bundle.dir, logging::warn)
-    });
+    let hooked = state
+        .hooks
+        .run_create(&state.oci_state(), &bundle.dir, logging::warn);
     if let Err(e) = hooked {
         // The lifecycle: stop and remove the container, then the poststop hooks.
         drop(rollback);

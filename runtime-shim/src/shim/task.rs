@@ -544,15 +544,7 @@ impl Shared {
         let hooks = Hooks::from_spec(&bundle.spec).map_err(ShimError::InvalidArgument)?;
         let annotations = bundle.annotations();
         let state = hook_state(id, &bundle_dir, host_pid(&sandbox), &annotations);
-        let hooked = [
-            HookKind::Prestart,
-            HookKind::CreateRuntime,
-            HookKind::CreateContainer,
-        ]
-        .into_iter()
-        .try_for_each(|kind| {
-            hooks.run(kind, &state, &bundle_dir, |m| log::warn!("task {id}: {m}"))
-        });
+        let hooked = hooks.run_create(&state, &bundle_dir, |m| log::warn!("task {id}: {m}"));
         if let Err(e) = hooked {
             drop(undo);
             run_poststop(id, &hooks, &bundle_dir, &annotations);
