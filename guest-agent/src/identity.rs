@@ -104,7 +104,10 @@ pub fn renew(renewal: &Renewal) -> Result<(), RenewError> {
     }
     if TEMPLATE_BOOT.swap(false, Ordering::SeqCst) {
         match init::mount_share(&LinuxSyscall) {
-            Ok(true) => crate::log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT),
+            Ok(true) => {
+                init::tune_share();
+                crate::log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT)
+            }
             Ok(false) => crate::log_info!("no host share after the renewal"),
             Err(err) => return Err(RenewError::Share(err)),
         }

@@ -166,6 +166,33 @@ pub fn mount_share(sys: &dyn Syscall) -> Result<bool, InitError> {
     }
 }
 
+/// Readahead of the share, in KiB: 1 MiB, one full request (a FUSE mount starts at the
+/// kernel's 128 KiB, and the FUSE handshake can only lower it).
+pub const SHARE_READAHEAD_KIB: u32 = 1024;
+
+/// Sets the readahead of the file system mounted at `mount_point` to `kib`, through its
+/// backing device's `read_ahead_kb` in sysfs (`/sys/class/bdi/<major>:<minor>`). Files opened
+/// afterwards read ahead that far.
+pub fn set_readahead(mount_point: &std::path::Path, kib: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mount_point)?.dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::write(&knob, kib.to_string())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{knob}: {e}")))
+}
+
+/// After the share is mounted: its readahead widened (a failure costs only speed, so it is
+/// logged, not returned).
+pub fn tune_share() {
+    if let Err(e) = set_readahead(std::path::Path::new(SHARE_MOUNT_POINT), SHARE_READAHEAD_KIB) {
+        crate::log_warn!("the share's readahead stays at the kernel's default: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,7 +54,10 @@ pub fn run_init() -> AgentError {
         log_info!("template boot: the host share waits for the renewal");
     } else {
         match init::mount_share(sys.as_ref()) {
-            Ok(true) => log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT),
+            Ok(true) => {
+                init::tune_share();
+                log_info!("host share mounted at {}", init::SHARE_MOUNT_POINT)
+            }
             Ok(false) => log_info!(
                 "no host share (no virtio-fs device tagged {})",
                 init::SHARE_TAG

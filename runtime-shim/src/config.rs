@@ -12,6 +12,7 @@
 //! debug = false
 //! warm_start = true          # start sandboxes from templates (see `crate::template`)
 //! template_dir = "/var/lib/husk/templates"
+//! fs_cache = "auto"          # how long the guest caches the container's files (`crate::share::FsCache`)
 //! ```
 //!
 //! Kernel and initramfs, when not configured: `/usr/local/share/husk/{vmlinux,initramfs.cpio}`
@@ -59,6 +60,7 @@ struct ConfigFile {
     debug: Option<bool>,
     warm_start: Option<bool>,
     template_dir: Option<PathBuf>,
+    fs_cache: Option<crate::share::FsCache>,
 }
 
 /// The configuration, with defaults for what the file leaves out.
@@ -75,6 +77,8 @@ pub struct HuskConfig {
     pub warm_start: bool,
     /// Where templates live (default [`crate::template::DEFAULT_TEMPLATE_DIR`]).
     pub template_dir: Option<PathBuf>,
+    /// How long the guest caches the container's files (`auto` by default).
+    pub fs_cache: crate::share::FsCache,
 }
 
 impl Default for HuskConfig {
@@ -90,6 +94,7 @@ impl Default for HuskConfig {
             debug: false,
             warm_start: true,
             template_dir: None,
+            fs_cache: crate::share::FsCache::Auto,
         }
     }
 }
@@ -133,6 +138,7 @@ impl HuskConfig {
             debug: file.debug.unwrap_or(defaults.debug),
             warm_start: file.warm_start.unwrap_or(defaults.warm_start),
             template_dir: file.template_dir,
+            fs_cache: file.fs_cache.unwrap_or(defaults.fs_cache),
         })
     }
 
@@ -188,6 +194,7 @@ agent_timeout_ms = 5000
 debug = true
 warm_start = false
 template_dir = "/t"
+fs_cache = "short"
 "#;
         let cfg = HuskConfig::parse(Path::new("c.toml"), text).expect("valid");
         assert_eq!(
@@ -202,6 +209,7 @@ template_dir = "/t"
                 debug: true,
                 warm_start: false,
                 template_dir: Some("/t".into()),
+                fs_cache: crate::share::FsCache::Short,
             }
         );
         assert_eq!(cfg.kernel_path().expect("configured"), Path::new("/k"));
@@ -230,5 +238,7 @@ template_dir = "/t"
         assert!(err.to_string().contains("colour"), "{err}");
         let err = HuskConfig::parse(Path::new("c.toml"), "default_vcpus = 300").expect_err("bad");
         assert!(err.to_string().starts_with("c.toml:1: "), "{err}");
+        let err = HuskConfig::parse(Path::new("c.toml"), "fs_cache = \"long\"").expect_err("bad");
+        assert!(err.to_string().contains("auto"), "{err}");
     }
 }

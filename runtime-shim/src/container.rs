@@ -180,6 +180,7 @@ pub fn vmm_command(
     kernel: &Path,
     initramfs: &Path,
     size: crate::sizing::VmSize,
+    fs_cache: crate::share::FsCache,
     dir: &StateDir,
     debug: bool,
 ) -> io::Result<std::process::Command> {
@@ -203,6 +204,7 @@ pub fn vmm_command(
         .arg(&socket)
         .arg("--shared-dir")
         .arg(dir.shared_dir())
+        .args(fs_cache.vmm_args())
         .arg("--agent-timeout-ms")
         .arg(cfg.agent_timeout.as_millis().to_string())
         .arg("--log-level")

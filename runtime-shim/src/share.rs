@@ -10,9 +10,61 @@
 //! user's rootfs.
 
 use crate::bundle::BindPlan;
+use crate::config::HuskConfig;
 use crate::container::StateDir;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::path::{Path, PathBuf};
+
+/// Annotation choosing how long the guest caches the container's files, for one sandbox
+/// (`auto` or `short`; see [`FsCache`]).
+pub const ANNOTATION_FS_CACHE: &str = "io.husk.fs.cache";
+
+/// How long the guest may cache what it learns of the share (entries, missing names and
+/// attributes; file data is kept until the attributes show a change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsCache {
+    /// The rootfs, which nothing on the host changes under a running container, for a day;
+    /// bind mounts (which the host may change) for a second. The default.
+    Auto,
+    /// Everything for a second: changes the host makes in the rootfs of a running container
+    /// (`podman cp`, an edit in the engine's overlay) are seen within a second, at the cost of
+    /// a revalidation per path each second.
+    Short,
+}
+
+impl FsCache {
+    /// Seconds the rootfs is cached in `Auto`.
+    pub const ROOTFS_SECS: u32 = 24 * 60 * 60;
+    /// Seconds everything else (and in `Short` the rootfs too) is cached.
+    pub const SHORT_SECS: u32 = 1;
+
+    /// The configuration's choice, overridden by the spec's annotation.
+    pub fn wanted(cfg: &HuskConfig, spec: &serde_json::Value) -> anyhow::Result<FsCache> {
+        match spec["annotations"][ANNOTATION_FS_CACHE].as_str() {
+            None => Ok(cfg.fs_cache),
+            Some("auto") => Ok(FsCache::Auto),
+            Some("short") => Ok(FsCache::Short),
+            Some(other) => {
+                anyhow::bail!("annotation {ANNOTATION_FS_CACHE}={other:?}: expected auto or short")
+            }
+        }
+    }
+
+    /// The `husk-vmm` options that say it.
+    pub fn vmm_args(self) -> [String; 4] {
+        let rootfs = match self {
+            FsCache::Auto => Self::ROOTFS_SECS,
+            FsCache::Short => Self::SHORT_SECS,
+        };
+        [
+            "--share-rootfs-cache-secs".into(),
+            rootfs.to_string(),
+            "--share-cache-secs".into(),
+            Self::SHORT_SECS.to_string(),
+        ]
+    }
+}
 
 /// Errors of preparing and releasing the share.
 #[derive(Debug, thiserror::Error)]
@@ -220,8 +272,52 @@ pub fn remove_state_dir(dir: &StateDir) -> Result<(), ShareError> {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fs_cache_annotation_overrides_the_configuration() {
+        let cfg = HuskConfig::default();
+        assert_eq!(cfg.fs_cache, FsCache::Auto);
+        let spec = |v: &str| serde_json::json!({"annotations": {ANNOTATION_FS_CACHE: v}});
+        assert_eq!(
+            FsCache::wanted(&cfg, &serde_json::json!({})).unwrap(),
+            FsCache::Auto
+        );
+        assert_eq!(
+            FsCache::wanted(&cfg, &spec("short")).unwrap(),
+            FsCache::Short
+        );
+        let short = HuskConfig {
+            fs_cache: FsCache::Short,
+            ..HuskConfig::default()
+        };
+        assert_eq!(
+            FsCache::wanted(&short, &spec("auto")).unwrap(),
+            FsCache::Auto
+        );
+        let err = FsCache::wanted(&cfg, &spec("always")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "annotation io.husk.fs.cache=\"always\": expected auto or short"
+        );
+        assert_eq!(
+            FsCache::Auto.vmm_args(),
+            [
+                "--share-rootfs-cache-secs",
+                "86400",
+                "--share-cache-secs",
+                "1"
+            ]
+            .map(String::from)
+        );
+        assert_eq!(
+            FsCache::Short.vmm_args(),
+            ["--share-rootfs-cache-secs", "1", "--share-cache-secs", "1"].map(String::from)
+        );
+    }
 
     const MOUNTINFO: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

@@ -1,7 +1,10 @@
 //! What the host side of `husk` does of the OCI runtime spec, end to end: hooks (all six
 //! kinds, once each, in lifecycle order, with the container's state on stdin; a failing
 //! prestart hook fails `create` and leaves nothing; a failing poststart hook is a warning),
-//! namespace paths checked for their type, and CPU sets mapped onto the microVM's vCPUs.
+//! namespace paths checked for their type, CPU sets mapped onto the microVM's vCPUs, and what
+//! the guest sees of files the host changes under a running container (the share's caching:
+//! a bind mount within its second, the rootfs not until the container ends, unless
+//! `io.husk.fs.cache=short`).
 
 use husk_tests::oci::OciEnv;
 use husk_tests::wait_until;
@@ -382,4 +385,107 @@ fn podman_oci_hooks_run_through_husk() {
     assert_eq!(seen[0].1["status"], "creating");
     assert_eq!(seen[1].1["status"], "stopped");
     assert_eq!(seen[0].1["id"], seen[1].1["id"]);
+}
+
+/// Runs a container that prints `/data/f` and `/etc/probe` (one a bind mount of a host
+/// directory, the other in the rootfs), then polls `/data/f` until it reads `v2` (printing
+/// `bind-seen`), waits 3 s and prints `/etc/probe` again. Once the first two lines are out,
+/// the host rewrites both files. Returns the output and how long after the host's write
+/// `bind-seen` appeared.
+fn watch_host_changes(env: &OciEnv, name: &str, annotations: Value) -> (String, Duration) {
+    let data = env.work.path().join(format!("data-{name}"));
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("f"), "v1\n").expect("write f");
+    let probe = env.rootfs().join("etc/probe");
+    std::fs::write(&probe, "r1\n").expect("write probe");
+    let script = "cat /data/f /etc/probe; i=0; \
+        while [ $i -lt 600 ]; do i=$((i+1)); \
+        if [ \"$(cat /data/f)\" = v2 ]; then echo bind-seen; break; fi; sleep 0.05; done; \
+        sleep 3; echo probe-now $(cat /etc/probe)";
+    let data_str = data.display().to_string();
+    let bundle = env.bundle(name, &["sh", "-c", script], |spec| {
+        spec["annotations"] = annotations;
+        spec["mounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({"destination": "/data", "type": "bind", "source": data_str, "options": ["rbind", "rw"]}));
+    });
+    let out_path = env.work.path().join(format!("{name}.out"));
+    let mut child = env
+        .husk(&["run", "--bundle", bundle.to_str().expect("utf-8"), name])
+        .stdout(std::fs::File::create(&out_path).expect("out file"))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("husk run");
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(
+        wait_until(T, || read().contains("r1")),
+        "{name}: the container never printed its files: {:?}\n{}",
+        read(),
+        env.logs()
+    );
+    // Same sizes, new contents (and mtimes), same inodes.
+    std::fs::write(data.join("f"), "v2\n").expect("rewrite f");
+    std::fs::write(&probe, "r2\n").expect("rewrite probe");
+    let written = std::time::Instant::now();
+    let seen = wait_until(T, || read().contains("bind-seen"));
+    let after = written.elapsed();
+    assert!(
+        seen,
+        "{name}: the bind mount's change was never seen: {:?}",
+        read()
+    );
+    let status = child.wait().expect("wait husk run");
+    assert!(
+        status.success(),
+        "{name}: {status}: {:?}\n{}",
+        read(),
+        env.logs()
+    );
+    (read(), after)
+}
+
+#[test]
+fn host_changes_are_seen_as_the_cache_policy_says() {
+    let Some(env) = OciEnv::new("host_changes_are_seen_as_the_cache_policy_says") else {
+        return;
+    };
+    // The default (`auto`): a bind mount is cached for 1 s, the rootfs for a day.
+    let (out, after) = watch_host_changes(&env, "auto", json!({}));
+    // The documented second, plus the rig's slow polling loop (each round forks `cat`).
+    assert!(
+        after < Duration::from_secs(5),
+        "the bind mount's change took {after:?} to be seen (1 s documented): {out}"
+    );
+    assert!(
+        out.contains("probe-now r1"),
+        "the rootfs is cached: a change the host made under the running container is not seen: {out}"
+    );
+    // `short`: the rootfs too is revalidated after a second.
+    let (out, _) = watch_host_changes(&env, "short", json!({"io.husk.fs.cache": "short"}));
+    assert!(
+        out.contains("probe-now r2"),
+        "with io.husk.fs.cache=short the rootfs change is seen: {out}"
+    );
+    // A value that is neither fails `create` by name.
+    let bundle = env.bundle("bad-cache", &["true"], |spec| {
+        spec["annotations"] = json!({"io.husk.fs.cache": "forever"});
+    });
+    let out = env.run(&[
+        "run",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "bad-cache",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("io.husk.fs.cache=\"forever\": expected auto or short"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        env.root_entries().is_empty(),
+        "nothing is left: {:?}",
+        env.root_entries()
+    );
 }

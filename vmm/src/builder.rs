@@ -299,7 +299,11 @@ fn attach_common_devices(
     let rng = Arc::new(Mutex::new(Rng::new()?));
     mmio.attach_virtio_device("rng", rng, event_manager, cmdline)?;
     if let Some(dir) = &cfg.shared_dir {
-        let fs = Arc::new(Mutex::new(Fs::new(dir)?));
+        let fs = Arc::new(Mutex::new(Fs::with_options(
+            dir,
+            crate::devices::virtio::fs::DEFAULT_TAG,
+            cfg.share_cache,
+        )?));
         mmio.attach_virtio_device("fs", fs, event_manager, cmdline)?;
     }
     Ok(vsock)
@@ -389,6 +393,32 @@ fn populate_template_pages(mem: &GuestMemory, layout: &snapshot::MemoryLayout) {
             return;
         }
     }
+}
+
+/// Maps the pages the template's guest touched into the restored VM's nested page tables
+/// before its first instruction (`KVM_PRE_FAULT_MEMORY`), where KVM can: the guest then takes
+/// no nested page fault exit for memory it had already touched, and on the test rig's
+/// emulated SVM, where a restored guest otherwise faulted in kernel text it had run before
+/// (see the module docs of [`crate::snapshot`]), none happens mid-instruction.
+fn pre_fault_template_pages(
+    vcpu: &Vcpu,
+    layout: &snapshot::MemoryLayout,
+) -> Result<(), BuildError> {
+    for &(offset, len) in &layout.data {
+        let Some(region) = layout
+            .regions
+            .iter()
+            .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.len)
+        else {
+            continue;
+        };
+        let gpa = region.guest_addr + (offset - region.file_offset);
+        if !vcpu.pre_fault_memory(gpa, len)? {
+            tracing::debug!("KVM cannot pre-fault guest memory (KVM_PRE_FAULT_MEMORY)");
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Restores the template in `dir` for `cfg` (see [`crate::snapshot`]): checks the template
@@ -491,6 +521,9 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
         vcpu.set_cpuid(&vcpu.policy_cpuid(supported.as_slice(), cfg.vcpus))?;
         vcpu.restore_state(state)?;
         vcpus.push(vcpu);
+    }
+    if let Some(vcpu) = vcpus.first() {
+        pre_fault_template_pages(vcpu, &template.memory)?;
     }
     let kernel_loaded_us = timeline::since_start_us();
     let timeline = TimelineRecorder::new(BootTimeline {

@@ -97,6 +97,8 @@ pub struct VmConfig {
     pub allow_kvm_pvm: bool,
     /// Host directory shared with the guest through virtio-fs (tag `husk`).
     pub shared_dir: Option<PathBuf>,
+    /// How long the guest may cache what it learns of the share, by place.
+    pub share_cache: crate::devices::virtio::fs::CacheTimes,
     /// A network card over an inherited TAP device.
     pub net: Option<NetConfig>,
     /// Boot the guest to its agent's readiness, save it as a template into this (new)
@@ -177,6 +179,7 @@ impl VmConfig {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             allow_kvm_pvm: false,
             shared_dir: None,
+            share_cache: Default::default(),
             net: None,
             template_out: None,
             restore_from: None,

@@ -53,6 +53,13 @@ struct Args {
     /// Share this host directory with the guest through virtio-fs (tag `husk`).
     #[arg(long)]
     shared_dir: Option<PathBuf>,
+    /// How long, in seconds, the guest may cache entries and attributes under the share's
+    /// `<id>/rootfs` directories (at most a day).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=86_400), requires = "shared_dir")]
+    share_rootfs_cache_secs: u32,
+    /// The same for everywhere else in the share (bind mounts, the share's own directories).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=86_400), requires = "shared_dir")]
+    share_cache_secs: u32,
     /// A network card over this inherited TAP file descriptor (opened with IFF_TAP, IFF_NO_PI
     /// and IFF_VNET_HDR; husk-vmm takes it over).
     #[arg(long, requires = "net_mac")]
@@ -94,6 +101,10 @@ fn run(args: Args) -> anyhow::Result<i32> {
         agent_timeout: Duration::from_millis(args.agent_timeout_ms),
         allow_kvm_pvm: args.allow_kvm_pvm,
         shared_dir: args.shared_dir,
+        share_cache: husk_vmm::devices::virtio::fs::CacheTimes {
+            rootfs: Duration::from_secs(args.share_rootfs_cache_secs.into()),
+            other: Duration::from_secs(args.share_cache_secs.into()),
+        },
         net: match (args.net_tap_fd, args.net_mac) {
             (Some(tap_fd), Some(mac)) => Some(husk_vmm::config::NetConfig {
                 tap_fd,

@@ -9,6 +9,10 @@
 //!   time it arrived (`HUSK_BENCH_ARGS="--trace-cmdline initcall_debug"` adds kernel parameters).
 //! - `cri`: pods through containerd's CRI plugin, runtime handler `husk` against `runc`
 //!   (`husk-bench cri`): pod start, and memory per idle pod with ten pods up at once.
+//! - `fs`: the container's files, husk against runc, crun and runsc (`husk-bench fs`):
+//!   sequential read and write, small files cold and warm, a tree walk, create/stat/unlink and
+//!   `tar` unpacking, in the rootfs and in a bind mount. `--quick` runs it at small sizes (CI
+//!   does, after the tests, to check that every figure is produced).
 //!
 //! `HUSK_BENCH_ARGS` passes further options to `husk-bench` (split at spaces), e.g.
 //! `--idle-runs 3 --dd-runs 3 --read-runs 2` for the OCI suite's other workloads.
@@ -22,10 +26,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The suites `husk-bench` knows.
-const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri"];
+const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri", "fs"];
 
-/// Runs one benchmark suite.
-pub fn bench(what: &str, runs: usize) -> Result<()> {
+/// Runs one benchmark suite (`quick`: at small sizes, where the suite has them).
+pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
     if !SUITES.contains(&what) {
         bail!(
             "unknown benchmark {what:?}; available: {}",
@@ -38,7 +42,7 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     let bench_bin = build_husk_bench()?;
     // runsc for the OCI suite; without it the bench still runs and says loudly what it could
     // not check.
-    let runsc: Option<PathBuf> = if what == "oci" {
+    let runsc: Option<PathBuf> = if what == "oci" || what == "fs" {
         match bench_oci::fetch_runsc() {
             Ok(path) => Some(path),
             Err(e) => {
@@ -60,11 +64,17 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
     }
     let commit = git_commit();
     let runs = runs.to_string();
-    let extra_args: Vec<String> = std::env::var("HUSK_BENCH_ARGS")
+    let mut extra_args: Vec<String> = std::env::var("HUSK_BENCH_ARGS")
         .unwrap_or_default()
         .split_whitespace()
         .map(String::from)
         .collect();
+    if quick {
+        if what != "fs" {
+            bail!("--quick is for the fs suite only");
+        }
+        extra_args.push("--quick".into());
+    }
     let load_before = bench_oci::host_load();
     let started_at = utc_now();
     let started = std::time::Instant::now();
@@ -88,8 +98,8 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
             // The OCI suite builds its rootfs on the work disk (a disk file system, so that
             // dropping the page cache makes reads cold; the rig's /tmp is tmpfs).
             let mut extra = String::new();
-            if what == "oci" {
-                extra.push_str(" --dir /work/oci-bench");
+            if what == "oci" || what == "fs" {
+                extra.push_str(&format!(" --dir /work/{what}-bench"));
             }
             for arg in &extra_args {
                 extra.push(' ');
@@ -101,6 +111,10 @@ pub fn bench(what: &str, runs: usize) -> Result<()> {
                 env,
             );
             job.out_dir = Some(out.clone());
+            if what == "fs" && !quick {
+                // Two 1 GiB files and the 1 GiB written beside them.
+                job.work_free_mib = 6 * 1024;
+            }
             let code = rig::run_in_rig(&image, &job)?.exit_code()?;
             if code != 0 {
                 bail!("the benchmark failed in the rig (exit code {code})");

@@ -62,13 +62,16 @@ enum Cmd {
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
-    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`).
+    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`, `fs`).
     Bench {
         /// Which suite.
         what: String,
-        /// Runs per runtime.
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
+        /// Runs per runtime (default: 20; `fs`: 3).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Small sizes, to check that every figure is produced (`fs`).
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -134,7 +137,14 @@ fn main() -> Result<()> {
         })?,
         Cmd::Run => testing::run_demo()?,
         Cmd::Install { prefix } => install::install(&prefix)?,
-        Cmd::Bench { what, runs } => bench::bench(&what, runs)?,
+        Cmd::Bench { what, runs, quick } => {
+            let runs = runs.unwrap_or(match (what.as_str(), quick) {
+                ("fs", true) => 1,
+                ("fs", false) => 3,
+                _ => 20,
+            });
+            bench::bench(&what, runs, quick)?
+        }
     }
     Ok(())
 }

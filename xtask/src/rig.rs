@@ -447,6 +447,8 @@ pub struct RigRun {
     pub timeout: Duration,
     /// Console lines starting with this are kept in [`RigReport::collected`].
     pub collect_prefix: Option<String>,
+    /// Free space on the work disk beyond its inputs, in MiB (the image is sparse).
+    pub work_free_mib: u64,
 }
 
 impl RigRun {
@@ -463,6 +465,7 @@ impl RigRun {
             out_dir: None,
             timeout: crate::testing::rig_timeout(),
             collect_prefix: None,
+            work_free_mib: 1024,
         }
     }
 }
@@ -578,7 +581,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
     }
     std::fs::write(work.join("env"), env)?;
     let disk = scratch.join("work.ext4");
-    make_ext4(&work, WORK_LABEL, 1024, &disk)?;
+    make_ext4(&work, WORK_LABEL, job.work_free_mib, &disk)?;
     std::fs::remove_dir_all(&work)?;
 
     let interactive = job.script.is_none();

@@ -5,7 +5,7 @@ use crate::bundle::{translate_spec, Bundle};
 use crate::config::HuskConfig;
 use crate::container::{process_start_time, vmm_command, StateDir, VmRollback};
 use crate::hooks::{HookKind, Hooks};
-use crate::share::prepare_share;
+use crate::share::{prepare_share, FsCache};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
 use crate::template::{self, Templates};
@@ -92,6 +92,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     }
     let cfg = HuskConfig::load()?;
     let size = size_vm(&bundle.spec, &cfg, host_cpus())?;
+    let fs_cache = FsCache::wanted(&cfg, &bundle.spec)?;
     let kernel = cfg.kernel_path()?;
     let initramfs = cfg.initramfs_path()?;
     let mut translation = translate_spec(&bundle, &args.id);
@@ -137,7 +138,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         write_atomic(&dir.plan_file(), &serde_json::to_vec_pretty(&plan)?)?;
 
         // In supervisor mode the VMM's stdout (the guest console with `debug`) is vmm.log.
-        let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, debug)
+        let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, fs_cache, &dir, debug)
             .with_context(|| format!("preparing {}", dir.vsock_socket().display()))?;
         cmd.arg("--supervise").arg(dir.plan_file());
         if let Some(template) = &template {

@@ -34,7 +34,9 @@ pub fn features_doc() -> Value {
         "annotations": {
             "io.husk.vm.isolation": "kvm-microvm",
             "io.husk.vm.mem_mib": "guest memory in MiB (optional annotation)",
-            "io.husk.vm.cpus": "vCPUs (optional annotation)"
+            "io.husk.vm.cpus": "vCPUs (optional annotation)",
+            "io.husk.vm.warm_start": "true or false: start from a template (optional annotation)",
+            "io.husk.fs.cache": "auto or short: how long the guest caches the container's files (optional annotation)"
         }
     })
 }

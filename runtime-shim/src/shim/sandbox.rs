@@ -10,7 +10,7 @@ use crate::agent::{call_ok, connect, AgentError};
 use crate::config::HuskConfig;
 use crate::container::{process_alive, process_start_time, vmm_command, StateDir, VmRollback};
 use crate::network;
-use crate::share::{mount_share, remove_state_dir};
+use crate::share::{mount_share, remove_state_dir, FsCache};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::write_atomic;
 use crate::template::{self, Templates};
@@ -62,6 +62,7 @@ impl Sandbox {
     pub fn boot(root: &Path, id: &str, spec: &serde_json::Value) -> Result<Sandbox> {
         let cfg = HuskConfig::load()?;
         let size = size_vm(spec, &cfg, host_cpus())?;
+        let fs_cache = FsCache::wanted(&cfg, spec)?;
         let kernel = cfg.kernel_path()?;
         let initramfs = cfg.initramfs_path()?;
         let dir = StateDir::new(root, id)?;
@@ -82,21 +83,18 @@ impl Sandbox {
             None => None,
         };
         let templates = Templates::new(&cfg);
-        // Pod sandboxes boot for now: a restored sandbox's guest crashed when a member
-        // container was deleted inside it (the rig, containerd suite), which a container run
-        // by the CLI never does (its VM ends with it). The annotation is still validated.
-        template::wanted(&cfg, spec)?;
-        let mut template: Option<std::path::PathBuf> = None;
-        log::info!(
-            "sandbox {id}: booting (warm start is for containers run by the husk CLI only{})",
-            if network.is_some() {
-                "; and this sandbox has a network card"
-            } else {
-                ""
+        let mut template = match (template::wanted(&cfg, spec)?, &network) {
+            (true, None) => templates.get(&cfg, &kernel, &initramfs, size, |m| log::warn!("{m}")),
+            (true, Some(_)) => {
+                // The card, and the guest's IP configuration made at boot from the kernel
+                // command line, are not in templates.
+                log::info!("sandbox {id}: booting: a sandbox with a network card is not restored");
+                None
             }
-        );
+            (false, _) => None,
+        };
         let pid = loop {
-            let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, &dir, cfg.debug)
+            let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, fs_cache, &dir, cfg.debug)
                 .with_context(|| format!("preparing {}", socket.display()))?;
             cmd.stdin(Stdio::null())
                 .stdout(log.try_clone()?)

@@ -22,6 +22,7 @@
 //! so a second, quiet boot counts the VM's exits by kind (KVM's debugfs statistics).
 
 mod cri;
+mod fs;
 mod oci;
 mod soak;
 
@@ -57,7 +58,8 @@ struct VsockRun {
     first_vcpu_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
+const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
+     [fs: --quick] [--dir DIR] \
      [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--idle-many N] [--dir DIR] [--timeout-s S]";
@@ -81,6 +83,8 @@ fn main() -> Result<()> {
         timeout: Duration::from_secs(1200),
     };
     let mut idle_pods = 10usize;
+    let mut quick = false;
+    let mut dir: Option<PathBuf> = None;
     let mut trace_cmdline = Vec::new();
     let mut soak_opts = soak::SoakOptions {
         boots: 300,
@@ -109,11 +113,13 @@ fn main() -> Result<()> {
             "--read-runs" => oci_opts.io_runs = value("--read-runs")?.parse()?,
             "--split-runs" => oci_opts.split_runs = value("--split-runs")?.parse()?,
             "--idle-many" => oci_opts.idle_many = value("--idle-many")?.parse()?,
-            "--dir" => oci_opts.dir = PathBuf::from(value("--dir")?),
+            "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
+            "--quick" => quick = true,
             "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
             "boot" => what = Some("boot"),
             "oci" => what = Some("oci"),
             "cri" => what = Some("cri"),
+            "fs" => what = Some("fs"),
             "boot-trace" => what = Some("boot-trace"),
             "soak" => what = Some("soak"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
@@ -128,8 +134,18 @@ fn main() -> Result<()> {
         Some("oci") => {
             oci_opts.runs = runs;
             oci_opts.out = out;
+            if let Some(dir) = dir {
+                oci_opts.dir = dir;
+            }
             oci::bench_oci(&oci_opts)
         }
+        Some("fs") => fs::bench_fs(&fs::FsOptions {
+            runs,
+            quick,
+            dir: dir.unwrap_or_else(|| PathBuf::from("/var/tmp/husk-bench-fs")),
+            out,
+            timeout: oci_opts.timeout,
+        }),
         Some("boot-trace") => {
             let artifacts = vm_artifacts("husk-bench").context("no usable KVM or artifacts")?;
             boot_trace(&artifacts, &trace_cmdline)

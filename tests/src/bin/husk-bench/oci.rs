@@ -104,9 +104,9 @@ pub struct OciOptions {
 
 /// One OCI runtime under test.
 #[derive(Clone, Debug)]
-struct Runtime {
-    name: &'static str,
-    program: PathBuf,
+pub(crate) struct Runtime {
+    pub(crate) name: &'static str,
+    pub(crate) program: PathBuf,
     /// Its private state root (`--root`).
     root: PathBuf,
     /// Global options besides `--root`.
@@ -115,7 +115,7 @@ struct Runtime {
 }
 
 impl Runtime {
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--root")
@@ -128,16 +128,16 @@ impl Runtime {
 }
 
 /// How one runtime command ended.
-struct Outcome {
-    status: ExitStatus,
-    wall: Duration,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Outcome {
+    pub(crate) status: ExitStatus,
+    pub(crate) wall: Duration,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `cmd` to completion with its output in files under `scratch` (a detached container
 /// keeps its stdio open, so pipes would never reach EOF), killing it after `timeout`.
-fn run_cmd(mut cmd: Command, scratch: &Path, timeout: Duration) -> Result<Outcome> {
+pub(crate) fn run_cmd(mut cmd: Command, scratch: &Path, timeout: Duration) -> Result<Outcome> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out_path = scratch.join(format!("out.{n}"));
@@ -183,25 +183,25 @@ fn run_cmd(mut cmd: Command, scratch: &Path, timeout: Duration) -> Result<Outcom
     })
 }
 
-fn tail(text: &str) -> String {
+pub(crate) fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
 /// The containers this bench started and has not deleted yet; `Drop` force-deletes them.
-struct Containers {
-    live: Vec<(Runtime, String)>,
-    scratch: PathBuf,
-    timeout: Duration,
+pub(crate) struct Containers {
+    pub(crate) live: Vec<(Runtime, String)>,
+    pub(crate) scratch: PathBuf,
+    pub(crate) timeout: Duration,
 }
 
 impl Containers {
-    fn started(&mut self, rt: &Runtime, id: &str) {
+    pub(crate) fn started(&mut self, rt: &Runtime, id: &str) {
         self.live.push((rt.clone(), id.to_string()));
     }
 
     /// Deletes the container if the runtime still knows it (`state` succeeds).
-    fn remove(&mut self, rt: &Runtime, id: &str) -> Result<()> {
+    pub(crate) fn remove(&mut self, rt: &Runtime, id: &str) -> Result<()> {
         self.live.retain(|(r, i)| !(r.name == rt.name && i == id));
         let state = run_cmd(rt.command(&["state", id]), &self.scratch, self.timeout)?;
         if state.status.success() {
@@ -235,7 +235,7 @@ impl Drop for Containers {
 }
 
 /// Finds `name` on `PATH`.
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -243,26 +243,39 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// The bench's files: one rootfs, a `config.json` template from `husk spec`.
-struct Bench {
-    rootfs: PathBuf,
+pub(crate) struct Bench {
+    pub(crate) rootfs: PathBuf,
     bundles: PathBuf,
     template: Value,
 }
 
 impl Bench {
     fn build(husk: &Path, dir: &Path) -> Result<Bench> {
+        Bench::build_with(husk, dir, |rootfs| {
+            let started = Instant::now();
+            write_read_data(&rootfs.join("bench"))?;
+            eprintln!(
+                "oci bench: rootfs data ({BIG_FILE_MIB} MiB file, {} small files) written in {:.1} s",
+                TREE_DIRS * TREE_FILES_PER_DIR,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        })
+    }
+
+    /// A busybox rootfs in `dir/rootfs` (`dir` emptied first), with `data` run on it, and the
+    /// spec template.
+    pub(crate) fn build_with(
+        husk: &Path,
+        dir: &Path,
+        data: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Bench> {
         if dir.exists() {
             std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
         }
         let rootfs = dir.join("rootfs");
         make_busybox_rootfs(&rootfs)?;
-        let started = Instant::now();
-        write_read_data(&rootfs.join("bench"))?;
-        eprintln!(
-            "oci bench: rootfs data ({BIG_FILE_MIB} MiB file, {} small files) written in {:.1} s",
-            TREE_DIRS * TREE_FILES_PER_DIR,
-            started.elapsed().as_secs_f64()
-        );
+        data(&rootfs)?;
         let bundles = dir.join("bundles");
         let template_dir = bundles.join("template");
         std::fs::create_dir_all(&template_dir)?;
@@ -287,6 +300,17 @@ impl Bench {
 
     /// A bundle running `args`, with `annotations` added; every runtime uses the same one.
     fn bundle(&self, name: &str, args: &[&str], annotations: &[(&str, String)]) -> Result<PathBuf> {
+        self.bundle_with(name, args, annotations, |_| {})
+    }
+
+    /// [`Self::bundle`], with `edit` applied to the spec last.
+    pub(crate) fn bundle_with(
+        &self,
+        name: &str,
+        args: &[&str],
+        annotations: &[(&str, String)],
+        edit: impl FnOnce(&mut Value),
+    ) -> Result<PathBuf> {
         let dir = self.bundles.join(name);
         std::fs::create_dir_all(&dir)?;
         let mut spec = self.template.clone();
@@ -296,6 +320,7 @@ impl Bench {
         for (key, value) in annotations {
             spec["annotations"][*key] = Value::String(value.clone());
         }
+        edit(&mut spec);
         std::fs::write(
             dir.join("config.json"),
             serde_json::to_string_pretty(&spec)?,
@@ -341,7 +366,7 @@ fn write_read_data(dir: &Path) -> Result<()> {
 }
 
 /// Writes back dirty pages and drops the page cache, dentries and inodes of this machine.
-fn drop_caches() -> Result<()> {
+pub(crate) fn drop_caches() -> Result<()> {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3")
@@ -349,7 +374,7 @@ fn drop_caches() -> Result<()> {
 }
 
 /// The `real` seconds of each busybox `time -p` report in `stderr`, in order.
-fn real_seconds(stderr: &str) -> Vec<f64> {
+pub(crate) fn real_seconds(stderr: &str) -> Vec<f64> {
     stderr
         .lines()
         .filter_map(|l| l.trim().strip_prefix("real "))
@@ -409,16 +434,16 @@ pub(crate) fn comm(pid: u32) -> String {
 
 /// Samples of one figure, per runtime.
 #[derive(Default)]
-struct Figure {
-    values: BTreeMap<&'static str, Vec<f64>>,
+pub(crate) struct Figure {
+    pub(crate) values: BTreeMap<&'static str, Vec<f64>>,
 }
 
 impl Figure {
-    fn push(&mut self, rt: &'static str, value: f64) {
+    pub(crate) fn push(&mut self, rt: &'static str, value: f64) {
         self.values.entry(rt).or_default().push(value);
     }
 
-    fn median(&self, rt: &str) -> Option<f64> {
+    pub(crate) fn median(&self, rt: &str) -> Option<f64> {
         let v = self.values.get(rt)?;
         (!v.is_empty()).then(|| stats(v).0)
     }
@@ -494,85 +519,18 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
     let scratch = opts.dir.join("scratch");
     let bench = Bench::build(&husk, &opts.dir)?;
     std::fs::create_dir_all(&scratch)?;
-    let config = opts.dir.join("husk-config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nagent_timeout_ms = 600000\n",
-            artifacts.kernel.display(),
-            artifacts.initramfs.display(),
-            artifacts.vmm.display()
-        ),
-    )?;
-    // husk again, every sandbox booted: warm start's gain, measured in the same run.
-    let cold_config = opts.dir.join("husk-cold-config.toml");
-    std::fs::write(
-        &cold_config,
-        format!("{}warm_start = false\n", std::fs::read_to_string(&config)?),
-    )?;
     let state_roots = PathBuf::from("/run/husk-bench-oci");
-    let _ = std::fs::remove_dir_all(&state_roots);
-
-    // The runtimes: husk and runc must be there; crun and runsc are reported when missing.
     let mut notes: Vec<String> = Vec::new();
-    let mut candidates = vec![Runtime {
-        name: "husk",
-        program: husk.clone(),
-        root: state_roots.join("husk"),
-        global_args: Vec::new(),
-        env: vec![("HUSK_CONFIG".into(), config.clone())],
-    }];
-    candidates.push(Runtime {
-        name: HUSK_COLD,
-        program: husk.clone(),
-        root: state_roots.join(HUSK_COLD),
-        global_args: Vec::new(),
-        env: vec![("HUSK_CONFIG".into(), cold_config.clone())],
-    });
-    for name in ["runc", "crun", "runsc"] {
-        match which(name) {
-            Some(program) => candidates.push(Runtime {
-                name,
-                program,
-                root: state_roots.join(name),
-                // runsc refuses to run a sandbox with networking in the caller's network
-                // namespace (an engine would have made one with CNI); husk's guests have only
-                // loopback too, and runc and crun get an empty network namespace.
-                global_args: if name == "runsc" {
-                    vec!["--network=none"]
-                } else {
-                    Vec::new()
-                },
-                env: Vec::new(),
-            }),
-            None => {
-                let note = if name == "runsc" {
-                    "runsc (gVisor) is UNAVAILABLE here (not on PATH): the idle-PSS target \
-                     (husk at most 0.6x runsc) CANNOT BE CHECKED"
-                        .to_string()
-                } else {
-                    format!("{name} is UNAVAILABLE here (not on PATH)")
-                };
-                loud(&note);
-                notes.push(note);
-            }
-        }
-    }
-    let mut versions = BTreeMap::new();
-    for rt in &candidates {
-        let out = Command::new(&rt.program).arg("--version").output();
-        let version = out
-            .ok()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-            })
-            .unwrap_or_default();
-        versions.insert(rt.name, version);
-    }
+    let candidates = candidate_runtimes(
+        &husk,
+        &artifacts,
+        &opts.dir,
+        &state_roots,
+        true,
+        "the idle-PSS target (husk at most 0.6x runsc)",
+        &mut notes,
+    )?;
+    let versions = versions(&candidates);
 
     let mut containers = Containers {
         live: Vec::new(),
@@ -599,49 +557,14 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
         &[("io.husk.vm.mem_mib", IO_GUEST_MEM_MIB.to_string())],
     )?;
 
-    // Probe: one untimed run of /bin/true each (also warms the page cache with the binaries).
-    let mut runtimes = Vec::new();
-    for rt in candidates {
-        let id = format!("probe-{}", rt.name);
-        containers.started(&rt, &id);
-        let probe = run_cmd(
-            rt.command(&["run", "--bundle", path_str(&true_bundle)?, &id]),
-            &scratch,
-            opts.timeout,
-        );
-        containers.remove(&rt, &id)?;
-        match probe {
-            Ok(o) if o.status.success() => {
-                eprintln!(
-                    "oci bench: {} ({}) works: probe run {:.0} ms",
-                    rt.name,
-                    versions[rt.name],
-                    o.wall.as_secs_f64() * 1e3
-                );
-                runtimes.push(rt);
-            }
-            other => {
-                let why = match other {
-                    Ok(o) => format!("exit {}: {}", o.status, tail(&o.stderr)),
-                    Err(e) => format!("{e:#}"),
-                };
-                if rt.name == "husk" || rt.name == HUSK_COLD || rt.name == "runc" {
-                    bail!("{} cannot run a container here: {why}", rt.name);
-                }
-                let note = format!(
-                    "{} FAILED to run a container here and is left out{}: {why}",
-                    rt.name,
-                    if rt.name == "runsc" {
-                        "; the idle-PSS target (husk at most 0.6x runsc) CANNOT BE CHECKED"
-                    } else {
-                        ""
-                    }
-                );
-                loud(&note);
-                notes.push(note);
-            }
-        }
-    }
+    let runtimes = probe(
+        candidates,
+        &true_bundle,
+        &versions,
+        &mut containers,
+        "the idle-PSS target (husk at most 0.6x runsc)",
+        &mut notes,
+    )?;
 
     // The executables whose processes count as a runtime's: the runtimes (runsc's sandbox,
     // gofer and stubs are runsc itself), husk-vmm, and the container's busybox.
@@ -938,13 +861,167 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
     report(opts, &runtimes, &versions, &figs, &notes, pss_detail)
 }
 
-fn path_str(path: &Path) -> Result<&str> {
+/// The runtimes to compare: husk (warm start, its default), with `with_cold` husk again with
+/// every sandbox booted ([`HUSK_COLD`]), and runc, crun and runsc where they are on `PATH`
+/// (each missing one noted; `runsc_target` names what cannot be checked without runsc).
+/// husk's configuration files are written under `dir`; each runtime gets its own state root
+/// under `state_roots` (emptied first).
+pub(crate) fn candidate_runtimes(
+    husk: &Path,
+    artifacts: &husk_tests::Artifacts,
+    dir: &Path,
+    state_roots: &Path,
+    with_cold: bool,
+    runsc_target: &str,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Runtime>> {
+    let config = dir.join("husk-config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nagent_timeout_ms = 600000\n",
+            artifacts.kernel.display(),
+            artifacts.initramfs.display(),
+            artifacts.vmm.display()
+        ),
+    )?;
+    let _ = std::fs::remove_dir_all(state_roots);
+    let mut candidates = vec![Runtime {
+        name: "husk",
+        program: husk.to_path_buf(),
+        root: state_roots.join("husk"),
+        global_args: Vec::new(),
+        env: vec![("HUSK_CONFIG".into(), config.clone())],
+    }];
+    if with_cold {
+        // husk again, every sandbox booted: warm start's gain, measured in the same run.
+        let cold_config = dir.join("husk-cold-config.toml");
+        std::fs::write(
+            &cold_config,
+            format!("{}warm_start = false\n", std::fs::read_to_string(&config)?),
+        )?;
+        candidates.push(Runtime {
+            name: HUSK_COLD,
+            program: husk.to_path_buf(),
+            root: state_roots.join(HUSK_COLD),
+            global_args: Vec::new(),
+            env: vec![("HUSK_CONFIG".into(), cold_config)],
+        });
+    }
+    for name in ["runc", "crun", "runsc"] {
+        match which(name) {
+            Some(program) => candidates.push(Runtime {
+                name,
+                program,
+                root: state_roots.join(name),
+                // runsc refuses to run a sandbox with networking in the caller's network
+                // namespace (an engine would have made one with CNI); husk's guests have only
+                // loopback too, and runc and crun get an empty network namespace.
+                global_args: if name == "runsc" {
+                    vec!["--network=none"]
+                } else {
+                    Vec::new()
+                },
+                env: Vec::new(),
+            }),
+            None => {
+                let note = if name == "runsc" {
+                    format!(
+                        "runsc (gVisor) is UNAVAILABLE here (not on PATH): {runsc_target} CANNOT BE CHECKED"
+                    )
+                } else {
+                    format!("{name} is UNAVAILABLE here (not on PATH)")
+                };
+                loud(&note);
+                notes.push(note);
+            }
+        }
+    }
+    Ok(candidates)
+}
+
+/// Each runtime's `--version`, first line.
+pub(crate) fn versions(runtimes: &[Runtime]) -> BTreeMap<&'static str, String> {
+    let mut versions = BTreeMap::new();
+    for rt in runtimes {
+        let out = Command::new(&rt.program).arg("--version").output();
+        let version = out
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        versions.insert(rt.name, version);
+    }
+    versions
+}
+
+/// One untimed run of `true_bundle` by each candidate (which also warms the page cache with
+/// the binaries): those that work. husk and runc must; another that fails is left out, noted.
+pub(crate) fn probe(
+    candidates: Vec<Runtime>,
+    true_bundle: &Path,
+    versions: &BTreeMap<&'static str, String>,
+    containers: &mut Containers,
+    runsc_target: &str,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Runtime>> {
+    let mut runtimes = Vec::new();
+    for rt in candidates {
+        let id = format!("probe-{}", rt.name);
+        containers.started(&rt, &id);
+        let probe = run_cmd(
+            rt.command(&["run", "--bundle", path_str(true_bundle)?, &id]),
+            &containers.scratch,
+            containers.timeout,
+        );
+        containers.remove(&rt, &id)?;
+        match probe {
+            Ok(o) if o.status.success() => {
+                eprintln!(
+                    "bench: {} ({}) works: probe run {:.0} ms",
+                    rt.name,
+                    versions.get(rt.name).map_or("", String::as_str),
+                    o.wall.as_secs_f64() * 1e3
+                );
+                runtimes.push(rt);
+            }
+            other => {
+                let why = match other {
+                    Ok(o) => format!("exit {}: {}", o.status, tail(&o.stderr)),
+                    Err(e) => format!("{e:#}"),
+                };
+                if rt.name == "husk" || rt.name == HUSK_COLD || rt.name == "runc" {
+                    bail!("{} cannot run a container here: {why}", rt.name);
+                }
+                let note = format!(
+                    "{} FAILED to run a container here and is left out{}: {why}",
+                    rt.name,
+                    if rt.name == "runsc" {
+                        format!("; {runsc_target} CANNOT BE CHECKED")
+                    } else {
+                        String::new()
+                    }
+                );
+                loud(&note);
+                notes.push(note);
+            }
+        }
+    }
+    Ok(runtimes)
+}
+
+pub(crate) fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
-fn loud(msg: &str) {
-    eprintln!("oci bench: !!! {msg} !!!");
+pub(crate) fn loud(msg: &str) {
+    eprintln!("bench: !!! {msg} !!!");
 }
 
 /// One ratio against a target.

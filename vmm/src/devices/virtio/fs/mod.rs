@@ -57,22 +57,51 @@
 //! anywhere), and host tools working in it must not follow symlinks in it. The host must not
 //! move files or directories out of the share while the VM runs: the server holds inodes by
 //! file descriptor, so an inode the guest already reached stays reachable wherever it is moved
-//! (as with hard links above). Each inode and open file the guest holds costs the VMM one file
-//! descriptor: a guest can exhaust the VMM's `RLIMIT_NOFILE`, which hurts only its own VM.
+//! (as with hard links above). Each inode the guest holds costs the VMM one file descriptor
+//! (open files cost none: see below): a guest can exhaust the VMM's `RLIMIT_NOFILE`, which
+//! hurts only its own VM.
 //! Guest uids other than 0 act through per-thread `setresuid`, which needs a root VMM.
 //!
 //! # Caching
 //!
-//! The host side of a container's rootfs does not change under the running container, and
-//! every guest change goes through this server, so the guest may cache: entries and
-//! attributes are valid for [`CACHE_TIMEOUT`] (10 s), missing names for [`NEGATIVE_TIMEOUT`]
-//! (1 s: PATH and library searches miss repeatedly, but the host may still be adding a new
-//! container's bundle), file data stays in the guest's page
-//! cache across opens (`CachePolicy::Always`), and with `AUTO_INVAL_DATA` the guest still
-//! drops cached data of a file whose size or mtime changed on the host once it revalidates
-//! the attributes (host-shared volumes then become coherent within the timeout). Writeback
-//! caching stays off: every write reaches the host file at once, so there is no dirty guest
-//! data to lose or to reorder. Requests carry up to 1 MiB of data (`MAX_PAGES`).
+//! Every guest change goes through this server, so the guest may cache what it learned; what
+//! the host changes behind its back it sees once its cache expires. How long that is depends
+//! on where an inode sits in the share ([`CacheTimes`]), which husk lays out as
+//! `<container id>/rootfs` and `<container id>/mounts/<n>`:
+//!
+//! - **The rootfs** (`<id>/rootfs` and below): the engine prepared it before the container
+//!   started and nothing on the host changes it under a running container, so its entries
+//!   (missing names too), attributes and data are trusted for [`CacheTimes::rootfs`] (husk
+//!   gives a day unless told otherwise; `husk-vmm` alone gives [`SHORT_CACHE`]).
+//! - **Everything else**: bind mounts (`<id>/mounts/<n>`, host directories the host may change,
+//!   read-only ones too: Kubernetes updates ConfigMap and Secret volumes in place) and the
+//!   share's own directories (where the host adds a pod's new containers): [`CacheTimes::other`]
+//!   ([`SHORT_CACHE`], one second).
+//!
+//! The place is worked out at lookup from the parent's place and the name, and kept per inode
+//! while the guest holds it (dropped at `FORGET`; an inode the server has no place for is
+//! treated as "everything else"; reached by two paths, a hard link, it gets the shorter). It
+//! only decides how long the guest trusts its own cache: a hostile guest that rearranges the
+//! share can make itself see stale data, nothing more.
+//!
+//! File data stays in the guest's page cache across opens (`CachePolicy::Always`), and with
+//! `AUTO_INVAL_DATA` the guest drops cached data of a file whose size or mtime changed on the
+//! host once it revalidates the attributes. Writeback caching stays off: every write reaches
+//! the host file at once, so there is no dirty guest data to lose or to reorder. Requests
+//! carry up to 1 MiB of data (`MAX_PAGES`), and the agent widens the mount's readahead to
+//! 1 MiB.
+//!
+//! # Opens without a round trip
+//!
+//! The guest never sends `OPEN`, `OPENDIR`, `RELEASE` or `RELEASEDIR` (`ZERO_MESSAGE_OPEN`,
+//! `ZERO_MESSAGE_OPENDIR`): opening a file costs nothing on the host, and each `READ` or
+//! `WRITE` opens the inode's host file for that request (read-only for reads, read-write for
+//! writes) and closes it after. The policy holds without the open: only regular files and
+//! directories are ever opened (the passthrough checks the inode's type on every such open),
+//! names are checked at lookup and create, modes at create and setattr. Permission checks stay
+//! where they were for a hostile guest: in the guest kernel (virtio-fs mounts with
+//! `default_permissions`); a guest kernel can name any uid in a request, so the host-side open
+//! as the caller's uid never was a boundary against it.
 //!
 //! # Hostile drivers
 //!
@@ -111,11 +140,27 @@ pub const CONFIG_SIZE: usize = TAG_LEN + 4;
 pub const MAX_CHAIN_DESCRIPTORS: usize = REQUEST_QUEUE_SIZE as usize;
 /// The most bytes of a request in either direction: 1 MiB of data plus headers.
 pub const MAX_REQUEST_BYTES: usize = (1 << 20) + 0x2000;
-/// How long the guest may trust entries and attributes.
-pub const CACHE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the guest may remember that a name does not exist. Short: the host may still be
-/// filling the share (a new container's bundle) while the guest looks.
-pub const NEGATIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the guest trusts what it learned of a place in the share the host may change.
+pub const SHORT_CACHE: Duration = Duration::from_secs(1);
+
+/// How long the guest may trust entries (missing names too) and attributes, by place in the
+/// share (see [Caching](self#caching)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheTimes {
+    /// Under `<id>/rootfs`.
+    pub rootfs: Duration,
+    /// Everywhere else: bind mounts and the share's own directories.
+    pub other: Duration,
+}
+
+impl Default for CacheTimes {
+    fn default() -> Self {
+        CacheTimes {
+            rootfs: SHORT_CACHE,
+            other: SHORT_CACHE,
+        }
+    }
+}
 
 /// Errors of the file system device.
 #[derive(Debug, thiserror::Error)]

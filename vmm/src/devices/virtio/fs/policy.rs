@@ -3,20 +3,22 @@
 //! a serving thread without `CAP_MKNOD` / `CAP_FSETID` and with its own umask.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid, ROOT_ID,
 };
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
-use super::{FsError, CACHE_TIMEOUT, NEGATIVE_TIMEOUT};
+use super::{CacheTimes, FsError};
 
 /// An inode number as the guest sees it.
 pub type Inode = u64;
@@ -30,16 +32,15 @@ pub const FORBIDDEN_MODE_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 const ALLOWED_RENAME_FLAGS: u32 = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
 
 /// FUSE features the guest is never offered (see the module docs): writeback cache, DAX,
-/// NFS export (`..` lookups, file handles), ACLs, killpriv handling by the guest, and
-/// zero-message opens (every open must come through [`ConfinedFs::open`]).
+/// NFS export (`..` lookups, file handles), ACLs, and killpriv handling by the guest.
+/// Zero-message opens are offered (see the module docs: every `READ` and `WRITE` opens the
+/// inode on the host, with the passthrough's type check).
 const REFUSED_OPTIONS: FsOptions = FsOptions::WRITEBACK_CACHE
     .union(FsOptions::PERFILE_DAX)
     .union(FsOptions::EXPORT_SUPPORT)
     .union(FsOptions::POSIX_ACL)
     .union(FsOptions::HANDLE_KILLPRIV)
     .union(FsOptions::HANDLE_KILLPRIV_V2)
-    .union(FsOptions::ZERO_MESSAGE_OPEN)
-    .union(FsOptions::ZERO_MESSAGE_OPENDIR)
     .union(FsOptions::SUBMOUNTS)
     .union(FsOptions::FD_PASSTHROUGH)
     .union(FsOptions::ATOMIC_O_TRUNC);
@@ -63,14 +64,92 @@ thread_local! {
     static THREAD_CONFINED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Where an inode sits in the share, for how long the guest may cache it (see the module
+/// docs' [Caching](super#caching)): husk lays the share out as `<id>/rootfs` and
+/// `<id>/mounts/<n>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// The share's root directory.
+    ShareRoot,
+    /// A directory at the share's root: one container's (`<id>`).
+    Container,
+    /// `<id>/rootfs` and everything below it.
+    Rootfs,
+    /// Anything else: bind mounts (`<id>/mounts/<n>`), the share's own directories.
+    Other,
+}
+
+impl Place {
+    /// The place of the entry `name` in a directory of this place.
+    fn child(self, name: &[u8]) -> Place {
+        match self {
+            Place::ShareRoot => Place::Container,
+            Place::Container if name == b"rootfs" => Place::Rootfs,
+            Place::Rootfs => Place::Rootfs,
+            _ => Place::Other,
+        }
+    }
+
+    /// The place of an inode reached by two paths (a hard link): the one that caches less.
+    fn meet(self, other: Place) -> Place {
+        if self == other {
+            self
+        } else {
+            Place::Other
+        }
+    }
+}
+
+/// The places of the inodes the guest holds, each with the number of lookups the guest has
+/// not forgotten (the passthrough's own count, kept alike: one per entry handed out).
+#[derive(Default)]
+struct Places {
+    held: HashMap<Inode, (Place, u64)>,
+}
+
+impl Places {
+    fn of(&self, inode: Inode) -> Place {
+        if inode == ROOT_ID {
+            return Place::ShareRoot;
+        }
+        self.held
+            .get(&inode)
+            .map_or(Place::Other, |&(place, _)| place)
+    }
+
+    /// Records one more lookup of `inode`, reached at `place`; returns its place now.
+    fn looked_up(&mut self, inode: Inode, place: Place) -> Place {
+        let held = self.held.entry(inode).or_insert((place, 0));
+        held.0 = held.0.meet(place);
+        held.1 = held.1.saturating_add(1);
+        held.0
+    }
+
+    fn forget(&mut self, inode: Inode, count: u64) {
+        if let Some(held) = self.held.get_mut(&inode) {
+            held.1 = held.1.saturating_sub(count);
+            if held.1 == 0 {
+                self.held.remove(&inode);
+            }
+        }
+    }
+}
+
 /// The passthrough file system over one shared directory, with husk's policy enforced.
 pub struct ConfinedFs {
     inner: PassthroughFs<()>,
+    cache: CacheTimes,
+    places: Mutex<Places>,
 }
 
 impl ConfinedFs {
-    /// Serves `shared_dir` (which must be a directory).
+    /// Serves `shared_dir` (which must be a directory), with [`CacheTimes::default`].
     pub fn new(shared_dir: &Path) -> Result<Self, FsError> {
+        Self::with_cache(shared_dir, CacheTimes::default())
+    }
+
+    /// Serves `shared_dir` (which must be a directory), with `cache` for the guest's caches.
+    pub fn with_cache(shared_dir: &Path, cache: CacheTimes) -> Result<Self, FsError> {
         let err = |source| FsError::SharedDir {
             path: shared_dir.to_path_buf(),
             source,
@@ -87,14 +166,16 @@ impl ConfinedFs {
             .to_string();
         let cfg = Config {
             root_dir,
-            entry_timeout: CACHE_TIMEOUT,
-            attr_timeout: CACHE_TIMEOUT,
+            // Replaced per reply by the inode's place; these serve what the passthrough
+            // answers before we see it.
+            entry_timeout: cache.other,
+            attr_timeout: cache.other,
             cache_policy: CachePolicy::Always,
             writeback: false,
             xattr: false,
             do_import: true,
-            no_open: false,
-            no_opendir: false,
+            no_open: true,
+            no_opendir: true,
             killpriv_v2: false,
             inode_file_handles: false,
             no_readdir: false,
@@ -116,7 +197,43 @@ impl ConfinedFs {
                 .unwrap_or_else(|_| Err(io::Error::other("import panicked")))
         })
         .map_err(err)?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            cache,
+            places: Mutex::new(Places::default()),
+        })
+    }
+
+    fn places(&self) -> std::sync::MutexGuard<'_, Places> {
+        // The map stays consistent through a panic elsewhere (each update is one call).
+        self.places.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache_time(&self, place: Place) -> Duration {
+        match place {
+            Place::Rootfs => self.cache.rootfs,
+            _ => self.cache.other,
+        }
+    }
+
+    /// Gives an entry for `name` in `parent` (a positive one the guest now holds one more
+    /// lookup of, or a negative one) the cache times of its place.
+    fn place_entry(&self, parent: Inode, name: &[u8], mut entry: Entry) -> Entry {
+        let mut places = self.places();
+        let place = places.of(parent).child(name);
+        if entry.inode == 0 {
+            entry.entry_timeout = self.cache_time(place);
+            return entry;
+        }
+        let time = self.cache_time(places.looked_up(entry.inode, place));
+        entry.entry_timeout = time;
+        entry.attr_timeout = time;
+        entry
+    }
+
+    /// Attributes with the cache time of the inode's place.
+    fn place_attr(&self, inode: Inode, attr: (stat64, Duration)) -> (stat64, Duration) {
+        (attr.0, self.cache_time(self.places().of(inode)))
     }
 
     /// The passthrough file system, after confining the calling thread.
@@ -214,7 +331,7 @@ fn drop_thread_caps(caps: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
-/// "No such name" for [`NEGATIVE_TIMEOUT`]: inode 0.
+/// "No such name": inode 0 (its time is set by [`ConfinedFs::place_entry`]).
 fn negative_entry() -> Entry {
     Entry {
         inode: 0,
@@ -223,7 +340,7 @@ fn negative_entry() -> Entry {
         attr: unsafe { std::mem::zeroed() },
         attr_flags: 0,
         attr_timeout: Duration::ZERO,
-        entry_timeout: NEGATIVE_TIMEOUT,
+        entry_timeout: Duration::ZERO,
     }
 }
 
@@ -266,6 +383,8 @@ impl FileSystem for ConfinedFs {
 
     fn destroy(&self) {
         // `destroy` re-imports the root, which sets the umask: only on a confined thread.
+        // The guest's inodes go with the session.
+        self.places().held.clear();
         match confine_thread() {
             Ok(()) => self.inner.destroy(),
             Err(e) => tracing::warn!("virtio-fs: cannot end the session: {e}"),
@@ -274,18 +393,26 @@ impl FileSystem for ConfinedFs {
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         check_name(name)?;
-        match self.host()?.lookup(ctx, parent, name) {
+        let entry = match self.host()?.lookup(ctx, parent, name) {
             // A negative entry the guest may cache (misses repeat: PATH and library searches).
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(negative_entry()),
-            other => other,
-        }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => negative_entry(),
+            other => other?,
+        };
+        Ok(self.place_entry(parent, name.to_bytes(), entry))
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
+        self.places().forget(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
+        {
+            let mut places = self.places();
+            for &(inode, count) in &requests {
+                places.forget(inode, count);
+            }
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -295,7 +422,8 @@ impl FileSystem for ConfinedFs {
         inode: Inode,
         handle: Option<Handle>,
     ) -> io::Result<(stat64, Duration)> {
-        self.host()?.getattr(ctx, inode, handle)
+        let attr = self.host()?.getattr(ctx, inode, handle)?;
+        Ok(self.place_attr(inode, attr))
     }
 
     fn setattr(
@@ -309,7 +437,8 @@ impl FileSystem for ConfinedFs {
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode = strip_mode(attr.st_mode);
         }
-        self.host()?.setattr(ctx, inode, attr, handle, valid)
+        let attr = self.host()?.setattr(ctx, inode, attr, handle, valid)?;
+        Ok(self.place_attr(inode, attr))
     }
 
     fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
@@ -324,7 +453,8 @@ impl FileSystem for ConfinedFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         check_name(name)?;
-        self.host()?.symlink(ctx, linkname, parent, name)
+        let entry = self.host()?.symlink(ctx, linkname, parent, name)?;
+        Ok(self.place_entry(parent, name.to_bytes(), entry))
     }
 
     fn mknod(
@@ -342,8 +472,10 @@ impl FileSystem for ConfinedFs {
             // Block and character devices (and anything else mknod could be asked for).
             _ => return Err(eperm()),
         }
-        self.host()?
-            .mknod(ctx, parent, name, strip_mode(mode), rdev, umask)
+        let entry = self
+            .host()?
+            .mknod(ctx, parent, name, strip_mode(mode), rdev, umask)?;
+        Ok(self.place_entry(parent, name.to_bytes(), entry))
     }
 
     fn mkdir(
@@ -355,8 +487,10 @@ impl FileSystem for ConfinedFs {
         umask: u32,
     ) -> io::Result<Entry> {
         check_name(name)?;
-        self.host()?
-            .mkdir(ctx, parent, name, strip_mode(mode), umask)
+        let entry = self
+            .host()?
+            .mkdir(ctx, parent, name, strip_mode(mode), umask)?;
+        Ok(self.place_entry(parent, name.to_bytes(), entry))
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -395,7 +529,8 @@ impl FileSystem for ConfinedFs {
         newname: &CStr,
     ) -> io::Result<Entry> {
         check_name(newname)?;
-        self.host()?.link(ctx, inode, newparent, newname)
+        let entry = self.host()?.link(ctx, inode, newparent, newname)?;
+        Ok(self.place_entry(newparent, newname.to_bytes(), entry))
     }
 
     fn open(
@@ -405,7 +540,8 @@ impl FileSystem for ConfinedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
-        // The passthrough opens only regular files and directories (EBADF otherwise).
+        // ENOSYS once the guest took zero-message opens; otherwise the passthrough opens only
+        // regular files and directories (EBADF otherwise).
         self.host()?.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -418,7 +554,13 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         check_name(name)?;
         args.mode = strip_mode(args.mode);
-        self.host()?.create(ctx, parent, name, args)
+        let (entry, handle, opts, passthrough) = self.host()?.create(ctx, parent, name, args)?;
+        Ok((
+            self.place_entry(parent, name.to_bytes(), entry),
+            handle,
+            opts,
+            passthrough,
+        ))
     }
 
     fn read(
@@ -576,8 +718,22 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.host()?
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+        let host = self.host()?;
+        host.readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+            // The passthrough counts a lookup for each entry it hands out, and takes it back
+            // when the reply has no room for it: count alike (nothing for inode 0).
+            let inode_held = entry.inode;
+            let placed = if inode_held != 0 {
+                self.place_entry(inode, dir_entry.name, entry)
+            } else {
+                entry
+            };
+            let added = add_entry(dir_entry, placed)?;
+            if added == 0 && inode_held != 0 {
+                self.places().forget(inode_held, 1);
+            }
+            Ok(added)
+        })
     }
 
     fn fsyncdir(
@@ -1023,11 +1179,203 @@ mod tests {
         let s = share();
         let entry = s.lookup(ROOT_ID, "missing").unwrap();
         assert_eq!(entry.inode, 0);
-        assert_eq!(entry.entry_timeout, NEGATIVE_TIMEOUT);
+        assert_eq!(entry.entry_timeout, super::super::SHORT_CACHE);
         assert_eq!(
             s.lookup(ROOT_ID, "sub").unwrap().attr.st_mode & libc::S_IFMT,
             libc::S_IFDIR
         );
+    }
+
+    const LONG: Duration = Duration::from_secs(600);
+    const SHORT: Duration = Duration::from_secs(1);
+
+    /// A share laid out as husk lays it out: `c1/rootfs` and `c1/mounts/0`, the rootfs cached
+    /// for [`LONG`] and the rest for [`SHORT`].
+    fn container_share() -> (tempfile::TempDir, ConfinedFs) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir_all(root.join("c1/rootfs/bin")).unwrap();
+        fs::create_dir_all(root.join("c1/mounts/0/sub")).unwrap();
+        fs::write(root.join("c1/rootfs/bin/sh"), b"sh").unwrap();
+        fs::write(root.join("c1/mounts/0/data"), b"v1").unwrap();
+        fs::write(root.join("c1/config.json"), b"{}").unwrap();
+        let cache = CacheTimes {
+            rootfs: LONG,
+            other: SHORT,
+        };
+        let fs = ConfinedFs::with_cache(root, cache).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        (tmp, fs)
+    }
+
+    /// Looks up `path` (components separated by `/`) from the root; the last entry.
+    fn walk(fs: &ConfinedFs, path: &str) -> Entry {
+        let mut parent = ROOT_ID;
+        let mut entry = None;
+        for part in path.split('/') {
+            let e = fs.lookup(&ctx(), parent, &name(part)).unwrap();
+            parent = e.inode;
+            entry = Some(e);
+        }
+        entry.unwrap()
+    }
+
+    #[test]
+    fn the_rootfs_is_cached_long_and_everything_else_short() {
+        let (_tmp, fs) = container_share();
+        for (path, time) in [
+            ("c1", SHORT),
+            ("c1/config.json", SHORT),
+            ("c1/rootfs", LONG),
+            ("c1/rootfs/bin", LONG),
+            ("c1/rootfs/bin/sh", LONG),
+            ("c1/mounts", SHORT),
+            ("c1/mounts/0", SHORT),
+            ("c1/mounts/0/sub", SHORT),
+            ("c1/mounts/0/data", SHORT),
+            // Missing names: the host adds containers at the root, files to bind mounts.
+            ("missing", SHORT),
+            ("c1/mounts/0/missing", SHORT),
+            ("c1/rootfs/bin/missing", LONG),
+        ] {
+            let entry = walk(&fs, path);
+            assert_eq!(entry.entry_timeout, time, "{path}");
+            if entry.inode != 0 {
+                assert_eq!(entry.attr_timeout, time, "{path}");
+                let (_, attr_time) = fs.getattr(&ctx(), entry.inode, None).unwrap();
+                assert_eq!(attr_time, time, "{path}: getattr");
+            }
+        }
+        // A directory named rootfs elsewhere is not the rootfs.
+        let c = ctx();
+        let mounts0 = walk(&fs, "c1/mounts/0").inode;
+        let made = fs.mkdir(&c, mounts0, &name("rootfs"), 0o755, 0).unwrap();
+        assert_eq!(made.entry_timeout, SHORT);
+        // Entries the guest makes get their place's time too.
+        let bin = walk(&fs, "c1/rootfs/bin").inode;
+        let (created, ..) = fs
+            .create(&c, bin, &name("new"), create_args(0o644, libc::O_RDWR))
+            .unwrap();
+        assert_eq!(created.entry_timeout, LONG);
+        // A file reached from the rootfs and from a bind mount (a hard link; here both are in
+        // one host directory, so the link can be made) caches as the shorter.
+        let sh = walk(&fs, "c1/rootfs/bin/sh").inode;
+        let linked = fs.link(&c, sh, mounts0, &name("sh")).unwrap();
+        assert_eq!(linked.inode, sh);
+        assert_eq!(linked.entry_timeout, SHORT);
+        assert_eq!(fs.getattr(&c, sh, None).unwrap().1, SHORT);
+    }
+
+    #[test]
+    fn an_inode_keeps_its_place_while_the_guest_holds_it() {
+        let mut places = Places::default();
+        assert_eq!(places.of(ROOT_ID), Place::ShareRoot);
+        assert_eq!(places.of(7), Place::Other, "unknown inodes cache short");
+        assert_eq!(places.looked_up(7, Place::Rootfs), Place::Rootfs);
+        assert_eq!(places.looked_up(7, Place::Rootfs), Place::Rootfs);
+        places.forget(7, 1);
+        assert_eq!(places.of(7), Place::Rootfs, "one lookup still held");
+        places.forget(7, 1);
+        assert_eq!(places.of(7), Place::Other);
+        assert!(places.held.is_empty(), "forgotten inodes are dropped");
+        // Reached by two paths (a hard link), it caches as the shorter of the two.
+        places.looked_up(8, Place::Rootfs);
+        assert_eq!(places.looked_up(8, Place::Other), Place::Other);
+        places.forget(8, u64::MAX);
+        assert!(places.held.is_empty());
+        assert_eq!(Place::ShareRoot.child(b"rootfs"), Place::Container);
+        assert_eq!(Place::Container.child(b"rootfs"), Place::Rootfs);
+        assert_eq!(Place::Container.child(b"mounts"), Place::Other);
+        assert_eq!(Place::Other.child(b"rootfs"), Place::Other);
+    }
+
+    #[test]
+    fn readdirplus_entries_get_their_place_and_count_only_when_sent() {
+        let (_tmp, fs) = container_share();
+        let c = ctx();
+        let bin = walk(&fs, "c1/rootfs/bin").inode;
+        let (handle, _) = fs.opendir(&c, bin, libc::O_RDONLY as u32).unwrap();
+        let handle = handle.unwrap();
+        let before = fs.places().held.len();
+        // A reply with no room: nothing handed out, nothing counted.
+        fs.readdirplus(&c, bin, handle, 4096, 0, &mut |_, _| Ok(0))
+            .unwrap();
+        assert_eq!(fs.places().held.len(), before);
+        let mut seen = Vec::new();
+        fs.readdirplus(&c, bin, handle, 4096, 0, &mut |d, e| {
+            seen.push((d.name.to_vec(), e.entry_timeout, e.inode));
+            Ok(1)
+        })
+        .unwrap();
+        let sh = seen.iter().find(|(n, ..)| n == b"sh").expect("sh listed");
+        assert_eq!(sh.1, LONG);
+        assert_eq!(fs.places().of(sh.2), Place::Rootfs);
+    }
+
+    /// Collects what a `read` writes.
+    struct VecWriter(Vec<u8>);
+
+    impl io::Write for VecWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ZeroCopyWriter for VecWriter {
+        fn write_from(
+            &mut self,
+            f: &mut dyn FileReadWriteVolatile,
+            count: usize,
+            off: u64,
+        ) -> io::Result<usize> {
+            let mut buf = vec![0u8; count.min(4096)];
+            let vs = VolatileSlice::from(&mut buf[..]);
+            let n = f.read_at_volatile(FileVolatileSlice::from_volatile_slice(&vs), off)?;
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn available_bytes(&self) -> usize {
+            usize::MAX
+        }
+    }
+
+    #[test]
+    fn zero_message_opens_keep_the_policy() {
+        let s = share_with(|dir| {
+            let fifo =
+                CString::new(dir.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path; no memory is written.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+        });
+        let want =
+            s.fs.init(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR)
+                .unwrap();
+        assert!(want.contains(FsOptions::ZERO_MESSAGE_OPEN), "{want:?}");
+        assert!(want.contains(FsOptions::ZERO_MESSAGE_OPENDIR), "{want:?}");
+        let c = ctx();
+        let file = s.lookup(ROOT_ID, "sub").unwrap().inode;
+        let file = s.fs.lookup(&c, file, &name("file")).unwrap().inode;
+        // The guest stops sending OPEN; reads name handle 0 and open the inode themselves.
+        assert_eq!(
+            errno(s.fs.open(&c, file, libc::O_RDONLY as u32, 0).unwrap_err()),
+            libc::ENOSYS
+        );
+        let mut out = VecWriter(Vec::new());
+        let n = s.fs.read(&c, file, 0, &mut out, 100, 0, None, 0).unwrap();
+        assert_eq!(&out.0[..n], b"inside");
+        // Special files and symlinks are still never opened on the host (a FIFO would hang).
+        for special in ["fifo", "abs"] {
+            let inode = s.lookup(ROOT_ID, special).unwrap().inode;
+            let err =
+                s.fs.read(&c, inode, 0, &mut VecWriter(Vec::new()), 100, 0, None, 0)
+                    .unwrap_err();
+            assert_eq!(errno(err), libc::EBADF, "{special}");
+        }
+        s.secret_untouched();
     }
 
     #[test]
