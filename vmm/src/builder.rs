@@ -395,32 +395,6 @@ fn populate_template_pages(mem: &GuestMemory, layout: &snapshot::MemoryLayout) {
     }
 }
 
-/// Maps the pages the template's guest touched into the restored VM's nested page tables
-/// before its first instruction (`KVM_PRE_FAULT_MEMORY`), where KVM can: the guest then takes
-/// no nested page fault exit for memory it had already touched, and on the test rig's
-/// emulated SVM, where a restored guest otherwise faulted in kernel text it had run before
-/// (see the module docs of [`crate::snapshot`]), none happens mid-instruction.
-fn pre_fault_template_pages(
-    vcpu: &Vcpu,
-    layout: &snapshot::MemoryLayout,
-) -> Result<(), BuildError> {
-    for &(offset, len) in &layout.data {
-        let Some(region) = layout
-            .regions
-            .iter()
-            .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.len)
-        else {
-            continue;
-        };
-        let gpa = region.guest_addr + (offset - region.file_offset);
-        if !vcpu.pre_fault_memory(gpa, len)? {
-            tracing::debug!("KVM cannot pre-fault guest memory (KVM_PRE_FAULT_MEMORY)");
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
 /// Restores the template in `dir` for `cfg` (see [`crate::snapshot`]): checks the template
 /// against the sandbox, maps its memory copy-on-write, and puts back the VM, its devices and
 /// its vCPUs as they were when it was taken. The guest has not run when this returns; an error
@@ -521,9 +495,6 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
         vcpu.set_cpuid(&vcpu.policy_cpuid(supported.as_slice(), cfg.vcpus))?;
         vcpu.restore_state(state)?;
         vcpus.push(vcpu);
-    }
-    if let Some(vcpu) = vcpus.first() {
-        pre_fault_template_pages(vcpu, &template.memory)?;
     }
     let kernel_loaded_us = timeline::since_start_us();
     let timeline = TimelineRecorder::new(BootTimeline {

@@ -5,7 +5,6 @@
 //! kernel probes many legacy ports). A triple fault, an internal KVM error or a failed entry
 //! stop the vCPU at once with a [`VcpuExit`] naming the cause.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -388,54 +387,6 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&state.vcpu_events)
             .map_err(self.configure_err("set vCPU events"))
-    }
-
-    /// Maps guest memory `[gpa, gpa + size)` into the VM's nested page tables now
-    /// (`KVM_PRE_FAULT_MEMORY`, Linux 6.10 and later), so that the guest's first touch of
-    /// those pages does not exit to the host. Pages become writable on their first write, as
-    /// usual (a private mapping's copy-on-write is untouched). `Ok(false)`: this KVM cannot.
-    pub fn pre_fault_memory(&self, gpa: u64, size: u64) -> Result<bool, VcpuError> {
-        #[repr(C)]
-        struct KvmPreFaultMemory {
-            gpa: u64,
-            size: u64,
-            flags: u64,
-            padding: [u64; 5],
-        }
-        /// `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
-        const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xc040_aed5;
-        let mut range = KvmPreFaultMemory {
-            gpa,
-            size,
-            flags: 0,
-            padding: [0; 5],
-        };
-        while range.size > 0 {
-            // SAFETY: the fd is a vCPU's; `range` is the ioctl's 64-byte argument, which the
-            // kernel reads and updates (the part still to map) and keeps no pointer to.
-            let ret = unsafe {
-                libc::ioctl(
-                    self.fd.as_raw_fd(),
-                    KVM_PRE_FAULT_MEMORY,
-                    &mut range as *mut KvmPreFaultMemory,
-                )
-            };
-            if ret < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EINTR | libc::EAGAIN) => continue,
-                    Some(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => return Ok(false),
-                    _ => {
-                        return Err(VcpuError::Configure {
-                            index: self.index,
-                            what: "pre-fault guest memory",
-                            source: kvm_ioctls::Error::new(err.raw_os_error().unwrap_or(libc::EIO)),
-                        })
-                    }
-                }
-            }
-        }
-        Ok(true)
     }
 
     fn internal_error(&mut self) -> InternalError {
