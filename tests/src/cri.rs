@@ -2,7 +2,7 @@
 //!
 //! A containerd of the test's own (see [`Containerd`]) with its CRI plugin on, configured as
 //! `docs/kubernetes.md` says (a `husk` runtime handler of type `io.containerd.husk.v2` passing
-//! `io.husk.vm.*` pod annotations, and `runc` beside it for comparison), a pause image the test
+//! `io.husk.vm.*` and `io.husk.fs.*` pod annotations, and `runc` beside it for comparison), a pause image the test
 //! builds as the sandbox image (containerd cannot pull here), and a CNI bridge network of the
 //! test's own from Debian's CNI plugins. [`Cri`] speaks CRI v1 to it with the generated client
 //! of the `k8s-cri` crate, as the kubelet does; every call is bounded in time.
@@ -51,7 +51,7 @@ const CRI_CONFIG: &str = r#"
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
       runtime_type = "io.containerd.husk.v2"
-      pod_annotations = ["io.husk.vm.*"]
+      pod_annotations = ["io.husk.vm.*", "io.husk.fs.*"]
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{dir}/cni"

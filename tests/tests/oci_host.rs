@@ -387,8 +387,8 @@ fn podman_oci_hooks_run_through_husk() {
     assert_eq!(seen[0].1["id"], seen[1].1["id"]);
 }
 
-/// Runs a container that prints `/data/f` and `/etc/probe` (one a bind mount of a host
-/// directory, the other in the rootfs), then polls `/data/f` until it reads `v2` (printing
+/// Runs a container that prints its share's readahead (KiB), `/data/f` and `/etc/probe` (one a
+/// bind mount of a host directory, the other in the rootfs), then polls `/data/f` until it reads `v2` (printing
 /// `bind-seen`), waits 3 s and prints `/etc/probe` again. Once the first two lines are out,
 /// the host rewrites both files. Returns the output and how long after the host's write
 /// `bind-seen` appeared.
@@ -398,7 +398,8 @@ fn watch_host_changes(env: &OciEnv, name: &str, annotations: Value) -> (String, 
     std::fs::write(data.join("f"), "v1\n").expect("write f");
     let probe = env.rootfs().join("etc/probe");
     std::fs::write(&probe, "r1\n").expect("write probe");
-    let script = "cat /data/f /etc/probe; i=0; \
+    let script = "echo readahead $(cat /sys/class/bdi/0:$(stat -c %d /)/read_ahead_kb); \
+        cat /data/f /etc/probe; i=0; \
         while [ $i -lt 600 ]; do i=$((i+1)); \
         if [ \"$(cat /data/f)\" = v2 ]; then echo bind-seen; break; fi; sleep 0.05; done; \
         sleep 3; echo probe-now $(cat /etc/probe)";
@@ -457,6 +458,8 @@ fn host_changes_are_seen_as_the_cache_policy_says() {
         after < Duration::from_secs(5),
         "the bind mount's change took {after:?} to be seen (1 s documented): {out}"
     );
+    // The share reads ahead 1 MiB (the agent widens the kernel's 128 KiB).
+    assert!(out.contains("readahead 1024"), "{out}");
     assert!(
         out.contains("probe-now r1"),
         "the rootfs is cached: a change the host made under the running container is not seen: {out}"

@@ -37,6 +37,10 @@ pub struct FsOptions {
     pub runs: usize,
     /// Small sizes (a check that every figure is produced, for CI), not the report's.
     pub quick: bool,
+    /// The big file's size in MiB, instead of the default (1 GiB; `quick`: 16 MiB).
+    pub big_mib: Option<usize>,
+    /// Files made, stat'ed and removed, instead of the default (10,000; `quick`: 200).
+    pub churn: Option<usize>,
     /// Where the rootfs, the bind-mounted directory and the bundles are built (a disk file
     /// system, so that dropping the page cache makes reads cold).
     pub dir: PathBuf,
@@ -117,7 +121,7 @@ fn script(sizes: Sizes) -> String {
              time -p sh -c 'find tree -type f | xargs cat > /dev/null'\n\
              time -p sh -c 'find tree -type f | xargs cat > /dev/null'\n\
              time -p find tree -type f > /dev/null\n\
-             time -p dd if=/dev/zero of=out bs=1048576 count={big} conv=fsync 2> /dev/null\n\
+             time -p sh -c 'dd if=/dev/zero of=out bs=1048576 count={big} conv=fsync 2> /dev/null'\n\
              rm -f out\n\
              mkdir churn\n\
              cd churn\n\
@@ -196,7 +200,9 @@ pub fn bench_fs(opts: &FsOptions) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the file benchmark needs root (runc, crun and runsc, and husk's bind mounts)");
     }
-    let sizes = if opts.quick { QUICK } else { FULL };
+    let mut sizes = if opts.quick { QUICK } else { FULL };
+    sizes.big_mib = opts.big_mib.unwrap_or(sizes.big_mib);
+    sizes.churn = opts.churn.unwrap_or(sizes.churn);
     let artifacts = husk_tests::vm_artifacts("husk-bench fs").context(
         "husk cannot run microVMs here (no usable KVM, or HUSK_KERNEL/HUSK_INITRAMFS unset)",
     )?;

@@ -59,7 +59,7 @@ struct VsockRun {
 }
 
 const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
-     [fs: --quick] [--dir DIR] \
+     [fs: --quick] [--big-mib M] [--churn N] [--dir DIR] \
      [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--idle-many N] [--dir DIR] [--timeout-s S]";
@@ -84,6 +84,8 @@ fn main() -> Result<()> {
     };
     let mut idle_pods = 10usize;
     let mut quick = false;
+    let mut big_mib = None;
+    let mut churn = None;
     let mut dir: Option<PathBuf> = None;
     let mut trace_cmdline = Vec::new();
     let mut soak_opts = soak::SoakOptions {
@@ -115,6 +117,8 @@ fn main() -> Result<()> {
             "--idle-many" => oci_opts.idle_many = value("--idle-many")?.parse()?,
             "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
             "--quick" => quick = true,
+            "--big-mib" => big_mib = Some(value("--big-mib")?.parse()?),
+            "--churn" => churn = Some(value("--churn")?.parse()?),
             "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
             "boot" => what = Some("boot"),
             "oci" => what = Some("oci"),
@@ -142,6 +146,8 @@ fn main() -> Result<()> {
         Some("fs") => fs::bench_fs(&fs::FsOptions {
             runs,
             quick,
+            big_mib,
+            churn,
             dir: dir.unwrap_or_else(|| PathBuf::from("/var/tmp/husk-bench-fs")),
             out,
             timeout: oci_opts.timeout,
