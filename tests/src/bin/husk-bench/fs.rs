@@ -22,12 +22,11 @@
 
 use crate::oci::{
     candidate_runtimes, drop_caches, loud, path_str, probe, real_seconds, run_cmd, tail, versions,
-    Bench, Containers, Figure,
+    write_read_data, Bench, Containers, Figure,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -140,37 +139,16 @@ fn script(sizes: Sizes) -> String {
     text
 }
 
-/// The bench's data in `dir`: `big` (not zeros: a cheap xorshift stream), `tree/dNN/fNNN`, and
-/// `tree.tar` of the tree; written and synced once per bench run.
+/// The bench's data in `dir`: the read workloads' `big` and `tree` (see
+/// [`write_read_data`]), and `tree.tar` of the tree; written and synced once per bench run.
 fn write_data(dir: &Path, sizes: Sizes) -> Result<()> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut block = vec![0u8; 1 << 20];
-    std::fs::create_dir_all(dir)?;
-    let mut big = std::fs::File::create(dir.join("big"))?;
-    for _ in 0..sizes.big_mib {
-        for chunk in block.chunks_mut(8) {
-            chunk.copy_from_slice(&next().to_le_bytes());
-        }
-        big.write_all(&block)?;
-    }
-    big.sync_all()?;
-    for d in 0..sizes.dirs {
-        let sub = dir.join("tree").join(format!("d{d:02}"));
-        std::fs::create_dir_all(&sub)?;
-        for f in 0..sizes.files_per_dir {
-            let mut data = vec![0u8; SMALL_FILE_BYTES];
-            for chunk in data.chunks_mut(8) {
-                chunk.copy_from_slice(&next().to_le_bytes());
-            }
-            std::fs::write(sub.join(format!("f{f:03}")), &data)?;
-        }
-    }
+    write_read_data(
+        dir,
+        sizes.big_mib,
+        sizes.dirs,
+        sizes.files_per_dir,
+        SMALL_FILE_BYTES,
+    )?;
     let tar = std::process::Command::new("tar")
         .arg("-cf")
         .arg(dir.join("tree.tar"))

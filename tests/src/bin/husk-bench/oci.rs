@@ -253,7 +253,13 @@ impl Bench {
     fn build(husk: &Path, dir: &Path) -> Result<Bench> {
         Bench::build_with(husk, dir, |rootfs| {
             let started = Instant::now();
-            write_read_data(&rootfs.join("bench"))?;
+            write_read_data(
+                &rootfs.join("bench"),
+                BIG_FILE_MIB,
+                TREE_DIRS,
+                TREE_FILES_PER_DIR,
+                SMALL_FILE_BYTES,
+            )?;
             eprintln!(
                 "oci bench: rootfs data ({BIG_FILE_MIB} MiB file, {} small files) written in {:.1} s",
                 TREE_DIRS * TREE_FILES_PER_DIR,
@@ -329,9 +335,16 @@ impl Bench {
     }
 }
 
-/// The read workload's data under `dir`: `big` and `tree/dNN/fNNN`, not zeros (a cheap
-/// xorshift stream), written and fsynced once per bench run.
-fn write_read_data(dir: &Path) -> Result<()> {
+/// The read workloads' data under `dir`: `big` (`big_mib` MiB) and `tree/dNN/fNNN` (`dirs` x
+/// `files_per_dir` files of `file_bytes`), not zeros (a cheap xorshift stream), written and
+/// synced once per bench run.
+pub(crate) fn write_read_data(
+    dir: &Path,
+    big_mib: usize,
+    dirs: usize,
+    files_per_dir: usize,
+    file_bytes: usize,
+) -> Result<()> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         state ^= state << 13;
@@ -342,18 +355,18 @@ fn write_read_data(dir: &Path) -> Result<()> {
     let mut block = vec![0u8; 1 << 20];
     std::fs::create_dir_all(dir)?;
     let mut big = std::fs::File::create(dir.join("big"))?;
-    for _ in 0..BIG_FILE_MIB {
+    for _ in 0..big_mib {
         for chunk in block.chunks_mut(8) {
             chunk.copy_from_slice(&next().to_le_bytes());
         }
         big.write_all(&block)?;
     }
     big.sync_all()?;
-    for d in 0..TREE_DIRS {
+    for d in 0..dirs {
         let sub = dir.join("tree").join(format!("d{d:02}"));
         std::fs::create_dir_all(&sub)?;
-        for f in 0..TREE_FILES_PER_DIR {
-            let mut data = vec![0u8; SMALL_FILE_BYTES];
+        for f in 0..files_per_dir {
+            let mut data = vec![0u8; file_bytes];
             for chunk in data.chunks_mut(8) {
                 chunk.copy_from_slice(&next().to_le_bytes());
             }
