@@ -1,14 +1,15 @@
-//! Pod networking: the pod's CNI interface carried into its microVM.
+//! Networking: the network namespace an engine or CNI prepared, carried into the microVM.
 //!
-//! containerd's CRI plugin creates the pod's network namespace and has CNI put an interface in
-//! it (a veth end, `eth0`, with the pod's address) before the sandbox starts. The VM cannot
-//! join a host namespace, so the shim wires the interface to the VM's network card the way
-//! Kata Containers does: in the pod's namespace it creates a TAP device (`husk0`) and mirrors
-//! every frame between the two with `tc` (an ingress qdisc on each, whose filter redirects
+//! containerd's CRI plugin (for a pod) and podman (for a container, through CNI or netavark)
+//! create a network namespace and put an interface in it (a veth end, `eth0`, with the
+//! address) before the runtime's `create`, and name the namespace's path in the spec. The VM
+//! cannot join a host namespace, so husk wires the interface to the VM's network card the way
+//! Kata Containers does: in that namespace it creates a TAP device (`husk0`) and mirrors every
+//! frame between the two with `tc` (an ingress qdisc on each, whose filter redirects
 //! everything to the other's egress). husk-vmm gets the TAP's file descriptor, and a virtio-net
-//! card with the CNI interface's MAC address; the guest kernel configures the pod's IPv4
-//! address and default route on its `eth0` at boot. To the host network the guest is the pod:
-//! same MAC, same address.
+//! card with the interface's MAC address; the guest kernel configures the IPv4 address and
+//! default route on its `eth0` at boot. To the host network the guest is the container: same
+//! MAC, same address, so the engine's port forwarding (`-p`) and its bridge reach it unchanged.
 //!
 //! Departure from DESIGN.md, which has the agent configure the guest's interface: the MAC is
 //! the virtio-net card's own (its configuration space), and the address and default route are
@@ -17,12 +18,17 @@
 //! runs, and keeps netlink code out of the agent; what it cannot do yet is more than one IPv4
 //! address, IPv6, or routes other than the default one, which would move to the agent.
 //!
-//! The TAP goes with the namespace when CNI tears the pod down (and with the VMM's descriptor
-//! before that), so nothing here needs removing. The links and `tc` filters are set up with
-//! iproute2's `ip` and `tc` (present on every Kubernetes node), run in the namespace.
-//! IPv6 addresses are not carried yet: the guest's `eth0` gets the IPv4 configuration only.
+//! One microVM owns a namespace's interface: a second one finds `husk0` there and is refused
+//! (containers sharing a network namespace belong in one VM, which is what the shim's pods
+//! are). The TAP goes with the VMM's descriptor. The ingress qdiscs stay on the interface until
+//! they are removed: the CLI records what it wired in the container's state directory
+//! ([`record`]), and every way the state directory goes (a failed `create`, `delete`,
+//! `delete --force` after a `kill -9`) removes them ([`release_recorded`]), so the namespace is
+//! left as the engine made it. A pod's namespace goes with the pod (CNI tears it down).
+//! The links and `tc` filters are set up with iproute2's `ip` and `tc`, run in the namespace.
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -128,7 +134,7 @@ fn open_tap() -> Result<File> {
         .read(true)
         .write(true)
         .open("/dev/net/tun")
-        .context("cannot open /dev/net/tun")?;
+        .context("cannot open /dev/net/tun (is the tun module loaded? `modprobe tun`)")?;
     #[repr(C)]
     struct IfReq {
         name: [u8; 16],
@@ -149,42 +155,77 @@ fn open_tap() -> Result<File> {
     Ok(file)
 }
 
-/// Wires the pod network namespace at `netns` to a new TAP (see the module docs). `None` when
-/// the namespace has no Ethernet interface to carry (a pod without CNI networking).
-pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
+/// Runs `f` in the network namespace at `netns`: setns(2) changes the calling thread only, so
+/// a thread of its own enters the namespace, and the commands it spawns start there.
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let netns: PathBuf = netns.to_path_buf();
-    // setns(2) changes the calling thread only: a thread of its own enters the namespace, and
-    // the commands it spawns start there.
     std::thread::Builder::new()
         .name("husk-netns".into())
-        .spawn(move || -> Result<Option<PodNetwork>> {
+        .spawn(move || -> Result<T> {
             let ns = File::open(&netns).with_context(|| {
-                format!(
-                    "cannot open the pod's network namespace {}",
-                    netns.display()
-                )
+                format!("cannot open the network namespace {}", netns.display())
             })?;
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| {
                 format!("cannot enter the network namespace {}", netns.display())
             })?;
-            let addrs: serde_json::Value =
-                serde_json::from_str(&run("ip", &["-j", "addr", "show"])?)
-                    .context("parsing `ip -j addr show`")?;
-            let Some((interface, mac, mtu, ipv4)) = pick_interface(&addrs) else {
-                return Ok(None);
-            };
-            let routes: serde_json::Value =
-                serde_json::from_str(&run("ip", &["-j", "-4", "route", "show", "default"])?)
-                    .context("parsing `ip -j -4 route show default`")?;
-            let gateway = pick_gateway(&routes);
-            let tap = open_tap()?;
+            f()
+        })
+        .context("cannot start the network namespace thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the network namespace thread panicked"))?
+}
+
+/// The names of the links in the calling thread's network namespace.
+fn link_names() -> Result<Vec<String>> {
+    let links: serde_json::Value = serde_json::from_str(&run("ip", &["-j", "link", "show"])?)
+        .context("parsing `ip -j link show`")?;
+    Ok(links
+        .as_array()
+        .map(|links| {
+            links
+                .iter()
+                .filter_map(|l| l["ifname"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Wires the network namespace at `netns` to a new TAP (see the module docs). `None` when the
+/// namespace has no Ethernet interface to carry (a pod without CNI networking, a container
+/// run with `--network=none`).
+pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
+    let path = netns.to_path_buf();
+    in_netns(netns, move || -> Result<Option<PodNetwork>> {
+        let addrs: serde_json::Value = serde_json::from_str(&run("ip", &["-j", "addr", "show"])?)
+            .context("parsing `ip -j addr show`")?;
+        if has_link(&addrs, TAP_NAME) {
+            bail!(
+                "{} already has a {TAP_NAME}: its interface is carried into another microVM \
+                 (each microVM has a network namespace of its own; containers that share one \
+                 belong in one VM, as a pod through containerd-shim-husk-v2)",
+                path.display()
+            );
+        }
+        let Some((interface, mac, mtu, ipv4)) = pick_interface(&addrs) else {
+            return Ok(None);
+        };
+        let routes: serde_json::Value =
+            serde_json::from_str(&run("ip", &["-j", "-4", "route", "show", "default"])?)
+                .context("parsing `ip -j -4 route show default`")?;
+        let gateway = pick_gateway(&routes);
+        let tap = open_tap()?;
+        let wired = (|| -> Result<()> {
             let mtu = mtu.to_string();
             run("ip", &["link", "set", TAP_NAME, "mtu", &mtu, "up"])?;
             for (from, to) in [
                 (interface.as_str(), TAP_NAME),
                 (TAP_NAME, interface.as_str()),
             ] {
-                // `replace` and a fresh filter: a second boot attempt finds the first's qdisc.
+                // `replace` and a fresh filter: the qdisc of a VMM killed before its
+                // container was deleted may still be there.
                 run("tc", &["qdisc", "replace", "dev", from, "ingress"])?;
                 let _ = run("tc", &["filter", "del", "dev", from, "ingress"]);
                 run(
@@ -196,17 +237,113 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
                     ],
                 )?;
             }
-            Ok(Some(PodNetwork {
-                tap,
-                interface,
-                mac,
-                ipv4,
-                gateway,
-            }))
-        })
-        .context("cannot start the network namespace thread")?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the network namespace thread panicked"))?
+            Ok(())
+        })();
+        if let Err(e) = wired {
+            // The TAP goes with its descriptor; the interface's qdisc must go by hand.
+            let _ = remove_ingress(&interface);
+            return Err(e);
+        }
+        Ok(Some(PodNetwork {
+            tap,
+            interface,
+            mac,
+            ipv4,
+            gateway,
+        }))
+    })
+}
+
+/// Whether `ip -j addr show`'s output lists a link named `name`.
+fn has_link(addrs: &serde_json::Value, name: &str) -> bool {
+    addrs
+        .as_array()
+        .is_some_and(|links| links.iter().any(|l| l["ifname"].as_str() == Some(name)))
+}
+
+/// Removes `interface`'s ingress qdisc (and so its filters) in the calling thread's namespace,
+/// if the interface and the qdisc are there.
+fn remove_ingress(interface: &str) -> Result<()> {
+    if !link_names()?.iter().any(|n| n == interface) {
+        return Ok(());
+    }
+    let qdiscs: serde_json::Value =
+        serde_json::from_str(&run("tc", &["-j", "qdisc", "show", "dev", interface])?)
+            .with_context(|| format!("parsing `tc -j qdisc show dev {interface}`"))?;
+    let has_ingress = qdiscs
+        .as_array()
+        .is_some_and(|q| q.iter().any(|q| q["kind"].as_str() == Some("ingress")));
+    if has_ingress {
+        run("tc", &["qdisc", "del", "dev", interface, "ingress"])?;
+    }
+    Ok(())
+}
+
+/// What husk wired in a network namespace for one microVM: enough to undo it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wiring {
+    /// The namespace (the path the spec named).
+    pub netns: PathBuf,
+    /// The interface whose frames go to the TAP.
+    pub interface: String,
+}
+
+/// The record of a container's wiring in its state directory.
+fn wiring_file(dir: &Path) -> PathBuf {
+    dir.join("network.json")
+}
+
+/// Records in state directory `dir` that `net` was wired in `netns`, for
+/// [`release_recorded`]. On failure the wiring is undone at once.
+pub fn record(dir: &Path, netns: &Path, net: &PodNetwork) -> Result<()> {
+    let wiring = Wiring {
+        netns: netns.to_path_buf(),
+        interface: net.interface.clone(),
+    };
+    let written = serde_json::to_vec(&wiring)
+        .map_err(anyhow::Error::from)
+        .and_then(|json| {
+            crate::state::write_atomic(&wiring_file(dir), &json).map_err(anyhow::Error::from)
+        });
+    if let Err(e) = written {
+        let _ = release(&wiring);
+        return Err(e.context("recording the container's network wiring"));
+    }
+    Ok(())
+}
+
+/// Undoes what [`record`] recorded in state directory `dir`, if anything: the interface's
+/// ingress qdisc goes (the TAP went with the VMM). A namespace or interface that is gone
+/// already (the engine tore its network down first) took the qdisc with it.
+pub fn release_recorded(dir: &Path) -> Result<()> {
+    let file = wiring_file(dir);
+    let json = match std::fs::read(&file) {
+        Ok(json) => json,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let wiring: Wiring =
+        serde_json::from_slice(&json).with_context(|| format!("parsing {}", file.display()))?;
+    release(&wiring)?;
+    std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))
+}
+
+fn release(wiring: &Wiring) -> Result<()> {
+    // Gone, or no longer a network namespace (the engine unmounted it and left the file):
+    // the interface and its qdisc went with the namespace.
+    let spec = serde_json::json!({"linux": {"namespaces": [
+        {"type": "network", "path": wiring.netns}]}});
+    if crate::bundle::check_namespace_paths(&spec).is_err() {
+        return Ok(());
+    }
+    let interface = wiring.interface.clone();
+    in_netns(&wiring.netns, move || remove_ingress(&interface)).with_context(|| {
+        format!(
+            "removing the ingress qdisc of {} in {}",
+            wiring.interface,
+            wiring.netns.display()
+        )
+    })
 }
 
 /// The network namespace path of an OCI spec, if it names one.
@@ -265,6 +402,46 @@ mod tests {
             net.vmm_args(3).join(" "),
             "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-ip 10.88.77.2/24 --net-gateway 10.88.77.1"
         );
+    }
+
+    #[test]
+    fn a_namespace_already_carried_into_a_vm_is_seen() {
+        let addrs = json!([{"ifname": "lo"}, {"ifname": "eth0"}, {"ifname": "husk0"}]);
+        assert!(has_link(&addrs, TAP_NAME));
+        assert!(!has_link(&json!([{"ifname": "eth0"}]), TAP_NAME));
+    }
+
+    #[test]
+    fn the_wiring_record_goes_with_its_release() {
+        let dir = tempfile::tempdir().expect("dir");
+        // Nothing recorded: nothing to do.
+        release_recorded(dir.path()).expect("no record");
+        let net = PodNetwork {
+            tap: tempfile::tempfile().expect("file"),
+            interface: "eth0".into(),
+            mac: "6e:f8:3a:b4:8c:90".into(),
+            ipv4: None,
+            gateway: None,
+        };
+        // A namespace that is gone took the interface's qdisc with it.
+        let netns = dir.path().join("no-such-netns");
+        record(dir.path(), &netns, &net).expect("record");
+        let wiring: Wiring =
+            serde_json::from_slice(&std::fs::read(wiring_file(dir.path())).expect("record"))
+                .expect("json");
+        assert_eq!(
+            wiring,
+            Wiring {
+                netns: netns.clone(),
+                interface: "eth0".into()
+            }
+        );
+        release_recorded(dir.path()).expect("released");
+        assert!(!wiring_file(dir.path()).exists());
+        // A file that is not a network namespace (one an engine unmounted) is the same.
+        std::fs::write(&netns, "").expect("file");
+        record(dir.path(), &netns, &net).expect("record");
+        release_recorded(dir.path()).expect("released");
     }
 
     #[test]

@@ -256,8 +256,12 @@ pub fn unmount_all_under(path: &Path) -> Result<(), ShareError> {
 }
 
 /// Removes the state directory (and a vsock socket kept outside it) after [`release_share`]
-/// found no mount left in it.
+/// found no mount left in it; what the container wired in a network namespace is undone first
+/// ([`crate::network::release_recorded`]).
 pub fn remove_state_dir(dir: &StateDir) -> Result<(), ShareError> {
+    if let Err(e) = crate::network::release_recorded(&dir.dir) {
+        eprintln!("husk: warning: {e:#}");
+    }
     release_share(dir)?;
     let socket = dir.vsock_socket();
     if !socket.starts_with(&dir.dir) {

@@ -82,16 +82,7 @@ impl Cri {
     /// Starts containerd with CRI, a CNI network and the test images; waits until CRI says the
     /// runtime and the network are ready.
     pub fn launch(artifacts: Artifacts) -> Result<Cri> {
-        // Pod networking needs /dev/net/tun; a node loads `tun` at boot, the rig's L2 does not.
-        if !Path::new("/dev/net/tun").exists() {
-            let loaded = std::process::Command::new("modprobe")
-                .arg("tun")
-                .status()
-                .is_ok_and(|s| s.success());
-            if !loaded || !Path::new("/dev/net/tun").exists() {
-                bail!("no /dev/net/tun, and `modprobe tun` did not provide it");
-            }
-        }
+        crate::load_tun()?;
         let ctrd = Containerd::launch(artifacts, NAMESPACE, Some(CRI_CONFIG))?;
         let dir = ctrd.dir.path().to_path_buf();
         std::fs::create_dir_all(dir.join("cni"))?;

@@ -73,6 +73,36 @@ pub fn vm_artifacts(test: &str) -> Option<Artifacts> {
     }
 }
 
+/// `GET /` over HTTP/1.0 from `ip:port`; the whole reply, headers included. (Debian's
+/// `busybox wget` crashes, so tests fetch with this.)
+pub fn http_get(ip: &str, port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}")
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{e}")))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+/// Makes sure `/dev/net/tun` exists, which husk's networking needs: a node loads `tun` at
+/// boot, the rig's L2 (no udev, no systemd) does not.
+pub fn load_tun() -> Result<()> {
+    if !Path::new("/dev/net/tun").exists() {
+        let loaded = std::process::Command::new("modprobe")
+            .arg("tun")
+            .status()
+            .is_ok_and(|s| s.success());
+        if !loaded || !Path::new("/dev/net/tun").exists() {
+            bail!("no /dev/net/tun, and `modprobe tun` did not provide it");
+        }
+    }
+    Ok(())
+}
+
 /// Polls `condition` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

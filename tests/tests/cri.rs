@@ -2,6 +2,7 @@
 //! (see `husk_tests::cri`): a pod's lifecycle, faults, and bad annotations.
 
 use husk_tests::cri::{container_config, read_cri_log, Cri, HANDLER};
+use husk_tests::http_get;
 use husk_tests::wait_until;
 use k8s_cri::v1::{ContainerState, Mount};
 use std::time::Duration;
@@ -14,20 +15,6 @@ fn kill9(pid: u32) {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A plain HTTP/1.0 GET of `/` from `ip:port`; the whole response.
-fn http_get(ip: &str, port: u16) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = format!("{ip}:{port}")
-        .parse()
-        .map_err(|e| std::io::Error::other(format!("{e}")))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    Ok(reply)
 }
 
 fn assert_clean(cri: &Cri) {

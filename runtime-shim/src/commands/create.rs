@@ -112,12 +112,17 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let mut rollback = VmRollback::new(&dir, logging::warn);
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
+    let network = carry_network(&bundle.spec, &dir, &mut translation.spec)?;
 
     let debug = globals.debug || cfg.debug;
     let templates = Templates::new(&cfg);
-    let mut template = if template::wanted(&cfg, &bundle.spec)? {
+    let warm = template::wanted(&cfg, &bundle.spec)?;
+    let mut template = if warm && network.is_none() {
         templates.get(&cfg, &kernel, &initramfs, size, logging::warn)
     } else {
+        if warm {
+            logging::debug("warm start: templates have no network card; booting");
+        }
         None
     };
     let (pid, guest_pid) = loop {
@@ -141,6 +146,12 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, fs_cache, &dir, debug)
             .with_context(|| format!("preparing {}", dir.vsock_socket().display()))?;
         cmd.arg("--supervise").arg(dir.plan_file());
+        if let Some(net) = &network {
+            // Inherited under its own number, as the ready pipe is.
+            fcntl(net.tap.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+                .context("passing the TAP to husk-vmm")?;
+            cmd.args(net.vmm_args(net.tap.as_raw_fd()));
+        }
         if let Some(template) = &template {
             cmd.arg("--restore").arg(template);
         }
@@ -228,6 +239,41 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         .context("the supervisor handle is gone")?;
     drop(rollback);
     Ok(Created { child, dir, state })
+}
+
+/// The network namespace the spec names (podman's, made by CNI or netavark), carried into the
+/// microVM (see [`crate::network`]): its interface wired to a TAP, recorded in `dir` so that
+/// every way the state directory goes undoes it, and the guest spec given the VM's own network
+/// namespace (where the card is). `None`, and a namespace of the guest's own with loopback
+/// only, when the spec names no namespace or the namespace has no Ethernet interface.
+fn carry_network(
+    spec: &serde_json::Value,
+    dir: &StateDir,
+    guest_spec: &mut serde_json::Value,
+) -> Result<Option<crate::network::PodNetwork>> {
+    let Some(netns) = crate::network::netns_path(spec) else {
+        return Ok(None);
+    };
+    let Some(net) = crate::network::prepare(&netns)
+        .with_context(|| format!("carrying the network namespace {}", netns.display()))?
+    else {
+        logging::debug(&format!(
+            "network namespace {} has no Ethernet interface: the container gets loopback only",
+            netns.display()
+        ));
+        return Ok(None);
+    };
+    crate::network::record(&dir.dir, &netns, &net)?;
+    crate::shim::translate::use_vm_network(guest_spec);
+    logging::debug(&format!(
+        "{} of {} ({}, {}) goes to the microVM's eth0 through {}",
+        net.interface,
+        netns.display(),
+        net.mac,
+        net.ipv4.as_deref().unwrap_or("no IPv4 address"),
+        crate::network::TAP_NAME
+    ));
+    Ok(Some(net))
 }
 
 /// The host CPUs the container's `husk-vmm` is pinned to: its cpuset

@@ -1,0 +1,420 @@
+//! Networks from the engines, end to end: a container whose spec names a network namespace
+//! (as podman's does, with the namespace CNI prepared) gets that namespace's interface in its
+//! microVM, same address and MAC, and is reached and reaches out through it; whatever husk
+//! wired in the namespace goes with the container on every path (delete, a failed create,
+//! `kill -9` of the VMM), leaving the namespace exactly as the engine made it; and podman's
+//! own bridge network with `-p` publishes a port of a husk container.
+
+use husk_tests::oci::{client_available, OciEnv};
+use husk_tests::{http_get, wait_until};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(300);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs a host command that must succeed; returns its stdout.
+fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// A network namespace as an engine leaves it for the runtime: a veth end named `eth0` with
+/// an address and a default route, its peer on the host.
+struct TestNetns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    guest_ip: String,
+}
+
+impl TestNetns {
+    fn new(name: &str, subnet: u8) -> TestNetns {
+        let ns = TestNetns {
+            name: name.to_string(),
+            host_if: format!("hv-{name}"),
+            host_ip: format!("10.201.{subnet}.1"),
+            guest_ip: format!("10.201.{subnet}.2"),
+        };
+        ns.remove();
+        sh("ip", &["netns", "add", &ns.name]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", ns.host_ip),
+                "dev",
+                &ns.host_if,
+            ],
+        );
+        sh("ip", &["link", "set", &ns.host_if, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["-n", ns.name.as_str()];
+            all.extend_from_slice(args);
+            sh("ip", &all);
+        };
+        inside(&["addr", "add", &format!("{}/24", ns.guest_ip), "dev", "eth0"]);
+        inside(&["link", "set", "eth0", "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        inside(&["route", "add", "default", "via", &ns.host_ip]);
+        // Settled: carrier up, the IPv6 link-local address through duplicate detection.
+        let settled = wait_until(Duration::from_secs(30), || {
+            let addr = sh("ip", &["-n", &ns.name, "addr", "show", "eth0"]);
+            !addr.contains("NO-CARRIER")
+                && addr.contains("inet6 fe80")
+                && !addr.contains("tentative")
+        });
+        assert!(settled, "the test namespace's eth0 did not settle");
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Everything the acceptance names of the namespace: links (with details), addresses,
+    /// qdiscs, and the filters of every link.
+    fn snapshot(&self) -> String {
+        let n = self.name.as_str();
+        let mut s = sh("ip", &["-n", n, "-d", "link"]);
+        s += &sh("ip", &["-n", n, "addr"]);
+        s += &sh("tc", &["-n", n, "qdisc"]);
+        let links: Value =
+            serde_json::from_str(&sh("ip", &["-n", n, "-j", "link"])).expect("ip -j link");
+        for link in links.as_array().expect("links") {
+            let dev = link["ifname"].as_str().expect("ifname");
+            for parent in ["ingress", "egress"] {
+                let out = Command::new("tc")
+                    .args(["-n", n, "filter", "show", "dev", dev, parent])
+                    .output()
+                    .expect("tc filter");
+                s += &format!("{dev} {parent}: {}{}", text(&out.stdout), text(&out.stderr));
+            }
+        }
+        s
+    }
+
+    fn remove(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Fails with the lines that differ when the namespace's `after` snapshot is not `before`.
+fn assert_same(before: &str, after: &str, when: &str) {
+    if before == after {
+        return;
+    }
+    let gone: Vec<&str> = before.lines().filter(|l| !after.contains(l)).collect();
+    let new: Vec<&str> = after.lines().filter(|l| !before.contains(l)).collect();
+    panic!("the namespace {when} is not as it was: gone {gone:#?}, new {new:#?}\n{after}");
+}
+
+/// A spec patch naming the network namespace at `path`.
+fn in_netns(spec: &mut Value, path: &str) {
+    let namespaces = spec["linux"]["namespaces"]
+        .as_array_mut()
+        .expect("namespaces");
+    namespaces.retain(|ns| ns["type"] != "network");
+    namespaces.push(json!({"type": "network", "path": path}));
+}
+
+/// The body `GET /` from `ip:port` gets, polled until the server answers (the container's VM
+/// boots and its `httpd` starts in the meantime) or `timeout` passes.
+fn fetch(ip: &str, port: u16, timeout: Duration) -> Option<String> {
+    let mut body = None;
+    wait_until(timeout, || {
+        body = http_get(ip, port)
+            .ok()
+            .and_then(|reply| reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()));
+        body.is_some()
+    });
+    body
+}
+
+const HTTPD: &str =
+    "mkdir -p /www && echo hello-from-husk > /www/index.html && exec httpd -f -p 80 -h /www";
+
+#[test]
+fn a_container_gets_the_network_namespace_it_is_given() {
+    let test = "a_container_gets_the_network_namespace_it_is_given";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    husk_tests::load_tun().expect("/dev/net/tun");
+    let ns = TestNetns::new("husknet1", 71);
+    let netns = ns.path().display().to_string();
+    let before = ns.snapshot();
+    let mac_line = sh("ip", &["-n", &ns.name, "-j", "link", "show", "eth0"]);
+    let mac: Value = serde_json::from_str(&mac_line).expect("ip -j link");
+    let mac = mac[0]["address"].as_str().expect("mac").to_string();
+
+    let web = env.bundle("web", &["sh", "-c", HTTPD], |spec| {
+        in_netns(spec, &netns);
+        spec["root"]["readonly"] = json!(false);
+        // For ping (runc's default set has no CAP_NET_RAW).
+        for set in ["bounding", "effective", "permitted"] {
+            if let Some(caps) = spec["process"]["capabilities"][set].as_array_mut() {
+                caps.push(json!("CAP_NET_RAW"));
+            }
+        }
+    });
+    let out = env.run(&["run", "-d", "--bundle", web.to_str().expect("utf-8"), "web"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let diagnose = || {
+        let inside = env.run(&[
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "ip addr; ip route; ps; cat /proc/net/dev /proc/net/snmp; netstat -tan; ip neigh",
+        ]);
+        let n = ns.name.as_str();
+        let run = |program: &str, args: &[&str]| {
+            Command::new(program)
+                .args(args)
+                .output()
+                .map(|o| format!("{}{}", text(&o.stdout), text(&o.stderr)))
+                .unwrap_or_default()
+        };
+        format!(
+            "host: {}{}{}\nin the guest: {}{}\nnamespace links:\n{}\nfilters:\n{}{}\n{}",
+            run("ip", &["-s", "link", "show", &ns.host_if]),
+            run("ip", &["neigh"]),
+            run("cat", &["/proc/net/snmp"]),
+            text(&inside.stdout),
+            text(&inside.stderr),
+            run("ip", &["-s", "-n", n, "link"]),
+            run(
+                "tc",
+                &["-s", "-n", n, "filter", "show", "dev", "eth0", "ingress"]
+            ),
+            run(
+                "tc",
+                &["-s", "-n", n, "filter", "show", "dev", "husk0", "ingress"]
+            ),
+            env.logs()
+        )
+    };
+    // The host reaches the container at the namespace's address.
+    let body = fetch(&ns.guest_ip, 80, Duration::from_secs(120));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "httpd in the microVM at {}: {}",
+        ns.guest_ip,
+        diagnose()
+    );
+    // Inside: the namespace's address and MAC on eth0, and the host answers a ping.
+    let out = env.run(&["exec", "web", "ip", "addr", "show", "eth0"]);
+    let addr = text(&out.stdout);
+    assert!(out.status.success(), "exec ip: {}", text(&out.stderr));
+    assert!(addr.contains(&format!("inet {}/24", ns.guest_ip)), "{addr}");
+    assert!(addr.contains(&mac), "the card has eth0's MAC {mac}: {addr}");
+    let out = env.run(&["exec", "web", "ping", "-c", "1", "-W", "10", &ns.host_ip]);
+    assert!(
+        out.status.success(),
+        "ping from the container: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    // A second microVM cannot take the same interface: create fails naming why, leaves
+    // nothing, and the first keeps its network.
+    let other = env.bundle("other", &["true"], |spec| in_netns(spec, &netns));
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        other.to_str().expect("utf-8"),
+        "other",
+    ]);
+    assert!(!out.status.success(), "a second VM on one namespace");
+    assert!(
+        text(&out.stderr).contains("already has a husk0"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(env.root_entries(), vec!["web".to_string()]);
+    assert!(fetch(&ns.guest_ip, 80, T).is_some());
+
+    let out = env.run(&["delete", "--force", "web"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    assert_same(&before, &ns.snapshot(), "after delete");
+
+    // Create and delete, many times, and once with the VMM killed -9 in between: the
+    // namespace ends exactly as it began.
+    let idle = env.bundle("idle", &["sleep", "1000"], |spec| in_netns(spec, &netns));
+    for round in 0..20 {
+        let id = format!("c{round}");
+        let out = env.run(&["create", "--bundle", idle.to_str().expect("utf-8"), &id]);
+        assert!(
+            out.status.success(),
+            "create {id}: {}{}",
+            text(&out.stderr),
+            env.logs()
+        );
+        if round == 10 {
+            let pid = env.state(&id).expect("state")["pid"].as_i64().expect("pid") as i32;
+            // SAFETY: kill(2) with the pid the state names; no memory is involved.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+            assert!(env.wait_status(&id, "stopped", T));
+        }
+        let out = env.run(&["delete", "--force", &id]);
+        assert!(out.status.success(), "delete {id}: {}", text(&out.stderr));
+        assert_same(&before, &ns.snapshot(), &format!("after round {round}"));
+    }
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+        "{:?}",
+        env.vmms_left()
+    );
+
+    // A namespace path that does not exist fails create, naming it, and leaves nothing.
+    let gone = env.bundle("gone", &["true"], |spec| {
+        in_netns(spec, "/run/netns/husk-no-such-namespace")
+    });
+    let out = env.run(&["create", "--bundle", gone.to_str().expect("utf-8"), "gone"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/run/netns/husk-no-such-namespace"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
+
+/// podman with its default bridge network: `-p 8080:80` publishes the port of a husk
+/// container on the host, and a second husk container reaches the first by its address.
+#[test]
+fn podman_publishes_a_port_of_a_husk_container() {
+    let test = "podman_publishes_a_port_of_a_husk_container";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    if !client_available(test, "podman") {
+        return;
+    }
+    husk_tests::load_tun().expect("/dev/net/tun");
+    let podman = env.podman_with_busybox();
+    let out = podman.run(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        "8080:80",
+        "localhost/bb",
+        "sh",
+        "-c",
+        HTTPD,
+    ]);
+    assert!(out.status.success(), "podman run -p: {}", text(&out.stderr));
+    let out = podman.run(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        "web",
+    ]);
+    let ip = text(&out.stdout).trim().to_string();
+    assert!(!ip.is_empty(), "web's address: {}", text(&out.stderr));
+    let diagnose = || {
+        let logs = podman.run(&["logs", "web"]);
+        let nat = Command::new("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .map(|o| text(&o.stdout))
+            .unwrap_or_default();
+        format!(
+            "podman logs: {}{}\niptables nat:\n{nat}\n{}",
+            text(&logs.stdout),
+            text(&logs.stderr),
+            env.logs()
+        )
+    };
+    // The bridge reaches the container at its address, and the published port on the host.
+    let body = fetch(&ip, 80, Duration::from_secs(120));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "httpd at {ip}: {}",
+        diagnose()
+    );
+    let body = fetch("127.0.0.1", 8080, Duration::from_secs(30));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "the published port: {}",
+        diagnose()
+    );
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        // busybox's ping needs a raw socket; podman's default set has no CAP_NET_RAW.
+        "--cap-add",
+        "NET_RAW",
+        "localhost/bb",
+        "sh",
+        "-c",
+        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {ip} 80 && ping -c 1 -W 10 {ip}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "a second container reaching {ip}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("hello-from-husk"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = podman.run(&["rm", "-f", "-t", "2", "web"]);
+    assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+        "{:?}",
+        env.vmms_left()
+    );
+}
