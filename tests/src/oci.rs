@@ -654,8 +654,20 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
-    /// Starts dockerd in `dir` and waits (up to `timeout`) until it answers.
+    /// Starts dockerd in `dir` without networks of its own (no bridge, no iptables) and waits
+    /// (up to `timeout`) until it answers.
     pub fn start(dir: &Path, husk_runtime: &Path, timeout: Duration) -> Result<Dockerd> {
+        Dockerd::start_with(dir, husk_runtime, timeout, false)
+    }
+
+    /// [`Dockerd::start`], with docker's default bridge network and its iptables rules when
+    /// `bridge` is set.
+    pub fn start_with(
+        dir: &Path,
+        husk_runtime: &Path,
+        timeout: Duration,
+        bridge: bool,
+    ) -> Result<Dockerd> {
         std::fs::create_dir_all(dir)?;
         let data_root = dir.join("data");
         let exec_root = dir.join("exec");
@@ -677,12 +689,16 @@ impl Dockerd {
             .arg(dir.join("dockerd.pid"))
             .arg("-H")
             .arg(format!("unix://{}", socket.display()))
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-                "--storage-driver=vfs",
-            ])
+            .args(if bridge {
+                &["--storage-driver=vfs"][..]
+            } else {
+                &[
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--bridge=none",
+                    "--storage-driver=vfs",
+                ][..]
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

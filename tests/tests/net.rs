@@ -3,9 +3,12 @@
 //! microVM, same address and MAC, and is reached and reaches out through it; whatever husk
 //! wired in the namespace goes with the container on every path (delete, a failed create,
 //! `kill -9` of the VMM), leaving the namespace exactly as the engine made it; and podman's
-//! own bridge network with `-p` publishes a port of a husk container.
+//! own bridge network with `-p` publishes a port of a husk container, and so does docker's
+//! (whose network a prestart hook configures).
 
-use husk_tests::oci::{client_available, OciEnv};
+use husk_tests::oci::{
+    client_available, husk_state_dirs, logs_under, vmms_mentioning, Dockerd, OciEnv,
+};
 use husk_tests::{http_get, wait_until};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -417,4 +420,108 @@ fn podman_publishes_a_port_of_a_husk_container() {
         "{:?}",
         env.vmms_left()
     );
+}
+
+/// docker with its default bridge: libnetwork's prestart hook configures the namespace of the
+/// container's pid (husk-vmm, waiting in a namespace of its own), husk carries what it made
+/// into the microVM, and `-p 8080:80` answers on the host. The host's own namespace is never
+/// touched, and nothing of husk is left once the container is gone.
+#[test]
+fn docker_publishes_a_port_of_a_husk_container() {
+    let test = "docker_publishes_a_port_of_a_husk_container";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    for client in ["dockerd", "docker"] {
+        if !client_available(test, client) {
+            return;
+        }
+    }
+    husk_tests::load_tun().expect("/dev/net/tun");
+    let host_links = sh("ip", &["-o", "link"]);
+    let dir = env.work.path().join("d");
+    let wrapper = env.runtime_wrapper(&env.work.path().join("husk-runtime"));
+    let mut dockerd = Dockerd::start_with(&dir, &wrapper, T, true).expect("dockerd");
+    let host_links_with_docker = sh("ip", &["-o", "link"]);
+    let tarball = env.rootfs_tarball();
+    let out = dockerd.docker(&["import", tarball.to_str().expect("utf-8"), "bb:latest"]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    let out = dockerd.docker(&[
+        "run",
+        "--runtime",
+        "husk",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        "8080:80",
+        "bb",
+        "sh",
+        "-c",
+        HTTPD,
+    ]);
+    let logs = |dockerd: &Dockerd| {
+        format!(
+            "dockerd log:\n{}\nhusk logs:\n{}",
+            dockerd.log_tail(),
+            logs_under(&dockerd.exec_root)
+        )
+    };
+    assert!(
+        out.status.success(),
+        "docker run -p: {}\n{}",
+        text(&out.stderr),
+        logs(&dockerd)
+    );
+    let out = dockerd.docker(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        "web",
+    ]);
+    let ip = text(&out.stdout).trim().to_string();
+    assert!(!ip.is_empty(), "web's address: {}", text(&out.stderr));
+    let body = fetch(&ip, 80, Duration::from_secs(120));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "httpd at {ip}: {}",
+        logs(&dockerd)
+    );
+    let body = fetch("127.0.0.1", 8080, Duration::from_secs(30));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "the published port: {}",
+        logs(&dockerd)
+    );
+    // The host's namespace has docker's links only: none was moved or renamed into it.
+    let running = sh("ip", &["-o", "link"]);
+    for line in host_links_with_docker.lines() {
+        let name = line.split(':').nth(1).unwrap_or_default().trim();
+        assert!(
+            running.contains(name),
+            "{name} is gone from the host: {running}"
+        );
+    }
+    assert!(
+        !running
+            .lines()
+            .any(|l| l.contains(": eth0") && !host_links.contains(": eth0")),
+        "an eth0 appeared in the host's namespace: {running}"
+    );
+    let out = dockerd.docker(&["rm", "-f", "web"]);
+    assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+    let status = dockerd.stop(T).expect("stop dockerd");
+    assert!(status.success(), "dockerd: {status}");
+    assert!(
+        wait_until(Duration::from_secs(30), || vmms_mentioning(
+            &dockerd.exec_root
+        )
+        .is_empty()),
+        "{:?}",
+        vmms_mentioning(&dockerd.exec_root)
+    );
+    let left = husk_state_dirs(&dockerd.exec_root);
+    assert!(left.is_empty(), "husk state left: {left:?}");
 }

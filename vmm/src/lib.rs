@@ -8,6 +8,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod kvm_check;
+pub mod net_handoff;
 pub mod snapshot;
 pub mod supervisor;
 pub mod timeline;

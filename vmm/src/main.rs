@@ -74,6 +74,11 @@ struct Args {
     /// The guest's default gateway on the card.
     #[arg(long, requires = "net_ip")]
     net_gateway: Option<std::net::Ipv4Addr>,
+    /// Before building the microVM, wait (up to the agent timeout) for the network card on
+    /// this inherited Unix socket: the runtime sends it once the engine's hooks have configured
+    /// this process's network namespace (see `husk_vmm::net_handoff`).
+    #[arg(long, conflicts_with_all = ["net_tap_fd", "template_out", "restore"])]
+    net_from_fd: Option<i32>,
     /// Boot the guest until its agent is ready, save it as a template into this directory
     /// (which must exist and be empty), and exit 0. Needs --shared-dir (an empty directory);
     /// no network card, no console.
@@ -89,7 +94,7 @@ struct Args {
 }
 
 fn run(args: Args) -> anyhow::Result<i32> {
-    let cfg = VmConfig {
+    let mut cfg = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
         vcpus: args.cpus,
@@ -117,6 +122,11 @@ fn run(args: Args) -> anyhow::Result<i32> {
         template_out: args.template_out,
         restore_from: args.restore,
     };
+    if let Some(fd) = args.net_from_fd {
+        cfg.net = husk_vmm::net_handoff::receive(fd, cfg.agent_timeout)?;
+        // SAFETY: the socket was inherited for this one message; nothing else uses it.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
     if let Some(plan) = &args.supervise {
         return match husk_vmm::supervisor::run_supervised(&cfg, plan) {
             Err(e) if e.is_template_refusal() => Ok(refused(&e)),

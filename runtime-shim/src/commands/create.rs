@@ -113,17 +113,38 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
     let network = carry_network(&bundle.spec, &dir, &mut translation.spec)?;
+    let hooks = Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?;
+    // docker's way: a new network namespace that a prestart hook configures. husk-vmm starts
+    // in a namespace of its own, the hooks run, and what they made is handed to the waiting VMM.
+    let hooked_network = network.is_none() && network_by_hooks(&bundle.spec, &hooks);
+    if hooked_network {
+        crate::shim::translate::use_vm_network(&mut translation.spec);
+    }
 
     let debug = globals.debug || cfg.debug;
     let templates = Templates::new(&cfg);
     let warm = template::wanted(&cfg, &bundle.spec)?;
-    let mut template = if warm && network.is_none() {
+    let mut template = if warm && network.is_none() && !hooked_network {
         templates.get(&cfg, &kernel, &initramfs, size, logging::warn)
     } else {
         if warm {
             logging::debug("warm start: templates have no network card; booting");
         }
         None
+    };
+    let mut state = ContainerState {
+        id: args.id.clone(),
+        status: Status::Creating,
+        pid: 0,
+        pid_start_time: 0,
+        bundle: bundle.dir.clone(),
+        rootfs: bundle.rootfs.clone(),
+        created: now_rfc3339(),
+        annotations: bundle.annotations(),
+        mounts,
+        exit: None,
+        vcpus: size.vcpus,
+        hooks,
     };
     let (pid, guest_pid) = loop {
         let (ready_read, ready_write) =
@@ -152,6 +173,24 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
                 .context("passing the TAP to husk-vmm")?;
             cmd.args(net.vmm_args(net.tap.as_raw_fd()));
         }
+        let handoff = if hooked_network {
+            let (ours, vmm_end) =
+                std::os::unix::net::UnixStream::pair().context("creating the network socket")?;
+            fcntl(vmm_end.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+                .context("passing the network socket to husk-vmm")?;
+            cmd.arg("--net-from-fd")
+                .arg(vmm_end.as_raw_fd().to_string());
+            // SAFETY: unshare(2) is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+            Some((ours, vmm_end))
+        } else {
+            None
+        };
         if let Some(template) = &template {
             cmd.arg("--restore").arg(template);
         }
@@ -171,6 +210,17 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         drop(ready_write);
         let pid = i32::try_from(child.id()).context("pid out of range")?;
         rollback.child = Some(child);
+        if let Some((socket, vmm_end)) = handoff {
+            drop(vmm_end);
+            state.pid = pid;
+            state.pid_start_time = process_start_time(pid).unwrap_or(0);
+            if let Err(e) = hand_over_network(&state, &bundle.dir, &socket) {
+                // The lifecycle: stop and remove the container, then the poststop hooks.
+                drop(rollback);
+                run_poststop(&state);
+                return Err(e);
+            }
+        }
 
         let deadline = Instant::now() + cfg.agent_timeout + Duration::from_secs(10);
         let line = read_ready(&ready_read, deadline)?;
@@ -200,26 +250,23 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         "container {} created, guest pid {guest_pid}",
         args.id
     ));
-    let pid_start_time = process_start_time(pid)
+    state.pid = pid;
+    state.pid_start_time = process_start_time(pid)
         .with_context(|| format!("husk-vmm (pid {pid}) died right after creating the container"))?;
-    let mut state = ContainerState {
-        id: args.id.clone(),
-        status: Status::Creating,
-        pid,
-        pid_start_time,
-        bundle: bundle.dir.clone(),
-        rootfs: bundle.rootfs.clone(),
-        created: now_rfc3339(),
-        annotations: bundle.annotations(),
-        mounts,
-        exit: None,
-        vcpus: size.vcpus,
-        hooks: Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?,
+    // The container exists in the guest, its program not yet started: the create-time hooks
+    // (those that configured the network ran before the VM was built).
+    let hooked = if hooked_network {
+        state.hooks.run(
+            HookKind::CreateContainer,
+            &state.oci_state(),
+            &bundle.dir,
+            logging::warn,
+        )
+    } else {
+        state
+            .hooks
+            .run_create(&state.oci_state(), &bundle.dir, logging::warn)
     };
-    // The container exists in the guest, its program not yet started: the create-time hooks.
-    let hooked = state
-        .hooks
-        .run_create(&state.oci_state(), &bundle.dir, logging::warn);
     if let Err(e) = hooked {
         // The lifecycle: stop and remove the container, then the poststop hooks.
         drop(rollback);
@@ -274,6 +321,62 @@ fn carry_network(
         crate::network::TAP_NAME
     ));
     Ok(Some(net))
+}
+
+/// Whether the spec asks for a new network namespace (no `path`) and has hooks that run before
+/// the container's program, which is how docker's libnetwork configures a container's network
+/// (its `libnetwork-setkey` prestart hook moves a veth into the namespace of the container's
+/// pid). Then husk-vmm, that pid, starts in a network namespace of its own and waits for its
+/// card until the hooks have run ([`hand_over_network`]).
+fn network_by_hooks(spec: &serde_json::Value, hooks: &Hooks) -> bool {
+    let new_netns = spec["linux"]["namespaces"].as_array().is_some_and(|all| {
+        all.iter()
+            .any(|ns| ns["type"] == "network" && ns.get("path").and_then(|p| p.as_str()).is_none())
+    });
+    new_netns
+        && !(hooks.get(HookKind::Prestart).is_empty()
+            && hooks.get(HookKind::CreateRuntime).is_empty())
+}
+
+/// Runs the `prestart` and `createRuntime` hooks with husk-vmm (waiting in its own network
+/// namespace) as the container's pid, then carries the interface they made there into a TAP
+/// and hands the card to husk-vmm over `socket` (`none` when they made none). The namespace
+/// is husk-vmm's own (docker keeps it with a bind mount of its own): the TAP and the qdiscs go
+/// with it, so nothing is recorded for `delete`.
+fn hand_over_network(
+    state: &ContainerState,
+    bundle: &Path,
+    socket: &std::os::unix::net::UnixStream,
+) -> Result<()> {
+    let oci_state = state.oci_state();
+    for kind in [HookKind::Prestart, HookKind::CreateRuntime] {
+        state.hooks.run(kind, &oci_state, bundle, logging::warn)?;
+    }
+    let netns = PathBuf::from(format!("/proc/{}/ns/net", state.pid));
+    let net = crate::network::prepare(&netns).with_context(|| {
+        format!(
+            "carrying the network the hooks made in {} (husk-vmm's namespace)",
+            netns.display()
+        )
+    })?;
+    let sent = match &net {
+        Some(net) => {
+            logging::debug(&format!(
+                "{} ({}, {}) made by the hooks goes to the microVM's eth0",
+                net.interface,
+                net.mac,
+                net.ipv4.as_deref().unwrap_or("no IPv4 address")
+            ));
+            let text = husk_vmm::net_handoff::message(
+                &net.mac,
+                net.ipv4.as_deref(),
+                net.gateway.as_deref(),
+            );
+            husk_vmm::net_handoff::send(socket.as_fd(), &text, Some(net.tap.as_fd()))
+        }
+        None => husk_vmm::net_handoff::send(socket.as_fd(), "none", None),
+    };
+    sent.context("handing the network card to husk-vmm")
 }
 
 /// The host CPUs the container's `husk-vmm` is pinned to: its cpuset

@@ -1,0 +1,255 @@
+//! The network card handed to a VMM that is already running, before it builds the microVM.
+//!
+//! docker configures a container's network in a prestart hook: the runtime makes a new network
+//! namespace, and the hook (libnetwork's `setkey`) moves a veth into the namespace of the
+//! container's pid and gives it its address. For husk that pid is `husk-vmm`, so the runtime
+//! starts `husk-vmm` in a new network namespace with `--net-from-fd`, runs the hooks, carries
+//! whatever interface they made into a TAP, and only then tells the waiting VMM its card: one
+//! message on an inherited Unix socket, text plus the TAP as an `SCM_RIGHTS` descriptor.
+//!
+//! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `ip=<a.b.c.d/n>`
+//! and `gateway=<a.b.c.d>`, separated by spaces. The VMM waits a bounded time, reads at most
+//! [`MAX_MESSAGE`] bytes, takes exactly one descriptor with `mac=` and none with `none`, and
+//! refuses anything else by name.
+
+use crate::config::{parse_ipv4_cidr, parse_mac, NetConfig};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// The longest message accepted.
+pub const MAX_MESSAGE: usize = 512;
+
+/// Errors of the handoff.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("waiting for the network card: {0}")]
+    Io(#[from] nix::Error),
+    #[error("the runtime did not hand over the network card within {0:?}")]
+    Timeout(Duration),
+    #[error("the runtime closed the network socket without handing over a card")]
+    Closed,
+    #[error("bad network card message {message:?}: {problem}")]
+    Bad { message: String, problem: String },
+}
+
+/// The text of the message for a card with `mac`, `ip` (`10.0.0.2/24`) and `gateway`.
+pub fn message(mac: &str, ip: Option<&str>, gateway: Option<&str>) -> String {
+    let mut text = format!("mac={mac}");
+    if let Some(ip) = ip {
+        text.push_str(&format!(" ip={ip}"));
+        if let Some(gw) = gateway {
+            text.push_str(&format!(" gateway={gw}"));
+        }
+    }
+    text
+}
+
+/// Sends `text` on `socket`, with `tap` as its descriptor when there is one (`none` has none).
+pub fn send(socket: BorrowedFd<'_>, text: &str, tap: Option<BorrowedFd<'_>>) -> nix::Result<()> {
+    let iov = [IoSlice::new(text.as_bytes())];
+    let fds = tap.map(|t| [t.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = fds
+        .as_ref()
+        .map(|fds| vec![ControlMessage::ScmRights(fds)])
+        .unwrap_or_default();
+    sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Parses a message and the descriptors that came with it into the card (`None` for `none`).
+/// Every descriptor is owned here: those not taken are closed on return.
+pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, OwnedFd)>, String> {
+    let text = text.trim();
+    if text == "none" {
+        return match fds.is_empty() {
+            true => Ok(None),
+            false => Err("`none` came with a descriptor".into()),
+        };
+    }
+    let (mut mac, mut ipv4, mut gateway) = (None, None, None);
+    for field in text.split(' ').filter(|f| !f.is_empty()) {
+        match field.split_once('=') {
+            Some(("mac", v)) if mac.is_none() => mac = Some(parse_mac(v)?),
+            Some(("ip", v)) if ipv4.is_none() => ipv4 = Some(parse_ipv4_cidr(v)?),
+            Some(("gateway", v)) if gateway.is_none() => {
+                gateway = Some(
+                    v.parse::<std::net::Ipv4Addr>()
+                        .map_err(|_| format!("{v:?} is not an IPv4 address"))?,
+                )
+            }
+            _ => return Err(format!("unexpected field {field:?}")),
+        }
+    }
+    let mac = mac.ok_or("no mac=")?;
+    if gateway.is_some() && ipv4.is_none() {
+        return Err("gateway= without ip=".into());
+    }
+    if fds.len() != 1 {
+        return Err(format!("{} descriptors, not the TAP alone", fds.len()));
+    }
+    let tap = fds.remove(0);
+    Ok(Some((
+        NetConfig {
+            tap_fd: tap.as_raw_fd(),
+            mac,
+            ipv4,
+            gateway,
+        },
+        tap,
+    )))
+}
+
+/// Waits up to `timeout` on `socket` for the message, and returns the card (its TAP
+/// descriptor owned by the caller from here on) or `None`.
+pub fn receive(socket: RawFd, timeout: Duration) -> Result<Option<NetConfig>, HandoffError> {
+    // SAFETY: `socket` is the inherited descriptor the command line named; it is borrowed for
+    // the poll only.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(socket) };
+    let mut pfd = [nix::poll::PollFd::new(
+        borrowed,
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(HandoffError::Timeout(timeout));
+        }
+        let wait = u16::try_from(left.as_millis()).unwrap_or(ms).min(ms);
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(wait)) {
+            Ok(0) => continue,
+            Ok(_) => break,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let (len, fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            socket,
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: SCM_RIGHTS gave this process these new descriptors; nothing else
+                // owns them.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        (msg.bytes, fds)
+    };
+    if len == 0 && fds.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+    match parse(&text, fds) {
+        Ok(None) => Ok(None),
+        Ok(Some((cfg, tap))) => {
+            // The builder takes the descriptor over by number.
+            std::mem::forget(tap);
+            Ok(Some(cfg))
+        }
+        Err(problem) => Err(HandoffError::Bad {
+            message: text,
+            problem,
+        }),
+    }
+}
+
+#[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    fn file_fd() -> OwnedFd {
+        OwnedFd::from(tempfile::tempfile().unwrap())
+    }
+
+    #[test]
+    fn messages_parse_into_the_card() {
+        let text = message(
+            "6e:f8:3a:b4:8c:90",
+            Some("172.17.0.2/16"),
+            Some("172.17.0.1"),
+        );
+        assert_eq!(
+            text,
+            "mac=6e:f8:3a:b4:8c:90 ip=172.17.0.2/16 gateway=172.17.0.1"
+        );
+        let (cfg, _tap) = parse(&text, vec![file_fd()]).unwrap().unwrap();
+        assert_eq!(cfg.mac, [0x6e, 0xf8, 0x3a, 0xb4, 0x8c, 0x90]);
+        assert_eq!(cfg.ipv4, Some(("172.17.0.2".parse().unwrap(), 16)));
+        assert_eq!(cfg.gateway, Some("172.17.0.1".parse().unwrap()));
+        assert!(parse("none", vec![]).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_messages_are_refused_by_name() {
+        for (text, fds, problem) in [
+            ("none", 1, "`none` came with a descriptor"),
+            ("mac=6e:f8:3a:b4:8c:90", 0, "0 descriptors"),
+            ("mac=6e:f8:3a:b4:8c:90", 2, "2 descriptors"),
+            ("ip=10.0.0.2/24", 1, "no mac="),
+            ("mac=zz", 1, "not a MAC address"),
+            (
+                "mac=6e:f8:3a:b4:8c:90 gateway=10.0.0.1",
+                1,
+                "gateway= without ip=",
+            ),
+            (
+                "mac=6e:f8:3a:b4:8c:90 mac=6e:f8:3a:b4:8c:90",
+                1,
+                "unexpected field",
+            ),
+            ("mac=6e:f8:3a:b4:8c:90 dns=1.1.1.1", 1, "unexpected field"),
+            ("mac=6e:f8:3a:b4:8c:90 ip=10.0.0.2/40", 1, "prefix length"),
+        ] {
+            let fds = (0..fds).map(|_| file_fd()).collect();
+            let err = parse(text, fds).unwrap_err();
+            assert!(err.contains(problem), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_card_crosses_a_socket_with_its_descriptor() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let tap = file_fd();
+        let text = message("6e:f8:3a:b4:8c:90", Some("10.0.0.2/24"), None);
+        send(a.as_fd(), &text, Some(tap.as_fd())).unwrap();
+        let cfg = receive(b.as_raw_fd(), Duration::from_secs(5))
+            .unwrap()
+            .unwrap();
+        assert_ne!(cfg.tap_fd, tap.as_raw_fd(), "a descriptor of its own");
+        // SAFETY: the descriptor `receive` handed over, closed here once.
+        drop(unsafe { OwnedFd::from_raw_fd(cfg.tap_fd) });
+        send(a.as_fd(), "none", None).unwrap();
+        assert!(receive(b.as_raw_fd(), Duration::from_secs(5))
+            .unwrap()
+            .is_none());
+        drop(a);
+        assert!(matches!(
+            receive(b.as_raw_fd(), Duration::from_secs(5)),
+            Err(HandoffError::Closed)
+        ));
+        let (_a, b) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            receive(b.as_raw_fd(), Duration::from_millis(50)),
+            Err(HandoffError::Timeout(_))
+        ));
+    }
+}
