@@ -193,8 +193,72 @@ pub fn tune_share() {
     }
 }
 
+/// The kernel command-line parameter with the card's IPv6 configuration (husk-vmm's
+/// `husk_vmm::config::IP6_PARAM`): `husk.ip6=<address>/<prefix>[,<gateway>]`. The kernel's own
+/// `ip=` is IPv4 only.
+pub const IP6_PARAM: &str = "husk.ip6";
+
+/// An IPv6 address, its prefix length, and the default gateway if there is one.
+pub type Ipv6Config = (std::net::Ipv6Addr, u8, Option<std::net::Ipv6Addr>);
+
+/// The IPv6 configuration of `eth0` a kernel command line carries, if any.
+pub fn ipv6_from_cmdline(cmdline: &str) -> Option<Result<Ipv6Config, String>> {
+    let value = cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix(IP6_PARAM)?.strip_prefix('='))?;
+    let parse = || -> Option<Ipv6Config> {
+        let (cidr, gateway) = match value.split_once(',') {
+            Some((cidr, gw)) => (cidr, Some(gw.parse().ok()?)),
+            None => (value, None),
+        };
+        let (addr, prefix) = cidr.split_once('/')?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| (1..=128).contains(p))?;
+        Some((addr.parse().ok()?, prefix, gateway))
+    };
+    Some(parse().ok_or_else(|| format!("bad {IP6_PARAM}={value}")))
+}
+
+/// Configures `eth0`'s IPv6 address and default route from the kernel command line
+/// ([`IP6_PARAM`]), where husk-vmm put the network card's IPv6 configuration.
+pub fn configure_ipv6() -> Result<(), String> {
+    let cmdline =
+        std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?;
+    let Some(config) = ipv6_from_cmdline(&cmdline) else {
+        return Ok(());
+    };
+    let (addr, prefix, gateway) = config?;
+    crate::sys::bring_up("eth0").map_err(|e| format!("bringing up eth0: {e}"))?;
+    crate::sys::add_ipv6("eth0", addr, prefix, gateway)
+        .map_err(|e| format!("adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_ipv6_configuration_comes_from_the_command_line() {
+        assert!(ipv6_from_cmdline("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off").is_none());
+        assert_eq!(
+            ipv6_from_cmdline("quiet husk.ip6=fd00:88::5/64,fd00:88::1 rdinit=/init"),
+            Some(Ok((
+                "fd00:88::5".parse().expect("ip"),
+                64,
+                Some("fd00:88::1".parse().expect("ip"))
+            )))
+        );
+        assert_eq!(
+            ipv6_from_cmdline("husk.ip6=fd00::5/128"),
+            Some(Ok(("fd00::5".parse().expect("ip"), 128, None)))
+        );
+        for bad in [
+            "husk.ip6=fd00::5",
+            "husk.ip6=fd00::5/0",
+            "husk.ip6=x/64",
+            "husk.ip6=fd00::5/64,zz",
+        ] {
+            assert!(matches!(ipv6_from_cmdline(bad), Some(Err(_))), "{bad}");
+        }
+    }
+
     use super::*;
     use crate::sys::test_utils::{Call, RecordingSyscall};
 

@@ -19,6 +19,12 @@
 //! | `poststart`       | `start`, once the program runs                    | `running`  | warning    |
 //! | `poststop`        | `delete`, once everything of the container is gone | `stopped`  | warning    |
 //!
+//! One exception to the table, the network hooks of docker: when the spec asks for a new
+//! network namespace and has `prestart` or `createRuntime` hooks, those two kinds run during
+//! `create` before the microVM is built, with `husk-vmm` waiting in a network namespace of its
+//! own as the container's pid (see `commands::create`), so that what they configure there
+//! becomes the VM's network card.
+//!
 //! A failing hook of the first four kinds fails the operation: the container is stopped and
 //! removed (`create`) or stopped (`start`), and the `poststop` hooks still run, as the
 //! lifecycle says. Each hook gets the state on its stdin, exactly `env` as its environment,

@@ -15,8 +15,10 @@
 //! the virtio-net card's own (its configuration space), and the address and default route are
 //! applied by the guest kernel's IP autoconfiguration (`ip=` on the command line, which
 //! husk-vmm adds for its card). That costs no agent round trip, is in place before `/init`
-//! runs, and keeps netlink code out of the agent; what it cannot do yet is more than one IPv4
-//! address, IPv6, or routes other than the default one, which would move to the agent.
+//! runs, and keeps netlink code out of the agent. The kernel's `ip=` is IPv4 only: the
+//! interface's global IPv6 address and the IPv6 default route go on the command line as
+//! `husk.ip6=`, which the agent applies at boot. Not carried yet: more than one address of a
+//! family, routes other than the default ones, more than one interface.
 //!
 //! One microVM owns a namespace's interface: a second one finds `husk0` there and is refused
 //! (containers sharing a network namespace belong in one VM, which is what the shim's pods
@@ -55,6 +57,10 @@ pub struct PodNetwork {
     pub ipv4: Option<String>,
     /// The default gateway, if the namespace has a default route.
     pub gateway: Option<String>,
+    /// The interface's global IPv6 address with its prefix length, if it has one, and the
+    /// namespace's IPv6 default gateway.
+    pub ipv6: Option<String>,
+    pub gateway6: Option<String>,
 }
 
 impl PodNetwork {
@@ -66,19 +72,50 @@ impl PodNetwork {
             "--net-mac".to_string(),
             self.mac.clone(),
         ];
-        if let Some(ip) = &self.ipv4 {
-            args.extend(["--net-ip".to_string(), ip.clone()]);
-            if let Some(gw) = &self.gateway {
-                args.extend(["--net-gateway".to_string(), gw.clone()]);
+        for (ip, gateway, suffix) in [
+            (&self.ipv4, &self.gateway, ""),
+            (&self.ipv6, &self.gateway6, "6"),
+        ] {
+            if let Some(ip) = ip {
+                args.extend([format!("--net-ip{suffix}"), ip.clone()]);
+                if let Some(gw) = gateway {
+                    args.extend([format!("--net-gateway{suffix}"), gw.clone()]);
+                }
             }
         }
         args
     }
+
+    /// The same, as the message of `husk_vmm::net_handoff` (the TAP goes beside it).
+    pub fn handoff_message(&self) -> String {
+        fn with_gateway<'a>(
+            ip: &'a Option<String>,
+            gateway: &'a Option<String>,
+        ) -> Option<(&'a str, Option<&'a str>)> {
+            ip.as_deref().map(|ip| (ip, gateway.as_deref()))
+        }
+        husk_vmm::net_handoff::message(
+            &self.mac,
+            with_gateway(&self.ipv4, &self.gateway),
+            with_gateway(&self.ipv6, &self.gateway6),
+        )
+    }
+}
+
+/// An interface to carry, as `ip -j addr show` describes it.
+#[derive(Debug, PartialEq, Eq)]
+struct Found {
+    name: String,
+    mac: String,
+    mtu: u64,
+    /// The first IPv4 address and the first global IPv6 address, each `address/prefix`.
+    ipv4: Option<String>,
+    ipv6: Option<String>,
 }
 
 /// The interface to carry: the namespace's first Ethernet interface other than loopback and
-/// our own TAP, with its MAC, MTU and IPv4 address, from `ip -j addr show`'s output.
-fn pick_interface(addrs: &serde_json::Value) -> Option<(String, String, u64, Option<String>)> {
+/// our own TAP, with its MAC, MTU and addresses, from `ip -j addr show`'s output.
+fn pick_interface(addrs: &serde_json::Value) -> Option<Found> {
     addrs.as_array()?.iter().find_map(|link| {
         let name = link["ifname"].as_str()?;
         if name == "lo" || name == TAP_NAME || link["link_type"].as_str() != Some("ether") {
@@ -86,19 +123,29 @@ fn pick_interface(addrs: &serde_json::Value) -> Option<(String, String, u64, Opt
         }
         let mac = link["address"].as_str()?.to_string();
         let mtu = link["mtu"].as_u64().unwrap_or(1500);
-        let ipv4 = link["addr_info"].as_array().and_then(|infos| {
-            infos.iter().find_map(|info| {
-                if info["family"].as_str() != Some("inet") {
-                    return None;
-                }
-                Some(format!(
-                    "{}/{}",
-                    info["local"].as_str()?,
-                    info["prefixlen"].as_u64()?
-                ))
+        let address = |family: &str| {
+            link["addr_info"].as_array().and_then(|infos| {
+                infos.iter().find_map(|info| {
+                    if info["family"].as_str() != Some(family)
+                        || (family == "inet6" && info["scope"].as_str() != Some("global"))
+                    {
+                        return None;
+                    }
+                    Some(format!(
+                        "{}/{}",
+                        info["local"].as_str()?,
+                        info["prefixlen"].as_u64()?
+                    ))
+                })
             })
-        });
-        Some((name.to_string(), mac, mtu, ipv4))
+        };
+        Some(Found {
+            name: name.to_string(),
+            mac,
+            mtu,
+            ipv4: address("inet"),
+            ipv6: address("inet6"),
+        })
     })
 }
 
@@ -209,13 +256,27 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
                 path.display()
             );
         }
-        let Some((interface, mac, mtu, ipv4)) = pick_interface(&addrs) else {
+        let Some(Found {
+            name: interface,
+            mac,
+            mtu,
+            ipv4,
+            ipv6,
+        }) = pick_interface(&addrs)
+        else {
             return Ok(None);
         };
-        let routes: serde_json::Value =
-            serde_json::from_str(&run("ip", &["-j", "-4", "route", "show", "default"])?)
-                .context("parsing `ip -j -4 route show default`")?;
-        let gateway = pick_gateway(&routes);
+        let gateway_of = |family: &str| -> Result<Option<String>> {
+            let routes: serde_json::Value =
+                serde_json::from_str(&run("ip", &["-j", family, "route", "show", "default"])?)
+                    .with_context(|| format!("parsing `ip -j {family} route show default`"))?;
+            Ok(pick_gateway(&routes))
+        };
+        let gateway = gateway_of("-4")?;
+        let gateway6 = match ipv6 {
+            Some(_) => gateway_of("-6")?,
+            None => None,
+        };
         let tap = open_tap()?;
         let wired = (|| -> Result<()> {
             let mtu = mtu.to_string();
@@ -250,6 +311,8 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             mac,
             ipv4,
             gateway,
+            ipv6,
+            gateway6,
         }))
     })
 }
@@ -371,17 +434,19 @@ mod tests {
              "addr_info": []},
             {"ifname": "eth0", "link_type": "ether", "address": "6e:f8:3a:b4:8c:90", "mtu": 1450,
              "addr_info": [
-                {"family": "inet6", "local": "fe80::1", "prefixlen": 64},
-                {"family": "inet", "local": "10.88.77.2", "prefixlen": 24}]}
+                {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"},
+                {"family": "inet6", "local": "fd00:88::5", "prefixlen": 64, "scope": "global"},
+                {"family": "inet", "local": "10.88.77.2", "prefixlen": 24, "scope": "global"}]}
         ]);
         assert_eq!(
             pick_interface(&addrs),
-            Some((
-                "eth0".to_string(),
-                "6e:f8:3a:b4:8c:90".to_string(),
-                1450,
-                Some("10.88.77.2/24".to_string())
-            ))
+            Some(Found {
+                name: "eth0".to_string(),
+                mac: "6e:f8:3a:b4:8c:90".to_string(),
+                mtu: 1450,
+                ipv4: Some("10.88.77.2/24".to_string()),
+                ipv6: Some("fd00:88::5/64".to_string()),
+            })
         );
         assert_eq!(pick_interface(&json!([addrs[0].clone()])), None);
         let routes = json!([{"dst": "default", "gateway": "10.88.77.1", "dev": "eth0"}]);
@@ -397,10 +462,18 @@ mod tests {
             mac: "6e:f8:3a:b4:8c:90".into(),
             ipv4: Some("10.88.77.2/24".into()),
             gateway: Some("10.88.77.1".into()),
+            ipv6: Some("fd00:88::5/64".into()),
+            gateway6: Some("fd00:88::1".into()),
         };
         assert_eq!(
             net.vmm_args(3).join(" "),
-            "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-ip 10.88.77.2/24 --net-gateway 10.88.77.1"
+            "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-ip 10.88.77.2/24 --net-gateway \
+             10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1"
+        );
+        assert_eq!(
+            net.handoff_message(),
+            "mac=6e:f8:3a:b4:8c:90 ip=10.88.77.2/24 gateway=10.88.77.1 ip6=fd00:88::5/64 \
+             gateway6=fd00:88::1"
         );
     }
 
@@ -422,6 +495,8 @@ mod tests {
             mac: "6e:f8:3a:b4:8c:90".into(),
             ipv4: None,
             gateway: None,
+            ipv6: None,
+            gateway6: None,
         };
         // A namespace that is gone took the interface's qdisc with it.
         let netns = dir.path().join("no-such-netns");

@@ -96,8 +96,8 @@ impl Cri {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": "10.88.77.0/24"}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": [[{"subnet": "10.88.77.0/24"}], [{"subnet": "fd00:88:77::/64"}]],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                     "dataDir": dir.join("ipam"),
                 },
             }, {"type": "loopback"}],

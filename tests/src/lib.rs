@@ -77,7 +77,12 @@ pub fn vm_artifacts(test: &str) -> Option<Artifacts> {
 /// `busybox wget` crashes, so tests fetch with this.)
 pub fn http_get(ip: &str, port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = format!("{ip}:{port}")
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
         .parse()
         .map_err(|e| std::io::Error::other(format!("{e}")))?;
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;

@@ -145,7 +145,7 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
     );
 
     // The pod's own address, from the host: CNI's interface carried into the VM.
-    let pod_ip = cri
+    let network = cri
         .call("PodSandboxStatus", |mut c| {
             let request = k8s_cri::v1::PodSandboxStatusRequest {
                 pod_sandbox_id: pod.clone(),
@@ -156,19 +156,28 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
         .expect("PodSandboxStatus")
         .status
         .and_then(|s| s.network)
-        .map(|n| n.ip)
         .unwrap_or_default();
-    assert!(!pod_ip.is_empty(), "CNI gave the pod an address");
-    let mut reply = String::new();
-    let served = wait_until(Duration::from_secs(60), || {
-        reply = http_get(&pod_ip, 8080).unwrap_or_else(|e| e.to_string());
-        reply.ends_with("\r\n\r\npong\n")
-    });
+    let pod_ips: Vec<String> = std::iter::once(network.ip.clone())
+        .chain(network.additional_ips.iter().map(|ip| ip.ip.clone()))
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    // The CNI network is dual-stack: an IPv4 and an IPv6 address, both reachable.
     assert!(
-        served,
-        "GET http://{pod_ip}:8080/ from the host: {reply:?}\n{}",
-        cri.ctrd.log_tail()
+        pod_ips.iter().any(|ip| ip.contains('.')) && pod_ips.iter().any(|ip| ip.contains(':')),
+        "CNI gave the pod an IPv4 and an IPv6 address: {pod_ips:?}"
     );
+    for pod_ip in &pod_ips {
+        let mut reply = String::new();
+        let served = wait_until(Duration::from_secs(60), || {
+            reply = http_get(pod_ip, 8080).unwrap_or_else(|e| e.to_string());
+            reply.ends_with("\r\n\r\npong\n")
+        });
+        assert!(
+            served,
+            "GET http://{pod_ip}:8080/ from the host: {reply:?}\n{}",
+            cri.ctrd.log_tail()
+        );
+    }
     let r = cri
         .exec_sync(&client, &["cat", "/sys/class/net/eth0/address"])
         .expect("ExecSync eth0");

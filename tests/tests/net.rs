@@ -1,10 +1,10 @@
 //! Networks from the engines, end to end: a container whose spec names a network namespace
 //! (as podman's does, with the namespace CNI prepared) gets that namespace's interface in its
-//! microVM, same address and MAC, and is reached and reaches out through it; whatever husk
-//! wired in the namespace goes with the container on every path (delete, a failed create,
-//! `kill -9` of the VMM), leaving the namespace exactly as the engine made it; and podman's
-//! own bridge network with `-p` publishes a port of a husk container, and so does docker's
-//! (whose network a prestart hook configures).
+//! microVM, same addresses (IPv4 and IPv6) and MAC, and is reached and reaches out through it;
+//! whatever husk wired in the namespace goes with the container on every path (delete, a
+//! failed create, `kill -9` of the VMM), leaving the namespace exactly as the engine made it;
+//! and podman's own bridge network with `-p` publishes a port of a husk container, and so does
+//! docker's (whose network a prestart hook configures).
 
 use husk_tests::oci::{
     client_available, husk_state_dirs, logs_under, vmms_mentioning, Dockerd, OciEnv,
@@ -43,6 +43,8 @@ struct TestNetns {
     host_if: String,
     host_ip: String,
     guest_ip: String,
+    host_ip6: String,
+    guest_ip6: String,
 }
 
 impl TestNetns {
@@ -52,6 +54,8 @@ impl TestNetns {
             host_if: format!("hv-{name}"),
             host_ip: format!("10.201.{subnet}.1"),
             guest_ip: format!("10.201.{subnet}.2"),
+            host_ip6: format!("fd00:201:{subnet}::1"),
+            guest_ip6: format!("fd00:201:{subnet}::2"),
         };
         ns.remove();
         sh("ip", &["netns", "add", &ns.name]);
@@ -80,6 +84,16 @@ impl TestNetns {
                 &ns.host_if,
             ],
         );
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/64", ns.host_ip6),
+                "dev",
+                &ns.host_if,
+            ],
+        );
         sh("ip", &["link", "set", &ns.host_if, "up"]);
         let inside = |args: &[&str]| {
             let mut all = vec!["-n", ns.name.as_str()];
@@ -90,6 +104,14 @@ impl TestNetns {
         inside(&["link", "set", "eth0", "up"]);
         inside(&["link", "set", "lo", "up"]);
         inside(&["route", "add", "default", "via", &ns.host_ip]);
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/64", ns.guest_ip6),
+            "dev",
+            "eth0",
+        ]);
+        inside(&["-6", "route", "add", "default", "via", &ns.host_ip6]);
         // Settled: carrier up, the IPv6 link-local address through duplicate detection.
         let settled = wait_until(Duration::from_secs(30), || {
             let addr = sh("ip", &["-n", &ns.name, "addr", "show", "eth0"]);
@@ -248,12 +270,31 @@ fn a_container_gets_the_network_namespace_it_is_given() {
         ns.guest_ip,
         diagnose()
     );
-    // Inside: the namespace's address and MAC on eth0, and the host answers a ping.
+    // IPv6 too: the namespace's global address, configured by the agent.
+    let body = fetch(&ns.guest_ip6, 80, Duration::from_secs(60));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "httpd in the microVM at {}: {}",
+        ns.guest_ip6,
+        diagnose()
+    );
+    // Inside: the namespace's addresses and MAC on eth0, and the host answers a ping.
     let out = env.run(&["exec", "web", "ip", "addr", "show", "eth0"]);
     let addr = text(&out.stdout);
     assert!(out.status.success(), "exec ip: {}", text(&out.stderr));
     assert!(addr.contains(&format!("inet {}/24", ns.guest_ip)), "{addr}");
     assert!(addr.contains(&mac), "the card has eth0's MAC {mac}: {addr}");
+    assert!(
+        addr.contains(&format!("inet6 {}/64", ns.guest_ip6)),
+        "{addr}"
+    );
+    let out = env.run(&["exec", "web", "ip", "-6", "route"]);
+    assert!(
+        text(&out.stdout).contains(&format!("default via {}", ns.host_ip6)),
+        "{}",
+        text(&out.stdout)
+    );
     let out = env.run(&["exec", "web", "ping", "-c", "1", "-W", "10", &ns.host_ip]);
     assert!(
         out.status.success(),

@@ -215,7 +215,10 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         let tap = unsafe { Tap::from_raw_fd(net_cfg.tap_fd) }?;
         let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac)?));
         mmio.attach_virtio_device("net", net, &mut event_manager, &mut cmdline)?;
-        if let Some(param) = net_cfg.kernel_ip_param() {
+        for param in [net_cfg.kernel_ip_param(), net_cfg.kernel_ip6_param()]
+            .into_iter()
+            .flatten()
+        {
             cmdline.insert_str(&param).map_err(BuildError::Cmdline)?;
         }
     }

@@ -120,6 +120,11 @@ pub struct NetConfig {
     pub ipv4: Option<(std::net::Ipv4Addr, u8)>,
     /// The default gateway.
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// The guest's IPv6 address and prefix length (the agent configures it: the kernel's `ip=`
+    /// is IPv4 only).
+    pub ipv6: Option<(std::net::Ipv6Addr, u8)>,
+    /// The IPv6 default gateway.
+    pub gateway6: Option<std::net::Ipv6Addr>,
 }
 
 impl NetConfig {
@@ -132,6 +137,32 @@ impl NetConfig {
         let gateway = self.gateway.map(|g| g.to_string()).unwrap_or_default();
         Some(format!("ip={addr}::{gateway}:{mask}::eth0:off"))
     }
+}
+
+/// The kernel command-line parameter the guest agent reads its IPv6 configuration from.
+pub const IP6_PARAM: &str = "husk.ip6";
+
+impl NetConfig {
+    /// The agent's IPv6 parameter for this card, if it has an IPv6 address:
+    /// `husk.ip6=<address>/<prefix>[,<gateway>]`.
+    pub fn kernel_ip6_param(&self) -> Option<String> {
+        let (addr, prefix) = self.ipv6?;
+        let gateway = self.gateway6.map(|g| format!(",{g}")).unwrap_or_default();
+        Some(format!("{IP6_PARAM}={addr}/{prefix}{gateway}"))
+    }
+}
+
+/// Parses an IPv6 address with a prefix length, `fd00::2/64`.
+pub fn parse_ipv6_cidr(text: &str) -> Result<(std::net::Ipv6Addr, u8), String> {
+    let bad = || format!("{text:?} is not an IPv6 address with a prefix length (fd00::2/64)");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::Ipv6Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=128).contains(p))
+        .ok_or_else(bad)?;
+    Ok((addr, prefix))
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
@@ -345,6 +376,8 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 1],
             ipv4: Some((addr, prefix)),
             gateway: Some("10.88.0.1".parse().expect("ip")),
+            ipv6: None,
+            gateway6: None,
         };
         assert_eq!(
             net.kernel_ip_param().as_deref(),
@@ -358,6 +391,20 @@ mod tests {
         );
         net.ipv4 = None;
         assert_eq!(net.kernel_ip_param(), None);
+        assert_eq!(net.kernel_ip6_param(), None);
+        net.ipv6 = Some(parse_ipv6_cidr("fd00:88::5/64").expect("cidr"));
+        assert_eq!(
+            net.kernel_ip6_param().as_deref(),
+            Some("husk.ip6=fd00:88::5/64")
+        );
+        net.gateway6 = Some("fd00:88::1".parse().expect("ip"));
+        assert_eq!(
+            net.kernel_ip6_param().as_deref(),
+            Some("husk.ip6=fd00:88::5/64,fd00:88::1")
+        );
+        for bad in ["fd00::5", "fd00::5/129", "fd00::5/0", "10.0.0.1/24"] {
+            assert!(parse_ipv6_cidr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -74,6 +74,13 @@ struct Args {
     /// The guest's default gateway on the card.
     #[arg(long, requires = "net_ip")]
     net_gateway: Option<std::net::Ipv4Addr>,
+    /// The guest's IPv6 address on the card, with its prefix length (fd00::2/64): the guest
+    /// agent configures eth0 with it at boot.
+    #[arg(long, value_parser = husk_vmm::config::parse_ipv6_cidr, requires = "net_tap_fd")]
+    net_ip6: Option<(std::net::Ipv6Addr, u8)>,
+    /// The guest's IPv6 default gateway on the card.
+    #[arg(long, requires = "net_ip6")]
+    net_gateway6: Option<std::net::Ipv6Addr>,
     /// Before building the microVM, wait (up to the agent timeout) for the network card on
     /// this inherited Unix socket: the runtime sends it once the engine's hooks have configured
     /// this process's network namespace (see `husk_vmm::net_handoff`).
@@ -116,6 +123,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 mac,
                 ipv4: args.net_ip,
                 gateway: args.net_gateway,
+                ipv6: args.net_ip6,
+                gateway6: args.net_gateway6,
             }),
             _ => None,
         },

@@ -7,12 +7,12 @@
 //! whatever interface they made into a TAP, and only then tells the waiting VMM its card: one
 //! message on an inherited Unix socket, text plus the TAP as an `SCM_RIGHTS` descriptor.
 //!
-//! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `ip=<a.b.c.d/n>`
-//! and `gateway=<a.b.c.d>`, separated by spaces. The VMM waits a bounded time, reads at most
+//! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `ip=<a.b.c.d/n>`,
+//! `gateway=<a.b.c.d>`, `ip6=<addr/n>` and `gateway6=<addr>`, separated by spaces. The VMM waits a bounded time, reads at most
 //! [`MAX_MESSAGE`] bytes, takes exactly one descriptor with `mac=` and none with `none`, and
 //! refuses anything else by name.
 
-use crate::config::{parse_ipv4_cidr, parse_mac, NetConfig};
+use crate::config::{parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, NetConfig};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -34,13 +34,20 @@ pub enum HandoffError {
     Bad { message: String, problem: String },
 }
 
-/// The text of the message for a card with `mac`, `ip` (`10.0.0.2/24`) and `gateway`.
-pub fn message(mac: &str, ip: Option<&str>, gateway: Option<&str>) -> String {
+/// The text of the message for a card with `mac`, and an address with its prefix length and
+/// a default gateway of each family (`10.0.0.2/24`, `fd00::2/64`) where there are some.
+pub fn message(
+    mac: &str,
+    ipv4: Option<(&str, Option<&str>)>,
+    ipv6: Option<(&str, Option<&str>)>,
+) -> String {
     let mut text = format!("mac={mac}");
-    if let Some(ip) = ip {
-        text.push_str(&format!(" ip={ip}"));
-        if let Some(gw) = gateway {
-            text.push_str(&format!(" gateway={gw}"));
+    for (addr, suffix) in [(ipv4, ""), (ipv6, "6")] {
+        if let Some((ip, gateway)) = addr {
+            text.push_str(&format!(" ip{suffix}={ip}"));
+            if let Some(gw) = gateway {
+                text.push_str(&format!(" gateway{suffix}={gw}"));
+            }
         }
     }
     text
@@ -69,6 +76,7 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
         };
     }
     let (mut mac, mut ipv4, mut gateway) = (None, None, None);
+    let (mut ipv6, mut gateway6) = (None, None);
     for field in text.split(' ').filter(|f| !f.is_empty()) {
         match field.split_once('=') {
             Some(("mac", v)) if mac.is_none() => mac = Some(parse_mac(v)?),
@@ -79,12 +87,22 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
                         .map_err(|_| format!("{v:?} is not an IPv4 address"))?,
                 )
             }
+            Some(("ip6", v)) if ipv6.is_none() => ipv6 = Some(parse_ipv6_cidr(v)?),
+            Some(("gateway6", v)) if gateway6.is_none() => {
+                gateway6 = Some(
+                    v.parse::<std::net::Ipv6Addr>()
+                        .map_err(|_| format!("{v:?} is not an IPv6 address"))?,
+                )
+            }
             _ => return Err(format!("unexpected field {field:?}")),
         }
     }
     let mac = mac.ok_or("no mac=")?;
     if gateway.is_some() && ipv4.is_none() {
         return Err("gateway= without ip=".into());
+    }
+    if gateway6.is_some() && ipv6.is_none() {
+        return Err("gateway6= without ip6=".into());
     }
     if fds.len() != 1 {
         return Err(format!("{} descriptors, not the TAP alone", fds.len()));
@@ -96,6 +114,8 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
             mac,
             ipv4,
             gateway,
+            ipv6,
+            gateway6,
         },
         tap,
     )))
@@ -184,17 +204,20 @@ mod tests {
     fn messages_parse_into_the_card() {
         let text = message(
             "6e:f8:3a:b4:8c:90",
-            Some("172.17.0.2/16"),
-            Some("172.17.0.1"),
+            Some(("172.17.0.2/16", Some("172.17.0.1"))),
+            Some(("fd00::2/64", Some("fd00::1"))),
         );
         assert_eq!(
             text,
-            "mac=6e:f8:3a:b4:8c:90 ip=172.17.0.2/16 gateway=172.17.0.1"
+            "mac=6e:f8:3a:b4:8c:90 ip=172.17.0.2/16 gateway=172.17.0.1 ip6=fd00::2/64 \
+             gateway6=fd00::1"
         );
         let (cfg, _tap) = parse(&text, vec![file_fd()]).unwrap().unwrap();
         assert_eq!(cfg.mac, [0x6e, 0xf8, 0x3a, 0xb4, 0x8c, 0x90]);
         assert_eq!(cfg.ipv4, Some(("172.17.0.2".parse().unwrap(), 16)));
         assert_eq!(cfg.gateway, Some("172.17.0.1".parse().unwrap()));
+        assert_eq!(cfg.ipv6, Some(("fd00::2".parse().unwrap(), 64)));
+        assert_eq!(cfg.gateway6, Some("fd00::1".parse().unwrap()));
         assert!(parse("none", vec![]).unwrap().is_none());
     }
 
@@ -218,6 +241,12 @@ mod tests {
             ),
             ("mac=6e:f8:3a:b4:8c:90 dns=1.1.1.1", 1, "unexpected field"),
             ("mac=6e:f8:3a:b4:8c:90 ip=10.0.0.2/40", 1, "prefix length"),
+            (
+                "mac=6e:f8:3a:b4:8c:90 gateway6=fd00::1",
+                1,
+                "gateway6= without ip6=",
+            ),
+            ("mac=6e:f8:3a:b4:8c:90 ip6=fd00::1/200", 1, "prefix length"),
         ] {
             let fds = (0..fds).map(|_| file_fd()).collect();
             let err = parse(text, fds).unwrap_err();
@@ -229,7 +258,7 @@ mod tests {
     fn a_card_crosses_a_socket_with_its_descriptor() {
         let (a, b) = UnixStream::pair().unwrap();
         let tap = file_fd();
-        let text = message("6e:f8:3a:b4:8c:90", Some("10.0.0.2/24"), None);
+        let text = message("6e:f8:3a:b4:8c:90", Some(("10.0.0.2/24", None)), None);
         send(a.as_fd(), &text, Some(tap.as_fd())).unwrap();
         let cfg = receive(b.as_raw_fd(), Duration::from_secs(5))
             .unwrap()

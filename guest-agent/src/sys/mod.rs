@@ -62,16 +62,29 @@ impl Syscall for LinuxSyscall {
 
 /// Brings the loopback interface `lo` up (`SIOCSIFFLAGS` with `IFF_UP`).
 pub fn bring_up_loopback() -> Result<(), Errno> {
-    use std::os::fd::AsRawFd;
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
+    bring_up("lo")
+}
+
+/// A datagram socket of `family`, for interface ioctls.
+fn ioctl_socket(family: nix::sys::socket::AddressFamily) -> Result<std::os::fd::OwnedFd, Errno> {
+    nix::sys::socket::socket(
+        family,
         nix::sys::socket::SockType::Datagram,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )
+}
+
+/// Brings interface `name` up (`SIOCSIFFLAGS` with `IFF_UP`).
+pub fn bring_up(name: &str) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(Errno::EINVAL);
+    }
+    let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = *src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS fills the flags of `req`, a valid ifreq that outlives the call.
@@ -84,6 +97,79 @@ pub fn bring_up_loopback() -> Result<(), Errno> {
     // SAFETY: SIOCSIFFLAGS reads `req`, a valid ifreq that outlives the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
         return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// `struct in6_ifreq` (linux/ipv6.h).
+#[repr(C)]
+struct In6Ifreq {
+    addr: [u8; 16],
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+/// `struct in6_rtmsg` (linux/ipv6_route.h).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: [u8; 16],
+    src: [u8; 16],
+    gateway: [u8; 16],
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// Adds IPv6 address `addr/prefix` to interface `name` (`SIOCSIFADDR` on an IPv6 socket), and
+/// a default route through `gateway` when there is one (`SIOCADDRT`).
+pub fn add_ipv6(
+    name: &str,
+    addr: std::net::Ipv6Addr,
+    prefix: u8,
+    gateway: Option<std::net::Ipv6Addr>,
+) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let name_c = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: if_nametoindex reads the NUL-terminated name, valid for the call.
+    let index = unsafe { libc::if_nametoindex(name_c.as_ptr()) };
+    if index == 0 {
+        return Err(Errno::last());
+    }
+    let ifindex = libc::c_int::try_from(index).map_err(|_| Errno::EINVAL)?;
+    let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet6)?;
+    let req = In6Ifreq {
+        addr: addr.octets(),
+        prefixlen: u32::from(prefix),
+        ifindex,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads a `struct in6_ifreq`, which `req` is
+    // (repr(C), the kernel's layout), valid for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) } != 0 {
+        return Err(Errno::last());
+    }
+    if let Some(gateway) = gateway {
+        let route = In6Rtmsg {
+            dst: [0; 16],
+            src: [0; 16],
+            gateway: gateway.octets(),
+            kind: 0,
+            dst_len: 0,
+            src_len: 0,
+            // IP6_RT_PRIO_USER, what `ip -6 route add` uses.
+            metric: 1024,
+            info: 0,
+            flags: (libc::RTF_UP | libc::RTF_GATEWAY) as u32,
+            ifindex,
+        };
+        // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`, which `route` is
+        // (repr(C), the kernel's layout), valid for the call.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) } != 0 {
+            return Err(Errno::last());
+        }
     }
     Ok(())
 }

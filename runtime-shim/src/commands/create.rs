@@ -367,12 +367,11 @@ fn hand_over_network(
                 net.mac,
                 net.ipv4.as_deref().unwrap_or("no IPv4 address")
             ));
-            let text = husk_vmm::net_handoff::message(
-                &net.mac,
-                net.ipv4.as_deref(),
-                net.gateway.as_deref(),
-            );
-            husk_vmm::net_handoff::send(socket.as_fd(), &text, Some(net.tap.as_fd()))
+            husk_vmm::net_handoff::send(
+                socket.as_fd(),
+                &net.handoff_message(),
+                Some(net.tap.as_fd()),
+            )
         }
         None => husk_vmm::net_handoff::send(socket.as_fd(), "none", None),
     };
