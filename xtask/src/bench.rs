@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The suites `husk-bench` knows.
-const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri", "fs"];
+const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri", "fs", "net"];
 
 /// Runs one benchmark suite (`quick`: at small sizes, where the suite has them).
 pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
@@ -70,8 +70,8 @@ pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
         .map(String::from)
         .collect();
     if quick {
-        if what != "fs" {
-            bail!("--quick is for the fs suite only");
+        if what != "fs" && what != "net" {
+            bail!("--quick is for the fs and net suites only");
         }
         extra_args.push("--quick".into());
     }

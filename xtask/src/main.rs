@@ -62,14 +62,15 @@ enum Cmd {
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
-    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`, `fs`).
+    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`, `fs`,
+    /// `net`).
     Bench {
         /// Which suite.
         what: String,
-        /// Runs per runtime (default: 20; `fs`: 3).
+        /// Runs per runtime (default: 20; `fs`, `net`: 3).
         #[arg(long)]
         runs: Option<usize>,
-        /// Small sizes, to check that every figure is produced (`fs`).
+        /// Small sizes, to check that every figure is produced (`fs`, `net`).
         #[arg(long)]
         quick: bool,
     },
@@ -139,8 +140,8 @@ fn main() -> Result<()> {
         Cmd::Install { prefix } => install::install(&prefix)?,
         Cmd::Bench { what, runs, quick } => {
             let runs = runs.unwrap_or(match (what.as_str(), quick) {
-                ("fs", true) => 1,
-                ("fs", false) => 3,
+                ("fs" | "net", true) => 1,
+                ("fs" | "net", false) => 3,
                 _ => 20,
             });
             bench::bench(&what, runs, quick)?

@@ -23,6 +23,7 @@
 
 mod cri;
 mod fs;
+mod net;
 mod oci;
 mod soak;
 
@@ -58,8 +59,8 @@ struct VsockRun {
     first_vcpu_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
-     [fs: --quick] [--big-mib M] [--churn N] [--dir DIR] \
+const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|net|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
+     [fs: --quick] [--big-mib M] [--churn N] [--dir DIR] [net: --quick] [--dir DIR] \
      [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--idle-many N] [--dir DIR] [--timeout-s S]";
@@ -124,6 +125,7 @@ fn main() -> Result<()> {
             "oci" => what = Some("oci"),
             "cri" => what = Some("cri"),
             "fs" => what = Some("fs"),
+            "net" => what = Some("net"),
             "boot-trace" => what = Some("boot-trace"),
             "soak" => what = Some("soak"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
@@ -149,6 +151,13 @@ fn main() -> Result<()> {
             big_mib,
             churn,
             dir: dir.unwrap_or_else(|| PathBuf::from("/var/tmp/husk-bench-fs")),
+            out,
+            timeout: oci_opts.timeout,
+        }),
+        Some("net") => net::bench_net(&net::NetOptions {
+            runs,
+            quick,
+            dir: dir.unwrap_or_else(|| PathBuf::from("/var/tmp/husk-bench-net")),
             out,
             timeout: oci_opts.timeout,
         }),

@@ -1,0 +1,446 @@
+//! `husk-bench net`: the container's network, husk against runc and crun on the same kind of
+//! network in the same run. Driven by `cargo xtask bench net`; writes `net.md` and `net.json`
+//! to `--out`.
+//!
+//! A network namespace as an engine leaves it (a veth end `eth0` with an address, its peer on
+//! the host) is named in every container's spec: runc and crun put the container in it, husk
+//! carries its interface into the microVM (TAP, `tc` redirects, virtio-net). The container
+//! runs busybox `nc` servers one after another while this process drives them from the host:
+//!
+//! 1. `to_container`: TCP throughput, host to container (the container's `nc -l` reads into
+//!    `/dev/null`), MiB/s from the first byte sent to the container closing;
+//! 2. `echo`: request/response latency, 64-byte messages echoed by `nc -l -e cat`, the median
+//!    round trip in microseconds;
+//! 3. `from_container`: TCP throughput, container to host (`dd` of zeros into `nc`), MiB/s
+//!    from the connection accepted to its end.
+//!
+//! Targets (issue "networks from the engines"): throughput at least 0.5x runc's, latency at
+//! most 3x runc's.
+
+use crate::oci::{
+    candidate_runtimes, loud, path_str, probe, run_cmd, tail, versions, Bench, Containers, Figure,
+};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// What `husk-bench net` was asked for.
+pub struct NetOptions {
+    /// Runs per runtime.
+    pub runs: usize,
+    /// Small sizes (a check that every figure is produced), not the report's.
+    pub quick: bool,
+    /// Where the bundles are built.
+    pub dir: PathBuf,
+    /// Where the results go.
+    pub out: PathBuf,
+    /// The longest any one runtime command may take.
+    pub timeout: Duration,
+}
+
+/// The namespace, its host-side link and the addresses.
+const NETNS: &str = "husk-bench-net";
+const HOST_IF: &str = "hb-net0";
+const HOST_IP: &str = "10.202.1.1";
+const GUEST_IP: &str = "10.202.1.2";
+const PORT_IN: u16 = 5001;
+const PORT_ECHO: u16 = 5007;
+const PORT_OUT: u16 = 5002;
+/// Bytes of each echoed message.
+const ECHO_BYTES: usize = 64;
+
+/// The figures: key, title, unit, whether more is better.
+const FIGURES: [(&str, &str, &str, bool); 3] = [
+    (
+        "to_container",
+        "TCP throughput, host to container",
+        "MiB/s",
+        true,
+    ),
+    ("echo", "request/response round trip, 64 bytes", "µs", false),
+    (
+        "from_container",
+        "TCP throughput, container to host",
+        "MiB/s",
+        true,
+    ),
+];
+
+/// The targets: figure, the husk / runc ratio's bound (throughput: at least; latency: at most).
+const TARGETS: [(&str, f64); 3] = [
+    ("to_container", 0.5),
+    ("echo", 3.0),
+    ("from_container", 0.5),
+];
+
+/// Makes the namespace (removing one a killed run left).
+fn make_netns() -> Result<()> {
+    remove_netns();
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("running ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    ip(&["netns", "add", NETNS])?;
+    ip(&[
+        "link", "add", HOST_IF, "type", "veth", "peer", "name", "eth0", "netns", NETNS,
+    ])?;
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", HOST_IF])?;
+    ip(&["link", "set", HOST_IF, "up"])?;
+    ip(&[
+        "-n",
+        NETNS,
+        "addr",
+        "add",
+        &format!("{GUEST_IP}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", NETNS, "link", "set", "eth0", "up"])?;
+    ip(&["-n", NETNS, "link", "set", "lo", "up"])?;
+    ip(&["-n", NETNS, "route", "add", "default", "via", HOST_IP])?;
+    Ok(())
+}
+
+fn remove_netns() {
+    let _ = Command::new("ip").args(["netns", "del", NETNS]).output();
+    let _ = Command::new("ip").args(["link", "del", HOST_IF]).output();
+}
+
+/// Connects to the container's `port`, retrying while it is not listening yet.
+fn connect(port: u16, deadline: Instant) -> Result<TcpStream> {
+    let addr: SocketAddr = format!("{GUEST_IP}:{port}").parse()?;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).with_context(|| format!("connecting to {addr}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Sends `bytes` to the container and returns MiB/s, timed until the container closed.
+fn to_container(bytes: usize, deadline: Instant) -> Result<f64> {
+    let mut s = connect(PORT_IN, deadline)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let chunk = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut sink = [0u8; 16];
+    while s.read(&mut sink)? > 0 {}
+    Ok(bytes as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64())
+}
+
+/// `rounds` round trips with the container's echo server; the median in microseconds.
+fn echo(rounds: usize, deadline: Instant) -> Result<f64> {
+    let mut s = connect(PORT_ECHO, deadline)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let msg = [b'x'; ECHO_BYTES];
+    let mut back = [0u8; ECHO_BYTES];
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Accepts the container's connection and returns MiB/s of what it sent, and the bytes.
+fn from_container(listener: &TcpListener, deadline: Instant) -> Result<(f64, usize)> {
+    listener.set_nonblocking(true)?;
+    let mut s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("the container never connected to {HOST_IP}:{PORT_OUT}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e).context("accepting the container's connection"),
+        }
+    };
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    Ok((
+        total as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64(),
+        total,
+    ))
+}
+
+pub fn bench_net(opts: &NetOptions) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the network benchmark needs root (network namespaces, runc and crun)");
+    }
+    let (mib, rounds) = if opts.quick { (8, 200) } else { (64, 1000) };
+    let bytes = mib * 1024 * 1024;
+    let artifacts = husk_tests::vm_artifacts("husk-bench net").context(
+        "husk cannot run microVMs here (no usable KVM, or HUSK_KERNEL/HUSK_INITRAMFS unset)",
+    )?;
+    husk_tests::load_tun()?;
+    let husk = husk_tests::oci::husk_binary();
+    std::fs::create_dir_all(&opts.out)?;
+    let bench = Bench::build_with(&husk, &opts.dir, |_| Ok(()))?;
+    let scratch = opts.dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let mut notes = Vec::new();
+    let mut candidates = candidate_runtimes(
+        &husk,
+        &artifacts,
+        &opts.dir,
+        Path::new("/run/husk-bench-net"),
+        false,
+        "none (runsc is not compared on this network)",
+        &mut notes,
+    )?;
+    candidates.retain(|rt| rt.name != "runsc");
+    notes.retain(|n| !n.contains("runsc"));
+    let versions = versions(&candidates);
+    let mut containers = Containers {
+        live: Vec::new(),
+        scratch: scratch.clone(),
+        timeout: opts.timeout,
+    };
+    make_netns()?;
+    let netns = format!("/run/netns/{NETNS}");
+    let result = (|| -> Result<BTreeMap<String, Figure>> {
+        let in_netns = |spec: &mut Value| {
+            if let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() {
+                namespaces.retain(|ns| ns["type"] != "network");
+                namespaces.push(json!({"type": "network", "path": netns}));
+            }
+        };
+        let true_bundle = bench.bundle_with("true", &["/bin/true"], &[], in_netns)?;
+        let script = format!(
+            "nc -l -p {PORT_IN} > /dev/null; nc -l -p {PORT_ECHO} -e cat; \
+             dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {HOST_IP} {PORT_OUT}",
+            bytes / 65536
+        );
+        let net_bundle = bench.bundle_with("net", &["sh", "-c", &script], &[], in_netns)?;
+        let runtimes = probe(
+            candidates,
+            &true_bundle,
+            &versions,
+            &mut containers,
+            "none",
+            &mut notes,
+        )?;
+        let mut figs: BTreeMap<String, Figure> = BTreeMap::new();
+        for i in 0..opts.runs {
+            for k in 0..runtimes.len() {
+                let rt = runtimes[(i + k) % runtimes.len()].clone();
+                let id = format!("net-{i}-{}", rt.name);
+                let listener = TcpListener::bind((HOST_IP, PORT_OUT))
+                    .with_context(|| format!("listening on {HOST_IP}:{PORT_OUT}"))?;
+                containers.started(&rt, &id);
+                let cmd = rt.command(&["run", "--bundle", path_str(&net_bundle)?, &id]);
+                let (scratch, timeout) = (scratch.clone(), opts.timeout);
+                let container = std::thread::spawn(move || run_cmd(cmd, &scratch, timeout));
+                let deadline = Instant::now() + opts.timeout;
+                let measured = (|| -> Result<[f64; 3]> {
+                    let tput_in = to_container(bytes, deadline)?;
+                    let rtt = echo(rounds, deadline)?;
+                    let (tput_out, got) = from_container(&listener, deadline)?;
+                    if got != bytes {
+                        bail!("received {got} of {bytes} bytes from the container");
+                    }
+                    Ok([tput_in, rtt, tput_out])
+                })();
+                let outcome = container
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the container thread panicked"))?;
+                containers.remove(&rt, &id)?;
+                let values = match (measured, outcome) {
+                    (Ok(values), Ok(o)) if o.status.success() => values,
+                    (measured, outcome) => bail!(
+                        "{} network run failed: {}; the container: {}",
+                        rt.name,
+                        measured.err().map_or("-".into(), |e| format!("{e:#}")),
+                        match outcome {
+                            Ok(o) => format!("{}: {}", o.status, tail(&o.stderr)),
+                            Err(e) => format!("{e:#}"),
+                        }
+                    ),
+                };
+                let mut line = format!("net bench: run {i}: {}", rt.name);
+                for ((key, _, unit, _), value) in FIGURES.iter().zip(values) {
+                    line.push_str(&format!(" {key} {value:.1} {unit}"));
+                    figs.entry(key.to_string())
+                        .or_default()
+                        .push(rt.name, value);
+                }
+                eprintln!("{line}");
+            }
+        }
+        Ok(figs)
+    })();
+    drop(containers);
+    remove_netns();
+    let figs = result?;
+    let names: Vec<&'static str> = ["husk", "runc", "crun"]
+        .into_iter()
+        .filter(|n| versions.contains_key(n))
+        .collect();
+    report(opts, mib, rounds, &names, &versions, &figs, &notes)
+}
+
+/// Writes `net.md` (the figures, ratios to runc, the targets) and `net.json`. Fails when a
+/// figure is missing for husk or runc.
+fn report(
+    opts: &NetOptions,
+    mib: usize,
+    rounds: usize,
+    runtimes: &[&'static str],
+    versions: &BTreeMap<&'static str, String>,
+    figs: &BTreeMap<String, Figure>,
+    notes: &[String],
+) -> Result<()> {
+    let mut md = format!(
+        "## The container's network (`cargo xtask bench net{}`)\n\n\
+         Median of {} run(s) per runtime. Each container is in a network namespace with a veth \
+         (runc, crun) or gets its interface carried into its microVM (husk); {mib} MiB each way, \
+         {rounds} round trips of {ECHO_BYTES} bytes, driven from the host.\n\n",
+        if opts.quick { " --quick" } else { "" },
+        opts.runs
+    );
+    for rt in runtimes {
+        md.push_str(&format!(
+            "- {rt}: {}\n",
+            versions.get(rt).map_or("", String::as_str)
+        ));
+    }
+    md.push_str("\n| figure |");
+    for rt in runtimes {
+        md.push_str(&format!(" {rt} |"));
+    }
+    md.push_str(" husk / runc |\n|---|");
+    for _ in runtimes {
+        md.push_str("---|");
+    }
+    md.push_str("---|\n");
+    let mut missing = Vec::new();
+    let mut targets = Vec::new();
+    let mut json_figs = serde_json::Map::new();
+    for (key, title, unit, more_is_better) in FIGURES {
+        let fig = figs.get(key);
+        let median = |rt: &str| fig.and_then(|f| f.median(rt));
+        md.push_str(&format!("| {title} ({unit}) |"));
+        for rt in runtimes {
+            match median(rt) {
+                Some(v) => md.push_str(&format!(" {v:.1} |")),
+                None => md.push_str(" - |"),
+            }
+        }
+        for rt in ["husk", "runc"] {
+            if median(rt).is_none() {
+                missing.push(format!("{key} for {rt}"));
+            }
+        }
+        let ratio = (|| Some(median("husk")? / median("runc")?))();
+        md.push_str(&format!(
+            " {} |\n",
+            ratio.map_or("-".to_string(), |r| format!("{r:.2}x"))
+        ));
+        if let Some((_, bound)) = TARGETS.iter().find(|(k, _)| *k == key) {
+            let met = ratio.map(|r| {
+                if more_is_better {
+                    r >= *bound
+                } else {
+                    r <= *bound
+                }
+            });
+            targets.push(format!(
+                "- {key}: husk / runc {} (target {} {bound:.1}x): {}",
+                ratio.map_or("-".to_string(), |r| format!("{r:.2}x")),
+                if more_is_better {
+                    "at least"
+                } else {
+                    "at most"
+                },
+                match met {
+                    Some(true) => "met",
+                    Some(false) => "NOT MET",
+                    None => "not measured",
+                }
+            ));
+        }
+        let mut per_rt = serde_json::Map::new();
+        if let Some(fig) = fig {
+            for (rt, values) in &fig.values {
+                per_rt.insert(rt.to_string(), json!(values));
+            }
+        }
+        json_figs.insert(key.to_string(), Value::Object(per_rt));
+    }
+    md.push_str("\n### Targets\n\n");
+    for line in &targets {
+        md.push_str(line);
+        md.push('\n');
+    }
+    if !notes.is_empty() {
+        md.push_str("\n### Notes\n\n");
+        for note in notes {
+            md.push_str(&format!("- {note}\n"));
+        }
+    }
+    std::fs::write(opts.out.join("net.md"), &md)?;
+    std::fs::write(
+        opts.out.join("net.json"),
+        serde_json::to_string_pretty(&json!({
+            "quick": opts.quick,
+            "runs": opts.runs,
+            "mib": mib,
+            "rounds": rounds,
+            "runtimes": runtimes,
+            "figures": json_figs,
+        }))?,
+    )?;
+    eprintln!("{md}");
+    if !missing.is_empty() {
+        for m in &missing {
+            loud(&format!("no figure: {m}"));
+        }
+        bail!(
+            "the network benchmark left {} figure(s) unmeasured",
+            missing.len()
+        );
+    }
+    Ok(())
+}
