@@ -214,7 +214,21 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
             drop(vmm_end);
             state.pid = pid;
             state.pid_start_time = process_start_time(pid).unwrap_or(0);
-            if let Err(e) = hand_over_network(&state, &bundle.dir, &socket) {
+            let handed = hand_over_network(&state, &bundle.dir, &socket).map_err(|e| {
+                // A VMM that died meanwhile is the cause to report, not its missing namespace.
+                match rollback
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    Some(status) => anyhow::anyhow!(
+                        "husk-vmm exited ({status}) while the network hooks ran{}",
+                        log_tail(&dir.log_file())
+                    ),
+                    None => e,
+                }
+            });
+            if let Err(e) = handed {
                 // The lifecycle: stop and remove the container, then the poststop hooks.
                 drop(rollback);
                 run_poststop(&state);
