@@ -7,6 +7,8 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod kvm_check;
 pub mod net_handoff;
 pub mod snapshot;

@@ -5,6 +5,7 @@ mod bench_oci;
 mod bundle;
 mod cpio;
 mod debian;
+mod fuzz;
 mod initramfs;
 mod install;
 mod kernel;
@@ -51,6 +52,15 @@ enum Cmd {
         /// Passed to each test binary (a name filter, `--exact`, ...). Implies --vm-only.
         #[arg(last = true)]
         test_args: Vec<String>,
+    },
+    /// Fuzz everything the guest hands the VMM and the agent's replies to the host (the targets
+    /// in `fuzz/`, with cargo fuzz on the nightly toolchain), each for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u32,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
     /// Build and install husk-vmm, husk, containerd-shim-husk-v2 (PREFIX/bin) and the guest
     /// kernel and initramfs (PREFIX/share/husk).
@@ -126,6 +136,7 @@ fn main() -> Result<()> {
             regen_config: false,
         } => println!("{}", kernel::build()?.display()),
         Cmd::Initramfs => println!("{}", initramfs::build()?.display()),
+        Cmd::Fuzz { secs, targets } => fuzz::fuzz(&targets, secs)?,
         Cmd::Rig { cmd } => rig_command(cmd)?,
         Cmd::Test {
             vm_only,

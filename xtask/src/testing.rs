@@ -157,6 +157,9 @@ pub struct TestSelection {
     pub test_args: Vec<String>,
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECS_IN_TEST: u32 = 20;
+
 /// `cargo xtask test`.
 pub fn test(sel: &TestSelection) -> Result<()> {
     let (place, why) = decide_vm_place()?;
@@ -173,6 +176,8 @@ pub fn test(sel: &TestSelection) -> Result<()> {
             host.args(["--exclude", "husk-agent"]);
         }
         run(&mut host)?;
+        // Every fuzz target, briefly: a crash, hang or leak fails the suite.
+        crate::fuzz::fuzz(&[], FUZZ_SECS_IN_TEST)?;
         if place == VmPlace::Rig {
             run(Command::new(cargo()).current_dir(workspace_root()).args([
                 "test",
