@@ -21,8 +21,8 @@
 //! most 2x (at least half the throughput); and husk never slower than runsc.
 
 use crate::oci::{
-    candidate_runtimes, drop_caches, loud, path_str, probe, real_seconds, run_cmd, tail, versions,
-    write_read_data, Bench, Containers, Figure,
+    candidate_runtimes, drop_caches, path_str, probe, real_seconds, run_cmd, tail, versions,
+    write_read_data, Bench, Containers, Figure, Report,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -321,42 +321,20 @@ fn report(
         SMALL_FILE_BYTES,
         sizes.churn
     ));
-    for rt in runtimes {
-        md.push_str(&format!(
-            "- {rt}: {}\n",
-            versions.get(rt).map_or("", String::as_str)
-        ));
-    }
+    let mut report = Report::new(runtimes);
+    md.push_str(&report.versions(versions));
     md.push('\n');
-    let mut missing = Vec::new();
     let mut json_figs = serde_json::Map::new();
     let mut target_lines = Vec::new();
     for (place, dir) in PLACES {
-        md.push_str(&format!("### {place} (`{dir}`)\n\n| step |"));
-        for rt in runtimes {
-            md.push_str(&format!(" {rt} |"));
-        }
-        md.push_str(" husk / runc | husk / runsc |\n|---|");
-        for _ in runtimes {
-            md.push_str("---|");
-        }
-        md.push_str("---|---|\n");
+        md.push_str(&format!("### {place} (`{dir}`)\n\n"));
+        md.push_str(&report.header("step", &["husk / runc", "husk / runsc"]));
         for (step, title) in STEPS {
             let k = key(place, step);
             let fig = figs.get(&k);
             let median = |rt: &str| fig.and_then(|f| f.median(rt));
             md.push_str(&format!("| {title} |"));
-            for rt in runtimes {
-                match median(rt) {
-                    Some(v) => md.push_str(&format!(" {v:.2} |")),
-                    None => md.push_str(" - |"),
-                }
-            }
-            for rt in ["husk", "runc"] {
-                if median(rt).is_none() {
-                    missing.push(format!("{k} for {rt}"));
-                }
-            }
+            md.push_str(&report.cells(&k, fig, 2));
             let ratio = |peer: &str| Some(median("husk")? / median(peer)?);
             let fmt = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
             md.push_str(&format!(
@@ -383,13 +361,7 @@ fn report(
                     ));
                 }
             }
-            let mut per_rt = serde_json::Map::new();
-            if let Some(fig) = fig {
-                for (rt, values) in &fig.values {
-                    per_rt.insert(rt.to_string(), json!(values));
-                }
-            }
-            json_figs.insert(k, Value::Object(per_rt));
+            json_figs.insert(k, Figure::json(fig));
         }
         md.push('\n');
     }
@@ -398,12 +370,7 @@ fn report(
         md.push_str(line);
         md.push('\n');
     }
-    if !notes.is_empty() {
-        md.push_str("\n### Notes\n\n");
-        for note in notes {
-            md.push_str(&format!("- {note}\n"));
-        }
-    }
+    md.push_str(&Report::notes(notes));
     std::fs::write(opts.out.join("fs.md"), &md)?;
     std::fs::write(
         opts.out.join("fs.json"),
@@ -421,14 +388,5 @@ fn report(
         }))?,
     )?;
     eprintln!("{md}");
-    if !missing.is_empty() {
-        for m in &missing {
-            loud(&format!("no figure: {m}"));
-        }
-        bail!(
-            "the file benchmark left {} figure(s) unmeasured",
-            missing.len()
-        );
-    }
-    Ok(())
+    report.finish("file")
 }

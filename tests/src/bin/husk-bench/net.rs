@@ -18,7 +18,7 @@
 //! most 3x runc's.
 
 use crate::oci::{
-    candidate_runtimes, loud, path_str, probe, run_cmd, tail, versions, Bench, Containers, Figure,
+    candidate_runtimes, path_str, probe, run_cmd, tail, versions, Bench, Containers, Figure, Report,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -340,39 +340,17 @@ fn report(
         if opts.quick { " --quick" } else { "" },
         opts.runs
     );
-    for rt in runtimes {
-        md.push_str(&format!(
-            "- {rt}: {}\n",
-            versions.get(rt).map_or("", String::as_str)
-        ));
-    }
-    md.push_str("\n| figure |");
-    for rt in runtimes {
-        md.push_str(&format!(" {rt} |"));
-    }
-    md.push_str(" husk / runc |\n|---|");
-    for _ in runtimes {
-        md.push_str("---|");
-    }
-    md.push_str("---|\n");
-    let mut missing = Vec::new();
+    let mut report = Report::new(runtimes);
+    md.push_str(&report.versions(versions));
+    md.push('\n');
+    md.push_str(&report.header("figure", &["husk / runc"]));
     let mut targets = Vec::new();
     let mut json_figs = serde_json::Map::new();
     for (key, title, unit, more_is_better) in FIGURES {
         let fig = figs.get(key);
         let median = |rt: &str| fig.and_then(|f| f.median(rt));
         md.push_str(&format!("| {title} ({unit}) |"));
-        for rt in runtimes {
-            match median(rt) {
-                Some(v) => md.push_str(&format!(" {v:.1} |")),
-                None => md.push_str(" - |"),
-            }
-        }
-        for rt in ["husk", "runc"] {
-            if median(rt).is_none() {
-                missing.push(format!("{key} for {rt}"));
-            }
-        }
+        md.push_str(&report.cells(key, fig, 1));
         let ratio = (|| Some(median("husk")? / median("runc")?))();
         md.push_str(&format!(
             " {} |\n",
@@ -401,25 +379,14 @@ fn report(
                 }
             ));
         }
-        let mut per_rt = serde_json::Map::new();
-        if let Some(fig) = fig {
-            for (rt, values) in &fig.values {
-                per_rt.insert(rt.to_string(), json!(values));
-            }
-        }
-        json_figs.insert(key.to_string(), Value::Object(per_rt));
+        json_figs.insert(key.to_string(), Figure::json(fig));
     }
     md.push_str("\n### Targets\n\n");
     for line in &targets {
         md.push_str(line);
         md.push('\n');
     }
-    if !notes.is_empty() {
-        md.push_str("\n### Notes\n\n");
-        for note in notes {
-            md.push_str(&format!("- {note}\n"));
-        }
-    }
+    md.push_str(&Report::notes(notes));
     std::fs::write(opts.out.join("net.md"), &md)?;
     std::fs::write(
         opts.out.join("net.json"),
@@ -433,14 +400,5 @@ fn report(
         }))?,
     )?;
     eprintln!("{md}");
-    if !missing.is_empty() {
-        for m in &missing {
-            loud(&format!("no figure: {m}"));
-        }
-        bail!(
-            "the network benchmark left {} figure(s) unmeasured",
-            missing.len()
-        );
-    }
-    Ok(())
+    report.finish("network")
 }

@@ -460,6 +460,99 @@ impl Figure {
         let v = self.values.get(rt)?;
         (!v.is_empty()).then(|| stats(v).0)
     }
+
+    /// Every sample, by runtime, for a suite's JSON (`{}` for a figure never measured).
+    pub(crate) fn json(fig: Option<&Figure>) -> Value {
+        let mut per_rt = serde_json::Map::new();
+        if let Some(fig) = fig {
+            for (rt, values) in &fig.values {
+                per_rt.insert(rt.to_string(), json!(values));
+            }
+        }
+        Value::Object(per_rt)
+    }
+}
+
+/// What the `fs` and `net` suites' Markdown reports share: the runtimes' versions, table
+/// headers with a column per runtime, a row's medians, the notes, and the rule that every
+/// figure exists for husk and runc.
+pub(crate) struct Report<'a> {
+    runtimes: &'a [&'static str],
+    missing: Vec<String>,
+}
+
+impl<'a> Report<'a> {
+    pub(crate) fn new(runtimes: &'a [&'static str]) -> Self {
+        Report {
+            runtimes,
+            missing: Vec::new(),
+        }
+    }
+
+    /// A `- runtime: version` line per runtime.
+    pub(crate) fn versions(&self, versions: &BTreeMap<&'static str, String>) -> String {
+        self.runtimes
+            .iter()
+            .map(|rt| format!("- {rt}: {}\n", versions.get(rt).map_or("", String::as_str)))
+            .collect()
+    }
+
+    /// A table's header: `first`, a column per runtime, then `extra`.
+    pub(crate) fn header(&self, first: &str, extra: &[&str]) -> String {
+        let columns = std::iter::once(first)
+            .chain(self.runtimes.iter().copied())
+            .chain(extra.iter().copied());
+        let names: Vec<&str> = columns.collect();
+        format!(
+            "| {} |\n|{}\n",
+            names.join(" | "),
+            "---|".repeat(names.len())
+        )
+    }
+
+    /// A row's cell per runtime: the median with `decimals` digits, `-` where there is none.
+    /// A figure missing for husk or runc is remembered as `key`.
+    pub(crate) fn cells(&mut self, key: &str, fig: Option<&Figure>, decimals: usize) -> String {
+        let median = |rt: &str| fig.and_then(|f| f.median(rt));
+        for rt in ["husk", "runc"] {
+            if median(rt).is_none() {
+                self.missing.push(format!("{key} for {rt}"));
+            }
+        }
+        self.runtimes
+            .iter()
+            .map(|rt| match median(rt) {
+                Some(v) => format!(" {v:.decimals$} |"),
+                None => " - |".to_string(),
+            })
+            .collect()
+    }
+
+    /// The notes section, if there are notes.
+    pub(crate) fn notes(notes: &[String]) -> String {
+        if notes.is_empty() {
+            return String::new();
+        }
+        let mut md = "\n### Notes\n\n".to_string();
+        for note in notes {
+            md.push_str(&format!("- {note}\n"));
+        }
+        md
+    }
+
+    /// Fails, naming each, when a figure is missing for husk or runc.
+    pub(crate) fn finish(self, suite: &str) -> Result<()> {
+        if self.missing.is_empty() {
+            return Ok(());
+        }
+        for m in &self.missing {
+            loud(&format!("no figure: {m}"));
+        }
+        bail!(
+            "the {suite} benchmark left {} figure(s) unmeasured",
+            self.missing.len()
+        )
+    }
 }
 
 /// The figures of the report, in order: key, title, unit.
