@@ -780,6 +780,29 @@ impl Dockerd {
     }
 }
 
+impl Dockerd {
+    /// Stops dockerd (which must exit 0) and checks that husk left nothing of its containers:
+    /// no husk-vmm naming its exec root (given 30 s to go), no husk state directory under the
+    /// exec root, no mount under the exec or the data root.
+    pub fn stop_and_assert_clean(&mut self, timeout: Duration) {
+        let status = self.stop(timeout).expect("stop dockerd");
+        assert!(status.success(), "dockerd: {status}");
+        assert!(
+            crate::wait_until(Duration::from_secs(30), || vmms_mentioning(&self.exec_root)
+                .is_empty()),
+            "husk-vmm left: {:?}",
+            vmms_mentioning(&self.exec_root)
+        );
+        let left = husk_state_dirs(&self.exec_root);
+        assert!(left.is_empty(), "husk state left: {left:?}");
+        let mounts: Vec<_> = mounts_under(&self.exec_root)
+            .into_iter()
+            .chain(mounts_under(&self.data_root))
+            .collect();
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    }
+}
+
 impl Drop for Dockerd {
     fn drop(&mut self) {
         if self.child.is_some() {

@@ -6,9 +6,7 @@
 //! and podman's own bridge network with `-p` publishes a port of a husk container, and so does
 //! docker's (whose network a prestart hook configures).
 
-use husk_tests::oci::{
-    client_available, husk_state_dirs, logs_under, vmms_mentioning, Dockerd, OciEnv,
-};
+use husk_tests::oci::{client_available, logs_under, Dockerd, OciEnv};
 use husk_tests::{http_get, wait_until};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -370,6 +368,38 @@ fn a_container_gets_the_network_namespace_it_is_given() {
 
 /// podman with its default bridge network: `-p 8080:80` publishes the port of a husk
 /// container on the host, and a second husk container reaches the first by its address.
+/// The engine's container `web` (an httpd on port 80, published on the host's 8080) answers at
+/// its address on the engine's bridge and on the published port; returns its address.
+/// `engine` runs the engine's CLI; `diagnose` says what the engine knows, for a failure.
+fn assert_published(
+    engine: impl Fn(&[&str]) -> std::process::Output,
+    diagnose: impl Fn() -> String,
+) -> String {
+    let out = engine(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        "web",
+    ]);
+    let ip = text(&out.stdout).trim().to_string();
+    assert!(!ip.is_empty(), "web's address: {}", text(&out.stderr));
+    let body = fetch(&ip, 80, Duration::from_secs(120));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "httpd at {ip}: {}",
+        diagnose()
+    );
+    let body = fetch("127.0.0.1", 8080, Duration::from_secs(30));
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "the published port: {}",
+        diagnose()
+    );
+    ip
+}
+
 #[test]
 fn podman_publishes_a_port_of_a_husk_container() {
     let test = "podman_publishes_a_port_of_a_husk_container";
@@ -394,14 +424,6 @@ fn podman_publishes_a_port_of_a_husk_container() {
         HTTPD,
     ]);
     assert!(out.status.success(), "podman run -p: {}", text(&out.stderr));
-    let out = podman.run(&[
-        "inspect",
-        "--format",
-        "{{.NetworkSettings.IPAddress}}",
-        "web",
-    ]);
-    let ip = text(&out.stdout).trim().to_string();
-    assert!(!ip.is_empty(), "web's address: {}", text(&out.stderr));
     let diagnose = || {
         let logs = podman.run(&["logs", "web"]);
         let nat = Command::new("iptables-save")
@@ -416,21 +438,7 @@ fn podman_publishes_a_port_of_a_husk_container() {
             env.logs()
         )
     };
-    // The bridge reaches the container at its address, and the published port on the host.
-    let body = fetch(&ip, 80, Duration::from_secs(120));
-    assert_eq!(
-        body.as_deref(),
-        Some("hello-from-husk\n"),
-        "httpd at {ip}: {}",
-        diagnose()
-    );
-    let body = fetch("127.0.0.1", 8080, Duration::from_secs(30));
-    assert_eq!(
-        body.as_deref(),
-        Some("hello-from-husk\n"),
-        "the published port: {}",
-        diagnose()
-    );
+    let ip = assert_published(|args| podman.run(args), diagnose);
     let out = podman.run(&[
         "run",
         "--rm",
@@ -514,28 +522,7 @@ fn docker_publishes_a_port_of_a_husk_container() {
         text(&out.stderr),
         logs(&dockerd)
     );
-    let out = dockerd.docker(&[
-        "inspect",
-        "--format",
-        "{{.NetworkSettings.IPAddress}}",
-        "web",
-    ]);
-    let ip = text(&out.stdout).trim().to_string();
-    assert!(!ip.is_empty(), "web's address: {}", text(&out.stderr));
-    let body = fetch(&ip, 80, Duration::from_secs(120));
-    assert_eq!(
-        body.as_deref(),
-        Some("hello-from-husk\n"),
-        "httpd at {ip}: {}",
-        logs(&dockerd)
-    );
-    let body = fetch("127.0.0.1", 8080, Duration::from_secs(30));
-    assert_eq!(
-        body.as_deref(),
-        Some("hello-from-husk\n"),
-        "the published port: {}",
-        logs(&dockerd)
-    );
+    assert_published(|args| dockerd.docker(args), || logs(&dockerd));
     // The host's namespace has docker's links only: none was moved or renamed into it.
     let running = sh("ip", &["-o", "link"]);
     for line in host_links_with_docker.lines() {
@@ -553,16 +540,5 @@ fn docker_publishes_a_port_of_a_husk_container() {
     );
     let out = dockerd.docker(&["rm", "-f", "web"]);
     assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
-    let status = dockerd.stop(T).expect("stop dockerd");
-    assert!(status.success(), "dockerd: {status}");
-    assert!(
-        wait_until(Duration::from_secs(30), || vmms_mentioning(
-            &dockerd.exec_root
-        )
-        .is_empty()),
-        "{:?}",
-        vmms_mentioning(&dockerd.exec_root)
-    );
-    let left = husk_state_dirs(&dockerd.exec_root);
-    assert!(left.is_empty(), "husk state left: {left:?}");
+    dockerd.stop_and_assert_clean(T);
 }

@@ -2,8 +2,8 @@
 //! runc (lifecycle, exit statuses, bad input, concurrency, a VMM killed under a container).
 
 use husk_tests::oci::{
-    client_available, husk_state_dirs, logs_under, mounts_under, vmms_mentioning,
-    with_nofile_limit, Dockerd, OciEnv, PtySession,
+    client_available, husk_state_dirs, logs_under, vmms_mentioning, with_nofile_limit, Dockerd,
+    OciEnv, PtySession,
 };
 use husk_tests::{process_alive, wait_until};
 use std::io::Write;
@@ -869,23 +869,9 @@ fn docker_runs_containers_with_husk() {
     assert!(out.status.success(), "{}", diag("rm -f", &out));
     eprintln!("docker run -d, exec, rm -f: ok");
 
-    let status = dockerd.stop(T).expect("stop dockerd");
-    assert!(status.success(), "dockerd: {status}");
+    dockerd.stop_and_assert_clean(T);
     let left: Vec<_> = std::fs::read_dir(&state_root)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "husk state left: {left:?}");
-    assert!(
-        wait_until(Duration::from_secs(30), || vmms_mentioning(
-            &dockerd.exec_root
-        )
-        .is_empty()),
-        "{:?}",
-        vmms_mentioning(&dockerd.exec_root)
-    );
-    let mounts: Vec<_> = mounts_under(&dockerd.exec_root)
-        .into_iter()
-        .chain(mounts_under(&dockerd.data_root))
-        .collect();
-    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
 }
