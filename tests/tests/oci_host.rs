@@ -4,7 +4,8 @@
 //! namespace paths checked for their type, CPU sets mapped onto the microVM's vCPUs, and what
 //! the guest sees of files the host changes under a running container (the share's caching:
 //! a bind mount within its second, the rootfs not until the container ends, unless
-//! `io.husk.fs.cache=short`).
+//! `io.husk.fs.cache=short`), and what `husk-vmm` keeps of root's power while it serves the
+//! guest.
 
 use husk_tests::oci::OciEnv;
 use husk_tests::wait_until;
@@ -491,4 +492,109 @@ fn host_changes_are_seen_as_the_cache_policy_says() {
         "nothing is left: {:?}",
         env.root_entries()
     );
+}
+
+/// The value of `key` in `/proc/<pid>/status` (or a task's).
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_vmm_keeps_only_the_file_servers_capabilities() {
+    let Some(env) = OciEnv::new("the_vmm_keeps_only_the_file_servers_capabilities") else {
+        return;
+    };
+    let bundle = env.bundle("caps", &["sleep", "1000"], |spec| {
+        spec["root"]["readonly"] = json!(false);
+        // Root in the container may chown and override permissions, as under docker's defaults.
+        let caps = json!([
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FOWNER",
+            "CAP_SETUID",
+            "CAP_SETGID"
+        ]);
+        for set in ["bounding", "effective", "permitted"] {
+            spec["process"]["capabilities"][set] = caps.clone();
+        }
+    });
+    let pid_file = env.work.path().join("caps.pid");
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "--pid-file",
+        pid_file.to_str().expect("utf-8"),
+        "caps",
+    ]);
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let out = env.run(&["start", "caps"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    let pid = pid.trim();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, SETGID, SETUID: see husk_vmm::confine.
+    let kept = format!("{:016x}", husk_vmm::confine::kept_mask());
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{status}");
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(status_field(&status, set), kept, "{set} of husk-vmm");
+    }
+    for set in ["CapInh:", "CapAmb:"] {
+        assert_eq!(
+            status_field(&status, set),
+            "0000000000000000",
+            "{set} of husk-vmm"
+        );
+    }
+    let mut vcpus = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let task = task.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.starts_with("husk-vcpu-") {
+            let status = std::fs::read_to_string(task.join("status")).expect("task status");
+            assert_eq!(
+                status_field(&status, "CapEff:"),
+                "0000000000000000",
+                "{comm}"
+            );
+            assert_eq!(
+                status_field(&status, "CapPrm:"),
+                "0000000000000000",
+                "{comm}"
+            );
+            vcpus += 1;
+        }
+    }
+    assert!(vcpus >= 1, "no vCPU thread found under /proc/{pid}/task");
+
+    // What the guest's root does on the share still works with what is left: a directory that
+    // only its (other) owner may enter, written into as root; chown; chmod of another's file.
+    let script = "mkdir /d && chown 1234:1234 /d && chmod 700 /d && echo x > /d/f && \
+                  chown 4321:4321 /d/f && chmod 640 /d/f && cat /d/f && ls -ln /d/f";
+    let out = env.run(&["exec", "caps", "sh", "-c", script]);
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "exec: {shown} {}", text(&out.stderr));
+    assert!(
+        shown.starts_with("x\n-rw-r-----    1 4321     4321"),
+        "{shown}"
+    );
+    // And the permission checks are still the guest user's: another user is refused.
+    let out = env.run(&["exec", "--user", "65534:65534", "caps", "cat", "/d/f"]);
+    assert!(
+        !out.status.success(),
+        "uid 65534 read /d/f: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["delete", "--force", "caps"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
 }

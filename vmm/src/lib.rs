@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod confine;
 pub mod devices;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;

@@ -146,6 +146,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
         result => result.context("failed to build the microVM")?,
     };
+    husk_vmm::confine::drop_privileges().context("failed to confine husk-vmm")?;
     let exit = match vmm.run() {
         Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
         result => result.context("the microVM failed")?,

@@ -121,6 +121,9 @@ pub enum VmmError {
     /// A vCPU ioctl failed.
     #[error("vCPU failed")]
     Vcpu(#[from] VcpuError),
+    /// Dropping privileges failed (see [`crate::confine`]).
+    #[error("cannot confine husk-vmm")]
+    Confine(#[from] crate::confine::ConfineError),
     /// Setting up the signalfd failed.
     #[error("failed to set up signal handling")]
     Signals(#[source] nix::Error),
@@ -181,6 +184,7 @@ pub fn block_exit_signals() -> Result<SigSet, nix::Error> {
 enum VcpuStop {
     Exit(u8, VcpuExit),
     Error(VcpuError),
+    Confine(crate::confine::ConfineError),
 }
 
 /// The first vCPU stop, and an eventfd to wake the waiting thread.
@@ -659,6 +663,11 @@ fn spawn_vcpu_thread(
     thread::Builder::new()
         .name(format!("husk-vcpu-{index}"))
         .spawn(move || {
+            // A vCPU thread runs KVM and the devices' register handlers: no capability.
+            if let Err(e) = crate::confine::drop_all_in_this_thread() {
+                stops.report(VcpuStop::Confine(e));
+                return vcpu;
+            }
             if index == 0 {
                 let now = timeline::since_start_us();
                 timeline.update(|t| t.first_vcpu_entry_us = Some(now));
@@ -744,6 +753,7 @@ fn kvm_hint() -> &'static str {
 fn vcpu_stop_outcome(stop: VcpuStop) -> Result<VmmExit, VmmError> {
     match stop {
         VcpuStop::Error(e) => Err(VmmError::Vcpu(e)),
+        VcpuStop::Confine(e) => Err(VmmError::Confine(e)),
         VcpuStop::Exit(vcpu, exit) => Err(match exit {
             VcpuExit::Shutdown => VmmError::GuestCrashed(vcpu),
             VcpuExit::Reset => return Ok(VmmExit::GuestShutdown),
