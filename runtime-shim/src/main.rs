@@ -86,6 +86,9 @@ enum Cmd {
 
 fn dispatch(cli: &Cli, globals: &Globals) -> anyhow::Result<i32> {
     let ok = |r: anyhow::Result<()>| r.map(|()| 0);
+    if !matches!(cli.cmd, Cmd::Features | Cmd::Spec(_)) {
+        husk::limits::ensure_open_files()?;
+    }
     match &cli.cmd {
         Cmd::Check(args) => check::check(args).map(|usable| if usable { 0 } else { 1 }),
         Cmd::Create(args) => ok(create::create(globals, args)),

@@ -2,8 +2,8 @@
 //! runc (lifecycle, exit statuses, bad input, concurrency, a VMM killed under a container).
 
 use husk_tests::oci::{
-    client_available, husk_state_dirs, logs_under, vmms_mentioning, with_nofile_limit, Dockerd,
-    OciEnv, PtySession,
+    client_available, husk_state_dirs, logs_under, output_of, vmms_mentioning, with_nofile_limit,
+    Dockerd, OciEnv, PtySession,
 };
 use husk_tests::{process_alive, wait_until};
 use std::io::Write;
@@ -356,6 +356,167 @@ fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
     assert!(env.root_entries().is_empty());
     assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
+}
+
+/// Asserts that a `create` of `id` either worked (and then that `delete --force` cleans it
+/// up) or failed as a refusal (exit code 1, a message, never a panic or a signal), and that
+/// either way nothing is left: no state, no mount but `keep`, no husk-vmm. Returns whether
+/// the create worked.
+fn assert_create_clean(env: &OciEnv, id: &str, out: &std::process::Output, keep: &str) -> bool {
+    let created = out.status.success();
+    if created {
+        let del = env.run(&["delete", "--force", id]);
+        assert!(
+            del.status.success(),
+            "delete --force: {}",
+            text(&del.stderr)
+        );
+    } else {
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "a failed create exits 1: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("husk"),
+            "the failure is named: {}",
+            text(&out.stderr)
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+        "husk-vmm left: {:?} ({})",
+        env.vmms_left(),
+        text(&out.stderr)
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    let mounts: Vec<_> = env
+        .mounts_left()
+        .into_iter()
+        .filter(|m| m != keep)
+        .collect();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    created
+}
+
+/// The processes with a file or working directory under `dir`, as `pid comm: path`.
+fn users_of(dir: &str) -> Vec<String> {
+    let mut users = Vec::new();
+    for proc_entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc_entry.path();
+        let comm = std::fs::read_to_string(pid.join("comm")).unwrap_or_default();
+        let fds = std::fs::read_dir(pid.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        let links = fds
+            .map(|fd| fd.path())
+            .chain([pid.join("cwd")])
+            .filter_map(|link| std::fs::read_link(link).ok());
+        for target in links {
+            if target.starts_with(dir) {
+                users.push(format!(
+                    "{} {}: {}",
+                    proc_entry.file_name().to_string_lossy(),
+                    comm.trim(),
+                    target.display()
+                ));
+            }
+        }
+    }
+    users
+}
+
+/// husk's state directory on a file system that fills up: each `create` either works or
+/// fails naming the error, and leaves nothing behind (a tmpfs of a few pages as `--root`).
+#[test]
+fn a_full_state_disk_fails_create_and_leaves_nothing() {
+    let Some(env) = OciEnv::new("a_full_state_disk_fails_create_and_leaves_nothing") else {
+        return;
+    };
+    let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
+    let root = env.root.path().to_str().expect("utf-8").to_string();
+    let mut outcomes = Vec::new();
+    for kib in [4, 8, 16, 32, 64, 256, 4096] {
+        let mount = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kib}k,mode=0700"),
+                "tmpfs",
+                &root,
+            ])
+            .status()
+            .expect("mount");
+        assert!(mount.success(), "mount a tmpfs of {kib} KiB on {root}");
+        let id = format!("full{kib}");
+        let out = env.run(&["create", "--bundle", bundle.to_str().expect("utf-8"), &id]);
+        let created = assert_create_clean(&env, &id, &out, &root);
+        outcomes.push((kib, created, text(&out.stderr)));
+        // A husk-vmm whose memory is gone (no command line any more) may still be closing its
+        // files for a moment.
+        let unmounted = wait_until(Duration::from_secs(30), || {
+            std::process::Command::new("umount")
+                .arg(&root)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(
+            unmounted,
+            "umount {root}: still used by {:?}",
+            users_of(&root)
+        );
+    }
+    eprintln!("tmpfs size, created, stderr: {outcomes:#?}");
+    assert!(!outcomes[0].1, "4 KiB of state is not enough: {outcomes:?}");
+    assert!(
+        outcomes[0].2.contains("No space left on device"),
+        "the error says the disk is full: {}",
+        outcomes[0].2
+    );
+    assert!(
+        outcomes.last().is_some_and(|o| o.1),
+        "4 MiB is enough: {outcomes:?}"
+    );
+}
+
+/// `husk create` (and the husk-vmm it starts) with few file descriptors: below husk's minimum
+/// it is refused by name, from it on it works, and either way nothing is left behind.
+#[test]
+fn too_few_file_descriptors_fail_create_and_leave_nothing() {
+    let Some(env) = OciEnv::new("too_few_file_descriptors_fail_create_and_leave_nothing") else {
+        return;
+    };
+    let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
+    // husk's `limits::MIN_OPEN_FILES`.
+    const MIN_OPEN_FILES: u64 = 64;
+    let mut outcomes = Vec::new();
+    for limit in [5, 16, 63, 64, 80, 1024] {
+        let id = format!("fds{limit}");
+        let mut cmd = env.husk(&["create", "--bundle", bundle.to_str().expect("utf-8"), &id]);
+        cmd.stdin(Stdio::null());
+        with_nofile_limit(&mut cmd, limit, limit);
+        let out = output_of(cmd, env.work.path());
+        let created = assert_create_clean(&env, &id, &out, "");
+        outcomes.push((limit, created, text(&out.stderr)));
+    }
+    eprintln!("fd limit, created, stderr: {outcomes:#?}");
+    // Below husk's minimum, refused by name before anything is made; from it on, created.
+    for (limit, created, stderr) in &outcomes {
+        if *limit < MIN_OPEN_FILES {
+            assert!(!created, "{limit} descriptors: {outcomes:?}");
+            assert!(
+                stderr.contains("too few open files allowed"),
+                "{limit}: {stderr}"
+            );
+        } else {
+            assert!(created, "{limit} descriptors are enough: {outcomes:?}");
+        }
+    }
 }
 
 /// podman drives husk exactly as it drives runc (conmon, pid file, stdio pipes, exit status of
