@@ -175,6 +175,30 @@ impl OciEnv {
         dir
     }
 
+    /// `husk create --pid-file` of `id` from `bundle`, which must succeed; returns the pid
+    /// written (husk-vmm's, the container's pid on the host).
+    pub fn create_with_pid(&self, id: &str, bundle: &Path) -> u32 {
+        let pid_file = self.work.path().join(format!("{id}.pid"));
+        let out = self.run(&[
+            "create",
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+            "--pid-file",
+            pid_file.to_str().expect("utf-8"),
+            id,
+        ]);
+        assert!(
+            out.status.success(),
+            "create {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(&pid_file)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
     /// `husk state ID` parsed, or `None` when it fails.
     pub fn state(&self, id: &str) -> Option<Value> {
         let out = self.run(&["state", id]);

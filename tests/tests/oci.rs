@@ -25,21 +25,7 @@ fn lifecycle_create_start_kill_delete() {
         return;
     };
     let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
-    let pid_file = env.work.path().join("c1.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "--pid-file",
-        pid_file.to_str().expect("utf-8"),
-        "c1",
-    ]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = env.create_with_pid("c1", &bundle);
     assert!(process_alive(pid), "the container's pid lives");
     let state = env.state("c1").expect("state");
     assert_eq!(state["status"], "created");

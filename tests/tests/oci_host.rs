@@ -69,21 +69,7 @@ fn every_hook_kind_runs_once_in_order_with_its_state() {
         });
     });
     let bundle_text = bundle.to_str().expect("utf-8");
-    let pid_file = env.work.path().join("c1.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle_text,
-        "--pid-file",
-        pid_file.to_str().expect("utf-8"),
-        "c1",
-    ]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid: u64 = std::fs::read_to_string(&pid_file)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = u64::from(env.create_with_pid("c1", &bundle));
     let seen = hook_log(&log);
     let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(kinds, ["prestart", "createRuntime", "createContainer"]);
@@ -247,18 +233,8 @@ fn a_cpuset_becomes_the_guests_cpus_and_pins_the_vmm() {
         spec["linux"]["resources"]["cpu"] =
             json!({"cpus": last.to_string(), "quota": 50000, "period": 100000});
     });
-    let pid_file = env.work.path().join("one.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "--pid-file",
-        pid_file.to_str().expect("utf-8"),
-        "one",
-    ]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
+    let pid = env.create_with_pid("one", &bundle);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let allowed = status
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
@@ -523,20 +499,9 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
             spec["process"]["capabilities"][set] = caps.clone();
         }
     });
-    let pid_file = env.work.path().join("caps.pid");
-    let out = env.run(&[
-        "create",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "--pid-file",
-        pid_file.to_str().expect("utf-8"),
-        "caps",
-    ]);
-    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid = env.create_with_pid("caps", &bundle);
     let out = env.run(&["start", "caps"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
-    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
-    let pid = pid.trim();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, SETGID, SETUID: see husk_vmm::confine.
     let kept = format!("{:016x}", husk_vmm::confine::kept_mask());
