@@ -7,6 +7,8 @@
 //! - `vsock.sock`: the VMM's vsock Unix socket (the agent is reached through it);
 //! - `exit.json`: the init's exit status, written by the supervisor when the init exited;
 //! - `vmm.log`: the VMM's own log;
+//! - `seccomp-report`: empty, or the line saying which system call the VMM's seccomp filter
+//!   stopped (then the VMM ended);
 //! - `shared/`: the virtio-fs share; `shared/<id>/rootfs` and `shared/<id>/mounts/<n>` are bind
 //!   mounts of the bundle's rootfs and bind-mount sources.
 //!
@@ -118,6 +120,14 @@ impl StateDir {
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
+    pub fn seccomp_report_file(&self) -> PathBuf {
+        self.dir.join("seccomp-report")
+    }
+    /// Why the VMM ended, if its seccomp filter ended it.
+    pub fn vmm_killed_by_seccomp(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.seccomp_report_file()).ok()?;
+        husk_vmm::seccomp::find_report(&text).map(str::to_string)
+    }
     /// The directory exported to the guest (virtio-fs tag `husk`).
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
@@ -191,6 +201,11 @@ pub fn vmm_command(
         }
         let _ = std::fs::remove_file(&socket);
     }
+    // Made here, so that a state directory without room fails this command by name.
+    let report = dir.seccomp_report_file();
+    std::fs::File::create(&report).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot create {}: {e}", report.display()))
+    })?;
     let mut cmd = std::process::Command::new(cfg.vmm_path());
     cmd.arg("--kernel")
         .arg(kernel)
@@ -207,6 +222,8 @@ pub fn vmm_command(
         .args(fs_cache.vmm_args())
         .arg("--agent-timeout-ms")
         .arg(cfg.agent_timeout.as_millis().to_string())
+        .arg("--seccomp-report")
+        .arg(dir.seccomp_report_file())
         .arg("--log-level")
         .arg(if debug { "debug" } else { "warn" });
     if debug {

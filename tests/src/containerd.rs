@@ -41,6 +41,12 @@ impl Containerd {
         Some(Containerd::launch(artifacts, namespace, None).expect("start containerd"))
     }
 
+    /// [`Containerd::start`] with `env` set for containerd, and so for its shims and VMMs.
+    pub fn start_with_env(test: &str, namespace: &str, env: &[(&str, &str)]) -> Option<Containerd> {
+        let artifacts = Containerd::available(test)?;
+        Some(Containerd::launch_with(artifacts, namespace, None, env).expect("start containerd"))
+    }
+
     /// Whether the VM tests can run a containerd here (they skip loudly where not).
     pub fn available(test: &str) -> Option<Artifacts> {
         let artifacts = vm_artifacts(test)?;
@@ -57,6 +63,16 @@ impl Containerd {
     /// section (the plugin is disabled when `None`), in which `{dir}` stands for the
     /// containerd's own directory.
     pub fn launch(artifacts: Artifacts, namespace: &str, cri: Option<&str>) -> Result<Containerd> {
+        Containerd::launch_with(artifacts, namespace, cri, &[])
+    }
+
+    /// [`Containerd::launch`] with `env` added to containerd's environment.
+    pub fn launch_with(
+        artifacts: Artifacts,
+        namespace: &str,
+        cri: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Containerd> {
         let dir = TempDir::new("husk-ctrd")?;
         let socket = dir.path().join("containerd.sock");
         let husk_config = dir.path().join("husk.toml");
@@ -98,6 +114,7 @@ disabled_plugins = {disabled:?}
             .arg("--config")
             .arg(&config)
             .env("HUSK_CONFIG", &husk_config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -427,12 +427,19 @@ impl OciEnv {
     }
 
     /// A script that runs this husk with this environment's configuration and every argument
-    /// it is given (the engine passes its own `--root`); engines pass no environment through.
+    /// it is given (the engine passes its own `--root`); engines pass no environment through,
+    /// so it also carries the seccomp lists' development mode (`HUSK_VMM_SECCOMP`) when set.
     pub fn runtime_wrapper(&self, path: &Path) -> PathBuf {
+        let seccomp = match std::env::var(husk_vmm::seccomp::MODE_ENV) {
+            Ok(mode) if mode.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                format!(" {}={mode}", husk_vmm::seccomp::MODE_ENV)
+            }
+            _ => String::new(),
+        };
         std::fs::write(
             path,
             format!(
-                "#!/bin/sh\nexec env HUSK_CONFIG='{}' '{}' \"$@\"\n",
+                "#!/bin/sh\nexec env HUSK_CONFIG='{}'{seccomp} '{}' \"$@\"\n",
                 self.config.display(),
                 self.husk.display(),
             ),

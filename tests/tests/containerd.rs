@@ -600,3 +600,72 @@ fn bad_annotations_fail_the_create_clearly() {
     }
     assert_clean(&ctrd);
 }
+
+/// Through the test hook (`HUSK_VMM_TEST_FORBIDDEN_SYSCALL=sigusr2`, set for this containerd
+/// and so for its shims' VMMs), a running task's husk-vmm makes a call outside its seccomp
+/// lists: the task ends with 159 (128 + SIGSYS) in its exit event, the shim's log says which
+/// call, and nothing is left.
+#[test]
+fn a_vmm_ended_by_its_seccomp_filter_is_reported_in_the_exit() {
+    let Some(ctrd) = Containerd::start_with_env(
+        "a_vmm_ended_by_its_seccomp_filter_is_reported_in_the_exit",
+        "husk-seccomp",
+        &[(
+            husk_vmm::seccomp::TEST_HOOK_ENV,
+            husk_vmm::seccomp::HOOK_SIGUSR2,
+        )],
+    ) else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+    let out_file = ctrd.dir.path().join("run.out");
+    let mut run = ctrd
+        .ctr_command(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "trap",
+            "sleep",
+            "100000",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_file).expect("out file"))
+        .stderr(std::fs::File::create(ctrd.dir.path().join("run.err")).expect("err file"))
+        .spawn()
+        .expect("ctr run");
+    let state = "/run/husk-shim/husk-seccomp/trap/";
+    let running = wait_until(Duration::from_secs(300), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with("trap") && l.contains("RUNNING"))
+    });
+    assert!(running, "{}", ctrd.log_tail());
+    let vmms = processes_mentioning(&["husk-vmm", state]);
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    let pid = libc::pid_t::try_from(vmms[0]).expect("pid");
+    // SAFETY: kill(2) of the VMM this test found by its command line.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    let ended = wait_until(Duration::from_secs(120), || {
+        run.try_wait().ok().flatten().is_some()
+    });
+    if !ended {
+        let _ = run.kill();
+    }
+    let status = run.wait().expect("ctr run");
+    assert!(ended, "ctr run did not end: {}", ctrd.log_tail());
+    assert_eq!(
+        status.code(),
+        Some(husk_vmm::seccomp::SECCOMP_EXIT),
+        "the task's exit status\n{}",
+        ctrd.log_tail()
+    );
+    let said = ctrd.log_mentioning("killed by its seccomp filter");
+    assert!(
+        said.contains("syscall 135 (personality) in a main or helper thread"),
+        "the shim's log: {said}\n{}",
+        ctrd.log_tail()
+    );
+    assert_clean(&ctrd);
+}

@@ -4,8 +4,8 @@
 //! namespace paths checked for their type, CPU sets mapped onto the microVM's vCPUs, and what
 //! the guest sees of files the host changes under a running container (the share's caching:
 //! a bind mount within its second, the rootfs not until the container ends, unless
-//! `io.husk.fs.cache=short`), and what `husk-vmm` keeps of root's power while it serves the
-//! guest.
+//! `io.husk.fs.cache=short`), what `husk-vmm` keeps of root's power while it serves the
+//! guest, and that a system call outside its seccomp lists ends it and is reported.
 
 use husk_tests::oci::OciEnv;
 use husk_tests::wait_until;
@@ -517,11 +517,30 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         );
     }
     let mut vcpus = 0;
+    let mut devices = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
         let task = task.expect("task").path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm.starts_with("kvm-") {
+            continue; // KVM's own worker (kvm-nx-lpage-recovery) runs no code of husk's
+        }
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        // Every thread is under seccomp (mode 2, filters): the process list and the clone3
+        // filter, and the device and vCPU threads their own list on top (husk_vmm::seccomp).
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "{comm}");
+        let narrowed = comm.starts_with("husk-vcpu-") || comm == "husk-devices";
+        assert_eq!(
+            status_field(&status, "Seccomp_filters:"),
+            if narrowed { "3" } else { "2" },
+            "{comm}"
+        );
+        if comm == "husk-devices" {
+            devices += 1;
+        }
         if comm.starts_with("husk-vcpu-") {
-            let status = std::fs::read_to_string(task.join("status")).expect("task status");
             assert_eq!(
                 status_field(&status, "CapEff:"),
                 "0000000000000000",
@@ -536,6 +555,7 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         }
     }
     assert!(vcpus >= 1, "no vCPU thread found under /proc/{pid}/task");
+    assert_eq!(devices, 1, "the device thread under /proc/{pid}/task");
 
     // What the guest's root does on the share still works with what is left: a directory that
     // only its (other) owner may enter, written into as root; chown; chmod of another's file.
@@ -562,4 +582,106 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     );
     let out = env.run(&["delete", "--force", "caps"]);
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
+}
+
+/// Through the test hook (`HUSK_VMM_TEST_FORBIDDEN_SYSCALL=sigusr2`), a running container's
+/// husk-vmm calls `personality(2)` on SIGUSR2: the seccomp filter ends it, `husk state` says
+/// stopped and why, the report names the call, and `delete` leaves nothing.
+#[test]
+fn a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported() {
+    let Some(env) = OciEnv::new("a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported")
+    else {
+        return;
+    };
+    let bundle = env.bundle("trap", &["sleep", "1000"], |_| {});
+    let pid_file = env.work.path().join("trap.pid");
+    let mut create = env.husk(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "--pid-file",
+        pid_file.to_str().expect("utf-8"),
+        "trap",
+    ]);
+    create.env(
+        husk_vmm::seccomp::TEST_HOOK_ENV,
+        husk_vmm::seccomp::HOOK_SIGUSR2,
+    );
+    let out = husk_tests::oci::output_of(create, env.work.path());
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid: libc::pid_t = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let out = env.run(&["start", "trap"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    assert!(env.wait_status("trap", "running", T), "{}", env.logs());
+    // SAFETY: kill(2) with plain integers.
+    let rc = unsafe { libc::kill(pid, libc::SIGUSR2) };
+    assert_eq!(
+        rc,
+        0,
+        "SIGUSR2 to husk-vmm: {}",
+        std::io::Error::last_os_error()
+    );
+    assert!(
+        env.wait_status("trap", "stopped", T),
+        "the VMM outlived its forbidden call: {}",
+        env.logs()
+    );
+    let out = env.run(&["state", "trap"]);
+    assert!(out.status.success(), "state: {}", text(&out.stderr));
+    let expected = "husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a \
+                    main or helper thread";
+    assert!(
+        text(&out.stderr).contains(expected),
+        "husk state does not say why: {}",
+        text(&out.stderr)
+    );
+    let report = env.root.path().join("trap").join("seccomp-report");
+    assert_eq!(
+        std::fs::read_to_string(&report).expect("report").trim(),
+        expected
+    );
+    assert!(env.logs().contains(expected), "vmm.log: {}", env.logs());
+    let out = env.run(&["delete", "trap"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(env.vmms_left().is_empty(), "{:?}", env.vmms_left());
+    assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
+}
+
+/// The device thread's own list: with the hook at `devices`, the device thread's forbidden
+/// call ends husk-vmm while the guest boots, and `husk create` fails naming it, leaving
+/// nothing behind.
+#[test]
+fn a_forbidden_call_on_the_device_thread_fails_create_naming_it() {
+    let Some(env) = OciEnv::new("a_forbidden_call_on_the_device_thread_fails_create_naming_it")
+    else {
+        return;
+    };
+    let bundle = env.bundle("trapdev", &["true"], |_| {});
+    let mut create = env.husk(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "trapdev",
+    ]);
+    create.env(
+        husk_vmm::seccomp::TEST_HOOK_ENV,
+        husk_vmm::seccomp::HOOK_DEVICES,
+    );
+    let out = husk_tests::oci::output_of(create, env.work.path());
+    assert!(!out.status.success(), "create succeeded");
+    let expected = "husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a \
+                    devices thread";
+    assert!(
+        text(&out.stderr).contains(expected),
+        "create does not say why: {}",
+        text(&out.stderr)
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(env.vmms_left().is_empty(), "{:?}", env.vmms_left());
+    assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
 }

@@ -106,6 +106,8 @@ pub struct VmConfig {
     pub template_out: Option<PathBuf>,
     /// Start by restoring the template in this directory instead of booting.
     pub restore_from: Option<PathBuf>,
+    /// Where the seccomp trap writes which call ended the VMM (see [`crate::seccomp`]).
+    pub seccomp_report: Option<PathBuf>,
 }
 
 /// The guest's network card: the TAP it sits on, its MAC, and the IPv4 configuration the guest
@@ -214,6 +216,7 @@ impl VmConfig {
             net: None,
             template_out: None,
             restore_from: None,
+            seccomp_report: None,
         }
     }
 }

@@ -8,8 +8,11 @@
 //!   the devices' register handlers, which need none.
 //! - **`no_new_privs`**: nothing husk-vmm could execute would gain privileges.
 //!
-//! Not here yet (departures from the design, named in SECURITY.md): the namespaces and
-//! pivot_root into a minimal root, and the seccomp filters.
+//! - **seccomp**: then every thread is held to its kind's list of system calls
+//!   ([`crate::seccomp`]).
+//!
+//! Not here yet (a departure from the design, named in SECURITY.md): the namespaces and
+//! pivot_root into a minimal root.
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -59,6 +62,18 @@ pub enum ConfineError {
     /// `prctl(PR_SET_NO_NEW_PRIVS)` failed.
     #[error("cannot set no_new_privs")]
     NoNewPrivs(#[source] std::io::Error),
+    /// A seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+}
+
+/// The whole confinement, once the microVM is built: [`drop_privileges`], then the process's
+/// seccomp list ([`crate::seccomp::confine_process`]), before any thread that serves the guest
+/// starts. The device and vCPU threads narrow themselves further when they start.
+pub fn confine(seccomp_report: Option<&std::path::Path>) -> Result<(), ConfineError> {
+    drop_privileges()?;
+    crate::seccomp::confine_process(seccomp_report)?;
+    Ok(())
 }
 
 fn caps_err(what: &'static str) -> impl FnOnce(caps::errors::CapsError) -> ConfineError {

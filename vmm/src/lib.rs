@@ -12,6 +12,7 @@ pub mod devices;
 pub mod fuzzing;
 pub mod kvm_check;
 pub mod net_handoff;
+pub mod seccomp;
 pub mod snapshot;
 pub mod supervisor;
 pub mod timeline;

@@ -95,6 +95,10 @@ struct Args {
     /// status 3 when the template cannot be used (nothing of the guest ran).
     #[arg(long)]
     restore: Option<PathBuf>,
+    /// Where to write the line that says which system call the seccomp filter stopped, if
+    /// it ends the VMM (created empty at confinement).
+    #[arg(long)]
+    seccomp_report: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -130,6 +134,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         },
         template_out: args.template_out,
         restore_from: args.restore,
+        seccomp_report: args.seccomp_report,
     };
     if let Some(fd) = args.net_from_fd {
         cfg.net = husk_vmm::net_handoff::receive(fd, cfg.agent_timeout)?;
@@ -146,7 +151,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
         Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
         result => result.context("failed to build the microVM")?,
     };
-    husk_vmm::confine::drop_privileges().context("failed to confine husk-vmm")?;
+    husk_vmm::confine::confine(cfg.seccomp_report.as_deref())
+        .context("failed to confine husk-vmm")?;
     let exit = match vmm.run() {
         Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
         result => result.context("the microVM failed")?,

@@ -174,7 +174,8 @@ fn supervise(
     redirect_own_stdio(plan.log_file.as_deref()).map_err(SupervisorError::Stdio)?;
     let vmm = build_microvm(cfg)?;
     // Before the supervisor thread starts: it inherits what is left.
-    crate::confine::drop_privileges().map_err(crate::vmm::VmmError::Confine)?;
+    crate::confine::confine(cfg.seccomp_report.as_deref())
+        .map_err(crate::vmm::VmmError::Confine)?;
     let outcome: Arc<Mutex<Option<Result<ExitStatus, String>>>> = Arc::new(Mutex::new(None));
     let thread = {
         let outcome = outcome.clone();

@@ -175,6 +175,9 @@ pub fn block_exit_signals() -> Result<SigSet, nix::Error> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
+    if crate::seccomp::test_hook_armed(crate::seccomp::HOOK_SIGUSR2) {
+        mask.add(Signal::SIGUSR2);
+    }
     mask.thread_block()?;
     Ok(mask)
 }
@@ -529,6 +532,14 @@ impl Vmm {
         let handle = thread::Builder::new()
             .name("husk-devices".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::confine_thread(crate::seccomp::ThreadKind::Devices)
+                {
+                    // Fail closed: no device is served unconfined.
+                    tracing::error!("device thread: {e}");
+                    eprintln!("husk-vmm: device thread: {e}");
+                    std::process::exit(1);
+                }
+                crate::seccomp::test_hook(crate::seccomp::HOOK_DEVICES);
                 while !stop.load(Ordering::Acquire) {
                     if let Err(e) = event_manager.run_with_timeout(-1) {
                         tracing::error!("device event loop failed: {e:?}");
@@ -664,7 +675,9 @@ fn spawn_vcpu_thread(
         .name(format!("husk-vcpu-{index}"))
         .spawn(move || {
             // A vCPU thread runs KVM and the devices' register handlers: no capability.
-            if let Err(e) = crate::confine::drop_all_in_this_thread() {
+            if let Err(e) = crate::confine::drop_all_in_this_thread().and_then(|()| {
+                crate::seccomp::confine_thread(crate::seccomp::ThreadKind::Vcpu).map_err(Into::into)
+            }) {
                 stops.report(VcpuStop::Confine(e));
                 return vcpu;
             }
@@ -727,6 +740,10 @@ fn wait_for_exit(
         }
         if ready(&fds[0]) {
             if let Ok(Some(info)) = signals.read_signal() {
+                if info.ssi_signo == libc::SIGUSR2 as u32 {
+                    crate::seccomp::test_hook(crate::seccomp::HOOK_SIGUSR2);
+                    continue;
+                }
                 tracing::debug!("signal {}: shutting down", info.ssi_signo);
                 return Ok(Ended::Exit(VmmExit::Signal(info.ssi_signo as i32)));
             }

@@ -615,10 +615,23 @@ fn run_steps_in_rig(
     let mut retry_log: Vec<String> = Vec::new();
     let started = std::time::Instant::now();
     let mut l2_times = Vec::new();
+    let seccomp_log = seccomp_log_mode();
+    let mut env = env;
+    if seccomp_log {
+        env.push(("HUSK_VMM_SECCOMP".into(), "log".into()));
+    }
+    let mut audit_lines = Vec::new();
     while !pending.is_empty() {
         let mut script = format!("{RUN_TEST_FN}mkdir -p /work/out/results\nrc=0\n");
+        if seccomp_log {
+            // Every logged call reaches the kernel log (audit lines are rate-limited).
+            script.push_str("sysctl -qw kernel.printk_ratelimit=0\n");
+        }
         for step in &pending {
             script.push_str(&step.script());
+        }
+        if seccomp_log {
+            script.push_str("dmesg | grep 'type=1326' > /work/out/seccomp-audit.txt\n");
         }
         script.push_str("exit $rc\n");
         let out = rig::tempdir("husk-xtask-results")?;
@@ -626,6 +639,9 @@ fn run_steps_in_rig(
         job.out_dir = Some(out.clone());
         let report = rig::run_in_rig(image, &job);
         let results = read_results(&out.join("results"));
+        if let Ok(text) = std::fs::read_to_string(out.join("seccomp-audit.txt")) {
+            audit_lines.extend(text.lines().map(str::to_string));
+        }
         let _ = std::fs::remove_dir_all(&out);
         let report = report?;
         l2_times.push(format!(
@@ -689,6 +705,9 @@ fn run_steps_in_rig(
         }
         eprintln!("xtask:   {:<12} {text}", step.name());
     }
+    if seccomp_log {
+        report_seccomp_audit(&audit_lines);
+    }
     if retry_log.is_empty() {
         eprintln!("xtask: retries: none");
     } else {
@@ -707,6 +726,53 @@ fn run_steps_in_rig(
 }
 
 /// `out/results/NAME` files: `EXIT_CODE SECONDS`.
+/// The VMM's table of system call names (one source for both).
+#[path = "../../vmm/src/seccomp/names.rs"]
+mod syscall_names;
+
+/// `HUSK_VMM_SECCOMP=log cargo xtask test`: husk-vmm logs calls outside its seccomp lists
+/// instead of trapping them, and the run ends with the list of those calls, by thread.
+fn seccomp_log_mode() -> bool {
+    std::env::var("HUSK_VMM_SECCOMP").is_ok_and(|v| v == "log")
+}
+
+/// Prints the distinct (thread, system call) pairs of the kernel's seccomp audit lines
+/// (`comm="husk-vcpu-0" ... syscall=16`).
+fn report_seccomp_audit(lines: &[String]) {
+    let mut seen = std::collections::BTreeMap::<(String, String), usize>::new();
+    for line in lines {
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(|v| v.trim_matches('"').to_string())
+        };
+        if !field("exe=").is_some_and(|e| e.ends_with("husk-vmm")) {
+            continue;
+        }
+        let comm = field("comm=").unwrap_or_default();
+        // vCPU threads by kind, not number.
+        let comm = match comm.strip_prefix("husk-vcpu-") {
+            Some(_) => "husk-vcpu-N".to_string(),
+            None => comm,
+        };
+        let nr = field("syscall=").unwrap_or_default();
+        *seen.entry((comm, nr)).or_default() += 1;
+    }
+    if seen.is_empty() {
+        eprintln!("xtask: seccomp (log mode): no call outside the lists");
+        return;
+    }
+    eprintln!("xtask: seccomp (log mode): calls outside the lists (thread, call, times):");
+    for ((comm, nr), n) in seen {
+        let name = nr
+            .parse::<i64>()
+            .ok()
+            .and_then(syscall_names::syscall_name)
+            .unwrap_or("?");
+        eprintln!("xtask:   {comm:<18} {nr:>4} {name:<20} {n}");
+    }
+}
+
 fn read_results(dir: &Path) -> std::collections::BTreeMap<String, (i32, f64)> {
     let mut results = std::collections::BTreeMap::new();
     if let Ok(entries) = std::fs::read_dir(dir) {

@@ -17,6 +17,11 @@ pub fn state(globals: &Globals, args: &StateArgs) -> Result<()> {
     let dir = StateDir::new(&globals.root, &args.id)?;
     let _lock = dir.lock()?;
     let state = ContainerState::load(&dir)?;
+    if state.status == crate::state::Status::Stopped {
+        if let Some(reason) = dir.vmm_killed_by_seccomp() {
+            eprintln!("husk: container {}: {reason}", args.id);
+        }
+    }
     println!("{}", serde_json::to_string_pretty(&state.oci_state())?);
     Ok(())
 }

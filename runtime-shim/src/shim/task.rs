@@ -368,6 +368,10 @@ impl Shared {
             .flat_map(|c| std::iter::once(c.init.clone()).chain(c.execs.values().cloned()))
             .collect();
         let alive = processes.iter().filter(|p| p.exited().is_none()).count();
+        if let Some(reason) = sandbox.dir.vmm_killed_by_seccomp() {
+            log::error!("sandbox {}: {reason}", sandbox.id);
+        }
+        let ended_by = vmm_end_status(sandbox);
         if alive > 0 {
             log::warn!(
                 "sandbox {}: husk-vmm exited ({status}) with {alive} processes alive",
@@ -375,7 +379,7 @@ impl Shared {
             );
         }
         for process in processes {
-            self.record_exit(sandbox, &process, 128 + libc::SIGKILL as u32, false);
+            self.record_exit(sandbox, &process, ended_by, false);
         }
     }
 
@@ -444,7 +448,7 @@ impl Shared {
                         if sandbox.wait_exit(Some(VMM_EXIT_GRACE)).is_none() {
                             log::error!("waiting for {}: {e}", process.describe());
                         }
-                        (128 + libc::SIGKILL as u32, false)
+                        (vmm_end_status(&sandbox), false)
                     }
                 };
                 shared.record_exit(&sandbox, &process, status, oom);
@@ -1348,6 +1352,16 @@ impl Task for TaskService {
 
 fn ttrpc_error(err: ShimError) -> containerd_shim::protos::ttrpc::Error {
     err.into()
+}
+
+/// The status of the processes a dead VMM took with it: 128 + SIGSYS when its seccomp filter
+/// ended it (its report says which call), 128 + SIGKILL otherwise.
+fn vmm_end_status(sandbox: &Sandbox) -> u32 {
+    if sandbox.dir.vmm_killed_by_seccomp().is_some() {
+        husk_vmm::seccomp::SECCOMP_EXIT as u32
+    } else {
+        128 + libc::SIGKILL as u32
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,516 @@
+//! Seccomp: once the microVM is built, every `husk-vmm` thread may make only the system calls
+//! its kind needs ([`rules`]); any other call ends the VMM, and says so.
+//!
+//! Layers: [`confine_process`] installs the [`rules::PROCESS_ONLY`] list (with the common
+//! calls) on every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`), right after the capabilities
+//! are dropped and before any other thread starts; threads started later inherit it. The
+//! device thread and each vCPU thread then stack their own, narrower list with
+//! [`confine_thread`] as the first thing they do after their setup. The kernel answers a call
+//! with the strictest of a thread's filters.
+//!
+//! A call outside the lists traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler writes one line,
+//! "husk-vmm was killed by its seccomp filter: syscall N (name) in a K thread", to stderr (the
+//! VMM's log) and to the report file the runtime named (`--seccomp-report`), then ends the
+//! process with [`SECCOMP_EXIT`]. The handler uses only `write` and `exit_group`, which every
+//! list allows. `husk state` and the shim read the report to say why the VMM ended.
+//!
+//! `clone3` answers `ENOSYS` (a second filter): its flags live in memory a filter cannot read,
+//! and glibc then falls back to `clone`, whose flags the list pins to a new thread's.
+//!
+//! Development aids, from the environment (only the host's root sets husk-vmm's):
+//! `HUSK_VMM_SECCOMP=log` makes a call outside the lists allowed and logged by the kernel
+//! (`audit: type=1326 ... comm="husk-vcpu-0" ... syscall=N`) instead of trapped: how the lists
+//! are checked against a whole test run. `HUSK_VMM_TEST_FORBIDDEN_SYSCALL` makes husk-vmm call
+//! `personality(2)`, which no list allows: with `devices`, the device thread as soon as it is
+//! confined; with `sigusr2`, the main thread when the process gets SIGUSR2 (which the run loop
+//! then takes instead of dying of it). The tests' proof that the filters are on and that the
+//! runtime reports them.
+
+pub mod names;
+pub mod rules;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::os::fd::{IntoRawFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use rules::{Allowed, Args};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// The exit status of a VMM its filter ended (128 + SIGSYS, as a shell reports a process
+/// killed by SIGSYS).
+pub const SECCOMP_EXIT: i32 = 128 + libc::SIGSYS;
+
+/// What the report line starts with; the runtime looks for it.
+pub const REPORT_PREFIX: &str = "husk-vmm was killed by its seccomp filter";
+
+/// The environment variable that selects the development mode (`log`).
+pub const MODE_ENV: &str = "HUSK_VMM_SECCOMP";
+
+/// The environment variable of the test hook.
+pub const TEST_HOOK_ENV: &str = "HUSK_VMM_TEST_FORBIDDEN_SYSCALL";
+
+/// The kinds of thread, each with its list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread and the helper threads (supervisor, relays, watchers).
+    Process,
+    /// The device thread (the event loop and every virtio device).
+    Devices,
+    /// A vCPU thread.
+    Vcpu,
+}
+
+impl ThreadKind {
+    /// The name used in reports and by the test hook.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Process => "main or helper",
+            ThreadKind::Devices => "devices",
+            ThreadKind::Vcpu => "vcpu",
+        }
+    }
+
+    /// The entries of this kind's filter (the common ones included). The process filter is
+    /// the union of every list: it bounds every thread, and the device and vCPU threads narrow
+    /// it to their own.
+    pub fn allowed(self) -> Vec<Allowed> {
+        match self {
+            ThreadKind::Process => {
+                let mut all = rules::list(rules::PROCESS_ONLY);
+                all.extend(rules::DEVICES_ONLY);
+                all.extend(rules::VCPU_ONLY);
+                all
+            }
+            ThreadKind::Devices => rules::list(rules::DEVICES_ONLY),
+            ThreadKind::Vcpu => rules::list(rules::VCPU_ONLY),
+        }
+    }
+}
+
+/// Errors of installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the {0} seccomp filter")]
+    Build(&'static str, #[source] seccompiler::BackendError),
+    #[error("cannot install the {0} seccomp filter")]
+    Install(&'static str, #[source] seccompiler::Error),
+    #[error("cannot open the seccomp report file {0}")]
+    Report(std::path::PathBuf, #[source] std::io::Error),
+    #[error("cannot install the SIGSYS handler")]
+    Handler(#[source] std::io::Error),
+    #[error("{MODE_ENV}={0}: expected `log` or nothing")]
+    Mode(String),
+}
+
+/// What a call outside the lists does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Trap,
+    Log,
+}
+
+fn mode() -> Result<Mode, SeccompError> {
+    match std::env::var(MODE_ENV) {
+        Err(_) => Ok(Mode::Trap),
+        Ok(v) if v.is_empty() => Ok(Mode::Trap),
+        Ok(v) if v == "log" => Ok(Mode::Log),
+        Ok(v) => Err(SeccompError::Mode(v)),
+    }
+}
+
+/// The report file's descriptor, or -1.
+static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+thread_local! {
+    /// The calling thread's kind, for the report (plain data: read in the signal handler).
+    static KIND: Cell<ThreadKind> = const { Cell::new(ThreadKind::Process) };
+}
+
+fn condition(
+    index: u8,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        op,
+        value,
+    )?])
+}
+
+fn rules_of(args: Args) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    Ok(match args {
+        // No rule: the call is allowed whatever its arguments.
+        Args::Any => Vec::new(),
+        Args::OneOf { index, values } => values
+            .iter()
+            .map(|v| condition(index, SeccompCmpOp::Eq, *v))
+            .collect::<Result<_, _>>()?,
+        Args::Clear { index, mask } => vec![condition(index, SeccompCmpOp::MaskedEq(mask), 0)?],
+        Args::IoctlOrKvm { values } => {
+            let mut rules: Vec<SeccompRule> = values
+                .iter()
+                .map(|v| condition(1, SeccompCmpOp::Eq, *v))
+                .collect::<Result<_, _>>()?;
+            rules.push(condition(
+                1,
+                SeccompCmpOp::MaskedEq(rules::ioctls::KVM_TYPE_MASK),
+                rules::ioctls::KVM_TYPE,
+            )?);
+            rules
+        }
+    })
+}
+
+/// The BPF program of `kind`'s list.
+fn program(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(kind.name(), e);
+    // Entries of one call (from several lists) join: any of their pins allows the call, and
+    // an entry without pins allows it whatever its arguments (an empty rule list).
+    let mut joined: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for allowed in kind.allowed() {
+        let rules = rules_of(allowed.args).map_err(build)?;
+        let entry = joined.entry(allowed.nr).or_insert_with(|| Some(Vec::new()));
+        match (rules.is_empty(), entry.as_mut()) {
+            (true, _) => *entry = None,
+            (false, Some(pins)) => pins.extend(rules),
+            (false, None) => {}
+        }
+    }
+    let map: BTreeMap<i64, Vec<SeccompRule>> = joined
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect();
+    let mismatch = match mode {
+        Mode::Trap => SeccompAction::Trap,
+        Mode::Log => SeccompAction::Log,
+    };
+    SeccompFilter::new(map, mismatch, SeccompAction::Allow, arch())
+        .and_then(TryInto::try_into)
+        .map_err(build)
+}
+
+/// The filter that answers `clone3` with `ENOSYS` and allows everything else.
+fn clone3_program() -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build("clone3", e);
+    let map = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    SeccompFilter::new(
+        map,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch(),
+    )
+    .and_then(TryInto::try_into)
+    .map_err(build)
+}
+
+fn arch() -> TargetArch {
+    TargetArch::x86_64
+}
+
+/// Confines the whole process: opens the report file, installs the `SIGSYS` handler, then the
+/// process list on every thread. Call it once the microVM is built and the capabilities are
+/// dropped (`no_new_privs` set), before the threads that serve the guest start.
+pub fn confine_process(report: Option<&Path>) -> Result<(), SeccompError> {
+    let mode = mode()?;
+    if let Some(path) = report {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| SeccompError::Report(path.to_path_buf(), e))?;
+        REPORT_FD.store(file.into_raw_fd(), Ordering::Release);
+    }
+    install_sigsys_handler()?;
+    let process = program(ThreadKind::Process, mode)?;
+    seccompiler::apply_filter_all_threads(&process)
+        .map_err(|e| SeccompError::Install(ThreadKind::Process.name(), e))?;
+    let clone3 = clone3_program()?;
+    seccompiler::apply_filter_all_threads(&clone3)
+        .map_err(|e| SeccompError::Install("clone3", e))?;
+    if mode == Mode::Log {
+        tracing::warn!("{MODE_ENV}=log: calls outside the seccomp lists are logged, not stopped");
+    }
+    Ok(())
+}
+
+/// Narrows the calling thread to `kind`'s list (on top of the process list).
+pub fn confine_thread(kind: ThreadKind) -> Result<(), SeccompError> {
+    let mode = mode()?;
+    let filter = program(kind, mode)?;
+    seccompiler::apply_filter(&filter).map_err(|e| SeccompError::Install(kind.name(), e))?;
+    KIND.with(|k| k.set(kind));
+    Ok(())
+}
+
+/// The test hook's moment: the device thread, once confined.
+pub const HOOK_DEVICES: &str = "devices";
+/// The test hook's moment: the main thread, on SIGUSR2.
+pub const HOOK_SIGUSR2: &str = "sigusr2";
+
+/// Whether `HUSK_VMM_TEST_FORBIDDEN_SYSCALL` names `hook`.
+pub fn test_hook_armed(hook: &str) -> bool {
+    std::env::var(TEST_HOOK_ENV).is_ok_and(|v| v == hook)
+}
+
+/// The test hook: when `HUSK_VMM_TEST_FORBIDDEN_SYSCALL` names `hook`, makes a call no list
+/// allows (`personality(0xffffffff)`, which only reads the persona), so the filter ends the VMM.
+pub fn test_hook(hook: &str) {
+    if test_hook_armed(hook) {
+        tracing::warn!("{TEST_HOOK_ENV}={hook}: calling personality(2), which no list allows");
+        // SAFETY: personality(0xffffffff) only reads the calling process's persona.
+        unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffff_u64) };
+    }
+}
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is valid; the handler below only calls async-signal-safe
+    // system calls (write, exit_group) on data that needs no locks.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = sigsys_handler as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(SeccompError::Handler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// The `si_syscall` field of a `SIGSYS` siginfo: after `si_signo`, `si_errno`, `si_code` and
+/// padding (16 bytes), `si_call_addr` (8), then the call number (an `int`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn sigsys_handler(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; for SIGSYS the
+    // call number is an int at SI_SYSCALL_OFFSET.
+    let nr =
+        unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) };
+    let kind = KIND.with(Cell::get);
+    let mut line = Line::new();
+    line.push(REPORT_PREFIX);
+    line.push(": syscall ");
+    line.push_number(i64::from(nr));
+    line.push(" (");
+    line.push(names::syscall_name(i64::from(nr)).unwrap_or("unknown"));
+    line.push(") in a ");
+    line.push(kind.name());
+    line.push(" thread\n");
+    let report = REPORT_FD.load(Ordering::Acquire);
+    for fd in [libc::STDERR_FILENO, report] {
+        if fd >= 0 {
+            write_all(fd, line.bytes());
+        }
+    }
+    // SAFETY: exit_group ends the process; nothing after it runs.
+    unsafe { libc::syscall(libc::SYS_exit_group, SECCOMP_EXIT) };
+}
+
+fn write_all(fd: RawFd, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is valid for reading its length.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n <= 0 {
+            return;
+        }
+        bytes = &bytes[n as usize..];
+    }
+}
+
+/// A fixed buffer for the handler's line (no allocation in a signal handler).
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Line {
+    fn new() -> Self {
+        Line {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: &str) {
+        for b in s.bytes() {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_number(&mut self, n: i64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            self.push("-");
+        }
+        for &d in &digits[i..] {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = d;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The report line in `text` (a report file or a log), if the filter ended the VMM.
+pub fn find_report(text: &str) -> Option<&str> {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with(REPORT_PREFIX))
+        .map(str::trim)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_list_compiles_in_both_modes() {
+        for kind in [ThreadKind::Process, ThreadKind::Devices, ThreadKind::Vcpu] {
+            for mode in [Mode::Trap, Mode::Log] {
+                let prog = program(kind, mode).unwrap();
+                assert!(!prog.is_empty());
+                // The kernel takes at most 4096 instructions per filter.
+                assert!(
+                    prog.len() < 4096,
+                    "{} has {} instructions",
+                    kind.name(),
+                    prog.len()
+                );
+            }
+        }
+        assert!(!clone3_program().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_process_list_holds_every_call_of_the_narrower_lists() {
+        let process: Vec<i64> = ThreadKind::Process.allowed().iter().map(|a| a.nr).collect();
+        for kind in [ThreadKind::Devices, ThreadKind::Vcpu] {
+            for a in kind.allowed() {
+                assert!(process.contains(&a.nr), "{} of {}", a.nr, kind.name());
+            }
+        }
+        // Pins join: the process filter lets the device thread's TUNGETIFF through and the
+        // vCPU thread's KVM_RUN, and still no other ioctl than its own and theirs.
+        let ioctls: Vec<Args> = ThreadKind::Process
+            .allowed()
+            .iter()
+            .filter(|a| a.nr == libc::SYS_ioctl)
+            .map(|a| a.args)
+            .collect();
+        assert_eq!(ioctls.len(), 3);
+    }
+
+    #[test]
+    fn the_handlers_line_names_the_call() {
+        let mut line = Line::new();
+        line.push("syscall ");
+        line.push_number(135);
+        line.push(" (");
+        line.push(names::syscall_name(135).unwrap());
+        line.push(")");
+        assert_eq!(line.bytes(), b"syscall 135 (personality)");
+        let mut line = Line::new();
+        line.push_number(0);
+        line.push_number(-7);
+        assert_eq!(line.bytes(), b"0-7");
+    }
+
+    #[test]
+    fn names_are_sorted_and_known() {
+        assert!(names::SYSCALL_NAMES.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(names::syscall_name(libc::SYS_read), Some("read"));
+        assert_eq!(names::syscall_name(libc::SYS_openat), Some("openat"));
+        assert_eq!(names::syscall_name(libc::SYS_clone3), Some("clone3"));
+        assert_eq!(names::syscall_name(9999), None);
+    }
+
+    #[test]
+    fn a_report_is_found_in_a_log() {
+        let log = "WARN something\nhusk-vmm was killed by its seccomp filter: syscall 135 \
+                   (personality) in a devices thread\n";
+        assert_eq!(
+            find_report(log),
+            Some("husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a devices thread")
+        );
+        assert_eq!(find_report("nothing here\n"), None);
+    }
+
+    const CHILD_ENV: &str = "HUSK_SECCOMP_TEST_CHILD_REPORT";
+
+    /// Run by [`a_call_outside_the_list_ends_the_process_with_a_report`] in a process of its
+    /// own (a filter cannot be removed); does nothing in the normal run.
+    #[test]
+    fn child_confines_itself_and_calls_outside_its_list() {
+        let Ok(report) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers.
+        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        assert_eq!(rc, 0);
+        confine_process(Some(Path::new(&report))).unwrap();
+        confine_thread(ThreadKind::Devices).unwrap();
+        // Allowed: a read of nothing.
+        // SAFETY: a zero-length read touches no memory.
+        unsafe { libc::read(-1, std::ptr::null_mut(), 0) };
+        // SAFETY: personality(0xffffffff) only reads the persona.
+        unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffff_u64) };
+        unreachable!("personality(2) was allowed");
+    }
+
+    /// The devices list traps a call outside it; the handler reports it and the process
+    /// ends with SECCOMP_EXIT.
+    #[test]
+    fn a_call_outside_the_list_ends_the_process_with_a_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("report");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::child_confines_itself_and_calls_outside_its_list",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, &report)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(SECCOMP_EXIT), "stderr: {stderr}");
+        let expected = "husk-vmm was killed by its seccomp filter: syscall 135 (personality) \
+                        in a devices thread";
+        assert_eq!(
+            find_report(&std::fs::read_to_string(&report).unwrap()),
+            Some(expected)
+        );
+        assert_eq!(find_report(&stderr), Some(expected));
+    }
+}
