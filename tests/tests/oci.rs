@@ -344,6 +344,149 @@ fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
     assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
 }
 
+/// `husk` killed with SIGKILL at each lifecycle step: `create` at four moments (at once, once
+/// its state directory exists, once its husk-vmm runs, once the guest's vsock socket exists),
+/// `start` (at once and 50 ms on), `exec` (while its process runs) and `delete` (at once, 10
+/// and 40 ms on; a command that ended first is said so on stderr). Whatever was done, `husk state` answers, `husk delete --force` succeeds and
+/// leaves nothing (no state, mount or husk-vmm), and a container whose `exec` was killed still
+/// runs and takes another `exec`.
+#[test]
+fn killing_husk_at_each_step_leaves_nothing_after_delete_force() {
+    let Some(env) = OciEnv::new("killing_husk_at_each_step_leaves_nothing_after_delete_force")
+    else {
+        return;
+    };
+    let bundle_path = env.bundle("sleep", &["sleep", "1000"], |_| {});
+    let bundle = bundle_path.to_str().expect("utf-8").to_string();
+    let root = env.root.path().to_path_buf();
+    // Output to files: a pipe would be held open by the husk-vmm the command starts.
+    let spawned = std::cell::Cell::new(0);
+    let spawn = |args: &[&str]| {
+        spawned.set(spawned.get() + 1);
+        let log = env
+            .work
+            .path()
+            .join(format!("killed-{}.out", spawned.get()));
+        let file = std::fs::File::create(&log).expect("output file");
+        env.husk(args)
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn husk")
+    };
+    let kill = |child: &mut std::process::Child, what: &str| {
+        let ended = child.try_wait().expect("try_wait");
+        let _ = child.kill();
+        let status = child.wait().expect("wait");
+        eprintln!(
+            "{what}: {}",
+            match ended {
+                Some(s) => format!("had ended by itself ({s})"),
+                None => format!("killed ({status})"),
+            }
+        );
+    };
+    let assert_clean_after_delete = |id: &str, what: &str| {
+        let out = env.run(&["delete", "--force", id]);
+        assert!(
+            out.status.success(),
+            "{what}: delete --force: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+            "{what}: husk-vmm left: {:?}",
+            env.vmms_left()
+        );
+        assert!(
+            env.root_entries().is_empty(),
+            "{what}: {:?}",
+            env.root_entries()
+        );
+        assert!(
+            env.mounts_left().is_empty(),
+            "{what}: {:?}",
+            env.mounts_left()
+        );
+    };
+
+    type Moment<'a> = (&'a str, Box<dyn Fn(&Path) -> bool + 'a>);
+    let moments: Vec<Moment> = vec![
+        ("at once", Box::new(|_| true)),
+        (
+            "once its state directory exists",
+            Box::new(|dir| dir.exists()),
+        ),
+        (
+            "once its husk-vmm runs",
+            Box::new(|dir| !vmms_mentioning(dir).is_empty()),
+        ),
+        (
+            "once the guest's vsock socket exists",
+            Box::new(|dir| dir.join("vsock.sock").exists()),
+        ),
+    ];
+    for (i, (moment, reached)) in moments.iter().enumerate() {
+        let id = format!("kc{i}");
+        let dir = root.join(&id);
+        let mut child = spawn(&["create", "--bundle", &bundle, &id]);
+        wait_until(T, || {
+            reached(&dir) || child.try_wait().ok().flatten().is_some()
+        });
+        kill(&mut child, &format!("create killed {moment}"));
+        // Whatever is there, `state` answers (or says there is no such container).
+        let state = env.run(&["state", &id]);
+        assert!(
+            state.status.code().is_some(),
+            "state after create killed {moment}: {:?}",
+            state.status
+        );
+        assert_clean_after_delete(&id, &format!("create killed {moment}"));
+    }
+
+    for (i, delay) in [0u64, 50].into_iter().enumerate() {
+        let id = format!("ks{i}");
+        env.create_with_pid(&id, &bundle_path);
+        let mut child = spawn(&["start", &id]);
+        std::thread::sleep(Duration::from_millis(delay));
+        kill(&mut child, &format!("start killed after {delay} ms"));
+        let state = env.state(&id).expect("state after a killed start");
+        assert!(
+            state["status"] == "created" || state["status"] == "running",
+            "start killed after {delay} ms: {state}"
+        );
+        assert_clean_after_delete(&id, &format!("start killed after {delay} ms"));
+    }
+
+    let id = "ke";
+    env.create_with_pid(id, &bundle_path);
+    let out = env.run(&["start", id]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let mut child = spawn(&["exec", id, "sleep", "1000"]);
+    std::thread::sleep(Duration::from_secs(2));
+    kill(&mut child, "exec killed while its process runs");
+    assert_eq!(env.state(id).expect("state")["status"], "running");
+    let out = env.run(&["exec", id, "true"]);
+    assert!(
+        out.status.success(),
+        "exec after a killed exec: {}",
+        text(&out.stderr)
+    );
+    assert_clean_after_delete(id, "exec killed");
+
+    // `delete` takes well under 100 ms in the rig: it is killed early or not at all.
+    for (i, delay) in [0u64, 10, 40].into_iter().enumerate() {
+        let id = format!("kd{i}");
+        env.create_with_pid(&id, &bundle_path);
+        let out = env.run(&["start", &id]);
+        assert!(out.status.success(), "start: {}", text(&out.stderr));
+        let mut child = spawn(&["delete", "--force", &id]);
+        std::thread::sleep(Duration::from_millis(delay));
+        kill(&mut child, &format!("delete killed after {delay} ms"));
+        assert_clean_after_delete(&id, &format!("delete killed after {delay} ms"));
+    }
+}
+
 /// Asserts that a `create` of `id` either worked (and then that `delete --force` cleans it
 /// up) or failed as a refusal (exit code 1, a message, never a panic or a signal), and that
 /// either way nothing is left: no state, no mount but `keep`, no husk-vmm. Returns whether

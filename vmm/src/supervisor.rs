@@ -269,7 +269,11 @@ fn supervise_container(
     } else {
         Relay::start_pipes(socket, &process, stdio).map_err(|e| error_chain(&e))?
     };
-    report_ready_at(ready, &format!("created {pid}"));
+    if !report_ready_at(ready, &format!("created {pid}")) {
+        // Killed before it learned of the container, `husk create` may not have recorded this
+        // VMM: nobody could ever manage or delete it, so it ends here.
+        return Err("husk create is gone before it learned the container was created".into());
+    }
     let waiter = AgentClient::connect(socket, timeout);
     let status = wait_process(waiter, &process)?;
     write_exit_file(&plan.exit_file, &status);
@@ -359,15 +363,18 @@ fn report_ready(ready: &Arc<Mutex<Option<File>>>, line: &str) {
     report_ready_at(ready, line);
 }
 
-/// Writes one line to the ready pipe and closes it (only the first report counts).
-fn report_ready_at(ready: &Mutex<Option<File>>, line: &str) {
+/// Writes one line to the ready pipe and closes it (only the first report counts). Returns
+/// false when the line could not be written: `husk create` is gone (EPIPE).
+fn report_ready_at(ready: &Mutex<Option<File>>, line: &str) -> bool {
     let file = ready.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(mut file) = file {
         let line = line.replace('\n', " ");
         if let Err(e) = writeln!(file, "{line}") {
             tracing::warn!("failed to report to husk create: {e}");
+            return false;
         }
     }
+    true
 }
 
 /// Points fds 0/1/2 at `/dev/null` and the log file (fd 1 and 2).

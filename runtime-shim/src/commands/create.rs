@@ -210,6 +210,11 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         drop(ready_write);
         let pid = i32::try_from(child.id()).context("pid out of range")?;
         rollback.child = Some(child);
+        // Recorded at once, still `creating`: a `husk create` killed from here on leaves a VMM
+        // that `husk delete --force` finds (by pid and start time) and kills.
+        state.pid = pid;
+        state.pid_start_time = process_start_time(pid).unwrap_or(0);
+        state.save(&dir)?;
         if let Some((socket, vmm_end)) = handoff {
             drop(vmm_end);
             state.pid = pid;
