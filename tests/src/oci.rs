@@ -220,6 +220,26 @@ impl OciEnv {
         logs_under(self.root.path())
     }
 
+    /// Asserts that nothing of husk is left under this environment's root (`what` names the
+    /// moment): no state, no mount, no husk-vmm (given 30 s to end).
+    pub fn assert_nothing_left(&self, what: &str) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self.vmms_left().is_empty()),
+            "{what}: husk-vmm left: {:?}",
+            self.vmms_left()
+        );
+        assert!(
+            self.root_entries().is_empty(),
+            "{what}: {:?}",
+            self.root_entries()
+        );
+        assert!(
+            self.mounts_left().is_empty(),
+            "{what}: {:?}",
+            self.mounts_left()
+        );
+    }
+
     /// Entries of the state root.
     pub fn root_entries(&self) -> Vec<String> {
         std::fs::read_dir(self.root.path())

@@ -393,21 +393,7 @@ fn killing_husk_at_each_step_leaves_nothing_after_delete_force() {
             "{what}: delete --force: {}",
             text(&out.stderr)
         );
-        assert!(
-            wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
-            "{what}: husk-vmm left: {:?}",
-            env.vmms_left()
-        );
-        assert!(
-            env.root_entries().is_empty(),
-            "{what}: {:?}",
-            env.root_entries()
-        );
-        assert!(
-            env.mounts_left().is_empty(),
-            "{what}: {:?}",
-            env.mounts_left()
-        );
+        env.assert_nothing_left(what);
     };
 
     type Moment<'a> = (&'a str, Box<dyn Fn(&Path) -> bool + 'a>);

@@ -584,6 +584,24 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
 }
 
+/// `husk create --bundle BUNDLE [--pid-file FILE] ID` with the seccomp test hook at `hook`.
+fn create_with_hook(
+    env: &OciEnv,
+    id: &str,
+    bundle: &Path,
+    pid_file: Option<&Path>,
+    hook: &str,
+) -> std::process::Output {
+    let mut args = vec!["create", "--bundle", bundle.to_str().expect("utf-8")];
+    if let Some(file) = pid_file {
+        args.extend(["--pid-file", file.to_str().expect("utf-8")]);
+    }
+    args.push(id);
+    let mut create = env.husk(&args);
+    create.env(husk_vmm::seccomp::TEST_HOOK_ENV, hook);
+    husk_tests::oci::output_of(create, env.work.path())
+}
+
 /// Through the test hook (`HUSK_VMM_TEST_FORBIDDEN_SYSCALL=sigusr2`), a running container's
 /// husk-vmm calls `personality(2)` on SIGUSR2: the seccomp filter ends it, `husk state` says
 /// stopped and why, the report names the call, and `delete` leaves nothing.
@@ -595,19 +613,13 @@ fn a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported() {
     };
     let bundle = env.bundle("trap", &["sleep", "1000"], |_| {});
     let pid_file = env.work.path().join("trap.pid");
-    let mut create = env.husk(&[
-        "create",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "--pid-file",
-        pid_file.to_str().expect("utf-8"),
+    let out = create_with_hook(
+        &env,
         "trap",
-    ]);
-    create.env(
-        husk_vmm::seccomp::TEST_HOOK_ENV,
+        &bundle,
+        Some(&pid_file),
         husk_vmm::seccomp::HOOK_SIGUSR2,
     );
-    let out = husk_tests::oci::output_of(create, env.work.path());
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     let pid: libc::pid_t = std::fs::read_to_string(&pid_file)
         .expect("pid file")
@@ -647,9 +659,7 @@ fn a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported() {
     assert!(env.logs().contains(expected), "vmm.log: {}", env.logs());
     let out = env.run(&["delete", "trap"]);
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
-    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
-    assert!(env.vmms_left().is_empty(), "{:?}", env.vmms_left());
-    assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
+    env.assert_nothing_left("after delete");
 }
 
 /// The device thread's own list: with the hook at `devices`, the device thread's forbidden
@@ -662,17 +672,13 @@ fn a_forbidden_call_on_the_device_thread_fails_create_naming_it() {
         return;
     };
     let bundle = env.bundle("trapdev", &["true"], |_| {});
-    let mut create = env.husk(&[
-        "create",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
+    let out = create_with_hook(
+        &env,
         "trapdev",
-    ]);
-    create.env(
-        husk_vmm::seccomp::TEST_HOOK_ENV,
+        &bundle,
+        None,
         husk_vmm::seccomp::HOOK_DEVICES,
     );
-    let out = husk_tests::oci::output_of(create, env.work.path());
     assert!(!out.status.success(), "create succeeded");
     let expected = "husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a \
                     devices thread";
@@ -681,7 +687,5 @@ fn a_forbidden_call_on_the_device_thread_fails_create_naming_it() {
         "create does not say why: {}",
         text(&out.stderr)
     );
-    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
-    assert!(env.vmms_left().is_empty(), "{:?}", env.vmms_left());
-    assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
+    env.assert_nothing_left("after the failed create");
 }
