@@ -347,9 +347,9 @@ fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
 /// `husk` killed with SIGKILL at each lifecycle step: `create` at four moments (at once, once
 /// its state directory exists, once its husk-vmm runs, once the guest's vsock socket exists),
 /// `start` (at once and 50 ms on), `exec` (while its process runs) and `delete` (at once, 10
-/// and 40 ms on; a command that ended first is said so on stderr). Whatever was done, `husk state` answers, `husk delete --force` succeeds and
-/// leaves nothing (no state, mount or husk-vmm), and a container whose `exec` was killed still
-/// runs and takes another `exec`.
+/// and 40 ms on; a command that ended first is said so on stderr). Whatever was done,
+/// `husk state` answers, `husk delete --force` succeeds and leaves nothing (no state, mount or
+/// husk-vmm), and a container whose `exec` was killed still runs and takes another `exec`.
 #[test]
 fn killing_husk_at_each_step_leaves_nothing_after_delete_force() {
     let Some(env) = OciEnv::new("killing_husk_at_each_step_leaves_nothing_after_delete_force")

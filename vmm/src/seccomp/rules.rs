@@ -175,43 +175,117 @@ const COMMON: &[Allowed] = &[
 /// The main thread, the helper threads, and every thread until it narrows itself.
 pub const PROCESS_ONLY: &[Allowed] = &[
     // Threads.
-    one_of(libc::SYS_clone, 0, &[THREAD_CLONE_FLAGS], "starting a thread (never a process)"),
-    any(libc::SYS_clone3, "glibc tries clone3 first; the filter answers ENOSYS (its arguments cannot be checked) and glibc falls back to clone"),
-    any(libc::SYS_set_robust_list, "a new thread's robust futex list (glibc)"),
-    any(libc::SYS_rseq, "a new thread registers restartable sequences (glibc)"),
-    one_of(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64, libc::PR_CAPBSET_READ as u64, libc::PR_CAP_AMBIENT as u64, libc::PR_SET_NO_NEW_PRIVS as u64], "naming threads (std); dropping a vCPU thread's capabilities (caps); seccompiler sets no_new_privs before a thread narrows its filter"),
-    any(libc::SYS_seccomp, "the device and vCPU threads narrow their filter (a filter can only narrow)"),
-    any(libc::SYS_capget, "dropping a thread's capabilities (vCPU threads, the file server's thread)"),
+    one_of(
+        libc::SYS_clone,
+        0,
+        &[THREAD_CLONE_FLAGS],
+        "starting a thread (never a process)",
+    ),
+    any(
+        libc::SYS_clone3,
+        "glibc tries clone3 first; the filter answers ENOSYS (its arguments cannot be checked) \
+         and glibc falls back to clone",
+    ),
+    any(
+        libc::SYS_set_robust_list,
+        "a new thread's robust futex list (glibc)",
+    ),
+    any(
+        libc::SYS_rseq,
+        "a new thread registers restartable sequences (glibc)",
+    ),
+    one_of(
+        libc::SYS_prctl,
+        0,
+        &[
+            libc::PR_SET_NAME as u64,
+            libc::PR_GET_NAME as u64,
+            libc::PR_CAPBSET_READ as u64,
+            libc::PR_CAP_AMBIENT as u64,
+            libc::PR_SET_NO_NEW_PRIVS as u64,
+        ],
+        "naming threads (std); dropping a vCPU thread's capabilities (caps); seccompiler sets \
+         no_new_privs before a thread narrows its filter",
+    ),
+    any(
+        libc::SYS_seccomp,
+        "the device and vCPU threads narrow their filter (a filter can only narrow)",
+    ),
+    any(
+        libc::SYS_capget,
+        "dropping a thread's capabilities (vCPU threads, the file server's thread)",
+    ),
     any(libc::SYS_capset, "the same"),
-    any(libc::SYS_sched_getaffinity, "std sizing a thread pool or stack"),
-    any(libc::SYS_tgkill, "kicking vCPU threads out of KVM_RUN at teardown; re-raising the init's signal"),
-    any(libc::SYS_kill, "the supervisor asks its own run loop to stop (SIGTERM to itself)"),
+    any(
+        libc::SYS_sched_getaffinity,
+        "std sizing a thread pool or stack",
+    ),
+    any(
+        libc::SYS_tgkill,
+        "kicking vCPU threads out of KVM_RUN at teardown; re-raising the init's signal",
+    ),
+    any(
+        libc::SYS_kill,
+        "the supervisor asks its own run loop to stop (SIGTERM to itself)",
+    ),
     any(libc::SYS_getpid, "the same; logging"),
-    any(libc::SYS_nanosleep, "waits while joining threads and polling"),
+    any(
+        libc::SYS_nanosleep,
+        "waits while joining threads and polling",
+    ),
     any(libc::SYS_clock_nanosleep, "the same"),
-    any(libc::SYS_rt_sigaction, "mirroring the init's exit: default disposition for its signal"),
+    any(
+        libc::SYS_rt_sigaction,
+        "mirroring the init's exit: default disposition for its signal",
+    ),
     any(libc::SYS_rt_sigtimedwait, "the run loop"),
-    any(libc::SYS_prlimit64, "mirroring the init's exit: no core dump"),
+    any(
+        libc::SYS_prlimit64,
+        "mirroring the init's exit: no core dump",
+    ),
     any(libc::SYS_setrlimit, "the same"),
     // Waiting.
-    any(libc::SYS_read, "the run loop's signalfd and eventfds; agent replies; stdio relays"),
+    any(
+        libc::SYS_read,
+        "the run loop's signalfd and eventfds; agent replies; stdio relays",
+    ),
     any(libc::SYS_readv, "stdio relays"),
     any(libc::SYS_writev, "stdio relays; logs"),
-    any(libc::SYS_poll, "the run loop; the agent client's timed waits; relays"),
+    any(
+        libc::SYS_poll,
+        "the run loop; the agent client's timed waits; relays",
+    ),
     any(libc::SYS_ppoll, "the same"),
     any(libc::SYS_epoll_wait, "the run loop"),
     any(libc::SYS_epoll_pwait, "the same"),
     any(libc::SYS_epoll_ctl, "the run loop"),
-    any(libc::SYS_epoll_create1, "the device thread's event loop is made on the main thread"),
-    any(libc::SYS_signalfd4, "the run loop reads SIGTERM and SIGINT from a signalfd"),
-    any(libc::SYS_eventfd2, "the run loop's stop and control eventfds"),
+    any(
+        libc::SYS_epoll_create1,
+        "the device thread's event loop is made on the main thread",
+    ),
+    any(
+        libc::SYS_signalfd4,
+        "the run loop reads SIGTERM and SIGINT from a signalfd",
+    ),
+    any(
+        libc::SYS_eventfd2,
+        "the run loop's stop and control eventfds",
+    ),
     // Talking to the agent over the vsock socket (a Unix socket), passing the console.
-    one_of(libc::SYS_socket, 0, &[libc::AF_UNIX as u64], "the agent client connects to the VM's vsock socket (Unix only)"),
+    one_of(
+        libc::SYS_socket,
+        0,
+        &[libc::AF_UNIX as u64],
+        "the agent client connects to the VM's vsock socket (Unix only)",
+    ),
     one_of(libc::SYS_socketpair, 0, &[libc::AF_UNIX as u64], "the same"),
     any(libc::SYS_connect, "the same"),
     any(libc::SYS_sendto, "agent requests"),
     any(libc::SYS_recvfrom, "agent replies"),
-    any(libc::SYS_sendmsg, "agent requests; handing the console's pty to the engine (SCM_RIGHTS)"),
+    any(
+        libc::SYS_sendmsg,
+        "agent requests; handing the console's pty to the engine (SCM_RIGHTS)",
+    ),
     any(libc::SYS_recvmsg, "agent replies"),
     any(libc::SYS_setsockopt, "the agent client's timeouts"),
     any(libc::SYS_getsockopt, "socket errors"),
@@ -221,34 +295,62 @@ pub const PROCESS_ONLY: &[Allowed] = &[
     any(libc::SYS_dup3, "the same"),
     any(libc::SYS_pipe2, "relays"),
     // Files: the exit status, the boot report, a template's state and memory, the console pty.
-    any(libc::SYS_openat, "the exit file, the boot report, a template's files, /dev/ptmx, /dev/kvm for a snapshot"),
+    any(
+        libc::SYS_openat,
+        "the exit file, the boot report, a template's files, /dev/ptmx, /dev/kvm for a snapshot",
+    ),
     any(libc::SYS_newfstatat, "std's file metadata"),
     any(libc::SYS_fstat, "the same"),
     any(libc::SYS_statx, "the same"),
     any(libc::SYS_lseek, "files"),
     any(libc::SYS_pread64, "a template's memory"),
     any(libc::SYS_pwrite64, "a template's memory"),
-    any(libc::SYS_fsync, "a template's files and the exit file reach the disk"),
+    any(
+        libc::SYS_fsync,
+        "a template's files and the exit file reach the disk",
+    ),
     any(libc::SYS_fdatasync, "the same"),
     any(libc::SYS_ftruncate, "a template's memory file"),
     any(libc::SYS_fallocate, "the same"),
-    any(libc::SYS_rename, "a template and the reports are written atomically"),
+    any(
+        libc::SYS_rename,
+        "a template and the reports are written atomically",
+    ),
     any(libc::SYS_renameat, "the same"),
     any(libc::SYS_renameat2, "the same"),
-    any(libc::SYS_unlink, "removing the vsock socket and temporary files"),
+    any(
+        libc::SYS_unlink,
+        "removing the vsock socket and temporary files",
+    ),
     any(libc::SYS_unlinkat, "the same"),
     any(libc::SYS_mkdirat, "a template's directory"),
     any(libc::SYS_mkdir, "the same"),
     any(libc::SYS_getdents64, "a template's directory"),
     any(libc::SYS_readlink, "std's backtraces"),
-    any(libc::SYS_mincore, "a template's memory: which pages the guest touched"),
+    any(
+        libc::SYS_mincore,
+        "a template's memory: which pages the guest touched",
+    ),
     // ioctl: KVM (snapshot), terminals (the console relay), non-blocking sockets.
     Allowed {
         nr: libc::SYS_ioctl,
         args: Args::IoctlOrKvm {
             values: &[
-                TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCSCTTY, TIOCGPGRP, TIOCGWINSZ, TIOCSWINSZ,
-                FIONREAD, FIONBIO, TIOCGPTPEER, FIONCLEX, FIOCLEX, TIOCGPTN, TIOCSPTLCK,
+                TCGETS,
+                TCSETS,
+                TCSETSW,
+                TCSETSF,
+                TIOCSCTTY,
+                TIOCGPGRP,
+                TIOCGWINSZ,
+                TIOCSWINSZ,
+                FIONREAD,
+                FIONBIO,
+                TIOCGPTPEER,
+                FIONCLEX,
+                FIOCLEX,
+                TIOCGPTN,
+                TIOCSPTLCK,
             ],
         },
         why: "KVM's requests (a snapshot's state; the main thread owns the VM), terminals (the \
