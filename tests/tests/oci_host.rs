@@ -481,6 +481,89 @@ fn status_field(status: &str, key: &str) -> String {
         .to_string()
 }
 
+/// The names in directory `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// husk-vmm runs in its jail (husk_vmm::jail): mount, ipc, uts and network namespaces of its
+/// own, a root that holds only its state directory and /dev/kvm, none of the container's files
+/// (it serves them through descriptors opened before), and the container still works. It may
+/// signal only itself (its seccomp list), as it shares the host's pid namespace.
+#[test]
+fn the_vmm_runs_in_its_jail() {
+    let Some(env) = OciEnv::new("the_vmm_runs_in_its_jail") else {
+        return;
+    };
+    let bundle = env.bundle("jailed", &["sleep", "1000"], |spec| {
+        spec["root"]["readonly"] = json!(false);
+    });
+    let pid = env.create_with_pid("jailed", &bundle);
+    let out = env.run(&["start", "jailed"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let ns = |pid: &str, kind: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("namespace link")
+    };
+    for kind in ["mnt", "ipc", "uts", "net"] {
+        assert_ne!(
+            ns(&pid.to_string(), kind),
+            ns("self", kind),
+            "husk-vmm's {kind} namespace is the host's"
+        );
+    }
+    assert_eq!(ns(&pid.to_string(), "pid"), ns("self", "pid"));
+
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let state = env.root.path().join("jailed");
+    let first = state
+        .components()
+        .nth(1)
+        .expect("an absolute state directory")
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    let mut top = vec!["dev".to_string(), first];
+    top.sort();
+    assert_eq!(names_in(&root), top, "the jail's root");
+    assert_eq!(names_in(&root.join("dev")), ["kvm"], "the jail's /dev");
+    assert!(!root.join("etc/passwd").exists());
+    // The state directory as on the host...
+    let inside = root.join(state.strip_prefix("/").expect("absolute"));
+    assert_eq!(names_in(&inside), names_in(&state), "the state directory");
+    // ...but not the container's files mounted below it.
+    let rootfs = Path::new("shared/jailed/rootfs/bin/busybox");
+    assert!(state.join(rootfs).exists(), "the share on the host");
+    assert!(!inside.join(rootfs).exists(), "the rootfs is in the jail");
+    // Mounts: the root, the state directory, /dev/kvm.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    assert_eq!(mounts.lines().count(), 3, "{mounts}");
+    assert!(
+        mounts
+            .lines()
+            .any(|m| m.contains(" / / ro,") && m.contains(" - tmpfs ")),
+        "no read-only tmpfs root: {mounts}"
+    );
+
+    // The file server still serves the rootfs, reads and writes.
+    let out = env.run(&[
+        "exec",
+        "jailed",
+        "sh",
+        "-c",
+        "echo jailed > /tmp/f && cat /tmp/f && ls /bin/busybox",
+    ]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "jailed\n/bin/busybox\n");
+    let out = env.run(&["delete", "--force", "jailed"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    env.assert_nothing_left("after the jailed container");
+}
+
 #[test]
 fn the_vmm_keeps_only_the_file_servers_capabilities() {
     let Some(env) = OciEnv::new("the_vmm_keeps_only_the_file_servers_capabilities") else {

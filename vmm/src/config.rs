@@ -222,6 +222,23 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// What this VM's jail holds (see [`crate::jail`]): the directories of the files husk-vmm
+    /// still creates or connects to once it runs.
+    pub fn jail_plan(&self) -> crate::jail::JailPlan {
+        let mut plan = crate::jail::JailPlan::new();
+        plan.dir_of(&self.vsock_socket);
+        for file in [&self.boot_report, &self.seccomp_report]
+            .into_iter()
+            .flatten()
+        {
+            plan.dir_of(file);
+        }
+        if let Some(dir) = &self.template_out {
+            plan.dir(dir);
+        }
+        plan
+    }
+
     /// Checks the configuration against the host, without creating anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_kernel(&self.kernel)?;

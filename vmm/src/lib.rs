@@ -10,6 +10,7 @@ pub mod confine;
 pub mod devices;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod jail;
 pub mod kvm_check;
 pub mod net_handoff;
 pub mod seccomp;

@@ -151,8 +151,9 @@ fn run(args: Args) -> anyhow::Result<i32> {
         Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
         result => result.context("failed to build the microVM")?,
     };
-    husk_vmm::confine::confine(cfg.seccomp_report.as_deref())
-        .context("failed to confine husk-vmm")?;
+    husk_vmm::confine::confine(&cfg.jail_plan(), cfg.seccomp_report.as_deref())
+        .context("failed to confine husk-vmm")?
+        .record(vmm.timeline());
     let exit = match vmm.run() {
         Err(e) if e.is_template_refusal() => return Ok(refused(&e)),
         result => result.context("the microVM failed")?,

@@ -78,6 +78,9 @@ pub enum SupervisorError {
     /// The console socket could not be used.
     #[error("console socket {0}")]
     Console(PathBuf, #[source] io::Error),
+    /// `process.terminal` without a console socket to send the pty to.
+    #[error("process.terminal is set but no console socket was given")]
+    NoConsoleSocket,
     /// The host pty could not be set up.
     #[error("failed to set up the host pty")]
     Pty(#[source] nix::Error),
@@ -172,10 +175,21 @@ fn supervise(
 ) -> Result<i32, SupervisorError> {
     let stdio = HostStdio::dup_current().map_err(SupervisorError::Stdio)?;
     redirect_own_stdio(plan.log_file.as_deref()).map_err(SupervisorError::Stdio)?;
+    // The console socket is a path of the engine's, outside the jail: connected now, used
+    // once the container exists.
+    let console = match (&plan.console_socket, plan.terminal) {
+        (Some(path), true) => Some(connect_console(path)?),
+        (None, true) => return Err(SupervisorError::NoConsoleSocket),
+        _ => None,
+    };
     let vmm = build_microvm(cfg)?;
+    let mut jail = cfg.jail_plan();
+    jail.dir_of(&plan.exit_file);
+    jail.pty = plan.terminal;
     // Before the supervisor thread starts: it inherits what is left.
-    crate::confine::confine(cfg.seccomp_report.as_deref())
-        .map_err(crate::vmm::VmmError::Confine)?;
+    crate::confine::confine(&jail, cfg.seccomp_report.as_deref())
+        .map_err(crate::vmm::VmmError::Confine)?
+        .record(vmm.timeline());
     let outcome: Arc<Mutex<Option<Result<ExitStatus, String>>>> = Arc::new(Mutex::new(None));
     let thread = {
         let outcome = outcome.clone();
@@ -186,7 +200,7 @@ fn supervise(
         thread::Builder::new()
             .name("husk-supervisor".into())
             .spawn(move || {
-                let result = supervise_container(&socket, timeout, &plan, stdio, &ready);
+                let result = supervise_container(&socket, timeout, &plan, stdio, console, &ready);
                 if let Err(e) = &result {
                     tracing::error!("container supervision failed: {e}");
                     report_ready(&ready, &format!("error {e}"));
@@ -216,6 +230,7 @@ fn supervise_container(
     timeout: Duration,
     plan: &SupervisorPlan,
     stdio: HostStdio,
+    console: Option<(PathBuf, UnixStream)>,
     ready: &Mutex<Option<File>>,
 ) -> Result<ExitStatus, String> {
     let (mut control, _) =
@@ -260,12 +275,8 @@ fn supervise_container(
             ))
         }
     };
-    let relay = if plan.terminal {
-        let console = plan
-            .console_socket
-            .as_deref()
-            .ok_or("process.terminal is set but no console socket was given")?;
-        Relay::start_console(socket, &process, console).map_err(|e| error_chain(&e))?
+    let relay = if let Some((path, console)) = console {
+        Relay::start_console(socket, &process, &path, console).map_err(|e| error_chain(&e))?
     } else {
         Relay::start_pipes(socket, &process, stdio).map_err(|e| error_chain(&e))?
     };
@@ -492,20 +503,23 @@ impl Relay {
         })
     }
 
-    /// Attaches the process's pty: makes a host pty, sends its master over `console_socket`,
-    /// and relays the slave both ways, forwarding window-size changes.
+    /// Attaches the process's pty: makes a host pty, sends its master over `console` (the
+    /// engine's console socket at `console_path`, see [`connect_console`]), and relays the
+    /// slave both ways, forwarding window-size changes.
     pub fn start_console(
         socket: &Path,
         process: &ProcessRef,
-        console_socket: &Path,
+        console_path: &Path,
+        console: UnixStream,
     ) -> Result<Relay, SupervisorError> {
         let pty = nix::pty::openpty(None, None).map_err(SupervisorError::Pty)?;
         let mut termios = nix::sys::termios::tcgetattr(&pty.slave).map_err(SupervisorError::Pty)?;
         nix::sys::termios::cfmakeraw(&mut termios);
         nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &termios)
             .map_err(SupervisorError::Pty)?;
-        send_console(console_socket, &pty.master)
-            .map_err(|e| SupervisorError::Console(console_socket.to_path_buf(), e))?;
+        send_console(&console, &pty.master)
+            .map_err(|e| SupervisorError::Console(console_path.to_path_buf(), e))?;
+        drop(console);
         drop(pty.master);
         let stream = open_stream(socket, process, StreamKind::Pty)?;
         let slave = File::from(pty.slave);
@@ -580,11 +594,17 @@ pub fn pump(from: &mut impl Read, to: &mut impl Write) {
     }
 }
 
-/// Sends `master` over the Unix socket at `path` with SCM_RIGHTS, with the pty's name as the
-/// message body (as runc does).
-pub fn send_console(path: &Path, master: &OwnedFd) -> io::Result<()> {
+/// Connects to the engine's console socket at `path`.
+pub fn connect_console(path: &Path) -> Result<(PathBuf, UnixStream), SupervisorError> {
+    UnixStream::connect(path)
+        .map(|stream| (path.to_path_buf(), stream))
+        .map_err(|e| SupervisorError::Console(path.to_path_buf(), e))
+}
+
+/// Sends `master` over the engine's console socket with SCM_RIGHTS, with the pty's name as
+/// the message body (as runc does).
+pub fn send_console(socket: &UnixStream, master: &OwnedFd) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let socket = UnixStream::connect(path)?;
     let name = nix::unistd::ttyname(master.as_fd())
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "/dev/ptmx".into());
@@ -756,7 +776,8 @@ mod tests {
         let path = dir.path().join("console.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
         let pty = nix::pty::openpty(None, None).expect("openpty");
-        send_console(&path, &pty.master).expect("sent");
+        let (_, socket) = connect_console(&path).expect("connected");
+        send_console(&socket, &pty.master).expect("sent");
         let (conn, _) = listener.accept().expect("accept");
         let mut buf = [0u8; 256];
         let mut iov = [io::IoSliceMut::new(&mut buf)];

@@ -50,6 +50,12 @@ pub struct BootTimeline {
     /// several mappings: pages mapped from the kernel and initramfs files, anonymous RAM).
     #[serde(default)]
     pub guest_memory_host_ranges: Vec<(u64, u64)>,
+    /// How long entering the jail took (none when husk-vmm could not build one).
+    #[serde(default)]
+    pub jail_us: Option<u64>,
+    /// How long the whole confinement took: the jail, the capability drop, the seccomp filter.
+    #[serde(default)]
+    pub confine_us: Option<u64>,
 }
 
 /// Errors of [`write_report`].

@@ -98,6 +98,11 @@ fn print_probe(probe: &Probe) {
     println!("    kernel loaded       {}", ms(t.kernel_loaded_us));
     println!("    first vCPU entry    {}", opt(t.first_vcpu_entry_us));
     println!("    agent handshake     {}", opt(t.agent_handshake_us));
+    println!(
+        "  confinement took {} (of which the jail {})",
+        opt(t.confine_us),
+        opt(t.jail_us)
+    );
 }
 
 /// Boots a 1 vCPU / 128 MiB guest, waits for the agent's handshake, shuts it down.

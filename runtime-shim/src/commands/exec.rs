@@ -241,7 +241,10 @@ fn attach_start_wait(
         exec_id: Some(exec_id.to_string()),
     };
     let relay = match console_socket {
-        Some(console) => Relay::start_console(&socket, &process, console)?,
+        Some(console) => {
+            let (path, connected) = husk_vmm::supervisor::connect_console(console)?;
+            Relay::start_console(&socket, &process, &path, connected)?
+        }
         None => Relay::start_pipes(&socket, &process, HostStdio::dup_current()?)?,
     };
     let mut client = connect(dir)?;

@@ -153,6 +153,11 @@ fn rules_of(args: Args) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
             .map(|v| condition(index, SeccompCmpOp::Eq, *v))
             .collect::<Result<_, _>>()?,
         Args::Clear { index, mask } => vec![condition(index, SeccompCmpOp::MaskedEq(mask), 0)?],
+        Args::OwnPid { index } => vec![condition(
+            index,
+            SeccompCmpOp::Eq,
+            u64::from(std::process::id()),
+        )?],
         Args::IoctlOrKvm { values } => {
             let mut rules: Vec<SeccompRule> = values
                 .iter()
@@ -466,6 +471,7 @@ mod tests {
     }
 
     const CHILD_ENV: &str = "HUSK_SECCOMP_TEST_CHILD_REPORT";
+    const CHILD_CALL_ENV: &str = "HUSK_SECCOMP_TEST_CHILD_CALL";
 
     /// Run by [`a_call_outside_the_list_ends_the_process_with_a_report`] in a process of its
     /// own (a filter cannot be removed); does nothing in the normal run.
@@ -477,7 +483,16 @@ mod tests {
         // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers.
         let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
         assert_eq!(rc, 0);
+        let parent = nix::unistd::getppid();
         confine_process(Some(Path::new(&report))).unwrap();
+        if std::env::var(CHILD_CALL_ENV).as_deref() == Ok("kill") {
+            // Allowed: a signal to itself (0 only checks).
+            let me = nix::unistd::getpid();
+            nix::sys::signal::kill(me, None).unwrap();
+            // Not to any other process, here the parent.
+            let _ = nix::sys::signal::kill(parent, None);
+            unreachable!("kill(2) of another process was allowed");
+        }
         confine_thread(ThreadKind::Devices).unwrap();
         // Allowed: a read of nothing.
         // SAFETY: a zero-length read touches no memory.
@@ -487,10 +502,8 @@ mod tests {
         unreachable!("personality(2) was allowed");
     }
 
-    /// The devices list traps a call outside it; the handler reports it and the process
-    /// ends with SECCOMP_EXIT.
-    #[test]
-    fn a_call_outside_the_list_ends_the_process_with_a_report() {
+    /// Runs the child test with `call`; returns its report file's line and stderr's.
+    fn child_report(call: &str) -> (Option<String>, Option<String>) {
         let dir = tempfile::tempdir().unwrap();
         let report = dir.path().join("report");
         let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -501,16 +514,37 @@ mod tests {
                 "--nocapture",
             ])
             .env(CHILD_ENV, &report)
+            .env(CHILD_CALL_ENV, call)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(SECCOMP_EXIT), "stderr: {stderr}");
+        (
+            find_report(&std::fs::read_to_string(&report).unwrap()).map(str::to_owned),
+            find_report(&stderr).map(str::to_owned),
+        )
+    }
+
+    /// husk-vmm may signal itself, and no other process.
+    #[test]
+    fn a_signal_to_another_process_ends_the_process_with_a_report() {
+        let (report, stderr) = child_report("kill");
+        let expected = format!(
+            "husk-vmm was killed by its seccomp filter: syscall 62 (kill) in a {} thread",
+            ThreadKind::Process.name()
+        );
+        assert_eq!(report.as_deref(), Some(expected.as_str()));
+        assert_eq!(stderr.as_deref(), Some(expected.as_str()));
+    }
+
+    /// The devices list traps a call outside it; the handler reports it and the process
+    /// ends with SECCOMP_EXIT.
+    #[test]
+    fn a_call_outside_the_list_ends_the_process_with_a_report() {
+        let (report, stderr) = child_report("personality");
         let expected = "husk-vmm was killed by its seccomp filter: syscall 135 (personality) \
                         in a devices thread";
-        assert_eq!(
-            find_report(&std::fs::read_to_string(&report).unwrap()),
-            Some(expected)
-        );
-        assert_eq!(find_report(&stderr), Some(expected));
+        assert_eq!(report.as_deref(), Some(expected));
+        assert_eq!(stderr.as_deref(), Some(expected));
     }
 }

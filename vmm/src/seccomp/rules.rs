@@ -29,6 +29,9 @@ pub enum Args {
     Clear { index: u8, mask: u64 },
     /// An `ioctl` whose request (argument 1) is one of `values` or of KVM's type.
     IoctlOrKvm { values: &'static [u64] },
+    /// Argument `index` is husk-vmm's own pid: a signal only to itself (husk-vmm shares the
+    /// host's pid namespace, see [`crate::jail`]).
+    OwnPid { index: u8 },
 }
 
 /// One allowed system call.
@@ -52,6 +55,14 @@ const fn one_of(nr: c_long, index: u8, values: &'static [u64], why: &'static str
     Allowed {
         nr,
         args: Args::OneOf { index, values },
+        why,
+    }
+}
+
+const fn own_pid(nr: c_long, index: u8, why: &'static str) -> Allowed {
+    Allowed {
+        nr,
+        args: Args::OwnPid { index },
         why,
     }
 }
@@ -220,13 +231,16 @@ pub const PROCESS_ONLY: &[Allowed] = &[
         libc::SYS_sched_getaffinity,
         "std sizing a thread pool or stack",
     ),
-    any(
+    own_pid(
         libc::SYS_tgkill,
-        "kicking vCPU threads out of KVM_RUN at teardown; re-raising the init's signal",
+        0,
+        "kicking vCPU threads out of KVM_RUN at teardown; re-raising the init's signal: only \
+         husk-vmm's own threads",
     ),
-    any(
+    own_pid(
         libc::SYS_kill,
-        "the supervisor asks its own run loop to stop (SIGTERM to itself)",
+        0,
+        "the supervisor asks its own run loop to stop (SIGTERM to itself): only itself",
     ),
     any(libc::SYS_getpid, "the same; logging"),
     any(
@@ -418,6 +432,11 @@ pub const DEVICES_ONLY: &[Allowed] = &[
     any(
         libc::SYS_umask,
         "the file server serves with umask 0 (the guest applied its own)",
+    ),
+    any(
+        libc::SYS_fchdir,
+        "the file server re-imports its share's root (FUSE INIT, DESTROY) from its thread's \
+         working directory, set to the share for that call: the share is outside the jail",
     ),
     any(
         libc::SYS_capget,

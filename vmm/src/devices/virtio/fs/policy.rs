@@ -6,6 +6,8 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -138,6 +140,9 @@ impl Places {
 /// The passthrough file system over one shared directory, with husk's policy enforced.
 pub struct ConfinedFs {
     inner: PassthroughFs<()>,
+    /// The share's root, opened on the host before the VMM's jail: the passthrough (re)opens
+    /// its root at ".", from a thread whose working directory is this ([`Self::in_share`]).
+    root: OwnedFd,
     cache: CacheTimes,
     places: Mutex<Places>,
 }
@@ -160,12 +165,15 @@ impl ConfinedFs {
         if !resolved.is_dir() {
             return Err(err(io::Error::from_raw_os_error(libc::ENOTDIR)));
         }
-        let root_dir = resolved
-            .to_str()
-            .ok_or_else(|| err(io::Error::from_raw_os_error(libc::EINVAL)))?
-            .to_string();
+        let root = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&resolved)
+            .map_err(err)?;
         let cfg = Config {
-            root_dir,
+            // Inside husk-vmm's jail the share has no path (see `crate::jail`): the passthrough
+            // opens "." on a thread standing in the share ([`Self::in_share`]).
+            root_dir: ".".into(),
             // Replaced per reply by the inode's place; these serve what the passthrough
             // answers before we see it.
             entry_timeout: cache.other,
@@ -184,24 +192,40 @@ impl ConfinedFs {
             allow_direct_io: true,
             ..Config::default()
         };
-        let inner = PassthroughFs::new(cfg).map_err(err)?;
+        let fs = Self {
+            inner: PassthroughFs::new(cfg).map_err(err)?,
+            root: root.into(),
+            cache,
+            places: Mutex::new(Places::default()),
+        };
         // Open the root now so a bad directory fails the build, not the guest's mount.
         // `import` sets the umask to 0: do it on a thread with its own umask.
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     unshare_fs()?;
-                    inner.import()
+                    fs.in_share(|| fs.inner.import())?
                 })
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("import panicked")))
         })
         .map_err(err)?;
-        Ok(Self {
-            inner,
-            cache,
-            places: Mutex::new(Places::default()),
-        })
+        Ok(fs)
+    }
+
+    /// Runs `f` with the calling thread's working directory in the share, then puts it back.
+    /// The passthrough opens its root by path (at [`Self::with_cache`], FUSE INIT and
+    /// DESTROY): "." then is the share, wherever the VMM's own root is. The thread must have
+    /// its own fs context ([`confine_thread`]), so that no other thread's directory moves.
+    fn in_share<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let back = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(".")?;
+        nix::unistd::fchdir(self.root.as_raw_fd()).map_err(io::Error::from)?;
+        let result = f();
+        nix::unistd::fchdir(back.as_raw_fd()).map_err(io::Error::from)?;
+        Ok(result)
     }
 
     fn places(&self) -> std::sync::MutexGuard<'_, Places> {
@@ -377,7 +401,8 @@ impl FileSystem for ConfinedFs {
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
         // The passthrough switches modes by what the guest offers: offer it only what we allow.
         let capable = capable - REFUSED_OPTIONS;
-        let want = self.host()?.init(capable)? | WANTED_OPTIONS;
+        let host = self.host()?;
+        let want = self.in_share(|| host.init(capable))?? | WANTED_OPTIONS;
         Ok(want - REFUSED_OPTIONS)
     }
 
@@ -385,8 +410,8 @@ impl FileSystem for ConfinedFs {
         // `destroy` re-imports the root, which sets the umask: only on a confined thread.
         // The guest's inodes go with the session.
         self.places().held.clear();
-        match confine_thread() {
-            Ok(()) => self.inner.destroy(),
+        match confine_thread().and_then(|()| self.in_share(|| self.inner.destroy())) {
+            Ok(()) => {}
             Err(e) => tracing::warn!("virtio-fs: cannot end the session: {e}"),
         }
     }

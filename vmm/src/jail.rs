@@ -1,0 +1,465 @@
+//! The jail: once the microVM is built, before the guest runs its first instruction, `husk-vmm`
+//! leaves the host's mount, ipc, uts and network namespaces and pivots into a root of its own
+//! that holds only what it still reaches by path.
+//!
+//! What the jail holds ([`JailPlan`]), each at the path it has on the host so that nothing
+//! else in husk-vmm changes:
+//! - the directories where husk-vmm still creates or connects to files: its vsock socket's
+//!   (the guest's connections to `<socket>_<port>`, the socket's removal at teardown), the
+//!   boot report's, the seccomp report's, the exit file's (`--supervise`) and a template's
+//!   (`--template-out`). Each is bound alone (not recursively): what is mounted below it on
+//!   the host (a container's share with its rootfs) stays outside.
+//! - `/dev/kvm` (a template build opens it again to list the MSRs it saves);
+//! - with a terminal (`--supervise` of a container with `process.terminal`), a devpts
+//!   instance of its own and `/dev/ptmx`: the pty it relays is made there, and no pty of the
+//!   host is in reach.
+//!
+//! What it does not need by path, it reaches through descriptors opened before: the kernel
+//! and initramfs were read, a template's memory is mapped, the TAP device is open, the file
+//! server holds its share's root and `/proc/self/fd` (lookups go from these descriptors, in
+//! the host's mount tree, so a rootfs the shim mounts into a pod's share later is served),
+//! the log is open, and the console socket (`--supervise` with a terminal) is connected.
+//!
+//! The root itself is a small read-only tmpfs. The network namespace is new and empty: every
+//! socket husk-vmm uses is a Unix socket on a path (which the network namespace does not
+//! scope), and the TAP device's descriptor works from any namespace.
+//!
+//! Not here (see SECURITY.md): a pid namespace (entering one needs a fork, and the runtime
+//! waits for husk-vmm as its child; the seccomp filter lets husk-vmm signal only itself
+//! instead) and an unprivileged uid (the file server acts as the guest's users on the share).
+//! A husk-vmm started by a user other than root cannot build the jail and runs without it,
+//! saying so in its log.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+
+/// `move_mount`'s flag: the source is the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// The namespaces husk-vmm leaves.
+const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS)
+    .union(CloneFlags::CLONE_NEWNET);
+
+/// The device files the jail holds.
+const DEVICES: &[&str] = &["/dev/kvm"];
+
+/// What goes into the jail.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JailPlan {
+    /// Host directories reachable at the same path inside, writable (each bound alone).
+    pub dirs: Vec<PathBuf>,
+    /// Device files reachable at the same path inside.
+    pub devices: Vec<PathBuf>,
+    /// A devpts instance of the jail's own at `/dev/pts`, with `/dev/ptmx`.
+    pub pty: bool,
+}
+
+impl JailPlan {
+    /// A plan with the jail's devices.
+    pub fn new() -> JailPlan {
+        JailPlan {
+            devices: DEVICES.iter().map(PathBuf::from).collect(),
+            ..JailPlan::default()
+        }
+    }
+
+    /// Adds the directory that holds `file` (a file husk-vmm creates, writes or connects to).
+    pub fn dir_of(&mut self, file: &Path) -> &mut Self {
+        match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => self.dir(dir),
+            _ => self.dir(Path::new(".")),
+        }
+    }
+
+    /// Adds a directory.
+    pub fn dir(&mut self, dir: &Path) -> &mut Self {
+        self.dirs.push(dir.to_path_buf());
+        self
+    }
+}
+
+/// Errors of [`enter`].
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// Threads share their mount namespace only if they start after it was entered.
+    #[error("the jail must be entered before husk-vmm starts a thread ({0} threads run)")]
+    Threads(usize),
+    /// A path of the plan is not usable.
+    #[error("cannot put {path} into the jail: {why}")]
+    Path { path: PathBuf, why: String },
+    /// A step of the set-up failed.
+    #[error("cannot build the jail ({step})")]
+    Step {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> JailError {
+    let step = step.into();
+    move |e| JailError::Step {
+        step,
+        source: std::io::Error::from(e),
+    }
+}
+
+fn io_step(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let step = step.into();
+    move |source| JailError::Step { step, source }
+}
+
+/// Whether this process can build the jail (it runs as root with `CAP_SYS_ADMIN`).
+pub fn possible() -> bool {
+    caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_ADMIN,
+    )
+    .unwrap_or(false)
+}
+
+/// Enters the jail that `plan` describes. Call it on the only thread, before dropping
+/// capabilities (it needs `CAP_SYS_ADMIN`). On an error the process may be half-way in and
+/// must not run the guest.
+pub fn enter(plan: &JailPlan) -> Result<(), JailError> {
+    let threads = own_threads()?;
+    if threads != 1 {
+        return Err(JailError::Threads(threads));
+    }
+    // What goes in, as host paths, before anything changes.
+    let mut binds: Vec<(PathBuf, OwnedFd, bool)> = Vec::new();
+    for (paths, is_dir) in [(&plan.dirs, true), (&plan.devices, false)] {
+        for path in paths {
+            let path = absolute(path)?;
+            if binds.iter().any(|(p, _, _)| *p == path) {
+                continue;
+            }
+            if path == Path::new("/") {
+                return Err(JailError::Path {
+                    path,
+                    why: "the host's root cannot be in the jail".into(),
+                });
+            }
+            let fd = clone_tree(&path)?;
+            binds.push((path, fd, is_dir));
+        }
+    }
+    // Parents before children; a device file's directory is the jail's own.
+    binds.sort_by(|a, b| a.0.cmp(&b.0));
+    let Some(anchor) = binds.iter().find(|b| b.2).map(|b| b.0.clone()) else {
+        return Err(JailError::Path {
+            path: PathBuf::new(),
+            why: "the plan names no directory".into(),
+        });
+    };
+
+    unshare(NAMESPACES).map_err(step("unshare"))?;
+    // Nothing done here reaches the host, and nothing the host mounts later reaches here.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("making the mount tree private"))?;
+    // The new root, on top of a directory the jail holds anyway (its own view of it was
+    // cloned above).
+    mount(
+        Some("tmpfs"),
+        &anchor,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=64k,nr_inodes=256,mode=0755"),
+    )
+    .map_err(step(format!(
+        "mounting the jail's root on {}",
+        anchor.display()
+    )))?;
+    for (path, fd, is_dir) in &binds {
+        let target = inside(&anchor, path);
+        if *is_dir {
+            std::fs::create_dir_all(&target)
+                .map_err(io_step(format!("making {}", target.display())))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io_step(format!("making {}", parent.display())))?;
+            }
+            std::fs::File::create(&target)
+                .map_err(io_step(format!("making {}", target.display())))?;
+        }
+        attach(fd, &target)?;
+    }
+    if plan.pty {
+        let pts = anchor.join("dev/pts");
+        std::fs::create_dir_all(&pts).map_err(io_step("making /dev/pts"))?;
+        mount(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )
+        .map_err(step("mounting a devpts instance"))?;
+        std::os::unix::fs::symlink("pts/ptmx", anchor.join("dev/ptmx"))
+            .map_err(io_step("linking /dev/ptmx"))?;
+    }
+    pivot(&anchor)?;
+    // The root is read-only; what husk-vmm writes goes into the bound directories.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step("making the jail's root read-only"))?;
+    Ok(())
+}
+
+/// The threads of this process that run husk-vmm's code: KVM's own workers (such as
+/// `kvm-nx-lpage-recovery`, which the kernel starts in the VM owner's thread group) run none,
+/// and do not follow the namespaces of the process.
+fn own_threads() -> Result<usize, JailError> {
+    let mut count = 0;
+    for task in std::fs::read_dir("/proc/self/task").map_err(io_step("listing /proc/self/task"))? {
+        let task = task.map_err(io_step("listing /proc/self/task"))?;
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("kvm-") {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// `path` made absolute (from the working directory) and without `.` or `..`.
+fn absolute(path: &Path) -> Result<PathBuf, JailError> {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(io_step("reading the working directory"))?
+            .join(path)
+    };
+    let mut clean = PathBuf::from("/");
+    for part in joined.components() {
+        match part {
+            Component::Normal(name) => clean.push(name),
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    Ok(clean)
+}
+
+/// Where the host path `path` is in the jail's root mounted on `anchor`.
+fn inside(anchor: &Path, path: &Path) -> PathBuf {
+    anchor.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// A detached copy of the mount at `path` (not of what is mounted below it).
+fn clone_tree(path: &Path) -> Result<OwnedFd, JailError> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Path {
+        path: path.to_path_buf(),
+        why: "the path holds a NUL byte".into(),
+    })?;
+    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(JailError::Path {
+            path: path.to_path_buf(),
+            why: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    let fd = i32::try_from(fd).map_err(|_| JailError::Path {
+        path: path.to_path_buf(),
+        why: "open_tree returned a descriptor out of range".into(),
+    })?;
+    // SAFETY: the descriptor was just returned to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mounts the detached tree `fd` on `target`.
+fn attach(fd: &OwnedFd, target: &Path) -> Result<(), JailError> {
+    let c = CString::new(target.as_os_str().as_bytes()).map_err(|_| JailError::Path {
+        path: target.to_path_buf(),
+        why: "the path holds a NUL byte".into(),
+    })?;
+    // SAFETY: move_mount reads two NUL-terminated paths (the first empty, with the flag that
+    // says the source is the descriptor) and changes only the mount tree.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if ret != 0 {
+        return Err(JailError::Step {
+            step: format!("mounting {} in the jail", target.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Makes `new_root` the root and lets go of the host's.
+fn pivot(new_root: &Path) -> Result<(), JailError> {
+    let old = std::fs::File::open("/").map_err(io_step("opening the old root"))?;
+    nix::unistd::chdir(new_root).map_err(step("entering the jail's root"))?;
+    // With the same directory twice, the old root ends up stacked on the new one, at ".".
+    nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    nix::unistd::fchdir(old.as_raw_fd()).map_err(step("entering the old root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the old root"))?;
+    drop(old);
+    nix::unistd::chdir("/").map_err(step("entering the new root"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_made_absolute_and_clean() {
+        assert_eq!(
+            absolute(Path::new("/run/husk/../husk/c1/./x")).unwrap(),
+            PathBuf::from("/run/husk/c1/x")
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(absolute(Path::new("sock")).unwrap(), cwd.join("sock"));
+        assert_eq!(
+            inside(Path::new("/run/husk/c1"), Path::new("/run/husk/c1")),
+            PathBuf::from("/run/husk/c1/run/husk/c1")
+        );
+    }
+
+    #[test]
+    fn a_file_adds_its_directory() {
+        let mut plan = JailPlan::new();
+        plan.dir_of(Path::new("/run/husk/c1/vsock.sock"))
+            .dir_of(Path::new("report.json"));
+        assert_eq!(
+            plan.dirs,
+            vec![PathBuf::from("/run/husk/c1"), PathBuf::from(".")]
+        );
+        assert_eq!(plan.devices, vec![PathBuf::from("/dev/kvm")]);
+    }
+
+    /// The jailed process's checks; panics on the first that fails.
+    fn jailed_checks(dir: &Path) {
+        let mut plan = JailPlan::default();
+        plan.dir(&dir.join("state"));
+        plan.devices.push("/dev/null".into());
+        plan.pty = true;
+        enter(&plan).unwrap();
+        // The plan's directory, writable, with what the host put there.
+        assert_eq!(
+            std::fs::read_to_string(dir.join("state/before")).unwrap(),
+            "host"
+        );
+        std::fs::write(dir.join("state/after"), "jail").unwrap();
+        // Not what is mounted below it, nor anything beside it.
+        assert!(!dir.join("state/below/secret").exists());
+        assert!(!dir.join("outside").exists());
+        assert!(!Path::new("/etc/passwd").exists());
+        assert!(!Path::new("/proc/self").exists());
+        // The devices, a pty of its own, and a read-only root.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        drop(nix::pty::openpty(None, None).unwrap());
+        assert!(std::fs::write("/new-file", "x").is_err());
+    }
+
+    /// Run by [`a_jailed_process_sees_only_its_plan`] in a process of its own (the jail
+    /// cannot be left), which forks once more: the test harness runs this on a thread of its
+    /// own, and the jail is entered by a process's only thread.
+    #[test]
+    #[ignore = "run in a child process by a_jailed_process_sees_only_its_plan"]
+    fn child_enters_a_jail() {
+        let Ok(dir) = std::env::var("HUSK_JAIL_TEST_DIR") else {
+            return;
+        };
+        // SAFETY: the child only runs the checks and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let ok = std::panic::catch_unwind(|| jailed_checks(Path::new(&dir))).is_ok();
+                // SAFETY: ends the forked child at once.
+                unsafe { libc::_exit(if ok { 42 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 42));
+            }
+        }
+    }
+
+    #[test]
+    fn a_jailed_process_sees_only_its_plan() {
+        if !possible() {
+            eprintln!("SKIPPED a_jailed_process_sees_only_its_plan: needs CAP_SYS_ADMIN");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(state.join("below")).unwrap();
+        std::fs::write(state.join("before"), "host").unwrap();
+        std::fs::write(dir.path().join("outside"), "host").unwrap();
+        // A mount below the plan's directory, as a container's share is.
+        let below = state.join("below");
+        mount(
+            Some("tmpfs"),
+            &below,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::write(below.join("secret"), "share").unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "jail::tests::child_enters_a_jail",
+                "--test-threads=1",
+            ])
+            .env("HUSK_JAIL_TEST_DIR", dir.path())
+            .status()
+            .unwrap();
+        umount2(&below, MntFlags::MNT_DETACH).unwrap();
+        assert!(status.success(), "the jailed child failed");
+        assert_eq!(
+            std::fs::read_to_string(state.join("after")).unwrap(),
+            "jail"
+        );
+    }
+}
