@@ -161,6 +161,12 @@ pub fn enter(plan: &JailPlan) -> Result<(), JailError> {
         });
     };
 
+    // Relative paths given to husk-vmm (a socket in the working directory) keep working.
+    let cwd = std::env::current_dir().ok().filter(|cwd| {
+        binds
+            .iter()
+            .any(|(p, _, is_dir)| *is_dir && cwd.starts_with(p))
+    });
     unshare(NAMESPACES).map_err(step("unshare"))?;
     // Nothing done here reaches the host, and nothing the host mounts later reaches here.
     mount(
@@ -228,22 +234,58 @@ pub fn enter(plan: &JailPlan) -> Result<(), JailError> {
         None::<&str>,
     )
     .map_err(step("making the jail's root read-only"))?;
+    if let Some(cwd) = cwd {
+        nix::unistd::chdir(&cwd).map_err(step(format!("entering {}", cwd.display())))?;
+    }
     Ok(())
 }
 
-/// The threads of this process that run husk-vmm's code: KVM's own workers (such as
-/// `kvm-nx-lpage-recovery`, which the kernel starts in the VM owner's thread group) run none,
-/// and do not follow the namespaces of the process.
+/// The threads of this process that run or may run husk-vmm's code, waiting up to
+/// [`THREADS_SETTLE`] for threads that are ending: a thread just joined (the file server's
+/// import thread) may still be listed for a moment, and runs nothing more. KVM's own workers
+/// (such as `kvm-nx-lpage-recovery`, which the kernel starts in the VM owner's thread group)
+/// run no husk code and are not counted.
 fn own_threads() -> Result<usize, JailError> {
-    let mut count = 0;
-    for task in std::fs::read_dir("/proc/self/task").map_err(io_step("listing /proc/self/task"))? {
-        let task = task.map_err(io_step("listing /proc/self/task"))?;
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("kvm-") {
-            count += 1;
+    let deadline = std::time::Instant::now() + THREADS_SETTLE;
+    loop {
+        let mut count = 0;
+        for task in
+            std::fs::read_dir("/proc/self/task").map_err(io_step("listing /proc/self/task"))?
+        {
+            let task = task.map_err(io_step("listing /proc/self/task"))?;
+            // Gone meanwhile: not counted.
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            if counts_as_own(&stat) {
+                count += 1;
+            }
         }
+        if count <= 1 || std::time::Instant::now() >= deadline {
+            return Ok(count);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    Ok(count)
+}
+
+/// How long [`own_threads`] waits for ending threads to go.
+const THREADS_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a task whose `/proc/.../stat` is `stat` is a thread of husk's that still lives: not
+/// a zombie or dead, not one of KVM's workers.
+fn counts_as_own(stat: &str) -> bool {
+    // "tid (comm) S ...": the name may hold spaces and parentheses; the state follows the last ')'.
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return true;
+    };
+    let comm = stat.get(open + 1..close).unwrap_or("");
+    let state = stat
+        .get(close + 1..)
+        .unwrap_or("")
+        .trim_start()
+        .chars()
+        .next();
+    !(comm.starts_with("kvm-") || matches!(state, Some('Z' | 'X' | 'x')))
 }
 
 /// `path` made absolute (from the working directory) and without `.` or `..`.
@@ -362,6 +404,16 @@ mod tests {
     }
 
     #[test]
+    fn ending_threads_and_kvm_workers_are_not_counted() {
+        assert!(counts_as_own("12 (husk-vmm) R 1 2 3"));
+        assert!(counts_as_own("12 (a (b) c) S 1"));
+        assert!(!counts_as_own("13 (husk-vmm) Z 1 2 3"));
+        assert!(!counts_as_own("13 (husk-vmm) X 1"));
+        assert!(!counts_as_own("14 (kvm-nx-lpage-re) S 1"));
+        assert_eq!(own_threads().ok().map(|n| n >= 1), Some(true));
+    }
+
+    #[test]
     fn a_file_adds_its_directory() {
         let mut plan = JailPlan::new();
         plan.dir_of(Path::new("/run/husk/c1/vsock.sock"))
@@ -397,6 +449,8 @@ mod tests {
             .open("/dev/null")
             .unwrap();
         drop(nix::pty::openpty(None, None).unwrap());
+        // The working directory, bound, is kept: relative paths still work.
+        assert_eq!(std::fs::read_to_string("before").unwrap(), "host");
         assert!(std::fs::write("/new-file", "x").is_err());
     }
 
@@ -453,6 +507,7 @@ mod tests {
                 "--test-threads=1",
             ])
             .env("HUSK_JAIL_TEST_DIR", dir.path())
+            .current_dir(&state)
             .status()
             .unwrap();
         umount2(&below, MntFlags::MNT_DETACH).unwrap();

@@ -175,14 +175,17 @@ fn supervise(
 ) -> Result<i32, SupervisorError> {
     let stdio = HostStdio::dup_current().map_err(SupervisorError::Stdio)?;
     redirect_own_stdio(plan.log_file.as_deref()).map_err(SupervisorError::Stdio)?;
+    if plan.terminal && plan.console_socket.is_none() {
+        return Err(SupervisorError::NoConsoleSocket);
+    }
+    let vmm = build_microvm(cfg)?;
     // The console socket is a path of the engine's, outside the jail: connected now, used
-    // once the container exists.
+    // once the container exists. Not before the build, which may refuse a template (the
+    // engine would see a connection end without a console, and `husk create` boots anew).
     let console = match (&plan.console_socket, plan.terminal) {
         (Some(path), true) => Some(connect_console(path)?),
-        (None, true) => return Err(SupervisorError::NoConsoleSocket),
         _ => None,
     };
-    let vmm = build_microvm(cfg)?;
     let mut jail = cfg.jail_plan();
     jail.dir_of(&plan.exit_file);
     jail.pty = plan.terminal;
