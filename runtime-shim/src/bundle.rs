@@ -369,7 +369,7 @@ pub fn drop_ignored_resources(
 }
 
 /// Whether a JSON value sets nothing: null, zero, false, or containers of such.
-fn is_unset(value: &Value) -> bool {
+pub(crate) fn is_unset(value: &Value) -> bool {
     match value {
         Value::Null => true,
         Value::Bool(b) => !b,

@@ -7,6 +7,7 @@
 //! - `vsock.sock`: the VMM's vsock Unix socket (the agent is reached through it);
 //! - `exit.json`: the init's exit status, written by the supervisor when the init exited;
 //! - `vmm.log`: the VMM's own log;
+//! - `host-cgroup`: the host cgroup `husk-vmm` runs in (see [`crate::host_cgroup`]);
 //! - `seccomp-report`: empty, or the line saying which system call the VMM's seccomp filter
 //!   stopped (then the VMM ended);
 //! - `shared/`: the virtio-fs share; `shared/<id>/rootfs` and `shared/<id>/mounts/<n>` are bind
@@ -33,7 +34,7 @@ pub const MAX_SOCKET_PATH: usize = 100;
 pub const SHORT_SOCKET_DIR: &str = "/run/husk-vsock";
 
 /// 64-bit FNV-1a.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

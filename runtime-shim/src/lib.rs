@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod container;
 pub mod hooks;
+pub mod host_cgroup;
 pub mod limits;
 pub mod logging;
 pub mod network;

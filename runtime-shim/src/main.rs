@@ -26,7 +26,8 @@ struct Cli {
     /// Debug logging.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for runc compatibility; cgroups live inside each microVM.
+    /// Accepted for runc compatibility: a cgroupsPath of systemd's form (slice:prefix:name)
+    /// is recognized by its shape.
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Accepted for runc compatibility (`true`, `false`, `auto`); ignored.
@@ -117,7 +118,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log.clone(), cli.log_format, cli.debug);
     if cli.systemd_cgroup {
-        logging::warn("--systemd-cgroup is ignored: cgroups are managed inside each microVM");
+        logging::debug(
+            "--systemd-cgroup: husk-vmm's host cgroup is made where systemd would put the unit \
+             that cgroupsPath names, without a systemd unit (see husk::host_cgroup)",
+        );
     }
     let globals = Globals {
         root: cli.root.clone(),

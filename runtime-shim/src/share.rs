@@ -263,6 +263,9 @@ pub fn remove_state_dir(dir: &StateDir) -> Result<(), ShareError> {
         eprintln!("husk: warning: {e:#}");
     }
     release_share(dir)?;
+    if let Err(e) = crate::host_cgroup::release_recorded(&dir.dir) {
+        eprintln!("husk: warning: {e:#}");
+    }
     let socket = dir.vsock_socket();
     if !socket.starts_with(&dir.dir) {
         let _ = std::fs::remove_file(&socket);

@@ -238,6 +238,31 @@ impl OciEnv {
             "{what}: {:?}",
             self.mounts_left()
         );
+        assert!(
+            self.cgroups_left().is_empty(),
+            "{what}: host cgroups left: {:?}",
+            self.cgroups_left()
+        );
+    }
+
+    /// The host cgroups (`husk-vmm`'s, in husk's default place for this environment's state
+    /// root) still there.
+    pub fn cgroups_left(&self) -> Vec<String> {
+        let probe =
+            husk::host_cgroup::relative_path(&serde_json::json!({}), self.root.path(), "ID")
+                .expect("the default cgroup path");
+        let (Some(parent), Some(name)) = (probe.parent(), probe.file_name()) else {
+            panic!("default cgroup path {}", probe.display());
+        };
+        let prefix = name.to_string_lossy().trim_end_matches("ID").to_string();
+        std::fs::read_dir(Path::new(husk::host_cgroup::CGROUP_ROOT).join(parent))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Entries of the state root.

@@ -344,6 +344,47 @@ fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
     assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
 }
 
+/// A container cannot reach the agent, the guest's PID 1: one that asks for the guest's own pid
+/// namespace (where it could signal or trace the agent, or reboot the guest with
+/// `CAP_SYS_BOOT`) is refused at `create`, naming why, and leaves nothing behind. (The guest
+/// kernel has no magic SysRq either, so no container can take the guest down under the others.)
+#[test]
+fn a_container_cannot_share_the_agents_pid_namespace() {
+    let Some(env) = OciEnv::new("a_container_cannot_share_the_agents_pid_namespace") else {
+        return;
+    };
+    let bundle = env.bundle(
+        "near-agent",
+        &["sh", "-c", "reboot -f; kill -9 1"],
+        |spec| {
+            if let Some(all) = spec["linux"]["namespaces"].as_array_mut() {
+                all.retain(|ns| ns["type"] != "pid");
+            }
+            for set in ["bounding", "effective", "permitted"] {
+                if let Some(caps) = spec["process"]["capabilities"][set].as_array_mut() {
+                    caps.push(serde_json::json!("CAP_SYS_BOOT"));
+                }
+            }
+        },
+    );
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "near-agent",
+    ]);
+    assert!(
+        !out.status.success(),
+        "create without a pid namespace succeeded"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("without its own pid namespace"),
+        "create: {err}"
+    );
+    env.assert_nothing_left("after the refused container");
+}
+
 /// `husk` killed with SIGKILL at each lifecycle step: `create` at four moments (at once, once
 /// its state directory exists, once its husk-vmm runs, once the guest's vsock socket exists),
 /// `start` (at once and 50 ms on), `exec` (while its process runs) and `delete` (at once, 10
@@ -636,7 +677,8 @@ fn too_few_file_descriptors_fail_create_and_leave_nothing() {
 
 /// podman drives husk exactly as it drives runc (conmon, pid file, stdio pipes, exit status of
 /// the husk-vmm pid): an image imported from a tarball (no registry), `run --rm`, exit codes,
-/// `exec`, `stop` (SIGTERM, then SIGKILL after the timeout), `rm -f`.
+/// the VMM in the container's cgroup (`stats`), `exec`, `stop` (SIGTERM, then SIGKILL after the
+/// timeout), `rm -f`.
 #[test]
 fn podman_runs_an_imported_image() {
     let Some(env) = OciEnv::new("podman_runs_an_imported_image") else {
@@ -681,6 +723,20 @@ fn podman_runs_an_imported_image() {
         "echo logged; sleep 1000",
     ]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    // The container's pid is husk-vmm's, in the cgroup podman gave the container (where
+    // `podman stats` reads the container's usage: the VMM's).
+    let out = podman.run(&["inspect", "--format", "{{.State.Pid}} {{.Id}}", "s1"]);
+    let inspected = text(&out.stdout);
+    let (pid, id) = inspected.trim().split_once(' ').expect("pid and id");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(cgroup.contains(id), "husk-vmm (pid {pid}) runs in {cgroup}");
+    let out = podman.run(&["stats", "--no-stream", "--format", "{{.MemUsage}}", "s1"]);
+    assert!(out.status.success(), "stats: {}", text(&out.stderr));
+    let usage = text(&out.stdout);
+    assert!(
+        !usage.trim().is_empty() && !usage.starts_with("0B"),
+        "podman stats: {usage:?}"
+    );
     let out = podman.run(&["exec", "s1", "sh", "-c", "echo in-exec; exit 4"]);
     assert_eq!(out.status.code(), Some(4), "exec: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "in-exec\n");

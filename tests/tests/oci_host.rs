@@ -5,8 +5,9 @@
 //! the guest sees of files the host changes under a running container (the share's caching:
 //! a bind mount within its second, the rootfs not until the container ends, unless
 //! `io.husk.fs.cache=short`), what `husk-vmm` keeps of root's power while it serves the
-//! guest, that a system call outside its seccomp lists ends it and is reported, and that 100
-//! lifecycles, 8 at once, leave nothing behind.
+//! guest, that a system call outside its seccomp lists ends it and is reported, the host
+//! cgroup it runs in (its memory cap, blockIO), and that 100 lifecycles, 8 at once, leave
+//! nothing behind.
 
 use husk_tests::oci::OciEnv;
 use husk_tests::wait_until;
@@ -562,6 +563,181 @@ fn the_vmm_runs_in_its_jail() {
     let out = env.run(&["delete", "--force", "jailed"]);
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
     env.assert_nothing_left("after the jailed container");
+}
+
+/// The whole disk (`major:minor`) that holds `path`, or `None` for a file system on no block
+/// device (tmpfs).
+fn disk_of(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).expect("stat").dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    if major == 0 {
+        return None;
+    }
+    let sys = std::path::PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let disk = if sys.join("partition").exists() {
+        sys.join("..")
+    } else {
+        sys
+    };
+    let text = std::fs::read_to_string(disk.join("dev")).ok()?;
+    let (major, minor) = text.trim().split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// husk-vmm runs in the host cgroup the spec names (where runc puts the container's
+/// processes): its memory capped at the guest's plus husk's overhead, the spec's blockIO written
+/// as runc writes it on cgroup v2 and biting on the container's file reads (they are the VMM's
+/// on the host), `husk update --blkio-weight` reaching it, and the cgroup gone after delete.
+/// Without a path, husk's own place. A blockIO the kernel refuses fails create, naming it, and
+/// leaves nothing.
+#[test]
+fn the_vmm_runs_in_its_host_cgroup_with_its_limits() {
+    let Some(env) = OciEnv::new("the_vmm_runs_in_its_host_cgroup_with_its_limits") else {
+        return;
+    };
+    let cgroups = Path::new(husk::host_cgroup::CGROUP_ROOT);
+    let parent = format!("husk-test-{}", std::process::id());
+    let leaf = format!("{parent}/limited");
+    // The data the container reads lies on a disk (the rig's work disk; tmpfs has none).
+    let data = [
+        std::env::var_os("HUSK_RIG_OUT").map(std::path::PathBuf::from),
+        Some(env.work.path().to_path_buf()),
+        Some(std::path::PathBuf::from("/var/tmp")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|dir| {
+        let data = dir.join(format!("cgroup-data-{}", std::process::id()));
+        std::fs::create_dir_all(&data).ok()?;
+        match disk_of(&data) {
+            Some(disk) => Some((data, disk)),
+            None => {
+                let _ = std::fs::remove_dir(&data);
+                None
+            }
+        }
+    });
+    let (data_dir, (major, minor)) = data.unwrap_or_else(|| {
+        eprintln!("NOTE: no directory on a block device: the throttle is checked on 1:0 only");
+        (env.work.path().join("data"), (1, 0))
+    });
+    std::fs::create_dir_all(&data_dir).expect("data dir");
+    std::fs::write(data_dir.join("blob"), vec![7u8; 8 << 20]).expect("8 MiB file");
+    let bundle = env.bundle("limited", &["sleep", "1000"], |spec| {
+        spec["linux"]["cgroupsPath"] = json!(format!("/{leaf}"));
+        spec["annotations"]["io.husk.vm.mem_mib"] = json!("160");
+        spec["linux"]["resources"]["blockIO"] = json!({
+            "weight": 300,
+            "throttleReadBpsDevice": [{"major": major, "minor": minor, "rate": 1048576}],
+            "throttleWriteIOPSDevice": [{"major": major, "minor": minor, "rate": 100}]
+        });
+        spec["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/data",
+            "type": "bind",
+            "source": data_dir,
+            "options": ["rbind", "ro"]
+        }));
+    });
+    let pid = env.create_with_pid("limited", &bundle);
+    let cgroup = cgroups.join(&leaf);
+    let read = |file: &str| {
+        std::fs::read_to_string(cgroup.join(file))
+            .unwrap_or_else(|e| panic!("{}/{file}: {e}", cgroup.display()))
+    };
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup of husk-vmm"),
+        format!("0::/{leaf}\n")
+    );
+    let cap = (160 + husk::host_cgroup::VMM_MEM_OVERHEAD_MIB) << 20;
+    assert_eq!(read("memory.max").trim(), cap.to_string());
+    let io_max = read("io.max");
+    assert!(
+        io_max.contains(&format!(
+            "{major}:{minor} rbps=1048576 wbps=max riops=max wiops=100"
+        )),
+        "io.max: {io_max}"
+    );
+    // runc's way: BFQ's weight where the disk's scheduler is BFQ, else io.weight converted.
+    let weight = |bfq: u64| {
+        if cgroup.join("io.bfq.weight").exists() {
+            (read("io.bfq.weight"), bfq)
+        } else {
+            (read("io.weight"), 1 + (bfq - 10) * 9999 / 990)
+        }
+    };
+    let (set, want) = weight(300);
+    assert!(set.contains(&format!("default {want}")), "{set}");
+    let out = env.run(&["start", "limited"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+
+    // The container's first read of the file is the VMM's read of the disk: throttled.
+    if major != 1 {
+        let drop = std::fs::write("/proc/sys/vm/drop_caches", "3");
+        assert!(drop.is_ok(), "dropping the host's page cache: {drop:?}");
+        let began = std::time::Instant::now();
+        let out = env.run(&["exec", "limited", "sh", "-c", "cat /data/blob | wc -c"]);
+        let took = began.elapsed();
+        assert!(out.status.success(), "exec: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), (8u64 << 20).to_string());
+        // 8 MiB at 1 MiB/s: at least 4 s even with the throttle's first slices.
+        assert!(
+            took >= Duration::from_secs(4),
+            "8 MiB read in {took:?} under a 1 MiB/s read throttle"
+        );
+    }
+
+    let out = env.run(&["update", "--blkio-weight", "500", "limited"]);
+    assert!(out.status.success(), "update: {}", text(&out.stderr));
+    let (set, want) = weight(500);
+    assert!(
+        set.contains(&format!("default {want}")),
+        "after update: {set}"
+    );
+
+    // Without a path: husk's own place, gone with the container too.
+    let bundle = env.bundle("unplaced", &["sleep", "1000"], |_| {});
+    let unplaced = env.create_with_pid("unplaced", &bundle);
+    let own = std::fs::read_to_string(format!("/proc/{unplaced}/cgroup")).expect("cgroup");
+    assert!(
+        own.starts_with("0::/husk/") && own.trim_end().ends_with("-unplaced"),
+        "{own}"
+    );
+    assert_eq!(env.cgroups_left().len(), 1, "{:?}", env.cgroups_left());
+
+    for id in ["limited", "unplaced"] {
+        let out = env.run(&["delete", "--force", id]);
+        assert!(out.status.success(), "delete {id}: {}", text(&out.stderr));
+    }
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
+    env.assert_nothing_left("after the limited containers");
+
+    // A device the kernel does not have: create fails naming it, and leaves nothing.
+    let bundle = env.bundle("nodisk", &["sleep", "1000"], |spec| {
+        spec["linux"]["cgroupsPath"] = json!(format!("/{parent}/nodisk"));
+        spec["linux"]["resources"]["blockIO"] = json!({
+            "throttleReadBpsDevice": [{"major": 4000, "minor": 4000, "rate": 1}]
+        });
+    });
+    let out = env.run(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "nodisk",
+    ]);
+    assert!(
+        !out.status.success(),
+        "create with a missing disk succeeded"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("blockIO") && err.contains("4000:4000"),
+        "{err}"
+    );
+    assert!(!cgroups.join(&parent).join("nodisk").exists());
+    env.assert_nothing_left("after the refused blockIO");
+    let _ = std::fs::remove_dir(cgroups.join(&parent));
+    let _ = std::fs::remove_dir_all(&data_dir);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use crate::bundle::{translate_spec, Bundle};
 use crate::config::HuskConfig;
 use crate::container::{process_start_time, vmm_command, StateDir, VmRollback};
 use crate::hooks::{HookKind, Hooks};
+use crate::host_cgroup::{self, HostCgroup, HostLimits};
 use crate::share::{prepare_share, FsCache};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
@@ -107,11 +108,37 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         logging::warn(note);
     }
     let affinity = host_affinity(&bundle.spec)?;
+    let block_io = host_cgroup::take_block_io(
+        translation
+            .spec
+            .get_mut("linux")
+            .and_then(|l| l.get_mut("resources")),
+    );
+    let cgroup_path = host_cgroup::plan(
+        &bundle.spec,
+        &globals.root,
+        &args.id,
+        block_io.as_ref(),
+        &logging::warn,
+    )?;
 
     let _lock = dir.create_locked()?;
     let mut rollback = VmRollback::new(&dir, logging::warn);
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
+    let cgroup = match &cgroup_path {
+        Some(relative) => {
+            let limits = HostLimits {
+                guest_mem_mib: u64::from(size.mem_mib),
+                block_io,
+            };
+            Some(
+                HostCgroup::prepare(relative, &limits, &dir.dir, &logging::warn)
+                    .context("preparing husk-vmm's host cgroup")?,
+            )
+        }
+        None => None,
+    };
     let network = carry_network(&bundle.spec, &dir, &mut translation.spec)?;
     let hooks = Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?;
     // docker's way: a new network namespace that a prestart hook configures. husk-vmm starts
@@ -193,6 +220,9 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         };
         if let Some(template) = &template {
             cmd.arg("--restore").arg(template);
+        }
+        if let Some(cgroup) = &cgroup {
+            cgroup.join_on_exec(&mut cmd);
         }
         if let Some(set) = affinity {
             // SAFETY: sched_setaffinity(2) is async-signal-safe; `set` is a plain copy.

@@ -1,4 +1,5 @@
-//! `husk update`: new cgroup resources for a running container (applied inside the guest).
+//! `husk update`: new cgroup resources for a running container (applied inside the guest;
+//! `blockIO` to husk-vmm's host cgroup, see [`crate::host_cgroup`]).
 //! The microVM's own size does not change: memory above the VM's size cannot be used.
 
 use crate::agent::{call_ok, connect};
@@ -44,6 +45,9 @@ pub struct UpdateArgs {
     /// Maximum number of pids.
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// Block I/O weight, 10 to 1000 (applied to husk-vmm's host cgroup).
+    #[arg(long)]
+    pub blkio_weight: Option<u16>,
     /// The container id.
     pub id: String,
 }
@@ -99,6 +103,9 @@ pub fn build_resources(args: &UpdateArgs) -> Result<Value> {
     if let Some(v) = args.pids_limit {
         set("pids", "limit", v.into());
     }
+    if let Some(v) = args.blkio_weight {
+        set("blockIO", "weight", v.into());
+    }
     Ok(r)
 }
 
@@ -110,11 +117,27 @@ pub fn update(globals: &Globals, args: &UpdateArgs) -> Result<()> {
             crate::logging::warn(&note);
         }
     }
+    let block_io = crate::host_cgroup::take_block_io(Some(&mut resources));
     let dir = StateDir::new(&globals.root, &args.id)?;
     let _lock = dir.lock()?;
     let state = ContainerState::load(&dir)?;
     if !state.can_kill() {
         bail!("container {} is not running", args.id);
+    }
+    if let Some(block_io) = block_io {
+        // The container's file I/O is husk-vmm's on the host: its host cgroup takes blockIO.
+        let Some(cgroup) = crate::host_cgroup::recorded(&dir.dir)? else {
+            bail!(
+                "linux.resources.blockIO: container {} has no host cgroup to apply it to (its \
+                 host has no cgroup v2)",
+                args.id
+            );
+        };
+        let limits = crate::host_cgroup::HostLimits {
+            guest_mem_mib: 0,
+            block_io: Some(block_io),
+        };
+        crate::host_cgroup::set_limits(&cgroup, &limits, &crate::logging::warn)?;
     }
     if let Some(map) = resources.as_object_mut() {
         // A new cpuset is in host numbering, like the one at create: onto the VM's vCPUs.

@@ -9,6 +9,7 @@
 use crate::agent::{call_ok, connect, AgentError};
 use crate::config::HuskConfig;
 use crate::container::{process_alive, process_start_time, vmm_command, StateDir, VmRollback};
+use crate::host_cgroup::{self, HostCgroup, HostLimits};
 use crate::network;
 use crate::share::{mount_share, remove_state_dir, FsCache};
 use crate::sizing::{host_cpus, size_vm};
@@ -66,10 +67,30 @@ impl Sandbox {
         let kernel = cfg.kernel_path()?;
         let initramfs = cfg.initramfs_path()?;
         let dir = StateDir::new(root, id)?;
+        // The pod's VMM goes into the cgroup of the spec that boots it (the pod sandbox's).
+        let warn = |m: &str| log::warn!("sandbox {id}: {m}");
+        let block_io = spec["linux"]["resources"]
+            .get("blockIO")
+            .filter(|b| !crate::bundle::is_unset(b))
+            .cloned();
+        let cgroup_path = host_cgroup::plan(spec, root, id, block_io.as_ref(), &warn)?;
         let _lock = dir.create_locked()?;
         let mut guard = VmRollback::new(&dir, |m| log::warn!("{m}"));
         let mut mounts = Vec::new();
         mount_share(&dir, &mut mounts).context("preparing the share")?;
+        let cgroup = match &cgroup_path {
+            Some(relative) => {
+                let limits = HostLimits {
+                    guest_mem_mib: u64::from(size.mem_mib),
+                    block_io,
+                };
+                Some(
+                    HostCgroup::prepare(relative, &limits, &dir.dir, &warn)
+                        .context("preparing husk-vmm's host cgroup")?,
+                )
+            }
+            None => None,
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,6 +141,9 @@ impl Sandbox {
                 unsafe {
                     cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
                 }
+            }
+            if let Some(cgroup) = &cgroup {
+                cgroup.join_on_exec(&mut cmd);
             }
             log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
             let child = cmd

@@ -498,6 +498,20 @@ impl Shared {
         for note in &translation.notes {
             log::warn!("task {id}: {note}");
         }
+        // blockIO is the pod VMM's, on the host (see `crate::host_cgroup`): the sandbox's
+        // applied when its VM booted; a member container cannot have one of its own.
+        let block_io = crate::host_cgroup::take_block_io(
+            translation
+                .spec
+                .get_mut("linux")
+                .and_then(|l| l.get_mut("resources")),
+        );
+        if block_io.is_some() && sandbox_id != id {
+            return Err(ShimError::InvalidArgument(format!(
+                "container {id}: linux.resources.blockIO is applied to the pod VM's host cgroup, \
+                 from the pod sandbox's spec; a container in the pod cannot set its own"
+            )));
+        }
         translation.spec["process"]["terminal"] = serde_json::Value::Bool(req.terminal);
         if let Some(resources) = translation.spec["linux"]
             .get_mut("resources")
@@ -1031,6 +1045,13 @@ impl Shared {
             for note in crate::bundle::drop_ignored_resources(map, true) {
                 log::warn!("task {}: update: {note}", req.id);
             }
+        }
+        if crate::host_cgroup::take_block_io(Some(&mut resources)).is_some() {
+            return Err(ShimError::InvalidArgument(format!(
+                "task {}: update: linux.resources.blockIO is applied to the pod VM's host \
+                 cgroup when the pod starts, and cannot be changed",
+                req.id
+            )));
         }
         let sandbox = self.sandbox()?;
         if let Some(map) = resources.as_object_mut() {
