@@ -623,7 +623,13 @@ fn the_vmm_runs_in_its_host_cgroup_with_its_limits() {
         (env.work.path().join("data"), (1, 0))
     });
     std::fs::create_dir_all(&data_dir).expect("data dir");
-    std::fs::write(data_dir.join("blob"), vec![7u8; 8 << 20]).expect("8 MiB file");
+    {
+        use std::io::Write;
+        let mut blob = std::fs::File::create(data_dir.join("blob")).expect("8 MiB file");
+        blob.write_all(&vec![7u8; 8 << 20]).expect("8 MiB file");
+        // On the disk, not dirty in the page cache, which dropping caches would keep.
+        blob.sync_all().expect("sync the 8 MiB file");
+    }
     let bundle = env.bundle("limited", &["sleep", "1000"], |spec| {
         spec["linux"]["cgroupsPath"] = json!(format!("/{leaf}"));
         spec["annotations"]["io.husk.vm.mem_mib"] = json!("160");
@@ -673,6 +679,8 @@ fn the_vmm_runs_in_its_host_cgroup_with_its_limits() {
 
     // The container's first read of the file is the VMM's read of the disk: throttled.
     if major != 1 {
+        // SAFETY: sync(2) takes no arguments and only flushes.
+        unsafe { libc::sync() };
         let drop = std::fs::write("/proc/sys/vm/drop_caches", "3");
         assert!(drop.is_ok(), "dropping the host's page cache: {drop:?}");
         let began = std::time::Instant::now();
