@@ -352,6 +352,22 @@ impl HostCgroup {
         Ok(cgroup)
     }
 
+    /// [`HostCgroup::prepare`] of what [`plan`] returned (nothing where it returned `None`),
+    /// with the error named as husk-vmm's host cgroup.
+    pub fn prepare_planned(
+        planned: Option<&Path>,
+        limits: HostLimits,
+        state_dir: &Path,
+        warn: &dyn Fn(&str),
+    ) -> Result<Option<HostCgroup>> {
+        planned
+            .map(|relative| {
+                HostCgroup::prepare(relative, &limits, state_dir, warn)
+                    .context("preparing husk-vmm's host cgroup")
+            })
+            .transpose()
+    }
+
     /// Writes `limits` into the cgroup (at `create`, and `blockIO` again at `update`).
     pub fn set(&self, limits: &HostLimits, warn: &dyn Fn(&str)) -> Result<()> {
         set_limits(&self.path, limits, warn)

@@ -126,19 +126,15 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let mut rollback = VmRollback::new(&dir, logging::warn);
     let mut mounts = Vec::new();
     prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
-    let cgroup = match &cgroup_path {
-        Some(relative) => {
-            let limits = HostLimits {
-                guest_mem_mib: u64::from(size.mem_mib),
-                block_io,
-            };
-            Some(
-                HostCgroup::prepare(relative, &limits, &dir.dir, &logging::warn)
-                    .context("preparing husk-vmm's host cgroup")?,
-            )
-        }
-        None => None,
-    };
+    let cgroup = HostCgroup::prepare_planned(
+        cgroup_path.as_deref(),
+        HostLimits {
+            guest_mem_mib: u64::from(size.mem_mib),
+            block_io,
+        },
+        &dir.dir,
+        &logging::warn,
+    )?;
     let network = carry_network(&bundle.spec, &dir, &mut translation.spec)?;
     let hooks = Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?;
     // docker's way: a new network namespace that a prestart hook configures. husk-vmm starts

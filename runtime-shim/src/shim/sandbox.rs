@@ -78,19 +78,15 @@ impl Sandbox {
         let mut guard = VmRollback::new(&dir, |m| log::warn!("{m}"));
         let mut mounts = Vec::new();
         mount_share(&dir, &mut mounts).context("preparing the share")?;
-        let cgroup = match &cgroup_path {
-            Some(relative) => {
-                let limits = HostLimits {
-                    guest_mem_mib: u64::from(size.mem_mib),
-                    block_io,
-                };
-                Some(
-                    HostCgroup::prepare(relative, &limits, &dir.dir, &warn)
-                        .context("preparing husk-vmm's host cgroup")?,
-                )
-            }
-            None => None,
-        };
+        let cgroup = HostCgroup::prepare_planned(
+            cgroup_path.as_deref(),
+            HostLimits {
+                guest_mem_mib: u64::from(size.mem_mib),
+                block_io,
+            },
+            &dir.dir,
+            &warn,
+        )?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
