@@ -193,6 +193,56 @@ pub fn tune_share() {
     }
 }
 
+/// Where the guest kernel takes the smallest free block it reports to the balloon, as a page
+/// order (its `page_reporting_order`; 6.1 sets it when the balloon registers, so a kernel
+/// command-line value would be overwritten).
+pub const PAGE_REPORTING_ORDER_KNOB: &str =
+    "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// The smallest free block the guest reports to husk-vmm's balloon: order 9, 2 MiB. The
+/// kernel's default for a guest without huge pages is order 10, 4 MiB, and it reports nothing
+/// unless 32 blocks of that order (128 MiB) are free above its low watermark: a 128 MiB guest
+/// would never hand a page back. 2 MiB blocks need 64 MiB free, and catch the initramfs image
+/// and init sections the kernel frees after booting.
+pub const PAGE_REPORTING_ORDER: u32 = 9;
+
+/// Sets the guest's free page reporting order to [`PAGE_REPORTING_ORDER`], then has the kernel
+/// look for free blocks once. A guest without the balloon's page reporting has no such knob;
+/// that only costs host memory, so failures are logged, not returned.
+///
+/// The kernel looks for blocks to report only when a block of the reporting order is freed
+/// (2 s later); what the booting kernel freed before this order was set (the initramfs image,
+/// init sections) was checked against the old one. So the agent frees such a block itself: it
+/// maps and touches 4 MiB, then unmaps it.
+pub fn tune_page_reporting() {
+    let knob = std::path::Path::new(PAGE_REPORTING_ORDER_KNOB);
+    if !knob.exists() {
+        return;
+    }
+    if let Err(e) = std::fs::write(knob, PAGE_REPORTING_ORDER.to_string()) {
+        crate::log_warn!(
+            "free page reporting keeps the kernel's block size: {PAGE_REPORTING_ORDER_KNOB}: {e}"
+        );
+        return;
+    }
+    let len = 4 << 20;
+    // SAFETY: a fresh private anonymous mapping, populated, and unmapped right away; no Rust
+    // reference into it is made.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        );
+        if addr != libc::MAP_FAILED {
+            libc::munmap(addr, len);
+        }
+    }
+}
+
 /// The kernel command-line parameter with the card's IPv6 configuration (husk-vmm's
 /// `husk_vmm::config::IP6_PARAM`): `husk.ip6=<address>/<prefix>[,<gateway>]`. The kernel's own
 /// `ip=` is IPv4 only.

@@ -50,6 +50,7 @@ pub fn run_init() -> AgentError {
     for err in mount_errors {
         log_error!("{err}: {}", err_source(&err));
     }
+    init::tune_page_reporting();
     if identity::detect_template_boot() {
         log_info!("template boot: the host share waits for the renewal");
     } else {

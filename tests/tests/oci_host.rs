@@ -6,7 +6,8 @@
 //! a bind mount within its second, the rootfs not until the container ends, unless
 //! `io.husk.fs.cache=short`), what `husk-vmm` keeps of root's power while it serves the
 //! guest, that a system call outside its seccomp lists ends it and is reported, the host
-//! cgroup it runs in (its memory cap, blockIO), and that 100 lifecycles, 8 at once, leave
+//! cgroup it runs in (its memory cap, blockIO), that memory the guest frees goes back to the
+//! host (the balloon's free page reporting), and that 100 lifecycles, 8 at once, leave
 //! nothing behind.
 
 use husk_tests::oci::OciEnv;
@@ -1030,4 +1031,71 @@ fn a_hundred_parallel_lifecycles_leave_nothing() {
         env.logs()
     );
     env.assert_nothing_left(&format!("after {total} lifecycles"));
+}
+
+/// `husk-vmm`'s resident memory in MiB (`VmRSS`; guest memory the guest touched is most of it).
+fn vmm_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("VMM status");
+    let kib: u64 = status_field(&status, "VmRSS:")
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect("VmRSS in kB");
+    kib >> 10
+}
+
+#[test]
+fn a_guest_hands_back_the_memory_it_frees() {
+    let Some(env) = OciEnv::new("a_guest_hands_back_the_memory_it_frees") else {
+        return;
+    };
+    let bundle = env.bundle("freeing", &["sleep", "1000"], |spec| {
+        spec["annotations"]["io.husk.vm.mem_mib"] = json!("512");
+        spec["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/fill",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["size=300m"]
+        }));
+    });
+    let pid = env.create_with_pid("freeing", &bundle);
+    let out = env.run(&["start", "freeing"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let idle = vmm_rss_mib(pid);
+    // 200 MiB of guest memory taken (tmpfs pages) and still held.
+    let out = env.run(&[
+        "exec",
+        "freeing",
+        "dd",
+        "if=/dev/zero",
+        "of=/fill/blob",
+        "bs=1048576",
+        "count=200",
+    ]);
+    assert!(out.status.success(), "dd: {}", text(&out.stderr));
+    let full = vmm_rss_mib(pid);
+    assert!(
+        full >= idle + 190,
+        "the guest's 200 MiB did not reach the host: VMM RSS {idle} -> {full} MiB"
+    );
+    let out = env.run(&["exec", "freeing", "rm", "/fill/blob"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    let freed = std::time::Instant::now();
+    let mut last = full;
+    let given_back = wait_until(Duration::from_secs(10), || {
+        last = vmm_rss_mib(pid);
+        full - last.min(full) >= 150
+    });
+    eprintln!(
+        "VMM RSS: idle {idle} MiB, holding 200 MiB {full} MiB, {last} MiB after {:.1} s",
+        freed.elapsed().as_secs_f64()
+    );
+    assert!(
+        given_back,
+        "the guest freed 200 MiB and the host got {} MiB back in 10 s (VMM RSS {full} -> {last} MiB)",
+        full - last.min(full)
+    );
+    let out = env.run(&["delete", "--force", "freeing"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    env.assert_nothing_left("after the freeing container");
 }

@@ -21,6 +21,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042Device, I8042_RANGE_LEN};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::balloon::{Balloon, BalloonError};
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, NetError, Tap};
@@ -123,6 +124,9 @@ pub enum BuildError {
     /// The entropy device.
     #[error("failed to create the rng device")]
     Rng(#[from] RngError),
+    /// The memory balloon.
+    #[error("failed to create the balloon device")]
+    Balloon(#[from] BalloonError),
     /// The virtio-fs device.
     #[error("failed to create the virtio-fs device")]
     Fs(#[from] FsError),
@@ -282,7 +286,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
 }
 
 /// The devices every guest has, in slot order: vsock (held until the agent is ready), the
-/// entropy source and, with a shared directory, virtio-fs. Templates are made and restored
+/// entropy source, the balloon (free page reporting) and, with a shared directory, virtio-fs. Templates are made and restored
 /// with exactly these.
 fn attach_common_devices(
     cfg: &VmConfig,
@@ -301,6 +305,8 @@ fn attach_common_devices(
     mmio.attach_virtio_device("vsock", vsock.clone(), event_manager, cmdline)?;
     let rng = Arc::new(Mutex::new(Rng::new()?));
     mmio.attach_virtio_device("rng", rng, event_manager, cmdline)?;
+    let balloon = Arc::new(Mutex::new(Balloon::new()?));
+    mmio.attach_virtio_device("balloon", balloon, event_manager, cmdline)?;
     if let Some(dir) = &cfg.shared_dir {
         let fs = Arc::new(Mutex::new(Fs::with_options(
             dir,

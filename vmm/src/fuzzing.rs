@@ -34,6 +34,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::bus::BusDevice;
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::fs::{CacheTimes, Fs};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net::{Net, NetBackend};
@@ -53,6 +54,8 @@ pub enum Device {
     Vsock,
     /// virtio-fs over a share laid out as husk lays out a container's.
     Fs,
+    /// The memory balloon (inflate, deflate, free page reporting), discarding guest memory.
+    Balloon,
 }
 
 /// The host port a [`Device::Vsock`] guest can connect to.
@@ -273,6 +276,11 @@ impl Guest {
                 em.add_subscriber(d.clone());
                 (d, Host::None)
             }
+            Device::Balloon => {
+                let d = Arc::new(Mutex::new(Balloon::new().unwrap()));
+                em.add_subscriber(d.clone());
+                (d, Host::None)
+            }
         };
         let transport = MmioTransport::new(mem.clone(), dev).unwrap();
         Guest {
@@ -378,7 +386,7 @@ impl Guest {
         let count = match self.device {
             Device::Rng => 1,
             Device::Net | Device::Fs => 2,
-            Device::Vsock => 3,
+            Device::Vsock | Device::Balloon => 3,
         };
         for q in 0..count {
             self.write_reg(mmio::VIRTIO_MMIO_QUEUE_SEL, q);
@@ -499,7 +507,7 @@ impl Guest {
     /// - net: a frame of u16 % 2048 bytes arrives from the network (at most 64 wait);
     /// - vsock: by a u8, accept the guest's connections to [`HOST_PORT`], write bytes (u8
     ///   length) to one, close one, or connect from the host with a `CONNECT` line (u8 length);
-    /// - rng, fs: nothing.
+    /// - rng, fs, balloon: nothing.
     fn host(&mut self, input: &mut Input) {
         match &mut self.host {
             Host::None => {}
@@ -835,6 +843,19 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         .0,
     ));
 
+    // A page poked, then handed back by a free page report; another by inflating it.
+    out.push((
+        "virtio_balloon",
+        "report-and-inflate",
+        Program::new()
+            .init()
+            .poke(0x3_0000, &[0xee; 16])
+            .poke(0x3_1000, &[0xee; 16])
+            .chain(2, &[Buf::WriteAt(0x3_0000, 0x1000)])
+            .chain(0, &[Buf::Read(0x31u32.to_le_bytes().to_vec())])
+            .0,
+    ));
+
     for (name, text) in [
         (
             "full",
@@ -853,6 +874,8 @@ enum Buf {
     Read(Vec<u8>),
     /// A device-writable buffer of this length.
     Write(u16),
+    /// A device-writable buffer of this length at this address.
+    WriteAt(u32, u16),
 }
 
 /// A guest program in [`Op`] encoding, built for [`seeds`].
@@ -886,8 +909,22 @@ impl Program {
                     self.0.extend(len.to_le_bytes());
                     self.0.push(1);
                 }
+                Buf::WriteAt(addr, len) => {
+                    self.0.extend(len.to_le_bytes());
+                    self.0.push(1 | 4);
+                    self.0.extend(addr.to_le_bytes());
+                }
             }
         }
+        self
+    }
+
+    /// [`Op::Poke`]: `bytes` (at most 255) written at `addr`.
+    fn poke(mut self, addr: u32, bytes: &[u8]) -> Program {
+        self.0.push(3);
+        self.0.extend(addr.to_le_bytes());
+        self.0.push(bytes.len() as u8);
+        self.0.extend(bytes);
         self
     }
 
@@ -954,6 +991,7 @@ mod tests {
         replay("virtio_net", |d| guest(Device::Net, d));
         replay("virtio_vsock", |d| guest(Device::Vsock, d));
         replay("virtio_fs", |d| guest(Device::Fs, d));
+        replay("virtio_balloon", |d| guest(Device::Balloon, d));
         replay("net_handoff", net_handoff);
     }
 
@@ -998,6 +1036,21 @@ mod tests {
         let mut got = [0u8; 4];
         (&streams[0]).read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
+
+        let balloon = play(
+            Device::Balloon,
+            &seed("virtio_balloon", "report-and-inflate"),
+        );
+        assert_eq!(used(&balloon, 2), [(0, 0)], "the report was served");
+        assert_eq!(used(&balloon, 0), [(0, 0)], "the inflation was served");
+        for page in [0x3_0000, 0x3_1000] {
+            let mut bytes = [0xffu8; 16];
+            balloon
+                .mem
+                .read_slice(&mut bytes, GuestAddress(page))
+                .unwrap();
+            assert_eq!(bytes, [0; 16], "page {page:#x} was handed back");
+        }
 
         let _share = Confinement::get().lock();
         let fs = play(Device::Fs, &seed("virtio_fs", "lookup-walk"));

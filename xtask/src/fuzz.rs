@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "virtio_vsock",
     "virtio_net",
     "virtio_rng",
+    "virtio_balloon",
     "agent_reply",
     "net_handoff",
 ];

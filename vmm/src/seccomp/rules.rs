@@ -150,7 +150,8 @@ const COMMON: &[Allowed] = &[
     any(libc::SYS_brk, "the allocator"),
     any(
         libc::SYS_madvise,
-        "the allocator returning memory; glibc frees an ending thread's stack",
+        "the allocator returning memory; glibc frees an ending thread's stack; the balloon drops the \
+         guest pages the guest reported free (MADV_DONTNEED)",
     ),
     any(
         libc::SYS_clock_gettime,

@@ -1,11 +1,12 @@
 //! Virtio 1.x devices over the MMIO transport.
 //!
 //! [`mmio::MmioTransport`] implements the virtio-mmio (version 2) register file and the device
-//! status state machine; each device (`vsock`, `rng`, `fs`, `net`) implements [`VirtioDevice`] for the
+//! status state machine; each device (`vsock`, `rng`, `balloon`, `fs`, `net`) implements [`VirtioDevice`] for the
 //! transport and `event_manager::MutEventSubscriber` for its queue and backend events on the
 //! device thread. The part of both that all devices share lives in one
 //! [`device_state::VirtioDeviceState`] each device embeds.
 
+pub mod balloon;
 pub mod device_state;
 pub mod fs;
 pub mod mmio;
@@ -32,6 +33,8 @@ pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Device ID of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
+/// Device ID of a memory balloon.
+pub const VIRTIO_ID_BALLOON: u32 = 5;
 /// Device ID of a socket device.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// Device ID of a file system device.
