@@ -13,6 +13,10 @@
 //!   sequential read and write, small files cold and warm, a tree walk, create/stat/unlink and
 //!   `tar` unpacking, in the rootfs and in a bind mount. `--quick` runs it at small sizes (CI
 //!   does, after the tests, to check that every figure is produced).
+//! - `density`: idle sandboxes started one after another up to 500 (or L2's memory guard; L2
+//!   gets 12 GiB for it) and 40 with 8 in flight, husk against runc, crun and runsc
+//!   (`husk-bench density`; 12 minutes at most per runtime): PSS and MemAvailable per sandbox, the curve as they accumulate,
+//!   start latency and rate. `--quick`: 8 and 8.
 //!
 //! `HUSK_BENCH_ARGS` passes further options to `husk-bench` (split at spaces), e.g.
 //! `--idle-runs 3 --dd-runs 3 --read-runs 2` for the OCI suite's other workloads.
@@ -26,7 +30,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The suites `husk-bench` knows.
-const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri", "fs", "net"];
+const SUITES: &[&str] = &["boot", "boot-trace", "oci", "cri", "fs", "net", "density"];
 
 /// Runs one benchmark suite (`quick`: at small sizes, where the suite has them).
 pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
@@ -42,7 +46,7 @@ pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
     let bench_bin = build_husk_bench()?;
     // runsc for the OCI suite; without it the bench still runs and says loudly what it could
     // not check.
-    let runsc: Option<PathBuf> = if what == "oci" || what == "fs" {
+    let runsc: Option<PathBuf> = if what == "oci" || what == "fs" || what == "density" {
         match bench_oci::fetch_runsc() {
             Ok(path) => Some(path),
             Err(e) => {
@@ -70,8 +74,8 @@ pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
         .map(String::from)
         .collect();
     if quick {
-        if what != "fs" && what != "net" {
-            bail!("--quick is for the fs and net suites only");
+        if !["fs", "net", "density"].contains(&what) {
+            bail!("--quick is for the fs, net and density suites only");
         }
         extra_args.push("--quick".into());
     }
@@ -114,6 +118,10 @@ pub fn bench(what: &str, runs: usize, quick: bool) -> Result<()> {
             if what == "fs" && !quick {
                 // Two 1 GiB files and the 1 GiB written beside them.
                 job.work_free_mib = 6 * 1024;
+            }
+            if what == "density" && !quick {
+                // The L2 of 12 GiB, for 500 sandboxes and their peers'.
+                job.mem_mib = Some(12 * 1024);
             }
             let code = rig::run_in_rig(&image, &job)?.exit_code()?;
             if code != 0 {

@@ -73,14 +73,14 @@ enum Cmd {
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
     /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`, `fs`,
-    /// `net`).
+    /// `net`, `density`).
     Bench {
         /// Which suite.
         what: String,
         /// Runs per runtime (default: 20; `fs`, `net`: 3).
         #[arg(long)]
         runs: Option<usize>,
-        /// Small sizes, to check that every figure is produced (`fs`, `net`).
+        /// Small sizes, to check that every figure is produced (`fs`, `net`, `density`).
         #[arg(long)]
         quick: bool,
     },

@@ -449,6 +449,8 @@ pub struct RigRun {
     pub collect_prefix: Option<String>,
     /// Free space on the work disk beyond its inputs, in MiB (the image is sparse).
     pub work_free_mib: u64,
+    /// L2's memory in MiB, when the job needs other than `HUSK_RIG_MEM_MIB` or 6 GiB.
+    pub mem_mib: Option<u64>,
 }
 
 impl RigRun {
@@ -466,6 +468,7 @@ impl RigRun {
             timeout: crate::testing::rig_timeout(),
             collect_prefix: None,
             work_free_mib: 1024,
+            mem_mib: None,
         }
     }
 }
@@ -587,7 +590,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
     let interactive = job.script.is_none();
     let config = RigConfig::from_env()?;
     let qmp = scratch.join("qmp.sock");
-    let mut qemu = qemu_command(&config, image, &disk, interactive, &qmp);
+    let mut qemu = qemu_command(&config, image, &disk, interactive, &qmp, job.mem_mib);
     eprintln!(
         "xtask: booting the rig ({}): {}",
         config.describe(),
@@ -825,8 +828,12 @@ fn qemu_command(
     work_disk: &Path,
     interactive: bool,
     qmp: &Path,
+    job_mem_mib: Option<u64>,
 ) -> Command {
-    let mem_mib = std::env::var("HUSK_RIG_MEM_MIB").unwrap_or_else(|_| "6144".into());
+    let mem_mib = job_mem_mib.map_or_else(
+        || std::env::var("HUSK_RIG_MEM_MIB").unwrap_or_else(|_| "6144".into()),
+        |mib| mib.to_string(),
+    );
     // softlockup_panic: a CPU stuck for 2 x watchdog_thresh (60 s) panics L2, which ends the
     // run at once (panic=-1 reboots, -no-reboot exits) instead of at the run's timeout.
     // panic_on_rcu_stall with a 60 s stall timeout: the same for a CPU that stops RCU (seen:

@@ -13,6 +13,9 @@
 //!
 //! `husk-bench cri`: pods through CRI, handler `husk` against `runc` (see `cri.rs`).
 //!
+//! `husk-bench density`: idle sandboxes accumulated until the host's memory guard, husk against
+//! runc, crun and runsc (see `density.rs`).
+//!
 //! `husk-bench soak`: guests booted back to back, for `cargo xtask rig soak` (see `soak.rs`).
 //!
 //! `husk-bench boot-trace`: one husk boot with the guest kernel's messages on (`loglevel=7`,
@@ -22,6 +25,7 @@
 //! so a second, quiet boot counts the VM's exits by kind (KVM's debugfs statistics).
 
 mod cri;
+mod density;
 mod fs;
 mod net;
 mod oci;
@@ -65,6 +69,7 @@ const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|net|soak [--ru
      [fs: --quick] [--big-mib M] [--churn N] [--dir DIR] [net: --quick] [--dir DIR] \
      [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
+     [density: --max N] [--minutes M] [--in-flight N] [--parallel N] [--quick] [--dir DIR] \
      [oci: --idle-runs N] [--dd-runs N] [--read-runs N] [--split-runs N] [--idle-many N] [--dir DIR] [--timeout-s S]";
 
 fn main() -> Result<()> {
@@ -91,6 +96,8 @@ fn main() -> Result<()> {
     let mut churn = None;
     let mut dir: Option<PathBuf> = None;
     let mut trace_cmdline = Vec::new();
+    let (mut max, mut in_flight, mut parallel) = (None, 8usize, None);
+    let mut budget = Duration::from_secs(12 * 60);
     let mut soak_opts = soak::SoakOptions {
         boots: 300,
         duration: Duration::from_secs(3600),
@@ -108,8 +115,10 @@ fn main() -> Result<()> {
             "--trace-cmdline" => trace_cmdline.push(value("--trace-cmdline")?.clone()),
             "--boots" => soak_opts.boots = value("--boots")?.parse()?,
             "--minutes" => {
+                // soak: how long it goes on; density: each runtime's time budget.
                 soak_opts.duration =
-                    Duration::from_secs_f64(value("--minutes")?.parse::<f64>()? * 60.0)
+                    Duration::from_secs_f64(value("--minutes")?.parse::<f64>()? * 60.0);
+                budget = soak_opts.duration;
             }
             "--first" => soak_opts.first = value("--first")?.parse()?,
             "--idle-pods" => idle_pods = value("--idle-pods")?.parse()?,
@@ -120,6 +129,9 @@ fn main() -> Result<()> {
             "--idle-many" => oci_opts.idle_many = value("--idle-many")?.parse()?,
             "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
             "--quick" => quick = true,
+            "--max" => max = Some(value("--max")?.parse()?),
+            "--in-flight" => in_flight = value("--in-flight")?.parse()?,
+            "--parallel" => parallel = Some(value("--parallel")?.parse()?),
             "--big-mib" => big_mib = Some(value("--big-mib")?.parse()?),
             "--churn" => churn = Some(value("--churn")?.parse()?),
             "--timeout-s" => oci_opts.timeout = Duration::from_secs(value("--timeout-s")?.parse()?),
@@ -128,6 +140,7 @@ fn main() -> Result<()> {
             "cri" => what = Some("cri"),
             "fs" => what = Some("fs"),
             "net" => what = Some("net"),
+            "density" => what = Some("density"),
             "boot-trace" => what = Some("boot-trace"),
             "soak" => what = Some("soak"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
@@ -160,6 +173,16 @@ fn main() -> Result<()> {
             runs,
             quick,
             dir: dir.unwrap_or_else(|| PathBuf::from("/var/tmp/husk-bench-net")),
+            out,
+            timeout: oci_opts.timeout,
+        }),
+        Some("density") => density::bench_density(&density::DensityOptions {
+            max: max.unwrap_or(if quick { 8 } else { 500 }),
+            budget,
+            in_flight,
+            parallel: parallel.unwrap_or(if quick { 8 } else { 40 }),
+            quick,
+            dir: dir.unwrap_or_else(|| PathBuf::from("/var/tmp/husk-bench-density")),
             out,
             timeout: oci_opts.timeout,
         }),

@@ -423,7 +423,7 @@ pub(crate) fn pss_rss_kib(pid: u32) -> Option<(u64, u64)> {
 
 /// The executable of a process as `(device, inode)`, read through `/proc/PID/exe` (which
 /// resolves across mount namespaces and `pivot_root`).
-fn exe_id(pid: u32) -> Option<(u64, u64)> {
+pub(crate) fn exe_id(pid: u32) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
     Some((
         std::os::unix::fs::MetadataExt::dev(&meta),
@@ -431,7 +431,7 @@ fn exe_id(pid: u32) -> Option<(u64, u64)> {
     ))
 }
 
-fn file_id(path: &Path) -> Result<(u64, u64)> {
+pub(crate) fn file_id(path: &Path) -> Result<(u64, u64)> {
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok((
         std::os::unix::fs::MetadataExt::dev(&meta),

@@ -1,0 +1,716 @@
+//! `husk-bench density`: how many idle sandboxes fit, and what each costs, husk against runc,
+//! crun and runsc in the same run. Driven by `cargo xtask bench density`; writes `density.md`,
+//! `density.json`, `density.csv` and `density.svg` to `--out`.
+//!
+//! For each runtime in turn:
+//! 1. **One after another**: idle `sleep` containers (husk: 1 vCPU, 128 MiB guests, warm start as
+//!    by default) started with `run --detach` until `--max` are up or the host's
+//!    `MemAvailable` falls below its guard (a tenth of `MemTotal`, at least 768 MiB): the bench
+//!    stops cleanly before the host is in danger; or until `--minutes` have passed (gVisor's
+//!    starts slow down as its sandboxes accumulate). One untimed start and delete comes first
+//!    (husk builds its template of this size on first use). Each start is timed; at each checkpoint
+//!    (1, 2, 5, 10, 20, 50, 100, ... and the last) the PSS sum of every process the runtime
+//!    started (as `husk-bench oci` counts them: for husk its `husk-vmm`s, guest memory
+//!    included) and the drop of `MemAvailable` since the first start are read. The last point
+//!    is read again after [`SETTLE`], when the guests' free page reporting has handed back
+//!    what their start freed.
+//! 2. **With `--in-flight` at once**: `--parallel` containers started by that many threads;
+//!    the rate is containers per second of wall time.
+//!
+//! Everything started is deleted (`--in-flight` at a time, untimed) before the next runtime.
+
+use crate::oci::{
+    candidate_runtimes, exe_id, file_id, loud, path_str, pids, probe, pss_rss_kib, run_cmd, tail,
+    versions, Bench, Containers, Runtime,
+};
+use anyhow::{bail, Context, Result};
+use husk_tests::stats;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long the last point waits before it is read again (the guest's free page reporting runs
+/// 2 s after memory is freed, in passes).
+const SETTLE: Duration = Duration::from_secs(10);
+/// Guest memory of each husk sandbox, in MiB.
+const GUEST_MEM_MIB: u32 = 128;
+/// Target: an idle husk sandbox's PSS at most this many MiB.
+const IDLE_TARGET_MIB: f64 = 16.0;
+/// Target: at least this many idle husk sandboxes at once.
+const COUNT_TARGET: usize = 500;
+/// Target: husk's start rate with `--in-flight` at once at least this times runc's.
+const RATE_TARGET: f64 = 0.5;
+
+/// What `husk-bench density` was asked for.
+pub struct DensityOptions {
+    /// The most sandboxes started one after another, per runtime.
+    pub max: usize,
+    /// The longest the one-after-another part may take, per runtime.
+    pub budget: Duration,
+    /// Sandboxes started at once in the second part.
+    pub in_flight: usize,
+    /// Sandboxes started in the second part, per runtime.
+    pub parallel: usize,
+    pub quick: bool,
+    pub dir: PathBuf,
+    pub out: PathBuf,
+    pub timeout: Duration,
+}
+
+/// One point of a runtime's curve.
+#[derive(Clone, Debug)]
+struct Point {
+    count: usize,
+    pss_mib: f64,
+    avail_drop_mib: f64,
+    /// The start that made this count, in ms.
+    start_ms: f64,
+}
+
+/// One runtime's results.
+#[derive(Default)]
+struct Curve {
+    points: Vec<Point>,
+    starts_ms: Vec<f64>,
+    /// The last point, read again after [`SETTLE`].
+    settled: Option<Point>,
+    /// Why the curve ended before `--max`, if it did.
+    stopped: Option<String>,
+    /// Containers per second with `--in-flight` at once.
+    rate: Option<f64>,
+}
+
+/// `MemTotal` and `MemAvailable` in MiB.
+fn meminfo() -> Result<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let field = |name: &str| -> Result<f64> {
+        let kib: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .with_context(|| format!("no {name} in /proc/meminfo"))?
+            .parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+/// Counts at which the curve is read: 1, 2, 5, 10, 20, 50, ...
+fn is_checkpoint(n: usize) -> bool {
+    let mut decade = 1;
+    while decade <= n {
+        if [decade, 2 * decade, 5 * decade].contains(&n) {
+            return true;
+        }
+        decade *= 10;
+    }
+    false
+}
+
+/// PSS sum in MiB of the processes started since `before` that run one of `ours`.
+fn pss_sum_mib(before: &BTreeSet<u32>, ours: &BTreeSet<(u64, u64)>) -> f64 {
+    let kib: u64 = pids()
+        .difference(before)
+        .filter(|pid| exe_id(**pid).is_some_and(|id| ours.contains(&id)))
+        .filter_map(|pid| pss_rss_kib(*pid).map(|(p, _)| p))
+        .sum();
+    kib as f64 / 1024.0
+}
+
+/// Runs `f(i)` for `i` in `0..count` on `threads` threads; the first error ends the work.
+fn in_parallel(count: usize, threads: usize, f: impl Fn(usize) -> Result<()> + Sync) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= count || failed.lock().map_or(true, |f| f.is_some()) {
+                    return;
+                }
+                if let Err(e) = f(i) {
+                    if let Ok(mut slot) = failed.lock() {
+                        slot.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn start(rt: &Runtime, bundle: &Path, id: &str, scratch: &Path, timeout: Duration) -> Result<f64> {
+    let o = run_cmd(
+        rt.command(&["run", "--detach", "--bundle", path_str(bundle)?, id]),
+        scratch,
+        timeout,
+    )?;
+    if !o.status.success() {
+        bail!(
+            "{} run --detach {id} failed ({}): {}",
+            rt.name,
+            o.status,
+            tail(&o.stderr)
+        );
+    }
+    Ok(o.wall.as_secs_f64() * 1e3)
+}
+
+/// Deletes `ids` of `rt`, `threads` at a time.
+fn delete_all(rt: &Runtime, ids: &[String], threads: usize, scratch: &Path, timeout: Duration) {
+    let _ = in_parallel(ids.len(), threads, |i| {
+        let o = run_cmd(
+            rt.command(&["delete", "--force", &ids[i]]),
+            scratch,
+            timeout,
+        )?;
+        if !o.status.success() {
+            loud(&format!(
+                "{} delete --force {} failed: {}",
+                rt.name,
+                ids[i],
+                tail(&o.stderr)
+            ));
+        }
+        Ok(())
+    });
+}
+
+fn measure(
+    rt: &Runtime,
+    bundle: &Path,
+    ours: &BTreeSet<(u64, u64)>,
+    opts: &DensityOptions,
+    scratch: &Path,
+) -> Result<Curve> {
+    let mut curve = Curve::default();
+    let (total, avail0) = meminfo()?;
+    let guard = (total / 10.0).max(768.0);
+    let warmup = format!("density-{}-warmup", rt.name);
+    let warm = start(rt, bundle, &warmup, scratch, opts.timeout);
+    delete_all(rt, std::slice::from_ref(&warmup), 1, scratch, opts.timeout);
+    warm?;
+    let before = pids();
+    let mut ids = Vec::new();
+    let began = Instant::now();
+    let result = (|| -> Result<()> {
+        for n in 1..=opts.max {
+            if began.elapsed() > opts.budget {
+                curve.stopped = Some(format!(
+                    "stopped at {} sandboxes: the time budget of {:.0} min",
+                    n - 1,
+                    opts.budget.as_secs_f64() / 60.0
+                ));
+                return Ok(());
+            }
+            let (_, avail) = meminfo()?;
+            if avail < guard {
+                curve.stopped = Some(format!(
+                    "stopped at {} sandboxes: MemAvailable {avail:.0} MiB is below the guard of {guard:.0} MiB",
+                    n - 1
+                ));
+                return Ok(());
+            }
+            let id = format!("density-{}-{n}", rt.name);
+            ids.push(id.clone());
+            let ms = match start(rt, bundle, &id, scratch, opts.timeout) {
+                Ok(ms) => ms,
+                Err(e) => {
+                    curve.stopped = Some(format!("stopped at {} sandboxes: {e:#}", n - 1));
+                    return Ok(());
+                }
+            };
+            curve.starts_ms.push(ms);
+            if is_checkpoint(n) || n == opts.max {
+                let (_, avail) = meminfo()?;
+                let point = Point {
+                    count: n,
+                    pss_mib: pss_sum_mib(&before, ours),
+                    avail_drop_mib: avail0 - avail,
+                    start_ms: ms,
+                };
+                eprintln!(
+                    "density bench: {} x{n}: PSS {:.1} MiB ({:.2} each), MemAvailable -{:.0} MiB, start {ms:.0} ms",
+                    rt.name,
+                    point.pss_mib,
+                    point.pss_mib / n as f64,
+                    point.avail_drop_mib
+                );
+                curve.points.push(point);
+            }
+        }
+        Ok(())
+    })();
+    let count = curve.starts_ms.len();
+    if result.is_ok() && count > 0 {
+        if curve.points.last().is_none_or(|p| p.count != count) {
+            curve.points.push(Point {
+                count,
+                pss_mib: pss_sum_mib(&before, ours),
+                avail_drop_mib: avail0 - meminfo()?.1,
+                start_ms: curve.starts_ms[count - 1],
+            });
+        }
+        std::thread::sleep(SETTLE);
+        let settled = Point {
+            count,
+            pss_mib: pss_sum_mib(&before, ours),
+            avail_drop_mib: avail0 - meminfo()?.1,
+            start_ms: curve.starts_ms[count - 1],
+        };
+        eprintln!(
+            "density bench: {} x{count} after {} s: PSS {:.1} MiB ({:.2} each), MemAvailable -{:.0} MiB",
+            rt.name,
+            SETTLE.as_secs(),
+            settled.pss_mib,
+            settled.pss_mib / count as f64,
+            settled.avail_drop_mib
+        );
+        curve.settled = Some(settled);
+    }
+    delete_all(rt, &ids, opts.in_flight, scratch, opts.timeout);
+    result?;
+    if let Some(why) = &curve.stopped {
+        loud(&format!("{}: {why}", rt.name));
+    }
+
+    // 2. `in_flight` at once.
+    let ids: Vec<String> = (0..opts.parallel)
+        .map(|i| format!("burst-{}-{i}", rt.name))
+        .collect();
+    let t0 = Instant::now();
+    let burst = in_parallel(ids.len(), opts.in_flight, |i| {
+        start(rt, bundle, &ids[i], scratch, opts.timeout).map(|_| ())
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    delete_all(rt, &ids, opts.in_flight, scratch, opts.timeout);
+    match burst {
+        Ok(()) => {
+            let rate = ids.len() as f64 / wall;
+            eprintln!(
+                "density bench: {}: {} started {} at a time in {wall:.1} s: {rate:.2}/s",
+                rt.name,
+                ids.len(),
+                opts.in_flight
+            );
+            curve.rate = Some(rate);
+        }
+        Err(e) => loud(&format!(
+            "{}: starting {} at a time failed: {e:#}",
+            rt.name, opts.in_flight
+        )),
+    }
+    Ok(curve)
+}
+
+pub fn bench_density(opts: &DensityOptions) -> Result<()> {
+    if opts.max == 0 || opts.in_flight == 0 || opts.parallel == 0 {
+        bail!("--max, --in-flight and --parallel must be at least 1");
+    }
+    let artifacts = husk_tests::vm_artifacts("husk-bench density").context(
+        "husk cannot run microVMs here (no usable KVM, or HUSK_KERNEL/HUSK_INITRAMFS unset)",
+    )?;
+    let husk = husk_tests::oci::husk_binary();
+    std::fs::create_dir_all(&opts.out)?;
+    let bench = Bench::build_with(&husk, &opts.dir, |_| Ok(()))?;
+    let scratch = opts.dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let mut notes = Vec::new();
+    let runsc_target = "the density comparison with gVisor";
+    let candidates = candidate_runtimes(
+        &husk,
+        &artifacts,
+        &opts.dir,
+        Path::new("/run/husk-bench-density"),
+        false,
+        runsc_target,
+        &mut notes,
+    )?;
+    let versions = versions(&candidates);
+    let mut containers = Containers {
+        live: Vec::new(),
+        scratch: scratch.clone(),
+        timeout: opts.timeout,
+    };
+    let true_bundle = bench.bundle_with("true", &["/bin/true"], &[], |_| {})?;
+    let runtimes = probe(
+        candidates,
+        &true_bundle,
+        &versions,
+        &mut containers,
+        runsc_target,
+        &mut notes,
+    )?;
+    drop(containers);
+    let sleep = bench.bundle_with(
+        "sleep",
+        &["sleep", "1000000"],
+        &[
+            ("io.husk.vm.mem_mib", GUEST_MEM_MIB.to_string()),
+            ("io.husk.vm.cpus", "1".to_string()),
+        ],
+        |_| {},
+    )?;
+    let mut ours = BTreeSet::new();
+    for rt in &runtimes {
+        ours.insert(file_id(&rt.program)?);
+    }
+    ours.insert(file_id(&artifacts.vmm)?);
+    ours.insert(file_id(&bench.rootfs.join("bin/busybox"))?);
+    let mut curves = BTreeMap::new();
+    for rt in &runtimes {
+        let curve = measure(rt, &sleep, &ours, opts, &scratch)
+            .with_context(|| format!("{}'s density run", rt.name))?;
+        if let Some(why) = &curve.stopped {
+            notes.push(format!("{}: {why}", rt.name));
+        }
+        curves.insert(rt.name, curve);
+    }
+    let names: Vec<&'static str> = runtimes.iter().map(|rt| rt.name).collect();
+    report(opts, &names, &versions, &curves, &notes)
+}
+
+/// The median start of the last tenth of a curve's starts (at least one).
+fn late_start_ms(curve: &Curve) -> Option<f64> {
+    let n = curve.starts_ms.len();
+    let tail = &curve.starts_ms[n - (n / 10).max(1).min(n)..];
+    (!tail.is_empty()).then(|| stats(tail).0)
+}
+
+fn report(
+    opts: &DensityOptions,
+    runtimes: &[&'static str],
+    versions: &BTreeMap<&'static str, String>,
+    curves: &BTreeMap<&'static str, Curve>,
+    notes: &[String],
+) -> Result<()> {
+    let mut md = format!(
+        "## Density (`cargo xtask bench density{}`)\n\n\
+         Idle `sleep` containers (husk: 1 vCPU, {GUEST_MEM_MIB} MiB guests, warm start) started \
+         one after another up to {} or until the host's MemAvailable guard, then {} with {} at \
+         once; per sandbox figures are read {} s after the last start.\n\n",
+        if opts.quick { " --quick" } else { "" },
+        opts.max,
+        opts.parallel,
+        opts.in_flight,
+        SETTLE.as_secs()
+    );
+    for rt in runtimes {
+        md.push_str(&format!(
+            "- {rt}: {}\n",
+            versions.get(rt).map_or("", String::as_str)
+        ));
+    }
+    md.push_str(&format!(
+        "\n| figure | {} | husk / runc |\n|{}\n",
+        runtimes.join(" | "),
+        "---|".repeat(runtimes.len() + 2)
+    ));
+    type Getter = fn(&Curve) -> Option<f64>;
+    let rows: [(&str, &str, Getter, usize); 6] = [
+        (
+            "count",
+            "sandboxes up at once",
+            |c| Some(c.starts_ms.len() as f64),
+            0,
+        ),
+        (
+            "pss_each",
+            "PSS per sandbox (MiB)",
+            |c| c.settled.as_ref().map(|p| p.pss_mib / p.count as f64),
+            2,
+        ),
+        (
+            "avail_each",
+            "MemAvailable drop per sandbox (MiB)",
+            |c| {
+                c.settled
+                    .as_ref()
+                    .map(|p| p.avail_drop_mib / p.count as f64)
+            },
+            2,
+        ),
+        (
+            "start",
+            "start, median of all (ms)",
+            |c| (!c.starts_ms.is_empty()).then(|| stats(&c.starts_ms).0),
+            0,
+        ),
+        (
+            "start_late",
+            "start, median of the last tenth (ms)",
+            late_start_ms,
+            0,
+        ),
+        (
+            "rate",
+            "starts per second, in flight at once",
+            |c| c.rate,
+            2,
+        ),
+    ];
+    let mut missing = Vec::new();
+    let mut figures = serde_json::Map::new();
+    for (key, title, get, decimals) in rows {
+        md.push_str(&format!("| {title} |"));
+        let mut per_rt = serde_json::Map::new();
+        for rt in runtimes {
+            let value = curves.get(rt).and_then(get);
+            match value {
+                Some(v) => md.push_str(&format!(" {v:.decimals$} |")),
+                None => md.push_str(" - |"),
+            }
+            if value.is_none() && (*rt == "husk" || *rt == "runc") {
+                missing.push(format!("{key} for {rt}"));
+            }
+            per_rt.insert(rt.to_string(), json!(value));
+        }
+        let ratio =
+            (|| Some(curves.get("husk").and_then(get)? / curves.get("runc").and_then(get)?))();
+        md.push_str(&format!(
+            " {} |\n",
+            ratio.map_or("-".to_string(), |r| format!("{r:.2}x"))
+        ));
+        figures.insert(key.to_string(), serde_json::Value::Object(per_rt));
+    }
+    // Targets.
+    let husk = curves.get("husk");
+    let pss_each = husk
+        .and_then(|c| c.settled.as_ref())
+        .map(|p| p.pss_mib / p.count as f64);
+    let count = husk.map_or(0, |c| c.starts_ms.len());
+    let rate_ratio = (|| Some(husk?.rate? / curves.get("runc")?.rate?))();
+    let verdict = |met: Option<bool>| match met {
+        Some(true) => "met",
+        Some(false) => "NOT MET",
+        None => "not measured",
+    };
+    md.push_str("\n### Targets\n\n");
+    md.push_str(&format!(
+        "- an idle husk sandbox's PSS at most {IDLE_TARGET_MIB} MiB: {} ({})\n",
+        pss_each.map_or("-".into(), |v| format!("{v:.2} MiB")),
+        verdict(pss_each.map(|v| v <= IDLE_TARGET_MIB))
+    ));
+    md.push_str(&format!(
+        "- at least {COUNT_TARGET} idle husk sandboxes at once: {count} ({})\n",
+        verdict((opts.max >= COUNT_TARGET || count < opts.max).then_some(count >= COUNT_TARGET))
+    ));
+    md.push_str(&format!(
+        "- start rate with {} in flight at least {RATE_TARGET}x runc's: {} ({})\n",
+        opts.in_flight,
+        rate_ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+        verdict(rate_ratio.map(|r| r >= RATE_TARGET))
+    ));
+    md.push_str(
+        "\n### The curve\n\nPSS sum (MiB) and that start's latency (ms) as the count grows:\n\n",
+    );
+    md.push_str(&format!(
+        "| count | {} |\n|{}\n",
+        runtimes
+            .iter()
+            .map(|rt| format!("{rt} PSS | {rt} start"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(2 * runtimes.len() + 1)
+    ));
+    let counts: BTreeSet<usize> = curves
+        .values()
+        .flat_map(|c| c.points.iter().map(|p| p.count))
+        .collect();
+    let mut csv = String::from("runtime,count,pss_mib,avail_drop_mib,start_ms\n");
+    for n in &counts {
+        md.push_str(&format!("| {n} |"));
+        for rt in runtimes {
+            match curves
+                .get(rt)
+                .and_then(|c| c.points.iter().find(|p| p.count == *n))
+            {
+                Some(p) => md.push_str(&format!(" {:.1} | {:.0} |", p.pss_mib, p.start_ms)),
+                None => md.push_str(" - | - |"),
+            }
+        }
+        md.push('\n');
+    }
+    let mut json_curves = serde_json::Map::new();
+    for (rt, curve) in curves {
+        let points: Vec<_> = curve
+            .points
+            .iter()
+            .map(|p| {
+                csv.push_str(&format!(
+                    "{rt},{},{:.2},{:.2},{:.1}\n",
+                    p.count, p.pss_mib, p.avail_drop_mib, p.start_ms
+                ));
+                json!({"count": p.count, "pss_mib": p.pss_mib, "avail_drop_mib": p.avail_drop_mib, "start_ms": p.start_ms})
+            })
+            .collect();
+        json_curves.insert(
+            rt.to_string(),
+            json!({"points": points, "starts_ms": curve.starts_ms, "stopped": curve.stopped}),
+        );
+    }
+    md.push_str("\n![PSS sum and start latency as idle sandboxes accumulate](density.svg)\n");
+    md.push_str(&crate::oci::Report::notes(notes));
+    std::fs::write(opts.out.join("density.md"), &md)?;
+    std::fs::write(opts.out.join("density.csv"), csv)?;
+    std::fs::write(opts.out.join("density.svg"), svg(runtimes, curves))?;
+    std::fs::write(
+        opts.out.join("density.json"),
+        serde_json::to_string_pretty(&json!({
+            "quick": opts.quick,
+            "max": opts.max,
+            "in_flight": opts.in_flight,
+            "parallel": opts.parallel,
+            "figures": figures,
+            "curves": json_curves,
+        }))?,
+    )?;
+    eprintln!("{md}");
+    if !missing.is_empty() {
+        for m in &missing {
+            loud(&format!("no figure: {m}"));
+        }
+        bail!(
+            "the density benchmark left {} figure(s) unmeasured",
+            missing.len()
+        );
+    }
+    Ok(())
+}
+
+/// Two line plots over the sandbox count: the PSS sum, and each start's latency.
+fn svg(runtimes: &[&'static str], curves: &BTreeMap<&'static str, Curve>) -> String {
+    const W: f64 = 760.0;
+    const H: f64 = 240.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 110.0;
+    const TOP: f64 = 30.0;
+    const BOTTOM: f64 = 30.0;
+    const COLORS: &[&str] = &["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"];
+    let max_count = curves
+        .values()
+        .map(|c| c.starts_ms.len())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    type Series = Vec<(f64, f64)>;
+    type SeriesOf = Box<dyn Fn(&Curve) -> Series>;
+    let panels: [(&str, SeriesOf); 2] = [
+        (
+            "PSS sum of the idle sandboxes (MiB)",
+            Box::new(|c: &Curve| {
+                c.points
+                    .iter()
+                    .map(|p| (p.count as f64, p.pss_mib))
+                    .collect()
+            }),
+        ),
+        (
+            "start latency of each sandbox (ms)",
+            Box::new(|c: &Curve| {
+                c.starts_ms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ms)| ((i + 1) as f64, *ms))
+                    .collect()
+            }),
+        ),
+    ];
+    let mut body = String::new();
+    for (panel, (title, series_of)) in panels.iter().enumerate() {
+        let y0 = panel as f64 * H;
+        let series: Vec<(&str, Series)> = runtimes
+            .iter()
+            .filter_map(|rt| Some((*rt, series_of(curves.get(rt)?))))
+            .collect();
+        let max_y = series
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
+        let plot_w = W - LEFT - RIGHT;
+        let plot_h = H - TOP - BOTTOM;
+        let x = |v: f64| LEFT + v / max_count * plot_w;
+        let y = |v: f64| y0 + TOP + plot_h - v / max_y * plot_h;
+        body.push_str(&format!(
+            "<text x=\"4\" y=\"{:.1}\" font-weight=\"bold\">{title}</text>\n\
+             <line x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"/>\n\
+             <line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{max_y:.0}</text>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">0</text>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{max_count:.0} sandboxes</text>\n",
+            y0 + 18.0,
+            y(max_y),
+            y(0.0),
+            W - RIGHT,
+            y(0.0),
+            y(0.0),
+            LEFT - 4.0,
+            y(max_y) + 4.0,
+            LEFT - 4.0,
+            y(0.0),
+            W - RIGHT,
+            y(0.0) + 14.0,
+        ));
+        for (i, (rt, points)) in series.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let path: Vec<String> = points
+                .iter()
+                .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
+                .collect();
+            body.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{rt}</text>\n",
+                path.join(" "),
+                W - RIGHT + 8.0,
+                y0 + TOP + 14.0 * (i as f64 + 1.0)
+            ));
+        }
+    }
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{:.0}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n",
+        2.0 * H
+    )
+}
+
+#[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_are_one_two_five_per_decade() {
+        let got: Vec<usize> = (1..=120).filter(|n| is_checkpoint(*n)).collect();
+        assert_eq!(got, vec![1, 2, 5, 10, 20, 50, 100]);
+    }
+
+    #[test]
+    fn parallel_work_does_every_index_once_and_reports_a_failure() {
+        let seen = Mutex::new(Vec::new());
+        in_parallel(25, 8, |i| {
+            seen.lock().unwrap().push(i);
+            Ok(())
+        })
+        .unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, (0..25).collect::<Vec<_>>());
+        let err = in_parallel(25, 4, |i| {
+            if i == 3 {
+                bail!("index 3")
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "index 3");
+    }
+}
