@@ -20,8 +20,7 @@
 //! Everything started is deleted (`--in-flight` at a time, untimed) before the next runtime.
 
 use crate::oci::{
-    candidate_runtimes, exe_id, file_id, loud, path_str, pids, probe, pss_rss_kib, run_cmd, tail,
-    versions, Bench, Containers, Runtime,
+    exe_id, file_id, loud, path_str, peers, pids, pss_rss_kib, run_cmd, tail, Bench, Peers, Runtime,
 };
 use anyhow::{bail, Context, Result};
 use husk_tests::stats;
@@ -319,33 +318,20 @@ pub fn bench_density(opts: &DensityOptions) -> Result<()> {
     let husk = husk_tests::oci::husk_binary();
     std::fs::create_dir_all(&opts.out)?;
     let bench = Bench::build_with(&husk, &opts.dir, |_| Ok(()))?;
-    let scratch = opts.dir.join("scratch");
-    std::fs::create_dir_all(&scratch)?;
-    let mut notes = Vec::new();
-    let runsc_target = "the density comparison with gVisor";
-    let candidates = candidate_runtimes(
+    let Peers {
+        runtimes,
+        versions,
+        mut notes,
+        containers,
+        scratch,
+    } = peers(
         &husk,
         &artifacts,
+        &bench,
         &opts.dir,
         Path::new("/run/husk-bench-density"),
-        false,
-        runsc_target,
-        &mut notes,
-    )?;
-    let versions = versions(&candidates);
-    let mut containers = Containers {
-        live: Vec::new(),
-        scratch: scratch.clone(),
-        timeout: opts.timeout,
-    };
-    let true_bundle = bench.bundle_with("true", &["/bin/true"], &[], |_| {})?;
-    let runtimes = probe(
-        candidates,
-        &true_bundle,
-        &versions,
-        &mut containers,
-        runsc_target,
-        &mut notes,
+        "the density comparison with gVisor",
+        opts.timeout,
     )?;
     drop(containers);
     let sleep = bench.bundle_with(

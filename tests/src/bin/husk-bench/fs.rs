@@ -21,8 +21,8 @@
 //! most 2x (at least half the throughput); and husk never slower than runsc.
 
 use crate::oci::{
-    candidate_runtimes, drop_caches, path_str, probe, real_seconds, run_cmd, tail, versions,
-    write_read_data, Bench, Containers, Figure, Report,
+    drop_caches, path_str, peers, real_seconds, run_cmd, tail, write_read_data, Bench, Figure,
+    Peers, Report,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -199,26 +199,21 @@ pub fn bench_fs(opts: &FsOptions) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     std::fs::create_dir_all(bench.rootfs.join("data"))?;
-    let scratch = opts.dir.join("scratch");
-    std::fs::create_dir_all(&scratch)?;
-    let mut notes = Vec::new();
-    let runsc_target = "the target \"husk never slower than runsc\"";
-    let candidates = candidate_runtimes(
+    let Peers {
+        runtimes,
+        versions,
+        notes,
+        mut containers,
+        scratch,
+    } = peers(
         &husk,
         &artifacts,
+        &bench,
         &opts.dir,
         Path::new("/run/husk-bench-fs"),
-        false,
-        runsc_target,
-        &mut notes,
+        "the target \"husk never slower than runsc\"",
+        opts.timeout,
     )?;
-    let versions = versions(&candidates);
-    let mut containers = Containers {
-        live: Vec::new(),
-        scratch: scratch.clone(),
-        timeout: opts.timeout,
-    };
-    let true_bundle = bench.bundle_with("true", &["/bin/true"], &[], |_| {})?;
     let data_str = path_str(&data)?.to_string();
     let fs_bundle = bench.bundle_with(
         "fs",
@@ -236,14 +231,6 @@ pub fn bench_fs(opts: &FsOptions) -> Result<()> {
                 }));
             }
         },
-    )?;
-    let runtimes = probe(
-        candidates,
-        &true_bundle,
-        &versions,
-        &mut containers,
-        runsc_target,
-        &mut notes,
     )?;
 
     let mut figs: BTreeMap<String, Figure> = BTreeMap::new();

@@ -1046,6 +1046,68 @@ pub(crate) fn candidate_runtimes(
     Ok(candidates)
 }
 
+/// The runtimes a suite compares, probed, with what it needs around them.
+pub(crate) struct Peers {
+    /// The runtimes that ran a container here.
+    pub(crate) runtimes: Vec<Runtime>,
+    /// Every candidate's `--version`.
+    pub(crate) versions: BTreeMap<&'static str, String>,
+    /// What is missing or failed, for the report.
+    pub(crate) notes: Vec<String>,
+    /// The containers started and not deleted yet.
+    pub(crate) containers: Containers,
+    /// Where runtime commands' output goes.
+    pub(crate) scratch: PathBuf,
+}
+
+/// husk, runc, crun and runsc as [`candidate_runtimes`] finds them (without husk-cold), each
+/// probed with a `/bin/true` bundle of `bench` ([`probe`]); `dir` holds the scratch directory
+/// and husk's configuration.
+pub(crate) fn peers(
+    husk: &Path,
+    artifacts: &husk_tests::Artifacts,
+    bench: &Bench,
+    dir: &Path,
+    state_roots: &Path,
+    runsc_target: &str,
+    timeout: Duration,
+) -> Result<Peers> {
+    let scratch = dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let mut notes = Vec::new();
+    let candidates = candidate_runtimes(
+        husk,
+        artifacts,
+        dir,
+        state_roots,
+        false,
+        runsc_target,
+        &mut notes,
+    )?;
+    let versions = versions(&candidates);
+    let mut containers = Containers {
+        live: Vec::new(),
+        scratch: scratch.clone(),
+        timeout,
+    };
+    let true_bundle = bench.bundle_with("true", &["/bin/true"], &[], |_| {})?;
+    let runtimes = probe(
+        candidates,
+        &true_bundle,
+        &versions,
+        &mut containers,
+        runsc_target,
+        &mut notes,
+    )?;
+    Ok(Peers {
+        runtimes,
+        versions,
+        notes,
+        containers,
+        scratch,
+    })
+}
+
 /// Each runtime's `--version`, first line.
 pub(crate) fn versions(runtimes: &[Runtime]) -> BTreeMap<&'static str, String> {
     let mut versions = BTreeMap::new();
