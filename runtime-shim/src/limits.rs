@@ -5,8 +5,10 @@
 
 use anyhow::{bail, Result};
 
-/// The fewest open files `husk` starts a command with.
-pub const MIN_OPEN_FILES: u64 = 64;
+/// The fewest open files `husk` starts a command with. A cold-booting husk-vmm with every
+/// device (each holds eventfds for its queues, activation and interrupt; the balloon five) came
+/// to about 65 in the rig, failing under 64; 96 leaves room.
+pub const MIN_OPEN_FILES: u64 = 96;
 
 /// Raises the soft `RLIMIT_NOFILE` to [`MIN_OPEN_FILES`] when it is lower and the hard limit
 /// allows; fails, naming both limits, when the hard limit is lower still.
@@ -57,7 +59,7 @@ mod tests {
         let err = check(5, 5).expect_err("5 is too few");
         let msg = format!("{err:#}");
         assert!(msg.contains("RLIMIT_NOFILE soft 5, hard 5"), "{msg}");
-        assert!(msg.contains("at least 64"), "{msg}");
+        assert!(msg.contains("at least 96"), "{msg}");
         assert!(
             check(10, MIN_OPEN_FILES).is_ok(),
             "the soft limit can be raised"

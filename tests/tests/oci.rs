@@ -649,9 +649,9 @@ fn too_few_file_descriptors_fail_create_and_leave_nothing() {
     };
     let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
     // husk's `limits::MIN_OPEN_FILES`.
-    const MIN_OPEN_FILES: u64 = 64;
+    const MIN_OPEN_FILES: u64 = 96;
     let mut outcomes = Vec::new();
-    for limit in [5, 16, 63, 64, 80, 1024] {
+    for limit in [5, 16, 95, 96, 1024] {
         let id = format!("fds{limit}");
         let mut cmd = env.husk(&["create", "--bundle", bundle.to_str().expect("utf-8"), &id]);
         cmd.stdin(Stdio::null());
