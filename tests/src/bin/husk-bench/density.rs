@@ -216,7 +216,8 @@ fn measure(
                 ));
                 return Ok(());
             }
-            let id = format!("density-{}-{n}", rt.name);
+            // Ids of one length: runsc takes an id as a prefix ("-1" would also name "-10").
+            let id = format!("density-{}-{n:04}", rt.name);
             ids.push(id.clone());
             let ms = match start(rt, bundle, &id, scratch, opts.timeout) {
                 Ok(ms) => ms,
@@ -281,7 +282,7 @@ fn measure(
 
     // 2. `in_flight` at once.
     let ids: Vec<String> = (0..opts.parallel)
-        .map(|i| format!("burst-{}-{i}", rt.name))
+        .map(|i| format!("burst-{}-{i:04}", rt.name))
         .collect();
     let t0 = Instant::now();
     let burst = in_parallel(ids.len(), opts.in_flight, |i| {
