@@ -20,7 +20,8 @@
 //! Everything started is deleted (`--in-flight` at a time, untimed) before the next runtime.
 
 use crate::oci::{
-    exe_id, file_id, loud, path_str, peers, pids, pss_rss_kib, run_cmd, tail, Bench, Peers, Runtime,
+    exe_id, loud, our_executables, path_str, peers, pids, pss_rss_kib, run_cmd, tail, Bench, Peers,
+    Runtime,
 };
 use anyhow::{bail, Context, Result};
 use husk_tests::stats;
@@ -325,12 +326,14 @@ pub fn bench_density(opts: &DensityOptions) -> Result<()> {
         mut notes,
         containers,
         scratch,
+        ..
     } = peers(
         &husk,
         &artifacts,
         &bench,
         &opts.dir,
         Path::new("/run/husk-bench-density"),
+        false,
         "the density comparison with gVisor",
         opts.timeout,
     )?;
@@ -344,12 +347,7 @@ pub fn bench_density(opts: &DensityOptions) -> Result<()> {
         ],
         |_| {},
     )?;
-    let mut ours = BTreeSet::new();
-    for rt in &runtimes {
-        ours.insert(file_id(&rt.program)?);
-    }
-    ours.insert(file_id(&artifacts.vmm)?);
-    ours.insert(file_id(&bench.rootfs.join("bin/busybox"))?);
+    let ours = our_executables(&runtimes, &artifacts.vmm, &bench.rootfs)?;
     let mut curves = BTreeMap::new();
     for rt in &runtimes {
         let curve = measure(rt, &sleep, &ours, opts, &scratch)

@@ -205,12 +205,14 @@ pub fn bench_fs(opts: &FsOptions) -> Result<()> {
         notes,
         mut containers,
         scratch,
+        ..
     } = peers(
         &husk,
         &artifacts,
         &bench,
         &opts.dir,
         Path::new("/run/husk-bench-fs"),
+        false,
         "the target \"husk never slower than runsc\"",
         opts.timeout,
     )?;

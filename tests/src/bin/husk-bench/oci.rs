@@ -622,28 +622,24 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
     )?;
     let husk = husk_tests::oci::husk_binary();
     std::fs::create_dir_all(&opts.out)?;
-    let scratch = opts.dir.join("scratch");
     let bench = Bench::build(&husk, &opts.dir)?;
-    std::fs::create_dir_all(&scratch)?;
-    let state_roots = PathBuf::from("/run/husk-bench-oci");
-    let mut notes: Vec<String> = Vec::new();
-    let candidates = candidate_runtimes(
+    let Peers {
+        runtimes,
+        versions,
+        notes,
+        mut containers,
+        scratch,
+        true_bundle,
+    } = peers(
         &husk,
         &artifacts,
+        &bench,
         &opts.dir,
-        &state_roots,
+        Path::new("/run/husk-bench-oci"),
         true,
         "the idle-PSS target (husk at most 0.6x runsc)",
-        &mut notes,
+        opts.timeout,
     )?;
-    let versions = versions(&candidates);
-
-    let mut containers = Containers {
-        live: Vec::new(),
-        scratch: scratch.clone(),
-        timeout: opts.timeout,
-    };
-    let true_bundle = bench.bundle("true", &["/bin/true"], &[])?;
     let sleep_bundle = bench.bundle("sleep", &["sleep", "100000"], &[])?;
     let dd_full = dd_args(DD_COUNT);
     let dd_short = dd_args(DD_COUNT_RUNSC);
@@ -663,23 +659,7 @@ pub fn bench_oci(opts: &OciOptions) -> Result<()> {
         &[("io.husk.vm.mem_mib", IO_GUEST_MEM_MIB.to_string())],
     )?;
 
-    let runtimes = probe(
-        candidates,
-        &true_bundle,
-        &versions,
-        &mut containers,
-        "the idle-PSS target (husk at most 0.6x runsc)",
-        &mut notes,
-    )?;
-
-    // The executables whose processes count as a runtime's: the runtimes (runsc's sandbox,
-    // gofer and stubs are runsc itself), husk-vmm, and the container's busybox.
-    let mut ours = BTreeSet::new();
-    for rt in &runtimes {
-        ours.insert(file_id(&rt.program)?);
-    }
-    ours.insert(file_id(&artifacts.vmm)?);
-    ours.insert(file_id(&bench.rootfs.join("bin/busybox"))?);
+    let ours = our_executables(&runtimes, &artifacts.vmm, &bench.rootfs)?;
 
     let mut figs: BTreeMap<&str, Figure> = BTreeMap::new();
     let mut pss_detail: Vec<Value> = Vec::new();
@@ -1058,17 +1038,21 @@ pub(crate) struct Peers {
     pub(crate) containers: Containers,
     /// Where runtime commands' output goes.
     pub(crate) scratch: PathBuf,
+    /// The bundle that runs `/bin/true`.
+    pub(crate) true_bundle: PathBuf,
 }
 
-/// husk, runc, crun and runsc as [`candidate_runtimes`] finds them (without husk-cold), each
-/// probed with a `/bin/true` bundle of `bench` ([`probe`]); `dir` holds the scratch directory
-/// and husk's configuration.
+/// husk, runc, crun and runsc as [`candidate_runtimes`] finds them (husk-cold too with
+/// `with_cold`), each probed with a `/bin/true` bundle of `bench` ([`probe`]); `dir` holds the
+/// scratch directory and husk's configuration.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn peers(
     husk: &Path,
     artifacts: &husk_tests::Artifacts,
     bench: &Bench,
     dir: &Path,
     state_roots: &Path,
+    with_cold: bool,
     runsc_target: &str,
     timeout: Duration,
 ) -> Result<Peers> {
@@ -1080,7 +1064,7 @@ pub(crate) fn peers(
         artifacts,
         dir,
         state_roots,
-        false,
+        with_cold,
         runsc_target,
         &mut notes,
     )?;
@@ -1105,7 +1089,24 @@ pub(crate) fn peers(
         notes,
         containers,
         scratch,
+        true_bundle,
     })
+}
+
+/// The executables whose processes count as a runtime's: the runtimes (runsc's sandbox, gofer
+/// and stubs are runsc itself), husk-vmm, and the container's busybox, as `(device, inode)`.
+pub(crate) fn our_executables(
+    runtimes: &[Runtime],
+    vmm: &Path,
+    rootfs: &Path,
+) -> Result<BTreeSet<(u64, u64)>> {
+    let mut ours = BTreeSet::new();
+    for rt in runtimes {
+        ours.insert(file_id(&rt.program)?);
+    }
+    ours.insert(file_id(vmm)?);
+    ours.insert(file_id(&rootfs.join("bin/busybox"))?);
+    Ok(ours)
 }
 
 /// Each runtime's `--version`, first line.
