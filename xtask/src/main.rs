@@ -72,15 +72,17 @@ enum Cmd {
     /// Boot a husk microVM and show the agent's handshake and the boot timeline (on this host
     /// when its KVM can run guests, in the test rig otherwise).
     Run,
-    /// Run a benchmark suite against its peers in the same place (`boot`, `oci`, `cri`, `fs`,
-    /// `net`, `density`).
+    /// Run every benchmark suite and write the report (BENCHMARKS.md, docs/bench/), or one
+    /// suite (`boot`, `oci`, `cri`, `fs`, `net`, `density`, `boot-trace`): husk against its
+    /// peers in the same place.
     Bench {
-        /// Which suite.
-        what: String,
-        /// Runs per runtime (default: 20; `fs`, `net`: 3).
+        /// Which suite (default: all of them, and the report).
+        what: Option<String>,
+        /// Runs per runtime, for one suite (default: 20; `fs`, `net`: 3).
         #[arg(long)]
         runs: Option<usize>,
-        /// Small sizes, to check that every figure is produced (`fs`, `net`, `density`).
+        /// Small sizes, to check that every figure is produced; the report of a whole quick
+        /// run goes to target/bench/BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
     },
@@ -149,14 +151,7 @@ fn main() -> Result<()> {
         })?,
         Cmd::Run => testing::run_demo()?,
         Cmd::Install { prefix } => install::install(&prefix)?,
-        Cmd::Bench { what, runs, quick } => {
-            let runs = runs.unwrap_or(match (what.as_str(), quick) {
-                ("fs" | "net", true) => 1,
-                ("fs" | "net", false) => 3,
-                _ => 20,
-            });
-            bench::bench(&what, runs, quick)?
-        }
+        Cmd::Bench { what, runs, quick } => bench::bench(what.as_deref(), runs, quick)?,
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //!    pod. containerd's own growth is left out for both.
 
 use crate::oci::{comm, pids, pss_rss_kib};
+use crate::report::Target;
 use anyhow::{bail, Context, Result};
 use husk_tests::cri::{Cri, HANDLER, RUNC_HANDLER};
 use husk_tests::{stats, vm_artifacts};
@@ -228,6 +229,10 @@ pub fn bench_cri(opts: &CriOptions) -> Result<()> {
             "idle": idle,
             "ratio_start_husk_over_runc": start_ratio,
             "idle_pss_per_pod_mib_husk": husk_idle,
+            "targets": crate::report::targets_json(&[
+                Target::at_most("pod start: husk / runc", Some(start_ratio), START_TARGET, "x"),
+                Target::at_most("idle pod, husk: PSS per pod", Some(husk_idle), IDLE_TARGET_MIB, "MiB"),
+            ]),
         }))?,
     )?;
     Ok(())

@@ -23,6 +23,7 @@ use crate::oci::{
     exe_id, loud, our_executables, path_str, peers, pids, pss_rss_kib, run_cmd, tail, Bench, Peers,
     Runtime,
 };
+use crate::report::Target;
 use anyhow::{bail, Context, Result};
 use husk_tests::stats;
 use serde_json::json;
@@ -471,27 +472,32 @@ fn report(
         .map(|p| p.pss_mib / p.count as f64);
     let count = husk.map_or(0, |c| c.starts_ms.len());
     let rate_ratio = (|| Some(husk?.rate? / curves.get("runc")?.rate?))();
-    let verdict = |met: Option<bool>| match met {
-        Some(true) => "met",
-        Some(false) => "NOT MET",
-        None => "not measured",
-    };
+    // A run bounded below the target count (--max) does not measure that target.
+    let count_measured = opts.max >= COUNT_TARGET || count < opts.max;
+    let targets = [
+        Target::at_most(
+            "an idle husk sandbox's PSS, many at once",
+            pss_each,
+            IDLE_TARGET_MIB,
+            "MiB",
+        ),
+        Target::at_least(
+            "idle husk sandboxes up at once",
+            count_measured.then_some(count as f64),
+            COUNT_TARGET as f64,
+            "",
+        ),
+        Target::at_least(
+            format!("start rate with {} in flight: husk / runc", opts.in_flight),
+            rate_ratio,
+            RATE_TARGET,
+            "x",
+        ),
+    ];
     md.push_str("\n### Targets\n\n");
-    md.push_str(&format!(
-        "- an idle husk sandbox's PSS at most {IDLE_TARGET_MIB} MiB: {} ({})\n",
-        pss_each.map_or("-".into(), |v| format!("{v:.2} MiB")),
-        verdict(pss_each.map(|v| v <= IDLE_TARGET_MIB))
-    ));
-    md.push_str(&format!(
-        "- at least {COUNT_TARGET} idle husk sandboxes at once: {count} ({})\n",
-        verdict((opts.max >= COUNT_TARGET || count < opts.max).then_some(count >= COUNT_TARGET))
-    ));
-    md.push_str(&format!(
-        "- start rate with {} in flight at least {RATE_TARGET}x runc's: {} ({})\n",
-        opts.in_flight,
-        rate_ratio.map_or("-".into(), |r| format!("{r:.2}x")),
-        verdict(rate_ratio.map(|r| r >= RATE_TARGET))
-    ));
+    for t in &targets {
+        md.push_str(&t.md_line());
+    }
     md.push_str(
         "\n### The curve\n\nPSS sum (MiB) and that start's latency (ms) as the count grows:\n\n",
     );
@@ -554,6 +560,7 @@ fn report(
             "parallel": opts.parallel,
             "figures": figures,
             "curves": json_curves,
+            "targets": crate::report::targets_json(&targets),
         }))?,
     )?;
     eprintln!("{md}");
@@ -569,101 +576,40 @@ fn report(
     Ok(())
 }
 
-/// Two line plots over the sandbox count: the PSS sum, and each start's latency.
+/// Two line plots over the sandbox count: the PSS sum, and each start's latency (on a log
+/// scale: runsc's late starts are a hundred times husk's).
 fn svg(runtimes: &[&'static str], curves: &BTreeMap<&'static str, Curve>) -> String {
-    const W: f64 = 760.0;
-    const H: f64 = 240.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 110.0;
-    const TOP: f64 = 30.0;
-    const BOTTOM: f64 = 30.0;
-    const COLORS: &[&str] = &["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"];
-    let max_count = curves
-        .values()
-        .map(|c| c.starts_ms.len())
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64;
-    type Series = Vec<(f64, f64)>;
-    type SeriesOf = Box<dyn Fn(&Curve) -> Series>;
-    let panels: [(&str, SeriesOf); 2] = [
-        (
-            "PSS sum of the idle sandboxes (MiB)",
-            Box::new(|c: &Curve| {
+    let series = |of: &dyn Fn(&Curve) -> Vec<(f64, f64)>| {
+        runtimes
+            .iter()
+            .filter_map(|rt| Some((rt.to_string(), of(curves.get(rt)?))))
+            .collect()
+    };
+    crate::plot::lines(&[
+        crate::plot::LinePanel {
+            title: "PSS sum of the idle sandboxes (MiB)".into(),
+            x_label: "sandboxes",
+            log_y: false,
+            series: series(&|c| {
                 c.points
                     .iter()
                     .map(|p| (p.count as f64, p.pss_mib))
                     .collect()
             }),
-        ),
-        (
-            "start latency of each sandbox (ms)",
-            Box::new(|c: &Curve| {
+        },
+        crate::plot::LinePanel {
+            title: "start latency of each sandbox (ms)".into(),
+            x_label: "sandboxes",
+            log_y: true,
+            series: series(&|c| {
                 c.starts_ms
                     .iter()
                     .enumerate()
                     .map(|(i, ms)| ((i + 1) as f64, *ms))
                     .collect()
             }),
-        ),
-    ];
-    let mut body = String::new();
-    for (panel, (title, series_of)) in panels.iter().enumerate() {
-        let y0 = panel as f64 * H;
-        let series: Vec<(&str, Series)> = runtimes
-            .iter()
-            .filter_map(|rt| Some((*rt, series_of(curves.get(rt)?))))
-            .collect();
-        let max_y = series
-            .iter()
-            .flat_map(|(_, s)| s.iter().map(|p| p.1))
-            .fold(0.0f64, f64::max)
-            .max(1e-9);
-        let plot_w = W - LEFT - RIGHT;
-        let plot_h = H - TOP - BOTTOM;
-        let x = |v: f64| LEFT + v / max_count * plot_w;
-        let y = |v: f64| y0 + TOP + plot_h - v / max_y * plot_h;
-        body.push_str(&format!(
-            "<text x=\"4\" y=\"{:.1}\" font-weight=\"bold\">{title}</text>\n\
-             <line x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"/>\n\
-             <line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{max_y:.0}</text>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">0</text>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{max_count:.0} sandboxes</text>\n",
-            y0 + 18.0,
-            y(max_y),
-            y(0.0),
-            W - RIGHT,
-            y(0.0),
-            y(0.0),
-            LEFT - 4.0,
-            y(max_y) + 4.0,
-            LEFT - 4.0,
-            y(0.0),
-            W - RIGHT,
-            y(0.0) + 14.0,
-        ));
-        for (i, (rt, points)) in series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            let path: Vec<String> = points
-                .iter()
-                .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
-                .collect();
-            body.push_str(&format!(
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n\
-                 <text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{rt}</text>\n",
-                path.join(" "),
-                W - RIGHT + 8.0,
-                y0 + TOP + 14.0 * (i as f64 + 1.0)
-            ));
-        }
-    }
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{:.0}\" \
-         font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n",
-        2.0 * H
-    )
+        },
+    ])
 }
 
 #[cfg(test)]

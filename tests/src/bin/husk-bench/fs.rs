@@ -24,6 +24,7 @@ use crate::oci::{
     drop_caches, path_str, peers, real_seconds, run_cmd, tail, write_read_data, Bench, Figure,
     Peers, Report,
 };
+use crate::report::Target;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -315,6 +316,8 @@ fn report(
     md.push('\n');
     let mut json_figs = serde_json::Map::new();
     let mut target_lines = Vec::new();
+    let mut targets = Vec::new();
+    let mut slowest_vs_runsc: Option<(f64, String)> = None;
     for (place, dir) in PLACES {
         md.push_str(&format!("### {place} (`{dir}`)\n\n"));
         md.push_str(&report.header("step", &["husk / runc", "husk / runsc"]));
@@ -333,6 +336,12 @@ fn report(
             ));
             if let Some((_, most)) = TARGETS.iter().find(|(s, _)| *s == step) {
                 let r = ratio("runc");
+                targets.push(Target::at_most(
+                    format!("{place}: {title}: husk / runc"),
+                    r,
+                    *most,
+                    "x",
+                ));
                 target_lines.push(format!(
                     "- {place} {step}: husk / runc {} (target at most {most:.1}x): {}",
                     fmt(r),
@@ -344,6 +353,12 @@ fn report(
                 ));
             }
             if let Some(r) = ratio("runsc") {
+                if slowest_vs_runsc
+                    .as_ref()
+                    .is_none_or(|(worst, _)| r > *worst)
+                {
+                    slowest_vs_runsc = Some((r, format!("{place}: {title}")));
+                }
                 if r > 1.0 {
                     target_lines.push(format!(
                         "- {place} {step}: husk is SLOWER than runsc ({r:.2}x; target: never)"
@@ -354,6 +369,17 @@ fn report(
         }
         md.push('\n');
     }
+    targets.push(Target::at_most(
+        format!(
+            "never slower than runsc: the largest husk / runsc{}",
+            slowest_vs_runsc
+                .as_ref()
+                .map_or(String::new(), |(_, what)| format!(" ({what})"))
+        ),
+        slowest_vs_runsc.map(|(r, _)| r),
+        1.0,
+        "x",
+    ));
     md.push_str("### Targets\n\n");
     for line in &target_lines {
         md.push_str(line);
@@ -374,6 +400,7 @@ fn report(
             },
             "runtimes": runtimes,
             "figures": json_figs,
+            "targets": crate::report::targets_json(&targets),
         }))?,
     )?;
     eprintln!("{md}");

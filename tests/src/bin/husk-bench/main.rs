@@ -29,6 +29,8 @@ mod density;
 mod fs;
 mod net;
 mod oci;
+mod plot;
+mod report;
 mod soak;
 
 use anyhow::{bail, Context, Result};
@@ -65,7 +67,8 @@ struct VsockRun {
     confine_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|net|soak [--runs N] [--out DIR] [cri: --idle-pods N] \
+const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|net|density|soak|report|machine [--runs N] [--out DIR] [cri: --idle-pods N] \
+     [report: --results DIR --report FILE --plots DIR --link PREFIX] [machine: --name NAME] \
      [fs: --quick] [--big-mib M] [--churn N] [--dir DIR] [net: --quick] [--dir DIR] \
      [soak: --boots N] [--minutes M] [--first N] \
      [boot-trace: --trace-cmdline PARAM]... \
@@ -96,6 +99,11 @@ fn main() -> Result<()> {
     let mut churn = None;
     let mut dir: Option<PathBuf> = None;
     let mut trace_cmdline = Vec::new();
+    let mut results = None;
+    let mut report_file = None;
+    let mut plots = None;
+    let mut link = None;
+    let mut name = None;
     let (mut max, mut in_flight, mut parallel) = (None, 8usize, None);
     let mut budget = Duration::from_secs(12 * 60);
     let mut soak_opts = soak::SoakOptions {
@@ -112,6 +120,11 @@ fn main() -> Result<()> {
         match arg.as_str() {
             "--runs" => runs = value("--runs")?.parse()?,
             "--out" => out = PathBuf::from(value("--out")?),
+            "--results" => results = Some(PathBuf::from(value("--results")?)),
+            "--report" => report_file = Some(PathBuf::from(value("--report")?)),
+            "--plots" => plots = Some(PathBuf::from(value("--plots")?)),
+            "--link" => link = Some(value("--link")?.clone()),
+            "--name" => name = Some(value("--name")?.clone()),
             "--trace-cmdline" => trace_cmdline.push(value("--trace-cmdline")?.clone()),
             "--boots" => soak_opts.boots = value("--boots")?.parse()?,
             "--minutes" => {
@@ -143,6 +156,8 @@ fn main() -> Result<()> {
             "density" => what = Some("density"),
             "boot-trace" => what = Some("boot-trace"),
             "soak" => what = Some("soak"),
+            "report" => what = Some("report"),
+            "machine" => what = Some("machine"),
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
@@ -196,6 +211,26 @@ fn main() -> Result<()> {
             idle_pods,
             out,
         }),
+        Some("report") => {
+            let results = results.context("report needs --results DIR")?;
+            report::report(&report::ReportOptions {
+                out: report_file.unwrap_or_else(|| results.join("BENCHMARKS.md")),
+                plots: plots.unwrap_or_else(|| results.clone()),
+                link: link.unwrap_or_else(|| ".".into()),
+                results,
+            })
+        }
+        Some("machine") => {
+            let file = out.join(format!(
+                "machine-{}.json",
+                name.as_deref().unwrap_or("this")
+            ));
+            std::fs::write(
+                &file,
+                serde_json::to_string_pretty(&report::machine_json())?,
+            )?;
+            Ok(())
+        }
         _ => bail!("{USAGE}"),
     }
 }
@@ -355,6 +390,39 @@ fn bench_boot(artifacts: &Artifacts, runs: usize, out: &Path) -> Result<()> {
         "ratio_confine_over_restore".into(),
         serde_json::json!(confine_share),
     );
+    let targets = [
+        report::Target::at_most(
+            "husk-vmm RSS after boot, without guest memory",
+            Some(stats(&col(|r| r.vmm_rss_mib)).0),
+            5.0,
+            "MiB",
+        ),
+        report::Target::at_most(
+            "guest memory touched on the host after boot",
+            Some(stats(&col(|r| r.guest_mib)).0),
+            24.0,
+            "MiB",
+        ),
+        report::Target::at_most(
+            "spawn to first agent line: husk / QEMU",
+            Some(ratio),
+            0.6,
+            "x",
+        ),
+        report::Target::at_most(
+            "spawn to agent: restored / booted",
+            Some(restore_ratio),
+            0.2,
+            "x",
+        ),
+        report::Target::at_most(
+            "confinement (jail, capabilities, seccomp) / a restored VM's spawn to agent",
+            Some(confine_share * 100.0),
+            5.0,
+            "%",
+        ),
+    ];
+    json.insert("targets".into(), report::targets_json(&targets));
     println!("{md}");
     std::fs::write(out.join("boot.md"), &md)?;
     std::fs::write(

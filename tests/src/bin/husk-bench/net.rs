@@ -20,6 +20,7 @@
 use crate::oci::{
     candidate_runtimes, path_str, probe, run_cmd, tail, versions, Bench, Containers, Figure, Report,
 };
+use crate::report::Target;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -345,6 +346,7 @@ fn report(
     md.push('\n');
     md.push_str(&report.header("figure", &["husk / runc"]));
     let mut targets = Vec::new();
+    let mut json_targets = Vec::new();
     let mut json_figs = serde_json::Map::new();
     for (key, title, unit, more_is_better) in FIGURES {
         let fig = figs.get(key);
@@ -363,6 +365,11 @@ fn report(
                 } else {
                     r <= *bound
                 }
+            });
+            json_targets.push(if more_is_better {
+                Target::at_least(format!("{title}: husk / runc"), ratio, *bound, "x")
+            } else {
+                Target::at_most(format!("{title}: husk / runc"), ratio, *bound, "x")
             });
             targets.push(format!(
                 "- {key}: husk / runc {} (target {} {bound:.1}x): {}",
@@ -397,6 +404,7 @@ fn report(
             "rounds": rounds,
             "runtimes": runtimes,
             "figures": json_figs,
+            "targets": crate::report::targets_json(&json_targets),
         }))?,
     )?;
     eprintln!("{md}");

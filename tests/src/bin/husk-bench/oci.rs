@@ -1329,6 +1329,7 @@ fn report(
     }
     md.push_str("\n| ratio of medians | value | target | verdict |\n|---|---|---|---|\n");
     let mut json_ratios = Vec::new();
+    let mut targets = Vec::new();
     for r in ratios(figs) {
         let value = r
             .value
@@ -1352,6 +1353,14 @@ fn report(
             r.what
         ));
         json_ratios.push(json!({"what": r.what, "value": r.value, "target_at_most": r.target}));
+        if let Some(bound) = r.target {
+            targets.push(crate::report::Target::at_most(
+                r.what.clone(),
+                r.value,
+                bound,
+                "x",
+            ));
+        }
     }
     md.push_str(
         "\nMethod: each runtime runs the same bundles (one busybox rootfs on a disk file system, \
@@ -1377,6 +1386,7 @@ fn report(
         "runtimes": runtimes.iter().map(|r| (r.name.to_string(), json!(versions[r.name]))).collect::<serde_json::Map<_, _>>(),
         "figures": json_figs,
         "ratios": json_ratios,
+        "targets": crate::report::targets_json(&targets),
         "idle_processes": pss_detail,
         "notes": notes,
         "load_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
