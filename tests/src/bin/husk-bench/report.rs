@@ -424,8 +424,8 @@ fn markdown(
              produced. Its figures are not for comparing.**\n\n",
         );
     }
-    for p in problems {
-        let _ = writeln!(md, "**Incomplete: {p}.**\n");
+    if !problems.is_empty() {
+        let _ = writeln!(md, "**This run is incomplete:** {}.\n", problems.join("; "));
     }
 
     md.push_str("## Headline\n\n| figure | husk | runc | crun | runsc | husk / runc | husk / runsc |\n|---|---|---|---|---|---|---|\n");
