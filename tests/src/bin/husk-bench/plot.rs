@@ -188,17 +188,17 @@ fn x_axis(body: &mut String, axis: &Axis, y: f64, unit: &str) {
     );
 }
 
-/// Strip plots: per panel a row per runtime, a dot per sample and a bar at the median (written
-/// beside the row), on one axis per panel.
-pub(crate) fn strip(panels: &[Panel], log: bool) -> String {
-    let plot_w = WIDTH - LEFT - RIGHT;
+/// Panels one above the other: each its title, a row per runtime drawn by `row` (given the
+/// panel's axis, the row's samples, colour and top), and the panel's axis under them.
+fn stacked(
+    panels: &[Panel],
+    axis_of: impl Fn(&Panel) -> Axis,
+    row: impl Fn(&mut String, &Panel, &Axis, &[f64], &str, f64),
+) -> String {
     let mut body = String::new();
     let mut y = 0.0;
     for panel in panels.iter().filter(|p| !p.series.is_empty()) {
-        let axis = Axis::new(
-            panel.series.iter().flat_map(|(_, v)| v.iter().copied()),
-            log,
-        );
+        let axis = axis_of(panel);
         let _ = writeln!(
             body,
             "<text x=\"4\" y=\"{:.1}\" font-weight=\"bold\">{}</text>",
@@ -208,14 +208,36 @@ pub(crate) fn strip(panels: &[Panel], log: bool) -> String {
         y += TITLE;
         for (name, values) in &panel.series {
             let c = color(name);
-            let mid = y + ROW / 2.0;
             let _ = writeln!(
                 body,
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"{c}\">{}</text>",
                 LEFT - 6.0,
-                mid + 4.0,
+                y + ROW / 2.0 + 4.0,
                 esc(name)
             );
+            row(&mut body, panel, &axis, values, c, y);
+            y += ROW;
+        }
+        x_axis(&mut body, &axis, y + 2.0, panel.unit);
+        y += AXIS + 8.0;
+    }
+    document(y, &body)
+}
+
+/// Strip plots: per panel a row per runtime, a dot per sample and a bar at the median (written
+/// beside the row), on one axis per panel.
+pub(crate) fn strip(panels: &[Panel], log: bool) -> String {
+    let plot_w = WIDTH - LEFT - RIGHT;
+    stacked(
+        panels,
+        |panel| {
+            Axis::new(
+                panel.series.iter().flat_map(|(_, v)| v.iter().copied()),
+                log,
+            )
+        },
+        |body, panel, axis, values, c, y| {
+            let mid = y + ROW / 2.0;
             for v in values {
                 let _ = writeln!(
                     body,
@@ -238,42 +260,25 @@ pub(crate) fn strip(panels: &[Panel], log: bool) -> String {
                     esc(panel.unit)
                 );
             }
-            y += ROW;
-        }
-        x_axis(&mut body, &axis, y + 2.0, panel.unit);
-        y += AXIS + 8.0;
-    }
-    document(y, &body)
+        },
+    )
 }
 
 /// Bar charts: per panel a bar per runtime (its first value), linear from 0, the value written
 /// at the bar's end.
 pub(crate) fn bars(panels: &[Panel]) -> String {
     let plot_w = WIDTH - LEFT - RIGHT;
-    let mut body = String::new();
-    let mut y = 0.0;
-    for panel in panels.iter().filter(|p| !p.series.is_empty()) {
-        let value = |v: &Vec<f64>| v.first().copied().unwrap_or(0.0);
-        let axis = Axis::new(panel.series.iter().map(|(_, v)| value(v)), false);
-        let _ = writeln!(
-            body,
-            "<text x=\"4\" y=\"{:.1}\" font-weight=\"bold\">{}</text>",
-            y + 16.0,
-            esc(&panel.title)
-        );
-        y += TITLE;
-        for (name, values) in &panel.series {
-            let c = color(name);
+    let value = |v: &[f64]| v.first().copied().unwrap_or(0.0);
+    stacked(
+        panels,
+        |panel| Axis::new(panel.series.iter().map(|(_, v)| value(v)), false),
+        |body, panel, axis, values, c, y| {
             let v = value(values);
             let w = axis.frac(v) * plot_w;
             let _ = writeln!(
                 body,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"{c}\">{}</text>\
-                 <rect x=\"{LEFT}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{c}\"/>\
+                "<rect x=\"{LEFT}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{c}\"/>\
                  <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">{} {}</text>",
-                LEFT - 6.0,
-                y + ROW / 2.0 + 4.0,
-                esc(name),
                 y + 3.0,
                 ROW - 6.0,
                 LEFT + w + 4.0,
@@ -281,12 +286,8 @@ pub(crate) fn bars(panels: &[Panel]) -> String {
                 num(v),
                 esc(panel.unit)
             );
-            y += ROW;
-        }
-        x_axis(&mut body, &axis, y + 2.0, panel.unit);
-        y += AXIS + 8.0;
-    }
-    document(y, &body)
+        },
+    )
 }
 
 /// Line plots over a count from 0 to the largest x, one panel above the other.
