@@ -40,6 +40,15 @@ pub enum ExitStatus {
     Signaled(Signal),
 }
 
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signaled(signal) => write!(f, "killed by {signal}"),
+        }
+    }
+}
+
 /// Reaps every child of the agent and routes the statuses of watched ones to their waiters.
 pub struct Reaper {
     sys: Arc<dyn Syscall>,

@@ -6,11 +6,15 @@
 //! pids, devices) apply in the guest's cgroup, to the guest's processes. On the host, the
 //! cgroup does three things:
 //!
-//! - **It caps the VMM's memory** (`memory.max`) at the guest's memory plus
-//!   [`VMM_MEM_OVERHEAD_MIB`]. That covers the guest's RAM as far as the guest touches it, the
-//!   VMM's own heap, stacks and buffers (about 5 MiB), KVM's page tables, and the page cache of
-//!   the files it serves (which the kernel reclaims before it would kill). So a VMM cannot take
-//!   more of the host than its guest was given, whatever the guest makes it do.
+//! - **It caps the VMM's memory** (`memory.max`, [`memory_cap_bytes`]) at the guest's memory,
+//!   plus [`VMM_MEM_OVERHEAD_MIB`] for the VMM's own heap, stacks and buffers (about 5 MiB),
+//!   KVM's structures and page tables and a working set of the page cache of the files it
+//!   serves (which the kernel reclaims before it would kill), plus the host kernel memory that
+//!   the share's inodes the guest holds pin (their number is bounded by the guest's memory:
+//!   [`husk_vmm::devices::virtio::fs::max_inodes_for`], each counted at
+//!   [`husk_vmm::devices::virtio::fs::HELD_INODE_HOST_BYTES`]; 192 MiB for a 512 MiB guest).
+//!   So a VMM cannot take more of the host than that, whatever the guest makes it do; a guest
+//!   that fills its memory and walks tens of thousands of files stays under it.
 //! - **It carries `linux.resources.blockIO`.** The container's file I/O reaches the host's disks
 //!   as the VMM's own reads and writes (virtio-fs), so the weights and throttles apply here,
 //!   written as runc writes them on cgroup v2 ([`io_files`]). The guest has no block device for
@@ -42,8 +46,18 @@ use std::time::{Duration, Instant};
 /// Where the cgroup v2 hierarchy is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// Host memory a VMM may use beyond its guest's memory (see the module docs).
+/// Host memory a VMM may use beyond its guest's memory and its share's held inodes (see the
+/// module docs).
 pub const VMM_MEM_OVERHEAD_MIB: u64 = 64;
+
+/// The memory cap of the VMM of a guest of `guest_mem_mib` MiB (see the module docs).
+pub fn memory_cap_bytes(guest_mem_mib: u64) -> u64 {
+    use husk_vmm::devices::virtio::fs::{max_inodes_for, HELD_INODE_HOST_BYTES};
+    let inodes = u64::try_from(max_inodes_for(guest_mem_mib)).unwrap_or(u64::MAX);
+    (guest_mem_mib + VMM_MEM_OVERHEAD_MIB)
+        .saturating_mul(1 << 20)
+        .saturating_add(inodes.saturating_mul(HELD_INODE_HOST_BYTES))
+}
 
 /// The controllers enabled on the way down to a VMM's cgroup: `memory` for the cap, `io` for
 /// `blockIO`, `cpu` and `pids` for what engines report. A controller the host lacks is left
@@ -305,7 +319,7 @@ pub fn io_files(block_io: &Value, bfq: bool) -> Result<(Vec<FileWrite>, Vec<Stri
 /// What a VMM's cgroup gets.
 #[derive(Debug, Clone, Default)]
 pub struct HostLimits {
-    /// The guest's memory: the cap is this plus [`VMM_MEM_OVERHEAD_MIB`].
+    /// The guest's memory, which the cap is worked out from ([`memory_cap_bytes`]).
     pub guest_mem_mib: u64,
     /// `linux.resources.blockIO`, if any.
     pub block_io: Option<Value>,
@@ -398,7 +412,7 @@ pub fn set_limits(path: &Path, limits: &HostLimits, warn: &dyn Fn(&str)) -> Resu
     if limits.guest_mem_mib > 0 {
         let max = path.join("memory.max");
         if max.exists() {
-            let bytes = (limits.guest_mem_mib + VMM_MEM_OVERHEAD_MIB) * 1024 * 1024;
+            let bytes = memory_cap_bytes(limits.guest_mem_mib);
             std::fs::write(&max, bytes.to_string())
                 .with_context(|| format!("writing {bytes} to {}", max.display()))?;
         } else {
@@ -542,6 +556,14 @@ fn kill_all(path: &Path, procs: &str) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_memory_cap_is_the_guest_the_overhead_and_the_held_inodes() {
+        // 512 MiB guest: 49,152 inodes at 4 KiB are 192 MiB.
+        assert_eq!(memory_cap_bytes(512), (512 + 64 + 192) << 20);
+        // 64 MiB guest: the floor of 8192 inodes, 32 MiB.
+        assert_eq!(memory_cap_bytes(64), (64 + 64 + 32) << 20);
+    }
 
     fn path_of(cgroups_path: &str) -> Result<PathBuf> {
         relative_path(

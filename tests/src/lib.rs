@@ -197,6 +197,12 @@ impl TestVmBuilder {
         self
     }
 
+    /// One more `husk-vmm` argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
     /// Starts `husk-vmm`; its stdout and stderr are captured to files in the VM's temp dir.
     pub fn spawn(self) -> Result<TestVm> {
         let dir = TempDir::new("husk-test-vm")?;

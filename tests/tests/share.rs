@@ -192,6 +192,57 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Creates container `id` from `spec` in the VM, runs it to its end and returns its stdout and
+/// stderr.
+fn run_container(
+    vm: &husk_tests::TestVm,
+    socket: &Path,
+    id: &str,
+    spec: Value,
+) -> (String, String) {
+    let created = request(
+        socket,
+        &Request::CreateContainer(CreateContainer {
+            id: id.into(),
+            spec,
+            bundle: format!("/run/husk/shared/{id}"),
+            stdio: StdioConfig {
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            },
+        }),
+    );
+    assert!(
+        matches!(created, Response::Created { pid } if pid > 1),
+        "{created:?}; husk-vmm stderr: {}",
+        vm.stderr()
+    );
+    let process = ProcessRef {
+        id: id.into(),
+        exec_id: None,
+    };
+    let attach = |stream| {
+        client(socket)
+            .into_stdio(AttachStdio {
+                process: process.clone(),
+                stream,
+            })
+            .expect("attach")
+    };
+    let out = attach(StreamKind::Stdout);
+    let err = attach(StreamKind::Stderr);
+    assert_eq!(
+        request(socket, &Request::StartProcess(process.clone())),
+        Response::Ok
+    );
+    let out = read_all(out);
+    let err = read_all(err);
+    let status = request(socket, &Request::WaitProcess(process.clone()));
+    eprintln!("container stdout:\n{out}\ncontainer stderr:\n{err}\nstatus: {status:?}");
+    (out, err)
+}
+
 #[test]
 fn container_in_the_share_cannot_escape_it() {
     let Some(artifacts) = vm_artifacts("container_in_the_share_cannot_escape_it") else {
@@ -217,46 +268,7 @@ fn container_in_the_share_cannot_escape_it() {
     drop(vm.connect().expect("agent handshake"));
     let socket = vm.socket.clone();
 
-    let created = request(
-        &socket,
-        &Request::CreateContainer(CreateContainer {
-            id: id.into(),
-            spec: spec(id),
-            bundle: format!("/run/husk/shared/{id}"),
-            stdio: StdioConfig {
-                stdout: true,
-                stderr: true,
-                ..Default::default()
-            },
-        }),
-    );
-    assert!(
-        matches!(created, Response::Created { pid } if pid > 1),
-        "{created:?}; husk-vmm stderr: {}",
-        vm.stderr()
-    );
-    let process = ProcessRef {
-        id: id.into(),
-        exec_id: None,
-    };
-    let attach = |stream| {
-        client(&socket)
-            .into_stdio(AttachStdio {
-                process: process.clone(),
-                stream,
-            })
-            .expect("attach")
-    };
-    let out = attach(StreamKind::Stdout);
-    let err = attach(StreamKind::Stderr);
-    assert_eq!(
-        request(&socket, &Request::StartProcess(process.clone())),
-        Response::Ok
-    );
-    let out = read_all(out);
-    let err = read_all(err);
-    let status = request(&socket, &Request::WaitProcess(process.clone()));
-    eprintln!("container stdout:\n{out}\ncontainer stderr:\n{err}\nstatus: {status:?}");
+    let (out, err) = run_container(&vm, &socket, id, spec(id));
 
     // Inside: every trick ran and failed.
     assert!(
@@ -298,6 +310,97 @@ fn container_in_the_share_cannot_escape_it() {
         .file_type()
         .is_symlink());
     assert!(rootfs.join("moved").is_dir() && !rootfs.join("inside").exists());
+
+    assert_eq!(
+        request(&socket, &Request::RemoveContainer { id: id.into() }),
+        Response::Ok
+    );
+    client(&socket).shutdown().expect("shutdown acknowledged");
+    let status = vm
+        .wait_exit(Duration::from_secs(120))
+        .expect("husk-vmm exits after the agent's shutdown");
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+}
+
+/// Fills the share's inode budget (`--share-max-inodes`), then frees it.
+const INODES: &str = r#"
+mkdir /many
+made=0; refused=0; i=0
+while [ $i -lt 100 ]; do
+    if (echo x > /many/f$i) 2>/dev/null; then made=$((made+1)); else refused=$((refused+1)); fi
+    i=$((i+1))
+done
+echo "MADE $made REFUSED $refused"
+echo "ERROR $( (echo x > /many/more) 2>&1 )"
+echo 2 > /proc/sys/vm/drop_caches
+(echo x > /many/after) 2>/dev/null && echo "AFTER ok" || echo "AFTER refused"
+echo DONE
+"#;
+
+/// The guest holds at most `--share-max-inodes` inodes of the share: past it, creates fail with
+/// ENFILE (and the VMM says why), nothing else breaks, and what the guest forgets is room again.
+#[test]
+fn the_guest_holds_at_most_its_share_inodes() {
+    let Some(artifacts) = vm_artifacts("the_guest_holds_at_most_its_share_inodes") else {
+        return;
+    };
+    if !husk_tests::skip::have_root("the share's ownership") {
+        return;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        husk_tests::skip::skip(&format!("{BUSYBOX} is missing (busybox-static)"));
+        return;
+    }
+    const MAX_INODES: usize = 64;
+    let base = TempDir::new("husk-share-test").expect("temp dir");
+    let id = "inodes";
+    prepare(base.path(), id);
+    let share = base.path().join("share");
+    let rootfs = share.join(id).join("rootfs");
+    std::fs::write(rootfs.join("inodes.sh"), INODES).expect("script");
+    let mut vm = TestVmBuilder::new(&artifacts)
+        .shared_dir(&share)
+        .arg("--share-max-inodes")
+        .arg(&MAX_INODES.to_string())
+        .spawn()
+        .expect("spawn husk-vmm");
+    drop(vm.connect().expect("agent handshake"));
+    let socket = vm.socket.clone();
+    let mut spec = spec(id);
+    spec["process"]["args"] = json!(["sh", "/inodes.sh"]);
+    let (out, err) = run_container(&vm, &socket, id, spec);
+    assert!(
+        out.contains("DONE"),
+        "the script did not finish: {out}\n{err}"
+    );
+
+    let counts: Vec<usize> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("MADE "))
+        .expect("counts")
+        .split(" REFUSED ")
+        .map(|n| n.parse().expect("count"))
+        .collect();
+    let (made, refused) = (counts[0], counts[1]);
+    assert!(made > 0 && refused > 0, "{out}");
+    assert!(
+        made < MAX_INODES,
+        "{made} files made under a budget of {MAX_INODES}"
+    );
+    assert!(
+        out.contains("Too many open files in system"),
+        "no ENFILE: {out}"
+    );
+    assert!(out.contains("AFTER ok"), "forgetting made no room: {out}");
+    assert!(
+        vm.stderr().contains("the most this VM may"),
+        "the VMM did not say why: {}",
+        vm.stderr()
+    );
+    // On the host: what the guest was told was made, and nothing it was refused.
+    let on_host = names(&rootfs.join("many"));
+    assert_eq!(on_host.len(), made + 1, "{on_host:?}");
+    assert!(!rootfs.join("many/more").exists());
 
     assert_eq!(
         request(&socket, &Request::RemoveContainer { id: id.into() }),

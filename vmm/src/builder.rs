@@ -308,14 +308,50 @@ fn attach_common_devices(
     let balloon = Arc::new(Mutex::new(Balloon::new()?));
     mmio.attach_virtio_device("balloon", balloon, event_manager, cmdline)?;
     if let Some(dir) = &cfg.shared_dir {
+        let max_inodes = cfg
+            .share_max_inodes
+            .unwrap_or_else(|| crate::devices::virtio::fs::max_inodes_for(cfg.mem_size_mib.into()));
+        raise_open_files(max_inodes);
         let fs = Arc::new(Mutex::new(Fs::with_options(
             dir,
             crate::devices::virtio::fs::DEFAULT_TAG,
             cfg.share_cache,
+            max_inodes,
         )?));
         mmio.attach_virtio_device("fs", fs, event_manager, cmdline)?;
     }
     Ok(vsock)
+}
+
+/// Descriptors husk-vmm needs beside the share's inodes: devices, vsock connections, logs.
+const OWN_OPEN_FILES: usize = 4096;
+
+/// Raises `RLIMIT_NOFILE` so that the guest's `max_inodes` share inodes (one descriptor each)
+/// never take the descriptors the VMM needs for itself: the soft limit to the hard one, and
+/// the hard one too where the VMM may (root). Where it cannot, a warning says so: the share then
+/// runs out of descriptors first (`EMFILE` in the guest).
+fn raise_open_files(max_inodes: usize) {
+    let want = u64::try_from(max_inodes.saturating_add(OWN_OPEN_FILES)).unwrap_or(u64::MAX);
+    let Ok((soft, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let set = |soft, hard| {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+    };
+    if hard >= want {
+        let _ = set(want, hard);
+    } else if set(want, want).is_err() {
+        let _ = set(hard, hard);
+        tracing::warn!(
+            "RLIMIT_NOFILE is {hard} and cannot be raised: the share's {max_inodes} inodes may \
+             run out of descriptors first"
+        );
+    }
 }
 
 fn device_names(transports: &[(&'static str, Arc<Mutex<MmioTransport>>)]) -> Vec<String> {

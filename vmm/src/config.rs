@@ -99,6 +99,9 @@ pub struct VmConfig {
     pub shared_dir: Option<PathBuf>,
     /// How long the guest may cache what it learns of the share, by place.
     pub share_cache: crate::devices::virtio::fs::CacheTimes,
+    /// The most inodes of the share the guest may hold; `None`: by its memory
+    /// ([`crate::devices::virtio::fs::max_inodes_for`]).
+    pub share_max_inodes: Option<usize>,
     /// A network card over an inherited TAP device.
     pub net: Option<NetConfig>,
     /// Boot the guest to its agent's readiness, save it as a template into this (new)
@@ -213,6 +216,7 @@ impl VmConfig {
             allow_kvm_pvm: false,
             shared_dir: None,
             share_cache: Default::default(),
+            share_max_inodes: None,
             net: None,
             template_out: None,
             restore_from: None,

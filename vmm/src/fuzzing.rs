@@ -272,7 +272,9 @@ impl Guest {
                     rootfs: Duration::from_secs(86_400),
                     other: Duration::from_secs(1),
                 };
-                let d = Arc::new(Mutex::new(Fs::with_options(&share, "fuzz", cache).unwrap()));
+                let d = Arc::new(Mutex::new(
+                    Fs::with_options(&share, "fuzz", cache, 1 << 16).unwrap(),
+                ));
                 em.add_subscriber(d.clone());
                 (d, Host::None)
             }

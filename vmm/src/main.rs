@@ -60,6 +60,10 @@ struct Args {
     /// The same for everywhere else in the share (bind mounts, the share's own directories).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=86_400), requires = "shared_dir")]
     share_cache_secs: u32,
+    /// The most inodes of the share the guest may hold at once (default: by guest memory, 96
+    /// per MiB, at least 8192); past it new ones fail with ENFILE.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), requires = "shared_dir")]
+    share_max_inodes: Option<u64>,
     /// A network card over this inherited TAP file descriptor (opened with IFF_TAP, IFF_NO_PI
     /// and IFF_VNET_HDR; husk-vmm takes it over).
     #[arg(long, requires = "net_mac")]
@@ -121,6 +125,9 @@ fn run(args: Args) -> anyhow::Result<i32> {
             rootfs: Duration::from_secs(args.share_rootfs_cache_secs.into()),
             other: Duration::from_secs(args.share_cache_secs.into()),
         },
+        share_max_inodes: args
+            .share_max_inodes
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         net: match (args.net_tap_fd, args.net_mac) {
             (Some(tap_fd), Some(mac)) => Some(husk_vmm::config::NetConfig {
                 tap_fd,

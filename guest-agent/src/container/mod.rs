@@ -67,6 +67,9 @@ pub const MAX_EXECS: usize = 1024;
 pub const MAX_ID_LEN: usize = 128;
 /// How long the helper may take to set a process up or start it.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a helper whose socket closed may take to be reaped, for its status in the error.
+const HELPER_END_WAIT: Duration = Duration::from_secs(2);
 /// Stack of the clone child (it only duplicates descriptors and execs).
 const CLONE_STACK_LEN: usize = 64 * 1024;
 /// Buffer of a stdio copy thread.
@@ -607,6 +610,8 @@ impl Containers {
             .spawn_watched(|| clone_helper(clone_flags, raw).map(|pid| (pid, pid)))?;
         drop(helper_end);
         drop(fds.child);
+        // Set when the helper's socket closed before its report: the helper died in its setup.
+        let mut ended = false;
         let result = (|| -> Result<HelperReport, ContainerError> {
             agent_end
                 .set_read_timeout(Some(SETUP_TIMEOUT))
@@ -618,6 +623,7 @@ impl Containers {
             let mut console = None;
             loop {
                 let msg: FromInit = read_frame(&mut agent_end).map_err(|err| {
+                    ended = true;
                     ContainerError::Setup(format!("the helper ended without reporting: {err}"))
                 })?;
                 match msg {
@@ -662,10 +668,23 @@ impl Containers {
                 // already exited (status delivered) is not signalled, its pid may be reused. A
                 // child it forked reads the closed socket and exits.
                 drop(agent_end);
-                if helper_status.try_recv().is_err() {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(helper_pid), Signal::SIGKILL);
-                }
-                return Err(err);
+                // A helper that ended without a word is reaped within moments: how it ended (a
+                // signal such as the OOM killer's SIGKILL, an exit code) is the useful part.
+                let status = if ended {
+                    helper_status.recv_timeout(HELPER_END_WAIT).ok()
+                } else {
+                    helper_status.try_recv().ok()
+                };
+                return Err(match (status, err) {
+                    (Some(status), ContainerError::Setup(message)) if ended => {
+                        ContainerError::Setup(format!("{message} ({status})"))
+                    }
+                    (Some(_), err) => err,
+                    (None, err) => {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(helper_pid), Signal::SIGKILL);
+                        err
+                    }
+                });
             }
         };
         // The process to watch: the helper itself, or the child it forked into a pid namespace.

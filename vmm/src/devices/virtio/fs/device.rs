@@ -9,8 +9,8 @@ use virtio_queue::QueueT;
 
 use super::request::handle_chain;
 use super::{
-    CacheTimes, ConfinedFs, FsError, CONFIG_SIZE, DEFAULT_TAG, HIPRIO_QUEUE_SIZE,
-    REQUEST_QUEUE_SIZE, TAG_LEN,
+    CacheTimes, ConfinedFs, FsError, CONFIG_SIZE, DEFAULT_MAX_INODES, DEFAULT_TAG,
+    HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE, TAG_LEN,
 };
 use crate::devices::virtio::{
     read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState,
@@ -39,13 +39,19 @@ impl Fs {
 
     /// Shares `shared_dir` with `tag` (1 to [`TAG_LEN`] bytes).
     pub fn with_tag(shared_dir: &Path, tag: &str) -> Result<Self, FsError> {
-        Self::with_options(shared_dir, tag, CacheTimes::default())
+        Self::with_options(shared_dir, tag, CacheTimes::default(), DEFAULT_MAX_INODES)
     }
 
     /// Shares `shared_dir` with `tag` (1 to [`TAG_LEN`] bytes), the guest caching as `cache`
-    /// says.
-    pub fn with_options(shared_dir: &Path, tag: &str, cache: CacheTimes) -> Result<Self, FsError> {
-        let fs = Arc::new(ConfinedFs::with_cache(shared_dir, cache)?);
+    /// says and holding at most `max_inodes` inodes (see
+    /// [Inodes held](super#inodes-held-bounded)).
+    pub fn with_options(
+        shared_dir: &Path,
+        tag: &str,
+        cache: CacheTimes,
+        max_inodes: usize,
+    ) -> Result<Self, FsError> {
+        let fs = Arc::new(ConfinedFs::with_limits(shared_dir, cache, max_inodes)?);
         Ok(Self {
             state: VirtioDeviceState::new("virtio-fs").map_err(FsError::EventFd)?,
             queue_sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],

@@ -57,9 +57,23 @@
 //! anywhere), and host tools working in it must not follow symlinks in it. The host must not
 //! move files or directories out of the share while the VM runs: the server holds inodes by
 //! file descriptor, so an inode the guest already reached stays reachable wherever it is moved
-//! (as with hard links above). Each inode the guest holds costs the VMM one file descriptor
-//! (open files cost none: see below): a guest can exhaust the VMM's `RLIMIT_NOFILE`, which
-//! hurts only its own VM.
+//! (as with hard links above).
+//!
+//! # Inodes held, bounded
+//!
+//! Each inode the guest holds (looked up and not yet forgotten) costs the VMM one `O_PATH`
+//! file descriptor (open files cost none: see below), and that descriptor pins the host
+//! kernel's inode, dentry and file structures: about 2.7 KiB of kernel memory on ext4 (measured
+//! in the rig), more on overlayfs, which pins a layer's objects too. The guest decides how many
+//! it holds (its inode cache keeps them until its own memory runs short), so the count is
+//! bounded: at most [`ConfinedFs`]'s `max_inodes` ([`max_inodes_for`] the guest's memory,
+//! [`INODES_PER_GUEST_MIB`] per MiB). Past it, a lookup or readdirplus of an inode the guest
+//! does not already hold, and every create, fails with `ENFILE` ("too many open files in
+//! system") and the VMM logs why, until the guest forgets some (`echo 2 >
+//! /proc/sys/vm/drop_caches` in the guest, or its memory pressure); nothing else of the VM is
+//! affected, and the VMM's own descriptors (vsock connections, devices) never compete with
+//! them (husk-vmm raises its `RLIMIT_NOFILE` above the bound). The kernel memory this can pin,
+//! [`HELD_INODE_HOST_BYTES`] each, is part of the host memory cap husk gives the VMM.
 //! Guest uids other than 0 act through per-thread `setresuid`, which needs a root VMM.
 //!
 //! # Caching
@@ -142,6 +156,26 @@ pub const MAX_CHAIN_DESCRIPTORS: usize = REQUEST_QUEUE_SIZE as usize;
 pub const MAX_REQUEST_BYTES: usize = (1 << 20) + 0x2000;
 /// How long the guest trusts what it learned of a place in the share the host may change.
 pub const SHORT_CACHE: Duration = Duration::from_secs(1);
+/// Inodes the guest may hold per MiB of its memory (see [Inodes held](self#inodes-held-bounded)):
+/// 49,152 for a 512 MiB guest, enough for the file benchmark's two 10,000-file trees and an
+/// unpacked copy at once.
+pub const INODES_PER_GUEST_MIB: usize = 96;
+/// The fewest inodes a guest may hold, however small its memory.
+pub const MIN_INODES: usize = 8192;
+/// Host kernel memory one held inode may pin, for the VMM's memory cap: 2.7 KiB measured on
+/// ext4, rounded up for overlayfs's extra layer.
+pub const HELD_INODE_HOST_BYTES: u64 = 4096;
+
+/// The most inodes a share served without a VM's size (`Fs::new`, tests) lets the guest hold.
+pub const DEFAULT_MAX_INODES: usize = 1 << 16;
+
+/// The most inodes the guest of a VM of `mem_mib` MiB may hold at once.
+pub fn max_inodes_for(mem_mib: u64) -> usize {
+    usize::try_from(mem_mib)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(INODES_PER_GUEST_MIB)
+        .max(MIN_INODES)
+}
 
 /// How long the guest may trust entries (missing names too) and attributes, by place in the
 /// share (see [Caching](self#caching)).

@@ -21,6 +21,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 use super::{CacheTimes, FsError};
+use crate::devices::virtio::RateLimitedLog;
 
 /// An inode number as the guest sees it.
 pub type Inode = u64;
@@ -145,6 +146,10 @@ pub struct ConfinedFs {
     root: OwnedFd,
     cache: CacheTimes,
     places: Mutex<Places>,
+    /// The most inodes the guest may hold (see [Inodes held](super#inodes-held-bounded)).
+    max_inodes: usize,
+    /// Says, now and then, that the guest reached `max_inodes`.
+    full_log: Mutex<RateLimitedLog>,
 }
 
 impl ConfinedFs {
@@ -155,6 +160,16 @@ impl ConfinedFs {
 
     /// Serves `shared_dir` (which must be a directory), with `cache` for the guest's caches.
     pub fn with_cache(shared_dir: &Path, cache: CacheTimes) -> Result<Self, FsError> {
+        Self::with_limits(shared_dir, cache, super::DEFAULT_MAX_INODES)
+    }
+
+    /// Serves `shared_dir` (which must be a directory), with `cache` for the guest's caches,
+    /// the guest holding at most `max_inodes` inodes.
+    pub fn with_limits(
+        shared_dir: &Path,
+        cache: CacheTimes,
+        max_inodes: usize,
+    ) -> Result<Self, FsError> {
         let err = |source| FsError::SharedDir {
             path: shared_dir.to_path_buf(),
             source,
@@ -197,6 +212,8 @@ impl ConfinedFs {
             root: root.into(),
             cache,
             places: Mutex::new(Places::default()),
+            max_inodes,
+            full_log: Mutex::new(RateLimitedLog::default()),
         };
         // Open the root now so a bad directory fails the build, not the guest's mount.
         // `import` sets the umask to 0: do it on a thread with its own umask.
@@ -258,6 +275,49 @@ impl ConfinedFs {
     /// Attributes with the cache time of the inode's place.
     fn place_attr(&self, inode: Inode, attr: (stat64, Duration)) -> (stat64, Duration) {
         (attr.0, self.cache_time(self.places().of(inode)))
+    }
+
+    /// Whether the guest holds as many inodes as it may: a new one would be one too many.
+    fn full(&self) -> bool {
+        let held = self.places().held.len();
+        if held < self.max_inodes {
+            return false;
+        }
+        let mut log = self.full_log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.should_log() {
+            tracing::warn!(
+                "virtio-fs: the guest holds {held} inodes, the most this VM may: new ones fail \
+                 with ENFILE until it forgets some ({} times so far)",
+                log.count()
+            );
+        }
+        true
+    }
+
+    /// `full()` as the error a create or lookup answers.
+    fn check_room(&self) -> io::Result<()> {
+        if self.full() {
+            Err(io::Error::from_raw_os_error(libc::ENFILE))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An entry the passthrough just handed out, for `name` in `parent`: placed, or, when it
+    /// names an inode the guest did not hold and the guest holds all it may, taken back
+    /// (`ENFILE`).
+    fn hold_entry(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &[u8],
+        entry: Entry,
+    ) -> io::Result<Entry> {
+        if entry.inode != 0 && !self.places().held.contains_key(&entry.inode) && self.full() {
+            self.inner.forget(ctx, entry.inode, 1);
+            return Err(io::Error::from_raw_os_error(libc::ENFILE));
+        }
+        Ok(self.place_entry(parent, name, entry))
     }
 
     /// The passthrough file system, after confining the calling thread.
@@ -423,7 +483,7 @@ impl FileSystem for ConfinedFs {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => negative_entry(),
             other => other?,
         };
-        Ok(self.place_entry(parent, name.to_bytes(), entry))
+        self.hold_entry(ctx, parent, name.to_bytes(), entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
@@ -478,6 +538,7 @@ impl FileSystem for ConfinedFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         check_name(name)?;
+        self.check_room()?;
         let entry = self.host()?.symlink(ctx, linkname, parent, name)?;
         Ok(self.place_entry(parent, name.to_bytes(), entry))
     }
@@ -497,6 +558,7 @@ impl FileSystem for ConfinedFs {
             // Block and character devices (and anything else mknod could be asked for).
             _ => return Err(eperm()),
         }
+        self.check_room()?;
         let entry = self
             .host()?
             .mknod(ctx, parent, name, strip_mode(mode), rdev, umask)?;
@@ -512,6 +574,7 @@ impl FileSystem for ConfinedFs {
         umask: u32,
     ) -> io::Result<Entry> {
         check_name(name)?;
+        self.check_room()?;
         let entry = self
             .host()?
             .mkdir(ctx, parent, name, strip_mode(mode), umask)?;
@@ -578,6 +641,7 @@ impl FileSystem for ConfinedFs {
         mut args: CreateIn,
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         check_name(name)?;
+        self.check_room()?;
         args.mode = strip_mode(args.mode);
         let (entry, handle, opts, passthrough) = self.host()?.create(ctx, parent, name, args)?;
         Ok((
@@ -744,10 +808,19 @@ impl FileSystem for ConfinedFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let host = self.host()?;
+        // Entries sent, and whether the listing stopped at an inode the guest may not hold.
+        let mut sent = 0usize;
+        let mut stopped_full = false;
         host.readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
             // The passthrough counts a lookup for each entry it hands out, and takes it back
             // when the reply has no room for it: count alike (nothing for inode 0).
             let inode_held = entry.inode;
+            if inode_held != 0 && !self.places().held.contains_key(&inode_held) && self.full() {
+                // "No room": the passthrough takes its lookup back and ends the reply here;
+                // the guest asks again from this entry on.
+                stopped_full = true;
+                return Ok(0);
+            }
             let placed = if inode_held != 0 {
                 self.place_entry(inode, dir_entry.name, entry)
             } else {
@@ -757,8 +830,14 @@ impl FileSystem for ConfinedFs {
             if added == 0 && inode_held != 0 {
                 self.places().forget(inode_held, 1);
             }
+            sent += usize::from(added != 0);
             Ok(added)
-        })
+        })?;
+        // An empty reply would read as the directory's end: say why it is empty instead.
+        if stopped_full && sent == 0 {
+            return Err(io::Error::from_raw_os_error(libc::ENFILE));
+        }
+        Ok(())
     }
 
     fn fsyncdir(
@@ -1312,6 +1391,65 @@ mod tests {
         assert_eq!(Place::Container.child(b"rootfs"), Place::Rootfs);
         assert_eq!(Place::Container.child(b"mounts"), Place::Other);
         assert_eq!(Place::Other.child(b"rootfs"), Place::Other);
+    }
+
+    #[test]
+    fn the_guest_holds_at_most_max_inodes() {
+        assert_eq!(super::super::max_inodes_for(512), 49_152);
+        assert_eq!(super::super::max_inodes_for(16), super::super::MIN_INODES);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir(root.join("d")).unwrap();
+        for i in 0..5 {
+            fs::write(root.join(format!("d/f{i}")), b"x").unwrap();
+        }
+        let fs = ConfinedFs::with_limits(root, CacheTimes::default(), 3).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let c = ctx();
+        let d = fs.lookup(&c, ROOT_ID, &name("d")).unwrap().inode;
+        let f0 = fs.lookup(&c, d, &name("f0")).unwrap().inode;
+        let f1 = fs.lookup(&c, d, &name("f1")).unwrap().inode;
+        // Full: a new inode is refused; one already held and a missing name are answered.
+        assert_eq!(
+            errno(fs.lookup(&c, d, &name("f2")).unwrap_err()),
+            libc::ENFILE
+        );
+        assert_eq!(fs.lookup(&c, d, &name("f0")).unwrap().inode, f0);
+        assert_eq!(fs.lookup(&c, d, &name("nope")).unwrap().inode, 0);
+        // Creates are refused before anything is made.
+        let err = fs.mkdir(&c, d, &name("new"), 0o755, 0).unwrap_err();
+        assert_eq!(errno(err), libc::ENFILE);
+        let args = create_args(0o644, libc::O_RDWR);
+        let err = fs.create(&c, d, &name("new"), args).unwrap_err();
+        assert_eq!(errno(err), libc::ENFILE);
+        let err = fs.symlink(&c, &name("f0"), d, &name("new")).unwrap_err();
+        assert_eq!(errno(err), libc::ENFILE);
+        assert!(!root.join("d/new").exists(), "nothing made");
+        // A listing hands out held inodes only, and is never an empty reply (the directory's
+        // end): it fails instead.
+        let (handle, _) = fs.opendir(&c, d, libc::O_RDONLY as u32).unwrap();
+        let mut sent = Vec::new();
+        let listed = fs.readdirplus(&c, d, handle.unwrap(), 4096, 0, &mut |entry, _| {
+            sent.push(String::from_utf8_lossy(entry.name).into_owned());
+            Ok(1)
+        });
+        match listed {
+            Ok(()) => assert!(!sent.is_empty(), "an empty listing"),
+            Err(e) => assert_eq!((errno(e), sent.len()), (libc::ENFILE, 0)),
+        }
+        assert!(sent.iter().all(|n| n == "f0" || n == "f1"), "{sent:?}");
+        assert_eq!(fs.places().held.len(), 3);
+        // Forgetting makes room.
+        fs.forget(
+            &c,
+            f1,
+            1 + sent.iter().filter(|n| *n == "f1").count() as u64,
+        );
+        assert!(fs.lookup(&c, d, &name("f2")).is_ok());
+        assert_eq!(
+            errno(fs.lookup(&c, d, &name("f3")).unwrap_err()),
+            libc::ENFILE
+        );
     }
 
     #[test]
