@@ -192,6 +192,23 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The VM artifacts and a prepared share ([`prepare`]) for test `test`'s container `id`; `None`
+/// (with a loud skip) without the artifacts, root (the share's owners and bind mounts) or
+/// busybox.
+fn setup(test: &str, id: &str) -> Option<(husk_tests::Artifacts, TempDir)> {
+    let artifacts = vm_artifacts(test)?;
+    if !husk_tests::skip::have_root("the share's owners and bind mounts") {
+        return None;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        husk_tests::skip::skip(&format!("{BUSYBOX} is missing (busybox-static)"));
+        return None;
+    }
+    let base = TempDir::new("husk-share-test").expect("temp dir");
+    prepare(base.path(), id);
+    Some((artifacts, base))
+}
+
 /// Creates container `id` from `spec` in the VM, runs it to its end and returns its stdout and
 /// stderr.
 fn run_container(
@@ -243,21 +260,25 @@ fn run_container(
     (out, err)
 }
 
+/// Removes container `id` and shuts the VM down; it must exit cleanly.
+fn remove_and_shut_down(vm: &mut husk_tests::TestVm, socket: &Path, id: &str) {
+    assert_eq!(
+        request(socket, &Request::RemoveContainer { id: id.into() }),
+        Response::Ok
+    );
+    client(socket).shutdown().expect("shutdown acknowledged");
+    let status = vm
+        .wait_exit(Duration::from_secs(120))
+        .expect("husk-vmm exits after the agent's shutdown");
+    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+}
+
 #[test]
 fn container_in_the_share_cannot_escape_it() {
-    let Some(artifacts) = vm_artifacts("container_in_the_share_cannot_escape_it") else {
+    let id = "esc";
+    let Some((artifacts, base)) = setup("container_in_the_share_cannot_escape_it", id) else {
         return;
     };
-    if !husk_tests::skip::have_root("bind mounts into the share") {
-        return;
-    }
-    if !Path::new(BUSYBOX).exists() {
-        husk_tests::skip::skip(&format!("{BUSYBOX} is missing (busybox-static)"));
-        return;
-    }
-    let base = TempDir::new("husk-share-test").expect("temp dir");
-    let id = "esc";
-    prepare(base.path(), id);
     let share = base.path().join("share");
     let rootfs = share.join(id).join("rootfs");
     let mut vm = TestVmBuilder::new(&artifacts)
@@ -311,15 +332,7 @@ fn container_in_the_share_cannot_escape_it() {
         .is_symlink());
     assert!(rootfs.join("moved").is_dir() && !rootfs.join("inside").exists());
 
-    assert_eq!(
-        request(&socket, &Request::RemoveContainer { id: id.into() }),
-        Response::Ok
-    );
-    client(&socket).shutdown().expect("shutdown acknowledged");
-    let status = vm
-        .wait_exit(Duration::from_secs(120))
-        .expect("husk-vmm exits after the agent's shutdown");
-    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+    remove_and_shut_down(&mut vm, &socket, id);
 }
 
 /// Fills the share's inode budget (`--share-max-inodes`), then frees it.
@@ -341,20 +354,11 @@ echo DONE
 /// ENFILE (and the VMM says why), nothing else breaks, and what the guest forgets is room again.
 #[test]
 fn the_guest_holds_at_most_its_share_inodes() {
-    let Some(artifacts) = vm_artifacts("the_guest_holds_at_most_its_share_inodes") else {
+    const MAX_INODES: usize = 64;
+    let id = "inodes";
+    let Some((artifacts, base)) = setup("the_guest_holds_at_most_its_share_inodes", id) else {
         return;
     };
-    if !husk_tests::skip::have_root("the share's ownership") {
-        return;
-    }
-    if !Path::new(BUSYBOX).exists() {
-        husk_tests::skip::skip(&format!("{BUSYBOX} is missing (busybox-static)"));
-        return;
-    }
-    const MAX_INODES: usize = 64;
-    let base = TempDir::new("husk-share-test").expect("temp dir");
-    let id = "inodes";
-    prepare(base.path(), id);
     let share = base.path().join("share");
     let rootfs = share.join(id).join("rootfs");
     std::fs::write(rootfs.join("inodes.sh"), INODES).expect("script");
@@ -402,13 +406,5 @@ fn the_guest_holds_at_most_its_share_inodes() {
     assert_eq!(on_host.len(), made + 1, "{on_host:?}");
     assert!(!rootfs.join("many/more").exists());
 
-    assert_eq!(
-        request(&socket, &Request::RemoveContainer { id: id.into() }),
-        Response::Ok
-    );
-    client(&socket).shutdown().expect("shutdown acknowledged");
-    let status = vm
-        .wait_exit(Duration::from_secs(120))
-        .expect("husk-vmm exits after the agent's shutdown");
-    assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+    remove_and_shut_down(&mut vm, &socket, id);
 }

@@ -58,6 +58,7 @@
 //! move files or directories out of the share while the VM runs: the server holds inodes by
 //! file descriptor, so an inode the guest already reached stays reachable wherever it is moved
 //! (as with hard links above).
+//! Guest uids other than 0 act through per-thread `setresuid`, which needs a root VMM.
 //!
 //! # Inodes held, bounded
 //!
@@ -74,7 +75,6 @@
 //! affected, and the VMM's own descriptors (vsock connections, devices) never compete with
 //! them (husk-vmm raises its `RLIMIT_NOFILE` above the bound). The kernel memory this can pin,
 //! [`HELD_INODE_HOST_BYTES`] each, is part of the host memory cap husk gives the VMM.
-//! Guest uids other than 0 act through per-thread `setresuid`, which needs a root VMM.
 //!
 //! # Caching
 //!
