@@ -35,7 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::balloon::Balloon;
-use crate::devices::virtio::fs::{CacheTimes, Fs};
+use crate::devices::virtio::fs::{CacheTimes, Fs, DEFAULT_MAX_INODES};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net::{Net, NetBackend};
 use crate::devices::virtio::rng::Rng;
@@ -273,7 +273,7 @@ impl Guest {
                     other: Duration::from_secs(1),
                 };
                 let d = Arc::new(Mutex::new(
-                    Fs::with_options(&share, "fuzz", cache, 1 << 16).unwrap(),
+                    Fs::with_options(&share, "fuzz", cache, DEFAULT_MAX_INODES).unwrap(),
                 ));
                 em.add_subscriber(d.clone());
                 (d, Host::None)

@@ -294,7 +294,13 @@ impl ConfinedFs {
         true
     }
 
-    /// `full()` as the error a create or lookup answers.
+    /// Whether an entry for `inode`, just handed out, must be taken back: it names an inode the
+    /// guest does not hold (not a negative entry, inode 0) and the guest holds all it may.
+    fn refuses(&self, inode: Inode) -> bool {
+        inode != 0 && !self.places().held.contains_key(&inode) && self.full()
+    }
+
+    /// `full()` as the error a create answers.
     fn check_room(&self) -> io::Result<()> {
         if self.full() {
             Err(io::Error::from_raw_os_error(libc::ENFILE))
@@ -313,7 +319,7 @@ impl ConfinedFs {
         name: &[u8],
         entry: Entry,
     ) -> io::Result<Entry> {
-        if entry.inode != 0 && !self.places().held.contains_key(&entry.inode) && self.full() {
+        if self.refuses(entry.inode) {
             self.inner.forget(ctx, entry.inode, 1);
             return Err(io::Error::from_raw_os_error(libc::ENFILE));
         }
@@ -815,7 +821,7 @@ impl FileSystem for ConfinedFs {
             // The passthrough counts a lookup for each entry it hands out, and takes it back
             // when the reply has no room for it: count alike (nothing for inode 0).
             let inode_held = entry.inode;
-            if inode_held != 0 && !self.places().held.contains_key(&inode_held) && self.full() {
+            if self.refuses(inode_held) {
                 // "No room": the passthrough takes its lookup back and ends the reply here;
                 // the guest asks again from this entry on.
                 stopped_full = true;
