@@ -99,6 +99,46 @@ fn meminfo() -> Result<(f64, f64)> {
     Ok((field("MemTotal:")?, field("MemAvailable:")?))
 }
 
+/// Writes to the bench's log what the host looked like when a start failed: the kernel's
+/// task and memory accounting and its last messages (an OOM kill, a limit reached), so a stop
+/// short of `--max` can be explained from the log alone.
+fn log_host_state(runtime: &str) {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
+    let meminfo = read("/proc/meminfo");
+    let memory: Vec<&str> = meminfo
+        .lines()
+        .filter(|l| {
+            [
+                "MemTotal:",
+                "MemAvailable:",
+                "Committed_AS:",
+                "CommitLimit:",
+                "Slab:",
+                "Shmem:",
+            ]
+            .iter()
+            .any(|f| l.starts_with(f))
+        })
+        .collect();
+    eprintln!(
+        "density bench: {runtime}: host at the failed start: loadavg {}; threads-max {}; pid_max {}; {}",
+        read("/proc/loadavg").trim(),
+        read("/proc/sys/kernel/threads-max").trim(),
+        read("/proc/sys/kernel/pid_max").trim(),
+        memory.join(", ").split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    match std::process::Command::new("dmesg").output() {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("density bench: dmesg: {line}");
+            }
+        }
+        Err(e) => eprintln!("density bench: dmesg: {e}"),
+    }
+}
+
 /// Counts at which the curve is read: 1, 2, 5, 10, 20, 50, ...
 fn is_checkpoint(n: usize) -> bool {
     let mut decade = 1;
@@ -225,6 +265,7 @@ fn measure(
                 Ok(ms) => ms,
                 Err(e) => {
                     curve.stopped = Some(format!("stopped at {} sandboxes: {e:#}", n - 1));
+                    log_host_state(rt.name);
                     return Ok(());
                 }
             };
