@@ -20,8 +20,8 @@
 //! Everything started is deleted (`--in-flight` at a time, untimed) before the next runtime.
 
 use crate::oci::{
-    exe_id, loud, our_executables, path_str, peers, pids, pss_rss_kib, run_cmd, tail, Bench, Peers,
-    Runtime,
+    exe_id, last_lines, loud, our_executables, path_str, peers, pids, pss_rss_kib, run_cmd, tail,
+    Bench, Peers, Runtime,
 };
 use crate::report::Target;
 use anyhow::{bail, Context, Result};
@@ -105,33 +105,29 @@ fn meminfo() -> Result<(f64, f64)> {
 fn log_host_state(runtime: &str) {
     let read = |path: &str| std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
     let meminfo = read("/proc/meminfo");
-    let memory: Vec<&str> = meminfo
+    const FIELDS: [&str; 6] = [
+        "MemTotal:",
+        "MemAvailable:",
+        "Committed_AS:",
+        "CommitLimit:",
+        "Slab:",
+        "Shmem:",
+    ];
+    let memory: Vec<String> = meminfo
         .lines()
-        .filter(|l| {
-            [
-                "MemTotal:",
-                "MemAvailable:",
-                "Committed_AS:",
-                "CommitLimit:",
-                "Slab:",
-                "Shmem:",
-            ]
-            .iter()
-            .any(|f| l.starts_with(f))
-        })
+        .filter(|l| FIELDS.iter().any(|f| l.starts_with(f)))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
     eprintln!(
         "density bench: {runtime}: host at the failed start: loadavg {}; threads-max {}; pid_max {}; {}",
         read("/proc/loadavg").trim(),
         read("/proc/sys/kernel/threads-max").trim(),
         read("/proc/sys/kernel/pid_max").trim(),
-        memory.join(", ").split_whitespace().collect::<Vec<_>>().join(" ")
+        memory.join(", ")
     );
     match std::process::Command::new("dmesg").output() {
         Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            let lines: Vec<&str> = text.lines().collect();
-            for line in &lines[lines.len().saturating_sub(40)..] {
+            for line in last_lines(&String::from_utf8_lossy(&out.stdout), 40) {
                 eprintln!("density bench: dmesg: {line}");
             }
         }

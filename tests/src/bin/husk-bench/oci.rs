@@ -184,8 +184,13 @@ pub(crate) fn run_cmd(mut cmd: Command, scratch: &Path, timeout: Duration) -> Re
 }
 
 pub(crate) fn tail(text: &str) -> String {
+    last_lines(text, 8).join("\n")
+}
+
+/// The last `n` lines of `text` (all of them when it has fewer).
+pub(crate) fn last_lines(text: &str, n: usize) -> Vec<&str> {
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
 /// The containers this bench started and has not deleted yet; `Drop` force-deletes them.
