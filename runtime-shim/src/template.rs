@@ -3,7 +3,8 @@
 //! A template is a guest booted to its agent's readiness and saved by `husk-vmm
 //! --template-out` (see `husk_vmm::snapshot`). One exists per shape of sandbox: it is keyed
 //! by everything that shapes the guest (husk version, the `husk-vmm` binary, the kernel and
-//! initramfs files, vCPUs, memory, the host kernel), built on first use (or by `husk template
+//! initramfs files, vCPUs, memory, the host kernel, and `debug`: a debug sandbox's guest has
+//! the serial console, so its template is booted with it), built on first use (or by `husk template
 //! build`), and kept root-only under [`DEFAULT_TEMPLATE_DIR`] (`template_dir` in
 //! config.toml). husk-vmm verifies a template before each restore (its digests and inputs,
 //! CPUID included) and refuses one that does not match, exiting with
@@ -107,6 +108,8 @@ impl Templates {
             stamp(kernel)?,
             stamp(initramfs)?,
             host_kernel(),
+            // A debug sandbox's guest keeps its console, so its template is booted with it.
+            if cfg.debug { "console" } else { "" }.to_string(),
         ] {
             hasher.update(part.as_bytes());
             hasher.update([0]);
@@ -328,6 +331,7 @@ fn build_into(
         .arg(cfg.agent_timeout.as_millis().to_string())
         .arg("--log-level")
         .arg("warn")
+        .args(cfg.debug.then_some("--console"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -442,6 +446,17 @@ mod tests {
             a,
             templates
                 .dir_for(&cfg, &kernel, &initramfs, bigger)
+                .unwrap()
+        );
+        // A debug sandbox's template is booted with the serial console: another template.
+        let debug = HuskConfig {
+            debug: true,
+            ..cfg.clone()
+        };
+        assert_ne!(
+            a,
+            templates
+                .dir_for(&debug, &kernel, &initramfs, size)
                 .unwrap()
         );
         // A new kernel (replaced by rename, as builds do) is a new template.

@@ -360,7 +360,15 @@ fn a_pod_runs_its_containers_in_one_vm() {
         std::fs::read_to_string("/run/husk-shim/husk-pod/pod1/vmm.log").unwrap_or_default()
     );
 
-    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "pod1"]);
+    let kill = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", "pod1"], None);
+    assert!(
+        kill.status.success(),
+        "kill pod1 after its member's deletion ({}): {}\n{}\nvmm.log: {}",
+        kill.status,
+        stderr(&kill),
+        ctrd.log_tail(),
+        std::fs::read_to_string("/run/husk-shim/husk-pod/pod1/vmm.log").unwrap_or_default()
+    );
     let stopped = wait_until(Duration::from_secs(60), || {
         ctrd.ctr_ok(&["tasks", "ls"])
             .lines()

@@ -371,6 +371,7 @@ fn sandbox_inputs(cfg: &VmConfig) -> Result<TemplateInputs, BuildError> {
         initramfs: cfg.initramfs.as_deref().map(FileStamp::of).transpose()?,
         cpuid_sha256: String::new(),
         devices: Vec::new(),
+        console: cfg.console,
     })
 }
 

@@ -127,6 +127,11 @@ pub struct TemplateInputs {
     pub cpuid_sha256: String,
     /// The virtio devices, in slot order.
     pub devices: Vec<String>,
+    /// Whether the guest has the serial console (`--console`): its kernel registered the UART
+    /// at boot, so only a template booted with the console can print a restored guest's
+    /// messages, and one booted without it must not be restored with a UART it never probed.
+    #[serde(default)]
+    pub console: bool,
 }
 
 impl TemplateInputs {
@@ -157,7 +162,8 @@ impl TemplateInputs {
         differ("kernel file", &self.kernel, &sandbox.kernel)?;
         differ("initramfs file", &self.initramfs, &sandbox.initramfs)?;
         differ("CPUID", &self.cpuid_sha256, &sandbox.cpuid_sha256)?;
-        differ("devices", &self.devices, &sandbox.devices)
+        differ("devices", &self.devices, &sandbox.devices)?;
+        differ("serial console", &self.console, &sandbox.console)
     }
 }
 
@@ -563,6 +569,7 @@ mod tests {
             initramfs: None,
             cpuid_sha256: "abc".into(),
             devices: vec!["vsock".into()],
+            console: false,
         }
     }
 
@@ -680,5 +687,11 @@ mod tests {
         let mut c = a.clone();
         c.kernel.mtime_ns = 5;
         assert!(a.check(&c).unwrap_err().to_string().contains("kernel file"));
+        let mut d = a.clone();
+        d.console = true;
+        assert_eq!(
+            a.check(&d).unwrap_err().to_string(),
+            "template made for serial console false, this sandbox has true"
+        );
     }
 }
