@@ -344,6 +344,9 @@ fn a_pod_runs_its_containers_in_one_vm() {
         Some("pong"),
         "the pod's localhost: {text:?}"
     );
+    // The pod VM's log, guest console included when debug is on.
+    let vmm_log =
+        || std::fs::read_to_string("/run/husk-shim/husk-pod/pod1/vmm.log").unwrap_or_default();
     let vmms =
         husk_tests::containerd::processes_mentioning(&["husk-vmm", "/run/husk-shim/husk-pod/"]);
     assert_eq!(
@@ -357,7 +360,7 @@ fn a_pod_runs_its_containers_in_one_vm() {
                 .unwrap_or_default())
             .collect::<Vec<_>>(),
         ctrd.log_tail(),
-        std::fs::read_to_string("/run/husk-shim/husk-pod/pod1/vmm.log").unwrap_or_default()
+        vmm_log()
     );
 
     let kill = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", "pod1"], None);
@@ -367,7 +370,7 @@ fn a_pod_runs_its_containers_in_one_vm() {
         kill.status,
         stderr(&kill),
         ctrd.log_tail(),
-        std::fs::read_to_string("/run/husk-shim/husk-pod/pod1/vmm.log").unwrap_or_default()
+        vmm_log()
     );
     let stopped = wait_until(Duration::from_secs(60), || {
         ctrd.ctr_ok(&["tasks", "ls"])
