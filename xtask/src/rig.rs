@@ -501,6 +501,8 @@ pub struct RigReport {
     pub hang_reports: Vec<(String, String)>,
     /// L2 wedged and did not answer the NMI the host sent it (see `rig_console::ConsoleEnd`).
     pub nmi_unanswered: bool,
+    /// Boots before this one whose L2 ended before it was up, and how (see [`run_in_rig`]).
+    pub failed_boots: Vec<String>,
 }
 
 impl RigReport {
@@ -554,8 +556,52 @@ impl RigReport {
 /// host can tell a quiet command from a wedged L2 (see [`rig_console::HEARTBEAT_LIMIT`]).
 pub const HEARTBEAT: &str = "( while :; do echo \"<3>husk-rig: alive $(cut -d' ' -f1 /proc/uptime)\" > /dev/kmsg; sleep 10; done ) 2>/dev/null &\n";
 
-/// Boots L2 with a fresh work disk, runs the command, and reports how it went.
+/// How many times L2 is booted again when it ended before it came up.
+const BOOT_RETRIES: usize = 2;
+
+/// Boots L2 with a fresh work disk, runs the command, and reports how it went. An L2 that dies
+/// or wedges before its init says it is up (`husk-rig: L2 up after`, printed just before the
+/// command starts) ran nothing of the command, so nothing of husk's or the tests': it is booted
+/// again, at most [`BOOT_RETRIES`] times, each time said loudly and listed in
+/// [`RigReport::failed_boots`]. An end after L2 came up is never retried here (see
+/// `testing::judge` for when a step is).
 pub fn run_in_rig(image: &RigImage, job: &RigRun) -> Result<RigReport> {
+    let mut failed_boots = Vec::new();
+    loop {
+        let mut report = run_in_rig_once(image, job)?;
+        match before_l2_up(&report) {
+            Some(why) if failed_boots.len() < BOOT_RETRIES => {
+                eprintln!(
+                    "xtask: !!! {why}: booting L2 again (boot {} of at most {}) !!!",
+                    failed_boots.len() + 2,
+                    BOOT_RETRIES + 1
+                );
+                failed_boots.push(why);
+            }
+            _ => {
+                report.failed_boots = failed_boots;
+                return Ok(report);
+            }
+        }
+    }
+}
+
+/// Why `report`'s L2 ended before the command started, if it did: it died or wedged without
+/// printing that it was up, and left no exit code.
+fn before_l2_up(report: &RigReport) -> Option<String> {
+    if report.l2_up_s.is_some() || !matches!(report.end, RigEnd::Died | RigEnd::Wedged) {
+        return None;
+    }
+    Some(format!(
+        "L2 ended {:.1} s after QEMU started, before it was up, so before the command ran: {}",
+        report.elapsed.as_secs_f64(),
+        report.describe()
+    ))
+}
+
+/// One boot of L2 with a fresh work disk: runs the command and reports how it went, however
+/// L2 ended (the soak counts every end; everything else uses [`run_in_rig`]).
+pub fn run_in_rig_once(image: &RigImage, job: &RigRun) -> Result<RigReport> {
     let scratch = tempdir("husk-rig-run")?;
     let result = run_in_rig_at(image, job, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -657,6 +703,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
             collected: Vec::new(),
             hang_reports,
             nmi_unanswered: false,
+            failed_boots: Vec::new(),
         });
     };
     let file_code = std::fs::read_to_string(out_dir.join("exit-code"))
@@ -681,6 +728,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
         collected: end.scan.collected,
         hang_reports,
         nmi_unanswered: end.nmi_unanswered,
+        failed_boots: Vec::new(),
     })
 }
 
@@ -960,6 +1008,34 @@ pub fn tempdir(prefix: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ended(end: RigEnd, l2_up_s: Option<f64>) -> RigReport {
+        RigReport {
+            end,
+            faults: L2Faults::default(),
+            l2_up_s,
+            elapsed: Duration::from_millis(400),
+            collected: Vec::new(),
+            hang_reports: Vec::new(),
+            nmi_unanswered: false,
+            failed_boots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_an_l2_that_never_came_up_is_booted_again() {
+        let why = before_l2_up(&ended(RigEnd::Died, None)).expect("died before it was up");
+        assert!(
+            why.contains("0.4 s") && why.contains("L2 died before the command finished"),
+            "{why}"
+        );
+        assert!(before_l2_up(&ended(RigEnd::Wedged, None)).is_some());
+        // Once the command may have run, the end is the caller's to judge.
+        assert_eq!(before_l2_up(&ended(RigEnd::Died, Some(3.2))), None);
+        assert_eq!(before_l2_up(&ended(RigEnd::Wedged, Some(3.2))), None);
+        assert_eq!(before_l2_up(&ended(RigEnd::Finished(1), None)), None);
+        assert_eq!(before_l2_up(&ended(RigEnd::TimedOut, None)), None);
+    }
 
     #[test]
     fn mirror_is_read_from_both_source_formats() {

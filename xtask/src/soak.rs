@@ -177,7 +177,7 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
         job.timeout = left + Duration::from_secs(600);
         job.collect_prefix = Some("soak: boot ".into());
         let before = tally.next;
-        let report = rig::run_in_rig(&image, &job)?;
+        let report = rig::run_in_rig_once(&image, &job)?;
         tally.l2_runs += 1;
         tally.add_lines(&report.collected);
         let f = &report.faults;

@@ -645,6 +645,9 @@ fn run_steps_in_rig(
         }
         let _ = std::fs::remove_dir_all(&out);
         let report = report?;
+        for why in &report.failed_boots {
+            retry_log.push(format!("L2 booted again: {why}"));
+        }
         l2_times.push(format!(
             "L2 up after {}, run {:.0} s",
             report.l2_up_s.map_or("?".into(), |s| format!("{s:.1} s")),
@@ -883,6 +886,7 @@ mod tests {
             collected: Vec::new(),
             hang_reports: Vec::new(),
             nmi_unanswered: false,
+            failed_boots: Vec::new(),
         }
     }
 
