@@ -907,10 +907,14 @@ fn qemu_command(
     }
     // QEMU 7.2's microvm firmware (qboot) enters a PVH kernel itself; from QEMU 8 on Debian's
     // is SeaBIOS, which needs the PVH option ROM to do it.
+    // No 8259 PIC (`pic=off`): L2 takes its interrupts through the IOAPIC and never programs
+    // a PIC, so the PIC the firmware left with its timer line open delivered the PIT's tick
+    // as vector 0 the moment L2's kernel first enabled interrupts: a "divide error" oops in
+    // start_kernel and a dead L2, in most boots on some hosts (seen: 9 of 10).
     let machine = if qemu_major() >= 8 {
-        "microvm,isa-serial=on,rtc=on"
+        "microvm,isa-serial=on,rtc=on,pic=off"
     } else {
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on,pic=off"
     };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
