@@ -680,3 +680,240 @@ fn a_vmm_ended_by_its_seccomp_filter_is_reported_in_the_exit() {
     );
     assert_clean(&ctrd);
 }
+
+/// The shim killed with SIGKILL at each lifecycle step: during the task's create (as soon as
+/// the shim runs, and once its husk-vmm runs), during start, while an exec runs, and during
+/// delete (once the VM is gone; or after the delete, when it was quicker). Each time the task ends (containerd reports it gone, or it can be deleted), the
+/// VM is gone, the container can be removed, and nothing of the namespace is left.
+#[test]
+fn killing_the_shim_at_each_step_leaves_nothing() {
+    let Some(ctrd) = Containerd::start("killing_the_shim_at_each_step_leaves_nothing", "husk-sk")
+    else {
+        return;
+    };
+    ctrd.import_busybox().expect("import the busybox image");
+    let socket = ctrd.socket.display().to_string();
+    let state = |id: &str| format!("/run/husk-shim/husk-sk/{id}/");
+    // The shim's processes (its `start` and its server), not the `delete` that containerd runs
+    // to clean up after a shim that went away: that one is containerd's, and must live.
+    let shims_of = |id: &str| {
+        processes_mentioning(&["containerd-shim-husk-v2", &format!("-id {id} "), &socket])
+            .into_iter()
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                cmdline.split(|&b| b == 0).rfind(|a| !a.is_empty()) != Some(b"delete")
+            })
+            .collect::<Vec<_>>()
+    };
+    let vmms_of = |id: &str| processes_mentioning(&["husk-vmm", &state(id)]);
+    let kill_shims = |id: &str, moment: &str| {
+        let shims = shims_of(id);
+        assert!(!shims.is_empty(), "{moment}: no shim of {id} to kill");
+        for pid in shims {
+            let pid = libc::pid_t::try_from(pid).expect("pid");
+            // SAFETY: kill(2) of a process this test found by its command line.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    };
+    let spawned = std::cell::Cell::new(0);
+    let spawn_ctr = |args: &[&str]| {
+        spawned.set(spawned.get() + 1);
+        let out = ctrd
+            .dir
+            .path()
+            .join(format!("killed-{}.out", spawned.get()));
+        let file = std::fs::File::create(&out).expect("output file");
+        let child = ctrd
+            .ctr_command(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn ctr");
+        (child, out)
+    };
+    // The client whose shim was killed ends (it may fail: its shim died under it).
+    let client_ends = |mut child: std::process::Child, out: &std::path::Path, moment: &str| {
+        let ended = wait_until(Duration::from_secs(120), || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        if !ended {
+            let _ = child.kill();
+        }
+        let status = child.wait().expect("wait for ctr");
+        assert!(
+            ended,
+            "{moment}: ctr still waits two minutes after its shim died\n{}",
+            ctrd.log_tail()
+        );
+        eprintln!(
+            "{moment}: ctr {status}: {}",
+            std::fs::read_to_string(out).unwrap_or_default().trim()
+        );
+    };
+    // Afterwards: no VM, no task (containerd's cleanup of the dead shim ends it, or a delete
+    // does), the container can be removed, the sandbox's state is gone.
+    let settles = |id: &str, moment: &str| {
+        let vm_gone = wait_until(Duration::from_secs(120), || vmms_of(id).is_empty());
+        assert!(vm_gone, "{moment}: the VM is left\n{}", ctrd.log_tail());
+        let task_listed = || {
+            ctrd.ctr_ok(&["tasks", "ls"])
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(id))
+        };
+        if !wait_until(Duration::from_secs(60), || !task_listed()) {
+            let out = ctrd.ctr(&["tasks", "delete", "--force", id], None);
+            assert!(
+                !task_listed(),
+                "{moment}: the task is left after delete --force ({}: {})\n{}",
+                out.status,
+                stderr(&out),
+                ctrd.log_tail()
+            );
+        }
+        if ctrd
+            .ctr_ok(&["containers", "ls", "-q"])
+            .lines()
+            .any(|l| l.trim() == id)
+        {
+            ctrd.ctr_ok(&["containers", "delete", id]);
+        }
+        let state_gone = wait_until(Duration::from_secs(60), || {
+            !std::path::Path::new(&state(id)).exists()
+        });
+        assert!(
+            state_gone,
+            "{moment}: the sandbox's state is left: {:?}",
+            ctrd.leftovers()
+        );
+        assert!(shims_of(id).is_empty(), "{moment}: a shim of {id} is left");
+    };
+
+    // During create: as soon as the shim runs, then once its VMM runs.
+    type Reached<'a> = Box<dyn Fn(&str) -> bool + 'a>;
+    let moments: [(&str, &str, Reached); 2] = [
+        (
+            "kill-create-shim",
+            "create, as soon as the shim runs",
+            Box::new(|id| !shims_of(id).is_empty()),
+        ),
+        (
+            "kill-create-vmm",
+            "create, once its husk-vmm runs",
+            Box::new(|id| !vmms_of(id).is_empty()),
+        ),
+    ];
+    for (id, moment, reached) in &moments {
+        let (mut child, out) = spawn_ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "sleep",
+            "100000",
+        ]);
+        let hit = wait_until(Duration::from_secs(120), || {
+            reached(id) || child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            hit && reached(id),
+            "{moment}: never reached\n{}",
+            ctrd.log_tail()
+        );
+        kill_shims(id, moment);
+        client_ends(child, &out, moment);
+        settles(id, moment);
+    }
+
+    // During start: the container exists, `ctr tasks start` makes the task and starts it.
+    let id = "kill-start";
+    ctrd.ctr_ok(&[
+        "containers",
+        "create",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        id,
+        "sleep",
+        "100000",
+    ]);
+    let (mut child, out) = spawn_ctr(&["tasks", "start", "-d", id]);
+    let moment = "start, once its husk-vmm runs";
+    let hit = wait_until(Duration::from_secs(120), || {
+        !vmms_of(id).is_empty() || child.try_wait().ok().flatten().is_some()
+    });
+    assert!(hit, "{moment}: never reached");
+    kill_shims(id, moment);
+    client_ends(child, &out, moment);
+    settles(id, moment);
+
+    // While an exec runs.
+    let id = "kill-exec";
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        id,
+        "sleep",
+        "100000",
+    ]);
+    let (mut child, out) = spawn_ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        id,
+        "sh",
+        "-c",
+        "echo exec-started; exec sleep 1000",
+    ]);
+    let moment = "exec, while its process runs";
+    let running = wait_until(Duration::from_secs(60), || {
+        child.try_wait().ok().flatten().is_some()
+            || std::fs::read_to_string(&out).is_ok_and(|o| o.contains("exec-started"))
+    });
+    assert!(
+        running && child.try_wait().ok().flatten().is_none(),
+        "{moment}: the exec never ran: {}",
+        std::fs::read_to_string(&out).unwrap_or_default()
+    );
+    kill_shims(id, moment);
+    client_ends(child, &out, moment);
+    settles(id, moment);
+
+    // During delete of a stopped task.
+    let id = "kill-delete";
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "true"]);
+    let stopped = wait_until(Duration::from_secs(60), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+    });
+    assert!(stopped, "{}", ctrd.ctr_ok(&["tasks", "ls"]));
+    assert_eq!(
+        vmms_of(id).len(),
+        1,
+        "the stopped task's VM is up until its delete"
+    );
+    let (mut child, out) = spawn_ctr(&["tasks", "delete", id]);
+    let moment = "delete, once the VM is gone";
+    wait_until(Duration::from_secs(60), || {
+        vmms_of(id).is_empty() || child.try_wait().ok().flatten().is_some()
+    });
+    // The shim may have finished the delete and exited by now: then there is none to kill.
+    let shims = shims_of(id);
+    eprintln!("{moment}: {} shim(s) to kill", shims.len());
+    for pid in shims {
+        let pid = libc::pid_t::try_from(pid).expect("pid");
+        // SAFETY: kill(2) of a process this test found by its command line.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    client_ends(child, &out, moment);
+    settles(id, moment);
+
+    assert_clean(&ctrd);
+}
