@@ -683,8 +683,10 @@ fn a_vmm_ended_by_its_seccomp_filter_is_reported_in_the_exit() {
 
 /// The shim killed with SIGKILL at each lifecycle step: during the task's create (as soon as
 /// the shim runs, and once its husk-vmm runs), during start, while an exec runs, and during
-/// delete (once the VM is gone; or after the delete, when it was quicker). Each time the task ends (containerd reports it gone, or it can be deleted), the
-/// VM is gone, the container can be removed, and nothing of the namespace is left.
+/// delete (once the VM is gone; or after the delete, when it was quicker). Each time the
+/// client's call ends, the VM is gone, the task ends (containerd reports it gone, or it can be
+/// deleted), the container can be removed, and nothing of the namespace is left: a shim
+/// server whose `start` was killed before containerd learned its address ends by itself.
 #[test]
 fn killing_the_shim_at_each_step_leaves_nothing() {
     let Some(ctrd) = Containerd::start("killing_the_shim_at_each_step_leaves_nothing", "husk-sk")
@@ -786,7 +788,10 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
             "{moment}: the sandbox's state is left: {:?}",
             ctrd.leftovers()
         );
-        assert!(shims_of(id).is_empty(), "{moment}: a shim of {id} is left");
+        // A server whose `start` was killed before containerd learned its address ends by
+        // itself when no task comes (the shim's adoption timeout, 60 s).
+        let shims_gone = wait_until(Duration::from_secs(120), || shims_of(id).is_empty());
+        assert!(shims_gone, "{moment}: a shim of {id} is left");
     };
 
     // During create: as soon as the shim runs, then once its VMM runs.
@@ -915,5 +920,69 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
     client_ends(child, &out, moment);
     settles(id, moment);
 
+    assert_clean(&ctrd);
+}
+
+/// A shim server that containerd never creates a task in (its `start` was killed after it
+/// spawned the server, before containerd learned the address) stops the VM it booted early,
+/// removes the sandbox's state and its socket, and exits, after the adoption timeout.
+#[test]
+fn a_shim_server_containerd_never_adopts_ends_by_itself() {
+    let Some(ctrd) = Containerd::start(
+        "a_shim_server_containerd_never_adopts_ends_by_itself",
+        "husk-orphan",
+    ) else {
+        return;
+    };
+    let id = "orphan";
+    let bundle = ctrd.dir.path().join("orphan-bundle");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    let spec = std::process::Command::new(husk_tests::oci::husk_binary())
+        .args(["spec", "--bundle"])
+        .arg(&bundle)
+        .output()
+        .expect("husk spec");
+    assert!(spec.status.success(), "husk spec: {spec:?}");
+    let socket = ctrd.dir.path().join("orphan-shim.sock");
+    let log = std::fs::File::create(ctrd.dir.path().join("orphan-shim.log")).expect("log");
+    // The server as the shim's `start` spawns it; nobody ever connects to it.
+    let mut server = std::process::Command::new("containerd-shim-husk-v2")
+        .current_dir(&bundle)
+        .args(["-namespace", "husk-orphan", "-id", id, "-address"])
+        .arg(&ctrd.socket)
+        .arg("-socket")
+        .arg(format!("unix://{}", socket.display()))
+        .env("TTRPC_ADDRESS", format!("{}.ttrpc", ctrd.socket.display()))
+        .env("HUSK_CONFIG", ctrd.dir.path().join("husk.toml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn the shim server");
+    let state = format!("/run/husk-shim/husk-orphan/{id}/");
+    let booted = wait_until(Duration::from_secs(60), || {
+        !processes_mentioning(&["husk-vmm", &state]).is_empty()
+    });
+    let shim_log =
+        || std::fs::read_to_string(ctrd.dir.path().join("orphan-shim.log")).unwrap_or_default();
+    assert!(booted, "the server boots its VM early\n{}", shim_log());
+    let ended = wait_until(Duration::from_secs(150), || {
+        server.try_wait().ok().flatten().is_some()
+    });
+    if !ended {
+        let _ = server.kill();
+    }
+    let status = server.wait().expect("wait for the server");
+    assert!(ended, "the server still runs 150 s on\n{}", shim_log());
+    assert!(status.success(), "{status}\n{}", shim_log());
+    assert!(
+        processes_mentioning(&["husk-vmm", &state]).is_empty(),
+        "its VM is stopped"
+    );
+    assert!(
+        !std::path::Path::new(&state).exists(),
+        "its state is removed"
+    );
+    assert!(!socket.exists(), "its socket is removed");
     assert_clean(&ctrd);
 }

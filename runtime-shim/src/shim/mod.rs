@@ -173,6 +173,7 @@ pub fn serve(flags: &containerd_shim::Flags) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", flags.socket))?
             .register_service(services);
         server.start().await.context("starting the ttrpc server")?;
+        service.abandon_unless_adopted(task::ADOPTION_TIMEOUT);
         log::info!("husk shim serving {} on {}", flags.id, flags.socket);
         exit.wait().await;
         log::info!("husk shim shutting down");

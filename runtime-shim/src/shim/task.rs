@@ -47,6 +47,7 @@ use husk_agent_protocol::{CreateContainer, ExecProcess, ProcessRef, Request, Res
 use husk_vmm::supervisor::{wait_process, DRAIN_TIMEOUT};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -56,6 +57,9 @@ use tokio::sync::watch;
 const VMM_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long `Delete` tries to reach the agent to remove the container there.
 const DELETE_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a new shim server waits for containerd's first `Create` before it shuts itself
+/// down (see [`TaskService::abandon_unless_adopted`]); containerd sends it at once.
+pub const ADOPTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a process is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +174,29 @@ pub struct Shared {
     /// taken by that `Create`, which then owns the VM as if it had booted it.
     prebooted_for: Mutex<Option<String>>,
     containers: Mutex<BTreeMap<String, Container>>,
+    /// Whether containerd took this server on (see [`TaskService::abandon_unless_adopted`]).
+    adoption: AtomicU8,
+}
+
+/// [`Shared::adoption`]: no task created yet.
+const AWAITING: u8 = 0;
+/// A task was created: containerd knows this server and ends it with `Shutdown`.
+const ADOPTED: u8 = 1;
+/// No task came in time: the server is shutting down.
+const ABANDONED: u8 = 2;
+
+/// A `Create` takes the server on; false if it was abandoned first.
+fn adopt(adoption: &AtomicU8) -> bool {
+    adoption
+        .compare_exchange(AWAITING, ADOPTED, Ordering::AcqRel, Ordering::Acquire)
+        .map_or_else(|now| now == ADOPTED, |_| true)
+}
+
+/// The watchdog abandons the server; false if a `Create` took it on first.
+fn abandon(adoption: &AtomicU8) -> bool {
+    adoption
+        .compare_exchange(AWAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
 }
 
 /// containerd's Task service.
@@ -194,7 +221,35 @@ impl TaskService {
                 sandbox: Mutex::new(None),
                 prebooted_for: Mutex::new(None),
                 containers: Mutex::new(BTreeMap::new()),
+                adoption: AtomicU8::new(AWAITING),
             }),
+        }
+    }
+
+    /// Shuts this server down (its early-booted VM and state included) unless containerd
+    /// creates a task in it within `after`. containerd sends `Create` as soon as the shim's
+    /// `start` has printed the server's address; a `start` killed after spawning the server
+    /// but before printing the address leaves a server nobody knows of, with a VM booting
+    /// (see [`Self::preboot`]): without this it would run until the host reboots.
+    pub fn abandon_unless_adopted(&self, after: Duration) {
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("husk-shim-adoption".into())
+            .spawn(move || {
+                std::thread::sleep(after);
+                if abandon(&shared.adoption) {
+                    log::warn!(
+                        "containerd created no task within {after:?} of this shim's start (was \
+                         its start cut short?): shutting down"
+                    );
+                    if let Err(e) = shared.do_shutdown(true) {
+                        log::error!("shutting down the abandoned shim: {e}");
+                        shared.exit.signal();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("no adoption watchdog: {e}");
         }
     }
 
@@ -1221,6 +1276,14 @@ impl Task for TaskService {
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
         log::info!("create {} (bundle {})", req.id, req.bundle);
+        if !adopt(&self.shared.adoption) {
+            return Err(ShimError::FailedPrecondition(format!(
+                "create {}: this shim is shutting down: no task came within \
+                 {ADOPTION_TIMEOUT:?} of its start",
+                req.id
+            ))
+            .into());
+        }
         let pid = self.blocking("create", move |s| s.do_create(&req)).await?;
         Ok(CreateTaskResponse {
             pid,
@@ -1388,6 +1451,18 @@ fn vmm_end_status(sandbox: &Sandbox) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shim_is_either_adopted_by_a_create_or_abandoned_never_both() {
+        let adoption = AtomicU8::new(AWAITING);
+        assert!(adopt(&adoption), "the first create adopts");
+        assert!(adopt(&adoption), "later creates find it adopted");
+        assert!(!abandon(&adoption), "an adopted shim is never abandoned");
+
+        let adoption = AtomicU8::new(AWAITING);
+        assert!(abandon(&adoption), "no create in time: abandoned");
+        assert!(!adopt(&adoption), "a create after that is refused");
+    }
 
     #[test]
     fn a_disarmed_create_undo_keeps_everything_and_an_armed_one_cleans_up() {
