@@ -681,6 +681,13 @@ fn a_vmm_ended_by_its_seccomp_filter_is_reported_in_the_exit() {
     assert_clean(&ctrd);
 }
 
+/// `ctr VERB... --runtime husk IMAGE ID sleep 100000`: a container that sleeps on.
+fn sleeper<'a>(verb: &[&'a str], id: &'a str) -> Vec<&'a str> {
+    let mut args = verb.to_vec();
+    args.extend(["--runtime", RUNTIME, IMAGE, id, "sleep", "100000"]);
+    args
+}
+
 /// The shim killed with SIGKILL at each lifecycle step: during the task's create (as soon as
 /// the shim runs, and once its husk-vmm runs), during start, while an exec runs, and during
 /// delete (once the VM is gone; or after the delete, when it was quicker). Each time the
@@ -708,14 +715,15 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
             .collect::<Vec<_>>()
     };
     let vmms_of = |id: &str| processes_mentioning(&["husk-vmm", &state(id)]);
-    let kill_shims = |id: &str, moment: &str| {
+    // Kills the shim's processes; how many there were.
+    let kill_shims = |id: &str| {
         let shims = shims_of(id);
-        assert!(!shims.is_empty(), "{moment}: no shim of {id} to kill");
-        for pid in shims {
+        for &pid in &shims {
             let pid = libc::pid_t::try_from(pid).expect("pid");
             // SAFETY: kill(2) of a process this test found by its command line.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        shims.len()
     };
     let spawned = std::cell::Cell::new(0);
     let spawn_ctr = |args: &[&str]| {
@@ -809,16 +817,7 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
         ),
     ];
     for (id, moment, reached) in &moments {
-        let (mut child, out) = spawn_ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            id,
-            "sleep",
-            "100000",
-        ]);
+        let (mut child, out) = spawn_ctr(&sleeper(&["run", "-d"], id));
         let hit = wait_until(Duration::from_secs(120), || {
             reached(id) || child.try_wait().ok().flatten().is_some()
         });
@@ -827,45 +826,27 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
             "{moment}: never reached\n{}",
             ctrd.log_tail()
         );
-        kill_shims(id, moment);
+        assert!(kill_shims(id) > 0, "{moment}: no shim of {id} to kill");
         client_ends(child, &out, moment);
         settles(id, moment);
     }
 
     // During start: the container exists, `ctr tasks start` makes the task and starts it.
     let id = "kill-start";
-    ctrd.ctr_ok(&[
-        "containers",
-        "create",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        id,
-        "sleep",
-        "100000",
-    ]);
+    ctrd.ctr_ok(&sleeper(&["containers", "create"], id));
     let (mut child, out) = spawn_ctr(&["tasks", "start", "-d", id]);
     let moment = "start, once its husk-vmm runs";
     let hit = wait_until(Duration::from_secs(120), || {
         !vmms_of(id).is_empty() || child.try_wait().ok().flatten().is_some()
     });
     assert!(hit, "{moment}: never reached");
-    kill_shims(id, moment);
+    assert!(kill_shims(id) > 0, "{moment}: no shim of {id} to kill");
     client_ends(child, &out, moment);
     settles(id, moment);
 
     // While an exec runs.
     let id = "kill-exec";
-    ctrd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        id,
-        "sleep",
-        "100000",
-    ]);
+    ctrd.ctr_ok(&sleeper(&["run", "-d"], id));
     let (mut child, out) = spawn_ctr(&[
         "tasks",
         "exec",
@@ -886,7 +867,7 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
         "{moment}: the exec never ran: {}",
         std::fs::read_to_string(&out).unwrap_or_default()
     );
-    kill_shims(id, moment);
+    assert!(kill_shims(id) > 0, "{moment}: no shim of {id} to kill");
     client_ends(child, &out, moment);
     settles(id, moment);
 
@@ -910,13 +891,7 @@ fn killing_the_shim_at_each_step_leaves_nothing() {
         vmms_of(id).is_empty() || child.try_wait().ok().flatten().is_some()
     });
     // The shim may have finished the delete and exited by now: then there is none to kill.
-    let shims = shims_of(id);
-    eprintln!("{moment}: {} shim(s) to kill", shims.len());
-    for pid in shims {
-        let pid = libc::pid_t::try_from(pid).expect("pid");
-        // SAFETY: kill(2) of a process this test found by its command line.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    eprintln!("{moment}: {} shim(s) killed", kill_shims(id));
     client_ends(child, &out, moment);
     settles(id, moment);
 
