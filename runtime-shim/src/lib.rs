@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod host_cgroup;
 pub mod limits;
 pub mod logging;
+pub mod netlink;
 pub mod network;
 pub mod share;
 pub mod shim;

@@ -27,14 +27,16 @@
 //! ([`record`]), and every way the state directory goes (a failed `create`, `delete`,
 //! `delete --force` after a `kill -9`) removes them ([`release_recorded`]), so the namespace is
 //! left as the engine made it. A pod's namespace goes with the pod (CNI tears it down).
-//! The links and `tc` filters are set up with iproute2's `ip` and `tc`, run in the namespace.
+//! Links, qdiscs and filters are read and set up in-process over rtnetlink ([`crate::netlink`]),
+//! from a thread that entered the namespace: no `ip` or `tc` is spawned.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::netlink::{self, Netlink};
 
 /// The TAP device's name in the pod's namespace.
 pub const TAP_NAME: &str = "husk0";
@@ -102,76 +104,40 @@ impl PodNetwork {
     }
 }
 
-/// An interface to carry, as `ip -j addr show` describes it.
+/// An interface to carry.
 #[derive(Debug, PartialEq, Eq)]
 struct Found {
+    index: u32,
     name: String,
     mac: String,
-    mtu: u64,
+    mtu: u32,
     /// The first IPv4 address and the first global IPv6 address, each `address/prefix`.
     ipv4: Option<String>,
     ipv6: Option<String>,
 }
 
 /// The interface to carry: the namespace's first Ethernet interface other than loopback and
-/// our own TAP, with its MAC, MTU and addresses, from `ip -j addr show`'s output.
-fn pick_interface(addrs: &serde_json::Value) -> Option<Found> {
-    addrs.as_array()?.iter().find_map(|link| {
-        let name = link["ifname"].as_str()?;
-        if name == "lo" || name == TAP_NAME || link["link_type"].as_str() != Some("ether") {
+/// our own TAP, with its MAC, MTU and addresses (listed in the kernel's order).
+fn pick_interface(links: &[netlink::Link], addresses: &[netlink::Address]) -> Option<Found> {
+    links.iter().find_map(|link| {
+        if link.name == "lo" || link.name == TAP_NAME || !link.ether {
             return None;
         }
-        let mac = link["address"].as_str()?.to_string();
-        let mtu = link["mtu"].as_u64().unwrap_or(1500);
-        let address = |family: &str| {
-            link["addr_info"].as_array().and_then(|infos| {
-                infos.iter().find_map(|info| {
-                    if info["family"].as_str() != Some(family)
-                        || (family == "inet6" && info["scope"].as_str() != Some("global"))
-                    {
-                        return None;
-                    }
-                    Some(format!(
-                        "{}/{}",
-                        info["local"].as_str()?,
-                        info["prefixlen"].as_u64()?
-                    ))
-                })
+        let address = |ipv6: bool| {
+            addresses.iter().find_map(|a| {
+                (a.index == link.index && a.ip.is_ipv6() == ipv6 && (!ipv6 || a.global))
+                    .then(|| format!("{}/{}", a.ip, a.prefix_len))
             })
         };
         Some(Found {
-            name: name.to_string(),
-            mac,
-            mtu,
-            ipv4: address("inet"),
-            ipv6: address("inet6"),
+            index: link.index,
+            name: link.name.clone(),
+            mac: link.mac.clone()?,
+            mtu: link.mtu.unwrap_or(1500),
+            ipv4: address(false),
+            ipv6: address(true),
         })
     })
-}
-
-/// The default route's gateway from `ip -j -4 route show default`'s output.
-fn pick_gateway(routes: &serde_json::Value) -> Option<String> {
-    routes
-        .as_array()?
-        .iter()
-        .find_map(|r| r["gateway"].as_str().map(String::from))
-}
-
-/// Runs `program args` (in the calling thread's network namespace) and returns its stdout.
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program} (iproute2 is needed for pod networking)"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Opens a TAP named [`TAP_NAME`] (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) in the calling
@@ -203,7 +169,7 @@ fn open_tap() -> Result<File> {
 }
 
 /// Runs `f` in the network namespace at `netns`: setns(2) changes the calling thread only, so
-/// a thread of its own enters the namespace, and the commands it spawns start there.
+/// a thread of its own enters the namespace, and the netlink sockets it opens belong to it.
 fn in_netns<T: Send + 'static>(
     netns: &Path,
     f: impl FnOnce() -> Result<T> + Send + 'static,
@@ -225,30 +191,15 @@ fn in_netns<T: Send + 'static>(
         .map_err(|_| anyhow::anyhow!("the network namespace thread panicked"))?
 }
 
-/// The names of the links in the calling thread's network namespace.
-fn link_names() -> Result<Vec<String>> {
-    let links: serde_json::Value = serde_json::from_str(&run("ip", &["-j", "link", "show"])?)
-        .context("parsing `ip -j link show`")?;
-    Ok(links
-        .as_array()
-        .map(|links| {
-            links
-                .iter()
-                .filter_map(|l| l["ifname"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
 /// Wires the network namespace at `netns` to a new TAP (see the module docs). `None` when the
 /// namespace has no Ethernet interface to carry (a pod without CNI networking, a container
 /// run with `--network=none`).
 pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
     let path = netns.to_path_buf();
     in_netns(netns, move || -> Result<Option<PodNetwork>> {
-        let addrs: serde_json::Value = serde_json::from_str(&run("ip", &["-j", "addr", "show"])?)
-            .context("parsing `ip -j addr show`")?;
-        if has_link(&addrs, TAP_NAME) {
+        let mut nl = Netlink::open()?;
+        let links = nl.links()?;
+        if links.iter().any(|l| l.name == TAP_NAME) {
             bail!(
                 "{} already has a {TAP_NAME}: its interface is carried into another microVM \
                  (each microVM has a network namespace of its own; containers that share one \
@@ -257,53 +208,44 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             );
         }
         let Some(Found {
+            index,
             name: interface,
             mac,
             mtu,
             ipv4,
             ipv6,
-        }) = pick_interface(&addrs)
+        }) = pick_interface(&links, &nl.addresses()?)
         else {
             return Ok(None);
         };
-        let gateway_of = |family: &str| -> Result<Option<String>> {
-            let routes: serde_json::Value =
-                serde_json::from_str(&run("ip", &["-j", family, "route", "show", "default"])?)
-                    .with_context(|| format!("parsing `ip -j {family} route show default`"))?;
-            Ok(pick_gateway(&routes))
+        let gateway = match ipv4 {
+            Some(_) => nl.default_gateway(false)?.map(|ip| ip.to_string()),
+            None => None,
         };
-        let gateway = gateway_of("-4")?;
         let gateway6 = match ipv6 {
-            Some(_) => gateway_of("-6")?,
+            Some(_) => nl.default_gateway(true)?.map(|ip| ip.to_string()),
             None => None,
         };
         let tap = open_tap()?;
         let wired = (|| -> Result<()> {
-            let mtu = mtu.to_string();
-            run("ip", &["link", "set", TAP_NAME, "mtu", &mtu, "up"])?;
-            for (from, to) in [
-                (interface.as_str(), TAP_NAME),
-                (TAP_NAME, interface.as_str()),
-            ] {
-                // `replace` and a fresh filter: the qdisc of a VMM killed before its
+            let tap_index = netlink::find(&nl.links()?, TAP_NAME)?.index;
+            nl.set_mtu_up(tap_index, mtu)?;
+            for (from, to) in [(index, tap_index), (tap_index, index)] {
+                // `replace` and no filter but ours: the qdisc of a VMM killed before its
                 // container was deleted may still be there.
-                run("tc", &["qdisc", "replace", "dev", from, "ingress"])?;
-                let _ = run("tc", &["filter", "del", "dev", from, "ingress"]);
-                run(
-                    "tc",
-                    &[
-                        "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-                        "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev",
-                        to,
-                    ],
-                )?;
+                nl.replace_ingress_qdisc(from)?;
+                match nl.delete_ingress_filters(from) {
+                    Err(e) if !netlink::is_absent(&e) => return Err(e),
+                    _ => {}
+                }
+                nl.redirect_ingress(from, to)?;
             }
             Ok(())
         })();
         if let Err(e) = wired {
             // The TAP goes with its descriptor; the interface's qdisc must go by hand.
-            let _ = remove_ingress(&interface);
-            return Err(e);
+            let _ = remove_ingress(&mut nl, &interface);
+            return Err(e.context(format!("wiring {interface} to {TAP_NAME}")));
         }
         Ok(Some(PodNetwork {
             tap,
@@ -317,27 +259,14 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
     })
 }
 
-/// Whether `ip -j addr show`'s output lists a link named `name`.
-fn has_link(addrs: &serde_json::Value, name: &str) -> bool {
-    addrs
-        .as_array()
-        .is_some_and(|links| links.iter().any(|l| l["ifname"].as_str() == Some(name)))
-}
-
-/// Removes `interface`'s ingress qdisc (and so its filters) in the calling thread's namespace,
-/// if the interface and the qdisc are there.
-fn remove_ingress(interface: &str) -> Result<()> {
-    if !link_names()?.iter().any(|n| n == interface) {
+/// Removes `interface`'s ingress qdisc (and so its filters) in `nl`'s namespace, if the
+/// interface and the qdisc are there.
+fn remove_ingress(nl: &mut Netlink, interface: &str) -> Result<()> {
+    let Some(link) = nl.links()?.into_iter().find(|l| l.name == interface) else {
         return Ok(());
-    }
-    let qdiscs: serde_json::Value =
-        serde_json::from_str(&run("tc", &["-j", "qdisc", "show", "dev", interface])?)
-            .with_context(|| format!("parsing `tc -j qdisc show dev {interface}`"))?;
-    let has_ingress = qdiscs
-        .as_array()
-        .is_some_and(|q| q.iter().any(|q| q["kind"].as_str() == Some("ingress")));
-    if has_ingress {
-        run("tc", &["qdisc", "del", "dev", interface, "ingress"])?;
+    };
+    if nl.has_ingress_qdisc(link.index)? {
+        nl.delete_ingress_qdisc(link.index)?;
     }
     Ok(())
 }
@@ -400,7 +329,10 @@ fn release(wiring: &Wiring) -> Result<()> {
         return Ok(());
     }
     let interface = wiring.interface.clone();
-    in_netns(&wiring.netns, move || remove_ingress(&interface)).with_context(|| {
+    in_netns(&wiring.netns, move || {
+        remove_ingress(&mut Netlink::open()?, &interface)
+    })
+    .with_context(|| {
         format!(
             "removing the ingress qdisc of {} in {}",
             wiring.interface,
@@ -426,32 +358,54 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn the_cni_interface_and_gateway_are_picked_from_iproute2_json() {
-        let addrs = json!([
-            {"ifname": "lo", "link_type": "loopback", "address": "00:00:00:00:00:00", "mtu": 65536,
-             "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
-            {"ifname": "husk0", "link_type": "ether", "address": "aa:aa:aa:aa:aa:aa", "mtu": 1500,
-             "addr_info": []},
-            {"ifname": "eth0", "link_type": "ether", "address": "6e:f8:3a:b4:8c:90", "mtu": 1450,
-             "addr_info": [
-                {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"},
-                {"family": "inet6", "local": "fd00:88::5", "prefixlen": 64, "scope": "global"},
-                {"family": "inet", "local": "10.88.77.2", "prefixlen": 24, "scope": "global"}]}
-        ]);
+    fn the_cni_interface_is_picked_with_its_addresses() {
+        let link = |index: u32, name: &str, ether: bool, mtu: u32| netlink::Link {
+            index,
+            name: name.into(),
+            ether,
+            mac: Some(format!("6e:f8:3a:b4:8c:{index:02x}")),
+            mtu: Some(mtu),
+        };
+        let address = |index: u32, ip: &str, prefix_len: u8, global: bool| netlink::Address {
+            index,
+            ip: ip.parse().expect("ip"),
+            prefix_len,
+            global,
+        };
+        let links = [
+            link(1, "lo", false, 65536),
+            link(2, TAP_NAME, true, 1500),
+            link(3, "eth0", true, 1450),
+        ];
+        let addresses = [
+            address(1, "127.0.0.1", 8, false),
+            address(2, "10.99.0.1", 24, true),
+            address(3, "10.88.77.2", 24, true),
+            address(3, "10.88.77.3", 24, true),
+            address(3, "fe80::1", 64, false),
+            address(3, "fd00:88::5", 64, true),
+        ];
         assert_eq!(
-            pick_interface(&addrs),
+            pick_interface(&links, &addresses),
             Some(Found {
+                index: 3,
                 name: "eth0".to_string(),
-                mac: "6e:f8:3a:b4:8c:90".to_string(),
+                mac: "6e:f8:3a:b4:8c:03".to_string(),
                 mtu: 1450,
                 ipv4: Some("10.88.77.2/24".to_string()),
                 ipv6: Some("fd00:88::5/64".to_string()),
             })
         );
-        assert_eq!(pick_interface(&json!([addrs[0].clone()])), None);
-        let routes = json!([{"dst": "default", "gateway": "10.88.77.1", "dev": "eth0"}]);
-        assert_eq!(pick_gateway(&routes).as_deref(), Some("10.88.77.1"));
-        assert_eq!(pick_gateway(&json!([])), None);
+        // Loopback and our own TAP are never carried; nor is a link without a MAC.
+        assert_eq!(pick_interface(&links[..2], &addresses), None);
+        let mut no_mac = links.clone();
+        no_mac[2].mac = None;
+        assert_eq!(pick_interface(&no_mac, &addresses), None);
+        // An interface without addresses is still carried (the guest has its MAC).
+        assert_eq!(
+            pick_interface(&links, &addresses[..2]).map(|f| (f.ipv4, f.ipv6)),
+            Some((None, None))
+        );
     }
 
     #[test]
@@ -475,13 +429,6 @@ mod tests {
             "mac=6e:f8:3a:b4:8c:90 ip=10.88.77.2/24 gateway=10.88.77.1 ip6=fd00:88::5/64 \
              gateway6=fd00:88::1"
         );
-    }
-
-    #[test]
-    fn a_namespace_already_carried_into_a_vm_is_seen() {
-        let addrs = json!([{"ifname": "lo"}, {"ifname": "eth0"}, {"ifname": "husk0"}]);
-        assert!(has_link(&addrs, TAP_NAME));
-        assert!(!has_link(&json!([{"ifname": "eth0"}]), TAP_NAME));
     }
 
     #[test]
