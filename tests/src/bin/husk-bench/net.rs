@@ -382,7 +382,15 @@ pub fn bench_net(opts: &NetOptions) -> Result<()> {
         .into_iter()
         .filter(|n| versions.contains_key(n))
         .collect();
-    report(opts, mib, rounds, &names, &versions, &figs, &wired, &notes)
+    report(
+        opts,
+        mib,
+        rounds,
+        &names,
+        &versions,
+        (&figs, &wired),
+        &notes,
+    )
 }
 
 /// Writes `net.md` (the figures, ratios to runc, the targets) and `net.json`. Fails when a
@@ -393,8 +401,7 @@ fn report(
     rounds: usize,
     runtimes: &[&'static str],
     versions: &BTreeMap<&'static str, String>,
-    figs: &BTreeMap<String, Figure>,
-    wired: &Figure,
+    (figs, wired): (&BTreeMap<String, Figure>, &Figure),
     notes: &[String],
 ) -> Result<()> {
     let mut md = format!(
