@@ -52,9 +52,10 @@ const IFF_VNET_HDR: i16 = 0x4000;
 pub struct PodNetwork {
     /// The TAP, open, for husk-vmm's `--net-tap-fd`.
     pub tap: File,
-    /// The CNI interface it mirrors, and that interface's MAC (the guest card's).
+    /// The CNI interface it mirrors, and that interface's MAC and MTU (the guest card's).
     pub interface: String,
     pub mac: String,
+    pub mtu: u16,
     /// The pod's IPv4 address with its prefix length (`10.88.0.5/16`), if CNI gave one.
     pub ipv4: Option<String>,
     /// The default gateway, if the namespace has a default route.
@@ -73,6 +74,8 @@ impl PodNetwork {
             fd.to_string(),
             "--net-mac".to_string(),
             self.mac.clone(),
+            "--net-mtu".to_string(),
+            self.mtu.to_string(),
         ];
         for (ip, gateway, suffix) in [
             (&self.ipv4, &self.gateway, ""),
@@ -98,6 +101,7 @@ impl PodNetwork {
         }
         husk_vmm::net_handoff::message(
             &self.mac,
+            Some(self.mtu),
             with_gateway(&self.ipv4, &self.gateway),
             with_gateway(&self.ipv6, &self.gateway6),
         )
@@ -251,6 +255,8 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             tap,
             interface,
             mac,
+            // An Ethernet link's MTU is at most 65535 (ETH_MAX_MTU).
+            mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
             ipv4,
             gateway,
             ipv6,
@@ -414,6 +420,7 @@ mod tests {
             tap: tempfile::tempfile().expect("file"),
             interface: "eth0".into(),
             mac: "6e:f8:3a:b4:8c:90".into(),
+            mtu: 1450,
             ipv4: Some("10.88.77.2/24".into()),
             gateway: Some("10.88.77.1".into()),
             ipv6: Some("fd00:88::5/64".into()),
@@ -421,13 +428,13 @@ mod tests {
         };
         assert_eq!(
             net.vmm_args(3).join(" "),
-            "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-ip 10.88.77.2/24 --net-gateway \
-             10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1"
+            "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-mtu 1450 --net-ip 10.88.77.2/24 \
+             --net-gateway 10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1"
         );
         assert_eq!(
             net.handoff_message(),
-            "mac=6e:f8:3a:b4:8c:90 ip=10.88.77.2/24 gateway=10.88.77.1 ip6=fd00:88::5/64 \
-             gateway6=fd00:88::1"
+            "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=10.88.77.2/24 gateway=10.88.77.1 \
+             ip6=fd00:88::5/64 gateway6=fd00:88::1"
         );
     }
 
@@ -440,6 +447,7 @@ mod tests {
             tap: tempfile::tempfile().expect("file"),
             interface: "eth0".into(),
             mac: "6e:f8:3a:b4:8c:90".into(),
+            mtu: 1500,
             ipv4: None,
             gateway: None,
             ipv6: None,

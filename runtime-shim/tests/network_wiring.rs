@@ -107,6 +107,7 @@ fn a_cni_namespace_is_wired_to_a_tap_and_left_as_it_was() {
     husk::network::record(state.path(), &ns.path(), &net).expect("record");
     assert_eq!(net.interface, "eth0");
     assert_eq!(net.mac, "6e:f8:3a:b4:8c:90");
+    assert_eq!(net.mtu, 1450);
     assert_eq!(net.ipv4.as_deref(), Some("10.88.77.2/24"));
     assert_eq!(net.gateway.as_deref(), Some("10.88.77.1"));
     assert_eq!(net.ipv6.as_deref(), Some("fd00:88::5/64"));

@@ -217,7 +217,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         // SAFETY: the descriptor was handed to this process for the network card alone (the
         // `--net-tap-fd` contract); nothing else in the VMM opens or uses it.
         let tap = unsafe { Tap::from_raw_fd(net_cfg.tap_fd) }?;
-        let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac)?));
+        let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
         mmio.attach_virtio_device("net", net, &mut event_manager, &mut cmdline)?;
         for param in [net_cfg.kernel_ip_param(), net_cfg.kernel_ip6_param()]
             .into_iter()

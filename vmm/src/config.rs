@@ -130,6 +130,9 @@ pub struct NetConfig {
     pub ipv6: Option<(std::net::Ipv6Addr, u8)>,
     /// The IPv6 default gateway.
     pub gateway6: Option<std::net::Ipv6Addr>,
+    /// The card's MTU, given to the guest's driver in the configuration space
+    /// (`VIRTIO_NET_F_MTU`); `None`: the driver's default, 1500.
+    pub mtu: Option<u16>,
 }
 
 impl NetConfig {
@@ -168,6 +171,17 @@ pub fn parse_ipv6_cidr(text: &str) -> Result<(std::net::Ipv6Addr, u8), String> {
         .filter(|p| (1..=128).contains(p))
         .ok_or_else(bad)?;
     Ok((addr, prefix))
+}
+
+/// The smallest MTU a card may have (IPv4's minimum, as Linux's `ETH_MIN_MTU`).
+pub const MIN_MTU: u16 = 68;
+
+/// Parses an MTU, [`MIN_MTU`] to 65535.
+pub fn parse_mtu(text: &str) -> Result<u16, String> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|m| *m >= MIN_MTU)
+        .ok_or_else(|| format!("{text:?} is not an MTU ({MIN_MTU} to 65535)"))
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
@@ -402,7 +416,12 @@ mod tests {
             gateway: Some("10.88.0.1".parse().expect("ip")),
             ipv6: None,
             gateway6: None,
+            mtu: None,
         };
+        assert_eq!(parse_mtu("1450"), Ok(1450));
+        for bad in ["67", "65536", "", "x", "-1"] {
+            assert!(parse_mtu(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             net.kernel_ip_param().as_deref(),
             Some("ip=10.88.0.5::10.88.0.1:255.255.255.0::eth0:off")

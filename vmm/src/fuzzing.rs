@@ -246,7 +246,9 @@ impl Guest {
                     frames: frames.clone(),
                     evt: evt.clone(),
                 };
-                let d = Arc::new(Mutex::new(Net::new(backend, [2, 0, 0, 0, 0, 1]).unwrap()));
+                let d = Arc::new(Mutex::new(
+                    Net::new(backend, [2, 0, 0, 0, 0, 1], Some(1500)).unwrap(),
+                ));
                 em.add_subscriber(d.clone());
                 (d, Host::Net(frames, evt))
             }
@@ -607,6 +609,10 @@ impl NetBackend for FuzzNetBackend {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
         assert!(frame.len() <= crate::devices::virtio::net::MAX_FRAME_LEN);
         Ok(true)
+    }
+
+    fn set_offloads(&mut self, _flags: u32) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -85,6 +85,9 @@ struct Args {
     /// The guest's IPv6 default gateway on the card.
     #[arg(long, requires = "net_ip6")]
     net_gateway6: Option<std::net::Ipv6Addr>,
+    /// The card's MTU (the guest's driver takes it from the card); default 1500.
+    #[arg(long, value_parser = husk_vmm::config::parse_mtu, requires = "net_tap_fd")]
+    net_mtu: Option<u16>,
     /// Before building the microVM, wait (up to the agent timeout) for the network card on
     /// this inherited Unix socket: the runtime sends it once the engine's hooks have configured
     /// this process's network namespace (see `husk_vmm::net_handoff`).
@@ -136,6 +139,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 gateway: args.net_gateway,
                 ipv6: args.net_ip6,
                 gateway6: args.net_gateway6,
+                mtu: args.net_mtu,
             }),
             _ => None,
         },

@@ -7,12 +7,13 @@
 //! whatever interface they made into a TAP, and only then tells the waiting VMM its card: one
 //! message on an inherited Unix socket, text plus the TAP as an `SCM_RIGHTS` descriptor.
 //!
-//! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `ip=<a.b.c.d/n>`,
-//! `gateway=<a.b.c.d>`, `ip6=<addr/n>` and `gateway6=<addr>`, separated by spaces. The VMM waits a bounded time, reads at most
+//! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `mtu=<n>`,
+//! `ip=<a.b.c.d/n>`, `gateway=<a.b.c.d>`, `ip6=<addr/n>` and `gateway6=<addr>`, separated by
+//! spaces. The VMM waits a bounded time, reads at most
 //! [`MAX_MESSAGE`] bytes, takes exactly one descriptor with `mac=` and none with `none`, and
 //! refuses anything else by name.
 
-use crate::config::{parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, NetConfig};
+use crate::config::{parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, parse_mtu, NetConfig};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -34,14 +35,19 @@ pub enum HandoffError {
     Bad { message: String, problem: String },
 }
 
-/// The text of the message for a card with `mac`, and an address with its prefix length and
-/// a default gateway of each family (`10.0.0.2/24`, `fd00::2/64`) where there are some.
+/// The text of the message for a card with `mac` and `mtu`, and an address with its prefix
+/// length and a default gateway of each family (`10.0.0.2/24`, `fd00::2/64`) where there are
+/// some.
 pub fn message(
     mac: &str,
+    mtu: Option<u16>,
     ipv4: Option<(&str, Option<&str>)>,
     ipv6: Option<(&str, Option<&str>)>,
 ) -> String {
     let mut text = format!("mac={mac}");
+    if let Some(mtu) = mtu {
+        text.push_str(&format!(" mtu={mtu}"));
+    }
     for (addr, suffix) in [(ipv4, ""), (ipv6, "6")] {
         if let Some((ip, gateway)) = addr {
             text.push_str(&format!(" ip{suffix}={ip}"));
@@ -75,11 +81,12 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
             false => Err("`none` came with a descriptor".into()),
         };
     }
-    let (mut mac, mut ipv4, mut gateway) = (None, None, None);
+    let (mut mac, mut mtu, mut ipv4, mut gateway) = (None, None, None, None);
     let (mut ipv6, mut gateway6) = (None, None);
     for field in text.split(' ').filter(|f| !f.is_empty()) {
         match field.split_once('=') {
             Some(("mac", v)) if mac.is_none() => mac = Some(parse_mac(v)?),
+            Some(("mtu", v)) if mtu.is_none() => mtu = Some(parse_mtu(v)?),
             Some(("ip", v)) if ipv4.is_none() => ipv4 = Some(parse_ipv4_cidr(v)?),
             Some(("gateway", v)) if gateway.is_none() => {
                 gateway = Some(
@@ -116,6 +123,7 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
             gateway,
             ipv6,
             gateway6,
+            mtu,
         },
         tap,
     )))
@@ -204,12 +212,13 @@ mod tests {
     fn messages_parse_into_the_card() {
         let text = message(
             "6e:f8:3a:b4:8c:90",
+            Some(1450),
             Some(("172.17.0.2/16", Some("172.17.0.1"))),
             Some(("fd00::2/64", Some("fd00::1"))),
         );
         assert_eq!(
             text,
-            "mac=6e:f8:3a:b4:8c:90 ip=172.17.0.2/16 gateway=172.17.0.1 ip6=fd00::2/64 \
+            "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=172.17.0.2/16 gateway=172.17.0.1 ip6=fd00::2/64 \
              gateway6=fd00::1"
         );
         let (cfg, _tap) = parse(&text, vec![file_fd()]).unwrap().unwrap();
@@ -218,6 +227,11 @@ mod tests {
         assert_eq!(cfg.gateway, Some("172.17.0.1".parse().unwrap()));
         assert_eq!(cfg.ipv6, Some(("fd00::2".parse().unwrap(), 64)));
         assert_eq!(cfg.gateway6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(cfg.mtu, Some(1450));
+        let (cfg, _tap) = parse("mac=6e:f8:3a:b4:8c:90", vec![file_fd()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.mtu, None);
         assert!(parse("none", vec![]).unwrap().is_none());
     }
 
@@ -247,6 +261,12 @@ mod tests {
                 "gateway6= without ip6=",
             ),
             ("mac=6e:f8:3a:b4:8c:90 ip6=fd00::1/200", 1, "prefix length"),
+            ("mac=6e:f8:3a:b4:8c:90 mtu=20", 1, "not an MTU"),
+            (
+                "mac=6e:f8:3a:b4:8c:90 mtu=1500 mtu=1500",
+                1,
+                "unexpected field",
+            ),
         ] {
             let fds = (0..fds).map(|_| file_fd()).collect();
             let err = parse(text, fds).unwrap_err();
@@ -258,7 +278,7 @@ mod tests {
     fn a_card_crosses_a_socket_with_its_descriptor() {
         let (a, b) = UnixStream::pair().unwrap();
         let tap = file_fd();
-        let text = message("6e:f8:3a:b4:8c:90", Some(("10.0.0.2/24", None)), None);
+        let text = message("6e:f8:3a:b4:8c:90", None, Some(("10.0.0.2/24", None)), None);
         send(a.as_fd(), &text, Some(tap.as_fd())).unwrap();
         let cfg = receive(b.as_raw_fd(), Duration::from_secs(5))
             .unwrap()

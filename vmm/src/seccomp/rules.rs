@@ -111,6 +111,7 @@ pub mod ioctls {
     pub const TIOCGPTN: u64 = ioc(READ, b'T' as u64, 0x30, size_of::<u32>());
     pub const TIOCSPTLCK: u64 = ioc(WRITE, b'T' as u64, 0x31, size_of::<i32>());
     pub const TUNGETIFF: u64 = ioc(READ, b'T' as u64, 0xd2, size_of::<u32>());
+    pub const TUNSETOFFLOAD: u64 = ioc(WRITE, b'T' as u64, 0xd0, size_of::<u32>());
 }
 
 use ioctls::*;
@@ -420,8 +421,9 @@ pub const DEVICES_ONLY: &[Allowed] = &[
     one_of(
         libc::SYS_ioctl,
         1,
-        &[FIONBIO, FIOCLEX, TUNGETIFF],
-        "non-blocking vsock connections; the TAP's flags",
+        &[FIONBIO, FIOCLEX, TUNGETIFF, TUNSETOFFLOAD],
+        "non-blocking vsock connections; the TAP's flags; the TAP's offloads, set to what the \
+         guest's driver acked when it activates the network card",
     ),
     // The file server (fuse-backend-rs's passthrough under husk's policy).
     one_of(
@@ -525,6 +527,7 @@ mod tests {
         assert_eq!(TIOCGPTN, 0x8004_5430);
         assert_eq!(TIOCSPTLCK, 0x4004_5431);
         assert_eq!(TUNGETIFF, 0x8004_54d2);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
         assert_eq!(TIOCGPTN & KVM_TYPE_MASK, 0x5400);
     }
 

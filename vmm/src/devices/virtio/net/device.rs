@@ -6,7 +6,9 @@ use virtio_queue::QueueT;
 
 use super::frame::{gather, scatter};
 use super::{
-    NetBackend, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC,
+    tap_offloads, NetBackend, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
@@ -31,8 +33,9 @@ pub struct NetStats {
 pub struct Net<B: NetBackend> {
     pub(super) state: VirtioDeviceState,
     queue_sizes: [u16; 2],
-    /// The configuration space: the MAC address.
-    config: [u8; 6],
+    /// The configuration space (`struct virtio_net_config`): the MAC address, then `status`
+    /// and `max_virtqueue_pairs` (zero: neither feature is offered), then the MTU.
+    config: [u8; 12],
     pub(super) backend: B,
     /// Whether the backend's fd is registered with the device thread.
     pub(super) backend_registered: bool,
@@ -46,14 +49,31 @@ pub struct Net<B: NetBackend> {
 }
 
 impl<B: NetBackend> Net<B> {
-    /// An inactive network device with MAC address `mac` over `backend`.
-    pub fn new(backend: B, mac: [u8; 6]) -> Result<Self, NetError> {
+    /// An inactive network device with MAC address `mac` over `backend`, and MTU `mtu` if
+    /// given (else the driver's default, 1500).
+    pub fn new(backend: B, mac: [u8; 6], mtu: Option<u16>) -> Result<Self, NetError> {
         let mut state = VirtioDeviceState::new("virtio-net").map_err(NetError::EventFd)?;
-        state.avail_features |= 1 << VIRTIO_NET_F_MAC;
+        for bit in [
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+        ] {
+            state.avail_features |= 1 << bit;
+        }
+        let mut config = [0u8; 12];
+        config[..6].copy_from_slice(&mac);
+        if let Some(mtu) = mtu {
+            state.avail_features |= 1 << VIRTIO_NET_F_MTU;
+            config[10..12].copy_from_slice(&mtu.to_le_bytes());
+        }
         Ok(Self {
             state,
             queue_sizes: [QUEUE_SIZE; 2],
-            config: mac,
+            config,
             backend,
             backend_registered: false,
             rx_buf: vec![0u8; MAX_FRAME_LEN],
@@ -203,11 +223,29 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// Device thread: after a reset, the backend is no longer watched and a frame in hand
-    /// is dropped.
+    /// Device thread: after a reset, the backend is no longer watched, a frame in hand
+    /// is dropped, and the backend gives plain frames again (the next driver may take no
+    /// offload).
     pub(super) fn reset_session(&mut self, ops: &mut EventOps) {
         self.watch_backend(ops, false);
         self.rx_len = None;
+        self.set_backend_offloads(0);
+    }
+
+    /// Device thread: the driver activated the card with the features it acked; the backend
+    /// may give frames with the receive offloads among them. If it cannot, it gives plain
+    /// frames, which every driver takes.
+    pub(super) fn offloads_for_driver(&mut self) {
+        self.set_backend_offloads(tap_offloads(self.state.acked_features));
+    }
+
+    fn set_backend_offloads(&mut self, flags: u32) {
+        if let Err(e) = self.backend.set_offloads(flags) {
+            debug!("virtio-net: cannot set the backend's offloads to {flags:#x}: {e}");
+            if flags != 0 {
+                let _ = self.backend.set_offloads(0);
+            }
+        }
     }
 }
 
@@ -255,8 +293,9 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    /// A datagram socket as the backend: like a TAP, it keeps frame boundaries.
-    struct SocketBackend(UnixDatagram);
+    /// A datagram socket as the backend: like a TAP, it keeps frame boundaries. The offloads
+    /// it was told to give are recorded.
+    struct SocketBackend(UnixDatagram, Arc<Mutex<Vec<u32>>>);
 
     impl AsRawFd for SocketBackend {
         fn as_raw_fd(&self) -> RawFd {
@@ -280,6 +319,11 @@ mod tests {
                 Err(e) => Err(e),
             }
         }
+
+        fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+            self.1.lock().unwrap().push(flags);
+            Ok(())
+        }
     }
 
     type TestEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -295,17 +339,28 @@ mod tests {
         evts: [EventFd; 2],
         /// The far end of the backend (the "host network").
         peer: UnixDatagram,
+        /// The offloads the backend was told to give, in order.
+        offloads: Arc<Mutex<Vec<u32>>>,
     }
 
     impl Harness {
         fn new() -> Self {
+            Self::with_features(0)
+        }
+
+        /// A device the driver activated having acked `features`.
+        fn with_features(features: u64) -> Self {
             let mem = test_memory();
             let rx = GuestQueue::new(&mem, 0x10000, 16);
             let tx = GuestQueue::new(&mem, 0x20000, 16);
             let (ours, peer) = UnixDatagram::pair().unwrap();
             ours.set_nonblocking(true).unwrap();
             peer.set_nonblocking(true).unwrap();
-            let net = Arc::new(Mutex::new(Net::new(SocketBackend(ours), MAC).unwrap()));
+            let offloads = Arc::new(Mutex::new(Vec::new()));
+            let net = Arc::new(Mutex::new(
+                Net::new(SocketBackend(ours, offloads.clone()), MAC, None).unwrap(),
+            ));
+            net.lock().unwrap().set_acked_features(features);
             let irq = Arc::new(IrqTrigger::new().unwrap());
             let evts = [
                 EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -331,6 +386,7 @@ mod tests {
                 em,
                 evts,
                 peer,
+                offloads,
             }
         }
 
@@ -351,13 +407,105 @@ mod tests {
     }
 
     #[test]
-    fn offers_the_mac_and_version_1() {
-        let net = Net::new(SocketBackend(UnixDatagram::pair().unwrap().0), MAC).unwrap();
-        assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MAC), 0);
-        assert_ne!(net.avail_features() & (1 << 32), 0);
+    fn offers_the_mac_the_offloads_and_version_1() {
+        let backend = SocketBackend(UnixDatagram::pair().unwrap().0, Arc::default());
+        let net = Net::new(backend, MAC, None).unwrap();
+        for bit in [
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            32,
+        ] {
+            assert_ne!(net.avail_features() & (1 << bit), 0, "feature bit {bit}");
+        }
+        // No mergeable receive buffers (one chain per frame) and nothing else.
+        assert_eq!(net.avail_features().count_ones(), 8);
         let mut mac = [0u8; 6];
         net.read_config(0, &mut mac);
         assert_eq!(mac, MAC);
+        assert_eq!(net.avail_features() & (1 << VIRTIO_NET_F_MTU), 0);
+    }
+
+    #[test]
+    fn an_mtu_is_offered_in_the_configuration_space() {
+        let backend = SocketBackend(UnixDatagram::pair().unwrap().0, Arc::default());
+        let net = Net::new(backend, MAC, Some(1450)).unwrap();
+        assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MTU), 0);
+        let mut config = [0xffu8; 12];
+        net.read_config(0, &mut config);
+        assert_eq!(&config[..6], &MAC);
+        // `status` and `max_virtqueue_pairs` read as zero; the MTU is little-endian.
+        assert_eq!(&config[6..10], &[0, 0, 0, 0]);
+        let mut mtu = [0u8; 2];
+        net.read_config(10, &mut mtu);
+        assert_eq!(u16::from_le_bytes(mtu), 1450);
+    }
+
+    #[test]
+    fn the_backend_gives_the_offloads_the_driver_acked_and_no_other() {
+        use super::super::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+        let all = (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_CSUM);
+        let h = Harness::with_features(all);
+        assert_eq!(
+            *h.offloads.lock().unwrap(),
+            vec![TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6]
+        );
+        // A driver that takes no receive offload gets plain frames.
+        let h = Harness::with_features(1 << VIRTIO_NET_F_HOST_TSO4);
+        assert_eq!(*h.offloads.lock().unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn a_big_segment_goes_to_the_backend_whole() {
+        // A 64 KiB TCP segment the guest left for the host to cut (HOST_TSO4): header and
+        // data in 9 buffers (the test queue has 16 entries).
+        let mut h = Harness::new();
+        let mut f = frame(14 + 65_500, 0x5a);
+        f[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        f[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+        let mut chain = vec![(0x40000u64, 12u32, false)];
+        h.mem.write_slice(&f[..12], GuestAddress(0x40000)).unwrap();
+        let mut at = 0x100000u64;
+        for part in f[12..].chunks(8192) {
+            h.mem.write_slice(part, GuestAddress(at)).unwrap();
+            chain.push((at, part.len() as u32, false));
+            at += 8192;
+        }
+        h.tx.add_chain(&chain);
+        h.notify(TX_QUEUE);
+        let mut got = vec![0u8; MAX_FRAME_LEN + 1];
+        let n = h.peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &f[..]);
+        assert_eq!(h.stats().tx_frames, 1);
+    }
+
+    #[test]
+    fn a_big_segment_from_the_host_fills_a_big_receive_buffer() {
+        // With GUEST_TSO4 the driver posts 64 KiB chains; the TAP gives whole segments.
+        let mut h =
+            Harness::with_features((1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4));
+        let chain: Vec<(u64, u32, bool)> = (0..9u64)
+            .map(|i| (0x100000 + i * 8192, 8192, true))
+            .collect();
+        h.rx.add_chain(&chain);
+        h.notify(RX_QUEUE);
+        let f = frame(14 + 65_000, 0x3c);
+        h.peer.send(&f).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        let len = f.len() as u32;
+        assert_eq!(h.rx.take_used(), vec![(0, len)]);
+        let mut got = vec![0u8; f.len()];
+        h.mem.read_slice(&mut got, GuestAddress(0x100000)).unwrap();
+        assert_eq!(&got[12..], &f[12..]);
+        assert_eq!(h.stats().rx_frames, 1);
     }
 
     #[test]

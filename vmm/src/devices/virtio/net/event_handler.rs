@@ -11,6 +11,7 @@ impl<B: NetBackend> Net<B> {
     fn handle_activate_event(&mut self, ops: &mut EventOps) {
         self.finish_reset(ops);
         if self.state.register_active_queue_evts(ops) {
+            self.offloads_for_driver();
             // The driver may have queued frames or buffers before we listened.
             self.process_tx();
             self.process_rx(ops);

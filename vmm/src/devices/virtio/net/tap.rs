@@ -10,6 +10,8 @@ use super::{NetBackend, NetError, VNET_HDR_LEN};
 
 /// `TUNGETIFF`: `_IOR('T', 210, unsigned int)`.
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+/// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `TUNSETVNETHDRSZ`: `_IOW('T', 216, int)`.
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// TAP (Ethernet frames), not TUN.
@@ -116,6 +118,22 @@ impl NetBackend for Tap {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned int); no memory is
+        // passed.
+        let ret = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                flags as libc::c_ulong,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
