@@ -282,8 +282,99 @@ pub fn configure_ipv6() -> Result<(), String> {
         .map_err(|e| format!("adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"))
 }
 
+/// The kernel command-line parameter with one route through `eth0` (husk-vmm's
+/// `husk_vmm::config::ROUTE_PARAM`), once per route, in the order to add them:
+/// `husk.route=<destination>/<prefix>[,<gateway>]`.
+pub const ROUTE_PARAM: &str = "husk.route";
+
+/// A route: destination, prefix length, gateway (none: on the link).
+pub type Route = (std::net::IpAddr, u8, Option<std::net::IpAddr>);
+
+/// The routes a kernel command line carries, in order; a malformed one is an error in its
+/// place.
+pub fn routes_from_cmdline(cmdline: &str) -> Vec<Result<Route, String>> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|p| p.strip_prefix(ROUTE_PARAM)?.strip_prefix('='))
+        .map(|value| {
+            let parse = || -> Option<Route> {
+                let (cidr, via) = match value.split_once(',') {
+                    Some((cidr, via)) => (cidr, Some(via.parse::<std::net::IpAddr>().ok()?)),
+                    None => (value, None),
+                };
+                let (dst, prefix) = cidr.split_once('/')?;
+                let dst: std::net::IpAddr = dst.parse().ok()?;
+                let max = if dst.is_ipv4() { 32 } else { 128 };
+                let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max)?;
+                if via.is_some_and(|v| v.is_ipv4() != dst.is_ipv4()) {
+                    return None;
+                }
+                Some((dst, prefix, via))
+            };
+            parse().ok_or_else(|| format!("bad {ROUTE_PARAM}={value}"))
+        })
+        .collect()
+}
+
+/// Adds the routes the kernel command line carries ([`ROUTE_PARAM`]) through `eth0`, in
+/// order, after its addresses are in place; returns what failed (each route is tried).
+pub fn configure_routes() -> Vec<String> {
+    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(cmdline) => cmdline,
+        Err(e) => return vec![format!("/proc/cmdline: {e}")],
+    };
+    let routes = routes_from_cmdline(&cmdline);
+    if routes.is_empty() {
+        return Vec::new();
+    }
+    let mut failed = Vec::new();
+    if let Err(e) = crate::sys::bring_up("eth0") {
+        failed.push(format!("bringing up eth0: {e}"));
+    }
+    for route in routes {
+        match route {
+            Ok((dst, prefix, via)) => {
+                if let Err(e) = crate::sys::add_route("eth0", dst, prefix, via) {
+                    let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
+                    failed.push(format!("adding {dst}/{prefix}{via} on eth0: {e}"));
+                }
+            }
+            Err(e) => failed.push(e),
+        }
+    }
+    failed
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn routes_come_from_the_command_line_in_order() {
+        use super::routes_from_cmdline;
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(routes_from_cmdline("quiet husk.ip6=fd00::5/64").is_empty());
+        assert_eq!(
+            routes_from_cmdline(
+                "ip=10.244.1.5:::255.255.255.255::eth0:off husk.route=169.254.1.1/32 \
+                 husk.route=0.0.0.0/0,169.254.1.1 husk.route=fd00:1::/64,fe80::1"
+            ),
+            vec![
+                Ok((ip("169.254.1.1"), 32, None)),
+                Ok((ip("0.0.0.0"), 0, Some(ip("169.254.1.1")))),
+                Ok((ip("fd00:1::"), 64, Some(ip("fe80::1")))),
+            ]
+        );
+        for bad in [
+            "husk.route=10.0.0.0",
+            "husk.route=10.0.0.0/33",
+            "husk.route=10.0.0.0/8,fe80::1",
+            "husk.route=x/8",
+        ] {
+            let got = routes_from_cmdline(bad);
+            assert_eq!(got.len(), 1, "{bad}");
+            assert!(got[0].is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn the_ipv6_configuration_comes_from_the_command_line() {
         assert!(ipv6_from_cmdline("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off").is_none());

@@ -18,7 +18,7 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption,
@@ -55,6 +55,21 @@ pub struct Address {
     pub prefix_len: u8,
     /// Scope global (as opposed to link or host).
     pub global: bool,
+}
+
+/// A unicast route of the main table, as `ip route show` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The destination and its prefix length (`0.0.0.0/0`, `::/0` for a default route).
+    pub dst: IpAddr,
+    pub prefix_len: u8,
+    /// The next hop, if the route has one (else the destination is on the link).
+    pub gateway: Option<IpAddr>,
+    /// The outgoing link's index.
+    pub oif: Option<u32>,
+    /// Whether the kernel made it from an address (`proto kernel`): the guest's kernel makes
+    /// it too when it gets the address.
+    pub kernel: bool,
 }
 
 /// A `NETLINK_ROUTE` socket of the calling thread's network namespace.
@@ -162,9 +177,9 @@ impl Netlink {
             .collect())
     }
 
-    /// The gateway of the main table's default route of a family (`ip -4 route show default`,
-    /// or `-6`), if there is one.
-    pub fn default_gateway(&mut self, ipv6: bool) -> Result<Option<IpAddr>> {
+    /// The main table's unicast routes of a family (`ip -4 route show`, or `-6`), in the
+    /// kernel's order.
+    pub fn routes(&mut self, ipv6: bool) -> Result<Vec<Route>> {
         let mut query = RouteMessage::default();
         query.header.address_family = if ipv6 {
             AddressFamily::Inet6
@@ -174,10 +189,13 @@ impl Netlink {
         let messages = self
             .request(RouteNetlinkMessage::GetRoute(query), NLM_F_DUMP)
             .context("listing the routes (RTM_GETROUTE)")?;
-        Ok(messages.iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(route) => default_gateway_of(route),
-            _ => None,
-        }))
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(route) => route_of(route),
+                _ => None,
+            })
+            .collect())
     }
 
     /// `ip link set dev INDEX mtu MTU up`.
@@ -302,8 +320,17 @@ fn address_of(message: &AddressMessage) -> Option<Address> {
     })
 }
 
-/// The gateway of `route` if it is a default route (`0.0.0.0/0` or `::/0`) of the main table.
-fn default_gateway_of(route: &RouteMessage) -> Option<IpAddr> {
+fn ip_of(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+/// `route` if it is a unicast route of the main table of IPv4 or IPv6 (a route with several
+/// next hops is not one husk carries: `None` too).
+fn route_of(route: &RouteMessage) -> Option<Route> {
     let table = route
         .attributes
         .iter()
@@ -312,17 +339,30 @@ fn default_gateway_of(route: &RouteMessage) -> Option<IpAddr> {
             _ => None,
         })
         .unwrap_or(u32::from(route.header.table));
-    if route.header.destination_prefix_length != 0
-        || route.header.kind != RouteType::Unicast
-        || table != u32::from(RouteHeader::RT_TABLE_MAIN)
-    {
+    if route.header.kind != RouteType::Unicast || table != u32::from(RouteHeader::RT_TABLE_MAIN) {
         return None;
     }
-    route.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
-        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
-        _ => None,
-    })
+    let mut found = Route {
+        dst: match route.header.address_family {
+            AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => return None,
+        },
+        prefix_len: route.header.destination_prefix_length,
+        gateway: None,
+        oif: None,
+        kernel: route.header.protocol == RouteProtocol::Kernel,
+    };
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Destination(dst) => found.dst = ip_of(dst)?,
+            RouteAttribute::Gateway(gateway) => found.gateway = Some(ip_of(gateway)?),
+            RouteAttribute::Oif(index) => found.oif = Some(*index),
+            RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    Some(found)
 }
 
 /// The ingress qdisc of link `index`: handle `ffff:`, parent `ffff:fff1`.
@@ -448,36 +488,62 @@ mod tests {
     }
 
     #[test]
-    fn only_a_main_table_default_route_gives_the_gateway() {
+    fn main_table_unicast_routes_are_read_whole() {
         let route = |prefix: u8, table: u8, kind: RouteType| {
             let mut route = RouteMessage::default();
             route.header.address_family = AddressFamily::Inet;
             route.header.destination_prefix_length = prefix;
             route.header.table = table;
             route.header.kind = kind;
-            route.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
-                10, 88, 0, 1,
-            )))];
+            route.header.protocol = RouteProtocol::Boot;
+            route.attributes = vec![
+                RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(10, 88, 0, 1))),
+                RouteAttribute::Oif(3),
+            ];
             route
         };
         let main = RouteHeader::RT_TABLE_MAIN;
-        assert_eq!(
-            default_gateway_of(&route(0, main, RouteType::Unicast)),
-            Some("10.88.0.1".parse().expect("ip"))
-        );
-        assert_eq!(
-            default_gateway_of(&route(16, main, RouteType::Unicast)),
-            None
-        );
-        assert_eq!(default_gateway_of(&route(0, 255, RouteType::Unicast)), None);
-        assert_eq!(default_gateway_of(&route(0, main, RouteType::Local)), None);
+        let default = Route {
+            dst: "0.0.0.0".parse().expect("ip"),
+            prefix_len: 0,
+            gateway: Some("10.88.0.1".parse().expect("ip")),
+            oif: Some(3),
+            kernel: false,
+        };
+        assert_eq!(route_of(&route(0, main, RouteType::Unicast)), Some(default));
+        assert_eq!(route_of(&route(0, 255, RouteType::Unicast)), None);
+        assert_eq!(route_of(&route(0, main, RouteType::Local)), None);
         // A table id above 255 is given as an attribute.
         let mut other = route(0, main, RouteType::Unicast);
         other.attributes.push(RouteAttribute::Table(1000));
-        assert_eq!(default_gateway_of(&other), None);
-        // No gateway: a default route through a device.
-        let mut device = route(0, main, RouteType::Unicast);
-        device.attributes.clear();
-        assert_eq!(default_gateway_of(&device), None);
+        assert_eq!(route_of(&other), None);
+        // A link route the kernel made for an address: destination, no gateway.
+        let mut link = route(16, main, RouteType::Unicast);
+        link.header.protocol = RouteProtocol::Kernel;
+        link.attributes = vec![
+            RouteAttribute::Destination(RouteAddress::Inet(Ipv4Addr::new(10, 88, 0, 0))),
+            RouteAttribute::Oif(3),
+        ];
+        assert_eq!(
+            route_of(&link),
+            Some(Route {
+                dst: "10.88.0.0".parse().expect("ip"),
+                prefix_len: 16,
+                gateway: None,
+                oif: Some(3),
+                kernel: true,
+            })
+        );
+        // IPv6.
+        let mut v6 = RouteMessage::default();
+        v6.header.address_family = AddressFamily::Inet6;
+        v6.header.table = main;
+        v6.header.kind = RouteType::Unicast;
+        v6.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet6(Ipv6Addr::new(
+            0xfe80, 0, 0, 0, 0, 0, 0, 1,
+        )))];
+        let v6 = route_of(&v6).expect("route");
+        assert_eq!(v6.dst, "::".parse::<IpAddr>().expect("ip"));
+        assert_eq!(v6.gateway, Some("fe80::1".parse().expect("ip")));
     }
 }

@@ -7,9 +7,10 @@
 //! Kata Containers does: in that namespace it creates a TAP device (`husk0`) and mirrors every
 //! frame between the two with `tc` (an ingress qdisc on each, whose filter redirects
 //! everything to the other's egress). husk-vmm gets the TAP's file descriptor, and a virtio-net
-//! card with the interface's MAC address; the guest kernel configures the IPv4 address and
-//! default route on its `eth0` at boot. To the host network the guest is the container: same
-//! MAC, same address, so the engine's port forwarding (`-p`) and its bridge reach it unchanged.
+//! card with the interface's MAC address and MTU; the guest kernel configures the IPv4 address
+//! and default route on its `eth0` at boot. To the host network the guest is the container:
+//! same MAC, same address, so the engine's port forwarding (`-p`) and its bridge reach it
+//! unchanged.
 //!
 //! Departure from DESIGN.md, which has the agent configure the guest's interface: the MAC is
 //! the virtio-net card's own (its configuration space), and the address and default route are
@@ -17,8 +18,12 @@
 //! husk-vmm adds for its card). That costs no agent round trip, is in place before `/init`
 //! runs, and keeps netlink code out of the agent. The kernel's `ip=` is IPv4 only: the
 //! interface's global IPv6 address and the IPv6 default route go on the command line as
-//! `husk.ip6=`, which the agent applies at boot. Not carried yet: more than one address of a
-//! family, routes other than the default ones, more than one interface.
+//! `husk.ip6=`, which the agent applies at boot. The interface's other routes (up to
+//! [`MAX_ROUTES`]; those the kernel made from its addresses it makes again in the guest) go as
+//! `husk.route=`, which the agent adds in order, those on the link first; so does the IPv4
+//! default route when its gateway is outside the address's subnet, as with Calico's and
+//! Cilium's /32 addresses, which the kernel's `ip=` cannot route through. Not carried yet:
+//! more than one address of a family, more than one interface.
 //!
 //! One microVM owns a namespace's interface: a second one finds `husk0` there and is refused
 //! (containers sharing a network namespace belong in one VM, which is what the shim's pods
@@ -64,6 +69,9 @@ pub struct PodNetwork {
     /// namespace's IPv6 default gateway.
     pub ipv6: Option<String>,
     pub gateway6: Option<String>,
+    /// The interface's other routes, `destination/prefix[,gateway]`: those on the link first,
+    /// then those through a gateway (the agent adds them in this order).
+    pub routes: Vec<String>,
 }
 
 impl PodNetwork {
@@ -88,6 +96,9 @@ impl PodNetwork {
                 }
             }
         }
+        for route in &self.routes {
+            args.extend(["--net-route".to_string(), route.clone()]);
+        }
         args
     }
 
@@ -104,6 +115,7 @@ impl PodNetwork {
             Some(self.mtu),
             with_gateway(&self.ipv4, &self.gateway),
             with_gateway(&self.ipv6, &self.gateway6),
+            &self.routes,
         )
     }
 }
@@ -141,6 +153,62 @@ fn pick_interface(links: &[netlink::Link], addresses: &[netlink::Address]) -> Op
             ipv4: address(false),
             ipv6: address(true),
         })
+    })
+}
+
+/// The most routes carried besides the default ones (each goes on the guest kernel's command
+/// line, which is 2 KiB in all).
+pub const MAX_ROUTES: usize = husk_vmm::config::MAX_NET_ROUTES;
+
+/// The routes of the interface that the guest gets.
+#[derive(Debug, PartialEq, Eq)]
+struct Carried {
+    /// The default gateways, IPv4 and IPv6.
+    gateway: Option<String>,
+    gateway6: Option<String>,
+    /// Every other route through the interface the kernel did not make from an address
+    /// (`destination/prefix[,gateway]`), those on the link before those through a gateway:
+    /// a CNI that gives a pod a /32 address and a gateway outside it (Calico, Cilium) adds a
+    /// link route to the gateway, which must be there before a route through it.
+    routes: Vec<String>,
+}
+
+/// Picks the routes of the interface with index `index` from the namespace's `routes`.
+fn carried_routes(index: u32, routes: &[netlink::Route]) -> Result<Carried> {
+    let ours = || routes.iter().filter(|r| r.oif == Some(index));
+    let default = |ipv6: bool| {
+        ours()
+            .find(|r| r.prefix_len == 0 && r.dst.is_ipv6() == ipv6 && r.gateway.is_some())
+            .and_then(|r| r.gateway)
+            .map(|gw| gw.to_string())
+    };
+    let text = |r: &netlink::Route| match r.gateway {
+        Some(gw) => format!("{}/{},{gw}", r.dst, r.prefix_len),
+        None => format!("{}/{}", r.dst, r.prefix_len),
+    };
+    let others: Vec<&netlink::Route> = ours().filter(|r| r.prefix_len != 0 && !r.kernel).collect();
+    let mut carried: Vec<String> = others
+        .iter()
+        .filter(|r| r.gateway.is_none())
+        .map(|r| text(r))
+        .collect();
+    carried.extend(
+        others
+            .iter()
+            .filter(|r| r.gateway.is_some())
+            .map(|r| text(r)),
+    );
+    if carried.len() > MAX_ROUTES {
+        bail!(
+            "the network namespace's interface has {} routes besides its default ones; husk \
+             carries at most {MAX_ROUTES} into a microVM",
+            carried.len()
+        );
+    }
+    Ok(Carried {
+        gateway: default(false),
+        gateway6: default(true),
+        routes: carried,
     })
 }
 
@@ -222,14 +290,18 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
         else {
             return Ok(None);
         };
-        let gateway = match ipv4 {
-            Some(_) => nl.default_gateway(false)?.map(|ip| ip.to_string()),
-            None => None,
-        };
-        let gateway6 = match ipv6 {
-            Some(_) => nl.default_gateway(true)?.map(|ip| ip.to_string()),
-            None => None,
-        };
+        let mut found_routes = Vec::new();
+        if ipv4.is_some() {
+            found_routes.extend(nl.routes(false)?);
+        }
+        if ipv6.is_some() {
+            found_routes.extend(nl.routes(true)?);
+        }
+        let Carried {
+            gateway,
+            gateway6,
+            routes,
+        } = carried_routes(index, &found_routes)?;
         let tap = open_tap()?;
         let wired = (|| -> Result<()> {
             let tap_index = netlink::find(&nl.links()?, TAP_NAME)?.index;
@@ -261,6 +333,7 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             gateway,
             ipv6,
             gateway6,
+            routes,
         }))
     })
 }
@@ -415,6 +488,48 @@ mod tests {
     }
 
     #[test]
+    fn the_interfaces_routes_are_carried_links_first() {
+        let route = |dst: &str, prefix_len: u8, gateway: Option<&str>, oif: u32, kernel: bool| {
+            netlink::Route {
+                dst: dst.parse().expect("ip"),
+                prefix_len,
+                gateway: gateway.map(|g| g.parse().expect("ip")),
+                oif: Some(oif),
+                kernel,
+            }
+        };
+        // Calico's way: a /32 address, a link route to a gateway outside it, the default
+        // route through it; and a route of another link, and one the kernel made.
+        let routes = [
+            route("0.0.0.0", 0, Some("169.254.1.1"), 3, false),
+            route("10.0.0.0", 8, Some("169.254.1.1"), 3, false),
+            route("169.254.1.1", 32, None, 3, false),
+            route("10.244.0.0", 16, None, 3, true),
+            route("192.168.0.0", 16, None, 4, false),
+            route("::", 0, Some("fe80::1"), 3, false),
+            route("fd00:1::", 64, Some("fe80::1"), 3, false),
+        ];
+        assert_eq!(
+            carried_routes(3, &routes).expect("routes"),
+            Carried {
+                gateway: Some("169.254.1.1".into()),
+                gateway6: Some("fe80::1".into()),
+                routes: vec![
+                    "169.254.1.1/32".into(),
+                    "10.0.0.0/8,169.254.1.1".into(),
+                    "fd00:1::/64,fe80::1".into(),
+                ],
+            }
+        );
+        // Too many to put on the guest's command line: refused, saying so.
+        let many: Vec<netlink::Route> = (0..=MAX_ROUTES as u8)
+            .map(|i| route(&format!("10.{i}.0.0"), 16, None, 3, false))
+            .collect();
+        let err = carried_routes(3, &many).expect_err("too many");
+        assert!(format!("{err}").contains("at most 16"), "{err}");
+    }
+
+    #[test]
     fn vmm_arguments_carry_what_cni_gave() {
         let net = PodNetwork {
             tap: tempfile::tempfile().expect("file"),
@@ -425,16 +540,19 @@ mod tests {
             gateway: Some("10.88.77.1".into()),
             ipv6: Some("fd00:88::5/64".into()),
             gateway6: Some("fd00:88::1".into()),
+            routes: vec!["10.88.0.1/32".into(), "192.168.0.0/16,10.88.0.1".into()],
         };
         assert_eq!(
             net.vmm_args(3).join(" "),
             "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-mtu 1450 --net-ip 10.88.77.2/24 \
-             --net-gateway 10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1"
+             --net-gateway 10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1 \
+             --net-route 10.88.0.1/32 --net-route 192.168.0.0/16,10.88.0.1"
         );
         assert_eq!(
             net.handoff_message(),
             "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=10.88.77.2/24 gateway=10.88.77.1 \
-             ip6=fd00:88::5/64 gateway6=fd00:88::1"
+             ip6=fd00:88::5/64 gateway6=fd00:88::1 route=10.88.0.1/32 \
+             route=192.168.0.0/16,10.88.0.1"
         );
     }
 
@@ -452,6 +570,7 @@ mod tests {
             gateway: None,
             ipv6: None,
             gateway6: None,
+            routes: vec![],
         };
         // A namespace that is gone took the interface's qdisc with it.
         let netns = dir.path().join("no-such-netns");

@@ -87,6 +87,7 @@ fn cni_like(tag: &str) -> (Netns, Netns) {
         "dev",
         "eth0",
     ]);
+    ns.ip(&["route", "add", "192.168.7.0/24", "via", "10.88.77.1"]);
     (ns, host)
 }
 
@@ -112,6 +113,8 @@ fn a_cni_namespace_is_wired_to_a_tap_and_left_as_it_was() {
     assert_eq!(net.gateway.as_deref(), Some("10.88.77.1"));
     assert_eq!(net.ipv6.as_deref(), Some("fd00:88::5/64"));
     assert_eq!(net.gateway6.as_deref(), Some("fd00:88::1"));
+    // Besides the default routes and those the kernel made from the addresses: one route.
+    assert_eq!(net.routes, ["192.168.7.0/24,10.88.77.1"]);
 
     // The TAP is up with the interface's MTU; each side's ingress goes to the other.
     let tap = ns.ip(&["link", "show", husk::network::TAP_NAME]);

@@ -395,6 +395,94 @@ fn a_container_gets_the_network_namespace_it_is_given() {
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }
 
+/// A CNI that gives the pod a /32 address and a gateway outside it, as Calico and Cilium do:
+/// the namespace has a link route to the gateway, the default route through it and here one
+/// more network through it. The guest gets them all (the kernel's IP autoconfiguration
+/// refuses such a gateway; the agent adds the routes, the link route first), so the host
+/// reaches the container and the container reaches addresses on both routes.
+#[test]
+fn a_host_address_with_a_gateway_outside_it_routes_through_the_gateway() {
+    let test = "a_host_address_with_a_gateway_outside_it_routes_through_the_gateway";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    husk_tests::load_tun().expect("/dev/net/tun");
+    let ns = TestNetns::new("husknet3", 73);
+    let inside = |args: &[&str]| {
+        let mut all = vec!["-n", ns.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all);
+    };
+    inside(&["route", "del", "default"]);
+    inside(&["addr", "del", &format!("{}/24", ns.guest_ip), "dev", "eth0"]);
+    inside(&["addr", "add", &format!("{}/32", ns.guest_ip), "dev", "eth0"]);
+    inside(&["route", "add", &ns.host_ip, "dev", "eth0", "scope", "link"]);
+    inside(&["route", "add", "default", "via", &ns.host_ip, "dev", "eth0"]);
+    inside(&[
+        "route",
+        "add",
+        "10.231.0.0/16",
+        "via",
+        &ns.host_ip,
+        "dev",
+        "eth0",
+    ]);
+    // The host answers on an address of that network and on one only the default route reaches.
+    for addr in ["10.231.73.1/32", "10.232.73.1/32"] {
+        sh("ip", &["addr", "add", addr, "dev", &ns.host_if]);
+    }
+    let netns = ns.path().display().to_string();
+    let web = env.bundle("web3", &["sh", "-c", HTTPD], |spec| {
+        in_netns(spec, &netns);
+        spec["root"]["readonly"] = json!(false);
+        for set in ["bounding", "effective", "permitted"] {
+            if let Some(caps) = spec["process"]["capabilities"][set].as_array_mut() {
+                caps.push(json!("CAP_NET_RAW"));
+            }
+        }
+    });
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--bundle",
+        web.to_str().expect("utf-8"),
+        "web3",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let body = fetch(&ns.guest_ip, 80, Duration::from_secs(120));
+    let out = env.run(&["exec", "web3", "ip", "route"]);
+    let routes = text(&out.stdout);
+    assert_eq!(
+        body.as_deref(),
+        Some("hello-from-husk\n"),
+        "httpd at {}; the guest's routes: {routes}{}\n{}",
+        ns.guest_ip,
+        text(&out.stderr),
+        env.logs()
+    );
+    for route in [
+        format!("default via {}", ns.host_ip),
+        format!("10.231.0.0/16 via {}", ns.host_ip),
+        format!("{} dev eth0", ns.host_ip),
+    ] {
+        assert!(
+            routes.contains(&route),
+            "no {route:?} in the guest: {routes}"
+        );
+    }
+    for target in ["10.231.73.1", "10.232.73.1"] {
+        let out = env.run(&["exec", "web3", "ping", "-c", "1", "-W", "10", target]);
+        assert!(
+            out.status.success(),
+            "ping {target} from the container: {}{}\nroutes: {routes}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    let out = env.run(&["delete", "--force", "web3"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+}
+
 /// podman with its default bridge network: `-p 8080:80` publishes the port of a husk
 /// container on the host, and a second husk container reaches the first by its address.
 /// The engine's container `web` (an httpd on port 80, published on the host's 8080) answers at

@@ -69,6 +69,9 @@ pub enum ConfigError {
     /// The shared directory does not exist or is not a directory.
     #[error("shared directory {0}: no such directory")]
     SharedDirMissing(PathBuf),
+    /// More routes for the network card than the guest's command line holds.
+    #[error("{0} routes for the network card, at most {MAX_NET_ROUTES} are supported")]
+    TooManyRoutes(usize),
 }
 
 /// Everything needed to build and run one microVM.
@@ -133,17 +136,120 @@ pub struct NetConfig {
     /// The card's MTU, given to the guest's driver in the configuration space
     /// (`VIRTIO_NET_F_MTU`); `None`: the driver's default, 1500.
     pub mtu: Option<u16>,
+    /// Other routes through the card, in the order the agent adds them (a route on the link
+    /// to a gateway before the routes through it).
+    pub routes: Vec<NetRoute>,
+}
+
+/// A route through the network card: a destination with its prefix length, through a gateway
+/// or (without one) on the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetRoute {
+    pub dst: std::net::IpAddr,
+    pub prefix_len: u8,
+    pub via: Option<std::net::IpAddr>,
+}
+
+impl std::fmt::Display for NetRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.dst, self.prefix_len)?;
+        match self.via {
+            Some(via) => write!(f, ",{via}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The most routes a card carries besides its default ones: each is a parameter on the
+/// guest's command line, which holds 2 KiB in all.
+pub const MAX_NET_ROUTES: usize = 16;
+
+/// The kernel command-line parameter the guest agent reads a route from, once per route:
+/// `husk.route=<destination>/<prefix>[,<gateway>]`.
+pub const ROUTE_PARAM: &str = "husk.route";
+
+/// Parses a route, `10.0.0.0/8,169.254.1.1` or `169.254.1.1/32` (IPv4 or IPv6; a gateway of
+/// the destination's family).
+pub fn parse_route(text: &str) -> Result<NetRoute, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a route (destination/prefix, then ,gateway if there is one: \
+             10.0.0.0/8,169.254.1.1)"
+        )
+    };
+    let (cidr, via) = match text.split_once(',') {
+        Some((cidr, via)) => (cidr, Some(via)),
+        None => (text, None),
+    };
+    let (dst, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+    let dst: std::net::IpAddr = dst.parse().map_err(|_| bad())?;
+    let max = if dst.is_ipv4() { 32 } else { 128 };
+    let prefix_len: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(bad)?;
+    let via = match via {
+        Some(via) => {
+            let via: std::net::IpAddr = via.parse().map_err(|_| bad())?;
+            if via.is_ipv4() != dst.is_ipv4() {
+                return Err(bad());
+            }
+            Some(via)
+        }
+        None => None,
+    };
+    Ok(NetRoute {
+        dst,
+        prefix_len,
+        via,
+    })
+}
+
+fn ipv4_mask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
 }
 
 impl NetConfig {
+    /// Whether the IPv4 default gateway is in the card's subnet, where the kernel's IP
+    /// autoconfiguration can route through it (it refuses any other: "Gateway not on directly
+    /// connected network").
+    fn gateway_on_subnet(&self) -> bool {
+        match (self.ipv4, self.gateway) {
+            (Some((addr, prefix)), Some(gateway)) => {
+                (u32::from(addr) ^ u32::from(gateway)) & ipv4_mask(prefix) == 0
+            }
+            _ => false,
+        }
+    }
+
     /// The kernel's IP autoconfiguration parameter for this card (`eth0`), if it has an
-    /// address: `ip=<address>::<gateway>:<netmask>::eth0:off`.
+    /// address: `ip=<address>::<gateway>:<netmask>::eth0:off`. A gateway outside the subnet
+    /// is left out here; the agent adds the default route through it ([`Self::kernel_route_params`]).
     pub fn kernel_ip_param(&self) -> Option<String> {
         let (addr, prefix) = self.ipv4?;
-        let mask =
-            std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0));
-        let gateway = self.gateway.map(|g| g.to_string()).unwrap_or_default();
+        let mask = std::net::Ipv4Addr::from(ipv4_mask(prefix));
+        let gateway = match self.gateway {
+            Some(g) if self.gateway_on_subnet() => g.to_string(),
+            _ => String::new(),
+        };
         Some(format!("ip={addr}::{gateway}:{mask}::eth0:off"))
+    }
+
+    /// The agent's route parameters ([`ROUTE_PARAM`]): the card's routes in order, then the
+    /// IPv4 default route if its gateway is outside the subnet (after the link route to it,
+    /// which such a network has among its routes).
+    pub fn kernel_route_params(&self) -> Vec<String> {
+        let mut routes = self.routes.clone();
+        if let (Some(via), false) = (self.gateway, self.gateway_on_subnet()) {
+            if self.ipv4.is_some() {
+                routes.push(NetRoute {
+                    dst: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    prefix_len: 0,
+                    via: Some(std::net::IpAddr::V4(via)),
+                });
+            }
+        }
+        routes
+            .iter()
+            .map(|r| format!("{ROUTE_PARAM}={r}"))
+            .collect()
     }
 }
 
@@ -271,6 +377,11 @@ impl VmConfig {
         validate_memory(self.mem_size_mib, host_mib)?;
         if let Some(dir) = &self.shared_dir {
             validate_shared_dir(dir)?;
+        }
+        if let Some(net) = &self.net {
+            if net.routes.len() > MAX_NET_ROUTES {
+                return Err(ConfigError::TooManyRoutes(net.routes.len()));
+            }
         }
         validate_socket_path(&self.vsock_socket)
     }
@@ -417,7 +528,9 @@ mod tests {
             ipv6: None,
             gateway6: None,
             mtu: None,
+            routes: vec![],
         };
+        assert_eq!(net.kernel_route_params(), Vec::<String>::new());
         assert_eq!(parse_mtu("1450"), Ok(1450));
         for bad in ["67", "65536", "", "x", "-1"] {
             assert!(parse_mtu(bad).is_err(), "{bad}");
@@ -448,6 +561,63 @@ mod tests {
         for bad in ["fd00::5", "fd00::5/129", "fd00::5/0", "10.0.0.1/24"] {
             assert!(parse_ipv6_cidr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn routes_parse_and_an_off_subnet_gateway_becomes_one() {
+        let route = parse_route("10.0.0.0/8,169.254.1.1").expect("route");
+        assert_eq!(route.to_string(), "10.0.0.0/8,169.254.1.1");
+        assert_eq!(parse_route("169.254.1.1/32").expect("route").via, None);
+        assert_eq!(
+            parse_route("fd00:1::/64,fe80::1")
+                .expect("route")
+                .to_string(),
+            "fd00:1::/64,fe80::1"
+        );
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0/8,fe80::1",
+            "10.0.0.0/8,x",
+            "x/8",
+            "",
+        ] {
+            assert!(parse_route(bad).is_err(), "{bad}");
+        }
+        // Calico's way: a /32 address, a gateway outside it, a link route to the gateway.
+        let net = NetConfig {
+            tap_fd: 3,
+            mac: [2, 0, 0, 0, 0, 1],
+            ipv4: Some(("10.244.1.5".parse().expect("ip"), 32)),
+            gateway: Some("169.254.1.1".parse().expect("ip")),
+            ipv6: None,
+            gateway6: None,
+            mtu: None,
+            routes: vec![parse_route("169.254.1.1/32").expect("route")],
+        };
+        assert_eq!(
+            net.kernel_ip_param().as_deref(),
+            Some("ip=10.244.1.5:::255.255.255.255::eth0:off")
+        );
+        assert_eq!(
+            net.kernel_route_params(),
+            vec![
+                "husk.route=169.254.1.1/32".to_string(),
+                "husk.route=0.0.0.0/0,169.254.1.1".to_string()
+            ]
+        );
+        // A gateway in the subnet stays the kernel's.
+        let net = NetConfig {
+            ipv4: Some(("169.254.1.5".parse().expect("ip"), 24)),
+            routes: vec![],
+            ..net
+        };
+        assert!(net
+            .kernel_ip_param()
+            .expect("ip=")
+            .contains("::169.254.1.1:255.255.255.0:"));
+        assert!(net.kernel_route_params().is_empty());
     }
 
     #[test]

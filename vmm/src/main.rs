@@ -88,6 +88,11 @@ struct Args {
     /// The card's MTU (the guest's driver takes it from the card); default 1500.
     #[arg(long, value_parser = husk_vmm::config::parse_mtu, requires = "net_tap_fd")]
     net_mtu: Option<u16>,
+    /// A route through the card besides the default ones, `destination/prefix[,gateway]`
+    /// (10.0.0.0/8,169.254.1.1; without a gateway, on the link); repeatable, added by the agent
+    /// in the order given.
+    #[arg(long, value_parser = husk_vmm::config::parse_route, requires = "net_tap_fd")]
+    net_route: Vec<husk_vmm::config::NetRoute>,
     /// Before building the microVM, wait (up to the agent timeout) for the network card on
     /// this inherited Unix socket: the runtime sends it once the engine's hooks have configured
     /// this process's network namespace (see `husk_vmm::net_handoff`).
@@ -140,6 +145,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 ipv6: args.net_ip6,
                 gateway6: args.net_gateway6,
                 mtu: args.net_mtu,
+                routes: args.net_route,
             }),
             _ => None,
         },

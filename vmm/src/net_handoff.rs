@@ -8,19 +8,23 @@
 //! message on an inherited Unix socket, text plus the TAP as an `SCM_RIGHTS` descriptor.
 //!
 //! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `mtu=<n>`,
-//! `ip=<a.b.c.d/n>`, `gateway=<a.b.c.d>`, `ip6=<addr/n>` and `gateway6=<addr>`, separated by
-//! spaces. The VMM waits a bounded time, reads at most
+//! `ip=<a.b.c.d/n>`, `gateway=<a.b.c.d>`, `ip6=<addr/n>` and `gateway6=<addr>`, and any number
+//! (up to [`crate::config::MAX_NET_ROUTES`]) of `route=<destination/prefix[,gateway]>`,
+//! separated by spaces. The VMM waits a bounded time, reads at most
 //! [`MAX_MESSAGE`] bytes, takes exactly one descriptor with `mac=` and none with `none`, and
 //! refuses anything else by name.
 
-use crate::config::{parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, parse_mtu, NetConfig};
+use crate::config::{
+    parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, parse_mtu, parse_route, NetConfig, MAX_NET_ROUTES,
+};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-/// The longest message accepted.
-pub const MAX_MESSAGE: usize = 512;
+/// The longest message accepted: a card with every route it may have, each IPv6 with a
+/// gateway, fits.
+pub const MAX_MESSAGE: usize = 4096;
 
 /// Errors of the handoff.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,7 @@ pub fn message(
     mtu: Option<u16>,
     ipv4: Option<(&str, Option<&str>)>,
     ipv6: Option<(&str, Option<&str>)>,
+    routes: &[String],
 ) -> String {
     let mut text = format!("mac={mac}");
     if let Some(mtu) = mtu {
@@ -55,6 +60,9 @@ pub fn message(
                 text.push_str(&format!(" gateway{suffix}={gw}"));
             }
         }
+    }
+    for route in routes {
+        text.push_str(&format!(" route={route}"));
     }
     text
 }
@@ -82,11 +90,14 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
         };
     }
     let (mut mac, mut mtu, mut ipv4, mut gateway) = (None, None, None, None);
+    let mut routes = Vec::new();
     let (mut ipv6, mut gateway6) = (None, None);
     for field in text.split(' ').filter(|f| !f.is_empty()) {
         match field.split_once('=') {
             Some(("mac", v)) if mac.is_none() => mac = Some(parse_mac(v)?),
             Some(("mtu", v)) if mtu.is_none() => mtu = Some(parse_mtu(v)?),
+            Some(("route", v)) if routes.len() < MAX_NET_ROUTES => routes.push(parse_route(v)?),
+            Some(("route", _)) => return Err(format!("more than {MAX_NET_ROUTES} routes")),
             Some(("ip", v)) if ipv4.is_none() => ipv4 = Some(parse_ipv4_cidr(v)?),
             Some(("gateway", v)) if gateway.is_none() => {
                 gateway = Some(
@@ -124,6 +135,7 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
             ipv6,
             gateway6,
             mtu,
+            routes,
         },
         tap,
     )))
@@ -215,11 +227,15 @@ mod tests {
             Some(1450),
             Some(("172.17.0.2/16", Some("172.17.0.1"))),
             Some(("fd00::2/64", Some("fd00::1"))),
+            &[
+                "10.9.0.0/16,172.17.0.9".to_string(),
+                "172.17.0.9/32".to_string(),
+            ],
         );
         assert_eq!(
             text,
             "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=172.17.0.2/16 gateway=172.17.0.1 ip6=fd00::2/64 \
-             gateway6=fd00::1"
+             gateway6=fd00::1 route=10.9.0.0/16,172.17.0.9 route=172.17.0.9/32"
         );
         let (cfg, _tap) = parse(&text, vec![file_fd()]).unwrap().unwrap();
         assert_eq!(cfg.mac, [0x6e, 0xf8, 0x3a, 0xb4, 0x8c, 0x90]);
@@ -228,6 +244,10 @@ mod tests {
         assert_eq!(cfg.ipv6, Some(("fd00::2".parse().unwrap(), 64)));
         assert_eq!(cfg.gateway6, Some("fd00::1".parse().unwrap()));
         assert_eq!(cfg.mtu, Some(1450));
+        assert_eq!(
+            cfg.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            ["10.9.0.0/16,172.17.0.9", "172.17.0.9/32"]
+        );
         let (cfg, _tap) = parse("mac=6e:f8:3a:b4:8c:90", vec![file_fd()])
             .unwrap()
             .unwrap();
@@ -263,6 +283,11 @@ mod tests {
             ("mac=6e:f8:3a:b4:8c:90 ip6=fd00::1/200", 1, "prefix length"),
             ("mac=6e:f8:3a:b4:8c:90 mtu=20", 1, "not an MTU"),
             (
+                "mac=6e:f8:3a:b4:8c:90 route=10.0.0.0/8,fd00::1",
+                1,
+                "not a route",
+            ),
+            (
                 "mac=6e:f8:3a:b4:8c:90 mtu=1500 mtu=1500",
                 1,
                 "unexpected field",
@@ -278,7 +303,13 @@ mod tests {
     fn a_card_crosses_a_socket_with_its_descriptor() {
         let (a, b) = UnixStream::pair().unwrap();
         let tap = file_fd();
-        let text = message("6e:f8:3a:b4:8c:90", None, Some(("10.0.0.2/24", None)), None);
+        let text = message(
+            "6e:f8:3a:b4:8c:90",
+            None,
+            Some(("10.0.0.2/24", None)),
+            None,
+            &[],
+        );
         send(a.as_fd(), &text, Some(tap.as_fd())).unwrap();
         let cfg = receive(b.as_raw_fd(), Duration::from_secs(5))
             .unwrap()

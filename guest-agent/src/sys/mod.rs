@@ -174,6 +174,120 @@ pub fn add_ipv6(
     Ok(())
 }
 
+/// `struct rtentry` (linux/route.h): an IPv4 route for `SIOCADDRT`.
+#[repr(C)]
+struct Rtentry {
+    pad1: libc::c_ulong,
+    dst: libc::sockaddr_in,
+    gateway: libc::sockaddr_in,
+    genmask: libc::sockaddr_in,
+    flags: libc::c_ushort,
+    pad2: libc::c_short,
+    pad3: libc::c_ulong,
+    pad4: *mut libc::c_void,
+    metric: libc::c_short,
+    dev: *mut libc::c_char,
+    mtu: libc::c_ulong,
+    window: libc::c_ulong,
+    irtt: libc::c_ushort,
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Adds a route to `dst/prefix` through interface `name`: through `via` if given, else on
+/// the link (`SIOCADDRT`; IPv4 and IPv6, the destination's family).
+pub fn add_route(
+    name: &str,
+    dst: std::net::IpAddr,
+    prefix: u8,
+    via: Option<std::net::IpAddr>,
+) -> Result<(), Errno> {
+    use std::net::IpAddr;
+    use std::os::fd::AsRawFd;
+    let name_c = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+    let gateway_flag = if via.is_some() { libc::RTF_GATEWAY } else { 0 };
+    match (dst, via) {
+        (IpAddr::V4(dst), None | Some(IpAddr::V4(_))) => {
+            if prefix > 32 {
+                return Err(Errno::EINVAL);
+            }
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            let host = if prefix == 32 { libc::RTF_HOST } else { 0 };
+            let gateway = match via {
+                Some(IpAddr::V4(via)) => via,
+                _ => std::net::Ipv4Addr::UNSPECIFIED,
+            };
+            let route = Rtentry {
+                pad1: 0,
+                dst: sockaddr_in(dst),
+                gateway: sockaddr_in(gateway),
+                genmask: sockaddr_in(std::net::Ipv4Addr::from(mask)),
+                flags: (libc::RTF_UP | gateway_flag | host) as libc::c_ushort,
+                pad2: 0,
+                pad3: 0,
+                pad4: std::ptr::null_mut(),
+                metric: 0,
+                dev: name_c.as_ptr().cast_mut(),
+                mtu: 0,
+                window: 0,
+                irtt: 0,
+            };
+            let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
+            // SAFETY: SIOCADDRT on an AF_INET socket reads a `struct rtentry`, which `route` is
+            // (repr(C), the kernel's layout), and the NUL-terminated device name it points to;
+            // both outlive the call.
+            if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) } != 0 {
+                return Err(Errno::last());
+            }
+            Ok(())
+        }
+        (IpAddr::V6(dst), None | Some(IpAddr::V6(_))) => {
+            if prefix > 128 {
+                return Err(Errno::EINVAL);
+            }
+            // SAFETY: if_nametoindex reads the NUL-terminated name, valid for the call.
+            let index = unsafe { libc::if_nametoindex(name_c.as_ptr()) };
+            if index == 0 {
+                return Err(Errno::last());
+            }
+            let gateway = match via {
+                Some(IpAddr::V6(via)) => via.octets(),
+                _ => [0; 16],
+            };
+            let route = In6Rtmsg {
+                dst: dst.octets(),
+                src: [0; 16],
+                gateway,
+                kind: 0,
+                dst_len: u16::from(prefix),
+                src_len: 0,
+                // IP6_RT_PRIO_USER, what `ip -6 route add` uses.
+                metric: 1024,
+                info: 0,
+                flags: (libc::RTF_UP | gateway_flag) as u32,
+                ifindex: libc::c_int::try_from(index).map_err(|_| Errno::EINVAL)?,
+            };
+            let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet6)?;
+            // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`, which `route`
+            // is (repr(C), the kernel's layout), valid for the call.
+            if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) } != 0 {
+                return Err(Errno::last());
+            }
+            Ok(())
+        }
+        _ => Err(Errno::EINVAL),
+    }
+}
+
 /// The i8042 keyboard controller's command port.
 const I8042_COMMAND_PORT: u16 = 0x64;
 /// The i8042 command that pulses the CPU reset line.
