@@ -143,38 +143,42 @@ impl Netlink {
         }
     }
 
+    /// Dumps what `query` asks for (`what` names it in an error) and keeps what `pick` takes
+    /// of each message, in the kernel's order.
+    fn dump<T>(
+        &mut self,
+        query: RouteNetlinkMessage,
+        what: &str,
+        pick: impl Fn(&RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let messages = self
+            .request(query, NLM_F_DUMP)
+            .with_context(|| format!("listing the {what}"))?;
+        Ok(messages.iter().filter_map(pick).collect())
+    }
+
     /// The namespace's links (`ip link show`).
     pub fn links(&mut self) -> Result<Vec<Link>> {
-        let messages = self
-            .request(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_DUMP,
-            )
-            .context("listing the links (RTM_GETLINK)")?;
-        Ok(messages
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(link) => Some(link_of(&link)),
+        self.dump(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            "links (RTM_GETLINK)",
+            |m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(link_of(link)),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// The namespace's addresses (`ip addr show`), in the kernel's order.
     pub fn addresses(&mut self) -> Result<Vec<Address>> {
-        let messages = self
-            .request(
-                RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-                NLM_F_DUMP,
-            )
-            .context("listing the addresses (RTM_GETADDR)")?;
-        Ok(messages
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(address) => address_of(&address),
+        self.dump(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            "addresses (RTM_GETADDR)",
+            |m| match m {
+                RouteNetlinkMessage::NewAddress(address) => address_of(address),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// The main table's unicast routes of a family (`ip -4 route show`, or `-6`), in the
@@ -186,16 +190,14 @@ impl Netlink {
         } else {
             AddressFamily::Inet
         };
-        let messages = self
-            .request(RouteNetlinkMessage::GetRoute(query), NLM_F_DUMP)
-            .context("listing the routes (RTM_GETROUTE)")?;
-        Ok(messages
-            .iter()
-            .filter_map(|m| match m {
+        self.dump(
+            RouteNetlinkMessage::GetRoute(query),
+            "routes (RTM_GETROUTE)",
+            |m| match m {
                 RouteNetlinkMessage::NewRoute(route) => route_of(route),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// `ip link set dev INDEX mtu MTU up`.
@@ -222,17 +224,20 @@ impl Netlink {
 
     /// Whether link `index` has an ingress qdisc (`tc qdisc show dev INDEX`).
     pub fn has_ingress_qdisc(&mut self, index: u32) -> Result<bool> {
-        let messages = self
-            .request(
-                RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
-                NLM_F_DUMP,
-            )
-            .context("listing the qdiscs (RTM_GETQDISC)")?;
-        Ok(messages.iter().any(|m| {
-            matches!(m, RouteNetlinkMessage::NewQueueDiscipline(q)
-                if q.header.index == index as i32
-                    && q.attributes.contains(&TcAttribute::Kind("ingress".into())))
-        }))
+        let ingress = self.dump(
+            RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
+            "qdiscs (RTM_GETQDISC)",
+            |m| match m {
+                RouteNetlinkMessage::NewQueueDiscipline(q)
+                    if q.header.index == index as i32
+                        && q.attributes.contains(&TcAttribute::Kind("ingress".into())) =>
+                {
+                    Some(())
+                }
+                _ => None,
+            },
+        )?;
+        Ok(!ingress.is_empty())
     }
 
     /// `tc qdisc del dev INDEX ingress` (its filters go with it).

@@ -182,9 +182,14 @@ fn carried_routes(index: u32, routes: &[netlink::Route]) -> Result<Carried> {
             .and_then(|r| r.gateway)
             .map(|gw| gw.to_string())
     };
-    let text = |r: &netlink::Route| match r.gateway {
-        Some(gw) => format!("{}/{},{gw}", r.dst, r.prefix_len),
-        None => format!("{}/{}", r.dst, r.prefix_len),
+    // As husk-vmm's `--net-route` reads it.
+    let text = |r: &netlink::Route| {
+        husk_vmm::config::NetRoute {
+            dst: r.dst,
+            prefix_len: r.prefix_len,
+            via: r.gateway,
+        }
+        .to_string()
     };
     let others: Vec<&netlink::Route> = ours().filter(|r| r.prefix_len != 0 && !r.kernel).collect();
     let mut carried: Vec<String> = others

@@ -152,24 +152,12 @@ pub fn add_ipv6(
         return Err(Errno::last());
     }
     if let Some(gateway) = gateway {
-        let route = In6Rtmsg {
-            dst: [0; 16],
-            src: [0; 16],
-            gateway: gateway.octets(),
-            kind: 0,
-            dst_len: 0,
-            src_len: 0,
-            // IP6_RT_PRIO_USER, what `ip -6 route add` uses.
-            metric: 1024,
-            info: 0,
-            flags: (libc::RTF_UP | libc::RTF_GATEWAY) as u32,
-            ifindex,
-        };
-        // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`, which `route` is
-        // (repr(C), the kernel's layout), valid for the call.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &route) } != 0 {
-            return Err(Errno::last());
-        }
+        add_route(
+            name,
+            std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            0,
+            Some(std::net::IpAddr::V6(gateway)),
+        )?;
     }
     Ok(())
 }
