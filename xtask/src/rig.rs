@@ -451,6 +451,14 @@ pub struct RigRun {
     pub work_free_mib: u64,
     /// L2's memory in MiB, when the job needs other than `HUSK_RIG_MEM_MIB` or 6 GiB.
     pub mem_mib: Option<u64>,
+    /// L2's CPU count, when the job needs other than the configured one (the rest of the
+    /// configuration stays: multi-threaded TCG, one host thread per L2 CPU). Two L2 CPUs ran
+    /// 300 L3 boots with one L2 fault, an `int3` oops while L2 patched its text, which the
+    /// test run retries as a proven rig fault. Single-threaded TCG (`HUSK_RIG_TCG=single`) is
+    /// worse with two: an L3 guest now and then spins for ever in
+    /// `ktime_get_update_offsets_now` on a timekeeping sequence count left odd, as if an
+    /// interrupt had been delivered inside its interrupts-off write section.
+    pub l2_cpus: Option<u32>,
 }
 
 impl RigRun {
@@ -469,6 +477,7 @@ impl RigRun {
             collect_prefix: None,
             work_free_mib: 1024,
             mem_mib: None,
+            l2_cpus: None,
         }
     }
 }
@@ -634,7 +643,10 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
     std::fs::remove_dir_all(&work)?;
 
     let interactive = job.script.is_none();
-    let config = RigConfig::from_env()?;
+    let mut config = RigConfig::from_env()?;
+    if let Some(cpus) = job.l2_cpus {
+        config.smp = cpus;
+    }
     let qmp = scratch.join("qmp.sock");
     let mut qemu = qemu_command(&config, image, &disk, interactive, &qmp, job.mem_mib);
     eprintln!(
@@ -738,7 +750,8 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
 /// from the environment to measure another with the soak:
 /// `HUSK_RIG_QEMU` (`bookworm` or `bookworm-backports`: the suite L1's QEMU comes from),
 /// `HUSK_RIG_L2_KERNEL` (the same, for L2's kernel; part of the image's cache key),
-/// `HUSK_RIG_CPU` (QEMU's `-cpu`), `HUSK_RIG_SMP` (L2's CPU count) and `HUSK_RIG_KVM_AMD`
+/// `HUSK_RIG_CPU` (QEMU's `-cpu`), `HUSK_RIG_SMP` (L2's CPU count), `HUSK_RIG_TCG` (`multi` or
+/// `single`: one host thread per L2 CPU, or one for all of them in turn) and `HUSK_RIG_KVM_AMD`
 /// (kvm_amd's module options, space-separated, given to L2 on its kernel command line).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RigConfig {
@@ -746,6 +759,7 @@ pub struct RigConfig {
     pub l2_kernel_suite: String,
     pub cpu: String,
     pub smp: u32,
+    pub tcg: String,
     pub kvm_amd: String,
 }
 
@@ -758,6 +772,8 @@ pub const DEFAULT_CPU: &str = "max";
 /// livelock of L2's KVM injecting a timer interrupt, both CPUs wedged); with a CPU hog on the
 /// host, a second L2 CPU bought no speed either (median L3 boot 3.55 s with two, 3.36 with one).
 pub const DEFAULT_SMP: u32 = 1;
+/// With one L2 CPU, QEMU's multi-threaded and single-threaded TCG both run it on one thread.
+pub const DEFAULT_TCG: &str = "multi";
 /// L3 guests never run guests of their own: no nested SVM for them.
 pub const DEFAULT_KVM_AMD: &str = "nested=0";
 
@@ -775,6 +791,11 @@ impl RigConfig {
             Ok(v)
         };
         let smp = var("HUSK_RIG_SMP", &DEFAULT_SMP.to_string());
+        let tcg = var("HUSK_RIG_TCG", DEFAULT_TCG);
+        ensure!(
+            tcg == "multi" || tcg == "single",
+            "HUSK_RIG_TCG={tcg}: expected multi or single"
+        );
         Ok(RigConfig {
             qemu_suite: suite("HUSK_RIG_QEMU", DEFAULT_QEMU_SUITE)?,
             l2_kernel_suite: suite("HUSK_RIG_L2_KERNEL", DEFAULT_L2_KERNEL_SUITE)?,
@@ -784,6 +805,7 @@ impl RigConfig {
                 .ok()
                 .filter(|n| (1..=8).contains(n))
                 .with_context(|| format!("HUSK_RIG_SMP={smp}: expected 1 to 8"))?,
+            tcg,
             kvm_amd: var("HUSK_RIG_KVM_AMD", DEFAULT_KVM_AMD),
         })
     }
@@ -791,12 +813,13 @@ impl RigConfig {
     /// One line naming every knob, for logs and the soak's tally.
     pub fn describe(&self) -> String {
         format!(
-            "qemu {} ({}), L2 kernel {}, -cpu {}, -smp {}, kvm_amd {:?}",
+            "qemu {} ({}), L2 kernel {}, -cpu {}, -smp {}, {}-threaded TCG, kvm_amd {:?}",
             self.qemu_suite,
             host_qemu_version().unwrap_or_else(|| "not installed".into()),
             self.l2_kernel_suite,
             self.cpu,
             self.smp,
+            self.tcg,
             self.kvm_amd
         )
     }
@@ -916,12 +939,13 @@ fn qemu_command(
     } else {
         "microvm,x-option-roms=off,isa-serial=on,rtc=on,pic=off"
     };
+    let accel = format!("tcg,thread={},tb-size=512", config.tcg);
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-M",
         machine,
         "-accel",
-        "tcg,thread=multi,tb-size=512",
+        &accel,
         "-cpu",
         &config.cpu,
         "-smp",

@@ -3,7 +3,7 @@
 
 use crate::rig::{self, RigImage, RigRun};
 use crate::util::{self, run, workspace_root};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use kvm_check::KvmUsability;
 
 /// The same host check `husk check` and the VM tests use, compiled in from the VMM's source file
@@ -389,7 +389,7 @@ pub fn rig_smoke() -> Result<()> {
             name: SMOKE_NAME.into(),
             text: script,
         }];
-        run_steps_in_rig(&image, &plan, inputs, Vec::new())
+        run_steps_in_rig(&image, &plan, inputs, Vec::new(), None)
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
@@ -399,6 +399,10 @@ pub fn rig_smoke() -> Result<()> {
 const SMOKE_NAME: &str = "l3-smoke";
 /// The OCI suite's second run, with warm start off (`HUSK_TEST_WARM_START=0`).
 const COLD_OCI_NAME: &str = "oci-cold";
+
+/// Test binaries that need two host CPUs (`tests/tests/cpus.rs`): they run in a rig of their
+/// own whose L2 has two ([`rig::RigRun::l2_cpus`]); every other one in the one-CPU L2.
+const TWO_CPU_BINARIES: &[&str] = &["cpus"];
 
 fn run_tests_in_rig(
     artifacts: &VmArtifacts,
@@ -410,12 +414,18 @@ fn run_tests_in_rig(
     let scratch = rig::tempdir("husk-xtask-test")?;
     let extra: String = args.iter().map(|a| format!(" {}", sh_quote(a))).collect();
     let result = (|| {
-        let (mut inputs, mut env) = rig_vm_inputs(artifacts);
-        let mut plan = Vec::new();
+        let (base_inputs, mut env) = rig_vm_inputs(artifacts);
+        env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
+        env.push(("RUST_BACKTRACE".into(), "1".into()));
+        // (L2's CPUs, its steps, its inputs): one rig run each, one CPU first.
+        let mut runs = [
+            (None, Vec::new(), base_inputs.clone()),
+            (Some(2), Vec::new(), base_inputs),
+        ];
         if smoke {
             let (smoke_inputs, text) = l3_smoke_inputs(&image, &scratch)?;
-            inputs.extend(smoke_inputs);
-            plan.push(RigStep::Script {
+            runs[0].2.extend(smoke_inputs);
+            runs[0].1.push(RigStep::Script {
                 name: SMOKE_NAME.into(),
                 text,
             });
@@ -426,8 +436,10 @@ fn run_tests_in_rig(
                 .context("test executable has a file name")?
                 .to_string_lossy()
                 .into_owned();
-            inputs.push((test.clone(), format!("tests/{file}")));
             let name = test_binary_name(test).to_string();
+            let (_, plan, inputs) =
+                &mut runs[usize::from(TWO_CPU_BINARIES.contains(&name.as_str()))];
+            inputs.push((test.clone(), format!("tests/{file}")));
             if name == "oci" {
                 // The OCI suite runs a second time with warm start off: every sandbox boots.
                 plan.push(RigStep::Script {
@@ -445,9 +457,17 @@ fn run_tests_in_rig(
                 extra: extra.clone(),
             });
         }
-        env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
-        env.push(("RUST_BACKTRACE".into(), "1".into()));
-        run_steps_in_rig(&image, &plan, inputs, env)
+        let mut failures = Vec::new();
+        for (cpus, plan, inputs) in runs {
+            if plan.is_empty() {
+                continue;
+            }
+            if let Err(e) = run_steps_in_rig(&image, &plan, inputs, env.clone(), cpus) {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        ensure!(failures.is_empty(), "{}", failures.join("; "));
+        Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result
@@ -609,6 +629,7 @@ fn run_steps_in_rig(
     plan: &[RigStep],
     inputs: Vec<(PathBuf, String)>,
     env: Vec<(String, String)>,
+    l2_cpus: Option<u32>,
 ) -> Result<()> {
     let mut pending: Vec<RigStep> = plan.to_vec();
     let mut finals: Vec<(String, StepEnd)> = Vec::new();
@@ -638,6 +659,7 @@ fn run_steps_in_rig(
         let out = rig::tempdir("husk-xtask-results")?;
         let mut job = RigRun::new(inputs.clone(), Some(script), env.clone());
         job.out_dir = Some(out.clone());
+        job.l2_cpus = l2_cpus;
         let report = rig::run_in_rig(image, &job);
         let results = read_results(&out.join("results"));
         if let Ok(text) = std::fs::read_to_string(out.join("seccomp-audit.txt")) {
