@@ -674,7 +674,7 @@ fn a_vmm_ended_by_its_seccomp_filter_is_reported_in_the_exit() {
     );
     let said = ctrd.log_mentioning("killed by its seccomp filter");
     assert!(
-        said.contains("syscall 135 (personality) in a main or helper thread"),
+        said.contains("syscall 135 (personality) in a main thread"),
         "the shim's log: {said}\n{}",
         ctrd.log_tail()
     );

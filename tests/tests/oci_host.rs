@@ -679,6 +679,8 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     }
     let mut vcpus = 0;
     let mut devices = 0;
+    let mut relays = 0;
+    let mut supervisors = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
         let task = task.expect("task").path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
@@ -690,14 +692,23 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
             continue; // the thread ended meanwhile
         };
         // Every thread is under seccomp (mode 2, filters): the process list and the clone3
-        // filter, and the device and vCPU threads their own list on top (husk_vmm::seccomp).
+        // filter; the device and vCPU threads and the agent's clients (the supervisor, the
+        // readiness or renewal watcher) their own list on top; the stdio relays theirs on
+        // the supervisor's, which starts them (husk_vmm::seccomp).
         assert_eq!(status_field(&status, "Seccomp:"), "2", "{comm}");
-        let narrowed = comm.starts_with("husk-vcpu-") || comm == "husk-devices";
-        assert_eq!(
-            status_field(&status, "Seccomp_filters:"),
-            if narrowed { "3" } else { "2" },
-            "{comm}"
-        );
+        let filters = match comm {
+            "husk-devices" | "husk-supervisor" | "husk-ready" | "husk-renew" => "3",
+            vcpu if vcpu.starts_with("husk-vcpu-") => "3",
+            "husk-stdin" | "husk-stdout" | "husk-stderr" => {
+                relays += 1;
+                "4"
+            }
+            _ => "2",
+        };
+        assert_eq!(status_field(&status, "Seccomp_filters:"), filters, "{comm}");
+        if comm == "husk-supervisor" {
+            supervisors += 1;
+        }
         if comm == "husk-devices" {
             devices += 1;
         }
@@ -717,6 +728,12 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     }
     assert!(vcpus >= 1, "no vCPU thread found under /proc/{pid}/task");
     assert_eq!(devices, 1, "the device thread under /proc/{pid}/task");
+    assert_eq!(supervisors, 1, "the supervisor under /proc/{pid}/task");
+    // stdin's relay ends at the end of its input (here /dev/null); stdout's and stderr's last.
+    assert!(
+        relays >= 2,
+        "the stdout and stderr relays under /proc/{pid}/task"
+    );
 
     // What the guest's root does on the share still works with what is left: a directory that
     // only its (other) owner may enter, written into as root; chown; chmod of another's file.
@@ -806,8 +823,8 @@ fn a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported() {
     let out = env.run(&["state", "trap"]);
     assert!(out.status.success(), "state: {}", text(&out.stderr));
     let expected =
-        "husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a \
-                    main or helper thread";
+        "husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a main \
+                    thread";
     assert!(
         text(&out.stderr).contains(expected),
         "husk state does not say why: {}",

@@ -203,6 +203,7 @@ fn supervise(
         thread::Builder::new()
             .name("husk-supervisor".into())
             .spawn(move || {
+                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
                 let result = supervise_container(&socket, timeout, &plan, stdio, console, &ready);
                 if let Err(e) = &result {
                     tracing::error!("container supervision failed: {e}");
@@ -494,6 +495,7 @@ impl Relay {
         thread::Builder::new()
             .name("husk-stdin".into())
             .spawn(move || {
+                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Relay);
                 let mut stdin = stdin;
                 pump(&mut File::from(host_in), &mut stdin);
                 let _ = stdin.shutdown(std::net::Shutdown::Write);
@@ -538,6 +540,7 @@ impl Relay {
         thread::Builder::new()
             .name("husk-pty-in".into())
             .spawn(move || {
+                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Relay);
                 let mut to_guest = to_guest;
                 pump(&mut { from_slave }, &mut to_guest);
             })
@@ -546,7 +549,7 @@ impl Relay {
         let socket = socket.to_path_buf();
         let process = process.clone();
         thread::Builder::new()
-            .name("husk-winsize".into())
+            // An agent client like the supervisor that starts it, whose list it inherits.
             .spawn(move || forward_window_size(&socket, &process, &winsize_fd))
             .map_err(|e| SupervisorError::Stdio(io::Error::other(e)))?;
         Ok(Relay { outputs: vec![out] })
@@ -574,6 +577,7 @@ fn spawn_copy(
     thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Relay);
             pump(&mut from, &mut to);
             let _ = to.flush();
         })

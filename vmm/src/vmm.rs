@@ -454,6 +454,7 @@ impl Vmm {
         thread::Builder::new()
             .name("husk-template".into())
             .spawn(move || {
+                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
                 let start = Instant::now();
                 let mut idle_since: Option<Instant> = None;
                 loop {
@@ -491,6 +492,7 @@ impl Vmm {
         thread::Builder::new()
             .name("husk-renew".into())
             .spawn(move || {
+                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
                 match renew_guest(&socket, timeout) {
                     Ok(handshake) => {
                         let now = timeline::since_start_us();
@@ -559,6 +561,7 @@ impl Vmm {
         thread::Builder::new()
             .name("husk-ready".into())
             .spawn(move || {
+                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
                 match AgentClient::connect(&socket, timeout) {
                     Ok((client, handshake)) => {
                         let now = timeline::since_start_us();

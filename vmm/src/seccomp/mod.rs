@@ -1,12 +1,14 @@
 //! Seccomp: once the microVM is built, every `husk-vmm` thread may make only the system calls
 //! its kind needs ([`rules`]); any other call ends the VMM, and says so.
 //!
-//! Layers: [`confine_process`] installs the [`rules::PROCESS_ONLY`] list (with the common
-//! calls) on every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`), right after the capabilities
-//! are dropped and before any other thread starts; threads started later inherit it. The
-//! device thread and each vCPU thread then stack their own, narrower list with
-//! [`confine_thread`] as the first thing they do after their setup. The kernel answers a call
-//! with the strictest of a thread's filters.
+//! Layers: [`confine_process`] installs the process list (every list's calls) on every thread
+//! at once (`SECCOMP_FILTER_FLAG_TSYNC`), right after the capabilities are dropped and before
+//! any other thread starts; threads started later inherit it. The device thread and each vCPU
+//! thread then stack their own, narrower list with [`confine_thread`] as the first thing they
+//! do after their setup; the agent's clients and the stdio relays with [`confine_helper`]
+//! (a relay, started by the supervisor, stacks its list on the agent clients'). The main
+//! thread keeps the process list. The kernel answers a call with the strictest of a thread's
+//! filters.
 //!
 //! A call outside the lists traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler writes one line,
 //! "husk-vmm was killed by its seccomp filter: syscall N (name) in a K thread", to stderr (the
@@ -57,8 +59,13 @@ pub const TEST_HOOK_ENV: &str = "HUSK_VMM_TEST_FORBIDDEN_SYSCALL";
 /// The kinds of thread, each with its list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// The main thread and the helper threads (supervisor, relays, watchers).
+    /// The main thread, and every thread until it narrows itself.
     Process,
+    /// A client of the guest's agent: the container supervisor, the window-size forwarder,
+    /// the readiness, renewal and template watchers.
+    Agent,
+    /// A stdio relay.
+    Relay,
     /// The device thread (the event loop and every virtio device).
     Devices,
     /// A vCPU thread.
@@ -69,15 +76,17 @@ impl ThreadKind {
     /// The name used in reports and by the test hook.
     pub fn name(self) -> &'static str {
         match self {
-            ThreadKind::Process => "main or helper",
+            ThreadKind::Process => "main",
+            ThreadKind::Agent => "agent client",
+            ThreadKind::Relay => "relay",
             ThreadKind::Devices => "devices",
             ThreadKind::Vcpu => "vcpu",
         }
     }
 
     /// The entries of this kind's filter (the common ones included). The process filter is
-    /// the union of every list: it bounds every thread, and the device and vCPU threads narrow
-    /// it to their own.
+    /// the union of every list: it bounds every thread, and the others narrow it to their own
+    /// (the agent and relay lists are within the main thread's, which unit tests check).
     pub fn allowed(self) -> Vec<Allowed> {
         match self {
             ThreadKind::Process => {
@@ -86,11 +95,16 @@ impl ThreadKind {
                 all.extend(rules::VCPU_ONLY);
                 all
             }
+            ThreadKind::Agent => rules::list(rules::AGENT_ONLY),
+            ThreadKind::Relay => rules::list(rules::RELAY_ONLY),
             ThreadKind::Devices => rules::list(rules::DEVICES_ONLY),
             ThreadKind::Vcpu => rules::list(rules::VCPU_ONLY),
         }
     }
 }
+
+/// Whether [`confine_process`] has run in this process (husk-vmm once its VM is built).
+static CONFINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Errors of installing a filter.
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +254,7 @@ pub fn confine_process(report: Option<&Path>) -> Result<(), SeccompError> {
     let clone3 = clone3_program()?;
     seccompiler::apply_filter_all_threads(&clone3)
         .map_err(|e| SeccompError::Install("clone3", e))?;
+    CONFINED.store(true, Ordering::Release);
     if mode == Mode::Log {
         tracing::warn!("{MODE_ENV}=log: calls outside the seccomp lists are logged, not stopped");
     }
@@ -253,6 +268,22 @@ pub fn confine_thread(kind: ThreadKind) -> Result<(), SeccompError> {
     seccompiler::apply_filter(&filter).map_err(|e| SeccompError::Install(kind.name(), e))?;
     KIND.with(|k| k.set(kind));
     Ok(())
+}
+
+/// Narrows a helper thread (an agent client or a relay) to `kind`'s list, as the first thing
+/// it does, when the process is confined: in husk-vmm once its VM is built. The same relays
+/// serve `husk exec` in the runtime's own process, which has no filters, and stay as they
+/// are there. A helper that cannot narrow itself ends the process (fail closed: no guest data
+/// is handled by a helper with more than its list), as the device thread does.
+pub fn confine_helper(kind: ThreadKind) {
+    if !CONFINED.load(Ordering::Acquire) {
+        return;
+    }
+    if let Err(e) = confine_thread(kind) {
+        tracing::error!("{} thread: {e}", kind.name());
+        eprintln!("husk-vmm: {} thread: {e}", kind.name());
+        std::process::exit(1);
+    }
 }
 
 /// The test hook's moment: the device thread, once confined.
@@ -398,9 +429,17 @@ pub fn find_report(text: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    const ALL_KINDS: [ThreadKind; 5] = [
+        ThreadKind::Process,
+        ThreadKind::Agent,
+        ThreadKind::Relay,
+        ThreadKind::Devices,
+        ThreadKind::Vcpu,
+    ];
+
     #[test]
     fn every_list_compiles_in_both_modes() {
-        for kind in [ThreadKind::Process, ThreadKind::Devices, ThreadKind::Vcpu] {
+        for kind in ALL_KINDS {
             for mode in [Mode::Trap, Mode::Log] {
                 let prog = program(kind, mode).unwrap();
                 assert!(!prog.is_empty());
@@ -419,7 +458,12 @@ mod tests {
     #[test]
     fn the_process_list_holds_every_call_of_the_narrower_lists() {
         let process: Vec<i64> = ThreadKind::Process.allowed().iter().map(|a| a.nr).collect();
-        for kind in [ThreadKind::Devices, ThreadKind::Vcpu] {
+        for kind in [
+            ThreadKind::Agent,
+            ThreadKind::Relay,
+            ThreadKind::Devices,
+            ThreadKind::Vcpu,
+        ] {
             for a in kind.allowed() {
                 assert!(process.contains(&a.nr), "{} of {}", a.nr, kind.name());
             }
@@ -433,6 +477,64 @@ mod tests {
             .map(|a| a.args)
             .collect();
         assert_eq!(ioctls.len(), 3);
+    }
+
+    /// A relay stacks its list on the agent clients' (the supervisor starts it), and both on
+    /// the main thread's own calls: each is within the one below it, pins included, and
+    /// narrower.
+    #[test]
+    fn helper_lists_narrow_the_list_they_are_stacked_on() {
+        fn within(inner: &[rules::Allowed], outer: &[rules::Allowed]) {
+            for a in inner {
+                let b = outer.iter().find(|b| b.nr == a.nr).unwrap_or_else(|| {
+                    panic!("{:?} not in the outer list", names::syscall_name(a.nr))
+                });
+                match (a.args, b.args) {
+                    (_, Args::Any) => {}
+                    (
+                        Args::OneOf { index, values },
+                        Args::OneOf {
+                            index: i,
+                            values: v,
+                        },
+                    ) => {
+                        assert_eq!(index, i);
+                        assert!(values.iter().all(|x| v.contains(x)), "{}", a.nr);
+                    }
+                    (Args::OneOf { index: 1, values }, Args::IoctlOrKvm { values: v }) => {
+                        assert!(values.iter().all(|x| v.contains(x)), "ioctl");
+                    }
+                    (Args::OwnPid { index }, Args::OwnPid { index: i }) => assert_eq!(index, i),
+                    (Args::Clear { index, mask }, Args::Clear { index: i, mask: m }) => {
+                        assert_eq!(index, i);
+                        assert_eq!(mask & m, m, "{}", a.nr);
+                    }
+                    (x, y) => panic!("{}: {x:?} is not within {y:?}", a.nr),
+                }
+            }
+            assert!(inner.len() < outer.len());
+        }
+        let main = rules::list(rules::PROCESS_ONLY);
+        let agent = ThreadKind::Agent.allowed();
+        let relay = ThreadKind::Relay.allowed();
+        within(&agent, &main);
+        within(&relay, &agent);
+        // Never KVM, nor the file server's or a template's calls, in an agent client.
+        for nr in [
+            libc::SYS_mknodat,
+            libc::SYS_linkat,
+            libc::SYS_ftruncate,
+            libc::SYS_mincore,
+        ] {
+            assert!(agent.iter().all(|a| a.nr != nr), "{nr}");
+        }
+        let ioctl = agent.iter().find(|a| a.nr == libc::SYS_ioctl).unwrap();
+        assert!(
+            matches!(ioctl.args, Args::OneOf { index: 1, values } if !values.contains(&rules::ioctls::KVM_RUN))
+        );
+        assert!(relay
+            .iter()
+            .all(|a| a.nr != libc::SYS_openat && a.nr != libc::SYS_connect));
     }
 
     #[test]
@@ -493,6 +595,16 @@ mod tests {
             let _ = nix::sys::signal::kill(parent, None);
             unreachable!("kill(2) of another process was allowed");
         }
+        if std::env::var(CHILD_CALL_ENV).as_deref() == Ok("relay-open") {
+            confine_helper(ThreadKind::Agent);
+            confine_helper(ThreadKind::Relay);
+            // Allowed: a read of nothing.
+            // SAFETY: a zero-length read touches no memory.
+            unsafe { libc::read(-1, std::ptr::null_mut(), 0) };
+            // Not opening a file, which the agent client may.
+            let _ = std::fs::File::open("/dev/null");
+            unreachable!("a relay opened a file");
+        }
         confine_thread(ThreadKind::Devices).unwrap();
         // Allowed: a read of nothing.
         // SAFETY: a zero-length read touches no memory.
@@ -535,6 +647,16 @@ mod tests {
         );
         assert_eq!(report.as_deref(), Some(expected.as_str()));
         assert_eq!(stderr.as_deref(), Some(expected.as_str()));
+    }
+
+    /// A relay, narrowed on an agent client's list, cannot open a file.
+    #[test]
+    fn a_relay_that_opens_a_file_ends_the_process_with_a_report() {
+        let (report, stderr) = child_report("relay-open");
+        let expected = "husk-vmm was killed by its seccomp filter: syscall 257 (openat) \
+                        in a relay thread";
+        assert_eq!(report.as_deref(), Some(expected));
+        assert_eq!(stderr.as_deref(), Some(expected));
     }
 
     /// The devices list traps a call outside it; the handler reports it and the process

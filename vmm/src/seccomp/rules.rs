@@ -1,12 +1,14 @@
 //! The reviewed allowlists: which system calls each kind of `husk-vmm` thread may make, with
 //! arguments pinned where they matter, and who needs each.
 //!
-//! Three lists, applied in layers (see [`super`]):
-//! - [`PROCESS`]: every thread's outer bound, installed on the whole process once the microVM
-//!   is built. It is the main thread's list (the run loop, teardown, snapshot writing) and the
-//!   helper threads' (the container supervisor and its stdio relays, the readiness, renewal
-//!   and template watchers), and it holds what the device and vCPU threads need before they
-//!   narrow themselves (starting a thread, naming it, dropping its capabilities).
+//! Five lists, applied in layers (see [`super`]):
+//! - [`PROCESS_ONLY`]: with every other list, every thread's outer bound, installed on the
+//!   whole process once the microVM is built. It is the main thread's list (the run loop,
+//!   teardown, snapshot writing), and it holds what the other threads need before they narrow
+//!   themselves (starting a thread, naming it, dropping its capabilities).
+//! - [`AGENT_ONLY`]: the agent's clients (the container supervisor, the window-size
+//!   forwarder, the readiness, renewal and template watchers), stacked on the process list.
+//! - [`RELAY_ONLY`]: the stdio relays, stacked on the agent list (the supervisor starts them).
 //! - [`DEVICES`]: the device thread (the event loop serving every virtio device: the file
 //!   server, vsock muxer, network card, entropy source), stacked on the process list.
 //! - [`VCPU`]: each vCPU thread (KVM_RUN and the devices' register handlers), stacked on the
@@ -351,27 +353,162 @@ pub const PROCESS_ONLY: &[Allowed] = &[
     Allowed {
         nr: libc::SYS_ioctl,
         args: Args::IoctlOrKvm {
-            values: &[
-                TCGETS,
-                TCSETS,
-                TCSETSW,
-                TCSETSF,
-                TIOCSCTTY,
-                TIOCGPGRP,
-                TIOCGWINSZ,
-                TIOCSWINSZ,
-                FIONREAD,
-                FIONBIO,
-                TIOCGPTPEER,
-                FIONCLEX,
-                FIOCLEX,
-                TIOCGPTN,
-                TIOCSPTLCK,
-            ],
+            values: TERMINAL_IOCTLS,
         },
         why: "KVM's requests (a snapshot's state; the main thread owns the VM), terminals (the \
               console relay, window sizes), non-blocking sockets, close-on-exec",
     },
+];
+
+/// The terminal requests of the console relay and of opening a pty (glibc's `openpty`).
+const TERMINAL_IOCTLS: &[u64] = &[
+    TCGETS,
+    TCSETS,
+    TCSETSW,
+    TCSETSF,
+    TIOCSCTTY,
+    TIOCGPGRP,
+    TIOCGWINSZ,
+    TIOCSWINSZ,
+    FIONREAD,
+    FIONBIO,
+    TIOCGPTPEER,
+    FIONCLEX,
+    FIOCLEX,
+    TIOCGPTN,
+    TIOCSPTLCK,
+];
+
+/// The agent's clients: the container supervisor (and the thread that stops the VM after
+/// the container's end), the window-size forwarder, and the readiness, renewal and template
+/// watchers. They read the agent's replies, so they are the threads that parse what the
+/// guest says; what the main thread alone needs (KVM, the run loop's descriptors, a
+/// template's memory, mirroring the init's exit) and what the device and vCPU threads need
+/// is not here.
+pub const AGENT_ONLY: &[Allowed] = &[
+    // Threads: the supervisor starts the stdio relays and the stopping thread.
+    one_of(
+        libc::SYS_clone,
+        0,
+        &[THREAD_CLONE_FLAGS],
+        "the supervisor starts the relays (a thread, never a process)",
+    ),
+    any(
+        libc::SYS_clone3,
+        "glibc tries clone3 first; the filter answers ENOSYS",
+    ),
+    any(libc::SYS_set_robust_list, "a new thread (glibc)"),
+    any(libc::SYS_rseq, "a new thread (glibc)"),
+    one_of(
+        libc::SYS_prctl,
+        0,
+        &[
+            libc::PR_SET_NAME as u64,
+            libc::PR_GET_NAME as u64,
+            libc::PR_SET_NO_NEW_PRIVS as u64,
+        ],
+        "a new relay names itself (std); seccompiler sets no_new_privs before it narrows",
+    ),
+    any(libc::SYS_seccomp, "a new relay narrows its filter"),
+    any(
+        libc::SYS_sched_getaffinity,
+        "std sizing a new thread's stack",
+    ),
+    own_pid(
+        libc::SYS_kill,
+        0,
+        "the supervisor asks its own run loop to stop (SIGTERM to itself): only itself",
+    ),
+    any(libc::SYS_getpid, "the same; logging"),
+    any(
+        libc::SYS_nanosleep,
+        "watchers' and the window-size forwarder's polling; the stop's grace",
+    ),
+    any(libc::SYS_clock_nanosleep, "the same"),
+    // The agent over the vsock socket (a Unix socket); the engine's console socket.
+    one_of(
+        libc::SYS_socket,
+        0,
+        &[libc::AF_UNIX as u64],
+        "connecting to the VM's vsock socket (Unix only)",
+    ),
+    one_of(
+        libc::SYS_socketpair,
+        0,
+        &[libc::AF_UNIX as u64],
+        "stdio relays",
+    ),
+    any(libc::SYS_connect, "the vsock socket"),
+    any(libc::SYS_read, "agent replies; the relays' pipes"),
+    any(libc::SYS_readv, "the same"),
+    any(libc::SYS_writev, "agent requests; logs"),
+    any(libc::SYS_sendto, "agent requests"),
+    any(libc::SYS_recvfrom, "agent replies"),
+    any(
+        libc::SYS_sendmsg,
+        "agent requests; handing the console's pty to the engine (SCM_RIGHTS)",
+    ),
+    any(libc::SYS_recvmsg, "agent replies"),
+    any(libc::SYS_poll, "the agent client's timed waits"),
+    any(libc::SYS_ppoll, "the same"),
+    any(libc::SYS_setsockopt, "the agent client's timeouts"),
+    any(libc::SYS_getsockopt, "socket errors"),
+    any(libc::SYS_shutdown, "closing a stream's direction"),
+    any(libc::SYS_fcntl, "descriptor flags"),
+    any(libc::SYS_dup, "the relays' descriptors"),
+    any(libc::SYS_dup3, "the same"),
+    any(libc::SYS_pipe2, "the relays"),
+    // Files: the exit status, the boot report (both written atomically), the console's pty.
+    any(
+        libc::SYS_openat,
+        "the exit file, the boot report, /dev/ptmx and the pty's peer",
+    ),
+    any(libc::SYS_newfstatat, "std's file metadata; the pty's name"),
+    any(libc::SYS_fstat, "the same"),
+    any(libc::SYS_statx, "the same"),
+    any(libc::SYS_lseek, "files"),
+    any(libc::SYS_rename, "the exit file and the boot report"),
+    any(libc::SYS_renameat, "the same"),
+    any(libc::SYS_renameat2, "the same"),
+    any(libc::SYS_unlink, "a temporary file left by a failed write"),
+    any(libc::SYS_unlinkat, "the same"),
+    any(
+        libc::SYS_readlink,
+        "the pty's name (ttyname); std's backtraces",
+    ),
+    any(
+        libc::SYS_getdents64,
+        "the pty's name: with no /proc in the jail, ttyname looks for it in /dev/pts",
+    ),
+    own_pid(
+        libc::SYS_tgkill,
+        0,
+        "an abort re-raises its signal: only husk-vmm's own threads",
+    ),
+    one_of(
+        libc::SYS_ioctl,
+        1,
+        TERMINAL_IOCTLS,
+        "terminals only: the console's pty and its window size; non-blocking sockets; \
+         close-on-exec. Never KVM",
+    ),
+];
+
+/// The stdio relays: bytes between the container's streams (vsock connections to the agent)
+/// and the engine's pipes or pty. Nothing but reading, writing and closing.
+pub const RELAY_ONLY: &[Allowed] = &[
+    any(libc::SYS_read, "the stream or pipe copied from"),
+    any(libc::SYS_readv, "the same"),
+    any(
+        libc::SYS_recvfrom,
+        "the same, a socket (std's read of a UnixStream)",
+    ),
+    any(libc::SYS_writev, "the stream or pipe copied to"),
+    any(libc::SYS_sendto, "the same, a socket"),
+    any(
+        libc::SYS_shutdown,
+        "stdin's relay ends the stream's direction at end of input",
+    ),
 ];
 
 /// The device thread: the event loop and every device it serves.
@@ -533,7 +670,13 @@ mod tests {
 
     #[test]
     fn every_call_says_who_needs_it_and_none_is_listed_twice_in_a_list() {
-        for only in [PROCESS_ONLY, DEVICES_ONLY, VCPU_ONLY] {
+        for only in [
+            PROCESS_ONLY,
+            AGENT_ONLY,
+            RELAY_ONLY,
+            DEVICES_ONLY,
+            VCPU_ONLY,
+        ] {
             let all = list(only);
             for (i, a) in all.iter().enumerate() {
                 assert!(!a.why.trim().is_empty(), "syscall {} has no reason", a.nr);
