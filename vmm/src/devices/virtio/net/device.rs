@@ -2,12 +2,12 @@
 
 use event_manager::{EventOps, EventSet, Events};
 use tracing::debug;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 
-use super::frame::FrameBufs;
+use super::frame::{gather, scatter};
 use super::{
-    tap_offloads, NetBackend, NetError, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_CSUM,
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    tap_offloads, NetBackend, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
     VNET_HDR_LEN,
 };
@@ -39,9 +39,11 @@ pub struct Net<B: NetBackend> {
     pub(super) backend: B,
     /// Whether the backend's fd is registered with the device thread.
     pub(super) backend_registered: bool,
-    /// The receive and transmit chain in hand, as host iovecs into guest memory.
-    rx_bufs: FrameBufs,
-    tx_bufs: FrameBufs,
+    /// A frame read from the backend that waits for a receive buffer (`rx_len` bytes of
+    /// `rx_buf`).
+    rx_buf: Vec<u8>,
+    rx_len: Option<usize>,
+    tx_buf: Vec<u8>,
     stats: NetStats,
     bad_chain_log: RateLimitedLog,
 }
@@ -74,8 +76,9 @@ impl<B: NetBackend> Net<B> {
             config,
             backend,
             backend_registered: false,
-            rx_bufs: FrameBufs::new(),
-            tx_bufs: FrameBufs::new(),
+            rx_buf: vec![0u8; MAX_FRAME_LEN],
+            rx_len: None,
+            tx_buf: vec![0u8; MAX_FRAME_LEN],
             stats: NetStats::default(),
             bad_chain_log: RateLimitedLog::default(),
         })
@@ -123,8 +126,8 @@ impl<B: NetBackend> Net<B> {
         let mut problems = Vec::new();
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
-            match self.tx_bufs.readable(&active.mem, chain) {
-                Ok(()) => match self.backend.send(&self.tx_bufs) {
+            match gather(&active.mem, chain, &mut self.tx_buf) {
+                Ok(len) => match self.backend.send(&self.tx_buf[..len]) {
                     Ok(true) => self.stats.tx_frames += 1,
                     Ok(false) => self.stats.tx_dropped += 1,
                     Err(e) => {
@@ -151,10 +154,9 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// Delivers frames from the backend while the guest has receive buffers: each is read
-    /// straight into the next receive chain. When the driver has no buffers, frames wait in
-    /// the backend, which is no longer watched until the driver adds buffers (a receive queue
-    /// notification).
+    /// Delivers frames from the backend while the guest has receive buffers; when it has
+    /// none, the frame in hand waits and the backend is no longer watched until the driver
+    /// adds buffers (a receive queue notification).
     pub(super) fn process_rx(&mut self, ops: &mut EventOps) {
         let mut used_any = false;
         let mut problems = Vec::new();
@@ -167,48 +169,44 @@ impl<B: NetBackend> Net<B> {
                 return;
             };
             loop {
+                let len = match self.rx_len {
+                    Some(len) => len,
+                    None => match self.backend.recv(&mut self.rx_buf) {
+                        Ok(Some(len)) if len >= VNET_HDR_LEN => {
+                            // virtio 1.x: the header's `num_buffers`; one buffer (chain) per
+                            // frame, as no mergeable buffers are offered.
+                            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                            self.rx_len = Some(len);
+                            len
+                        }
+                        Ok(Some(len)) => {
+                            problems.push(format!("backend gave a {len}-byte frame"));
+                            continue;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            problems.push(format!("backend read failed: {e}"));
+                            break;
+                        }
+                    },
+                };
                 let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
                     out_of_buffers = true;
                     break;
                 };
                 let head = chain.head_index();
-                let written = match self.rx_bufs.writable(&active.mem, chain) {
+                let written = match scatter(&active.mem, chain, &self.rx_buf[..len]) {
+                    Ok(n) => {
+                        self.stats.rx_frames += 1;
+                        n
+                    }
                     Err(e) => {
-                        // A chain that breaks the rules goes back unused.
-                        problems.push(format!("bad receive chain: {e}"));
+                        self.stats.rx_dropped += 1;
+                        problems.push(format!("frame not delivered: {e}"));
                         0
                     }
-                    Ok(()) => match self.backend.recv(&self.rx_bufs) {
-                        Ok(Some(len)) if (VNET_HDR_LEN..=self.rx_bufs.len()).contains(&len) => {
-                            // virtio 1.x: the header's `num_buffers`; one buffer (chain) per
-                            // frame, as no mergeable buffers are offered.
-                            self.rx_bufs.write_at(10, &1u16.to_le_bytes());
-                            self.stats.rx_frames += 1;
-                            len
-                        }
-                        Ok(Some(len)) => {
-                            // Cut (bigger than the buffers) or shorter than a header: lost.
-                            // The chain is still free for the next frame.
-                            self.stats.rx_dropped += 1;
-                            problems.push(format!(
-                                "a {len}-byte frame for receive buffers of {} bytes dropped",
-                                self.rx_bufs.len()
-                            ));
-                            queue.go_to_previous_position();
-                            continue;
-                        }
-                        Ok(None) => {
-                            queue.go_to_previous_position();
-                            break;
-                        }
-                        Err(e) => {
-                            problems.push(format!("backend read failed: {e}"));
-                            queue.go_to_previous_position();
-                            break;
-                        }
-                    },
                 };
-                let written = u32::try_from(written).unwrap_or(u32::MAX);
+                self.rx_len = None;
                 if let Err(e) = queue.add_used(&active.mem, head, written) {
                     problems.push(format!("add_used failed: {e}"));
                     continue;
@@ -225,10 +223,12 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// Device thread: after a reset, the backend is no longer watched, and it gives plain
-    /// frames again (the next driver may take no offload).
+    /// Device thread: after a reset, the backend is no longer watched, a frame in hand
+    /// is dropped, and the backend gives plain frames again (the next driver may take no
+    /// offload).
     pub(super) fn reset_session(&mut self, ops: &mut EventOps) {
         self.watch_backend(ops, false);
+        self.rx_len = None;
         self.set_backend_offloads(0);
     }
 
@@ -280,7 +280,6 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::net::MAX_FRAME_LEN;
     use crate::devices::virtio::IrqTrigger;
     use std::sync::Arc;
 
@@ -305,22 +304,16 @@ mod tests {
     }
 
     impl NetBackend for SocketBackend {
-        fn recv(&mut self, bufs: &FrameBufs) -> std::io::Result<Option<usize>> {
-            // Through a buffer of the largest frame and one byte: a longer datagram is cut
-            // there, and its length then says it did not fit, as a TAP's does.
-            let mut frame = vec![0u8; MAX_FRAME_LEN + 1];
-            match self.0.recv(&mut frame) {
-                Ok(n) => {
-                    bufs.write_at(0, &frame[..n]);
-                    Ok(Some(n))
-                }
+        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+            match self.0.recv(buf) {
+                Ok(n) => Ok(Some(n)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) => Err(e),
             }
         }
 
-        fn send(&mut self, frame: &FrameBufs) -> std::io::Result<bool> {
-            match self.0.send(&frame.to_vec()) {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
+            match self.0.send(frame) {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
                 Err(e) => Err(e),
@@ -560,9 +553,8 @@ mod tests {
         assert_eq!(&got[10..12], &1u16.to_le_bytes());
         assert_eq!(&got[12..], &f[12..]);
         assert_eq!(h.stats().rx_frames, 1);
-        // That was the only buffer: the backend is not watched until the driver adds one,
-        // and then the next frame goes straight in.
-        assert!(!h.net.lock().unwrap().backend_registered);
+        // Watching the backend again: the next frame goes straight in.
+        assert!(h.net.lock().unwrap().backend_registered);
         h.rx.add_chain(&[(0x60000, 1526, true)]);
         h.notify(RX_QUEUE);
         h.peer.send(&frame(10, 1)).unwrap();
@@ -571,38 +563,13 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_too_big_for_the_buffers_is_dropped_and_the_buffer_kept() {
+    fn a_frame_too_big_for_the_buffers_is_dropped_and_the_buffer_returned() {
         let mut h = Harness::new();
         h.rx.add_chain(&[(0x50000, 64, true)]);
         h.notify(RX_QUEUE);
         h.peer.send(&frame(1000, 7)).unwrap();
         h.em.run_with_timeout(100).unwrap();
-        assert!(h.rx.take_used().is_empty());
-        assert_eq!(h.stats().rx_dropped, 1);
-        // The next frame that fits takes the same buffer.
-        let f = frame(40, 9);
-        h.peer.send(&f).unwrap();
-        h.em.run_with_timeout(100).unwrap();
-        assert_eq!(h.rx.take_used(), vec![(0, 52)]);
-        let mut got = vec![0u8; 52];
-        h.mem.read_slice(&mut got, GuestAddress(0x50000)).unwrap();
-        assert_eq!(&got[12..], &f[12..]);
-        assert_eq!(h.stats().rx_frames, 1);
-    }
-
-    #[test]
-    fn a_malformed_receive_chain_is_returned_unused_and_the_frame_waits() {
-        let mut h = Harness::new();
-        // A device-readable buffer in a receive chain, then a good chain.
-        h.rx.add_chain(&[(0x50000, 1526, false)]);
-        h.rx.add_chain(&[(0x60000, 1526, true)]);
-        h.notify(RX_QUEUE);
         assert_eq!(h.rx.take_used(), vec![(0, 0)]);
-        let f = frame(60, 3);
-        h.peer.send(&f).unwrap();
-        h.em.run_with_timeout(100).unwrap();
-        assert_eq!(h.rx.take_used(), vec![(1, 72)]);
-        assert_eq!(h.stats().rx_frames, 1);
-        assert_eq!(h.stats().rx_dropped, 0);
+        assert_eq!(h.stats().rx_dropped, 1);
     }
 }

@@ -6,9 +6,7 @@
 //! Frames pass through whole, with their 12-byte `virtio_net_hdr_v1`: the TAP is opened with
 //! `IFF_VNET_HDR` and its header size set to 12, so what the guest transmits is written to the
 //! TAP as it is, and what the TAP gives is what the guest receives (the header's `num_buffers`
-//! set to 1). Neither way is a frame copied by the VMM: the TAP is written from the transmit
-//! chain's guest memory (`writev`) and read into the receive chain's (`readv`), see
-//! [`frame`]. The header is where the offloads live, and the host kernel is what acts on it:
+//! set to 1). The header is where the offloads live, and the host kernel is what acts on it:
 //!
 //! - transmit (`VIRTIO_NET_F_CSUM`, `HOST_TSO4`, `HOST_TSO6`): the guest may send a frame whose
 //!   checksum is left to the host and a TCP segment of up to 64 KiB for the host to cut into
@@ -92,16 +90,13 @@ pub fn tap_offloads(acked: u64) -> u32 {
 }
 
 /// A frame source and sink: the TAP device, or a socket pair in tests. Frames keep message
-/// boundaries and carry the virtio-net header; they are read into and written from guest
-/// memory directly ([`frame::FrameBufs`]).
+/// boundaries and carry the virtio-net header.
 pub trait NetBackend: std::os::fd::AsRawFd + Send {
-    /// Reads one frame into `bufs`: `Ok(Some(len))` with the frame's length, which is more
-    /// than `bufs.len()` when the frame did not fit (then it is cut and lost); `Ok(None)` when
-    /// no frame is waiting.
-    fn recv(&mut self, bufs: &frame::FrameBufs) -> std::io::Result<Option<usize>>;
-    /// Writes the frame `bufs` holds; `Ok(false)` when the backend has no room now (the frame
-    /// is dropped, as a NIC drops on a full ring).
-    fn send(&mut self, frame: &frame::FrameBufs) -> std::io::Result<bool>;
+    /// Reads one frame into `buf`; `Ok(None)` when no frame is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>>;
+    /// Writes one frame; `Ok(false)` when the backend has no room now (the frame is dropped,
+    /// as a NIC drops on a full ring).
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<bool>;
     /// Sets which offloads the frames [`NetBackend::recv`] gives may use (`TUN_F_*`).
     fn set_offloads(&mut self, flags: u32) -> std::io::Result<()>;
 }

@@ -3,10 +3,9 @@
 //! that namespace nor `CAP_NET_ADMIN`).
 
 use std::fs::File;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use super::frame::FrameBufs;
 use super::{NetBackend, NetError, VNET_HDR_LEN};
 
 /// `TUNGETIFF`: `_IOR('T', 210, unsigned int)`.
@@ -98,39 +97,25 @@ impl AsRawFd for Tap {
 }
 
 impl NetBackend for Tap {
-    fn recv(&mut self, bufs: &FrameBufs) -> std::io::Result<Option<usize>> {
-        let iov = bufs.iovecs();
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
         loop {
-            // SAFETY: every iovec lies inside mapped guest memory (FrameBufs' invariant), and
-            // the count is that of the slice. A frame longer than the buffers is cut; the TAP
-            // then still says its whole length, which the device takes as a lost frame.
-            let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-            if n >= 0 {
-                return Ok(Some(n as usize));
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                ErrorKind::WouldBlock => return Ok(None),
-                ErrorKind::Interrupted => continue,
-                _ => return Err(e),
+            match self.file.read(buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
     }
 
-    fn send(&mut self, frame: &FrameBufs) -> std::io::Result<bool> {
-        let iov = frame.iovecs();
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
         loop {
             // A TAP takes a frame in one write, or none of it.
-            // SAFETY: as in `recv`; the kernel only reads the buffers.
-            let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-            if n >= 0 {
-                return Ok(true);
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                ErrorKind::WouldBlock => return Ok(false),
-                ErrorKind::Interrupted => continue,
-                _ => return Err(e),
+            match self.file.write(frame) {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
     }
