@@ -344,6 +344,47 @@ fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
     assert!(env.mounts_left().is_empty(), "{:?}", env.mounts_left());
 }
 
+/// A VMM stopped and continued (SIGSTOP and SIGCONT, as a debugger attaching or an operator's
+/// `kill -STOP` does) carries on: the sleeps and waits the stop interrupted resume through
+/// `restart_syscall`, which its seccomp filters must allow.
+#[test]
+fn a_vmm_stopped_and_continued_carries_on() {
+    let Some(env) = OciEnv::new("a_vmm_stopped_and_continued_carries_on") else {
+        return;
+    };
+    let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "stopcont",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let state = env.state("stopcont").expect("state");
+    let pid = state["pid"].as_i64().expect("pid") as i32;
+    for _ in 0..2 {
+        // SAFETY: kill(2) with a pid we read from the state; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let out = env.run(&["exec", "stopcont", "echo", "still here"]);
+    assert!(
+        out.status.success(),
+        "exec after SIGSTOP and SIGCONT: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "still here");
+    let state = env.state("stopcont").expect("state");
+    assert_eq!(state["status"], "running", "{state}");
+    let out = env.run(&["delete", "--force", "stopcont"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    assert!(env.root_entries().is_empty());
+}
+
 /// A container cannot reach the agent, the guest's PID 1: one that asks for the guest's own pid
 /// namespace (where it could signal or trace the agent, or reboot the guest with
 /// `CAP_SYS_BOOT`) is refused at `create`, naming why, and leaves nothing behind. (The guest

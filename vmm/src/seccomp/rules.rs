@@ -175,6 +175,10 @@ const COMMON: &[Allowed] = &[
         libc::SYS_sigaltstack,
         "std removes a thread's signal stack when it ends",
     ),
+    any(
+        libc::SYS_restart_syscall,
+        "a sleep, wait or poll stopped by SIGSTOP or a debugger resumes through it on SIGCONT",
+    ),
     any(libc::SYS_exit, "a thread ends"),
     any(
         libc::SYS_exit_group,
