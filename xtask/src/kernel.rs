@@ -1,17 +1,20 @@
 //! The guest kernel: an uncompressed `vmlinux` built from Debian's `linux-source-6.1` with the
-//! checked-in configuration in `kernel-config/`.
+//! checked-in configuration in `kernel-config/` and the patches in `kernel-config/patches/`.
 //!
 //! Two entry points:
 //! - [`build`]: returns the cached `vmlinux` for the current inputs, building it when missing.
-//!   Inputs are the full config, the fragments and the installed source package version; the
-//!   artifact is `<cache>/kernel/<key>/vmlinux`. A warm cache only hashes a few small files.
+//!   Inputs are the full config, the fragments, the patches and the installed source package
+//!   version; the artifact is `<cache>/kernel/<key>/vmlinux`. A warm cache only hashes a few
+//!   small files.
 //! - [`regen_config`]: rebuilds `kernel-config/config-6.1-x86_64` from the fragments
 //!   (`make allnoconfig` with `KCONFIG_ALLCONFIG`), and fails when a fragment's request did not
 //!   survive Kconfig's dependency resolution.
 //!
 //! Cache layout (under [`util::cache_dir`]):
-//! - `kernel/src/<version>/`: the unpacked source tree, shared by every build of that version
-//! - `kernel/obj/<version>/`: the out-of-tree object dir (`make O=`), reused so that a config
+//! - `kernel/src/<tree>/`: the unpacked source tree with the patches applied, shared by every
+//!   build of that version and patch set; `<tree>` is the version, plus a hash of the patches
+//!   when there are any ([`tree_name`])
+//! - `kernel/obj/<tree>/`: the out-of-tree object dir (`make O=`), reused so that a config
 //!   change rebuilds incrementally
 //! - `kernel/<key>/vmlinux` (+ `config`): the finished artifact
 //! - `kernel/lock`: held while building, so two builds never share an object dir
@@ -42,11 +45,15 @@ const BUILD_PACKAGES: &[&str] = &[
     "gcc",
     "xz-utils",
     "binutils",
+    "patch",
 ];
 /// Name of the checked-in full configuration inside `kernel-config/`.
 const FULL_CONFIG: &str = "config-6.1-x86_64";
 /// Fragments are the files in `kernel-config/` ending in this.
 const FRAGMENT_SUFFIX: &str = ".config";
+/// Patches to the source are the files in `kernel-config/patches/` ending in this, applied in
+/// file-name order with `patch -p1`.
+const PATCH_SUFFIX: &str = ".patch";
 /// Kbuild architecture. `x86_64` (not `x86`) pins a 64-bit kernel.
 const ARCH: &str = "x86_64";
 /// Bump when the build recipe changes in a way that changes the artifact (strip flags, make
@@ -61,6 +68,7 @@ pub fn build() -> Result<PathBuf> {
     let full_config = std::fs::read_to_string(&full_config_path)
         .with_context(|| format!("reading {}", full_config_path.display()))?;
     let fragments = read_fragments(&config_dir)?;
+    let patches = read_patches(&config_dir.join("patches"))?;
     // Cheap and catches a fragment edited without regenerating the full config.
     check_config(&fragments, &full_config).with_context(|| {
         format!(
@@ -69,7 +77,7 @@ pub fn build() -> Result<PathBuf> {
         )
     })?;
     let version = source_version()?;
-    let key = cache_key(&full_config, &fragments, &version);
+    let key = cache_key(&full_config, &fragments, &patches, &version);
     let kernel_dir = util::cache_dir()?.join("kernel");
     let artifact_dir = kernel_dir.join(&key);
     let vmlinux = artifact_dir.join("vmlinux");
@@ -85,8 +93,9 @@ pub fn build() -> Result<PathBuf> {
     if vmlinux.is_file() {
         return Ok(vmlinux);
     }
-    let src = source_tree(&kernel_dir, &version)?;
-    let obj = kernel_dir.join("obj").join(path_safe(&version));
+    let tree = tree_name(&version, &patches);
+    let src = source_tree(&kernel_dir, &tree, &patches)?;
+    let obj = kernel_dir.join("obj").join(&tree);
     std::fs::create_dir_all(&obj).with_context(|| format!("creating {}", obj.display()))?;
 
     let dot_config = obj.join(".config");
@@ -159,12 +168,13 @@ pub fn regen_config() -> Result<()> {
     util::apt_install(BUILD_PACKAGES)?;
     let config_dir = config_dir();
     let fragments = read_fragments(&config_dir)?;
+    let patches = read_patches(&config_dir.join("patches"))?;
     let version = source_version()?;
     let kernel_dir = util::cache_dir()?.join("kernel");
     std::fs::create_dir_all(&kernel_dir)
         .with_context(|| format!("creating {}", kernel_dir.display()))?;
     let _lock = lock(&kernel_dir)?;
-    let src = source_tree(&kernel_dir, &version)?;
+    let src = source_tree(&kernel_dir, &tree_name(&version, &patches), &patches)?;
 
     let work = kernel_dir.join(format!("regen.{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
@@ -237,6 +247,53 @@ fn read_fragments(dir: &Path) -> Result<Vec<Fragment>> {
     }
     fragments.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(fragments)
+}
+
+/// One patch of `kernel-config/patches/`: why it is there is the text before its first diff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Patch {
+    name: String,
+    path: PathBuf,
+    text: String,
+}
+
+/// Reads the patches (`*.patch` in `dir`, which may be missing), sorted by file name: the
+/// order they are applied in.
+fn read_patches(dir: &Path) -> Result<Vec<Patch>> {
+    let mut patches = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(patches),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(PATCH_SUFFIX) || !entry.path().is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path())
+            .with_context(|| format!("reading {}", entry.path().display()))?;
+        patches.push(Patch {
+            name,
+            path: entry.path(),
+            text,
+        });
+    }
+    patches.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(patches)
+}
+
+/// The name of the source tree (and object dir) for a source version and patch set: the
+/// version alone when nothing is patched, else the version and the first 16 hex digits of a
+/// hash of the patches, so a tree is never shared by two patch sets.
+fn tree_name(version: &str, patches: &[Patch]) -> String {
+    let version = path_safe(version);
+    if patches.is_empty() {
+        return version;
+    }
+    let hash = util::hash_inputs(patches.iter().map(|p| (p.name.as_str(), p.text.as_bytes())));
+    format!("{version}+p{}", &hash[..16])
 }
 
 /// Parses one line of a Kconfig file into (symbol, setting); `None` for comments and blanks.
@@ -355,10 +412,19 @@ fn source_version() -> Result<String> {
 }
 
 /// The cache key of a kernel: everything that decides its bytes.
-fn cache_key(full_config: &str, fragments: &[Fragment], source_version: &str) -> String {
+fn cache_key(
+    full_config: &str,
+    fragments: &[Fragment],
+    patches: &[Patch],
+    source_version: &str,
+) -> String {
     let labels: Vec<String> = fragments
         .iter()
         .map(|f| format!("fragment:{}", f.name))
+        .collect();
+    let patch_labels: Vec<String> = patches
+        .iter()
+        .map(|p| format!("patch:{}", p.name))
         .collect();
     let mut parts: Vec<(&str, &[u8])> = vec![
         ("recipe", RECIPE_VERSION.as_bytes()),
@@ -368,6 +434,9 @@ fn cache_key(full_config: &str, fragments: &[Fragment], source_version: &str) ->
     ];
     for (label, fragment) in labels.iter().zip(fragments) {
         parts.push((label.as_str(), fragment.text.as_bytes()));
+    }
+    for (label, patch) in patch_labels.iter().zip(patches) {
+        parts.push((label.as_str(), patch.text.as_bytes()));
     }
     util::hash_inputs(parts)
 }
@@ -386,11 +455,12 @@ fn path_safe(version: &str) -> String {
         .collect()
 }
 
-/// The unpacked source tree for `version`, unpacking the tarball when it is not there yet.
-/// The tree is unpacked into a scratch dir and renamed into place, so a present tree is whole.
-fn source_tree(kernel_dir: &Path, version: &str) -> Result<PathBuf> {
+/// The unpacked source tree `name` with `patches` applied, unpacking and patching when it is
+/// not there yet. The tree is made in a scratch dir and renamed into place, so a present tree
+/// is whole and patched.
+fn source_tree(kernel_dir: &Path, name: &str, patches: &[Patch]) -> Result<PathBuf> {
     let src_root = kernel_dir.join("src");
-    let tree = src_root.join(path_safe(version));
+    let tree = src_root.join(name);
     if tree.join("Makefile").is_file() {
         return Ok(tree);
     }
@@ -404,17 +474,35 @@ fn source_tree(kernel_dir: &Path, version: &str) -> Result<PathBuf> {
             .arg("-xf")
             .arg(SOURCE_TARBALL),
     )?;
+    let top = scratch.join(SOURCE_TOP_DIR);
+    for patch in patches {
+        let applied = util::run(
+            Command::new("patch")
+                .current_dir(&top)
+                .args(["-p1", "--batch", "--forward", "--silent", "-i"])
+                .arg(&patch.path),
+        );
+        if let Err(e) = applied {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e).with_context(|| {
+                format!(
+                    "applying {} to {SOURCE_TARBALL}: does it still match the source version?",
+                    patch.path.display()
+                )
+            });
+        }
+    }
     if tree.exists() {
         // An incomplete tree (no Makefile) from an older, interrupted layout: replace it.
         std::fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
     }
-    let top = scratch.join(SOURCE_TOP_DIR);
     std::fs::rename(&top, &tree)
         .with_context(|| format!("renaming {} to {}", top.display(), tree.display()))?;
     // Best effort: only an empty scratch dir is left.
     let _ = std::fs::remove_dir_all(&scratch);
     eprintln!(
-        "xtask: unpacked {SOURCE_TARBALL} in {:.0?}",
+        "xtask: unpacked {SOURCE_TARBALL} ({} patch(es)) in {:.0?}",
+        patches.len(),
         started.elapsed()
     );
     Ok(tree)
@@ -638,53 +726,89 @@ mod tests {
         );
     }
 
+    fn patch(name: &str, text: &str) -> Patch {
+        Patch {
+            name: name.to_string(),
+            path: PathBuf::from(name),
+            text: text.to_string(),
+        }
+    }
+
     #[test]
     fn cache_key_changes_with_each_input() {
-        let base = cache_key(
-            "CONFIG_A=y\n",
-            &[fragment("a.config", "CONFIG_A=y\n")],
-            "6.1.1-1",
-        );
+        let frags = || vec![fragment("a.config", "CONFIG_A=y\n")];
+        let patches = || vec![patch("0001-x.patch", "--- a/x\n+++ b/x\n")];
+        let base = cache_key("CONFIG_A=y\n", &frags(), &patches(), "6.1.1-1");
         assert_eq!(
             base,
-            cache_key(
-                "CONFIG_A=y\n",
-                &[fragment("a.config", "CONFIG_A=y\n")],
-                "6.1.1-1"
-            )
+            cache_key("CONFIG_A=y\n", &frags(), &patches(), "6.1.1-1")
         );
-        assert_ne!(
-            base,
-            cache_key(
-                "CONFIG_A=n\n",
-                &[fragment("a.config", "CONFIG_A=y\n")],
-                "6.1.1-1"
-            )
-        );
-        assert_ne!(
-            base,
+        let others = [
+            cache_key("CONFIG_A=n\n", &frags(), &patches(), "6.1.1-1"),
             cache_key(
                 "CONFIG_A=y\n",
                 &[fragment("a.config", "# a\nCONFIG_A=y\n")],
-                "6.1.1-1"
-            )
-        );
-        assert_ne!(
-            base,
+                &patches(),
+                "6.1.1-1",
+            ),
             cache_key(
                 "CONFIG_A=y\n",
                 &[fragment("b.config", "CONFIG_A=y\n")],
-                "6.1.1-1"
-            )
-        );
-        assert_ne!(
-            base,
+                &patches(),
+                "6.1.1-1",
+            ),
+            cache_key("CONFIG_A=y\n", &frags(), &patches(), "6.1.1-2"),
+            cache_key("CONFIG_A=y\n", &frags(), &[], "6.1.1-1"),
             cache_key(
                 "CONFIG_A=y\n",
-                &[fragment("a.config", "CONFIG_A=y\n")],
-                "6.1.1-2"
-            )
+                &frags(),
+                &[patch("0001-x.patch", "--- a/x\n+++ b/y\n")],
+                "6.1.1-1",
+            ),
+            cache_key(
+                "CONFIG_A=y\n",
+                &frags(),
+                &[patch("0002-x.patch", "--- a/x\n+++ b/x\n")],
+                "6.1.1-1",
+            ),
+        ];
+        for other in others {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn tree_name_is_the_version_alone_without_patches_and_differs_per_patch_set() {
+        assert_eq!(tree_name("1:6.1.192-3", &[]), "1_6.1.192-3");
+        let one = tree_name("6.1.192-3", &[patch("0001-a.patch", "a")]);
+        let other = tree_name("6.1.192-3", &[patch("0001-a.patch", "b")]);
+        assert!(one.starts_with("6.1.192-3+p"), "{one}");
+        assert_eq!(one.len(), "6.1.192-3+p".len() + 16);
+        assert_ne!(one, other);
+        assert_eq!(one, tree_name("6.1.192-3", &[patch("0001-a.patch", "a")]));
+    }
+
+    #[test]
+    fn the_checked_in_patches_are_read_in_order_with_their_reasons() {
+        let patches = read_patches(&config_dir().join("patches")).expect("patches");
+        assert!(!patches.is_empty());
+        let mut names: Vec<_> = patches.iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            patches.iter().map(|p| p.name.clone()).collect::<Vec<_>>()
         );
+        for patch in &patches {
+            let reason = patch.text.split("\n--- a/").next().unwrap_or_default();
+            assert!(
+                reason.trim().lines().count() >= 3,
+                "{} has no explanation before its diff",
+                patch.name
+            );
+        }
+        assert!(read_patches(Path::new("/nonexistent/patches"))
+            .expect("a missing dir is no patches")
+            .is_empty());
     }
 
     #[test]
