@@ -282,6 +282,67 @@ pub fn configure_ipv6() -> Result<(), String> {
         .map_err(|e| format!("adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"))
 }
 
+/// The kernel command-line parameter with one further address of `eth0` (husk-vmm's
+/// `husk_vmm::config::ADDR_PARAM`), once per address: `husk.addr=<address>/<prefix>`, IPv4 or
+/// IPv6, beyond the first of each family (the kernel's `ip=` and [`IP6_PARAM`]).
+pub const ADDR_PARAM: &str = "husk.addr";
+
+/// The further addresses a kernel command line carries, in order; a malformed one is an
+/// error in its place.
+pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8), String>> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|p| p.strip_prefix(ADDR_PARAM)?.strip_prefix('='))
+        .map(|value| {
+            let parse = || -> Option<(std::net::IpAddr, u8)> {
+                let (addr, prefix) = value.split_once('/')?;
+                let addr: std::net::IpAddr = addr.parse().ok()?;
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                let prefix: u8 = prefix.parse().ok().filter(|p| (1..=max).contains(p))?;
+                Some((addr, prefix))
+            };
+            parse().ok_or_else(|| format!("bad {ADDR_PARAM}={value}"))
+        })
+        .collect()
+}
+
+/// Adds the further addresses the kernel command line carries ([`ADDR_PARAM`]) to `eth0`, in
+/// order (IPv4 ones as the aliases `eth0:1`, `eth0:2`, ...); returns what failed (each address
+/// is tried).
+pub fn configure_addresses() -> Vec<String> {
+    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(cmdline) => cmdline,
+        Err(e) => return vec![format!("/proc/cmdline: {e}")],
+    };
+    let addresses = addresses_from_cmdline(&cmdline);
+    if addresses.is_empty() {
+        return Vec::new();
+    }
+    let mut failed = Vec::new();
+    if let Err(e) = crate::sys::bring_up("eth0") {
+        failed.push(format!("bringing up eth0: {e}"));
+    }
+    let mut alias = 0;
+    for address in addresses {
+        let added = match address {
+            Ok((std::net::IpAddr::V4(addr), prefix)) => {
+                alias += 1;
+                crate::sys::add_ipv4_alias("eth0", alias, addr, prefix)
+                    .map_err(|e| format!("adding {addr}/{prefix} to eth0 as eth0:{alias}: {e}"))
+            }
+            Ok((std::net::IpAddr::V6(addr), prefix)) => {
+                crate::sys::add_ipv6("eth0", addr, prefix, None)
+                    .map_err(|e| format!("adding {addr}/{prefix} to eth0: {e}"))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = added {
+            failed.push(e);
+        }
+    }
+    failed
+}
+
 /// The kernel command-line parameter with one route through `eth0` (husk-vmm's
 /// `husk_vmm::config::ROUTE_PARAM`), once per route, in the order to add them:
 /// `husk.route=<destination>/<prefix>[,<gateway>]`.
@@ -370,6 +431,35 @@ mod tests {
             "husk.route=x/8",
         ] {
             let got = routes_from_cmdline(bad);
+            assert_eq!(got.len(), 1, "{bad}");
+            assert!(got[0].is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn further_addresses_come_from_the_command_line_in_order() {
+        use super::addresses_from_cmdline;
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(addresses_from_cmdline("quiet husk.ip6=fd00::5/64").is_empty());
+        assert_eq!(
+            addresses_from_cmdline(
+                "ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off husk.addr=10.0.0.3/24 \
+                 husk.addr=fd00::6/64 husk.route=10.9.0.0/16,10.0.0.1 husk.addr=192.168.5.2/16"
+            ),
+            vec![
+                Ok((ip("10.0.0.3"), 24)),
+                Ok((ip("fd00::6"), 64)),
+                Ok((ip("192.168.5.2"), 16)),
+            ]
+        );
+        for bad in [
+            "husk.addr=10.0.0.3",
+            "husk.addr=10.0.0.3/33",
+            "husk.addr=10.0.0.3/0",
+            "husk.addr=fd00::6/129",
+            "husk.addr=x/8",
+        ] {
+            let got = addresses_from_cmdline(bad);
             assert_eq!(got.len(), 1, "{bad}");
             assert!(got[0].is_err(), "{bad}");
         }

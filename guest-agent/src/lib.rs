@@ -72,6 +72,9 @@ pub fn run_init() -> AgentError {
     if let Err(err) = init::configure_ipv6() {
         log_error!("IPv6 configuration failed: {err}");
     }
+    for err in init::configure_addresses() {
+        log_error!("address configuration failed: {err}");
+    }
     for err in init::configure_routes() {
         log_error!("route configuration failed: {err}");
     }

@@ -22,8 +22,10 @@
 //! [`MAX_ROUTES`]; those the kernel made from its addresses it makes again in the guest) go as
 //! `husk.route=`, which the agent adds in order, those on the link first; so does the IPv4
 //! default route when its gateway is outside the address's subnet, as with Calico's and
-//! Cilium's /32 addresses, which the kernel's `ip=` cannot route through. Not carried yet:
-//! more than one address of a family, more than one interface.
+//! Cilium's /32 addresses, which the kernel's `ip=` cannot route through. The interface's
+//! further addresses (a second IPv4 or global IPv6 address, up to [`MAX_ADDRESSES`] in all) go
+//! as `husk.addr=`, which the agent adds before the routes. Not carried yet: more than one
+//! interface.
 //!
 //! One microVM owns a namespace's interface: a second one finds `husk0` there and is refused
 //! (containers sharing a network namespace belong in one VM, which is what the shim's pods
@@ -72,6 +74,9 @@ pub struct PodNetwork {
     /// The interface's other routes, `destination/prefix[,gateway]`: those on the link first,
     /// then those through a gateway (the agent adds them in this order).
     pub routes: Vec<String>,
+    /// The interface's further addresses, `address/prefix`, either family, in the kernel's
+    /// order: those after the first IPv4 and the first global IPv6 address.
+    pub addresses: Vec<String>,
 }
 
 impl PodNetwork {
@@ -99,6 +104,9 @@ impl PodNetwork {
         for route in &self.routes {
             args.extend(["--net-route".to_string(), route.clone()]);
         }
+        for address in &self.addresses {
+            args.extend(["--net-addr".to_string(), address.clone()]);
+        }
         args
     }
 
@@ -116,6 +124,7 @@ impl PodNetwork {
             with_gateway(&self.ipv4, &self.gateway),
             with_gateway(&self.ipv6, &self.gateway6),
             &self.routes,
+            &self.addresses,
         )
     }
 }
@@ -130,6 +139,8 @@ struct Found {
     /// The first IPv4 address and the first global IPv6 address, each `address/prefix`.
     ipv4: Option<String>,
     ipv6: Option<String>,
+    /// Its other IPv4 and global IPv6 addresses, in the kernel's order.
+    further: Vec<String>,
 }
 
 /// The interface to carry: the namespace's first Ethernet interface other than loopback and
@@ -139,19 +150,26 @@ fn pick_interface(links: &[netlink::Link], addresses: &[netlink::Address]) -> Op
         if link.name == "lo" || link.name == TAP_NAME || !link.ether {
             return None;
         }
-        let address = |ipv6: bool| {
-            addresses.iter().find_map(|a| {
-                (a.index == link.index && a.ip.is_ipv6() == ipv6 && (!ipv6 || a.global))
-                    .then(|| format!("{}/{}", a.ip, a.prefix_len))
-            })
+        // The guest makes its own link-local IPv6 address from the MAC, as the host did.
+        let carried = |ipv6: bool| {
+            addresses
+                .iter()
+                .filter(move |a| {
+                    a.index == link.index && a.ip.is_ipv6() == ipv6 && (!ipv6 || a.global)
+                })
+                .map(|a| format!("{}/{}", a.ip, a.prefix_len))
         };
+        let mut ipv4 = carried(false);
+        let mut ipv6 = carried(true);
+        let (first4, first6) = (ipv4.next(), ipv6.next());
         Some(Found {
             index: link.index,
             name: link.name.clone(),
             mac: link.mac.clone()?,
             mtu: link.mtu.unwrap_or(1500),
-            ipv4: address(false),
-            ipv6: address(true),
+            ipv4: first4,
+            ipv6: first6,
+            further: ipv4.chain(ipv6).collect(),
         })
     })
 }
@@ -159,6 +177,9 @@ fn pick_interface(links: &[netlink::Link], addresses: &[netlink::Address]) -> Op
 /// The most routes carried besides the default ones (each goes on the guest kernel's command
 /// line, which is 2 KiB in all).
 pub const MAX_ROUTES: usize = husk_vmm::config::MAX_NET_ROUTES;
+
+/// The most further addresses carried (likewise on the command line).
+pub const MAX_ADDRESSES: usize = husk_vmm::config::MAX_NET_ADDRESSES;
 
 /// The routes of the interface that the guest gets.
 #[derive(Debug, PartialEq, Eq)]
@@ -291,10 +312,19 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             mtu,
             ipv4,
             ipv6,
+            further,
         }) = pick_interface(&links, &nl.addresses()?)
         else {
             return Ok(None);
         };
+        if further.len() > MAX_ADDRESSES {
+            bail!(
+                "{interface} in {} has {} addresses besides its first IPv4 and IPv6 one; husk \
+                 carries at most {MAX_ADDRESSES} more into the microVM",
+                path.display(),
+                further.len()
+            );
+        }
         let mut found_routes = Vec::new();
         if ipv4.is_some() {
             found_routes.extend(nl.routes(false)?);
@@ -339,6 +369,7 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             ipv6,
             gateway6,
             routes,
+            addresses: further,
         }))
     })
 }
@@ -468,6 +499,8 @@ mod tests {
             address(3, "10.88.77.3", 24, true),
             address(3, "fe80::1", 64, false),
             address(3, "fd00:88::5", 64, true),
+            address(3, "fd00:88::6", 64, true),
+            address(3, "192.168.5.2", 16, true),
         ];
         assert_eq!(
             pick_interface(&links, &addresses),
@@ -478,6 +511,11 @@ mod tests {
                 mtu: 1450,
                 ipv4: Some("10.88.77.2/24".to_string()),
                 ipv6: Some("fd00:88::5/64".to_string()),
+                further: vec![
+                    "10.88.77.3/24".to_string(),
+                    "192.168.5.2/16".to_string(),
+                    "fd00:88::6/64".to_string(),
+                ],
             })
         );
         // Loopback and our own TAP are never carried; nor is a link without a MAC.
@@ -546,18 +584,20 @@ mod tests {
             ipv6: Some("fd00:88::5/64".into()),
             gateway6: Some("fd00:88::1".into()),
             routes: vec!["10.88.0.1/32".into(), "192.168.0.0/16,10.88.0.1".into()],
+            addresses: vec!["10.88.77.3/24".into(), "fd00:88::6/64".into()],
         };
         assert_eq!(
             net.vmm_args(3).join(" "),
             "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-mtu 1450 --net-ip 10.88.77.2/24 \
              --net-gateway 10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1 \
-             --net-route 10.88.0.1/32 --net-route 192.168.0.0/16,10.88.0.1"
+             --net-route 10.88.0.1/32 --net-route 192.168.0.0/16,10.88.0.1 \
+             --net-addr 10.88.77.3/24 --net-addr fd00:88::6/64"
         );
         assert_eq!(
             net.handoff_message(),
             "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=10.88.77.2/24 gateway=10.88.77.1 \
              ip6=fd00:88::5/64 gateway6=fd00:88::1 route=10.88.0.1/32 \
-             route=192.168.0.0/16,10.88.0.1"
+             route=192.168.0.0/16,10.88.0.1 addr=10.88.77.3/24 addr=fd00:88::6/64"
         );
     }
 
@@ -576,6 +616,7 @@ mod tests {
             ipv6: None,
             gateway6: None,
             routes: vec![],
+            addresses: vec![],
         };
         // A namespace that is gone took the interface's qdisc with it.
         let netns = dir.path().join("no-such-netns");

@@ -211,6 +211,26 @@ fn a_container_gets_the_network_namespace_it_is_given() {
     };
     husk_tests::load_tun().expect("/dev/net/tun");
     let ns = TestNetns::new("husknet1", 71);
+    // Further addresses, carried by the agent: a second IPv4 address in the subnet (the
+    // kernel's secondary), one in a subnet of its own (the host has an address there too), and
+    // a second global IPv6 address.
+    let further = ["10.201.71.3", "10.202.71.2", "fd00:201:71::3"];
+    sh("ip", &["addr", "add", "10.202.71.1/24", "dev", &ns.host_if]);
+    for (address, prefix) in further.iter().zip(["24", "24", "64"]) {
+        sh(
+            "ip",
+            &[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{address}/{prefix}"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+    }
     let netns = ns.path().display().to_string();
     let before = ns.snapshot();
     let mac_line = sh("ip", &["-n", &ns.name, "-j", "link", "show", "eth0"]);
@@ -282,6 +302,15 @@ fn a_container_gets_the_network_namespace_it_is_given() {
         ns.guest_ip6,
         diagnose()
     );
+    for address in further {
+        let body = fetch(address, 80, Duration::from_secs(60));
+        assert_eq!(
+            body.as_deref(),
+            Some("hello-from-husk\n"),
+            "httpd in the microVM at its further address {address}: {}",
+            diagnose()
+        );
+    }
     // Inside: the namespace's addresses and MAC on eth0, and the host answers a ping.
     let out = env.run(&["exec", "web", "ip", "addr", "show", "eth0"]);
     let addr = text(&out.stdout);
@@ -292,6 +321,9 @@ fn a_container_gets_the_network_namespace_it_is_given() {
         addr.contains(&format!("inet6 {}/64", ns.guest_ip6)),
         "{addr}"
     );
+    for (address, prefix) in further.iter().zip(["24", "24", "64"]) {
+        assert!(addr.contains(&format!("{address}/{prefix}")), "{addr}");
+    }
     let out = env.run(&["exec", "web", "ip", "-6", "route"]);
     assert!(
         text(&out.stdout).contains(&format!("default via {}", ns.host_ip6)),

@@ -222,6 +222,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         for param in [net_cfg.kernel_ip_param(), net_cfg.kernel_ip6_param()]
             .into_iter()
             .flatten()
+            .chain(net_cfg.kernel_addr_params())
             .chain(net_cfg.kernel_route_params())
         {
             cmdline.insert_str(&param).map_err(BuildError::Cmdline)?;

@@ -72,6 +72,11 @@ pub enum ConfigError {
     /// More routes for the network card than the guest's command line holds.
     #[error("{0} routes for the network card, at most {MAX_NET_ROUTES} are supported")]
     TooManyRoutes(usize),
+    /// More addresses for the network card than the guest's command line holds.
+    #[error(
+        "{0} further addresses for the network card, at most {MAX_NET_ADDRESSES} are supported"
+    )]
+    TooManyAddresses(usize),
 }
 
 /// Everything needed to build and run one microVM.
@@ -139,6 +144,9 @@ pub struct NetConfig {
     /// Other routes through the card, in the order the agent adds them (a route on the link
     /// to a gateway before the routes through it).
     pub routes: Vec<NetRoute>,
+    /// The card's further addresses (IPv4 or IPv6), each with its prefix length, beyond the
+    /// first of each family above; the agent adds them before the routes.
+    pub addresses: Vec<(std::net::IpAddr, u8)>,
 }
 
 /// A route through the network card: a destination with its prefix length, through a gateway
@@ -163,6 +171,28 @@ impl std::fmt::Display for NetRoute {
 /// The most routes a card carries besides its default ones: each is a parameter on the
 /// guest's command line, which holds 2 KiB in all.
 pub const MAX_NET_ROUTES: usize = 16;
+
+/// The most further addresses a card carries (each a parameter on the guest's command line).
+pub const MAX_NET_ADDRESSES: usize = 8;
+
+/// The kernel command-line parameter the guest agent reads a further address of the card
+/// from, once per address: `husk.addr=<address>/<prefix>`.
+pub const ADDR_PARAM: &str = "husk.addr";
+
+/// Parses an IPv4 or IPv6 address with a prefix length, `10.0.0.3/24` or `fd00::3/64`.
+pub fn parse_cidr(text: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let bad =
+        || format!("{text:?} is not an address with a prefix length (10.0.0.3/24, fd00::3/64)");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=max).contains(p))
+        .ok_or_else(bad)?;
+    Ok((addr, prefix))
+}
 
 /// The kernel command-line parameter the guest agent reads a route from, once per route:
 /// `husk.route=<destination>/<prefix>[,<gateway>]`.
@@ -249,6 +279,14 @@ impl NetConfig {
         routes
             .iter()
             .map(|r| format!("{ROUTE_PARAM}={r}"))
+            .collect()
+    }
+
+    /// The agent's parameters for the card's further addresses ([`ADDR_PARAM`]), in order.
+    pub fn kernel_addr_params(&self) -> Vec<String> {
+        self.addresses
+            .iter()
+            .map(|(addr, prefix)| format!("{ADDR_PARAM}={addr}/{prefix}"))
             .collect()
     }
 }
@@ -381,6 +419,9 @@ impl VmConfig {
         if let Some(net) = &self.net {
             if net.routes.len() > MAX_NET_ROUTES {
                 return Err(ConfigError::TooManyRoutes(net.routes.len()));
+            }
+            if net.addresses.len() > MAX_NET_ADDRESSES {
+                return Err(ConfigError::TooManyAddresses(net.addresses.len()));
             }
         }
         validate_socket_path(&self.vsock_socket)
@@ -529,8 +570,10 @@ mod tests {
             gateway6: None,
             mtu: None,
             routes: vec![],
+            addresses: vec![],
         };
         assert_eq!(net.kernel_route_params(), Vec::<String>::new());
+        assert_eq!(net.kernel_addr_params(), Vec::<String>::new());
         assert_eq!(parse_mtu("1450"), Ok(1450));
         for bad in ["67", "65536", "", "x", "-1"] {
             assert!(parse_mtu(bad).is_err(), "{bad}");
@@ -561,6 +604,49 @@ mod tests {
         for bad in ["fd00::5", "fd00::5/129", "fd00::5/0", "10.0.0.1/24"] {
             assert!(parse_ipv6_cidr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn further_addresses_parse_and_become_agent_parameters() {
+        assert_eq!(
+            parse_cidr("10.88.0.6/24"),
+            Ok(("10.88.0.6".parse().expect("ip"), 24))
+        );
+        assert_eq!(
+            parse_cidr("fd00:88::6/128"),
+            Ok(("fd00:88::6".parse().expect("ip"), 128))
+        );
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1/33",
+            "10.0.0.1/0",
+            "fd00::1/129",
+            "x/8",
+            "",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        let net = NetConfig {
+            tap_fd: 3,
+            mac: [2, 0, 0, 0, 0, 1],
+            ipv4: Some(("10.88.0.5".parse().expect("ip"), 24)),
+            gateway: None,
+            ipv6: None,
+            gateway6: None,
+            mtu: None,
+            routes: vec![],
+            addresses: vec![
+                parse_cidr("10.89.0.5/16").expect("cidr"),
+                parse_cidr("fd00:88::6/64").expect("cidr"),
+            ],
+        };
+        assert_eq!(
+            net.kernel_addr_params(),
+            vec![
+                "husk.addr=10.89.0.5/16".to_string(),
+                "husk.addr=fd00:88::6/64".to_string()
+            ]
+        );
     }
 
     #[test]
@@ -595,6 +681,7 @@ mod tests {
             gateway6: None,
             mtu: None,
             routes: vec![parse_route("169.254.1.1/32").expect("route")],
+            addresses: vec![],
         };
         assert_eq!(
             net.kernel_ip_param().as_deref(),

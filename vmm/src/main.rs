@@ -93,6 +93,10 @@ struct Args {
     /// in the order given.
     #[arg(long, value_parser = husk_vmm::config::parse_route, requires = "net_tap_fd")]
     net_route: Vec<husk_vmm::config::NetRoute>,
+    /// A further address of the card beyond --net-ip and --net-ip6, with its prefix length
+    /// (10.0.0.3/24, fd00::3/64); repeatable, added by the agent.
+    #[arg(long, value_parser = husk_vmm::config::parse_cidr, requires = "net_tap_fd")]
+    net_addr: Vec<(std::net::IpAddr, u8)>,
     /// Before building the microVM, wait (up to the agent timeout) for the network card on
     /// this inherited Unix socket: the runtime sends it once the engine's hooks have configured
     /// this process's network namespace (see `husk_vmm::net_handoff`).
@@ -146,6 +150,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 gateway6: args.net_gateway6,
                 mtu: args.net_mtu,
                 routes: args.net_route,
+                addresses: args.net_addr,
             }),
             _ => None,
         },

@@ -9,13 +9,15 @@
 //!
 //! The message is `none`, or `mac=<aa:bb:cc:dd:ee:ff>` followed by optional `mtu=<n>`,
 //! `ip=<a.b.c.d/n>`, `gateway=<a.b.c.d>`, `ip6=<addr/n>` and `gateway6=<addr>`, and any number
-//! (up to [`crate::config::MAX_NET_ROUTES`]) of `route=<destination/prefix[,gateway]>`,
-//! separated by spaces. The VMM waits a bounded time, reads at most
+//! (up to [`crate::config::MAX_NET_ROUTES`]) of `route=<destination/prefix[,gateway]>` and
+//! (up to [`crate::config::MAX_NET_ADDRESSES`]) of `addr=<address/prefix>` (further
+//! addresses, either family), separated by spaces. The VMM waits a bounded time, reads at most
 //! [`MAX_MESSAGE`] bytes, takes exactly one descriptor with `mac=` and none with `none`, and
 //! refuses anything else by name.
 
 use crate::config::{
-    parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, parse_mtu, parse_route, NetConfig, MAX_NET_ROUTES,
+    parse_cidr, parse_ipv4_cidr, parse_ipv6_cidr, parse_mac, parse_mtu, parse_route, NetConfig,
+    MAX_NET_ADDRESSES, MAX_NET_ROUTES,
 };
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
@@ -39,15 +41,16 @@ pub enum HandoffError {
     Bad { message: String, problem: String },
 }
 
-/// The text of the message for a card with `mac` and `mtu`, and an address with its prefix
+/// The text of the message for a card with `mac` and `mtu`, an address with its prefix
 /// length and a default gateway of each family (`10.0.0.2/24`, `fd00::2/64`) where there are
-/// some.
+/// some, its other routes and its further addresses.
 pub fn message(
     mac: &str,
     mtu: Option<u16>,
     ipv4: Option<(&str, Option<&str>)>,
     ipv6: Option<(&str, Option<&str>)>,
     routes: &[String],
+    addresses: &[String],
 ) -> String {
     let mut text = format!("mac={mac}");
     if let Some(mtu) = mtu {
@@ -63,6 +66,9 @@ pub fn message(
     }
     for route in routes {
         text.push_str(&format!(" route={route}"));
+    }
+    for address in addresses {
+        text.push_str(&format!(" addr={address}"));
     }
     text
 }
@@ -91,6 +97,7 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
     }
     let (mut mac, mut mtu, mut ipv4, mut gateway) = (None, None, None, None);
     let mut routes = Vec::new();
+    let mut addresses = Vec::new();
     let (mut ipv6, mut gateway6) = (None, None);
     for field in text.split(' ').filter(|f| !f.is_empty()) {
         match field.split_once('=') {
@@ -98,6 +105,12 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
             Some(("mtu", v)) if mtu.is_none() => mtu = Some(parse_mtu(v)?),
             Some(("route", v)) if routes.len() < MAX_NET_ROUTES => routes.push(parse_route(v)?),
             Some(("route", _)) => return Err(format!("more than {MAX_NET_ROUTES} routes")),
+            Some(("addr", v)) if addresses.len() < MAX_NET_ADDRESSES => {
+                addresses.push(parse_cidr(v)?)
+            }
+            Some(("addr", _)) => {
+                return Err(format!("more than {MAX_NET_ADDRESSES} further addresses"))
+            }
             Some(("ip", v)) if ipv4.is_none() => ipv4 = Some(parse_ipv4_cidr(v)?),
             Some(("gateway", v)) if gateway.is_none() => {
                 gateway = Some(
@@ -136,6 +149,7 @@ pub fn parse(text: &str, mut fds: Vec<OwnedFd>) -> Result<Option<(NetConfig, Own
             gateway6,
             mtu,
             routes,
+            addresses,
         },
         tap,
     )))
@@ -231,11 +245,13 @@ mod tests {
                 "10.9.0.0/16,172.17.0.9".to_string(),
                 "172.17.0.9/32".to_string(),
             ],
+            &["172.18.0.2/16".to_string(), "fd00::3/64".to_string()],
         );
         assert_eq!(
             text,
             "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=172.17.0.2/16 gateway=172.17.0.1 ip6=fd00::2/64 \
-             gateway6=fd00::1 route=10.9.0.0/16,172.17.0.9 route=172.17.0.9/32"
+             gateway6=fd00::1 route=10.9.0.0/16,172.17.0.9 route=172.17.0.9/32 \
+             addr=172.18.0.2/16 addr=fd00::3/64"
         );
         let (cfg, _tap) = parse(&text, vec![file_fd()]).unwrap().unwrap();
         assert_eq!(cfg.mac, [0x6e, 0xf8, 0x3a, 0xb4, 0x8c, 0x90]);
@@ -247,6 +263,13 @@ mod tests {
         assert_eq!(
             cfg.routes.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             ["10.9.0.0/16,172.17.0.9", "172.17.0.9/32"]
+        );
+        assert_eq!(
+            cfg.addresses,
+            [
+                ("172.18.0.2".parse().unwrap(), 16),
+                ("fd00::3".parse().unwrap(), 64)
+            ]
         );
         let (cfg, _tap) = parse("mac=6e:f8:3a:b4:8c:90", vec![file_fd()])
             .unwrap()
@@ -292,6 +315,14 @@ mod tests {
                 1,
                 "unexpected field",
             ),
+            ("mac=6e:f8:3a:b4:8c:90 addr=10.0.0.3", 1, "prefix length"),
+            (
+                "mac=6e:f8:3a:b4:8c:90 addr=1.0.0.1/8 addr=1.0.0.2/8 addr=1.0.0.3/8 \
+                 addr=1.0.0.4/8 addr=1.0.0.5/8 addr=1.0.0.6/8 addr=1.0.0.7/8 addr=1.0.0.8/8 \
+                 addr=1.0.0.9/8",
+                1,
+                "more than 8 further addresses",
+            ),
         ] {
             let fds = (0..fds).map(|_| file_fd()).collect();
             let err = parse(text, fds).unwrap_err();
@@ -308,6 +339,7 @@ mod tests {
             None,
             Some(("10.0.0.2/24", None)),
             None,
+            &[],
             &[],
         );
         send(a.as_fd(), &text, Some(tap.as_fd())).unwrap();

@@ -101,6 +101,52 @@ pub fn bring_up(name: &str) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Adds IPv4 address `addr/prefix` to interface `name` as its alias `name:alias`
+/// (`SIOCSIFADDR`, then `SIOCSIFNETMASK`): the kernel makes it a secondary address when it is
+/// in the subnet of one the interface has, a primary one (with its own prefix route) when not.
+pub fn add_ipv4_alias(
+    name: &str,
+    alias: u32,
+    addr: std::net::Ipv4Addr,
+    prefix: u8,
+) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    if prefix == 0 || prefix > 32 {
+        return Err(Errno::EINVAL);
+    }
+    let label = format!("{name}:{alias}");
+    if label.len() >= libc::IFNAMSIZ {
+        return Err(Errno::EINVAL);
+    }
+    let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
+    let request = |value: std::net::Ipv4Addr| {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(label.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        let sin = sockaddr_in(value);
+        // SAFETY: a sockaddr_in fits in the sockaddr member of the union (both 16 bytes), which
+        // SIOCSIFADDR and SIOCSIFNETMASK read as a sockaddr_in on an AF_INET socket.
+        unsafe {
+            std::ptr::write_unaligned(
+                std::ptr::addr_of_mut!(req.ifr_ifru.ifru_addr).cast::<libc::sockaddr_in>(),
+                sin,
+            );
+        }
+        req
+    };
+    let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix)));
+    for (op, value) in [(libc::SIOCSIFADDR, addr), (libc::SIOCSIFNETMASK, mask)] {
+        let req = request(value);
+        // SAFETY: the request reads `req`, a valid ifreq that outlives the call.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), op, &req) } != 0 {
+            return Err(Errno::last());
+        }
+    }
+    Ok(())
+}
+
 /// `struct in6_ifreq` (linux/ipv6.h).
 #[repr(C)]
 struct In6Ifreq {
