@@ -7,6 +7,19 @@
 //! its state directory ([`container::StateDir`]) and reaches the agent through the VMM's vsock
 //! socket ([`agent`]).
 
+/// `println!` for a command's output: a reader that went away (`husk state c | grep -q running`)
+/// ends the process the way it ends runc and the shell's own tools, by `SIGPIPE`, where
+/// `println!` would panic (see [`stdout_failed`]).
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
 pub mod agent;
 pub mod bundle;
 pub mod commands;
@@ -25,6 +38,21 @@ pub mod state;
 pub mod template;
 
 use std::path::PathBuf;
+
+/// A command's output could not be written: dies of `SIGPIPE` when the reader is gone (Rust
+/// ignores the signal, so the write fails with `EPIPE` instead), else exits 1 saying why.
+pub fn stdout_failed(error: std::io::Error) -> ! {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restores the default disposition of SIGPIPE and raises it in this thread;
+        // no handler code runs, the process ends.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    eprintln!("husk: writing the output: {error}");
+    std::process::exit(1)
+}
 
 /// Options every command receives (runc's global flags).
 #[derive(Clone, Debug, PartialEq, Eq)]

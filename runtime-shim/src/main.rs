@@ -108,7 +108,7 @@ fn dispatch(cli: &Cli, globals: &Globals) -> anyhow::Result<i32> {
         Cmd::Update(args) => ok(update::update(globals, args)),
         Cmd::Features => ok(features::features()),
         Cmd::Spec(args) => ok(spec::spec(args)),
-        Cmd::Template { cmd } => ok(template::template(cmd)),
+        Cmd::Template { cmd } => ok(template::template(globals, cmd)),
         Cmd::Checkpoint(_) => ok(unsupported::unsupported("checkpoint")),
         Cmd::Restore(_) => ok(unsupported::unsupported("restore")),
     }

@@ -118,7 +118,9 @@ impl Templates {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        Ok(self.root.join(format!("{}{digest}", shape_prefix(size))))
+        Ok(self
+            .root
+            .join(format!("{}{digest}", shape_prefix(size, cfg.debug))))
     }
 
     /// The template for a sandbox of `size`, built first if there is none. `None` (after a log
@@ -186,22 +188,27 @@ impl Templates {
         let result = build_into(cfg, kernel, initramfs, size, &build, dir);
         remove_dir(&build);
         if result.is_ok() {
-            self.remove_superseded(size, &name);
+            self.remove_superseded(size, cfg.debug, &name);
         }
         result
     }
 
-    /// Removes the other templates of this shape: made from inputs that changed since (a new
-    /// kernel, initramfs or husk), they would never be restored again. A sandbox restoring
-    /// one right now keeps its mapping; one about to is refused and boots.
-    fn remove_superseded(&self, size: VmSize, keep: &str) {
-        let prefix = shape_prefix(size);
+    /// Removes the other templates of this shape (and console): made from inputs that changed
+    /// since (a new kernel, initramfs or husk), they would never be restored again. A sandbox
+    /// restoring one right now keeps its mapping; one about to is refused and boots.
+    fn remove_superseded(&self, size: VmSize, console: bool, keep: &str) {
+        let prefix = shape_prefix(size, console);
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name != keep && name.starts_with(&prefix) && entry.path().is_dir() {
+            // The prefix then the digest alone: `1cpu-128mib-` is not the shape of
+            // `1cpu-128mib-console-...`, a debug sandbox's template, which lives beside it.
+            let same_shape = name.strip_prefix(&prefix).is_some_and(|digest| {
+                !digest.is_empty() && digest.chars().all(|c| c.is_ascii_hexdigit())
+            });
+            if name != keep && same_shape && entry.path().is_dir() {
                 log::info!(
                     "removing the superseded template {}",
                     entry.path().display()
@@ -266,9 +273,12 @@ impl Templates {
     }
 }
 
-/// The start of the directory names of a shape's templates (`1cpu-128mib-`).
-fn shape_prefix(size: VmSize) -> String {
-    format!("{}cpu-{}mib-", size.vcpus, size.mem_mib)
+/// The start of the directory names of a shape's templates (`1cpu-128mib-`), and of those
+/// booted with the serial console for debug sandboxes (`1cpu-128mib-console-`); the digest of
+/// the inputs follows.
+fn shape_prefix(size: VmSize, console: bool) -> String {
+    let console = if console { "console-" } else { "" };
+    format!("{}cpu-{}mib-{console}", size.vcpus, size.mem_mib)
 }
 
 /// The `husk-vmm` binary as a path (searched in `$PATH` if it is a bare name).
@@ -469,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_template_supersedes_the_others_of_its_shape_only() {
+    fn a_new_template_supersedes_the_others_of_its_shape_and_console_only() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = HuskConfig {
             template_dir: Some(dir.path().to_path_buf()),
@@ -477,10 +487,12 @@ mod tests {
         };
         let templates = Templates::new(&cfg);
         for name in [
-            "1cpu-128mib-old",
-            "1cpu-128mib-new",
-            "2cpu-128mib-other",
-            "1cpu-1280mib-x",
+            "1cpu-128mib-0123456789abcdef",
+            "1cpu-128mib-fedcba9876543210",
+            "1cpu-128mib-console-0123456789abcdef",
+            "1cpu-128mib-console-00000000000000ff",
+            "2cpu-128mib-0123456789abcdef",
+            "1cpu-1280mib-0123456789abcdef",
         ] {
             std::fs::create_dir(dir.path().join(name)).unwrap();
         }
@@ -488,16 +500,37 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
         };
-        templates.remove_superseded(size, "1cpu-128mib-new");
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
+        let left = || {
+            let mut left: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            left
+        };
+        // A new template of the shape: the shape's old one goes, the debug ones stay.
+        templates.remove_superseded(size, false, "1cpu-128mib-fedcba9876543210");
         assert_eq!(
-            left,
-            ["1cpu-1280mib-x", "1cpu-128mib-new", "2cpu-128mib-other"]
+            left(),
+            [
+                "1cpu-1280mib-0123456789abcdef",
+                "1cpu-128mib-console-00000000000000ff",
+                "1cpu-128mib-console-0123456789abcdef",
+                "1cpu-128mib-fedcba9876543210",
+                "2cpu-128mib-0123456789abcdef",
+            ]
+        );
+        // A new debug template: the old debug one goes, the shape's stays.
+        templates.remove_superseded(size, true, "1cpu-128mib-console-00000000000000ff");
+        assert_eq!(
+            left(),
+            [
+                "1cpu-1280mib-0123456789abcdef",
+                "1cpu-128mib-console-00000000000000ff",
+                "1cpu-128mib-fedcba9876543210",
+                "2cpu-128mib-0123456789abcdef",
+            ]
         );
     }
 

@@ -262,6 +262,48 @@ fn a_damaged_or_mismatched_template_is_never_restored() {
     assert!(templates.exists());
 }
 
+/// `husk --debug` keeps the guest's console, so its sandboxes restore from a template of their
+/// own (booted with the console): the others' template is neither refused nor thrown away.
+#[test]
+fn a_debug_sandbox_leaves_the_others_template_alone() {
+    let Some((env, _templates)) =
+        env_with_templates("a_debug_sandbox_leaves_the_others_template_alone")
+    else {
+        return;
+    };
+    let template = build_template(&env);
+    let before = template_digests(&template);
+    let bundle = env.bundle("dbg", &["true"], |_| {});
+    let out = env.run(&[
+        "--debug",
+        "run",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "dbg",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "run --debug: {stderr}");
+    assert!(
+        !stderr.contains("warm start:"),
+        "nothing refused, nothing booted: {stderr}"
+    );
+    let out = env.run(&["--debug", "template", "build"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let debug_template = PathBuf::from(text(&out.stdout).trim());
+    assert_ne!(debug_template, template);
+    assert!(
+        stderr.contains(&format!("\"--restore\" \"{}\"", debug_template.display())),
+        "restored from the console's template: {stderr}"
+    );
+    assert!(
+        template.join("state").is_file(),
+        "the others' template stays"
+    );
+    assert_eq!(template_digests(&template), before);
+    let stderr = run_true(&env, "plain");
+    assert!(!stderr.contains("warm start:"), "{stderr}");
+}
+
 #[test]
 fn a_template_build_killed_half_way_leaves_nothing_to_restore() {
     let Some((env, templates)) =

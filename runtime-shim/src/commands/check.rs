@@ -34,19 +34,19 @@ pub struct CheckArgs {
 /// Prints the report; returns whether husk can run guests here.
 pub fn check(args: &CheckArgs) -> Result<bool> {
     let report = check_host();
-    println!("{}", report.message());
+    crate::outln!("{}", report.message());
     let mut usable = report.usability == KvmUsability::Usable;
     if let (true, Some(kernel), Some(initramfs)) = (usable, &args.kernel, &args.initramfs) {
         let vmm = args.vmm.clone().unwrap_or_else(default_vmm);
         match probe_boot(&vmm, kernel, initramfs, Duration::from_secs(args.timeout_s)) {
             Ok(probe) => print_probe(&probe),
             Err(e) => {
-                println!("probe guest: FAILED: {e:#}");
+                crate::outln!("probe guest: FAILED: {e:#}");
                 usable = false;
             }
         }
     } else if usable {
-        println!("probe guest: not run (pass --kernel and --initramfs to boot one)");
+        crate::outln!("probe guest: not run (pass --kernel and --initramfs to boot one)");
     }
     Ok(usable)
 }
@@ -70,11 +70,11 @@ struct Probe {
 
 fn print_probe(probe: &Probe) {
     let h = &probe.handshake;
-    println!(
+    crate::outln!(
         "probe guest: agent answered {} ms after husk-vmm was started",
         probe.took.as_millis()
     );
-    println!(
+    crate::outln!(
         "  agent handshake: husk-agent {} (protocol {}), guest uptime {:.1} ms, {} vCPU(s), \
          {} MiB RAM ({} MiB managed by the kernel)",
         h.agent_version,
@@ -85,20 +85,20 @@ fn print_probe(probe: &Probe) {
         h.mem_total_kib / 1024
     );
     let Some(t) = &probe.timeline else {
-        println!("  boot timeline: not reported");
+        crate::outln!("  boot timeline: not reported");
         return;
     };
     let ms = |us: u64| format!("{:.1} ms", us as f64 / 1e3);
     let opt = |us: Option<u64>| us.map_or_else(|| "-".to_string(), ms);
-    println!(
+    crate::outln!(
         "  boot timeline (since husk-vmm started, {} boot):",
         t.boot_protocol
     );
-    println!("    VM created          {}", ms(t.vm_created_us));
-    println!("    kernel loaded       {}", ms(t.kernel_loaded_us));
-    println!("    first vCPU entry    {}", opt(t.first_vcpu_entry_us));
-    println!("    agent handshake     {}", opt(t.agent_handshake_us));
-    println!(
+    crate::outln!("    VM created          {}", ms(t.vm_created_us));
+    crate::outln!("    kernel loaded       {}", ms(t.kernel_loaded_us));
+    crate::outln!("    first vCPU entry    {}", opt(t.first_vcpu_entry_us));
+    crate::outln!("    agent handshake     {}", opt(t.agent_handshake_us));
+    crate::outln!(
         "  confinement took {} (of which the jail {})",
         opt(t.confine_us),
         opt(t.jail_us)

@@ -91,7 +91,11 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         }
         (None, false) => {}
     }
-    let cfg = HuskConfig::load()?;
+    let mut cfg = HuskConfig::load()?;
+    // `--debug` on the command line is the configuration's `debug` for this sandbox: its guest
+    // keeps the console, so it restores from (and builds) the console's template, never
+    // another's, which it would refuse and throw away.
+    cfg.debug |= globals.debug;
     let size = size_vm(&bundle.spec, &cfg, host_cpus())?;
     let fs_cache = FsCache::wanted(&cfg, &bundle.spec)?;
     let kernel = cfg.kernel_path()?;
@@ -144,7 +148,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         crate::shim::translate::use_vm_network(&mut translation.spec);
     }
 
-    let debug = globals.debug || cfg.debug;
+    let debug = cfg.debug;
     let templates = Templates::new(&cfg);
     let warm = template::wanted(&cfg, &bundle.spec)?;
     let mut template = if warm && network.is_none() && !hooked_network {

@@ -89,7 +89,7 @@ pub fn events(globals: &Globals, args: &EventsArgs) -> Result<()> {
                 other => bail!("reading stats: unexpected {} reply", other.kind()),
             }
         };
-        println!("{}", stats_event(&args.id, &stats));
+        crate::outln!("{}", stats_event(&args.id, &stats));
         if args.stats {
             return Ok(());
         }

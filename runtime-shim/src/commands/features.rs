@@ -89,6 +89,6 @@ fn caps() -> Vec<&'static str> {
 
 /// `husk features`.
 pub fn features() -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(&features_doc())?);
+    crate::outln!("{}", serde_json::to_string_pretty(&features_doc())?);
     Ok(())
 }

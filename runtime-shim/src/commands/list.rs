@@ -40,14 +40,14 @@ pub fn list(globals: &Globals, args: &ListArgs) -> Result<()> {
     let states = list_states(&globals.root);
     if args.quiet {
         for s in &states {
-            println!("{}", s.id);
+            crate::outln!("{}", s.id);
         }
         return Ok(());
     }
     match args.format {
         Format::Json => {
             let docs: Vec<_> = states.iter().map(|s| s.oci_state()).collect();
-            println!("{}", serde_json::to_string(&docs)?);
+            crate::outln!("{}", serde_json::to_string(&docs)?);
         }
         Format::Table => {
             let rows: Vec<[String; 6]> = states
@@ -77,7 +77,7 @@ pub fn list(globals: &Globals, args: &ListArgs) -> Result<()> {
                     .zip(widths)
                     .map(|(cell, w)| format!("{cell:<w$}"))
                     .collect();
-                println!("{}", line.join("   ").trim_end());
+                crate::outln!("{}", line.join("   ").trim_end());
             }
         }
     }

@@ -50,11 +50,11 @@ pub fn ps(globals: &Globals, args: &PsArgs) -> Result<()> {
         }
     };
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string(&pids)?),
+        Format::Json => crate::outln!("{}", serde_json::to_string(&pids)?),
         Format::Table => {
-            println!("PID");
+            crate::outln!("PID");
             for pid in pids {
-                println!("{pid}");
+                crate::outln!("{pid}");
             }
         }
     }

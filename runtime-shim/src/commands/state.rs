@@ -22,6 +22,6 @@ pub fn state(globals: &Globals, args: &StateArgs) -> Result<()> {
             eprintln!("husk: container {}: {reason}", args.id);
         }
     }
-    println!("{}", serde_json::to_string_pretty(&state.oci_state())?);
+    crate::outln!("{}", serde_json::to_string_pretty(&state.oci_state())?);
     Ok(())
 }

@@ -4,6 +4,7 @@
 use crate::config::HuskConfig;
 use crate::sizing::VmSize;
 use crate::template::Templates;
+use crate::Globals;
 use anyhow::Result;
 
 /// `husk template` subcommands.
@@ -24,8 +25,10 @@ pub enum TemplateCmd {
 }
 
 /// `husk template ...`.
-pub fn template(cmd: &TemplateCmd) -> Result<()> {
-    let cfg = HuskConfig::load()?;
+pub fn template(globals: &Globals, cmd: &TemplateCmd) -> Result<()> {
+    let mut cfg = HuskConfig::load()?;
+    // As `create` does: `husk --debug` sandboxes have templates of their own (with the console).
+    cfg.debug |= globals.debug;
     let templates = Templates::new(&cfg);
     match cmd {
         TemplateCmd::Build { cpus, mem_mib } => {
@@ -37,11 +40,11 @@ pub fn template(cmd: &TemplateCmd) -> Result<()> {
             let initramfs = cfg.initramfs_path()?;
             let dir = templates.dir_for(&cfg, &kernel, &initramfs, size)?;
             templates.ensure(&cfg, &kernel, &initramfs, size, &dir)?;
-            println!("{}", dir.display());
+            crate::outln!("{}", dir.display());
         }
         TemplateCmd::Clear => {
             let removed = templates.clear()?;
-            println!("removed {removed} template(s)");
+            crate::outln!("removed {removed} template(s)");
         }
     }
     Ok(())
