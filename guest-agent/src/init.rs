@@ -282,6 +282,18 @@ pub fn configure_ipv6() -> Result<(), String> {
         .map_err(|e| format!("adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"))
 }
 
+/// The values of every `name=value` parameter of a kernel command line, in order.
+fn param_values<'a>(cmdline: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(move |p| p.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// `/proc/cmdline`, or why it cannot be read.
+fn read_cmdline() -> Result<String, String> {
+    std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))
+}
+
 /// The kernel command-line parameter with one further address of `eth0` (husk-vmm's
 /// `husk_vmm::config::ADDR_PARAM`), once per address: `husk.addr=<address>/<prefix>`, IPv4 or
 /// IPv6, beyond the first of each family (the kernel's `ip=` and [`IP6_PARAM`]).
@@ -290,9 +302,7 @@ pub const ADDR_PARAM: &str = "husk.addr";
 /// The further addresses a kernel command line carries, in order; a malformed one is an
 /// error in its place.
 pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8), String>> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|p| p.strip_prefix(ADDR_PARAM)?.strip_prefix('='))
+    param_values(cmdline, ADDR_PARAM)
         .map(|value| {
             let parse = || -> Option<(std::net::IpAddr, u8)> {
                 let (addr, prefix) = value.split_once('/')?;
@@ -310,9 +320,9 @@ pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8
 /// order (IPv4 ones as the aliases `eth0:1`, `eth0:2`, ...); returns what failed (each address
 /// is tried).
 pub fn configure_addresses() -> Vec<String> {
-    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+    let cmdline = match read_cmdline() {
         Ok(cmdline) => cmdline,
-        Err(e) => return vec![format!("/proc/cmdline: {e}")],
+        Err(e) => return vec![e],
     };
     let addresses = addresses_from_cmdline(&cmdline);
     if addresses.is_empty() {
@@ -354,9 +364,7 @@ pub type Route = (std::net::IpAddr, u8, Option<std::net::IpAddr>);
 /// The routes a kernel command line carries, in order; a malformed one is an error in its
 /// place.
 pub fn routes_from_cmdline(cmdline: &str) -> Vec<Result<Route, String>> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|p| p.strip_prefix(ROUTE_PARAM)?.strip_prefix('='))
+    param_values(cmdline, ROUTE_PARAM)
         .map(|value| {
             let parse = || -> Option<Route> {
                 let (cidr, via) = match value.split_once(',') {
@@ -380,9 +388,9 @@ pub fn routes_from_cmdline(cmdline: &str) -> Vec<Result<Route, String>> {
 /// Adds the routes the kernel command line carries ([`ROUTE_PARAM`]) through `eth0`, in
 /// order, after its addresses are in place; returns what failed (each route is tried).
 pub fn configure_routes() -> Vec<String> {
-    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
+    let cmdline = match read_cmdline() {
         Ok(cmdline) => cmdline,
-        Err(e) => return vec![format!("/proc/cmdline: {e}")],
+        Err(e) => return vec![e],
     };
     let routes = routes_from_cmdline(&cmdline);
     if routes.is_empty() {

@@ -318,23 +318,22 @@ fn twenty_concurrent_runs_leave_nothing_behind() {
     );
 }
 
+/// `run -d` of a container that sleeps; its pid (husk-vmm's), once it runs.
+fn run_sleeping(env: &OciEnv, id: &str) -> i32 {
+    let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
+    let out = env.run(&["run", "-d", "--bundle", bundle.to_str().expect("utf-8"), id]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let state = env.state(id).expect("state");
+    assert_eq!(state["status"], "running");
+    state["pid"].as_i64().expect("pid") as i32
+}
+
 #[test]
 fn killing_the_vmm_means_stopped_and_delete_cleans_up() {
     let Some(env) = OciEnv::new("killing_the_vmm_means_stopped_and_delete_cleans_up") else {
         return;
     };
-    let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "k9",
-    ]);
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
-    let state = env.state("k9").expect("state");
-    assert_eq!(state["status"], "running");
-    let pid = state["pid"].as_i64().expect("pid") as i32;
+    let pid = run_sleeping(&env, "k9");
     // SAFETY: kill(2) with a pid we read from the state; no memory is involved.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     assert!(env.wait_status("k9", "stopped", T));
@@ -352,17 +351,7 @@ fn a_vmm_stopped_and_continued_carries_on() {
     let Some(env) = OciEnv::new("a_vmm_stopped_and_continued_carries_on") else {
         return;
     };
-    let bundle = env.bundle("sleep", &["sleep", "1000"], |_| {});
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "stopcont",
-    ]);
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
-    let state = env.state("stopcont").expect("state");
-    let pid = state["pid"].as_i64().expect("pid") as i32;
+    let pid = run_sleeping(&env, "stopcont");
     for _ in 0..2 {
         // SAFETY: kill(2) with a pid we read from the state; no memory is involved.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
