@@ -158,7 +158,43 @@ pub fn build() -> Result<PathBuf> {
         vmlinux.display(),
         size
     );
+    remove_other_trees(&kernel_dir, &path_safe(&version), &tree);
     Ok(vmlinux)
+}
+
+/// Removes the source trees and object dirs of `version` other than `keep` (another patch
+/// set's, or the unpatched one): 1.5 GB or more each, and only a change of the patches back
+/// would use one again. Called with the build lock held, so no build is using them.
+fn remove_other_trees(kernel_dir: &Path, version: &str, keep: &str) {
+    for sub in ["src", "obj"] {
+        let Ok(entries) = std::fs::read_dir(kernel_dir.join(sub)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_tree_of(&name, version) && name != keep {
+                eprintln!(
+                    "xtask: removing the kernel tree {} (another patch set)",
+                    entry.path().display()
+                );
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    eprintln!("xtask: cannot remove {}: {e}", entry.path().display());
+                }
+            }
+        }
+    }
+}
+
+/// Whether a tree name ([`tree_name`]) is one of `version`'s: the version alone, or with a
+/// patch set's `+p` hash.
+fn is_tree_of(name: &str, version: &str) -> bool {
+    match name.strip_prefix(version) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix("+p")
+            .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit())),
+        None => false,
+    }
 }
 
 /// Regenerates `kernel-config/config-6.1-x86_64` from the fragments: `make allnoconfig` with the
@@ -786,6 +822,37 @@ mod tests {
         assert_eq!(one.len(), "6.1.192-3+p".len() + 16);
         assert_ne!(one, other);
         assert_eq!(one, tree_name("6.1.192-3", &[patch("0001-a.patch", "a")]));
+    }
+
+    #[test]
+    fn other_trees_of_the_version_are_told_apart() {
+        assert!(is_tree_of("6.1.192-3", "6.1.192-3"));
+        assert!(is_tree_of("6.1.192-3+p1b4d607dbcf1d8cd", "6.1.192-3"));
+        assert!(!is_tree_of("6.1.192-30", "6.1.192-3"));
+        assert!(!is_tree_of("6.1.192-3+p1b4d", "6.1.192-3"));
+        assert!(!is_tree_of("unpack.123", "6.1.192-3"));
+        let root = std::env::temp_dir().join(format!("husk-xtask-trees-{}", std::process::id()));
+        for sub in ["src", "obj"] {
+            for tree in [
+                "6.1.192-3",
+                "6.1.192-3+p1b4d607dbcf1d8cd",
+                "6.1.192-3+pd9b079625390508a",
+                "6.1.200-1",
+            ] {
+                std::fs::create_dir_all(root.join(sub).join(tree)).expect("mkdir");
+            }
+        }
+        remove_other_trees(&root, "6.1.192-3", "6.1.192-3+pd9b079625390508a");
+        for sub in ["src", "obj"] {
+            let mut left: Vec<String> = std::fs::read_dir(root.join(sub))
+                .expect("list")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            assert_eq!(left, ["6.1.192-3+pd9b079625390508a", "6.1.200-1"]);
+        }
+        std::fs::remove_dir_all(&root).expect("clean up");
     }
 
     #[test]
