@@ -447,12 +447,18 @@ impl VsockMuxer {
         !self.resets.is_empty() || !self.rx_backlog.is_empty()
     }
 
-    /// The next packet for the guest, connections taking turns.
+    /// The next packet for the guest, connections taking turns. Each connection queued when
+    /// the call starts is asked once: one that has nothing to send into this buffer (data
+    /// waiting, but a guest buffer with no room for data) goes back to the end of the queue
+    /// rather than being asked again and again, which would spin the device thread for ever.
     pub fn recv_pkt(&mut self, max_data_len: usize, ops: &mut EventOps) -> Option<VsockPacket> {
         if let Some(pkt) = self.resets.pop_front() {
             return Some(pkt);
         }
-        while let Some(key) = self.rx_backlog.pop_front() {
+        for _ in 0..self.rx_backlog.len() {
+            let Some(key) = self.rx_backlog.pop_front() else {
+                break;
+            };
             self.rx_queued.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
