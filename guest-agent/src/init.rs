@@ -320,33 +320,39 @@ pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8
 /// order (IPv4 ones as the aliases `eth0:1`, `eth0:2`, ...); returns what failed (each address
 /// is tried).
 pub fn configure_addresses() -> Vec<String> {
+    let mut alias = 0;
+    configure_eth0(addresses_from_cmdline, |(addr, prefix)| match addr {
+        std::net::IpAddr::V4(addr) => {
+            alias += 1;
+            crate::sys::add_ipv4_alias("eth0", alias, addr, prefix)
+                .map_err(|e| format!("adding {addr}/{prefix} to eth0 as eth0:{alias}: {e}"))
+        }
+        std::net::IpAddr::V6(addr) => crate::sys::add_ipv6("eth0", addr, prefix, None)
+            .map_err(|e| format!("adding {addr}/{prefix} to eth0: {e}")),
+    })
+}
+
+/// Reads what `parse` finds on the kernel command line and applies each item to `eth0` in
+/// order with `apply`, bringing `eth0` up first when there is anything; returns what failed
+/// (each item is tried, a malformed one is reported in its place).
+fn configure_eth0<T>(
+    parse: impl Fn(&str) -> Vec<Result<T, String>>,
+    mut apply: impl FnMut(T) -> Result<(), String>,
+) -> Vec<String> {
     let cmdline = match read_cmdline() {
         Ok(cmdline) => cmdline,
         Err(e) => return vec![e],
     };
-    let addresses = addresses_from_cmdline(&cmdline);
-    if addresses.is_empty() {
+    let items = parse(&cmdline);
+    if items.is_empty() {
         return Vec::new();
     }
     let mut failed = Vec::new();
     if let Err(e) = crate::sys::bring_up("eth0") {
         failed.push(format!("bringing up eth0: {e}"));
     }
-    let mut alias = 0;
-    for address in addresses {
-        let added = match address {
-            Ok((std::net::IpAddr::V4(addr), prefix)) => {
-                alias += 1;
-                crate::sys::add_ipv4_alias("eth0", alias, addr, prefix)
-                    .map_err(|e| format!("adding {addr}/{prefix} to eth0 as eth0:{alias}: {e}"))
-            }
-            Ok((std::net::IpAddr::V6(addr), prefix)) => {
-                crate::sys::add_ipv6("eth0", addr, prefix, None)
-                    .map_err(|e| format!("adding {addr}/{prefix} to eth0: {e}"))
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = added {
+    for item in items {
+        if let Err(e) = item.and_then(&mut apply) {
             failed.push(e);
         }
     }
@@ -388,30 +394,12 @@ pub fn routes_from_cmdline(cmdline: &str) -> Vec<Result<Route, String>> {
 /// Adds the routes the kernel command line carries ([`ROUTE_PARAM`]) through `eth0`, in
 /// order, after its addresses are in place; returns what failed (each route is tried).
 pub fn configure_routes() -> Vec<String> {
-    let cmdline = match read_cmdline() {
-        Ok(cmdline) => cmdline,
-        Err(e) => return vec![e],
-    };
-    let routes = routes_from_cmdline(&cmdline);
-    if routes.is_empty() {
-        return Vec::new();
-    }
-    let mut failed = Vec::new();
-    if let Err(e) = crate::sys::bring_up("eth0") {
-        failed.push(format!("bringing up eth0: {e}"));
-    }
-    for route in routes {
-        match route {
-            Ok((dst, prefix, via)) => {
-                if let Err(e) = crate::sys::add_route("eth0", dst, prefix, via) {
-                    let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
-                    failed.push(format!("adding {dst}/{prefix}{via} on eth0: {e}"));
-                }
-            }
-            Err(e) => failed.push(e),
-        }
-    }
-    failed
+    configure_eth0(routes_from_cmdline, |(dst, prefix, via)| {
+        crate::sys::add_route("eth0", dst, prefix, via).map_err(|e| {
+            let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
+            format!("adding {dst}/{prefix}{via} on eth0: {e}")
+        })
+    })
 }
 
 #[cfg(test)]

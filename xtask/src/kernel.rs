@@ -265,23 +265,32 @@ enum Wanted {
     Off,
 }
 
-/// Reads the fragments (`*.config` in `dir`), sorted by file name so the merge is stable.
-fn read_fragments(dir: &Path) -> Result<Vec<Fragment>> {
-    let mut fragments = Vec::new();
+/// The files of `dir` whose names end in `suffix`, as (name, path, text), sorted by name.
+fn read_files(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf, String)>> {
+    let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(FRAGMENT_SUFFIX) || !entry.path().is_file() {
+        if !name.ends_with(suffix) || !entry.path().is_file() {
             continue;
         }
         let text = std::fs::read_to_string(entry.path())
             .with_context(|| format!("reading {}", entry.path().display()))?;
-        fragments.push(Fragment { name, text });
+        files.push((name, entry.path(), text));
     }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
+
+/// Reads the fragments (`*.config` in `dir`), sorted by file name so the merge is stable.
+fn read_fragments(dir: &Path) -> Result<Vec<Fragment>> {
+    let fragments: Vec<Fragment> = read_files(dir, FRAGMENT_SUFFIX)?
+        .into_iter()
+        .map(|(name, _, text)| Fragment { name, text })
+        .collect();
     if fragments.is_empty() {
         bail!("no *{FRAGMENT_SUFFIX} fragments in {}", dir.display());
     }
-    fragments.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(fragments)
 }
 
@@ -296,28 +305,13 @@ struct Patch {
 /// Reads the patches (`*.patch` in `dir`, which may be missing), sorted by file name: the
 /// order they are applied in.
 fn read_patches(dir: &Path) -> Result<Vec<Patch>> {
-    let mut patches = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(patches),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(PATCH_SUFFIX) || !entry.path().is_file() {
-            continue;
-        }
-        let text = std::fs::read_to_string(entry.path())
-            .with_context(|| format!("reading {}", entry.path().display()))?;
-        patches.push(Patch {
-            name,
-            path: entry.path(),
-            text,
-        });
+    if !dir.exists() {
+        return Ok(Vec::new());
     }
-    patches.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(patches)
+    Ok(read_files(dir, PATCH_SUFFIX)?
+        .into_iter()
+        .map(|(name, path, text)| Patch { name, path, text })
+        .collect())
 }
 
 /// The name of the source tree (and object dir) for a source version and patch set: the
