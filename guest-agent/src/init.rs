@@ -289,6 +289,24 @@ fn param_values<'a>(cmdline: &'a str, name: &'a str) -> impl Iterator<Item = &'a
         .filter_map(move |p| p.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// The test hook armed on the kernel command line
+/// ([`husk_agent_protocol::TEST_HOOK_PARAM`]), read once; `None` in every real guest.
+pub fn test_hook() -> Option<&'static str> {
+    static HOOK: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOOK.get_or_init(|| {
+        read_cmdline()
+            .ok()
+            .and_then(|c| test_hook_from_cmdline(&c).map(str::to_owned))
+    })
+    .as_deref()
+}
+
+/// The value of [`husk_agent_protocol::TEST_HOOK_PARAM`] in `cmdline` (the last, as the
+/// kernel's own parameters).
+pub fn test_hook_from_cmdline(cmdline: &str) -> Option<&str> {
+    param_values(cmdline, husk_agent_protocol::TEST_HOOK_PARAM).last()
+}
+
 /// `/proc/cmdline`, or why it cannot be read.
 fn read_cmdline() -> Result<String, String> {
     std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))
@@ -404,6 +422,20 @@ pub fn configure_routes() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_test_hook_comes_from_the_command_line() {
+        use super::test_hook_from_cmdline;
+        assert_eq!(test_hook_from_cmdline("console=ttyS0 quiet"), None);
+        assert_eq!(
+            test_hook_from_cmdline("quiet husk.test_hook=exit-on-exec"),
+            Some("exit-on-exec")
+        );
+        assert_eq!(
+            test_hook_from_cmdline("husk.test_hooks=x husk.test_hook"),
+            None
+        );
+    }
+
     #[test]
     fn routes_come_from_the_command_line_in_order() {
         use super::routes_from_cmdline;

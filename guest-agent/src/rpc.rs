@@ -5,7 +5,9 @@
 
 use crate::container::{AttachJob, ContainerError, Containers};
 use crate::sysinfo::{do_handshake, AGENT_VERSION};
-use husk_agent_protocol::{Request, Response, PROTOCOL_VERSION};
+use husk_agent_protocol::{
+    ExecProcess, Request, Response, PROTOCOL_VERSION, TEST_EXIT_COMMAND, TEST_HOOK_EXIT_ON_EXEC,
+};
 
 /// What the connection does once the response is written.
 #[derive(Debug)]
@@ -111,15 +113,34 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether `req` trips the test hook armed on the kernel command line
+/// ([`husk_agent_protocol::TEST_HOOK_EXIT_ON_EXEC`]): an exec of [`TEST_EXIT_COMMAND`].
+fn trips_exit_hook(req: &ExecProcess, hook: Option<&str>) -> bool {
+    hook == Some(TEST_HOOK_EXIT_ON_EXEC)
+        && req
+            .process
+            .get("args")
+            .and_then(|args| args.get(0))
+            .and_then(|arg| arg.as_str())
+            == Some(TEST_EXIT_COMMAND)
+}
+
 /// Handles a container operation.
 fn container_request(request: &Request, c: &Containers) -> Reply {
     let result: Result<(Response, After), ContainerError> = match request {
         Request::CreateContainer(req) => c
             .create(req)
             .map(|pid| (Response::Created { pid }, After::Continue)),
-        Request::ExecProcess(req) => c
-            .exec(req)
-            .map(|pid| (Response::Created { pid }, After::Continue)),
+        Request::ExecProcess(req) => {
+            if trips_exit_hook(req, crate::init::test_hook()) {
+                crate::log_error!(
+                    "test hook {TEST_HOOK_EXIT_ON_EXEC}: exec of {TEST_EXIT_COMMAND}, the agent exits"
+                );
+                std::process::exit(134);
+            }
+            c.exec(req)
+                .map(|pid| (Response::Created { pid }, After::Continue))
+        }
         Request::AttachStdio(req) => c.attach(req).map(|job| (Response::Ok, After::Attach(job))),
         Request::StartProcess(r) => c.start(r).map(|()| (Response::Ok, After::Continue)),
         Request::WaitProcess(r) => c
@@ -180,6 +201,31 @@ fn container_request(request: &Request, c: &Containers) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_armed_hook_and_its_command_trip_the_exit() {
+        let exec = |args: serde_json::Value| ExecProcess {
+            id: "c".into(),
+            exec_id: "e".into(),
+            process: serde_json::json!({ "args": args, "cwd": "/" }),
+            stdio: Default::default(),
+        };
+        let trip = exec(serde_json::json!([TEST_EXIT_COMMAND]));
+        assert!(trips_exit_hook(&trip, Some(TEST_HOOK_EXIT_ON_EXEC)));
+        assert!(!trips_exit_hook(&trip, None), "not armed");
+        assert!(!trips_exit_hook(&trip, Some("other-hook")));
+        for args in [
+            serde_json::json!(["sh", TEST_EXIT_COMMAND]),
+            serde_json::json!([]),
+            serde_json::json!("husk-test-agent-exit"),
+            serde_json::json!([7]),
+        ] {
+            assert!(
+                !trips_exit_hook(&exec(args.clone()), Some(TEST_HOOK_EXIT_ON_EXEC)),
+                "{args}"
+            );
+        }
+    }
 
     #[test]
     fn handshake_reports_our_protocol_version() {

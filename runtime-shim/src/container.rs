@@ -233,6 +233,41 @@ pub fn vmm_command(
     Ok(cmd)
 }
 
+/// Runs `spawn` (which starts `husk-vmm`) where the process it starts is the first of a new
+/// pid namespace: husk-vmm is pid 1 there and sees no other process, while it stays this
+/// process's child under its host pid, which the runtime records, waits for and signals.
+/// `warn` hears why it could not be, and husk-vmm then starts in this pid namespace, as its
+/// jail goes without a mount namespace when it may not make one (a runtime that is not root).
+///
+/// `unshare(CLONE_NEWPID)` moves no process: it makes the calling thread's next child the
+/// namespace's first, and a thread may do it only once. So `spawn` runs in a thread made for
+/// it. Its child's parent is that thread: a `PR_SET_PDEATHSIG` child is signalled when it
+/// ends, so such a `spawn` must also wait for its child.
+///
+/// husk-vmm as pid 1 can still be signalled from here: SIGKILL, SIGSTOP and SIGCONT always
+/// reach it, and so do the SIGTERM and SIGINT it blocks to read through its signalfd. Other
+/// signals are ignored, as by any pid namespace's init without a handler; the runtime sends
+/// none, and husk-vmm leads a session of its own, so no terminal does.
+pub fn in_new_pid_namespace<T: Send>(
+    spawn: impl FnOnce() -> T + Send,
+    warn: &(dyn Fn(&str) + Sync),
+) -> T {
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID) {
+                warn(&format!(
+                    "husk-vmm shares the host's pid namespace: cannot make one ({e})"
+                ));
+            }
+            spawn()
+        });
+        match thread.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 /// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot), `None`
 /// when it does not exist or is a zombie (it ran to its end and waits to be reaped).
 pub fn process_start_time(pid: i32) -> Option<u64> {
@@ -298,8 +333,59 @@ impl Drop for VmRollback<'_> {
 }
 
 #[cfg(test)]
+// House style allows unwrap in tests: a panic is the failure report.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Each spawn's process is pid 1 of a namespace of its own, and stays this process's child.
+    /// Without the right to make one, husk-vmm's spawn goes on in this namespace and says why.
+    #[test]
+    fn each_spawn_is_the_first_process_of_a_new_pid_namespace() {
+        let warnings = std::sync::Mutex::new(Vec::new());
+        let warn = |w: &str| warnings.lock().unwrap().push(w.to_string());
+        let host_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut child = in_new_pid_namespace(
+                || {
+                    std::process::Command::new("sh")
+                        .args(["-c", "echo $$; read line; true"])
+                        .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                },
+                &warn,
+            )
+            .unwrap();
+            let mut line = String::new();
+            let mut stdout = io::BufReader::new(child.stdout.take().unwrap());
+            io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+            let ns = std::fs::read_link(format!("/proc/{}/ns/pid", child.id())).unwrap();
+            drop(child.stdin.take());
+            assert!(child.wait().unwrap().success(), "the spawner's child");
+            seen.push((line.trim().to_string(), ns));
+        }
+        let warnings = warnings.into_inner().unwrap();
+        if warnings.is_empty() {
+            assert_eq!(seen[0].0, "1", "pid inside");
+            assert_eq!(seen[1].0, "1", "pid inside");
+            assert_ne!(seen[0].1, host_ns);
+            assert_ne!(seen[1].1, host_ns);
+            assert_ne!(seen[0].1, seen[1].1, "one namespace each");
+        } else {
+            // Only a runtime without CAP_SYS_ADMIN (21) may fail to make one.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let eff = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+                .unwrap();
+            assert_eq!(eff & (1 << 21), 0, "with CAP_SYS_ADMIN: {warnings:?}");
+            assert!(warnings[0].contains("cannot make one"), "{warnings:?}");
+            assert_eq!(seen[0].1, host_ns);
+        }
+    }
 
     #[test]
     fn valid_ids_are_accepted() {

@@ -356,21 +356,26 @@ fn build_into(
         });
     }
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
-    let deadline = started + cfg.agent_timeout + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+    // Spawned and waited for in one thread: the child's parent, whose end would SIGKILL it.
+    let run = || -> Result<(std::process::ExitStatus, std::process::Child)> {
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+        let deadline = started + cfg.agent_timeout + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, child));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("husk-vmm did not save the template in time");
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("husk-vmm did not save the template in time");
-        }
-        std::thread::sleep(Duration::from_millis(10));
     };
+    let (status, mut child) =
+        crate::container::in_new_pid_namespace(run, &|w: &str| log::warn!("template build: {w}"))?;
     if !status.success() {
         let mut stderr = String::new();
         if let Some(mut err) = child.stderr.take() {

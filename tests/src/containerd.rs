@@ -266,6 +266,12 @@ disabled_plugins = {disabled:?}
         Ok(())
     }
 
+    /// The husk-vmm processes of this namespace's sandboxes.
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let shim_state = Path::new(SHIM_ROOT).join(&self.namespace);
+        processes_mentioning(&["husk-vmm", &shim_state.display().to_string()])
+    }
+
     /// What is left of this namespace's husk sandboxes: shim and VMM processes, mounts under
     /// the shim's state and containerd's, the shim's state directory entries.
     pub fn leftovers(&self) -> Vec<String> {
@@ -277,7 +283,7 @@ disabled_plugins = {disabled:?}
         ]) {
             left.push(format!("shim process {pid}"));
         }
-        for pid in processes_mentioning(&["husk-vmm", &shim_state.display().to_string()]) {
+        for pid in self.vmm_pids() {
             left.push(format!("husk-vmm process {pid}"));
         }
         for mount in mounts_under(&shim_state) {

@@ -296,6 +296,19 @@ fn a_pod_runs_its_containers_in_one_vm() {
         (256 * 1024..=320 * 1024).contains(&mem_total_kib),
         "the VM is sized from the pod's memory (default 128 MiB): MemTotal {mem_total_kib} kB"
     );
+    // The shim spawns the pod's husk-vmm as pid 1 of a pid namespace of its own.
+    let vmms = ctrd.vmm_pids();
+    assert!(!vmms.is_empty(), "no husk-vmm for the pod");
+    for pid in vmms {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let nspid: Vec<&str> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .expect("an NSpid line")
+            .split_whitespace()
+            .collect();
+        assert_eq!(nspid, [pid.to_string().as_str(), "1"], "husk-vmm's pids");
+    }
     let out = ctrd.ctr(
         &[
             "run",

@@ -384,9 +384,9 @@ fn names_in(dir: &Path) -> Vec<String> {
 }
 
 /// husk-vmm runs in its jail (husk_vmm::jail): mount, ipc, uts and network namespaces of its
-/// own, a root that holds only its state directory and /dev/kvm, none of the container's files
-/// (it serves them through descriptors opened before), and the container still works. It may
-/// signal only itself (its seccomp list), as it shares the host's pid namespace.
+/// own, a pid namespace where it is pid 1 (the runtime spawns it there), a root that holds
+/// only its state directory and /dev/kvm, none of the container's files (it serves them
+/// through descriptors opened before), and the container still works.
 #[test]
 fn the_vmm_runs_in_its_jail() {
     let Some(env) = OciEnv::new("the_vmm_runs_in_its_jail") else {
@@ -408,7 +408,18 @@ fn the_vmm_runs_in_its_jail() {
             "husk-vmm's {kind} namespace is the host's"
         );
     }
-    assert_eq!(ns(&pid.to_string(), "pid"), ns("self", "pid"));
+    // Its own pid namespace, where it is pid 1 and sees no other process.
+    assert_ne!(ns(&pid.to_string(), "pid"), ns("self", "pid"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .expect("an NSpid line");
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "husk-vmm's pids, outside and inside"
+    );
 
     let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
     let state = env.root.path().join("jailed");
@@ -867,6 +878,76 @@ fn a_forbidden_call_on_the_device_thread_fails_create_naming_it() {
         text(&out.stderr)
     );
     env.assert_nothing_left("after the failed create");
+}
+
+/// The agent ended from inside the guest: with the agent's test hook
+/// (`HUSK_VMM_TEST_AGENT_HOOK=exit-on-exec`; no container can reach the agent), an exec of
+/// `husk-test-agent-exit` makes the agent exit as if it crashed. The guest kernel panics (the
+/// agent is its init) and the VM ends: the exec fails, `husk state` says stopped, husk-vmm
+/// is gone and says why in its log, and `delete` leaves nothing.
+#[test]
+fn the_agent_ending_inside_the_guest_stops_the_container() {
+    let Some(env) = OciEnv::new("the_agent_ending_inside_the_guest_stops_the_container") else {
+        return;
+    };
+    // The hook goes on a booted guest's command line: a template's is fixed.
+    let bundle = env.bundle("agentend", &["sleep", "1000"], |spec| {
+        spec["annotations"] = json!({"io.husk.vm.warm_start": "false"});
+    });
+    let pid_file = env.work.path().join("agentend.pid");
+    let mut create = env.husk(&[
+        "create",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "--pid-file",
+        pid_file.to_str().expect("utf-8"),
+        "agentend",
+    ]);
+    create.env(
+        husk_vmm::config::AGENT_TEST_HOOK_ENV,
+        husk_agent_protocol::TEST_HOOK_EXIT_ON_EXEC,
+    );
+    let out = husk_tests::oci::output_of(create, env.work.path());
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let out = env.run(&["start", "agentend"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    assert!(env.wait_status("agentend", "running", T), "{}", env.logs());
+    let out = env.run(&["exec", "agentend", "true"]);
+    assert!(
+        out.status.success(),
+        "an exec before: {}",
+        text(&out.stderr)
+    );
+
+    let out = env.run(&["exec", "agentend", husk_agent_protocol::TEST_EXIT_COMMAND]);
+    assert!(
+        !out.status.success(),
+        "the exec that ends the agent succeeded"
+    );
+    assert!(
+        env.wait_status("agentend", "stopped", T),
+        "the container outlived its agent: {}",
+        env.logs()
+    );
+    assert!(
+        wait_until(T, || !husk_tests::process_alive(pid)),
+        "husk-vmm {pid} outlived its guest"
+    );
+    assert!(
+        env.logs().contains("guest crashed"),
+        "vmm.log does not say the guest ended: {}",
+        env.logs()
+    );
+    let out = env.run(&["exec", "agentend", "true"]);
+    assert!(!out.status.success(), "an exec into the stopped container");
+    let out = env.run(&["delete", "agentend"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    env.assert_nothing_left("after the agent ended");
 }
 
 /// How many lifecycles [`a_hundred_parallel_lifecycles_leave_nothing`] runs

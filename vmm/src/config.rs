@@ -383,7 +383,35 @@ impl VmConfig {
     }
 }
 
+/// Test-only: `HUSK_VMM_TEST_AGENT_HOOK=<hook>` in husk-vmm's environment arms a fault in the
+/// agent of a booted guest ([`VmConfig::arm_agent_test_hook`]).
+pub const AGENT_TEST_HOOK_ENV: &str = "HUSK_VMM_TEST_AGENT_HOOK";
+
 impl VmConfig {
+    /// Adds `husk.test_hook=<hook>` ([`husk_agent_protocol::TEST_HOOK_PARAM`]) to the guest's
+    /// command line. Only a hook the agent knows, and only for a guest this VMM boots: a
+    /// template's command line is fixed, and a template must never carry a hook.
+    pub fn arm_agent_test_hook(&mut self, hook: &str) -> Result<(), String> {
+        use husk_agent_protocol::{TEST_HOOK_EXIT_ON_EXEC, TEST_HOOK_PARAM};
+        if hook != TEST_HOOK_EXIT_ON_EXEC {
+            return Err(format!(
+                "{AGENT_TEST_HOOK_ENV}={hook:?}: the agent knows only {TEST_HOOK_EXIT_ON_EXEC:?}"
+            ));
+        }
+        if self.restore_from.is_some() || self.template_out.is_some() {
+            return Err(format!(
+                "{AGENT_TEST_HOOK_ENV} needs a guest that husk-vmm boots, not a template's \
+                 (turn warm start off)"
+            ));
+        }
+        let param = format!("{TEST_HOOK_PARAM}={hook}");
+        self.cmdline_extra = Some(match self.cmdline_extra.take() {
+            Some(extra) => format!("{extra} {param}"),
+            None => param,
+        });
+        Ok(())
+    }
+
     /// What this VM's jail holds (see [`crate::jail`]): the directories of the files husk-vmm
     /// still creates or connects to once it runs.
     pub fn jail_plan(&self) -> crate::jail::JailPlan {
@@ -539,6 +567,34 @@ mod tests {
         VmConfig {
             mem_size_mib: 32,
             ..VmConfig::new(kernel, dir.join("v.sock"))
+        }
+    }
+
+    #[test]
+    fn the_agent_test_hook_goes_on_a_booted_guests_command_line_only() {
+        let mut cfg = VmConfig::new("/k", "/v.sock");
+        cfg.arm_agent_test_hook("exit-on-exec").expect("armed");
+        assert_eq!(
+            cfg.cmdline_extra.as_deref(),
+            Some("husk.test_hook=exit-on-exec")
+        );
+        cfg.cmdline_extra = Some("quiet".into());
+        cfg.arm_agent_test_hook("exit-on-exec").expect("armed");
+        assert_eq!(
+            cfg.cmdline_extra.as_deref(),
+            Some("quiet husk.test_hook=exit-on-exec")
+        );
+        let err = cfg.arm_agent_test_hook("rm-rf").expect_err("unknown hook");
+        assert!(err.contains("knows only \"exit-on-exec\""), "{err}");
+        for (restore, out) in [(Some("/t"), None), (None, Some("/t"))] {
+            let mut cfg = VmConfig::new("/k", "/v.sock");
+            cfg.restore_from = restore.map(PathBuf::from);
+            cfg.template_out = out.map(PathBuf::from);
+            let err = cfg
+                .arm_agent_test_hook("exit-on-exec")
+                .expect_err("template");
+            assert!(err.contains("turn warm start off"), "{err}");
+            assert_eq!(cfg.cmdline_extra, None);
         }
     }
 

@@ -13,8 +13,8 @@
 //! - **seccomp**: then every thread is held to its kind's list of system calls
 //!   ([`crate::seccomp`]).
 //!
-//! Not here yet (departures from the design, named in SECURITY.md): a pid namespace and an
-//! unprivileged uid (see [`crate::jail`]).
+//! Not here yet (a departure from the design, named in SECURITY.md): an unprivileged uid (see
+//! [`crate::jail`]). The pid namespace is made by the runtime, which spawns husk-vmm in it.
 
 use caps::{CapSet, Capability, CapsHashSet};
 

@@ -24,9 +24,11 @@
 //! socket husk-vmm uses is a Unix socket on a path (which the network namespace does not
 //! scope), and the TAP device's descriptor works from any namespace.
 //!
-//! Not here (see SECURITY.md): a pid namespace (entering one needs a fork, and the runtime
-//! waits for husk-vmm as its child; the seccomp filter lets husk-vmm signal only itself
-//! instead) and an unprivileged uid (the file server acts as the guest's users on the share).
+//! The pid namespace is not made here: a process cannot enter one, only its children can.
+//! The runtime spawns husk-vmm as the first process of a new one
+//! (`husk::container::in_new_pid_namespace`), so it is pid 1 there and sees no other process;
+//! its seccomp filter also lets it signal only itself. Not done (see SECURITY.md): an
+//! unprivileged uid (the file server acts as the guest's users on the share).
 //! A husk-vmm started by a user other than root cannot build the jail and runs without it,
 //! saying so in its log.
 

@@ -4,6 +4,7 @@
 //! [`vmm::Vmm::run`] runs it until the guest finishes.
 
 pub mod arch;
+pub mod atomic_file;
 pub mod builder;
 pub mod config;
 pub mod confine;

@@ -158,6 +158,10 @@ fn run(args: Args) -> anyhow::Result<i32> {
         restore_from: args.restore,
         seccomp_report: args.seccomp_report,
     };
+    if let Ok(hook) = std::env::var(husk_vmm::config::AGENT_TEST_HOOK_ENV) {
+        cfg.arm_agent_test_hook(&hook).map_err(anyhow::Error::msg)?;
+        tracing::warn!("test hook armed in the agent: {hook}");
+    }
     if let Some(fd) = args.net_from_fd {
         cfg.net = husk_vmm::net_handoff::receive(fd, cfg.agent_timeout)?;
         // SAFETY: the socket was inherited for this one message; nothing else uses it.

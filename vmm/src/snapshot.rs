@@ -421,17 +421,13 @@ fn record_verified(dir: &Path, layout: &MemoryLayout) -> Result<(), TemplateErro
         memory_identity(&dir.join(MEMORY_FILE))?,
         layout.sha256
     );
-    let tmp = dir.join(format!(".{VERIFIED_FILE}.{}", std::process::id()));
-    std::fs::write(&tmp, &record)
-        .and_then(|()| std::fs::rename(&tmp, dir.join(VERIFIED_FILE)))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            TemplateError::Io {
-                path: dir.join(VERIFIED_FILE),
-                what: "cannot write it",
-                source: e,
-            }
-        })
+    crate::atomic_file::write_atomic(&dir.join(VERIFIED_FILE), record.as_bytes()).map_err(|e| {
+        TemplateError::Io {
+            path: dir.join(VERIFIED_FILE),
+            what: "cannot write it",
+            source: e,
+        }
+    })
 }
 
 /// The identity of the memory file, as the `verified` record keeps it.

@@ -11,8 +11,9 @@
 //! 3. writes `created <guest pid>` to the ready pipe (`create` then exits);
 //! 4. waits for the init (`WaitProcess`), records the exit in the plan's `exit_file`, asks the
 //!    agent to shut the guest down, and when the VM has gone exits with the init's status:
-//!    the same exit code, or the same signal re-raised ([`mirror_exit`]), so that conmon and
-//!    containerd-shim-runc-v2 read it exactly as they would read runc's container process.
+//!    the same exit code, or the same signal re-raised ([`mirror_exit`]; 128 + the signal when
+//!    husk-vmm is pid 1 of its own pid namespace), so that conmon and containerd-shim-runc-v2
+//!    read it as they would read runc's container process.
 //!
 //! Before the VM starts, fds 0/1/2 are duplicated for the relays and replaced by `/dev/null`
 //! and the log file, so that VMM logs never mix with the container's output.
@@ -330,11 +331,9 @@ fn stop_own_vm() {
 
 /// Writes the exit status JSON atomically (temp file + rename).
 fn write_exit_file(path: &Path, status: &ExitStatus) {
-    let tmp = path.with_extension("tmp");
     let result = serde_json::to_vec(status)
         .map_err(io::Error::other)
-        .and_then(|json| std::fs::write(&tmp, json))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|json| crate::atomic_file::write_atomic(path, &json));
     if let Err(e) = result {
         tracing::warn!("failed to write {}: {e}", path.display());
     }
@@ -705,8 +704,16 @@ fn is_terminating(signal: i32) -> bool {
 
 /// Ends this process the way the container's init ended: killed by the same signal (default
 /// action, no core dump), or exiting with the same code.
+///
+/// A process that is pid 1 of its pid namespace (a jailed husk-vmm) cannot die of a signal it
+/// raises: the kernel drops it. It exits with 128 + the signal instead, which is what conmon
+/// and containerd-shim-runc-v2 make of a signal death too.
 pub fn mirror_exit(status: &ExitStatus) -> ! {
-    if let Some(signal) = status.signal.filter(|s| is_terminating(*s)) {
+    let init_of_its_namespace = nix::unistd::getpid().as_raw() == 1;
+    if let Some(signal) = status
+        .signal
+        .filter(|s| is_terminating(*s) && !init_of_its_namespace)
+    {
         let rlimit = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,

@@ -2,7 +2,6 @@
 //! logged at debug level and optionally written as JSON (`--boot-report`) for tests and
 //! benchmarks.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -103,17 +102,9 @@ pub fn write_report(path: &Path, timeline: &BootTimeline) -> Result<(), Timeline
         path: path.display().to_string(),
         source,
     };
-    let json = serde_json::to_vec_pretty(timeline).map_err(|e| err(e.into()))?;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = Path::new(&tmp_name);
-    let result = std::fs::File::create(tmp)
-        .and_then(|mut f| f.write_all(&json).and_then(|()| f.write_all(b"\n")))
-        .and_then(|()| std::fs::rename(tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(tmp);
-    }
-    result.map_err(err)
+    let mut json = serde_json::to_vec_pretty(timeline).map_err(|e| err(e.into()))?;
+    json.push(b'\n');
+    crate::atomic_file::write_atomic(path, &json).map_err(err)
 }
 
 #[cfg(test)]

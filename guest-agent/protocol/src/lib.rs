@@ -40,6 +40,21 @@ pub const AGENT_IDENTITY_PORT: u32 = 1022;
 /// restored from the template mounts its own share.
 pub const TEMPLATE_CMDLINE_FLAG: &str = "husk.template=1";
 
+/// Test-only: the kernel command-line parameter that arms a fault in the agent,
+/// `husk.test_hook=<hook>`. husk-vmm adds it when its environment has
+/// `HUSK_VMM_TEST_AGENT_HOOK=<hook>` (and only on a booted guest: a template's command line is
+/// fixed). The command line is the host's: nothing in the guest can arm a hook.
+pub const TEST_HOOK_PARAM: &str = "husk.test_hook";
+
+/// The one hook [`TEST_HOOK_PARAM`] knows: asked to exec a process whose `args[0]` is
+/// [`TEST_EXIT_COMMAND`], the agent exits instead, as if it had crashed. Being the guest's
+/// init, its end panics the guest kernel, which ends the VM. The fault tests use it to kill
+/// the agent from inside: no container can (none may share the agent's pid namespace).
+pub const TEST_HOOK_EXIT_ON_EXEC: &str = "exit-on-exec";
+
+/// The command that trips [`TEST_HOOK_EXIT_ON_EXEC`].
+pub const TEST_EXIT_COMMAND: &str = "husk-test-agent-exit";
+
 /// A request from the host to the agent.
 ///
 /// Encoded as a JSON object tagged by `"op"`, e.g. `{"op":"handshake","protocol_version":1}`.

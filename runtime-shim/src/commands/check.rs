@@ -112,8 +112,8 @@ fn probe_boot(vmm: &Path, kernel: &Path, initramfs: &Path, timeout: Duration) ->
     let socket = dir.join("probe.sock");
     let report = dir.join("boot.json");
     let started = Instant::now();
-    let mut child = Command::new(vmm)
-        .arg("--kernel")
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel")
         .arg(kernel)
         .arg("--initramfs")
         .arg(initramfs)
@@ -123,8 +123,9 @@ fn probe_boot(vmm: &Path, kernel: &Path, initramfs: &Path, timeout: Duration) ->
         .arg(&report)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stderr(Stdio::piped());
+    // As every sandbox's husk-vmm starts: pid 1 of a pid namespace of its own.
+    let mut child = crate::container::in_new_pid_namespace(|| cmd.spawn(), &crate::logging::warn)
         .with_context(|| format!("spawning {}", vmm.display()))?;
     let stderr = child.stderr.take();
     let collector = std::thread::spawn(move || {

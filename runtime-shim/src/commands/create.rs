@@ -234,8 +234,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
             }
         }
         logging::debug(&format!("spawning {cmd:?}"));
-        let child = cmd
-            .spawn()
+        let child = crate::container::in_new_pid_namespace(|| cmd.spawn(), &logging::warn)
             .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
         drop(ready_write);
         let pid = i32::try_from(child.id()).context("pid out of range")?;

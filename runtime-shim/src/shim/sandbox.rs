@@ -8,7 +8,9 @@
 
 use crate::agent::{call_ok, connect, AgentError};
 use crate::config::HuskConfig;
-use crate::container::{process_alive, process_start_time, vmm_command, StateDir, VmRollback};
+use crate::container::{
+    in_new_pid_namespace, process_alive, process_start_time, vmm_command, StateDir, VmRollback,
+};
 use crate::host_cgroup::{self, HostCgroup, HostLimits};
 use crate::network;
 use crate::share::{mount_share, remove_state_dir, FsCache};
@@ -142,9 +144,9 @@ impl Sandbox {
                 cgroup.join_on_exec(&mut cmd);
             }
             log::info!("sandbox {id}: booting {size:?}: {cmd:?}");
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+            let child =
+                in_new_pid_namespace(|| cmd.spawn(), &|w: &str| log::warn!("sandbox {id}: {w}"))
+                    .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
             let pid = i32::try_from(child.id()).context("pid out of range")?;
             let start_time = process_start_time(pid).unwrap_or(0);
             guard.child = Some(child);

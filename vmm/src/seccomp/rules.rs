@@ -31,8 +31,9 @@ pub enum Args {
     Clear { index: u8, mask: u64 },
     /// An `ioctl` whose request (argument 1) is one of `values` or of KVM's type.
     IoctlOrKvm { values: &'static [u64] },
-    /// Argument `index` is husk-vmm's own pid: a signal only to itself (husk-vmm shares the
-    /// host's pid namespace, see [`crate::jail`]).
+    /// Argument `index` is husk-vmm's own pid: a signal only to itself (in its own pid
+    /// namespace it reaches no other process anyway; a husk-vmm its runtime could not give one
+    /// shares the host's, see [`crate::jail`]).
     OwnPid { index: u8 },
 }
 
