@@ -773,13 +773,14 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
 }
 
-/// `husk create --bundle BUNDLE [--pid-file FILE] ID` with the seccomp test hook at `hook`.
+/// `husk create --bundle BUNDLE [--pid-file FILE] ID` with a test hook armed: `hook_env=hook`
+/// in its environment (husk-vmm inherits it).
 fn create_with_hook(
     env: &OciEnv,
     id: &str,
     bundle: &Path,
     pid_file: Option<&Path>,
-    hook: &str,
+    (hook_env, hook): (&str, &str),
 ) -> std::process::Output {
     let mut args = vec!["create", "--bundle", bundle.to_str().expect("utf-8")];
     if let Some(file) = pid_file {
@@ -787,7 +788,7 @@ fn create_with_hook(
     }
     args.push(id);
     let mut create = env.husk(&args);
-    create.env(husk_vmm::seccomp::TEST_HOOK_ENV, hook);
+    create.env(hook_env, hook);
     husk_tests::oci::output_of(create, env.work.path())
 }
 
@@ -807,7 +808,10 @@ fn a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported() {
         "trap",
         &bundle,
         Some(&pid_file),
-        husk_vmm::seccomp::HOOK_SIGUSR2,
+        (
+            husk_vmm::seccomp::TEST_HOOK_ENV,
+            husk_vmm::seccomp::HOOK_SIGUSR2,
+        ),
     );
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     let pid: libc::pid_t = std::fs::read_to_string(&pid_file)
@@ -867,7 +871,10 @@ fn a_forbidden_call_on_the_device_thread_fails_create_naming_it() {
         "trapdev",
         &bundle,
         None,
-        husk_vmm::seccomp::HOOK_DEVICES,
+        (
+            husk_vmm::seccomp::TEST_HOOK_ENV,
+            husk_vmm::seccomp::HOOK_DEVICES,
+        ),
     );
     assert!(!out.status.success(), "create succeeded");
     let expected = "husk-vmm was killed by its seccomp filter: syscall 135 (personality) in a \
@@ -895,19 +902,16 @@ fn the_agent_ending_inside_the_guest_stops_the_container() {
         spec["annotations"] = json!({"io.husk.vm.warm_start": "false"});
     });
     let pid_file = env.work.path().join("agentend.pid");
-    let mut create = env.husk(&[
-        "create",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "--pid-file",
-        pid_file.to_str().expect("utf-8"),
+    let out = create_with_hook(
+        &env,
         "agentend",
-    ]);
-    create.env(
-        husk_vmm::config::AGENT_TEST_HOOK_ENV,
-        husk_agent_protocol::TEST_HOOK_EXIT_ON_EXEC,
+        &bundle,
+        Some(&pid_file),
+        (
+            husk_vmm::config::AGENT_TEST_HOOK_ENV,
+            husk_agent_protocol::TEST_HOOK_EXIT_ON_EXEC,
+        ),
     );
-    let out = husk_tests::oci::output_of(create, env.work.path());
     assert!(out.status.success(), "create: {}", text(&out.stderr));
     let pid: u32 = std::fs::read_to_string(&pid_file)
         .expect("pid file")
