@@ -104,6 +104,9 @@ enum RigCmd {
         /// Skip building the husk binaries, kernel and initramfs.
         #[arg(long)]
         no_husk: bool,
+        /// Free space on the rig's /work disk, MiB.
+        #[arg(long, default_value_t = 1024)]
+        work_free_mib: u64,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -166,6 +169,7 @@ fn rig_command(cmd: RigCmd) -> Result<()> {
             out,
             include,
             no_husk,
+            work_free_mib,
             cmd,
         } => {
             let (mut inputs, env) = husk_inputs(no_husk)?;
@@ -191,6 +195,7 @@ fn rig_command(cmd: RigCmd) -> Result<()> {
                 .join(" ");
             let mut job = rig::RigRun::new(inputs, Some(script), env);
             job.out_dir = Some(out);
+            job.work_free_mib = work_free_mib;
             let code = rig::run_in_rig(&image, &job)?.exit_code()?;
             if code != 0 {
                 eprintln!("xtask: the command exited {code} inside the rig");
