@@ -363,6 +363,73 @@ fn host_changes_are_seen_as_the_cache_policy_says() {
     );
 }
 
+/// A file opened write-only is written past the guest's page cache (guest kernel patch 0006),
+/// and readers still see what it wrote: after a truncating write, and after an in-place one
+/// while another open holds the file's pages cached (a whole read and one within the cached
+/// size). A 64 MiB write leaves the guest's page cache about as it was, and the host file holds
+/// exactly what was written.
+#[test]
+fn write_only_opens_bypass_the_guest_cache_and_readers_see_their_writes() {
+    let Some(env) =
+        OciEnv::new("write_only_opens_bypass_the_guest_cache_and_readers_see_their_writes")
+    else {
+        return;
+    };
+    std::fs::write(env.rootfs().join("etc/wcache"), "old-old\n").expect("write wcache");
+    let script = "set -e; f=/etc/wcache; \
+        exec 3<$f; head -c 3 <&3 >/dev/null; echo \"before $(cat $f)\"; \
+        printf new-new > $f; echo \"truncated $(cat $f)\"; \
+        printf XYZ | dd of=$f conv=notrunc 2>/dev/null; \
+        echo \"in-place $(head -c 3 $f) $(cat $f)\"; \
+        cached() { awk '/^Cached:/ { print $2 }' /proc/meminfo; }; c0=$(cached); \
+        dd if=/dev/urandom of=/wbig bs=1048576 count=64 2>/dev/null; \
+        echo \"growth-kib $(( $(cached) - c0 ))\"; \
+        echo \"sum $(md5sum < /wbig)\"";
+    let bundle = env.bundle("wcache", &["sh", "-c", script], |spec| {
+        spec["root"]["readonly"] = json!(false);
+    });
+    let out = env.run(&["run", "--bundle", bundle.to_str().expect("utf-8"), "wcache"]);
+    let big = env.rootfs().join("wbig");
+    let host_sum = std::process::Command::new("md5sum")
+        .arg(&big)
+        .output()
+        .expect("md5sum");
+    let _ = std::fs::remove_file(&big);
+    let _ = std::fs::remove_file(env.rootfs().join("etc/wcache"));
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "run: {stdout}{}\n{}",
+        text(&out.stderr),
+        env.logs()
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..3],
+        [
+            "before old-old",
+            "truncated new-new",
+            "in-place XYZ XYZ-new"
+        ],
+        "{stdout}"
+    );
+    let growth: i64 = lines[3]
+        .strip_prefix("growth-kib ")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no page-cache growth in {stdout}"));
+    assert!(
+        growth < 16 * 1024,
+        "writing 64 MiB grew the guest's page cache by {growth} KiB: {stdout}"
+    );
+    let host_sum = text(&host_sum.stdout);
+    let host_sum = host_sum.split_whitespace().next().expect("host md5");
+    assert_eq!(
+        lines[4].split_whitespace().nth(1),
+        Some(host_sum),
+        "the guest reads back what the host holds: {stdout}"
+    );
+}
+
 /// The value of `key` in `/proc/<pid>/status` (or a task's).
 fn status_field(status: &str, key: &str) -> String {
     status
