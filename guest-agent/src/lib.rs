@@ -51,8 +51,7 @@ pub fn run_init() -> AgentError {
         log_error!("{err}: {}", err_source(&err));
     }
     init::tune_page_reporting();
-    let template_boot = identity::detect_template_boot();
-    if template_boot {
+    if identity::detect_template_boot() {
         log_info!("template boot: the host share waits for the renewal");
     } else {
         match init::mount_share(sys.as_ref()) {
@@ -78,12 +77,6 @@ pub fn run_init() -> AgentError {
     }
     for err in init::configure_routes() {
         log_error!("route configuration failed: {err}");
-    }
-    if template_boot {
-        // Before the ready signal, after which the template is taken.
-        for failed in container::ahead::make_spares(&container::cgroup::root()) {
-            log_error!("making {failed} ahead failed");
-        }
     }
     // Before any other thread exists: every thread must inherit the blocked SIGCHLD.
     let reaper = match Reaper::start(sys) {

@@ -177,46 +177,6 @@ fn restored_sandboxes_are_each_their_own() {
     );
 }
 
-/// The first container of a restored sandbox takes the network namespace and the cgroup its
-/// template made ahead (the agent's `container::ahead`): they are new and its own, as those it
-/// would have made. It sees only `lo`, down (the guest's own `lo` is up), and, in its cgroup
-/// namespace, its cgroup as `/`.
-#[test]
-fn a_restored_container_gets_a_new_network_namespace_and_cgroup() {
-    let Some((env, _templates)) =
-        env_with_templates("a_restored_container_gets_a_new_network_namespace_and_cgroup")
-    else {
-        return;
-    };
-    let template = build_template(&env);
-    let bundle = env.bundle("ahead", &["sleep", "1000"], |_| {});
-    let out = env.run(&[
-        "run",
-        "-d",
-        "--bundle",
-        bundle.to_str().expect("utf-8"),
-        "ahead",
-    ]);
-    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
-    let cmdline = vmm_cmdline(&env, "ahead");
-    assert!(
-        cmdline.contains(&format!("--restore {}", template.display())),
-        "restored from the template: {cmdline}"
-    );
-    let script = "echo net $(ls /sys/class/net) $(cat /sys/class/net/lo/flags); \
-        echo cgroup $(cat /proc/self/cgroup)";
-    let out = env.run(&["exec", "ahead", "sh", "-c", script]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "exec: {stdout}{}", text(&out.stderr));
-    assert_eq!(
-        stdout.lines().collect::<Vec<_>>(),
-        ["net lo 0x8", "cgroup 0::/"],
-        "a new network namespace (lo down) and the container's own cgroup"
-    );
-    let out = env.run(&["delete", "--force", "ahead"]);
-    assert!(out.status.success(), "delete: {}", text(&out.stderr));
-}
-
 /// Runs `true` in a new container `id`; returns husk's stderr.
 fn run_true(env: &OciEnv, id: &str) -> String {
     let bundle = env.bundle(id, &["true"], |_| {});

@@ -31,7 +31,6 @@
 //! change the guest's mounts. Everything the host sends is bounded ([`MAX_CONTAINERS`],
 //! [`MAX_EXECS`], [`spec::MAX_LIST_LEN`], frame sizes) and every failure is an error reply.
 
-pub mod ahead;
 pub mod cgroup;
 pub mod child;
 pub mod devices;
@@ -765,7 +764,7 @@ impl Containers {
             }
         }
         let spec = spec::parse_spec(&req.spec)?;
-        let mut plan: Plan = spec::translate_spec(&spec, Path::new(&req.bundle))?;
+        let plan: Plan = spec::translate_spec(&spec, Path::new(&req.bundle))?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         // The device rules of the spec and the runtime, with one for each of `linux.devices`.
         let device_rules = match resources.as_ref().and_then(|r| r.devices().as_ref()) {
@@ -784,7 +783,7 @@ impl Containers {
             // Refuse what cannot be applied before anything exists.
             cgroup::resource_files(resources)?;
         }
-        let cgroup = match ahead::take_cgroup(&self.cgroup_root, &req.id) {
+        let cgroup = match Cgroup::create(&self.cgroup_root, &req.id) {
             Ok(cgroup) => Some(cgroup),
             Err(err) if resources.is_none() => {
                 crate::log_warn!("container {} runs without a cgroup: {err}", req.id);
@@ -819,8 +818,6 @@ impl Containers {
             .filter(|(flag, _)| plan.namespaces.iter().any(|ns| ns.flag == *flag))
             .copied()
             .collect();
-        // Held until the helper has joined it (or failed): see `ahead`.
-        let spare_netns = ahead::take_netns(&mut plan.namespaces);
         let seccomp = plan.seccomp.clone();
         let config = InitConfig {
             process: plan.process.clone(),
@@ -851,7 +848,6 @@ impl Containers {
                 return Err(err);
             }
         };
-        drop(spare_netns);
         let pid = init.pid;
         let container = Arc::new(Container {
             id: req.id.clone(),
