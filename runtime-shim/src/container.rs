@@ -185,7 +185,7 @@ impl StateDir {
 /// The `husk-vmm` command that boots the VM of the container or sandbox in `dir` with `size`,
 /// its share and its vsock socket (a stale socket of an earlier VM with the same state dir is
 /// removed first). `debug` logs at debug level and keeps the guest console in the VMM's
-/// stdout. The OCI CLI adds `--supervise`; the shim runs it as it is.
+/// stdout ([`DEBUG_VMM_ARGS`]). The OCI CLI adds `--supervise`; the shim runs it as it is.
 pub fn vmm_command(
     cfg: &crate::config::HuskConfig,
     kernel: &Path,
@@ -228,10 +228,15 @@ pub fn vmm_command(
         .arg("--log-level")
         .arg(if debug { "debug" } else { "warn" });
     if debug {
-        cmd.arg("--console");
+        cmd.args(DEBUG_VMM_ARGS);
     }
     Ok(cmd)
 }
+
+/// What a debug sandbox's `husk-vmm` (and its template's) gets: the guest console, with the
+/// guest kernel's messages up to `info` (the base command line's `loglevel=1` shows only
+/// emergencies, not an oops or a warning).
+pub const DEBUG_VMM_ARGS: [&str; 3] = ["--console", "--cmdline-extra", "loglevel=7"];
 
 /// Runs `spawn` (which starts `husk-vmm`) where the process it starts is the first of a new
 /// pid namespace: husk-vmm is pid 1 there and sees no other process, while it stays this

@@ -109,7 +109,11 @@ impl Templates {
             stamp(initramfs)?,
             host_kernel(),
             // A debug sandbox's guest keeps its console, so its template is booted with it.
-            if cfg.debug { "console" } else { "" }.to_string(),
+            if cfg.debug {
+                crate::container::DEBUG_VMM_ARGS.join(" ")
+            } else {
+                String::new()
+            },
         ] {
             hasher.update(part.as_bytes());
             hasher.update([0]);
@@ -341,7 +345,11 @@ fn build_into(
         .arg(cfg.agent_timeout.as_millis().to_string())
         .arg("--log-level")
         .arg("warn")
-        .args(cfg.debug.then_some("--console"))
+        .args(if cfg.debug {
+            &crate::container::DEBUG_VMM_ARGS[..]
+        } else {
+            &[]
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

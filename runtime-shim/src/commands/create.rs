@@ -286,11 +286,17 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
                     templates.discard(&dir);
                 }
             }
-            Some(("error", message)) => bail!("{message}"),
-            _ if line.is_empty() => bail!(
-                "husk-vmm exited before the container was created{}",
-                log_tail(&dir.log_file())
-            ),
+            Some(("error", message)) => {
+                debug_vmm_log(&dir);
+                bail!("{message}")
+            }
+            _ if line.is_empty() => {
+                debug_vmm_log(&dir);
+                bail!(
+                    "husk-vmm exited before the container was created{}",
+                    log_tail(&dir.log_file())
+                )
+            }
             _ => bail!("husk-vmm reported {line:?}"),
         }
     };
@@ -500,6 +506,16 @@ fn read_ready(fd: &OwnedFd, deadline: Instant) -> Result<String> {
 }
 
 /// The last lines of the VMM log, for an error message.
+/// With `--debug`, the whole of a failed sandbox's VMM log (its guest console: an oops, a
+/// warning) into husk's log, before the rollback removes it with the state directory.
+fn debug_vmm_log(dir: &StateDir) {
+    if let Ok(text) = std::fs::read_to_string(dir.log_file()) {
+        logging::debug(&format!(
+            "husk-vmm's log and the guest console so far:\n{text}"
+        ));
+    }
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
