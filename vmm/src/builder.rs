@@ -247,6 +247,15 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     } = mmio;
     let (vcpus, cpuid_sha256) =
         create_vcpus(&kvm, &vm, &mem, cfg.vcpus, &kernel, pio_bus, mmio_bus)?;
+    if let Some(vcpu) = vcpus.first() {
+        // The kernel image and the initramfs: every boot reads them.
+        let mut images = vec![(
+            GuestAddress(kernel.kernel_start),
+            kernel.kernel_end.saturating_sub(kernel.kernel_start),
+        )];
+        images.extend(initramfs.map(|i| (GuestAddress(i.addr), i.size)));
+        pre_fault(&kvm, vcpu, &images);
+    }
     let mode = match template_job {
         Some((dir, mut inputs)) => {
             inputs.cpuid_sha256 = cpuid_sha256;
@@ -411,22 +420,32 @@ fn cpuid_digest(supported: &[kvm_bindings::kvm_cpuid_entry2], count: u8) -> Stri
     crate::snapshot::sha256_hex(&serde_json::to_vec(&all).unwrap_or_default())
 }
 
+/// The guest-physical ranges of the template's data pages (those its memory file holds).
+fn template_data_ranges(layout: &snapshot::MemoryLayout) -> Vec<(GuestAddress, u64)> {
+    layout
+        .data
+        .iter()
+        .filter_map(|&(offset, len)| {
+            let region = layout
+                .regions
+                .iter()
+                .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.len)?;
+            Some((
+                GuestAddress(region.guest_addr + (offset - region.file_offset)),
+                len,
+            ))
+        })
+        .collect()
+}
+
 /// Maps the template's data pages into the VMM's page tables ahead of the guest
 /// (`MADV_POPULATE_READ`, read-only: still shared with the page cache, copied only when the
 /// guest writes). A restored guest otherwise takes a host page fault on the first touch of
 /// every page it had before, one at a time while it runs. Best effort: a kernel without it
 /// (before 5.14) just faults them in later.
-fn populate_template_pages(mem: &GuestMemory, layout: &snapshot::MemoryLayout) {
+fn populate_template_pages(mem: &GuestMemory, ranges: &[(GuestAddress, u64)]) {
     const MADV_POPULATE_READ: libc::c_int = 22;
-    for &(offset, len) in &layout.data {
-        let Some(region) = layout
-            .regions
-            .iter()
-            .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.len)
-        else {
-            continue;
-        };
-        let addr = GuestAddress(region.guest_addr + (offset - region.file_offset));
+    for &(addr, len) in ranges {
         let Ok(host) = vm_memory::GuestMemory::get_host_address(mem, addr) else {
             continue;
         };
@@ -437,6 +456,30 @@ fn populate_template_pages(mem: &GuestMemory, layout: &snapshot::MemoryLayout) {
             tracing::debug!(
                 "MADV_POPULATE_READ of the template's memory failed: {}",
                 io::Error::last_os_error()
+            );
+            return;
+        }
+    }
+}
+
+/// Maps guest memory the guest is about to read into KVM's two-dimensional page tables before
+/// it runs ([`Vcpu::pre_fault`]): a template's data pages when it is restored, the kernel
+/// image and the initramfs when it boots. The guest otherwise takes a VM exit on its first
+/// touch of each such page (a restored guest some 1,400 while it creates its first
+/// container). Pages that are copy-on-write on the host (a template's, the kernel's) are
+/// mapped read-only and stay shared until the guest writes them; no host memory is added.
+/// Best effort: a KVM without `KVM_CAP_PRE_FAULT_MEMORY` (before Linux 6.10, or without
+/// two-dimensional paging) leaves them to be faulted in as the guest runs.
+fn pre_fault(kvm: &Kvm, vcpu: &Vcpu, ranges: &[(GuestAddress, u64)]) {
+    if kvm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY)) <= 0 {
+        tracing::debug!("KVM cannot pre-fault guest memory; the guest faults its pages in");
+        return;
+    }
+    for &(addr, len) in ranges {
+        if let Err(e) = vcpu.pre_fault(addr.0, len) {
+            tracing::debug!(
+                "KVM_PRE_FAULT_MEMORY of {len:#x} bytes at {:#x} failed: {e}",
+                addr.0
             );
             return;
         }
@@ -492,7 +535,8 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
             region.file_offset,
         )?;
     }
-    populate_template_pages(&mem, &template.memory);
+    let data_ranges = template_data_ranges(&template.memory);
+    populate_template_pages(&mem, &data_ranges);
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&mem)?;
     vm.restore_state(&template.vm)?;
@@ -543,6 +587,9 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
         vcpu.set_cpuid(&vcpu.policy_cpuid(supported.as_slice(), cfg.vcpus))?;
         vcpu.restore_state(state)?;
         vcpus.push(vcpu);
+    }
+    if let Some(vcpu) = vcpus.first() {
+        pre_fault(&kvm, vcpu, &data_ranges);
     }
     let kernel_loaded_us = timeline::since_start_us();
     let timeline = TimelineRecorder::new(BootTimeline {
@@ -890,6 +937,7 @@ mod tests {
             let entry = arch::load_kernel(&mem, &path).expect("load");
             assert_eq!(entry.protocol, protocol);
             assert_eq!(entry.entry, LOAD_ADDR);
+            assert_eq!(entry.kernel_start, LOAD_ADDR);
             assert_eq!(entry.kernel_end, LOAD_ADDR + RESET_CODE.len() as u64);
         }
     }
@@ -900,6 +948,7 @@ mod tests {
         let kernel = KernelEntry {
             protocol: BootProtocol::Pvh,
             entry: LOAD_ADDR,
+            kernel_start: LOAD_ADDR,
             kernel_end: LOAD_ADDR + 0x1000,
         };
         let mut cmdline = base_cmdline(false).expect("cmdline");

@@ -39,6 +39,8 @@ pub struct KernelEntry {
     pub protocol: BootProtocol,
     /// Guest-physical entry address.
     pub entry: u64,
+    /// Start of the loaded kernel image (its lowest segment).
+    pub kernel_start: u64,
     /// End (exclusive) of the loaded kernel image.
     pub kernel_end: u64,
 }
@@ -176,10 +178,18 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<KernelEntry, LoadEr
         Some(addr) => (BootProtocol::Pvh, addr),
         None => (BootProtocol::LinuxBoot, image.entry),
     };
+    let kernel_end = image.end();
+    let kernel_start = image
+        .segments
+        .iter()
+        .map(|segment| segment.guest_addr)
+        .min()
+        .unwrap_or(kernel_end);
     Ok(KernelEntry {
         protocol,
         entry,
-        kernel_end: image.end(),
+        kernel_start,
+        kernel_end,
     })
 }
 
@@ -365,6 +375,7 @@ mod tests {
         }
         let entry = load_kernel(&mem, file.path()).expect("load");
         assert_eq!(entry.protocol, BootProtocol::LinuxBoot);
+        assert_eq!(entry.kernel_start, 0x100_0000);
         assert_eq!(entry.kernel_end, 0x100_4000);
         let mut back = vec![0u8; 0x4000];
         mem.read_slice(&mut back, GuestAddress(0x100_0000))
