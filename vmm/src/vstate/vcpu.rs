@@ -30,6 +30,14 @@ ioctl_iowr_nr!(
     kvm_bindings::kvm_pre_fault_memory
 );
 
+/// The whole 4 KiB pages `[start, start + size)` that hold `[gpa, gpa + len)`.
+fn page_span(gpa: u64, len: u64) -> Option<(u64, u64)> {
+    const PAGE: u64 = 4096;
+    let start = gpa & !(PAGE - 1);
+    let end = gpa.checked_add(len)?.checked_next_multiple_of(PAGE)?;
+    Some((start, end - start))
+}
+
 /// Errors of vCPU creation, configuration and running.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -352,15 +360,11 @@ impl Vcpu {
     /// set. Each of the guest's first touches of such a page would otherwise be a VM exit.
     /// The range is widened to whole pages.
     pub fn pre_fault(&self, gpa: u64, len: u64) -> std::io::Result<()> {
-        const PAGE: u64 = 4096;
-        let start = gpa & !(PAGE - 1);
-        let end = gpa
-            .checked_add(len)
-            .and_then(|end| end.checked_next_multiple_of(PAGE))
+        let (start, size) = page_span(gpa, len)
             .ok_or_else(|| std::io::Error::other("range past the address space"))?;
         let mut range = kvm_bindings::kvm_pre_fault_memory {
             gpa: start,
-            size: end - start,
+            size,
             ..Default::default()
         };
         // Each call maps at least a page and leaves what remains in `range`; a pending signal
@@ -581,6 +585,16 @@ fn order_msrs(mut msrs: Vec<kvm_msr_entry>) -> Vec<kvm_msr_entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pre_fault_ranges_are_widened_to_whole_pages() {
+        assert_eq!(page_span(0x1000, 0x2000), Some((0x1000, 0x2000)));
+        assert_eq!(page_span(0x1234, 0x10), Some((0x1000, 0x1000)));
+        assert_eq!(page_span(0x1ff0, 0x20), Some((0x1000, 0x2000)));
+        assert_eq!(page_span(0x1000, 0), Some((0x1000, 0)));
+        assert_eq!(page_span(u64::MAX - 0x10, 0x20), None);
+        assert_eq!(page_span(u64::MAX - 0x10, 0x8), None);
+    }
 
     #[test]
     fn a_busy_tss_is_restored_available_on_amd_only() {
