@@ -505,7 +505,6 @@ fn read_ready(fd: &OwnedFd, deadline: Instant) -> Result<String> {
     Ok(text.lines().next().unwrap_or("").trim().to_string())
 }
 
-/// The last lines of the VMM log, for an error message.
 /// With `--debug`, the whole of a failed sandbox's VMM log (its guest console: an oops, a
 /// warning) into husk's log, before the rollback removes it with the state directory.
 fn debug_vmm_log(dir: &StateDir) {
@@ -516,6 +515,7 @@ fn debug_vmm_log(dir: &StateDir) {
     }
 }
 
+/// The last lines of the VMM log, for an error message.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
