@@ -185,7 +185,7 @@ impl StateDir {
 /// The `husk-vmm` command that boots the VM of the container or sandbox in `dir` with `size`,
 /// its share and its vsock socket (a stale socket of an earlier VM with the same state dir is
 /// removed first). `debug` logs at debug level and keeps the guest console in the VMM's
-/// stdout ([`DEBUG_VMM_ARGS`]). The OCI CLI adds `--supervise`; the shim runs it as it is.
+/// stdout ([`debug_vmm_args`]). The OCI CLI adds `--supervise`; the shim runs it as it is.
 pub fn vmm_command(
     cfg: &crate::config::HuskConfig,
     kernel: &Path,
@@ -227,16 +227,20 @@ pub fn vmm_command(
         .arg(dir.seccomp_report_file())
         .arg("--log-level")
         .arg(if debug { "debug" } else { "warn" });
-    if debug {
-        cmd.args(DEBUG_VMM_ARGS);
-    }
+    cmd.args(debug_vmm_args(debug));
     Ok(cmd)
 }
 
-/// What a debug sandbox's `husk-vmm` (and its template's) gets: the guest console, with the
-/// guest kernel's messages up to `info` (the base command line's `loglevel=1` shows only
-/// emergencies, not an oops or a warning).
-pub const DEBUG_VMM_ARGS: [&str; 3] = ["--console", "--cmdline-extra", "loglevel=7"];
+/// What a debug sandbox's `husk-vmm` (and its template's) gets, nothing without `debug`: the
+/// guest console, with the guest kernel's messages up to `info` (the base command line's
+/// `loglevel=1` shows only emergencies, not an oops or a warning).
+pub fn debug_vmm_args(debug: bool) -> &'static [&'static str] {
+    if debug {
+        &["--console", "--cmdline-extra", "loglevel=7"]
+    } else {
+        &[]
+    }
+}
 
 /// Runs `spawn` (which starts `husk-vmm`) where the process it starts is the first of a new
 /// pid namespace: husk-vmm is pid 1 there and sees no other process, while it stays this
@@ -342,6 +346,17 @@ impl Drop for VmRollback<'_> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_debug_vmm_gets_the_console_and_the_kernel_messages() {
+        assert!(debug_vmm_args(false).is_empty());
+        let args = debug_vmm_args(true);
+        assert!(args.contains(&"--console"));
+        assert_eq!(
+            args.windows(2).find(|w| w[0] == "--cmdline-extra"),
+            Some(&["--cmdline-extra", "loglevel=7"][..])
+        );
+    }
 
     /// Each spawn's process is pid 1 of a namespace of its own, and stays this process's child.
     /// Without the right to make one, husk-vmm's spawn goes on in this namespace and says why.

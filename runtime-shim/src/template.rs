@@ -109,11 +109,7 @@ impl Templates {
             stamp(initramfs)?,
             host_kernel(),
             // A debug sandbox's guest keeps its console, so its template is booted with it.
-            if cfg.debug {
-                crate::container::DEBUG_VMM_ARGS.join(" ")
-            } else {
-                String::new()
-            },
+            crate::container::debug_vmm_args(cfg.debug).join(" "),
         ] {
             hasher.update(part.as_bytes());
             hasher.update([0]);
@@ -345,11 +341,7 @@ fn build_into(
         .arg(cfg.agent_timeout.as_millis().to_string())
         .arg("--log-level")
         .arg("warn")
-        .args(if cfg.debug {
-            &crate::container::DEBUG_VMM_ARGS[..]
-        } else {
-            &[]
-        })
+        .args(crate::container::debug_vmm_args(cfg.debug))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
