@@ -18,6 +18,5 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod supervisor;
 pub mod timeline;
-pub mod userns;
 pub mod vmm;
 pub mod vstate;
