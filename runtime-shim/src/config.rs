@@ -13,6 +13,8 @@
 //! warm_start = true          # start sandboxes from templates (see `crate::template`)
 //! template_dir = "/var/lib/husk/templates"
 //! fs_cache = "auto"          # how long the guest caches the container's files (`crate::share::FsCache`)
+//! vmm_userns = true          # husk-vmm runs as an unprivileged uid (`husk_vmm::userns`)
+//! vmm_uid_base = 1879048192  # the first host uid and gid of its range of 65536
 //! ```
 //!
 //! Kernel and initramfs, when not configured: `/usr/local/share/husk/{vmlinux,initramfs.cpio}`
@@ -61,6 +63,8 @@ struct ConfigFile {
     warm_start: Option<bool>,
     template_dir: Option<PathBuf>,
     fs_cache: Option<crate::share::FsCache>,
+    vmm_userns: Option<bool>,
+    vmm_uid_base: Option<u32>,
 }
 
 /// The configuration, with defaults for what the file leaves out.
@@ -79,6 +83,11 @@ pub struct HuskConfig {
     pub template_dir: Option<PathBuf>,
     /// How long the guest caches the container's files (`auto` by default).
     pub fs_cache: crate::share::FsCache,
+    /// husk-vmm runs as an unprivileged uid in a user namespace of its own, where the host
+    /// allows (on by default; see [`husk_vmm::userns`]).
+    pub vmm_userns: bool,
+    /// The first host id the namespace maps its ids 0 to 65535 onto.
+    pub vmm_uid_base: u32,
 }
 
 impl Default for HuskConfig {
@@ -95,6 +104,8 @@ impl Default for HuskConfig {
             warm_start: true,
             template_dir: None,
             fs_cache: crate::share::FsCache::Auto,
+            vmm_userns: true,
+            vmm_uid_base: husk_vmm::userns::DEFAULT_UID_BASE,
         }
     }
 }
@@ -139,6 +150,8 @@ impl HuskConfig {
             warm_start: file.warm_start.unwrap_or(defaults.warm_start),
             template_dir: file.template_dir,
             fs_cache: file.fs_cache.unwrap_or(defaults.fs_cache),
+            vmm_userns: file.vmm_userns.unwrap_or(defaults.vmm_userns),
+            vmm_uid_base: file.vmm_uid_base.unwrap_or(defaults.vmm_uid_base),
         })
     }
 
@@ -195,6 +208,8 @@ debug = true
 warm_start = false
 template_dir = "/t"
 fs_cache = "short"
+vmm_userns = false
+vmm_uid_base = 65536
 "#;
         let cfg = HuskConfig::parse(Path::new("c.toml"), text).expect("valid");
         assert_eq!(
@@ -210,6 +225,8 @@ fs_cache = "short"
                 warm_start: false,
                 template_dir: Some("/t".into()),
                 fs_cache: crate::share::FsCache::Short,
+                vmm_userns: false,
+                vmm_uid_base: 65536,
             }
         );
         assert_eq!(cfg.kernel_path().expect("configured"), Path::new("/k"));

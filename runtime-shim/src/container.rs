@@ -231,6 +231,51 @@ pub fn vmm_command(
     Ok(cmd)
 }
 
+/// husk-vmm's user namespace for the sandbox in `dir` (see [`husk_vmm::userns`]), to idmap
+/// the share's binds through and to pass with [`pass_userns`]. `None` when the configuration
+/// turns it off (`vmm_userns = false`) or this host cannot give it (no user namespaces, a
+/// state directory on a file system that cannot be idmapped, such as tmpfs before Linux 6.3),
+/// which `warn` hears: husk-vmm then runs as root, with the rest of its confinement.
+pub fn vmm_userns(
+    cfg: &crate::config::HuskConfig,
+    dir: &StateDir,
+    warn: &dyn Fn(&str),
+) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    if !cfg.vmm_userns {
+        return None;
+    }
+    let made = husk_vmm::userns::create(cfg.vmm_uid_base).and_then(|ns| {
+        // husk-vmm's jail binds the state directory through it: its file system must allow it.
+        husk_vmm::userns::idmapped_tree(&dir.dir, ns.as_fd(), false)?;
+        Ok(ns)
+    });
+    made.map_err(|e| {
+        warn(&format!(
+            "husk-vmm runs as root, without its user namespace: {e}"
+        ))
+    })
+    .ok()
+}
+
+/// Gives `cmd` (a husk-vmm) the user namespace `userns`, inherited under its own number.
+pub fn pass_userns(cmd: &mut std::process::Command, userns: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = userns.as_raw_fd();
+    cmd.arg("--userns-fd").arg(fd.to_string());
+    // SAFETY: between fork and exec the closure only calls fcntl(2), async-signal-safe, on a
+    // descriptor open in the child; the flag changes in the child alone.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// What a debug sandbox's `husk-vmm` (and its template's) gets, nothing without `debug`: the
 /// guest console, with the guest kernel's messages up to `info` (the base command line's
 /// `loglevel=1` shows only emergencies, not an oops or a warning).

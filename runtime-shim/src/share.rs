@@ -13,6 +13,8 @@ use crate::bundle::BindPlan;
 use crate::config::HuskConfig;
 use crate::container::StateDir;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Annotation choosing how long the guest caches the container's files, for one sandbox
@@ -84,17 +86,12 @@ pub enum ShareError {
     MountInfo(#[source] std::io::Error),
     #[error("{0} is still mounted; refusing to remove the state directory")]
     StillMounted(PathBuf),
-}
-
-/// Prepares `shared/<id>/` with `binds`; every mount made is appended to `mounts` (also on
-/// error, so that the caller can undo them).
-pub fn prepare_share(
-    dir: &StateDir,
-    binds: &[BindPlan],
-    mounts: &mut Vec<PathBuf>,
-) -> Result<(), ShareError> {
-    mount_share(dir, mounts)?;
-    bind_into_share(&dir.shared_bundle(), binds, mounts)
+    #[error("cannot idmap {source_path} for husk-vmm's user namespace")]
+    Idmap {
+        source_path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Creates `shared/` and makes it a private bind mount of itself (once per sandbox), so that
@@ -102,7 +99,7 @@ pub fn prepare_share(
 /// `mounts`.
 pub fn mount_share(dir: &StateDir, mounts: &mut Vec<PathBuf>) -> Result<(), ShareError> {
     let shared = dir.shared_dir();
-    std::fs::create_dir_all(&shared).map_err(|e| ShareError::Create(shared.clone(), e))?;
+    make_dir(&shared)?;
     bind(&shared, &shared, MsFlags::empty())?;
     mounts.push(shared.clone());
     mount(
@@ -121,19 +118,40 @@ pub fn mount_share(dir: &StateDir, mounts: &mut Vec<PathBuf>) -> Result<(), Shar
 
 /// Bind-mounts `binds` below `bundle` (a container's `shared/<id>/`, created here); every mount
 /// made is appended to `mounts` (also on error).
+///
+/// With `userns` (husk-vmm's user namespace, see [`husk_vmm::userns`]) every bind is an
+/// idmapped mount through it, so that husk-vmm, an unprivileged uid, acts there as the guest's
+/// users. A source whose file system cannot be idmapped fails with [`ShareError::Idmap`]
+/// before anything is made. The directories made here are searchable by all (0755):
+/// husk-vmm, nobody on the host outside its mounts, looks up through them.
 pub fn bind_into_share(
     bundle: &Path,
     binds: &[BindPlan],
     mounts: &mut Vec<PathBuf>,
+    userns: Option<BorrowedFd<'_>>,
 ) -> Result<(), ShareError> {
-    std::fs::create_dir_all(bundle).map_err(|e| ShareError::Create(bundle.to_path_buf(), e))?;
+    if let Some(missing) = binds.iter().find(|plan| !plan.source.exists()) {
+        return Err(ShareError::SourceMissing(missing.source.clone()));
+    }
+    let mut trees: Vec<Option<OwnedFd>> = Vec::with_capacity(binds.len());
     for plan in binds {
-        if !plan.source.exists() {
-            return Err(ShareError::SourceMissing(plan.source.clone()));
-        }
+        trees.push(match userns {
+            Some(ns) => Some(
+                husk_vmm::userns::idmapped_tree(&plan.source, ns, true).map_err(|source| {
+                    ShareError::Idmap {
+                        source_path: plan.source.clone(),
+                        source,
+                    }
+                })?,
+            ),
+            None => None,
+        });
+    }
+    make_dir(bundle)?;
+    for (plan, tree) in binds.iter().zip(trees) {
         let target = bundle.join(&plan.target);
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| ShareError::Create(parent.into(), e))?;
+            make_dir(parent)?;
         }
         let made = if plan.is_dir {
             std::fs::create_dir(&target)
@@ -141,10 +159,26 @@ pub fn bind_into_share(
             std::fs::File::create(&target).map(drop)
         };
         made.map_err(|e| ShareError::Create(target.clone(), e))?;
-        bind(&plan.source, &target, MsFlags::MS_REC)?;
+        match tree {
+            Some(tree) => {
+                husk_vmm::userns::attach(&tree, &target).map_err(|e| ShareError::Bind {
+                    source_path: plan.source.clone(),
+                    target: target.clone(),
+                    source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                })?
+            }
+            None => bind(&plan.source, &target, MsFlags::MS_REC)?,
+        }
         mounts.push(target);
     }
     Ok(())
+}
+
+/// Creates `dir` (and its parents) and makes it searchable by all, whatever the umask.
+fn make_dir(dir: &Path) -> Result<(), ShareError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| ShareError::Create(dir.to_path_buf(), e))
 }
 
 fn bind(source: &Path, target: &Path, extra: MsFlags) -> Result<(), ShareError> {

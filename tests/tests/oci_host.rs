@@ -654,6 +654,7 @@ fn the_vmm_runs_in_its_host_cgroup_with_its_limits() {
 
 #[test]
 fn the_vmm_keeps_only_the_file_servers_capabilities() {
+    use std::os::unix::fs::MetadataExt;
     let Some(env) = OciEnv::new("the_vmm_keeps_only_the_file_servers_capabilities") else {
         return;
     };
@@ -687,6 +688,20 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
             "0000000000000000",
             "{set} of husk-vmm"
         );
+    }
+    // An unprivileged uid and gid on the host (real, effective, saved, file system), root of a
+    // user namespace of its own that maps 65536 ids onto them (husk_vmm::userns).
+    let base = husk_vmm::userns::DEFAULT_UID_BASE.to_string();
+    for ids in ["Uid:", "Gid:"] {
+        let line = status.lines().find(|l| l.starts_with(ids)).expect(ids);
+        let values: Vec<&str> = line.split_whitespace().skip(1).collect();
+        assert_eq!(values, [base.as_str(); 4], "{line}");
+    }
+    assert_eq!(status_field(&status, "Groups:"), "", "{status}");
+    for map in ["uid_map", "gid_map"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{map}")).expect(map);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(fields, ["0", base.as_str(), "65536"], "{map} of husk-vmm");
     }
     let mut vcpus = 0;
     let mut devices = 0;
@@ -757,6 +772,15 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         shown.starts_with("x\n-rw-r-----    1 4321     4321"),
         "{shown}"
     );
+    // On the host the files have the ids the guest gave them, not husk-vmm's: the share is an
+    // idmapped mount through its namespace. A file the guest's root makes is root's.
+    let out = env.run(&["exec", "caps", "touch", "/r"]);
+    assert!(out.status.success(), "touch: {}", text(&out.stderr));
+    for (path, ids) in [("d", (1234, 1234)), ("d/f", (4321, 4321)), ("r", (0, 0))] {
+        let rootfs = env.work.path().join("rootfs");
+        let meta = std::fs::metadata(rootfs.join(path)).expect(path);
+        assert_eq!((meta.uid(), meta.gid()), ids, "owner of {path} on the host");
+    }
     // And the permission checks are still the guest user's: another user is refused.
     let out = env.run(&["exec", "--user", "65534:65534", "caps", "cat", "/d/f"]);
     assert!(

@@ -119,6 +119,9 @@ pub struct VmConfig {
     pub restore_from: Option<PathBuf>,
     /// Where the seccomp trap writes which call ended the VMM (see [`crate::seccomp`]).
     pub seccomp_report: Option<PathBuf>,
+    /// An inherited descriptor of the user namespace to run in, as an unprivileged uid, once
+    /// the jail is built (see [`crate::userns`]).
+    pub userns_fd: Option<i32>,
 }
 
 /// The guest's network card: the TAP it sits on, its MAC, and the IPv4 configuration the guest
@@ -379,6 +382,7 @@ impl VmConfig {
             template_out: None,
             restore_from: None,
             seccomp_report: None,
+            userns_fd: None,
         }
     }
 }
@@ -426,6 +430,7 @@ impl VmConfig {
         if let Some(dir) = &self.template_out {
             plan.dir(dir);
         }
+        plan.userns = self.userns_fd;
         plan
     }
 

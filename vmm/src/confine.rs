@@ -13,8 +13,11 @@
 //! - **seccomp**: then every thread is held to its kind's list of system calls
 //!   ([`crate::seccomp`]).
 //!
-//! Not here yet (a departure from the design, named in SECURITY.md): an unprivileged uid (see
-//! [`crate::jail`]). The pid namespace is made by the runtime, which spawns husk-vmm in it.
+//! - **An unprivileged uid** (given `--userns-fd`): once in the jail, husk-vmm joins the user
+//!   namespace the runtime made ([`crate::userns`]) and runs as host uid `base`; the kept
+//!   capabilities then act only on the idmapped mounts of its share and jail.
+//!
+//! The pid namespace is made by the runtime, which spawns husk-vmm in it.
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -70,10 +73,13 @@ pub enum ConfineError {
     /// The jail could not be entered.
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    /// husk-vmm's user namespace could not be joined.
+    #[error("cannot run as an unprivileged uid in its user namespace ({0})")]
+    Userns(#[source] std::io::Error),
 }
 
-/// The whole confinement, once the microVM is built: the jail ([`crate::jail::enter`]), then
-/// [`drop_privileges`], then the process's seccomp list ([`crate::seccomp::confine_process`]),
+/// The whole confinement, once the microVM is built: the jail ([`crate::jail::enter`]), its
+/// user namespace if it has one ([`crate::userns::enter`]), then [`drop_privileges`], then the process's seccomp list ([`crate::seccomp::confine_process`]),
 /// before any thread that serves the guest starts. The device and vCPU threads narrow
 /// themselves further when they start.
 ///
@@ -89,7 +95,17 @@ pub fn confine(
     let mut jail_us = None;
     if crate::jail::possible() {
         crate::jail::enter(jail)?;
+        if let Some(userns) = jail.userns {
+            // SAFETY: the descriptor was inherited for this and stays open.
+            let userns = unsafe { std::os::fd::BorrowedFd::borrow_raw(userns) };
+            crate::userns::enter(userns).map_err(ConfineError::Userns)?;
+        }
         jail_us = Some(micros(start));
+    } else if jail.userns.is_some() {
+        return Err(ConfineError::Userns(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "joining it needs root (CAP_SYS_ADMIN)",
+        )));
     } else {
         tracing::warn!(
             "husk-vmm runs without its jail: building it needs root (CAP_SYS_ADMIN); the \

@@ -27,21 +27,17 @@
 //! The pid namespace is not made here: a process cannot enter one, only its children can.
 //! The runtime spawns husk-vmm as the first process of a new one
 //! (`husk::container::in_new_pid_namespace`), so it is pid 1 there and sees no other process;
-//! its seccomp filter also lets it signal only itself. Not done (see SECURITY.md): an
-//! unprivileged uid (the file server acts as the guest's users on the share).
+//! its seccomp filter also lets it signal only itself. Once in the jail, husk-vmm may join a
+//! user namespace and run as an unprivileged uid ([`crate::userns`]); the jail's directories
+//! are then idmapped mounts through it ([`JailPlan::userns`]), so that they stay its own.
 //! A husk-vmm started by a user other than root cannot build the jail and runs without it,
 //! saying so in its log.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-
-/// `move_mount`'s flag: the source is the descriptor itself.
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// The namespaces husk-vmm leaves.
 const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
@@ -61,6 +57,10 @@ pub struct JailPlan {
     pub devices: Vec<PathBuf>,
     /// A devpts instance of the jail's own at `/dev/pts`, with `/dev/ptmx`.
     pub pty: bool,
+    /// The user namespace husk-vmm joins once in its jail (a descriptor it inherited; see
+    /// [`crate::userns`]): the directories are idmapped mounts through it, so that they stay
+    /// husk-vmm's own.
+    pub userns: Option<std::os::fd::RawFd>,
 }
 
 impl JailPlan {
@@ -150,7 +150,19 @@ pub fn enter(plan: &JailPlan) -> Result<(), JailError> {
                     why: "the host's root cannot be in the jail".into(),
                 });
             }
-            let fd = clone_tree(&path)?;
+            // Not what is mounted below it.
+            let fd = crate::userns::clone_tree(&path, false).map_err(|e| JailError::Path {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+            if let (true, Some(userns)) = (is_dir, plan.userns) {
+                // SAFETY: the plan's descriptor stays open while the jail is built.
+                let userns = unsafe { std::os::fd::BorrowedFd::borrow_raw(userns) };
+                crate::userns::idmap(&fd, userns, false).map_err(|e| JailError::Path {
+                    path: path.clone(),
+                    why: format!("{e} (husk-vmm's user namespace needs idmapped mounts)"),
+                })?;
+            }
             binds.push((path, fd, is_dir));
         }
     }
@@ -205,7 +217,7 @@ pub fn enter(plan: &JailPlan) -> Result<(), JailError> {
             std::fs::File::create(&target)
                 .map_err(io_step(format!("making {}", target.display())))?;
         }
-        attach(fd, &target)?;
+        crate::userns::attach(fd, &target).map_err(io_step("mounting it in the jail"))?;
     }
     if plan.pty {
         let pts = anchor.join("dev/pts");
@@ -315,62 +327,6 @@ fn absolute(path: &Path) -> Result<PathBuf, JailError> {
 /// Where the host path `path` is in the jail's root mounted on `anchor`.
 fn inside(anchor: &Path, path: &Path) -> PathBuf {
     anchor.join(path.strip_prefix("/").unwrap_or(path))
-}
-
-/// A detached copy of the mount at `path` (not of what is mounted below it).
-fn clone_tree(path: &Path) -> Result<OwnedFd, JailError> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Path {
-        path: path.to_path_buf(),
-        why: "the path holds a NUL byte".into(),
-    })?;
-    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(JailError::Path {
-            path: path.to_path_buf(),
-            why: std::io::Error::last_os_error().to_string(),
-        });
-    }
-    let fd = i32::try_from(fd).map_err(|_| JailError::Path {
-        path: path.to_path_buf(),
-        why: "open_tree returned a descriptor out of range".into(),
-    })?;
-    // SAFETY: the descriptor was just returned to us and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Mounts the detached tree `fd` on `target`.
-fn attach(fd: &OwnedFd, target: &Path) -> Result<(), JailError> {
-    let c = CString::new(target.as_os_str().as_bytes()).map_err(|_| JailError::Path {
-        path: target.to_path_buf(),
-        why: "the path holds a NUL byte".into(),
-    })?;
-    // SAFETY: move_mount reads two NUL-terminated paths (the first empty, with the flag that
-    // says the source is the descriptor) and changes only the mount tree.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if ret != 0 {
-        return Err(JailError::Step {
-            step: format!("mounting {} in the jail", target.display()),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 /// Makes `new_root` the root and lets go of the host's.

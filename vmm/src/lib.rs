@@ -18,5 +18,6 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod supervisor;
 pub mod timeline;
+pub mod userns;
 pub mod vmm;
 pub mod vstate;

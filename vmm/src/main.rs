@@ -115,6 +115,11 @@ struct Args {
     /// it ends the VMM (created empty at confinement).
     #[arg(long)]
     seccomp_report: Option<PathBuf>,
+    /// Run as an unprivileged uid: once in its jail, join the user namespace of this inherited
+    /// descriptor and become its root (see `husk_vmm::userns`). The share and the jail's
+    /// directories must be idmapped mounts through it.
+    #[arg(long)]
+    userns_fd: Option<i32>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -157,6 +162,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
         template_out: args.template_out,
         restore_from: args.restore,
         seccomp_report: args.seccomp_report,
+        userns_fd: args.userns_fd,
     };
     if let Ok(hook) = std::env::var(husk_vmm::config::AGENT_TEST_HOOK_ENV) {
         cfg.arm_agent_test_hook(&hook).map_err(anyhow::Error::msg)?;

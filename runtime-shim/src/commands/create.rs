@@ -6,7 +6,7 @@ use crate::config::HuskConfig;
 use crate::container::{process_start_time, vmm_command, StateDir, VmRollback};
 use crate::hooks::{HookKind, Hooks};
 use crate::host_cgroup::{self, HostCgroup, HostLimits};
-use crate::share::{prepare_share, FsCache};
+use crate::share::{bind_into_share, mount_share, FsCache, ShareError};
 use crate::sizing::{host_cpus, size_vm};
 use crate::state::{now_rfc3339, write_atomic, ContainerState, Status};
 use crate::template::{self, Templates};
@@ -129,7 +129,28 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let _lock = dir.create_locked()?;
     let mut rollback = VmRollback::new(&dir, logging::warn);
     let mut mounts = Vec::new();
-    prepare_share(&dir, &translation.binds, &mut mounts).context("preparing the share")?;
+    mount_share(&dir, &mut mounts).context("preparing the share")?;
+    let mut userns = crate::container::vmm_userns(&cfg, &dir, &logging::warn);
+    let bundle_share = dir.shared_bundle();
+    let binds = &translation.binds;
+    match bind_into_share(
+        &bundle_share,
+        binds,
+        &mut mounts,
+        userns.as_ref().map(AsFd::as_fd),
+    ) {
+        // Nothing was made: husk-vmm runs as root, and the binds are plain.
+        Err(e @ ShareError::Idmap { .. }) => {
+            logging::warn(&format!(
+                "husk-vmm runs as root: {}",
+                husk_vmm::supervisor::chain(&e)
+            ));
+            userns = None;
+            bind_into_share(&bundle_share, binds, &mut mounts, None)
+        }
+        result => result,
+    }
+    .context("preparing the share")?;
     let cgroup = HostCgroup::prepare_planned(
         cgroup_path.as_deref(),
         HostLimits {
@@ -220,6 +241,9 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         };
         if let Some(template) = &template {
             cmd.arg("--restore").arg(template);
+        }
+        if let Some(userns) = &userns {
+            crate::container::pass_userns(&mut cmd, userns);
         }
         if let Some(cgroup) = &cgroup {
             cgroup.join_on_exec(&mut cmd);

@@ -80,6 +80,8 @@ impl Sandbox {
         let mut guard = VmRollback::new(&dir, |m| log::warn!("{m}"));
         let mut mounts = Vec::new();
         mount_share(&dir, &mut mounts).context("preparing the share")?;
+        // The pod's containers' binds go into the share through it, as they come.
+        let userns = crate::container::vmm_userns(&cfg, &dir, &warn);
         let cgroup = HostCgroup::prepare_planned(
             cgroup_path.as_deref(),
             HostLimits {
@@ -139,6 +141,9 @@ impl Sandbox {
                 unsafe {
                     cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
                 }
+            }
+            if let Some(userns) = &userns {
+                crate::container::pass_userns(&mut cmd, userns);
             }
             if let Some(cgroup) = &cgroup {
                 cgroup.join_on_exec(&mut cmd);

@@ -58,7 +58,10 @@
 //! move files or directories out of the share while the VM runs: the server holds inodes by
 //! file descriptor, so an inode the guest already reached stays reachable wherever it is moved
 //! (as with hard links above).
-//! Guest uids other than 0 act through per-thread `setresuid`, which needs a root VMM.
+//! Guest uids other than 0 act through per-thread `setresuid`, which needs `CAP_SETUID`: in
+//! husk-vmm's user namespace when it runs in one ([`crate::userns`]), where only the ids 0 to
+//! 65535 exist (a request as another fails) and only the idmapped mounts of the share are
+//! mapped.
 //!
 //! # Inodes held, bounded
 //!
