@@ -80,8 +80,10 @@ impl Sandbox {
         let mut guard = VmRollback::new(&dir, |m| log::warn!("{m}"));
         let mut mounts = Vec::new();
         mount_share(&dir, &mut mounts).context("preparing the share")?;
-        // The pod's containers' binds go into the share through it, as they come.
-        let userns = crate::container::vmm_userns(&cfg, &dir, &warn);
+        // A pod's husk-vmm runs as root for now, without the user namespace of the CLI's
+        // (`crate::container::vmm_userns`): in the rig, containerd's overlay rootfs mounts were
+        // refused as idmapped mounts (mount_setattr: EINVAL) where podman's were taken, and a
+        // pod's VMM starts before its containers' mounts are known. See SECURITY.md.
         let cgroup = HostCgroup::prepare_planned(
             cgroup_path.as_deref(),
             HostLimits {
@@ -141,9 +143,6 @@ impl Sandbox {
                 unsafe {
                     cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
                 }
-            }
-            if let Some(userns) = &userns {
-                crate::container::pass_userns(&mut cmd, userns);
             }
             if let Some(cgroup) = &cgroup {
                 cgroup.join_on_exec(&mut cmd);

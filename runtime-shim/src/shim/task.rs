@@ -24,7 +24,7 @@ use crate::agent::{call, call_ok, AGENT_CONNECT_TIMEOUT};
 use crate::bundle::{translate_spec, Bundle, GUEST_SHARE};
 use crate::container::validate_id;
 use crate::hooks::{HookKind, Hooks};
-use crate::share::{bind_into_share, ShareError};
+use crate::share::bind_into_share;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use containerd_shim::api::{
@@ -591,23 +591,9 @@ impl Shared {
         let share = sandbox.dir.shared_dir().join(id);
         undo.share = Some(share.clone());
         let mut mounts = Vec::new();
-        // Through the pod's VMM's user namespace, if it runs in one (see `husk_vmm::userns`).
-        let userns = husk_vmm::userns::of_process(sandbox.vmm_pid)
-            .context("finding the pod's husk-vmm's user namespace")?;
-        bind_into_share(
-            &share,
-            &translation.binds,
-            &mut mounts,
-            userns.as_ref().map(std::os::fd::AsFd::as_fd),
-        )
-        .map_err(|e| match e {
-            ShareError::Idmap { .. } => anyhow::Error::new(e).context(
-                "the pod's husk-vmm runs as an unprivileged uid and serves only idmapped \
-                 mounts; `vmm_userns = false` in config.toml runs it as root",
-            ),
-            e => anyhow::Error::new(e),
-        })
-        .context("preparing the container's share")?;
+        // Plain binds: a pod's husk-vmm runs as root (see `Sandbox::boot`).
+        bind_into_share(&share, &translation.binds, &mut mounts, None)
+            .context("preparing the container's share")?;
         let mut client = self.agent(&sandbox)?;
         let created = call(
             &mut client,
