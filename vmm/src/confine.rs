@@ -79,9 +79,10 @@ pub enum ConfineError {
 }
 
 /// The whole confinement, once the microVM is built: the jail ([`crate::jail::enter`]), its
-/// user namespace if it has one ([`crate::userns::enter`]), then [`drop_privileges`], then the process's seccomp list ([`crate::seccomp::confine_process`]),
-/// before any thread that serves the guest starts. The device and vCPU threads narrow
-/// themselves further when they start.
+/// user namespace if it has one ([`crate::userns::enter`]), then [`drop_privileges`], then
+/// the process's seccomp list ([`crate::seccomp::confine_process`]), before any thread that
+/// serves the guest starts. The device and vCPU threads narrow themselves further when they
+/// start.
 ///
 /// A husk-vmm without `CAP_SYS_ADMIN` (not started by root) cannot build the jail: it says so
 /// in its log and goes on with the rest.
