@@ -14,7 +14,7 @@
 //! template_dir = "/var/lib/husk/templates"
 //! fs_cache = "auto"          # how long the guest caches the container's files (`crate::share::FsCache`)
 //! vmm_userns = true          # husk-vmm runs as an unprivileged uid (`husk_vmm::userns`)
-//! vmm_uid_base = 1879048192  # the first host uid and gid of its range of 65536
+//! vmm_uid_base = 1879048192  # the first host uid and gid of its range of 2^28
 //! ```
 //!
 //! Kernel and initramfs, when not configured: `/usr/local/share/husk/{vmlinux,initramfs.cpio}`
@@ -86,7 +86,7 @@ pub struct HuskConfig {
     /// husk-vmm runs as an unprivileged uid in a user namespace of its own, where the host
     /// allows (on by default; see [`husk_vmm::userns`]).
     pub vmm_userns: bool,
-    /// The first host id the namespace maps its ids 0 to 65535 onto.
+    /// The first host id the namespace maps its ids 0 to 2^28 - 1 onto.
     pub vmm_uid_base: u32,
 }
 

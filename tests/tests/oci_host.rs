@@ -690,7 +690,7 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         );
     }
     // An unprivileged uid and gid on the host (real, effective, saved, file system), root of a
-    // user namespace of its own that maps 65536 ids onto them (husk_vmm::userns).
+    // user namespace of its own that maps 2^28 ids onto them (husk_vmm::userns).
     let base = husk_vmm::userns::DEFAULT_UID_BASE.to_string();
     for ids in ["Uid:", "Gid:"] {
         let line = status.lines().find(|l| l.starts_with(ids)).expect(ids);
@@ -701,7 +701,12 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     for map in ["uid_map", "gid_map"] {
         let text = std::fs::read_to_string(format!("/proc/{pid}/{map}")).expect(map);
         let fields: Vec<&str> = text.split_whitespace().collect();
-        assert_eq!(fields, ["0", base.as_str(), "65536"], "{map} of husk-vmm");
+        let count = husk_vmm::userns::ID_COUNT.to_string();
+        assert_eq!(
+            fields,
+            ["0", base.as_str(), count.as_str()],
+            "{map} of husk-vmm"
+        );
     }
     let mut vcpus = 0;
     let mut devices = 0;

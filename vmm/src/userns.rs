@@ -31,9 +31,13 @@ use std::path::Path;
 /// The first host id of the range, unless configured: 0x7000_0000, above systemd's container
 /// ranges (which end at 0x6fff_ffff) and below the ids that are negative as signed integers.
 pub const DEFAULT_UID_BASE: u32 = 0x7000_0000;
-/// How many ids the namespace maps (uids and gids alike): 0 to 65535, as Kubernetes gives a pod
-/// without host users.
-pub const ID_COUNT: u32 = 65536;
+/// How many ids the namespace maps (uids and gids alike): 0 to 2^28 - 1 (268435455). Every id
+/// a container may run as or own files as must be in it, including the ids of the user
+/// namespaces that containers' own `linux.uidMappings` make (podman's `--uidmap 0:100000:65536`,
+/// Kubernetes' pods without host users, which get blocks of 65536 from 65536 up), so the range
+/// is wide; from [`DEFAULT_UID_BASE`] it ends at 2^31 - 1, below the ids that are negative as
+/// signed integers.
+pub const ID_COUNT: u32 = 0x1000_0000;
 
 /// `mount_setattr`'s argument (`struct mount_attr` of `linux/mount.h`, version 0).
 #[repr(C)]
@@ -206,7 +210,17 @@ pub fn idmap(tree: &OwnedFd, userns: BorrowedFd<'_>, recursive: bool) -> io::Res
         )
     };
     if ret != 0 {
-        return Err(last_error("idmapping the mount"));
+        let e = io::Error::last_os_error();
+        let why = if e.raw_os_error() == Some(libc::EINVAL) {
+            " (its file system cannot be idmapped: an overlayfs mount, NFS, FUSE, or tmpfs \
+             before Linux 6.3)"
+        } else {
+            ""
+        };
+        return Err(io::Error::new(
+            e.kind(),
+            format!("idmapping the mount: {e}{why}"),
+        ));
     }
     Ok(())
 }
@@ -274,7 +288,10 @@ mod tests {
 
     #[test]
     fn the_map_covers_the_range_and_refuses_overflow() {
-        assert_eq!(map_line(DEFAULT_UID_BASE).unwrap(), "0 1879048192 65536\n");
+        assert_eq!(
+            map_line(DEFAULT_UID_BASE).unwrap(),
+            "0 1879048192 268435456\n"
+        );
         assert!(map_line(0).is_err());
         assert!(map_line(u32::MAX - 100).is_err());
         assert!(map_line(u32::MAX - ID_COUNT).is_ok());
