@@ -70,6 +70,11 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a helper whose socket closed may take to be reaped, for its status in the error.
 const HELPER_END_WAIT: Duration = Duration::from_secs(2);
+/// How many of the guest kernel's last messages the error of a helper killed by a signal
+/// carries.
+const KERNEL_LOG_LINES: usize = 12;
+/// The longest of those messages kept whole (a line of an oops is shorter).
+const KERNEL_LOG_LINE_MAX: usize = 240;
 /// Stack of the clone child (it only duplicates descriptors and execs).
 const CLONE_STACK_LEN: usize = 64 * 1024;
 /// Buffer of a stdio copy thread.
@@ -676,6 +681,16 @@ impl Containers {
                     helper_status.try_recv().ok()
                 };
                 return Err(match (status, err) {
+                    // A signal that ended it unasked came from the kernel (the OOM killer, an
+                    // oops in a system call): its last messages say why.
+                    (Some(status @ ReapStatus::Signaled(_)), ContainerError::Setup(message))
+                        if ended =>
+                    {
+                        let log = kernel_log_tail(KERNEL_LOG_LINES)
+                            .map(|tail| format!("; the guest kernel's last messages: {tail}"))
+                            .unwrap_or_default();
+                        ContainerError::Setup(format!("{message} ({status}){log}"))
+                    }
                     (Some(status), ContainerError::Setup(message)) if ended => {
                         ContainerError::Setup(format!("{message} ({status})"))
                     }
@@ -1217,9 +1232,53 @@ impl Containers {
     }
 }
 
+/// The guest kernel's last `lines` messages (its ring buffer, `syslog(2)`), joined with ` | `,
+/// or `None` where it cannot be read.
+fn kernel_log_tail(lines: usize) -> Option<String> {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER reads no buffer.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    let size = usize::try_from(size).ok()?.clamp(4096, 1 << 20);
+    let mut buf = vec![0u8; size];
+    let len = libc::c_int::try_from(buf.len()).ok()?;
+    // SAFETY: the kernel writes at most `len` bytes into `buf`, which holds that many.
+    let read = unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), len) };
+    let read = usize::try_from(read).ok()?.min(buf.len());
+    Some(last_lines(&String::from_utf8_lossy(&buf[..read]), lines))
+}
+
+/// The last `n` non-empty lines of `text`, each cut to [`KERNEL_LOG_LINE_MAX`] characters,
+/// joined with ` | `.
+fn last_lines(text: &str, n: usize) -> String {
+    let mut tail: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .rev()
+        .take(n)
+        .map(|l| l.chars().take(KERNEL_LOG_LINE_MAX).collect())
+        .collect();
+    tail.reverse();
+    tail.join(" | ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_helpers_kernel_log_tail_is_its_last_lines_bounded() {
+        let text = "<6>[ 1.0] one\n\n<3>[ 2.0] two\n<4>[ 3.0] three\n";
+        assert_eq!(last_lines(text, 2), "<3>[ 2.0] two | <4>[ 3.0] three");
+        assert_eq!(
+            last_lines(text, 9),
+            "<6>[ 1.0] one | <3>[ 2.0] two | <4>[ 3.0] three"
+        );
+        assert_eq!(last_lines("", 3), "");
+        let long = "x".repeat(1000);
+        assert_eq!(last_lines(&long, 1).len(), KERNEL_LOG_LINE_MAX);
+    }
 
     #[test]
     fn identifiers_are_checked() {
