@@ -60,7 +60,7 @@
 //! (as with hard links above).
 //! Guest uids other than 0 act through per-thread `setresuid`, which needs `CAP_SETUID`: in
 //! husk-vmm's user namespace when it runs in one ([`crate::userns`]), where only the ids 0 to
-//! 65535 exist (a request as another fails) and only the idmapped mounts of the share are
+//! 2^28 - 1 exist (a request as another fails) and only the idmapped mounts of the share are
 //! mapped.
 //!
 //! # Inodes held, bounded
