@@ -148,21 +148,6 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
-/// The user namespace of process `pid`, or `None` when it is this process's own (a VMM that
-/// runs without one).
-pub fn of_process(pid: i32) -> io::Result<Option<OwnedFd>> {
-    use std::os::unix::fs::MetadataExt;
-    let path = format!("/proc/{pid}/ns/user");
-    let ns = std::fs::File::open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("opening {path}: {e}")))?;
-    let theirs = ns.metadata()?;
-    let ours = std::fs::metadata("/proc/self/ns/user")?;
-    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
-        return Ok(None);
-    }
-    Ok(Some(OwnedFd::from(ns)))
-}
-
 /// A detached copy of the mount tree at `path` (with what is mounted below it if
 /// `recursive`), not yet mounted anywhere.
 pub fn clone_tree(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
