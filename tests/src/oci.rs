@@ -586,6 +586,8 @@ pub struct PtySession {
     child: Child,
     master: std::fs::File,
     output: Arc<Mutex<Vec<u8>>>,
+    /// Set by the reader thread when the pty has no replica left (every writer gone).
+    drained: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn set_cloexec(fd: &OwnedFd) -> Result<()> {
@@ -647,6 +649,8 @@ impl PtySession {
         let output = Arc::new(Mutex::new(Vec::new()));
         let mut reader = master.try_clone()?;
         let sink = Arc::clone(&output);
+        let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::clone(&drained);
         // Detached: it ends when the last replica closes (EIO), or with the test process.
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -659,11 +663,13 @@ impl PtySession {
                         .extend_from_slice(&buf[..n]),
                 }
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         Ok(PtySession {
             child,
             master,
             output,
+            drained,
         })
     }
 
@@ -688,11 +694,16 @@ impl PtySession {
         Ok(())
     }
 
-    /// Waits for the program to exit (killing it after `timeout`).
+    /// Waits for the program to exit (killing it after `timeout`), then for what it wrote last
+    /// to be read off the pty: the exit can be seen before the reader thread has drained the
+    /// master. A descendant that keeps the replica open ends that second wait after 5 s.
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                wait_until(Duration::from_secs(5), || {
+                    self.drained.load(std::sync::atomic::Ordering::SeqCst)
+                });
                 return Ok(status);
             }
             if Instant::now() >= deadline {
