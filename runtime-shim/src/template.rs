@@ -273,6 +273,96 @@ impl Templates {
     }
 }
 
+/// Records the write set of the template in `dir` (see `husk_vmm::write_set`) if it has none
+/// yet: the pages of its memory file that husk-vmm `pid`, restored from it, has its own copies
+/// of now (its `/proc/PID/pagemap`). Called once a sandbox's first container is created, so
+/// that later restores copy those pages ahead of the guest. Returns how many pages it holds,
+/// or `None` when the template has a write set already.
+pub fn record_write_set(dir: &Path, pid: i32) -> Result<Option<u64>> {
+    use husk_vmm::write_set;
+    use std::os::unix::fs::FileExt;
+    if dir.join(write_set::WRITE_SET_FILE).exists() {
+        return Ok(None);
+    }
+    let template = husk_vmm::snapshot::Template::load(dir)?;
+    let memory = dir.join(husk_vmm::snapshot::MEMORY_FILE);
+    let meta =
+        std::fs::metadata(&memory).with_context(|| format!("cannot stat {}", memory.display()))?;
+    let maps_path = format!("/proc/{pid}/maps");
+    let maps =
+        std::fs::read_to_string(&maps_path).with_context(|| format!("cannot read {maps_path}"))?;
+    let pagemap_path = format!("/proc/{pid}/pagemap");
+    let pagemap = std::fs::File::open(&pagemap_path)
+        .with_context(|| format!("cannot open {pagemap_path}"))?;
+    let page = husk_vmm::vstate::memory::page_size();
+    let mut ranges = Vec::new();
+    for mapping in maps
+        .lines()
+        .filter_map(parse_maps_line)
+        .filter(|m| m.dev == dev_pair(meta.dev()) && m.inode == meta.ino())
+    {
+        let pages = (mapping.end - mapping.start) / page;
+        let mut raw = vec![0u8; usize::try_from(pages * 8)?];
+        pagemap
+            .read_exact_at(&mut raw, mapping.start / page * 8)
+            .with_context(|| format!("cannot read {pagemap_path}"))?;
+        let entries: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        ranges.extend(write_set::written_in_mapping(
+            mapping.offset,
+            page,
+            &entries,
+        ));
+    }
+    let ranges = write_set::normalize(ranges);
+    if ranges.is_empty() {
+        bail!(
+            "husk-vmm (pid {pid}) maps no written page of {}",
+            memory.display()
+        );
+    }
+    write_set::write(dir, &template.memory, &ranges)?;
+    Ok(Some(ranges.iter().map(|r| r.1 / page).sum()))
+}
+
+/// One line of `/proc/PID/maps`: the range, the file offset, the device and the inode.
+#[derive(Debug, PartialEq)]
+struct MapsLine {
+    start: u64,
+    end: u64,
+    offset: u64,
+    dev: (u64, u64),
+    inode: u64,
+}
+
+fn parse_maps_line(line: &str) -> Option<MapsLine> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let _perms = fields.next()?;
+    let offset = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+    let (start, end) = (hex(start)?, hex(end)?);
+    (start < end).then_some(())?;
+    Some(MapsLine {
+        start,
+        end,
+        offset: hex(offset)?,
+        dev: (hex(major)?, hex(minor)?),
+        inode,
+    })
+}
+
+/// A `st_dev` as the (major, minor) pair `/proc/PID/maps` shows.
+fn dev_pair(dev: u64) -> (u64, u64) {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    (major, minor)
+}
+
 /// The start of the directory names of a shape's templates (`1cpu-128mib-`), and of those
 /// booted with the serial console for debug sandboxes (`1cpu-128mib-console-`); the digest of
 /// the inputs follows.
@@ -402,6 +492,45 @@ fn build_into(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_lines_give_range_offset_device_and_inode() {
+        assert_eq!(
+            parse_maps_line(
+                "7f0000000000-7f0008000000 rw-p 00200000 fe:01 1234   /var/lib/husk/templates/x/memory"
+            ),
+            Some(MapsLine {
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0800_0000,
+                offset: 0x20_0000,
+                dev: (0xfe, 1),
+                inode: 1234,
+            })
+        );
+        assert_eq!(
+            parse_maps_line("7ffd1000-7ffd2000 r-xp 00000000 00:00 0  [vdso]").map(|m| m.inode),
+            Some(0)
+        );
+        assert_eq!(parse_maps_line("garbage"), None);
+        assert_eq!(parse_maps_line("2000-1000 r--p 0 00:00 0"), None);
+    }
+
+    #[test]
+    fn devices_split_as_the_kernel_prints_them() {
+        let meta = std::fs::metadata("/proc/self/exe").unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let line = maps
+            .lines()
+            .filter_map(|l| Some((parse_maps_line(l)?, l)))
+            .find(|(_, l)| l.ends_with(&*exe.to_string_lossy()))
+            .expect("the test binary is mapped")
+            .0;
+        assert_eq!(line.inode, meta.ino());
+        assert_eq!(line.dev, dev_pair(meta.dev()));
+        assert_eq!(dev_pair(0xfe01), (0xfe, 1));
+        assert_eq!(dev_pair((259 << 8) | 3), (259, 3));
+    }
 
     #[test]
     fn the_annotation_overrides_the_configuration() {

@@ -420,22 +420,67 @@ fn cpuid_digest(supported: &[kvm_bindings::kvm_cpuid_entry2], count: u8) -> Stri
     crate::snapshot::sha256_hex(&serde_json::to_vec(&all).unwrap_or_default())
 }
 
-/// The guest-physical ranges of the template's data pages (those its memory file holds).
-fn template_data_ranges(layout: &snapshot::MemoryLayout) -> Vec<(GuestAddress, u64)> {
-    layout
-        .data
-        .iter()
-        .filter_map(|&(offset, len)| {
-            let region = layout
-                .regions
-                .iter()
-                .find(|r| offset >= r.file_offset && offset + len <= r.file_offset + r.len)?;
-            Some((
-                GuestAddress(region.guest_addr + (offset - region.file_offset)),
-                len,
-            ))
-        })
-        .collect()
+/// The guest-physical ranges of `ranges` of the template's memory file (split where a range
+/// crosses from one region to the next; what lies in no region is left out).
+fn file_ranges_to_guest(
+    layout: &snapshot::MemoryLayout,
+    ranges: &[(u64, u64)],
+) -> Vec<(GuestAddress, u64)> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for &(offset, len) in ranges {
+        let end = offset.saturating_add(len);
+        for region in &layout.regions {
+            let region_end = region.file_offset.saturating_add(region.len);
+            let start = offset.max(region.file_offset);
+            let stop = end.min(region_end);
+            if start < stop {
+                out.push((
+                    GuestAddress(region.guest_addr + (start - region.file_offset)),
+                    stop - start,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The write set of the template in `dir` as guest-physical ranges (see
+/// [`crate::write_set`]); none when it has none yet, or when it does not check out (logged).
+fn template_write_set(
+    dir: &std::path::Path,
+    layout: &snapshot::MemoryLayout,
+) -> Vec<(GuestAddress, u64)> {
+    match crate::write_set::load(dir, layout, memory::page_size()) {
+        Ok(Some(ranges)) => file_ranges_to_guest(layout, &ranges),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            tracing::warn!("warm start: ignoring the template's write set: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Copies the pages of the template's write set into the VMM's memory ahead of the guest
+/// (`MADV_POPULATE_WRITE`): the guest would copy each on its first write, through a VM exit.
+/// Best effort: a kernel without it (before 5.14) leaves the copies to the guest's writes.
+fn populate_write_set(mem: &GuestMemory, ranges: &[(GuestAddress, u64)]) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    for &(addr, len) in ranges {
+        let Ok(host) = vm_memory::GuestMemory::get_host_address(mem, addr) else {
+            continue;
+        };
+        // SAFETY: [host, host + len) lies inside one guest memory mapping owned by `mem` (the
+        // ranges were split at regions); MADV_POPULATE_WRITE faults its pages in writable,
+        // copying them from the template, and never changes their contents.
+        let ret = unsafe { libc::madvise(host.cast(), len as usize, MADV_POPULATE_WRITE) };
+        if ret != 0 {
+            tracing::debug!(
+                "MADV_POPULATE_WRITE of the template's write set failed: {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+    }
 }
 
 /// Maps the template's data pages into the VMM's page tables ahead of the guest
@@ -463,11 +508,12 @@ fn populate_template_pages(mem: &GuestMemory, ranges: &[(GuestAddress, u64)]) {
 }
 
 /// Maps guest memory the guest is about to read into KVM's two-dimensional page tables before
-/// it runs ([`Vcpu::pre_fault`]): a template's data pages when it is restored, the kernel
-/// image and the initramfs when it boots. The guest otherwise takes a VM exit on its first
-/// touch of each such page (a restored guest some 1,400 while it creates its first
-/// container). Pages that are copy-on-write on the host (a template's, the kernel's) are
-/// mapped read-only and stay shared until the guest writes them; no host memory is added.
+/// it runs ([`Vcpu::pre_fault`]): a template's data pages and its write set when it is
+/// restored, the kernel image and the initramfs when it boots. The guest otherwise takes a VM
+/// exit on its first touch of each such page (a restored guest some 1,400 while it creates
+/// its first container). Pages that are copy-on-write on the host (a template's, the
+/// kernel's) are mapped read-only and stay shared until the guest writes them; no host memory
+/// is added. Pages the VMM has its own copy of (the write set's) are mapped writable.
 /// Best effort: a KVM without `KVM_CAP_PRE_FAULT_MEMORY` (before Linux 6.10, or without
 /// two-dimensional paging) leaves them to be faulted in as the guest runs.
 fn pre_fault(kvm: &Kvm, vcpu: &Vcpu, ranges: &[(GuestAddress, u64)]) {
@@ -535,7 +581,10 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
             region.file_offset,
         )?;
     }
-    let data_ranges = template_data_ranges(&template.memory);
+    // The pages the guest will write first are copied before those it reads are mapped.
+    let write_set = template_write_set(dir, &template.memory);
+    populate_write_set(&mem, &write_set);
+    let data_ranges = file_ranges_to_guest(&template.memory, &template.memory.data);
     populate_template_pages(&mem, &data_ranges);
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&mem)?;
@@ -589,6 +638,8 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
         vcpus.push(vcpu);
     }
     if let Some(vcpu) = vcpus.first() {
+        // The write set first: its pages are private copies now, and KVM maps them writable.
+        pre_fault(&kvm, vcpu, &write_set);
         pre_fault(&kvm, vcpu, &data_ranges);
     }
     let kernel_loaded_us = timeline::since_start_us();
@@ -802,6 +853,39 @@ mod tests {
     const RESET_CODE: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
     /// `ud2` with no IDT: a triple fault.
     const CRASH_CODE: &[u8] = &[0x0f, 0x0b];
+
+    #[test]
+    fn memory_file_ranges_map_to_guest_addresses_across_regions() {
+        let layout = snapshot::MemoryLayout {
+            regions: vec![
+                snapshot::MemRegion {
+                    guest_addr: 0,
+                    len: 0x3000,
+                    file_offset: 0,
+                },
+                snapshot::MemRegion {
+                    guest_addr: 0x1_0000_0000,
+                    len: 0x2000,
+                    file_offset: 0x3000,
+                },
+            ],
+            file_len: 0x5000,
+            data: Vec::new(),
+            sha256: String::new(),
+        };
+        assert_eq!(
+            file_ranges_to_guest(
+                &layout,
+                &[(0x1000, 0x1000), (0x2000, 0x2000), (0x4000, 0x3000)]
+            ),
+            vec![
+                (GuestAddress(0x1000), 0x1000),
+                (GuestAddress(0x2000), 0x1000),
+                (GuestAddress(0x1_0000_0000), 0x1000),
+                (GuestAddress(0x1_0000_1000), 0x1000),
+            ]
+        );
+    }
 
     /// A hand-made ELF64 "kernel": `code` loaded at 16 MiB, with a PVH note if `pvh`.
     fn tiny_kernel(code: &[u8], pvh: bool) -> Vec<u8> {

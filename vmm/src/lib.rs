@@ -21,3 +21,4 @@ pub mod timeline;
 pub mod userns;
 pub mod vmm;
 pub mod vstate;
+pub mod write_set;

@@ -331,6 +331,17 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     state.pid = pid;
     state.pid_start_time = process_start_time(pid)
         .with_context(|| format!("husk-vmm (pid {pid}) died right after creating the container"))?;
+    if let Some(template) = &template {
+        // Once per template: what this restore wrote up to here, later restores copy ahead.
+        match template::record_write_set(template, pid) {
+            Ok(Some(pages)) => logging::debug(&format!(
+                "warm start: recorded the write set of {} ({pages} pages)",
+                template.display()
+            )),
+            Ok(None) => {}
+            Err(e) => logging::debug(&format!("warm start: no write set recorded: {e:#}")),
+        }
+    }
     // The container exists in the guest, its program not yet started: the create-time hooks
     // (those that configured the network ran before the VM was built).
     let hooked = if hooked_network {
