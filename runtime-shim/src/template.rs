@@ -274,10 +274,15 @@ impl Templates {
 }
 
 /// Records the write set of the template in `dir` (see `husk_vmm::write_set`) if it has none
-/// yet: the pages of its memory file that husk-vmm `pid`, restored from it, has its own copies
-/// of now (its `/proc/PID/pagemap`). Called once a sandbox's first container is created, so
-/// that later restores copy those pages ahead of the guest. Returns how many pages it holds,
-/// or `None` when the template has a write set already.
+/// yet: the guest pages that husk-vmm `pid`, restored from it, has its own copies of now (its
+/// `/proc/PID/pagemap`). Called once a sandbox's first container is created, so that later
+/// restores copy those pages ahead of the guest. Returns how many pages it holds, or `None`
+/// when the template has a write set already.
+///
+/// Where guest memory lies in husk-vmm is read off its mappings of the memory file: a restore
+/// maps the file's runs of data over each region's anonymous memory, so a mapping at `addr` of
+/// file offset `o` in the region that starts at file offset `f` puts the region at
+/// `addr - (o - f)`.
 pub fn record_write_set(dir: &Path, pid: i32) -> Result<Option<u64>> {
     use husk_vmm::write_set;
     use std::os::unix::fs::FileExt;
@@ -291,27 +296,30 @@ pub fn record_write_set(dir: &Path, pid: i32) -> Result<Option<u64>> {
     let maps_path = format!("/proc/{pid}/maps");
     let maps =
         std::fs::read_to_string(&maps_path).with_context(|| format!("cannot read {maps_path}"))?;
+    let file_mappings: Vec<MapsLine> = maps
+        .lines()
+        .filter_map(parse_maps_line)
+        .filter(|m| m.dev == dev_pair(meta.dev()) && m.inode == meta.ino())
+        .collect();
     let pagemap_path = format!("/proc/{pid}/pagemap");
     let pagemap = std::fs::File::open(&pagemap_path)
         .with_context(|| format!("cannot open {pagemap_path}"))?;
     let page = husk_vmm::vstate::memory::page_size();
     let mut ranges = Vec::new();
-    for mapping in maps
-        .lines()
-        .filter_map(parse_maps_line)
-        .filter(|m| m.dev == dev_pair(meta.dev()) && m.inode == meta.ino())
-    {
-        let pages = (mapping.end - mapping.start) / page;
-        let mut raw = vec![0u8; usize::try_from(pages * 8)?];
+    for region in &template.memory.regions {
+        let Some(host) = region_host_start(&file_mappings, region.file_offset, region.len) else {
+            continue;
+        };
+        let mut raw = vec![0u8; usize::try_from(region.len / page * 8)?];
         pagemap
-            .read_exact_at(&mut raw, mapping.start / page * 8)
+            .read_exact_at(&mut raw, host / page * 8)
             .with_context(|| format!("cannot read {pagemap_path}"))?;
         let entries: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
         ranges.extend(write_set::written_in_mapping(
-            mapping.offset,
+            region.file_offset,
             page,
             &entries,
         ));
@@ -325,6 +333,17 @@ pub fn record_write_set(dir: &Path, pid: i32) -> Result<Option<u64>> {
     }
     write_set::write(dir, &template.memory, &ranges)?;
     Ok(Some(ranges.iter().map(|r| r.1 / page).sum()))
+}
+
+/// Where the region of `len` bytes at `file_offset` in the memory file starts in the VMM, from
+/// its mappings of that file; `None` when none lies in the region (or they disagree).
+fn region_host_start(mappings: &[MapsLine], file_offset: u64, len: u64) -> Option<u64> {
+    let mut starts = mappings
+        .iter()
+        .filter(|m| m.offset >= file_offset && m.offset < file_offset + len)
+        .map(|m| m.start.checked_sub(m.offset - file_offset));
+    let first = starts.next()??;
+    starts.all(|s| s == Some(first)).then_some(first)
 }
 
 /// One line of `/proc/PID/maps`: the range, the file offset, the device and the inode.
@@ -513,6 +532,29 @@ mod tests {
         );
         assert_eq!(parse_maps_line("garbage"), None);
         assert_eq!(parse_maps_line("2000-1000 r--p 0 00:00 0"), None);
+    }
+
+    #[test]
+    fn a_region_is_found_from_its_mappings_of_the_file() {
+        let line = |start: u64, offset: u64| MapsLine {
+            start,
+            end: start + 0x1000,
+            offset,
+            dev: (0, 0),
+            inode: 1,
+        };
+        let region = 0x7f00_0000_0000;
+        let mappings = [line(region + 0x5000, 0x5000), line(region + 0x9000, 0x9000)];
+        assert_eq!(region_host_start(&mappings, 0, 0x10_0000), Some(region));
+        // A second region, later in the file, mapped elsewhere.
+        let second = [line(0x7e00_0000_2000, 0x10_2000)];
+        assert_eq!(
+            region_host_start(&second, 0x10_0000, 0x10_0000),
+            Some(0x7e00_0000_0000)
+        );
+        assert_eq!(region_host_start(&second, 0, 0x10_0000), None);
+        let disagree = [line(region, 0), line(region + 0x9000, 0x8000)];
+        assert_eq!(region_host_start(&disagree, 0, 0x10_0000), None);
     }
 
     #[test]

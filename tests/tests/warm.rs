@@ -262,6 +262,63 @@ fn a_damaged_or_mismatched_template_is_never_restored() {
     assert!(templates.exists());
 }
 
+#[test]
+fn the_first_sandbox_records_the_write_set_and_a_damaged_one_is_dropped() {
+    let Some((env, _templates)) =
+        env_with_templates("the_first_sandbox_records_the_write_set_and_a_damaged_one_is_dropped")
+    else {
+        return;
+    };
+    let template = build_template(&env);
+    let write_set = template.join("write-set");
+    assert!(!write_set.exists(), "a new template has no write set yet");
+    let before = template_digests(&template);
+    run_true(&env, "ws1");
+    let meta = std::fs::metadata(&write_set).expect("the first sandbox recorded the write set");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "root-only");
+    // Header (84 bytes), one range at least (16), the digest (32).
+    assert!(meta.len() >= 84 + 16 + 32, "{} bytes", meta.len());
+    let recorded = digest(&write_set);
+    let stderr = run_true(&env, "ws2");
+    assert!(!stderr.contains("warm start:"), "{stderr}");
+    assert_eq!(digest(&write_set), recorded, "recorded once");
+
+    // A damaged write set: the sandbox still restores from the template, the VMM's log says
+    // why the write set was not used, and it is gone (the next sandbox records it again).
+    flip_byte(&write_set, 90);
+    let bundle = env.bundle("ws3", &["sleep", "1000"], |_| {});
+    let out = env.run(&[
+        "run",
+        "-d",
+        "--bundle",
+        bundle.to_str().expect("utf-8"),
+        "ws3",
+    ]);
+    assert!(out.status.success(), "run -d ws3: {}", text(&out.stderr));
+    assert!(
+        vmm_cmdline(&env, "ws3").contains(&format!("--restore {}", template.display())),
+        "restored from the template"
+    );
+    let logs = env.logs();
+    assert!(
+        logs.contains("ignoring the template's write set (removed)") && logs.contains("digest"),
+        "{logs}"
+    );
+    let out = env.run(&["exec", "ws3", "true"]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    let out = env.run(&["delete", "--force", "ws3"]);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    run_true(&env, "ws4");
+    assert!(write_set.is_file(), "recorded again");
+    assert_eq!(
+        template_digests(&template),
+        before,
+        "the template's state and memory are unchanged"
+    );
+    env.assert_nothing_left("after the write set's sandboxes");
+}
+
 /// `husk --debug` keeps the guest's console, so its sandboxes restore from a template of their
 /// own (booted with the console): the others' template is neither refused nor thrown away.
 #[test]

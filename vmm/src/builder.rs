@@ -426,6 +426,17 @@ fn file_ranges_to_guest(
     layout: &snapshot::MemoryLayout,
     ranges: &[(u64, u64)],
 ) -> Vec<(GuestAddress, u64)> {
+    file_ranges_in_guest(layout, ranges)
+        .into_iter()
+        .map(|(addr, len, _)| (addr, len))
+        .collect()
+}
+
+/// [`file_ranges_to_guest`], each range with its offset in the memory file.
+fn file_ranges_in_guest(
+    layout: &snapshot::MemoryLayout,
+    ranges: &[(u64, u64)],
+) -> Vec<(GuestAddress, u64, u64)> {
     let mut out = Vec::with_capacity(ranges.len());
     for &(offset, len) in ranges {
         let end = offset.saturating_add(len);
@@ -437,6 +448,7 @@ fn file_ranges_to_guest(
                 out.push((
                     GuestAddress(region.guest_addr + (start - region.file_offset)),
                     stop - start,
+                    start,
                 ));
             }
         }
@@ -445,7 +457,8 @@ fn file_ranges_to_guest(
 }
 
 /// The write set of the template in `dir` as guest-physical ranges (see
-/// [`crate::write_set`]); none when it has none yet, or when it does not check out (logged).
+/// [`crate::write_set`]); none when it has none yet, or when it does not check out (logged,
+/// and the file removed).
 fn template_write_set(
     dir: &std::path::Path,
     layout: &snapshot::MemoryLayout,
@@ -454,7 +467,13 @@ fn template_write_set(
         Ok(Some(ranges)) => file_ranges_to_guest(layout, &ranges),
         Ok(None) => Vec::new(),
         Err(e) => {
-            tracing::warn!("warm start: ignoring the template's write set: {e}");
+            // Removed, so that the next sandbox records it anew.
+            let path = dir.join(crate::write_set::WRITE_SET_FILE);
+            let removed = std::fs::remove_file(&path).is_ok();
+            tracing::warn!(
+                "warm start: ignoring the template's write set{}: {e}",
+                if removed { " (removed)" } else { "" }
+            );
             Vec::new()
         }
     }
@@ -572,19 +591,20 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
         what: "cannot open it",
         source,
     })?;
-    for region in &template.memory.regions {
-        memory::map_file_private(
-            &mem,
-            GuestAddress(region.guest_addr),
-            region.len,
-            &memory_file,
-            region.file_offset,
-        )?;
+    // Only the runs of pages that hold data come from the file (a hundred or so mappings): the
+    // rest, zeros, stays the region's anonymous memory, where a page the guest touches first is
+    // a fresh zeroed page rather than a page-cache page of the file's hole and a copy of it.
+    let data_mappings = file_ranges_in_guest(&template.memory, &template.memory.data);
+    for &(addr, len, offset) in &data_mappings {
+        memory::map_file_private(&mem, addr, len, &memory_file, offset)?;
     }
+    let data_ranges: Vec<(GuestAddress, u64)> = data_mappings
+        .iter()
+        .map(|&(addr, len, _)| (addr, len))
+        .collect();
     // The pages the guest will write first are copied before those it reads are mapped.
     let write_set = template_write_set(dir, &template.memory);
     populate_write_set(&mem, &write_set);
-    let data_ranges = file_ranges_to_guest(&template.memory, &template.memory.data);
     populate_template_pages(&mem, &data_ranges);
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&mem)?;

@@ -1,16 +1,19 @@
 //! Templates: a guest booted to its agent's readiness, saved to files, and restored by every
 //! sandbox of the same shape instead of a boot (see DESIGN.md "Warm start").
 //!
-//! A template is a directory with two files:
+//! A template is a directory with these files:
 //! - `state`: [`STATE_MAGIC`], the format version ([`TEMPLATE_FORMAT`], little-endian `u32`), the
 //!   length of a JSON body (`u64`), the body (a [`Template`]: what the template was made from,
 //!   the VM's and every vCPU's KVM state, every virtio transport, the memory layout) and the
 //!   SHA-256 of the body. Anything that does not parse, or whose digest differs, is refused.
 //! - `memory`: guest RAM, its regions one after another, sparse: only the pages the guest had
-//!   touched and that are not zero are written, the rest are holes. A restore maps it
-//!   `MAP_PRIVATE` over guest memory ([`crate::vstate::memory::map_file_private`]): sandboxes
-//!   share its page-cache pages until they write to them, and the file never changes.
-//!   [`MemoryLayout`] records the ranges that hold data and their SHA-256.
+//!   touched and that are not zero are written, the rest are holes. A restore maps its runs of
+//!   data `MAP_PRIVATE` over guest memory ([`crate::vstate::memory::map_file_private`]), the
+//!   holes staying anonymous zero memory: sandboxes share its page-cache pages until they
+//!   write to them, and the file never changes. [`MemoryLayout`] records the ranges that hold
+//!   data and their SHA-256.
+//! - `write-set` (once a sandbox was restored from it): the pages a restore writes first,
+//!   copied ahead of the guest ([`crate::write_set`]).
 //!
 //! Verification before a restore ([`Template::load`] and [`verify_memory`]): the state's
 //! digest, every input ([`TemplateInputs`]) against the sandbox's own (husk version, vCPUs,

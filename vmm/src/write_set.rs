@@ -10,8 +10,8 @@
 //! `create`.
 //!
 //! So the runtime records them once: after the first container of a template's first sandbox
-//! is created, it reads which of the VMM's guest pages are no longer the memory file's (the
-//! VMM's `/proc/PID/pagemap`: present and anonymous) and writes their ranges into the
+//! is created, it reads which of the VMM's guest pages are its own (the VMM's
+//! `/proc/PID/pagemap`: present, anonymous and mapped once) and writes their ranges into the
 //! template's [`WRITE_SET_FILE`]. Every later restore copies those pages in the VMM before the
 //! guest runs (`MADV_POPULATE_WRITE`) and maps them writable into KVM's page tables
 //! (`KVM_PRE_FAULT_MEMORY`), so the guest's writes to them take no exit.
@@ -25,7 +25,8 @@
 //! memory digest of the template it belongs to (64 hex characters), the number of ranges
 //! (`u64`), each range as `(offset, len)` in the memory file (`u64` pairs, page-aligned,
 //! sorted, disjoint, inside the file), and the SHA-256 of everything before it. It is only a
-//! hint: one that does not check out is ignored with a log line, and the restore goes on.
+//! hint: one that does not check out is ignored with a log line and removed (the next sandbox
+//! records it again), and the restore goes on.
 
 use std::io::Read;
 use std::path::Path;
@@ -49,13 +50,18 @@ const HEADER_LEN: usize = 8 + 4 + 64 + 8;
 const PM_PRESENT: u64 = 1 << 63;
 /// pagemap: the page is a file page or shared anonymous memory (not a private copy).
 const PM_FILE: u64 = 1 << 61;
+/// pagemap: the page is mapped once (not the shared zero page, which a read of anonymous
+/// memory maps).
+const PM_EXCLUSIVE: u64 = 1 << 56;
 
-/// The ranges of one mapping of the memory file whose pages are private copies: `entries` are
-/// the mapping's pagemap entries, one per page from file offset `offset`.
+/// The ranges of guest memory whose pages the VMM has its own copies of: `entries` are the
+/// pagemap entries of one region, one per page from file offset `offset`. Such a page was
+/// written: a page of the template copied, or a zero page of a hole allocated. Pages still the
+/// file's, and the shared zero page where the guest only read a hole, are not.
 pub fn written_in_mapping(offset: u64, page_size: u64, entries: &[u64]) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
-        if entry & PM_PRESENT == 0 || entry & PM_FILE != 0 {
+        if entry & PM_PRESENT == 0 || entry & PM_FILE != 0 || entry & PM_EXCLUSIVE == 0 {
             continue;
         }
         let start = offset + index as u64 * page_size;
@@ -237,8 +243,9 @@ mod tests {
     #[test]
     fn private_present_pages_are_the_written_ones() {
         let file_page = PM_PRESENT | PM_FILE | 0x1234;
-        let copy = PM_PRESENT | 0x5678;
-        let entries = [file_page, copy, copy, 0, copy, PM_FILE, copy, copy];
+        let copy = PM_PRESENT | PM_EXCLUSIVE | 0x5678;
+        let zero_page = PM_PRESENT | 0x9abc;
+        let entries = [file_page, copy, copy, 0, copy, zero_page, copy, copy];
         assert_eq!(
             written_in_mapping(8 * PAGE, PAGE, &entries),
             vec![

@@ -335,11 +335,11 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         // Once per template: what this restore wrote up to here, later restores copy ahead.
         match template::record_write_set(template, pid) {
             Ok(Some(pages)) => logging::debug(&format!(
-                "warm start: recorded the write set of {} ({pages} pages)",
+                "recorded the write set of template {} ({pages} pages)",
                 template.display()
             )),
             Ok(None) => {}
-            Err(e) => logging::debug(&format!("warm start: no write set recorded: {e:#}")),
+            Err(e) => logging::debug(&format!("no write set recorded for the template: {e:#}")),
         }
     }
     // The container exists in the guest, its program not yet started: the create-time hooks
