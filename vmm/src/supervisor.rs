@@ -139,6 +139,25 @@ impl HostStdio {
             stderr: io::stderr().as_fd().try_clone_to_owned()?,
         })
     }
+
+    /// The streams worth relaying: those that are not the host's `/dev/null`. A stream that is
+    /// gets the guest's own `/dev/null` instead (reads see end of file, writes vanish, as
+    /// they would on the host), and costs no connection to the agent.
+    pub fn to_relay(&self) -> StdioConfig {
+        StdioConfig {
+            terminal: false,
+            stdin: !is_dev_null(&self.stdin),
+            stdout: !is_dev_null(&self.stdout),
+            stderr: !is_dev_null(&self.stderr),
+        }
+    }
+}
+
+/// Whether `fd` is the host's `/dev/null` (the character device 1:3).
+fn is_dev_null(fd: &OwnedFd) -> bool {
+    nix::sys::stat::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+        st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
+    })
 }
 
 /// Runs a container VM: builds the VM from `cfg`, supervises the container described by the
@@ -255,12 +274,7 @@ fn supervise_container(
             ..StdioConfig::default()
         }
     } else {
-        StdioConfig {
-            terminal: false,
-            stdin: true,
-            stdout: true,
-            stderr: true,
-        }
+        stdio.to_relay()
     };
     let pid = match control
         .request(&Request::CreateContainer(CreateContainer {
@@ -283,7 +297,7 @@ fn supervise_container(
     let relay = if let Some((path, console)) = console {
         Relay::start_console(socket, &process, &path, console).map_err(|e| error_chain(&e))?
     } else {
-        Relay::start_pipes(socket, &process, stdio).map_err(|e| error_chain(&e))?
+        Relay::start_pipes(socket, &process, stdio, &stdio_config).map_err(|e| error_chain(&e))?
     };
     if !report_ready_at(ready, &format!("created {pid}")) {
         // Killed before it learned of the container, `husk create` may not have recorded this
@@ -477,34 +491,59 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Attaches stdin, stdout and stderr and relays them to and from `host`.
+    /// Attaches the streams of stdin, stdout and stderr that `which` names (the agent was
+    /// told the same; the others are the guest's `/dev/null`) and relays them to and from
+    /// `host`. The attachments, three round trips to the agent each, are made at once.
     pub fn start_pipes(
         socket: &Path,
         process: &ProcessRef,
         host: HostStdio,
+        which: &StdioConfig,
     ) -> Result<Relay, SupervisorError> {
-        let stdin = open_stream(socket, process, StreamKind::Stdin)?;
-        let stdout = open_stream(socket, process, StreamKind::Stdout)?;
-        let stderr = open_stream(socket, process, StreamKind::Stderr)?;
+        let (stdin, stdout, stderr) = thread::scope(|scope| {
+            let attach = |wanted: bool, kind: StreamKind| {
+                wanted.then(|| scope.spawn(move || open_stream(socket, process, kind)))
+            };
+            let handles = [
+                attach(which.stdin, StreamKind::Stdin),
+                attach(which.stdout, StreamKind::Stdout),
+                attach(which.stderr, StreamKind::Stderr),
+            ];
+            let mut streams = handles.map(|handle| {
+                handle.map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SupervisorError::Agent("a stream's attach panicked".into()))
+                    })
+                })
+            });
+            // The first error in stream order, once every attempt has ended.
+            let mut take = |i: usize| streams[i].take().transpose();
+            Ok::<_, SupervisorError>((take(0)?, take(1)?, take(2)?))
+        })?;
         let HostStdio {
             stdin: host_in,
             stdout: host_out,
             stderr: host_err,
         } = host;
-        thread::Builder::new()
-            .name("husk-stdin".into())
-            .spawn(move || {
-                crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Relay);
-                let mut stdin = stdin;
-                pump(&mut File::from(host_in), &mut stdin);
-                let _ = stdin.shutdown(std::net::Shutdown::Write);
-            })
-            .map_err(|e| SupervisorError::Stdio(io::Error::other(e)))?;
-        let out = spawn_copy("husk-stdout", stdout, File::from(host_out))?;
-        let err = spawn_copy("husk-stderr", stderr, File::from(host_err))?;
-        Ok(Relay {
-            outputs: vec![out, err],
-        })
+        if let Some(stdin) = stdin {
+            thread::Builder::new()
+                .name("husk-stdin".into())
+                .spawn(move || {
+                    crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Relay);
+                    let mut stdin = stdin;
+                    pump(&mut File::from(host_in), &mut stdin);
+                    let _ = stdin.shutdown(std::net::Shutdown::Write);
+                })
+                .map_err(|e| SupervisorError::Stdio(io::Error::other(e)))?;
+        }
+        let mut outputs = Vec::new();
+        if let Some(stdout) = stdout {
+            outputs.push(spawn_copy("husk-stdout", stdout, File::from(host_out))?);
+        }
+        if let Some(stderr) = stderr {
+            outputs.push(spawn_copy("husk-stderr", stderr, File::from(host_err))?);
+        }
+        Ok(Relay { outputs })
     }
 
     /// Attaches the process's pty: makes a host pty, sends its master over `console` (the
@@ -740,6 +779,29 @@ pub fn mirror_exit(status: &ExitStatus) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_hosts_dev_null_goes_unrelayed() {
+        let null = OwnedFd::from(File::open("/dev/null").expect("/dev/null"));
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let zero = OwnedFd::from(File::open("/dev/zero").expect("/dev/zero"));
+        assert!(is_dev_null(&null));
+        assert!(!is_dev_null(&read) && !is_dev_null(&write) && !is_dev_null(&zero));
+        let host = HostStdio {
+            stdin: null,
+            stdout: write,
+            stderr: zero,
+        };
+        assert_eq!(
+            host.to_relay(),
+            StdioConfig {
+                terminal: false,
+                stdin: false,
+                stdout: true,
+                stderr: true,
+            }
+        );
+    }
 
     #[test]
     fn exit_code_is_code_or_128_plus_signal() {

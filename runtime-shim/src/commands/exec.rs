@@ -245,7 +245,19 @@ fn attach_start_wait(
             let (path, connected) = husk_vmm::supervisor::connect_console(console)?;
             Relay::start_console(&socket, &process, &path, connected)?
         }
-        None => Relay::start_pipes(&socket, &process, HostStdio::dup_current()?)?,
+        // The exec process was created with all three streams (it may be attached by
+        // `exec -d`'s background half, whose streams are not known when it is created).
+        None => Relay::start_pipes(
+            &socket,
+            &process,
+            HostStdio::dup_current()?,
+            &StdioConfig {
+                terminal: false,
+                stdin: true,
+                stdout: true,
+                stderr: true,
+            },
+        )?,
     };
     let mut client = connect(dir)?;
     crate::agent::call_ok(
