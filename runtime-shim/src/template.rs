@@ -331,9 +331,23 @@ pub fn record_write_set(dir: &Path, pid: i32) -> Result<Option<u64>> {
             memory.display()
         );
     }
+    // Every later sandbox holds a copy of each page from its start: a set larger than a
+    // create writes (a guest that wrote much more before its container existed) is not kept.
+    let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+    let memory_bytes: u64 = template.memory.regions.iter().map(|r| r.len).sum();
+    if bytes > memory_bytes / WRITE_SET_MAX_SHARE {
+        bail!(
+            "husk-vmm (pid {pid}) wrote {} MiB, more than 1/{WRITE_SET_MAX_SHARE} of guest memory",
+            bytes >> 20
+        );
+    }
     write_set::write(dir, &template.memory, &ranges)?;
-    Ok(Some(ranges.iter().map(|r| r.1 / page).sum()))
+    Ok(Some(bytes / page))
 }
+
+/// A write set is kept only if it is at most this share of guest memory (a create writes
+/// about 7 MiB, a twentieth of a 128 MiB guest).
+const WRITE_SET_MAX_SHARE: u64 = 4;
 
 /// Where the region of `len` bytes at `file_offset` in the memory file starts in the VMM, from
 /// its mappings of that file; `None` when none lies in the region (or they disagree).
