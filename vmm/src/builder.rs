@@ -479,46 +479,38 @@ fn template_write_set(
     }
 }
 
-/// Copies the pages of the template's write set into the VMM's memory ahead of the guest
-/// (`MADV_POPULATE_WRITE`): the guest would copy each on its first write, through a VM exit.
-/// Best effort: a kernel without it (before 5.14) leaves the copies to the guest's writes.
-fn populate_write_set(mem: &GuestMemory, ranges: &[(GuestAddress, u64)]) {
+/// How [`populate`] faults a template's pages into the VMM's page tables ahead of the guest.
+#[derive(Clone, Copy)]
+enum Populate {
+    /// The template's data pages, read-only (`MADV_POPULATE_READ`): still shared with the page
+    /// cache, copied only when the guest writes. A restored guest otherwise takes a host page
+    /// fault on the first touch of every page it had before, one at a time while it runs.
+    Read,
+    /// The write set's pages, writable (`MADV_POPULATE_WRITE`): copied now, where the guest
+    /// would copy each on its first write, through a VM exit.
+    Write,
+}
+
+/// Faults `ranges` of guest memory into the VMM's page tables as `how` says. Best effort: a
+/// kernel without it (before 5.14) leaves the pages to be faulted in as the guest runs.
+fn populate(mem: &GuestMemory, ranges: &[(GuestAddress, u64)], how: Populate) {
+    const MADV_POPULATE_READ: libc::c_int = 22;
     const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let (advice, name) = match how {
+        Populate::Read => (MADV_POPULATE_READ, "MADV_POPULATE_READ"),
+        Populate::Write => (MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE"),
+    };
     for &(addr, len) in ranges {
         let Ok(host) = vm_memory::GuestMemory::get_host_address(mem, addr) else {
             continue;
         };
         // SAFETY: [host, host + len) lies inside one guest memory mapping owned by `mem` (the
-        // ranges were split at regions); MADV_POPULATE_WRITE faults its pages in writable,
-        // copying them from the template, and never changes their contents.
-        let ret = unsafe { libc::madvise(host.cast(), len as usize, MADV_POPULATE_WRITE) };
+        // ranges were split at regions); both advices only fault pages in (the write one
+        // copying them from the template), never changing their contents.
+        let ret = unsafe { libc::madvise(host.cast(), len as usize, advice) };
         if ret != 0 {
             tracing::debug!(
-                "MADV_POPULATE_WRITE of the template's write set failed: {}",
-                io::Error::last_os_error()
-            );
-            return;
-        }
-    }
-}
-
-/// Maps the template's data pages into the VMM's page tables ahead of the guest
-/// (`MADV_POPULATE_READ`, read-only: still shared with the page cache, copied only when the
-/// guest writes). A restored guest otherwise takes a host page fault on the first touch of
-/// every page it had before, one at a time while it runs. Best effort: a kernel without it
-/// (before 5.14) just faults them in later.
-fn populate_template_pages(mem: &GuestMemory, ranges: &[(GuestAddress, u64)]) {
-    const MADV_POPULATE_READ: libc::c_int = 22;
-    for &(addr, len) in ranges {
-        let Ok(host) = vm_memory::GuestMemory::get_host_address(mem, addr) else {
-            continue;
-        };
-        // SAFETY: [host, host + len) lies inside one guest memory mapping owned by `mem`;
-        // MADV_POPULATE_READ only faults its pages in for reading, never changing contents.
-        let ret = unsafe { libc::madvise(host.cast(), len as usize, MADV_POPULATE_READ) };
-        if ret != 0 {
-            tracing::debug!(
-                "MADV_POPULATE_READ of the template's memory failed: {}",
+                "{name} of the template's memory failed: {}",
                 io::Error::last_os_error()
             );
             return;
@@ -604,8 +596,8 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
         .collect();
     // The pages the guest will write first are copied before those it reads are mapped.
     let write_set = template_write_set(dir, &template.memory);
-    populate_write_set(&mem, &write_set);
-    populate_template_pages(&mem, &data_ranges);
+    populate(&mem, &write_set, Populate::Write);
+    populate(&mem, &data_ranges, Populate::Read);
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&mem)?;
     vm.restore_state(&template.vm)?;
