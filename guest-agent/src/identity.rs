@@ -10,6 +10,8 @@
 //!   `/dev/urandom` read and the lazily made `boot_id` differ between sandboxes;
 //! - sets the wall clock (the monotonic clock continues from the template, as after a pause);
 //! - sets the hostname, if the host gave one;
+//! - configures the network card, if the sandbox has one (the template's card is down and has
+//!   no address; see [`init::configure_network`]);
 //! - mounts the host share (a template boot, told by [`TEMPLATE_CMDLINE_FLAG`] on the kernel
 //!   command line, leaves it unmounted: its virtio-fs session is this sandbox's own);
 //! - signals readiness on the host's ready port, which releases the host's other clients.
@@ -21,7 +23,8 @@
 use crate::init;
 use crate::sys::LinuxSyscall;
 use husk_agent_protocol::{
-    Renewal, RENEWAL_MAX_ENTROPY, RENEWAL_MIN_ENTROPY, TEMPLATE_CMDLINE_FLAG,
+    Renewal, RENEWAL_MAX_ENTROPY, RENEWAL_MAX_NETWORK_PARAMS, RENEWAL_MIN_ENTROPY,
+    TEMPLATE_CMDLINE_FLAG,
 };
 use nix::errno::Errno;
 use std::os::fd::AsRawFd;
@@ -61,7 +64,14 @@ pub enum RenewError {
     SetHostname(#[source] Errno),
     #[error("mounting the host share failed")]
     Share(#[source] init::InitError),
+    #[error("bad network parameters: {0}")]
+    NetworkParams(String),
+    #[error("configuring the network card failed: {0}")]
+    Network(String),
 }
+
+/// Longest network parameter of a renewal (`husk.route=` with two IPv6 addresses fits).
+const NETWORK_PARAM_MAX: usize = 128;
 
 /// Reads the kernel command line once: whether this boot makes a template.
 pub fn detect_template_boot() -> bool {
@@ -88,6 +98,24 @@ fn validate(renewal: &Renewal) -> Result<(), RenewError> {
             return Err(RenewError::Hostname(name.clone()));
         }
     }
+    if renewal.network.len() > RENEWAL_MAX_NETWORK_PARAMS {
+        return Err(RenewError::NetworkParams(format!(
+            "{} of them, at most {RENEWAL_MAX_NETWORK_PARAMS}",
+            renewal.network.len()
+        )));
+    }
+    for param in &renewal.network {
+        if param.is_empty()
+            || param.len() > NETWORK_PARAM_MAX
+            || param.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(RenewError::NetworkParams(format!("{param:?}")));
+        }
+    }
+    let (_, malformed) = init::net_params(&renewal.network.join(" "));
+    if !malformed.is_empty() {
+        return Err(RenewError::NetworkParams(malformed.join("; ")));
+    }
     Ok(())
 }
 
@@ -111,6 +139,13 @@ pub fn renew(renewal: &Renewal) -> Result<(), RenewError> {
             Ok(false) => crate::log_info!("no host share after the renewal"),
             Err(err) => return Err(RenewError::Share(err)),
         }
+    }
+    if !renewal.network.is_empty() {
+        let failed = init::configure_network(&renewal.network.join(" "));
+        if !failed.is_empty() {
+            return Err(RenewError::Network(failed.join("; ")));
+        }
+        crate::log_info!("network card configured");
     }
     crate::server::signal_ready_again();
     crate::log_info!("renewed: reseeded, clock set, ready");
@@ -166,6 +201,7 @@ mod tests {
             entropy: vec![7; entropy],
             realtime_ns: 1,
             hostname: hostname.map(str::to_string),
+            network: Vec::new(),
         }
     }
 
@@ -193,6 +229,40 @@ mod tests {
                 Err(RenewError::Hostname(_))
             ));
         }
+    }
+
+    #[test]
+    fn network_parameters_are_validated_before_anything_changes() {
+        let with = |params: &[&str]| Renewal {
+            network: params.iter().map(|p| p.to_string()).collect(),
+            ..renewal(64, None)
+        };
+        assert!(validate(&with(&[
+            "husk.mac=02:00:0a:58:00:05",
+            "husk.mtu=1450",
+            "husk.ip4=10.88.0.5/16",
+            "husk.ip6=fd00::5/64,fd00::1",
+            "husk.route=0.0.0.0/0,10.88.0.1",
+        ]))
+        .is_ok());
+        for bad in [
+            &["husk.mac=02:00:0a:58:00"][..],
+            &["husk.mtu=9"],
+            &["husk.ip4=10.88.0.5"],
+            &["husk.route=10.0.0.0/8 husk.route=0.0.0.0/0,10.0.0.1"],
+            &[""],
+            &["husk.addr=10.0.0.3/24\n"],
+        ] {
+            assert!(
+                matches!(validate(&with(bad)), Err(RenewError::NetworkParams(_))),
+                "{bad:?}"
+            );
+        }
+        let many = vec!["husk.addr=10.0.0.3/24"; RENEWAL_MAX_NETWORK_PARAMS + 1];
+        assert!(matches!(
+            validate(&with(&many)),
+            Err(RenewError::NetworkParams(_))
+        ));
     }
 
     #[test]

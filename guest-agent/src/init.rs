@@ -268,20 +268,6 @@ pub fn ipv6_from_cmdline(cmdline: &str) -> Option<Result<Ipv6Config, String>> {
     Some(parse().ok_or_else(|| format!("bad {IP6_PARAM}={value}")))
 }
 
-/// Configures `eth0`'s IPv6 address and default route from the kernel command line
-/// ([`IP6_PARAM`]), where husk-vmm put the network card's IPv6 configuration.
-pub fn configure_ipv6() -> Result<(), String> {
-    let cmdline =
-        std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?;
-    let Some(config) = ipv6_from_cmdline(&cmdline) else {
-        return Ok(());
-    };
-    let (addr, prefix, gateway) = config?;
-    crate::sys::bring_up("eth0").map_err(|e| format!("bringing up eth0: {e}"))?;
-    crate::sys::add_ipv6("eth0", addr, prefix, gateway)
-        .map_err(|e| format!("adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"))
-}
-
 /// The values of every `name=value` parameter of a kernel command line, in order.
 fn param_values<'a>(cmdline: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
     cmdline
@@ -334,49 +320,6 @@ pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8
         .collect()
 }
 
-/// Adds the further addresses the kernel command line carries ([`ADDR_PARAM`]) to `eth0`, in
-/// order (IPv4 ones as the aliases `eth0:1`, `eth0:2`, ...); returns what failed (each address
-/// is tried).
-pub fn configure_addresses() -> Vec<String> {
-    let mut alias = 0;
-    configure_eth0(addresses_from_cmdline, |(addr, prefix)| match addr {
-        std::net::IpAddr::V4(addr) => {
-            alias += 1;
-            crate::sys::add_ipv4_alias("eth0", alias, addr, prefix)
-                .map_err(|e| format!("adding {addr}/{prefix} to eth0 as eth0:{alias}: {e}"))
-        }
-        std::net::IpAddr::V6(addr) => crate::sys::add_ipv6("eth0", addr, prefix, None)
-            .map_err(|e| format!("adding {addr}/{prefix} to eth0: {e}")),
-    })
-}
-
-/// Reads what `parse` finds on the kernel command line and applies each item to `eth0` in
-/// order with `apply`, bringing `eth0` up first when there is anything; returns what failed
-/// (each item is tried, a malformed one is reported in its place).
-fn configure_eth0<T>(
-    parse: impl Fn(&str) -> Vec<Result<T, String>>,
-    mut apply: impl FnMut(T) -> Result<(), String>,
-) -> Vec<String> {
-    let cmdline = match read_cmdline() {
-        Ok(cmdline) => cmdline,
-        Err(e) => return vec![e],
-    };
-    let items = parse(&cmdline);
-    if items.is_empty() {
-        return Vec::new();
-    }
-    let mut failed = Vec::new();
-    if let Err(e) = crate::sys::bring_up("eth0") {
-        failed.push(format!("bringing up eth0: {e}"));
-    }
-    for item in items {
-        if let Err(e) = item.and_then(&mut apply) {
-            failed.push(e);
-        }
-    }
-    failed
-}
-
 /// The kernel command-line parameter with one route through `eth0` (husk-vmm's
 /// `husk_vmm::config::ROUTE_PARAM`), once per route, in the order to add them:
 /// `husk.route=<destination>/<prefix>[,<gateway>]`.
@@ -409,15 +352,160 @@ pub fn routes_from_cmdline(cmdline: &str) -> Vec<Result<Route, String>> {
         .collect()
 }
 
-/// Adds the routes the kernel command line carries ([`ROUTE_PARAM`]) through `eth0`, in
-/// order, after its addresses are in place; returns what failed (each route is tried).
-pub fn configure_routes() -> Vec<String> {
-    configure_eth0(routes_from_cmdline, |(dst, prefix, via)| {
-        crate::sys::add_route("eth0", dst, prefix, via).map_err(|e| {
+/// The parameter with the card's MAC address (`husk.mac=02:00:0a:58:00:05`): only in a restored
+/// guest's renewal, where the template's card had a placeholder address (a booted guest's
+/// driver takes the card's own).
+pub const MAC_PARAM: &str = "husk.mac";
+/// The parameter with the card's MTU (`husk.mtu=1450`): only in a renewal, as [`MAC_PARAM`].
+pub const MTU_PARAM: &str = "husk.mtu";
+/// The parameter with the card's first IPv4 address (`husk.ip4=10.88.0.5/16`): only in a
+/// renewal (a booted guest's kernel applies `ip=`).
+pub const IP4_PARAM: &str = "husk.ip4";
+
+/// `eth0`'s configuration as parameters carry it: from the kernel command line at boot, from
+/// the renewal in a restored guest.
+#[derive(Debug, Default, PartialEq)]
+pub struct NetParams {
+    pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u32>,
+    pub ipv4: Option<(std::net::Ipv4Addr, u8)>,
+    pub ipv6: Option<Ipv6Config>,
+    pub addresses: Vec<(std::net::IpAddr, u8)>,
+    pub routes: Vec<Route>,
+}
+
+impl NetParams {
+    fn is_empty(&self) -> bool {
+        *self == NetParams::default()
+    }
+}
+
+/// The configuration of `eth0` that `text` (a kernel command line, or a renewal's parameters
+/// joined by spaces) carries; each malformed parameter is an error in the list.
+pub fn net_params(text: &str) -> (NetParams, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut params = NetParams::default();
+    if let Some(value) = param_values(text, MAC_PARAM).last() {
+        match parse_mac(value) {
+            Some(mac) => params.mac = Some(mac),
+            None => errors.push(format!("bad {MAC_PARAM}={value}")),
+        }
+    }
+    if let Some(value) = param_values(text, MTU_PARAM).last() {
+        match value.parse::<u32>() {
+            Ok(mtu) if (68..=65535).contains(&mtu) => params.mtu = Some(mtu),
+            _ => errors.push(format!("bad {MTU_PARAM}={value}")),
+        }
+    }
+    if let Some(value) = param_values(text, IP4_PARAM).last() {
+        let parse = || -> Option<(std::net::Ipv4Addr, u8)> {
+            let (addr, prefix) = value.split_once('/')?;
+            let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p))?;
+            Some((addr.parse().ok()?, prefix))
+        };
+        match parse() {
+            Some(v) => params.ipv4 = Some(v),
+            None => errors.push(format!("bad {IP4_PARAM}={value}")),
+        }
+    }
+    match ipv6_from_cmdline(text) {
+        Some(Ok(v)) => params.ipv6 = Some(v),
+        Some(Err(e)) => errors.push(e),
+        None => {}
+    }
+    for item in addresses_from_cmdline(text) {
+        match item {
+            Ok(v) => params.addresses.push(v),
+            Err(e) => errors.push(e),
+        }
+    }
+    for item in routes_from_cmdline(text) {
+        match item {
+            Ok(v) => params.routes.push(v),
+            Err(e) => errors.push(e),
+        }
+    }
+    (params, errors)
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Configures `eth0` from the parameters in `text` (see [`net_params`]), in order: MAC and MTU,
+/// up, the first IPv4 address, the IPv6 address and gateway, the further addresses (IPv4 ones
+/// as the aliases `eth0:1`, `eth0:2`, ...), then the routes. Every step is tried; returns what
+/// failed, malformed parameters included. Nothing is done when `text` carries no parameter.
+pub fn configure_network(text: &str) -> Vec<String> {
+    let (params, mut failed) = net_params(text);
+    if params.is_empty() {
+        return failed;
+    }
+    if let Some(mac) = params.mac {
+        if let Err(e) = crate::sys::set_mac("eth0", mac) {
+            failed.push(format!("setting eth0's MAC address: {e}"));
+        }
+    }
+    if let Some(mtu) = params.mtu {
+        if let Err(e) = crate::sys::set_mtu("eth0", mtu) {
+            failed.push(format!("setting eth0's MTU to {mtu}: {e}"));
+        }
+    }
+    if let Err(e) = crate::sys::bring_up("eth0") {
+        failed.push(format!("bringing up eth0: {e}"));
+    }
+    if let Some((addr, prefix)) = params.ipv4 {
+        if let Err(e) = crate::sys::add_ipv4("eth0", 0, addr, prefix) {
+            failed.push(format!("adding {addr}/{prefix} to eth0: {e}"));
+        }
+    }
+    if let Some((addr, prefix, gateway)) = params.ipv6 {
+        if let Err(e) = crate::sys::add_ipv6("eth0", addr, prefix, gateway) {
+            failed.push(format!(
+                "adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"
+            ));
+        }
+    }
+    let mut alias = 0;
+    for (addr, prefix) in params.addresses {
+        let result = match addr {
+            std::net::IpAddr::V4(addr) => {
+                alias += 1;
+                crate::sys::add_ipv4("eth0", alias, addr, prefix)
+                    .map_err(|e| format!("adding {addr}/{prefix} to eth0 as eth0:{alias}: {e}"))
+            }
+            std::net::IpAddr::V6(addr) => crate::sys::add_ipv6("eth0", addr, prefix, None)
+                .map_err(|e| format!("adding {addr}/{prefix} to eth0: {e}")),
+        };
+        if let Err(e) = result {
+            failed.push(e);
+        }
+    }
+    for (dst, prefix, via) in params.routes {
+        if let Err(e) = crate::sys::add_route("eth0", dst, prefix, via) {
             let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
-            format!("adding {dst}/{prefix}{via} on eth0: {e}")
-        })
-    })
+            failed.push(format!("adding {dst}/{prefix}{via} on eth0: {e}"));
+        }
+    }
+    failed
+}
+
+/// Configures `eth0` from the kernel command line, where husk-vmm put what the kernel's own
+/// `ip=` does not do (see [`configure_network`]); returns what failed.
+pub fn configure_network_from_cmdline() -> Vec<String> {
+    match read_cmdline() {
+        Ok(cmdline) => configure_network(&cmdline),
+        Err(e) => vec![e],
+    }
 }
 
 #[cfg(test)]
@@ -461,6 +549,53 @@ mod tests {
             let got = routes_from_cmdline(bad);
             assert_eq!(got.len(), 1, "{bad}");
             assert!(got[0].is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_renewal_carries_the_whole_card() {
+        use super::net_params;
+        let (params, errors) = net_params(
+            "husk.mac=02:00:0a:58:00:05 husk.mtu=1450 husk.ip4=10.88.0.5/16 \
+             husk.ip6=fd00::5/64,fd00::1 husk.addr=10.88.0.6/16 husk.route=0.0.0.0/0,10.88.0.1",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(params.mac, Some([2, 0, 0x0a, 0x58, 0, 5]));
+        assert_eq!(params.mtu, Some(1450));
+        assert_eq!(params.ipv4, Some(("10.88.0.5".parse().unwrap(), 16)));
+        assert_eq!(
+            params.ipv6,
+            Some((
+                "fd00::5".parse().unwrap(),
+                64,
+                Some("fd00::1".parse().unwrap())
+            ))
+        );
+        assert_eq!(params.addresses, [("10.88.0.6".parse().unwrap(), 16)]);
+        assert_eq!(
+            params.routes,
+            [(
+                "0.0.0.0".parse().unwrap(),
+                0,
+                Some("10.88.0.1".parse().unwrap())
+            )]
+        );
+        // A booted guest's command line: the kernel's ip= is not the agent's.
+        let (params, errors) = net_params("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off");
+        assert!(errors.is_empty() && params == Default::default());
+        for bad in [
+            "husk.mac=02:00:0a:58:00",
+            "husk.mac=02:00:0a:58:00:05:06",
+            "husk.mac=02:00:0a:58:00:zz",
+            "husk.mtu=67",
+            "husk.mtu=65536",
+            "husk.ip4=10.0.0.2",
+            "husk.ip4=10.0.0.2/33",
+            "husk.ip4=fd00::2/64",
+        ] {
+            let (_, errors) = net_params(bad);
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
         }
     }
 

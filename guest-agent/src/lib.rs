@@ -69,14 +69,8 @@ pub fn run_init() -> AgentError {
     if let Err(errno) = sys::bring_up_loopback() {
         log_error!("bringing up lo failed: {errno}");
     }
-    if let Err(err) = init::configure_ipv6() {
-        log_error!("IPv6 configuration failed: {err}");
-    }
-    for err in init::configure_addresses() {
-        log_error!("address configuration failed: {err}");
-    }
-    for err in init::configure_routes() {
-        log_error!("route configuration failed: {err}");
+    for err in init::configure_network_from_cmdline() {
+        log_error!("network configuration failed: {err}");
     }
     // Before any other thread exists: every thread must inherit the blocked SIGCHLD.
     let reaper = match Reaper::start(sys) {

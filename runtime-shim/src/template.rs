@@ -13,8 +13,11 @@
 //! because of a template.
 //!
 //! On by default; off with `warm_start = false` in config.toml, or per sandbox with the
-//! annotation `io.husk.vm.warm_start=false`. A sandbox with a network card always boots (the
-//! card cannot be added to a restored guest yet).
+//! annotation `io.husk.vm.warm_start=false`. Sandboxes with a network card restore templates
+//! of their own, whose guest has a card on no TAP (down, without an address): the sandbox's
+//! TAP goes under it, and the agent sets its MAC address, MTU, addresses and routes from the
+//! renewal. The network that docker's hooks make in a namespace husk-vmm is already in (see
+//! `commands::create`) is not known when the VM is built: such a sandbox boots.
 //!
 //! Builds are serialized per key by a lock file; a build is made in a directory of its own and
 //! renamed into place once complete, so a build killed half-way (even with `kill -9`) leaves
@@ -92,13 +95,15 @@ impl Templates {
         }
     }
 
-    /// The directory of the template for a sandbox of `size` booted from these images.
+    /// The directory of the template for a sandbox of `size` booted from these images, with a
+    /// network card or not (`card`).
     pub fn dir_for(
         &self,
         cfg: &HuskConfig,
         kernel: &Path,
         initramfs: &Path,
         size: VmSize,
+        card: bool,
     ) -> Result<PathBuf> {
         let vmm = resolve(&cfg.vmm_path());
         let mut hasher = Sha256::new();
@@ -120,23 +125,27 @@ impl Templates {
             .collect();
         Ok(self
             .root
-            .join(format!("{}{digest}", shape_prefix(size, cfg.debug))))
+            .join(format!("{}{digest}", shape_prefix(size, card, cfg.debug))))
     }
 
-    /// The template for a sandbox of `size`, built first if there is none. `None` (after a log
-    /// line through `log` saying why) when none can be had: the sandbox boots.
+    /// The template for a sandbox of `size` (with a network card or not: `card`), built first
+    /// if there is none. `None` (after a log line through `log` saying why) when none can be
+    /// had: the sandbox boots.
     pub fn get(
         &self,
         cfg: &HuskConfig,
         kernel: &Path,
         initramfs: &Path,
         size: VmSize,
+        card: bool,
         log: fn(&str),
     ) -> Option<PathBuf> {
-        let result = self.dir_for(cfg, kernel, initramfs, size).and_then(|dir| {
-            self.ensure(cfg, kernel, initramfs, size, &dir)
-                .map(|()| dir)
-        });
+        let result = self
+            .dir_for(cfg, kernel, initramfs, size, card)
+            .and_then(|dir| {
+                self.ensure(cfg, kernel, initramfs, size, card, &dir)
+                    .map(|()| dir)
+            });
         match result {
             Ok(dir) => Some(dir),
             Err(e) => {
@@ -153,6 +162,7 @@ impl Templates {
         kernel: &Path,
         initramfs: &Path,
         size: VmSize,
+        card: bool,
         dir: &Path,
     ) -> Result<()> {
         if dir.join(husk_vmm::snapshot::STATE_FILE).exists() {
@@ -185,10 +195,10 @@ impl Templates {
         let build = self
             .root
             .join(format!(".build-{name}-{}", std::process::id()));
-        let result = build_into(cfg, kernel, initramfs, size, &build, dir);
+        let result = build_into(cfg, kernel, initramfs, size, card, &build, dir);
         remove_dir(&build);
         if result.is_ok() {
-            self.remove_superseded(size, cfg.debug, &name);
+            self.remove_superseded(size, card, cfg.debug, &name);
         }
         result
     }
@@ -196,8 +206,8 @@ impl Templates {
     /// Removes the other templates of this shape (and console): made from inputs that changed
     /// since (a new kernel, initramfs or husk), they would never be restored again. A sandbox
     /// restoring one right now keeps its mapping; one about to is refused and boots.
-    fn remove_superseded(&self, size: VmSize, console: bool, keep: &str) {
-        let prefix = shape_prefix(size, console);
+    fn remove_superseded(&self, size: VmSize, card: bool, console: bool, keep: &str) {
+        let prefix = shape_prefix(size, card, console);
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
@@ -399,9 +409,10 @@ fn dev_pair(dev: u64) -> (u64, u64) {
 /// The start of the directory names of a shape's templates (`1cpu-128mib-`), and of those
 /// booted with the serial console for debug sandboxes (`1cpu-128mib-console-`); the digest of
 /// the inputs follows.
-fn shape_prefix(size: VmSize, console: bool) -> String {
+fn shape_prefix(size: VmSize, card: bool, console: bool) -> String {
+    let card = if card { "net-" } else { "" };
     let console = if console { "console-" } else { "" };
-    format!("{}cpu-{}mib-{console}", size.vcpus, size.mem_mib)
+    format!("{}cpu-{}mib-{card}{console}", size.vcpus, size.mem_mib)
 }
 
 /// The `husk-vmm` binary as a path (searched in `$PATH` if it is a bare name).
@@ -433,6 +444,7 @@ fn build_into(
     kernel: &Path,
     initramfs: &Path,
     size: VmSize,
+    card: bool,
     build: &Path,
     dest: &Path,
 ) -> Result<()> {
@@ -468,6 +480,9 @@ fn build_into(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if card {
+        cmd.arg("--template-net-card");
+    }
     // SAFETY: prctl with integer arguments is async-signal-safe. The template guest dies with
     // the runtime that builds it (a killed build is never renamed into place).
     unsafe {
@@ -627,7 +642,9 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
         };
-        let a = templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap();
+        let a = templates
+            .dir_for(&cfg, &kernel, &initramfs, size, false)
+            .unwrap();
         assert!(a.starts_with(dir.path().join("t")));
         assert!(a
             .file_name()
@@ -636,7 +653,9 @@ mod tests {
             .starts_with("1cpu-128mib-"));
         assert_eq!(
             a,
-            templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap()
+            templates
+                .dir_for(&cfg, &kernel, &initramfs, size, false)
+                .unwrap()
         );
         let bigger = VmSize {
             vcpus: 2,
@@ -645,9 +664,19 @@ mod tests {
         assert_ne!(
             a,
             templates
-                .dir_for(&cfg, &kernel, &initramfs, bigger)
+                .dir_for(&cfg, &kernel, &initramfs, bigger, false)
                 .unwrap()
         );
+        // A sandbox with a network card has its own, with a card on no TAP.
+        let card = templates
+            .dir_for(&cfg, &kernel, &initramfs, size, true)
+            .unwrap();
+        assert_ne!(a, card);
+        assert!(card
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("1cpu-128mib-net-"));
         // A debug sandbox's template is booted with the serial console: another template.
         let debug = HuskConfig {
             debug: true,
@@ -656,7 +685,7 @@ mod tests {
         assert_ne!(
             a,
             templates
-                .dir_for(&debug, &kernel, &initramfs, size)
+                .dir_for(&debug, &kernel, &initramfs, size, false)
                 .unwrap()
         );
         // A new kernel (replaced by rename, as builds do) is a new template.
@@ -664,7 +693,9 @@ mod tests {
         std::fs::rename(dir.path().join("new"), &kernel).unwrap();
         assert_ne!(
             a,
-            templates.dir_for(&cfg, &kernel, &initramfs, size).unwrap()
+            templates
+                .dir_for(&cfg, &kernel, &initramfs, size, false)
+                .unwrap()
         );
     }
 
@@ -681,6 +712,7 @@ mod tests {
             "1cpu-128mib-fedcba9876543210",
             "1cpu-128mib-console-0123456789abcdef",
             "1cpu-128mib-console-00000000000000ff",
+            "1cpu-128mib-net-00000000000000ff",
             "2cpu-128mib-0123456789abcdef",
             "1cpu-1280mib-0123456789abcdef",
         ] {
@@ -700,7 +732,7 @@ mod tests {
             left
         };
         // A new template of the shape: the shape's old one goes, the debug ones stay.
-        templates.remove_superseded(size, false, "1cpu-128mib-fedcba9876543210");
+        templates.remove_superseded(size, false, false, "1cpu-128mib-fedcba9876543210");
         assert_eq!(
             left(),
             [
@@ -708,20 +740,26 @@ mod tests {
                 "1cpu-128mib-console-00000000000000ff",
                 "1cpu-128mib-console-0123456789abcdef",
                 "1cpu-128mib-fedcba9876543210",
+                "1cpu-128mib-net-00000000000000ff",
                 "2cpu-128mib-0123456789abcdef",
             ]
         );
         // A new debug template: the old debug one goes, the shape's stays.
-        templates.remove_superseded(size, true, "1cpu-128mib-console-00000000000000ff");
+        templates.remove_superseded(size, false, true, "1cpu-128mib-console-00000000000000ff");
         assert_eq!(
             left(),
             [
                 "1cpu-1280mib-0123456789abcdef",
                 "1cpu-128mib-console-00000000000000ff",
                 "1cpu-128mib-fedcba9876543210",
+                "1cpu-128mib-net-00000000000000ff",
                 "2cpu-128mib-0123456789abcdef",
             ]
         );
+        // One with a card supersedes only those with a card.
+        templates.remove_superseded(size, true, false, "1cpu-128mib-net-0123456789abcdef");
+        assert!(!left().contains(&"1cpu-128mib-net-00000000000000ff".to_string()));
+        assert_eq!(left().len(), 4);
     }
 
     #[test]

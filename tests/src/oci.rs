@@ -33,7 +33,8 @@ static NEXT_OUTPUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// an agent timeout generous enough for a loaded rig.
 ///
 /// Sandboxes start from templates (husk's default) unless `HUSK_TEST_WARM_START=0`, with
-/// which the suites run a second time, booting every sandbox.
+/// which the suites run a second time, booting every sandbox. `HUSK_TEST_DEBUG=1` turns husk's
+/// `debug` on (the guest's console in each sandbox's vmm.log), for chasing a guest's fault.
 pub fn husk_config_text(artifacts: &Artifacts) -> String {
     let mut text = format!(
         "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\ndefault_mem_mib = 128\nagent_timeout_ms = 600000\n",
@@ -41,10 +42,37 @@ pub fn husk_config_text(artifacts: &Artifacts) -> String {
         artifacts.initramfs.display(),
         artifacts.vmm.display()
     );
-    if std::env::var("HUSK_TEST_WARM_START").is_ok_and(|v| v == "0") {
+    if !warm_start() {
         text.push_str("warm_start = false\n");
     }
+    if std::env::var("HUSK_TEST_DEBUG").is_ok_and(|v| v == "1") {
+        text.push_str("debug = true\n");
+    }
     text
+}
+
+/// Whether this run's sandboxes start from templates (see [`husk_config_text`]).
+pub fn warm_start() -> bool {
+    !std::env::var("HUSK_TEST_WARM_START").is_ok_and(|v| v == "0")
+}
+
+/// Process `pid`'s command line, its arguments joined by spaces.
+pub fn cmdline_of(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Asserts that the husk-vmm `pid` was restored from a template when this run starts sandboxes
+/// warm and booted when not (a refused template is booted in its place, silently to the user).
+pub fn assert_started_as_configured(pid: u32, what: &str) {
+    let cmdline = cmdline_of(pid);
+    assert_eq!(
+        cmdline.contains(" --restore "),
+        warm_start(),
+        "{what}: restored from a template exactly when warm start is on ({}): {cmdline}",
+        warm_start()
+    );
 }
 
 /// How long one client command (husk, podman, docker) may take before the test kills it.

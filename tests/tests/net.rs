@@ -249,6 +249,11 @@ fn a_container_gets_the_network_namespace_it_is_given() {
     });
     let out = env.run(&["run", "-d", "--bundle", web.to_str().expect("utf-8"), "web"]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let vmm = env.state("web").expect("state")["pid"]
+        .as_u64()
+        .expect("pid");
+    // Warm: the template's card, configured by the agent from the renewal.
+    husk_tests::oci::assert_started_as_configured(vmm as u32, "web's husk-vmm");
     let diagnose = || {
         let inside = env.run(&[
             "exec",

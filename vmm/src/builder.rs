@@ -16,7 +16,7 @@ use crate::arch::layout::{
     SERIAL_PORT_LEN,
 };
 use crate::arch::{self, mptable, pvh, zero_page, BootProtocol, KernelEntry};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, NetConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042Device, I8042_RANGE_LEN};
 use crate::devices::legacy::serial::SerialDevice;
@@ -24,7 +24,7 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::balloon::{Balloon, BalloonError};
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
-use crate::devices::virtio::net::{Net, NetError, Tap};
+use crate::devices::virtio::net::{CardBackend, Net, NetError, Tap, TEMPLATE_CARD_MAC};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -214,9 +214,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
     let vsock = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
     if let Some(net_cfg) = &cfg.net {
-        // SAFETY: the descriptor was handed to this process for the network card alone (the
-        // `--net-tap-fd` contract); nothing else in the VMM opens or uses it.
-        let tap = unsafe { Tap::from_raw_fd(net_cfg.tap_fd) }?;
+        let tap = CardBackend::Tap(take_tap(net_cfg)?);
         let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
         mmio.attach_virtio_device("net", net, &mut event_manager, &mut cmdline)?;
         for param in [net_cfg.kernel_ip_param(), net_cfg.kernel_ip6_param()]
@@ -227,6 +225,8 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         {
             cmdline.insert_str(&param).map_err(BuildError::Cmdline)?;
         }
+    } else if cfg.template_card && template_job.is_some() {
+        attach_template_card(None, &mut mmio, &mut event_manager, &mut cmdline)?;
     }
 
     if let Some(extra) = &cfg.cmdline_extra {
@@ -294,6 +294,31 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         cfg,
         Arc::new(timeline),
     ))
+}
+
+/// Takes over the TAP of the `--net-tap-fd` contract.
+fn take_tap(net_cfg: &NetConfig) -> Result<Tap, BuildError> {
+    // SAFETY: the descriptor was handed to this process for the network card alone (the
+    // `--net-tap-fd` contract); nothing else in the VMM opens or uses it.
+    Ok(unsafe { Tap::from_raw_fd(net_cfg.tap_fd) }?)
+}
+
+/// The card of a template's guest (`tap` `None`), or of a sandbox restored from it: one
+/// device, the same in both, with the template's MAC address and no MTU in its configuration
+/// space (the driver read them when the template booted; a restored guest's agent sets the
+/// sandbox's own, [`NetConfig::renewal_params`]).
+fn attach_template_card(
+    tap: Option<Tap>,
+    mmio: &mut MmioDevices,
+    event_manager: &mut DeviceEventManager,
+    cmdline: &mut Cmdline,
+) -> Result<(), BuildError> {
+    let backend = match tap {
+        Some(tap) => CardBackend::Tap(tap),
+        None => CardBackend::detached().map_err(|e| BuildError::Device("net", e))?,
+    };
+    let net = Arc::new(Mutex::new(Net::new(backend, TEMPLATE_CARD_MAC, None)?));
+    mmio.attach_virtio_device("net", net, event_manager, cmdline)
 }
 
 /// The devices every guest has, in slot order: vsock (held until the agent is ready), the
@@ -549,11 +574,6 @@ fn pre_fault(kvm: &Kvm, vcpu: &Vcpu, ranges: &[(GuestAddress, u64)]) {
 /// leaves nothing behind (the caller boots instead).
 fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildError> {
     cfg.validate()?;
-    if cfg.net.is_some() {
-        return Err(BuildError::TemplateConfig(
-            "a network card cannot be added to a restored guest",
-        ));
-    }
     let template = Template::load(dir)?;
     let kvm = open_kvm()?;
     if kvm_check::kvm_pvm_loaded() && !cfg.allow_kvm_pvm {
@@ -611,6 +631,11 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
     let vsock = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
+    if let Some(net_cfg) = &cfg.net {
+        // A template without a card is refused below: its devices differ.
+        let tap = take_tap(net_cfg)?;
+        attach_template_card(Some(tap), &mut mmio, &mut event_manager, &mut cmdline)?;
+    }
     let devices = device_names(&mmio.transports);
     if devices != template.inputs.devices {
         return Err(TemplateError::Mismatch {

@@ -115,6 +115,10 @@ pub struct VmConfig {
     /// Boot the guest to its agent's readiness, save it as a template into this (new)
     /// directory and exit (see [`crate::snapshot`]).
     pub template_out: Option<PathBuf>,
+    /// With `template_out`: the template's guest has a network card on no TAP, for sandboxes
+    /// with a card to restore (their TAP goes under it, and the agent configures it from the
+    /// renewal: [`NetConfig::renewal_params`]).
+    pub template_card: bool,
     /// Start by restoring the template in this directory instead of booting.
     pub restore_from: Option<PathBuf>,
     /// Where the seccomp trap writes which call ended the VMM (see [`crate::seccomp`]).
@@ -297,6 +301,42 @@ impl NetConfig {
 /// The kernel command-line parameter the guest agent reads its IPv6 configuration from.
 pub const IP6_PARAM: &str = "husk.ip6";
 
+/// The renewal's parameters for the card's MAC address, MTU and first IPv4 address, which a
+/// booted guest takes from the card and the kernel's `ip=` (the agent's `init::MAC_PARAM`,
+/// `MTU_PARAM` and `IP4_PARAM`).
+pub const MAC_PARAM: &str = "husk.mac";
+pub const MTU_PARAM: &str = "husk.mtu";
+pub const IP4_PARAM: &str = "husk.ip4";
+
+impl NetConfig {
+    /// The card's whole configuration for the agent of a guest restored from a template with
+    /// a card ([`husk_agent_protocol::Renewal::network`]): its MAC address, MTU, first IPv4
+    /// address, the IPv6 parameter, further addresses, then the routes: the IPv4 default route
+    /// first when its gateway is on the subnet (the kernel's `ip=` adds that one in a booted
+    /// guest), then those of [`Self::kernel_route_params`].
+    pub fn renewal_params(&self) -> Vec<String> {
+        let mac = self
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let mut params = vec![format!("{MAC_PARAM}={mac}")];
+        params.extend(self.mtu.map(|mtu| format!("{MTU_PARAM}={mtu}")));
+        params.extend(
+            self.ipv4
+                .map(|(addr, prefix)| format!("{IP4_PARAM}={addr}/{prefix}")),
+        );
+        params.extend(self.kernel_ip6_param());
+        params.extend(self.kernel_addr_params());
+        if let (Some(gateway), true) = (self.gateway, self.gateway_on_subnet()) {
+            params.push(format!("{ROUTE_PARAM}=0.0.0.0/0,{gateway}"));
+        }
+        params.extend(self.kernel_route_params());
+        params
+    }
+}
+
 impl NetConfig {
     /// The agent's IPv6 parameter for this card, if it has an IPv6 address:
     /// `husk.ip6=<address>/<prefix>[,<gateway>]`.
@@ -380,6 +420,7 @@ impl VmConfig {
             share_max_inodes: None,
             net: None,
             template_out: None,
+            template_card: false,
             restore_from: None,
             seccomp_report: None,
             userns_fd: None,
@@ -706,6 +747,50 @@ mod tests {
             vec![
                 "husk.addr=10.89.0.5/16".to_string(),
                 "husk.addr=fd00:88::6/64".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restored_guest_gets_the_whole_card_in_its_renewal() {
+        let mut net = NetConfig {
+            tap_fd: 3,
+            mac: [2, 0, 0x0a, 0x58, 0, 5],
+            ipv4: Some(("10.88.0.5".parse().expect("ip"), 16)),
+            gateway: Some("10.88.0.1".parse().expect("ip")),
+            ipv6: Some(parse_ipv6_cidr("fd00:88::5/64").expect("cidr")),
+            gateway6: Some("fd00:88::1".parse().expect("ip")),
+            mtu: Some(1450),
+            routes: vec![parse_route("10.99.0.0/16,10.88.0.9").expect("route")],
+            addresses: vec![parse_cidr("10.89.0.5/16").expect("cidr")],
+        };
+        assert_eq!(
+            net.renewal_params(),
+            [
+                "husk.mac=02:00:0a:58:00:05",
+                "husk.mtu=1450",
+                "husk.ip4=10.88.0.5/16",
+                "husk.ip6=fd00:88::5/64,fd00:88::1",
+                "husk.addr=10.89.0.5/16",
+                // The default route through a gateway on the subnet, which ip= adds at boot.
+                "husk.route=0.0.0.0/0,10.88.0.1",
+                "husk.route=10.99.0.0/16,10.88.0.9",
+            ]
+        );
+        // Off the subnet: after the card's routes, as on a booted guest's command line.
+        net.ipv4 = Some(("10.244.1.5".parse().expect("ip"), 32));
+        net.gateway = Some("169.254.1.1".parse().expect("ip"));
+        net.routes = vec![parse_route("169.254.1.1/32").expect("route")];
+        net.ipv6 = None;
+        net.mtu = None;
+        net.addresses.clear();
+        assert_eq!(
+            net.renewal_params(),
+            [
+                "husk.mac=02:00:0a:58:00:05",
+                "husk.ip4=10.244.1.5/32",
+                "husk.route=169.254.1.1/32",
+                "husk.route=0.0.0.0/0,169.254.1.1",
             ]
         );
     }

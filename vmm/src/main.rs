@@ -104,9 +104,13 @@ struct Args {
     net_from_fd: Option<i32>,
     /// Boot the guest until its agent is ready, save it as a template into this directory
     /// (which must exist and be empty), and exit 0. Needs --shared-dir (an empty directory);
-    /// no network card, no console.
-    #[arg(long, conflicts_with_all = ["restore", "supervise"])]
+    /// no TAP (see --template-net-card).
+    #[arg(long, conflicts_with_all = ["restore", "supervise", "net_tap_fd", "net_from_fd"])]
     template_out: Option<PathBuf>,
+    /// The template's guest has a network card on no TAP, down and without an address: for
+    /// sandboxes with a card (--net-tap-fd) to restore.
+    #[arg(long, requires = "template_out")]
+    template_net_card: bool,
     /// Start by restoring the template in this directory instead of booting. Exits with
     /// status 3 when the template cannot be used (nothing of the guest ran).
     #[arg(long)]
@@ -160,6 +164,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             _ => None,
         },
         template_out: args.template_out,
+        template_card: args.template_net_card,
         restore_from: args.restore,
         seccomp_report: args.seccomp_report,
         userns_fd: args.userns_fd,

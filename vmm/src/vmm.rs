@@ -285,6 +285,8 @@ pub struct Vmm {
     vsock_socket: PathBuf,
     boot_report: Option<PathBuf>,
     agent_timeout: Duration,
+    /// A restored guest's card configuration for its renewal (none without a card).
+    network_params: Vec<String>,
     timeline: Arc<TimelineRecorder>,
 }
 
@@ -302,6 +304,11 @@ impl Vmm {
             vsock_socket: cfg.vsock_socket.clone(),
             boot_report: cfg.boot_report.clone(),
             agent_timeout: cfg.agent_timeout,
+            network_params: cfg
+                .net
+                .as_ref()
+                .map(crate::config::NetConfig::renewal_params)
+                .unwrap_or_default(),
             timeline,
         }
     }
@@ -489,11 +496,12 @@ impl Vmm {
         let timeout = self.agent_timeout;
         let timeline = self.timeline.clone();
         let report = self.boot_report.clone();
+        let network = self.network_params.clone();
         thread::Builder::new()
             .name("husk-renew".into())
             .spawn(move || {
                 crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
-                match renew_guest(&socket, timeout) {
+                match renew_guest(&socket, timeout, network) {
                     Ok(handshake) => {
                         let now = timeline::since_start_us();
                         timeline.update(|t| {
@@ -609,10 +617,12 @@ pub const TEMPLATE_SETTLE: Duration = Duration::from_millis(100);
 /// Bytes of host randomness a restored guest gets.
 const RENEWAL_ENTROPY: usize = 64;
 
-/// Connects to the restored guest's identity port and renews it; returns its handshake.
+/// Connects to the restored guest's identity port and renews it (with `network`, the
+/// configuration of its card); returns its handshake.
 fn renew_guest(
     socket: &std::path::Path,
     timeout: Duration,
+    network: Vec<String>,
 ) -> Result<husk_agent_protocol::Handshake, String> {
     let (mut client, handshake) =
         AgentClient::connect_port(socket, husk_agent_protocol::AGENT_IDENTITY_PORT, timeout)
@@ -632,6 +642,7 @@ fn renew_guest(
             entropy,
             realtime_ns: u64::try_from(realtime_ns).unwrap_or(u64::MAX),
             hostname: None,
+            network,
         })
         .map_err(|e| crate::supervisor::chain(&e))?;
     Ok(handshake)

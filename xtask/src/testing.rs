@@ -397,8 +397,10 @@ pub fn rig_smoke() -> Result<()> {
 
 /// The L3 smoke check's name among the test binaries' in a rig run's results.
 const SMOKE_NAME: &str = "l3-smoke";
-/// The OCI suite's second run, with warm start off (`HUSK_TEST_WARM_START=0`).
-const COLD_OCI_NAME: &str = "oci-cold";
+/// The suites that run a second time, as `NAME-cold`, with warm start off
+/// (`HUSK_TEST_WARM_START=0`): the OCI suite, and the network suite (a booted guest's card is
+/// configured by its kernel command line, a restored guest's by its renewal).
+const COLD_TOO: &[&str] = &["oci", "net"];
 
 /// Test binaries that need two host CPUs (`tests/tests/cpus.rs`): they run in a rig of their
 /// own whose L2 has two ([`rig::RigRun::l2_cpus`]); every other one in the one-CPU L2.
@@ -417,6 +419,9 @@ fn run_tests_in_rig(
         let (base_inputs, mut env) = rig_vm_inputs(artifacts);
         env.push(("HUSK_REQUIRE_KVM".into(), "1".into()));
         env.push(("RUST_BACKTRACE".into(), "1".into()));
+        if let Ok(debug) = std::env::var("HUSK_TEST_DEBUG") {
+            env.push(("HUSK_TEST_DEBUG".into(), debug));
+        }
         // (L2's CPUs, its steps, its inputs): one rig run each, one CPU first.
         let mut runs = [
             (None, Vec::new(), base_inputs.clone()),
@@ -440,15 +445,16 @@ fn run_tests_in_rig(
             let (_, plan, inputs) =
                 &mut runs[usize::from(TWO_CPU_BINARIES.contains(&name.as_str()))];
             inputs.push((test.clone(), format!("tests/{file}")));
-            if name == "oci" {
-                // The OCI suite runs a second time with warm start off: every sandbox boots.
+            if COLD_TOO.contains(&name.as_str()) {
+                // These suites run a second time with warm start off: every sandbox boots.
+                let cold = format!("{name}-cold");
                 plan.push(RigStep::Script {
-                    name: COLD_OCI_NAME.into(),
                     text: format!(
-                        "export HUSK_TEST_WARM_START=0; run_test {limit} {COLD_OCI_NAME} \
+                        "export HUSK_TEST_WARM_START=0; run_test {limit} {cold} \
                          /work/tests/{file} --test-threads=1{extra}",
                         limit = test_binary_timeout().as_secs(),
                     ),
+                    name: cold,
                 });
             }
             plan.push(RigStep::Binary {

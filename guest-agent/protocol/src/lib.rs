@@ -189,7 +189,17 @@ pub struct Renewal {
     /// The guest's hostname, if the host has one for it.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// The sandbox's network card, when the template has one: its configuration as the
+    /// parameters a booted guest's command line would carry for the agent (`husk.mac=`,
+    /// `husk.mtu=`, `husk.ip4=`, `husk.ip6=`, `husk.addr=`, `husk.route=`; at most
+    /// [`RENEWAL_MAX_NETWORK_PARAMS`] of them). The template's card has no address and is down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<String>,
 }
+
+/// Most network parameters a [`Renewal`] carries (the card's addresses and routes with their
+/// MAC, MTU and first address of each family).
+pub const RENEWAL_MAX_NETWORK_PARAMS: usize = 32;
 
 /// Fewest bytes of entropy a [`Renewal`] carries.
 pub const RENEWAL_MIN_ENTROPY: usize = 32;

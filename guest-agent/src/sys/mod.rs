@@ -101,20 +101,65 @@ pub fn bring_up(name: &str) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Adds IPv4 address `addr/prefix` to interface `name` as its alias `name:alias`
-/// (`SIOCSIFADDR`, then `SIOCSIFNETMASK`): the kernel makes it a secondary address when it is
-/// in the subnet of one the interface has, a primary one (with its own prefix route) when not.
-pub fn add_ipv4_alias(
-    name: &str,
-    alias: u32,
-    addr: std::net::Ipv4Addr,
-    prefix: u8,
-) -> Result<(), Errno> {
+/// An `ifreq` naming interface `name`, or `EINVAL` when the name is too long.
+fn ifreq(name: &str) -> Result<libc::ifreq, Errno> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// Sets interface `name`'s MAC address (`SIOCSIFHWADDR`; virtio-net takes it up or down).
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let mut req = ifreq(name)?;
+    let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
+    // SAFETY: writing the hwaddr member of the union, a plain sockaddr, of a zeroed ifreq.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+    }
+    // SAFETY: SIOCSIFHWADDR reads `req`, a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Sets interface `name`'s MTU (`SIOCSIFMTU`).
+pub fn set_mtu(name: &str, mtu: u32) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_mtu = libc::c_int::try_from(mtu).map_err(|_| Errno::EINVAL)?;
+    let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
+    // SAFETY: SIOCSIFMTU reads `req`, a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &req) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Adds IPv4 address `addr/prefix` to interface `name` (`SIOCSIFADDR`, then `SIOCSIFNETMASK`):
+/// with `alias` 0 as its address, else as its alias `name:alias`, which the kernel makes a
+/// secondary address when it is in the subnet of one the interface has, a primary one (with
+/// its own prefix route) when not.
+pub fn add_ipv4(name: &str, alias: u32, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
     if prefix == 0 || prefix > 32 {
         return Err(Errno::EINVAL);
     }
-    let label = format!("{name}:{alias}");
+    let label = if alias == 0 {
+        name.to_string()
+    } else {
+        format!("{name}:{alias}")
+    };
     if label.len() >= libc::IFNAMSIZ {
         return Err(Errno::EINVAL);
     }

@@ -172,11 +172,15 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
     let debug = cfg.debug;
     let templates = Templates::new(&cfg);
     let warm = template::wanted(&cfg, &bundle.spec)?;
-    let mut template = if warm && network.is_none() && !hooked_network {
-        templates.get(&cfg, &kernel, &initramfs, size, logging::warn)
+    let mut template = if warm && !hooked_network {
+        let card = network.is_some();
+        templates.get(&cfg, &kernel, &initramfs, size, card, logging::warn)
     } else {
         if warm {
-            logging::debug("warm start: templates have no network card; booting");
+            logging::debug(
+                "warm start: the network that the engine's hooks make is not known before the \
+                 VM is built; booting",
+            );
         }
         None
     };

@@ -19,6 +19,9 @@ pub enum TemplateCmd {
         /// Memory in MiB (default: config.toml's default_mem_mib).
         #[arg(long)]
         mem_mib: Option<u32>,
+        /// The template of sandboxes with a network card (pods, podman's networks).
+        #[arg(long)]
+        net: bool,
     },
     /// Remove every template (sandboxes rebuild them as they need them).
     Clear,
@@ -31,15 +34,15 @@ pub fn template(globals: &Globals, cmd: &TemplateCmd) -> Result<()> {
     cfg.debug |= globals.debug;
     let templates = Templates::new(&cfg);
     match cmd {
-        TemplateCmd::Build { cpus, mem_mib } => {
+        TemplateCmd::Build { cpus, mem_mib, net } => {
             let size = VmSize {
                 vcpus: cpus.unwrap_or(cfg.default_vcpus),
                 mem_mib: mem_mib.unwrap_or(cfg.default_mem_mib),
             };
             let kernel = cfg.kernel_path()?;
             let initramfs = cfg.initramfs_path()?;
-            let dir = templates.dir_for(&cfg, &kernel, &initramfs, size)?;
-            templates.ensure(&cfg, &kernel, &initramfs, size, &dir)?;
+            let dir = templates.dir_for(&cfg, &kernel, &initramfs, size, *net)?;
+            templates.ensure(&cfg, &kernel, &initramfs, size, *net, &dir)?;
             crate::outln!("{}", dir.display());
         }
         TemplateCmd::Clear => {

@@ -106,19 +106,13 @@ impl Sandbox {
             None => None,
         };
         let templates = Templates::new(&cfg);
-        // Pod sandboxes boot for now: a restored sandbox's guest crashed when a member
-        // container was deleted inside it (the rig, containerd suite), which a container run
-        // by the CLI never does (its VM ends with it). The annotation is still validated.
-        template::wanted(&cfg, spec)?;
-        let mut template: Option<std::path::PathBuf> = None;
-        log::info!(
-            "sandbox {id}: booting (warm start is for containers run by the husk CLI only{})",
-            if network.is_some() {
-                "; and this sandbox has a network card"
-            } else {
-                ""
-            }
-        );
+        let mut template = if template::wanted(&cfg, spec)? {
+            templates.get(&cfg, &kernel, &initramfs, size, network.is_some(), |m| {
+                log::warn!("{m}")
+            })
+        } else {
+            None
+        };
         let pid = loop {
             let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, fs_cache, &dir, cfg.debug)
                 .with_context(|| format!("preparing {}", socket.display()))?;

@@ -38,6 +38,58 @@ pub mod tap;
 pub use device::{Net, NetStats};
 pub use tap::Tap;
 
+/// The MAC address of a template's card: a locally administered one that no sandbox uses (a
+/// restored guest's agent sets its sandbox's own, [`crate::config::NetConfig::renewal_params`]).
+pub const TEMPLATE_CARD_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+
+/// What a VM's card sits on: the sandbox's TAP, or nothing, in a template's guest (whose card
+/// the driver sets up but never brings up: it has no address; a frame it sends anyway is
+/// dropped). A sandbox restored from the template puts its TAP under the same card.
+pub enum CardBackend {
+    Tap(Tap),
+    /// An eventfd that is never written, for the device thread to watch.
+    Detached(vmm_sys_util::eventfd::EventFd),
+}
+
+impl CardBackend {
+    /// A backend with no TAP.
+    pub fn detached() -> std::io::Result<CardBackend> {
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map(CardBackend::Detached)
+    }
+}
+
+impl std::os::fd::AsRawFd for CardBackend {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            CardBackend::Tap(tap) => tap.as_raw_fd(),
+            CardBackend::Detached(evt) => evt.as_raw_fd(),
+        }
+    }
+}
+
+impl NetBackend for CardBackend {
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self {
+            CardBackend::Tap(tap) => tap.recv(buf),
+            CardBackend::Detached(_) => Ok(None),
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
+        match self {
+            CardBackend::Tap(tap) => tap.send(frame),
+            CardBackend::Detached(_) => Ok(false),
+        }
+    }
+
+    fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+        match self {
+            CardBackend::Tap(tap) => tap.set_offloads(flags),
+            CardBackend::Detached(_) => Ok(()),
+        }
+    }
+}
+
 /// The receive queue.
 pub const RX_QUEUE: usize = 0;
 /// The transmit queue.
