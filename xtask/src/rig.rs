@@ -915,12 +915,8 @@ fn qemu_command(
     // every CPU's backtrace (see `rig_console::stream_console`).
     // printk.time: kernel lines carry a timestamp, which tells them from the command's output.
     // printk.devkmsg=on: a hang report written to /dev/kmsg is not rate-limited away.
-    // idle=poll: an idle L2 CPU polls instead of halting. Halted, it now and then missed the
-    // interrupt that should wake it (TCG with nested SVM): L2 stopped for a minute, its
-    // heartbeat with it, until the host's NMI woke it ("Dazed and confused, but trying to
-    // continue"), seen in 5 of 6 runs of the containerd suite once pod sandboxes were restored.
     let mut append = format!(
-        "console=ttyS0 panic=-1 loglevel=4 pci=off tsc=reliable tsc_early_khz={} idle=poll \
+        "console=ttyS0 panic=-1 loglevel=4 pci=off tsc=reliable tsc_early_khz={} \
          softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1 \
          sysctl.kernel.panic_on_rcu_stall=1 rcupdate.rcu_cpu_stall_timeout=60 \
          unknown_nmi_panic=1 panic_print=0x40 printk.time=1 printk.devkmsg=on",
