@@ -78,15 +78,8 @@ fn ioctl_socket(family: nix::sys::socket::AddressFamily) -> Result<std::os::fd::
 /// Brings interface `name` up (`SIOCSIFFLAGS` with `IFF_UP`).
 pub fn bring_up(name: &str) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(Errno::EINVAL);
-    }
+    let mut req = ifreq(name)?;
     let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *dst = *src as libc::c_char;
-    }
     // SAFETY: SIOCGIFFLAGS fills the flags of `req`, a valid ifreq that outlives the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
         return Err(Errno::last());
@@ -160,16 +153,10 @@ pub fn add_ipv4(name: &str, alias: u32, addr: std::net::Ipv4Addr, prefix: u8) ->
     } else {
         format!("{name}:{alias}")
     };
-    if label.len() >= libc::IFNAMSIZ {
-        return Err(Errno::EINVAL);
-    }
+    let named = ifreq(&label)?;
     let sock = ioctl_socket(nix::sys::socket::AddressFamily::Inet)?;
     let request = |value: std::net::Ipv4Addr| {
-        // SAFETY: ifreq is plain data; all-zero is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(label.as_bytes()) {
-            *dst = *src as libc::c_char;
-        }
+        let mut req = named;
         let sin = sockaddr_in(value);
         // SAFETY: a sockaddr_in fits in the sockaddr member of the union (both 16 bytes), which
         // SIOCSIFADDR and SIOCSIFNETMASK read as a sockaddr_in on an AF_INET socket.
