@@ -510,6 +510,9 @@ pub struct RigReport {
     pub hang_reports: Vec<(String, String)>,
     /// L2 wedged and did not answer the NMI the host sent it (see `rig_console::ConsoleEnd`).
     pub nmi_unanswered: bool,
+    /// L2 wedged with every CPU halted, interrupts enabled and a periodic timer due: the
+    /// emulator lost its wakeup (see `rig_console::lost_wakeup`).
+    pub lost_wakeup: bool,
     /// Boots before this one whose L2 ended before it was up, and how (see [`run_in_rig`]).
     pub failed_boots: Vec<String>,
 }
@@ -518,11 +521,19 @@ impl RigReport {
     /// Whether the rig proved that a failure is its own, and how: L2's kernel reported a fault
     /// (soft lockup, RCU stall, oops, hung task, or the panic of the NMI sent to a wedged L2)
     /// whose trace runs through L2's KVM, or L2 wedged so deep that it did not even take an
-    /// NMI, which nothing L2 runs (husk's processes, its L3 guests) can cause. A hang of
-    /// husk's own shows neither: L2 stays up, or its panic's traces are elsewhere.
+    /// NMI, or wedged idle in a state that proves the emulator lost an interrupt (every CPU
+    /// halted with interrupts enabled and a periodic timer due), none of which anything L2
+    /// runs (husk's processes, its L3 guests) can cause. A hang of husk's own shows none of
+    /// them: L2 stays up, or its panic's traces are elsewhere and its CPUs busy.
     pub fn rig_fault(&self) -> Option<String> {
         if self.nmi_unanswered {
             Some("L2 wedged and did not answer an NMI (its CPUs stuck below its kernel)".into())
+        } else if self.lost_wakeup {
+            Some(
+                "L2 wedged idle: halted with interrupts enabled and its periodic timer due, \
+                 the emulator lost the wakeup"
+                    .into(),
+            )
         } else if self.faults.in_kvm {
             Some(self.faults.summary())
         } else {
@@ -715,6 +726,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
             collected: Vec::new(),
             hang_reports,
             nmi_unanswered: false,
+            lost_wakeup: false,
             failed_boots: Vec::new(),
         });
     };
@@ -740,6 +752,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
         collected: end.scan.collected,
         hang_reports,
         nmi_unanswered: end.nmi_unanswered,
+        lost_wakeup: end.lost_wakeup,
         failed_boots: Vec::new(),
     })
 }
@@ -911,15 +924,24 @@ fn qemu_command(
     // L2 reporting stalls every 63 s while its heartbeat had stopped). 60 s is far above any
     // pause a busy host gives L2's vCPU threads.
     // panic_on_oops: an oops panics L2 too, rather than leaving a process unkillable.
-    // unknown_nmi_panic, panic_print=0x40: the NMI the host sends a wedged L2 panics it, with
-    // every CPU's backtrace (see `rig_console::stream_console`).
+    // unknown_nmi_panic, panic_on_unrecovered_nmi, panic_print=0x40: the NMI the host sends a
+    // wedged L2 panics it, with every CPU's backtrace (see `rig_console::stream_console`); the
+    // microvm machine has no port 0x61, so L2 reads the NMI's reason as 0xff, a PCI SERR, which
+    // only the second option makes fatal.
     // printk.time: kernel lines carry a timestamp, which tells them from the command's output.
     // printk.devkmsg=on: a hang report written to /dev/kmsg is not rate-limited away.
+    // lapic=notscdeadline nohz=off highres=off: L2's tick comes from its local APIC's own
+    // periodic timer, which QEMU re-fires by itself, not from a one-shot deadline L2 re-arms
+    // when the last one is handled. QEMU's TCG with nested SVM sometimes loses an interrupt
+    // (L2 halted with its timer pending, woken only by an NMI); with a one-shot timer nothing
+    // ever raises it again and L2 sleeps until the host's watchdog, with a periodic one the
+    // next tick does.
     let mut append = format!(
         "console=ttyS0 panic=-1 loglevel=4 pci=off tsc=reliable tsc_early_khz={} \
+         lapic=notscdeadline nohz=off highres=off \
          softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1 \
          sysctl.kernel.panic_on_rcu_stall=1 rcupdate.rcu_cpu_stall_timeout=60 \
-         unknown_nmi_panic=1 panic_print=0x40 printk.time=1 printk.devkmsg=on",
+         unknown_nmi_panic=1 panic_on_unrecovered_nmi=1 panic_print=0x40 printk.time=1 printk.devkmsg=on",
         host_tsc_khz()
     );
     for opt in config.kvm_amd.split_whitespace() {
@@ -1046,6 +1068,7 @@ mod tests {
             collected: Vec::new(),
             hang_reports: Vec::new(),
             nmi_unanswered: false,
+            lost_wakeup: false,
             failed_boots: Vec::new(),
         }
     }

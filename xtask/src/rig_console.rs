@@ -191,6 +191,9 @@ pub struct ConsoleEnd {
     /// where no code of L2's (nor of anything L2 runs) can keep an NMI out, in the emulator or
     /// in L2's KVM.
     pub nmi_unanswered: bool,
+    /// L2 was wedged in a state that proves the emulator lost an interrupt (see
+    /// [`lost_wakeup`]).
+    pub lost_wakeup: bool,
     /// QEMU's own exit status was a failure.
     pub qemu_failed: bool,
 }
@@ -214,6 +217,7 @@ pub fn stream_console(
     let done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
     let wedged = Arc::new(AtomicBool::new(false));
+    let lost_wakeup = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     // Milliseconds after `started` of the last heartbeat (0: none yet).
     let last_heartbeat = Arc::new(AtomicU64::new(0));
@@ -221,6 +225,7 @@ pub fn stream_console(
         let done = done.clone();
         let timed_out = timed_out.clone();
         let wedged = wedged.clone();
+        let lost_wakeup = lost_wakeup.clone();
         let last_heartbeat = last_heartbeat.clone();
         std::thread::spawn(move || {
             let deadline = started + timeout;
@@ -258,7 +263,10 @@ pub fn stream_console(
                             }
                         );
                         match qmp.as_deref().map(inject_nmi) {
-                            Some(Ok(())) => nmi_sent = Some(now),
+                            Some(Ok(lost)) => {
+                                lost_wakeup.store(lost, Ordering::Relaxed);
+                                nmi_sent = Some(now);
+                            }
                             Some(Err(e)) => {
                                 eprintln!("xtask: could not send the NMI: {e:#}");
                                 break;
@@ -307,6 +315,7 @@ pub fn stream_console(
     let wedged = wedged.load(Ordering::Relaxed);
     Ok(ConsoleEnd {
         nmi_unanswered: wedged && !scan.faults.panicked,
+        lost_wakeup: wedged && lost_wakeup.load(Ordering::Relaxed),
         scan,
         timed_out: timed_out.load(Ordering::Relaxed),
         wedged,
@@ -315,21 +324,127 @@ pub fn stream_console(
 }
 
 /// Asks a wedged L2's QEMU, through its QMP socket, where L2's CPUs are (`info registers -a`,
-/// of which each CPU's instruction pointer and halt state are printed), then sends every CPU an
-/// NMI. L2 runs with `unknown_nmi_panic`, so a kernel that still takes interrupts panics and
-/// prints every CPU's backtrace (`panic_print=0x40`); one that does not answer is stuck below
-/// its own kernel's reach.
-fn inject_nmi(qmp: &Path) -> Result<()> {
+/// of which each CPU's instruction pointer, flags and halt state are printed) and what their
+/// local APICs hold, then sends every CPU an NMI. L2 runs with `unknown_nmi_panic` and
+/// `panic_on_unrecovered_nmi`, so a kernel that still takes interrupts panics and prints every
+/// CPU's backtrace (`panic_print=0x40`); one that does not answer is stuck below its own
+/// kernel's reach. Returns whether the state read proves a lost wakeup ([`lost_wakeup`]).
+fn inject_nmi(qmp: &Path) -> Result<bool> {
     let mut session = Qmp::connect(qmp)?;
     session.execute(r#"{"execute":"qmp_capabilities"}"#)?;
-    match session.execute(
+    let registers = match session.execute(
         r#"{"execute":"human-monitor-command","arguments":{"command-line":"info registers -a"}}"#,
     ) {
-        Ok(reply) => eprintln!("xtask: L2's CPUs: {}", cpu_summary(&reply)),
-        Err(e) => eprintln!("xtask: could not read L2's registers: {e:#}"),
+        Ok(reply) => {
+            eprintln!("xtask: L2's CPUs: {}", cpu_summary(&reply));
+            reply
+        }
+        Err(e) => {
+            eprintln!("xtask: could not read L2's registers: {e:#}");
+            String::new()
+        }
+    };
+    match session.execute(r#"{"execute":"query-status"}"#) {
+        Ok(reply) => eprintln!("xtask: L2's run state: {reply}"),
+        Err(e) => eprintln!("xtask: could not read L2's run state: {e:#}"),
+    }
+    // Which interrupts each local APIC holds (requested, in service, the priorities) and what
+    // its timer does.
+    let cpus = registers.matches("CPU#").count();
+    let mut apics = Vec::new();
+    for cpu in 0..cpus {
+        let cmd = format!(
+            r#"{{"execute":"human-monitor-command","arguments":{{"command-line":"info lapic {cpu}"}}}}"#
+        );
+        match session.execute(&cmd) {
+            Ok(reply) => {
+                for line in reply.lines().filter(|l| !l.trim().is_empty()) {
+                    eprintln!("xtask: L2's APIC: {}", line.trim_end());
+                }
+                apics.push(reply);
+            }
+            Err(e) => eprintln!("xtask: could not read L2's APIC {cpu}: {e:#}"),
+        }
+    }
+    let lost = cpus > 0 && apics.len() == cpus && lost_wakeup(&registers, &apics);
+    if lost {
+        eprintln!(
+            "xtask: every L2 CPU is halted with interrupts enabled and a periodic APIC timer \
+             it takes: an interrupt was due within milliseconds, and the emulator never \
+             delivered it"
+        );
     }
     session.execute(r#"{"execute":"inject-nmi"}"#)?;
-    Ok(())
+    Ok(lost)
+}
+
+/// Whether L2's CPUs, as `info registers -a` and each one's `info lapic` show them, are in a
+/// state no code of L2's can leave them in for a minute: every CPU halted (`HLT=1`) with
+/// interrupts enabled (`IF` in `RFL`) outside an interrupt shadow (`II=0`), its APIC's timer
+/// unmasked, periodic, and of a priority above the APIC's (`PPR`). A periodic timer needs no
+/// re-arming by software, so such a CPU takes an interrupt within one period on any correct
+/// x86; a heartbeat gone for a minute then is the emulator losing the wakeup. (With the
+/// one-shot timer a tickless kernel uses, an unarmed timer would be L2's own doing; the rig's
+/// L2 runs a periodic tick for that reason.)
+fn lost_wakeup(registers: &str, apics: &[String]) -> bool {
+    let mut cpus = 0;
+    let mut current: Option<(bool, bool, bool)> = None; // (halted, interruptible, shadow)
+    let mut complete = |cpu: Option<(bool, bool, bool)>| match cpu {
+        Some((true, true, false)) => {
+            cpus += 1;
+            true
+        }
+        Some(_) => false,
+        None => true,
+    };
+    for line in registers.lines() {
+        if line.starts_with("CPU#") {
+            if !complete(current.take()) {
+                return false;
+            }
+            current = Some((false, false, true));
+        }
+        let Some(cpu) = current.as_mut() else {
+            continue;
+        };
+        for word in line.split_whitespace() {
+            if let Some(flags) = word.strip_prefix("RFL=") {
+                cpu.1 = u64::from_str_radix(flags, 16).is_ok_and(|f| f & 0x200 != 0);
+            } else if let Some(ii) = word.strip_prefix("II=") {
+                cpu.2 = ii != "0";
+            } else if let Some(hlt) = word.strip_prefix("HLT=") {
+                cpu.0 = hlt == "1";
+            }
+        }
+    }
+    complete(current) && cpus > 0 && cpus == apics.len() && apics.iter().all(|a| timer_taken(a))
+}
+
+/// Whether an `info lapic` dump shows a periodic, unmasked timer whose vector the APIC's
+/// processor priority lets through.
+fn timer_taken(apic: &str) -> bool {
+    let hex = |w: &str| u32::from_str_radix(w.trim_start_matches("0x"), 16).ok();
+    let Some(lvtt) = apic.lines().find(|l| l.starts_with("LVTT")) else {
+        return false;
+    };
+    let Some(vector) = lvtt
+        .split("(vec ")
+        .nth(1)
+        .and_then(|v| v.trim_end_matches(')').trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let ppr = apic.lines().find_map(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "PPR")
+            .and_then(|w| hex(w[1]))
+    });
+    let Some(ppr) = ppr else {
+        return false;
+    };
+    lvtt.contains("periodic") && !lvtt.contains("masked") && (vector & 0xf0) > (ppr & 0xf0)
 }
 
 /// A QMP session: one JSON command a line, one reply a line (events in between are skipped).
@@ -390,7 +505,10 @@ fn cpu_summary(registers: &str) -> String {
             current = format!("CPU#{}", n.trim());
         }
         for word in line.split_whitespace() {
-            if word.starts_with("RIP=") || word.starts_with("HLT=") || word.starts_with("CPL=") {
+            if ["RIP=", "RFL=", "HLT=", "CPL=", "II="]
+                .iter()
+                .any(|p| word.starts_with(p))
+            {
                 current.push(' ');
                 current.push_str(word);
             }
@@ -420,8 +538,67 @@ mod tests {
                     CPU#1\nRIP=00007f12 RFL=0 [---] CPL=3 II=0 A20=1 SMM=0 HLT=0\n";
         assert_eq!(
             cpu_summary(regs),
-            "CPU#0 RIP=ffffffff81a0 CPL=0 HLT=1; CPU#1 RIP=00007f12 CPL=3 HLT=0"
+            "CPU#0 RIP=ffffffff81a0 RFL=00000246 CPL=0 II=0 HLT=1; \
+             CPU#1 RIP=00007f12 RFL=0 CPL=3 II=0 HLT=0"
         );
+    }
+
+    /// What QEMU 10 printed for a wedged L2 (trimmed).
+    const WEDGED_APIC: &str = "dumping local APIC state for CPU 0 \n\
+        LVT0\t 0x00000700 active-hi edge                              ExtINT (vec 0)\n\
+        LVTT\t 0x000200ec active-hi edge                 periodic     Fixed  (vec 236)\n\
+        Timer\t DCR=0x3 (divide by 16) initial_count = 249997 current_count = 36096\n\
+        ISR\t (none)\nIRR\t (none)\n\
+        APR 0x00 TPR 0x10 DFR 0x0f LDR 0x00 PPR 0x10\n";
+    const IDLE_CPU: &str =
+        "CPU#0\nRIP=ffffffff81c83e2f RFL=00000202 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1\n";
+
+    #[test]
+    fn a_halted_interruptible_cpu_with_a_periodic_timer_due_is_a_lost_wakeup() {
+        assert!(lost_wakeup(IDLE_CPU, &[WEDGED_APIC.to_string()]));
+    }
+
+    #[test]
+    fn a_wedge_that_l2_could_cause_is_not_called_a_lost_wakeup() {
+        let apic = || vec![WEDGED_APIC.to_string()];
+        // Interrupts disabled, running, in an interrupt shadow.
+        for regs in [
+            IDLE_CPU.replace("RFL=00000202", "RFL=00000002"),
+            IDLE_CPU.replace("HLT=1", "HLT=0"),
+            IDLE_CPU.replace("II=0", "II=1"),
+        ] {
+            assert!(!lost_wakeup(&regs, &apic()), "{regs}");
+        }
+        // A one-shot or masked timer, a priority that holds the timer's vector back.
+        for dump in [
+            WEDGED_APIC.replace("periodic", "one-shot"),
+            WEDGED_APIC.replace(
+                "0x000200ec active-hi edge ",
+                "0x000300ec active-hi edge  masked",
+            ),
+            WEDGED_APIC.replace("PPR 0x10", "PPR 0xf0"),
+        ] {
+            assert!(
+                !lost_wakeup(IDLE_CPU, std::slice::from_ref(&dump)),
+                "{dump}"
+            );
+        }
+        // A second CPU that runs, or whose APIC could not be read.
+        let two = format!(
+            "{IDLE_CPU}{}",
+            IDLE_CPU.replace("CPU#0", "CPU#1").replace("HLT=1", "HLT=0")
+        );
+        assert!(!lost_wakeup(
+            &two,
+            &[WEDGED_APIC.into(), WEDGED_APIC.into()]
+        ));
+        let both = format!("{IDLE_CPU}{}", IDLE_CPU.replace("CPU#0", "CPU#1"));
+        assert!(lost_wakeup(
+            &both,
+            &[WEDGED_APIC.into(), WEDGED_APIC.into()]
+        ));
+        assert!(!lost_wakeup(&both, &apic()));
+        assert!(!lost_wakeup("", &[]));
     }
 
     #[test]

@@ -914,6 +914,7 @@ mod tests {
             collected: Vec::new(),
             hang_reports: Vec::new(),
             nmi_unanswered: false,
+            lost_wakeup: false,
             failed_boots: Vec::new(),
         }
     }
@@ -1002,6 +1003,19 @@ mod tests {
         let v = judge(&plan, &results, &[], &deaf, &BTreeMap::new());
         assert!(matches!(&v[1].1, Verdict::Again(Some(why)) if why.contains("NMI")));
 
+        // An L2 that panicked on the NMI, but was found halted with interrupts enabled and
+        // its periodic timer due: the emulator lost the wakeup.
+        let mut idle = report(
+            RigEnd::Wedged,
+            L2Faults {
+                panicked: true,
+                ..L2Faults::default()
+            },
+        );
+        idle.lost_wakeup = true;
+        let v = judge(&plan, &results, &[], &idle, &BTreeMap::new());
+        assert!(matches!(&v[1].1, Verdict::Again(Some(why)) if why.contains("lost the wakeup")));
+
         // A wedge that proves nothing (L2 panicked on the NMI, no trace in its KVM): the step
         // that was running fails (husk could have livelocked L2), and the ones after it run.
         let mut silent = report(
@@ -1012,13 +1026,7 @@ mod tests {
             },
         );
         silent.nmi_unanswered = false;
-        let v = judge(
-            &plan,
-            &results,
-            &[],
-            &report(RigEnd::Wedged, L2Faults::default()),
-            &BTreeMap::new(),
-        );
+        let v = judge(&plan, &results, &[], &silent, &BTreeMap::new());
         assert!(matches!(
             &v[1].1,
             Verdict::Final(StepEnd::L2Failed {
