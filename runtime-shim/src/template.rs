@@ -13,8 +13,7 @@
 //! because of a template.
 //!
 //! On by default; off with `warm_start = false` in config.toml, or per sandbox with the
-//! annotation `io.husk.vm.warm_start=false`; pod sandboxes boot for now (see the shim's
-//! `Sandbox::boot`). Sandboxes with a network card restore templates
+//! annotation `io.husk.vm.warm_start=false`. Sandboxes with a network card restore templates
 //! of their own, whose guest has a card on no TAP (down, without an address): the sandbox's
 //! TAP goes under it, and the agent sets its MAC address, MTU, addresses and routes from the
 //! renewal. The network that docker's hooks make in a namespace husk-vmm is already in (see

@@ -299,6 +299,9 @@ fn a_pod_runs_its_containers_in_one_vm() {
     // The shim spawns the pod's husk-vmm as pid 1 of a pid namespace of its own.
     let vmms = ctrd.vmm_pids();
     assert!(!vmms.is_empty(), "no husk-vmm for the pod");
+    for &pid in &vmms {
+        husk_tests::oci::assert_started_as_configured(pid, "the pod's husk-vmm");
+    }
     for pid in vmms {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let nspid: Vec<&str> = status

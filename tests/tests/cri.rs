@@ -48,6 +48,8 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cri.ctrd.log_tail()));
     let vmms = cri.vmms_of(&pod);
     assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:?}");
+    // Warm: a template with a card, the CNI interface's TAP under it.
+    husk_tests::oci::assert_started_as_configured(vmms[0], "the pod's husk-vmm");
 
     let server = cri
         .start_container(

@@ -106,14 +106,13 @@ impl Sandbox {
             None => None,
         };
         let templates = Templates::new(&cfg);
-        // Pod sandboxes boot for now. Restored, they work (the containerd and CRI suites pass,
-        // a pod starts in 1.09x runc's time), but in the test rig they made L2 (QEMU's TCG
-        // with nested SVM) miss interrupts: L2 stopped for a minute until an NMI, in 5 of 6
-        // runs of the containerd suite, which CI cannot tell from a hang. Until that is
-        // understood, the annotation is still validated and pods boot.
-        template::wanted(&cfg, spec)?;
-        let mut template: Option<std::path::PathBuf> = None;
-        log::info!("sandbox {id}: booting (pod sandboxes are not restored from templates yet)");
+        let mut template = if template::wanted(&cfg, spec)? {
+            templates.get(&cfg, &kernel, &initramfs, size, network.is_some(), |m| {
+                log::warn!("{m}")
+            })
+        } else {
+            None
+        };
         let pid = loop {
             let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, fs_cache, &dir, cfg.debug)
                 .with_context(|| format!("preparing {}", socket.display()))?;
