@@ -158,6 +158,18 @@ disabled_plugins = {disabled:?}
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// How many bytes containerd's log holds now (for [`Self::log_since`]).
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(self.dir.path().join("containerd.log")).map_or(0, |m| m.len())
+    }
+
+    /// What containerd's log (with the shims' logs) gained after its first `from` bytes.
+    pub fn log_since(&self, from: u64) -> String {
+        let text = std::fs::read(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let from = usize::try_from(from).unwrap_or(usize::MAX).min(text.len());
+        String::from_utf8_lossy(&text[from..]).into_owned()
+    }
+
     /// The lines of containerd's log (with the shims' logs) that mention `needle`, at most the
     /// last 150.
     pub fn log_mentioning(&self, needle: &str) -> String {

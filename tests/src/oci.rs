@@ -75,6 +75,15 @@ pub fn assert_started_as_configured(pid: u32, what: &str) {
     );
 }
 
+/// The template directory husk-vmm `pid` was restored from (its `--restore` argument).
+pub fn restored_from(pid: u32) -> Option<PathBuf> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = raw.split(|&b| b == 0);
+    args.find(|a| *a == b"--restore")?;
+    let dir = args.next()?;
+    Some(PathBuf::from(String::from_utf8_lossy(dir).into_owned()))
+}
+
 /// How long one client command (husk, podman, docker) may take before the test kills it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 

@@ -65,6 +65,16 @@ fn a_pod_through_cri_runs_its_containers_in_one_vm() {
             0,
         )
         .unwrap_or_else(|e| panic!("server container: {e}\n{}", cri.ctrd.log_tail()));
+    // The pod's first member container is created: its template has a write set, which this
+    // pod recorded if an earlier one had not, and later pods copy ahead.
+    if let Some(template) = husk_tests::oci::restored_from(vmms[0]) {
+        assert!(
+            template.join("write-set").is_file(),
+            "no write set in {} after the pod's first member container was created\n{}",
+            template.display(),
+            cri.ctrd.log_mentioning("write set")
+        );
+    }
     // The client has a volume: a host directory bind-mounted at /data.
     let volume = cri.ctrd.dir.path().join("volume");
     std::fs::create_dir_all(&volume).expect("volume dir");

@@ -212,7 +212,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
 
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
-    let vsock = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
+    let (vsock, balloon) = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
     if let Some(net_cfg) = &cfg.net {
         let tap = CardBackend::Tap(take_tap(net_cfg)?);
         let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
@@ -260,7 +260,11 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
         Some((dir, mut inputs)) => {
             inputs.cpuid_sha256 = cpuid_sha256;
             inputs.devices = device_names(&transports);
-            VmMode::Template(Box::new(TemplateJob { dir, inputs }))
+            VmMode::Template(Box::new(TemplateJob {
+                dir,
+                inputs,
+                balloon,
+            }))
         }
         None => VmMode::Boot,
     };
@@ -321,6 +325,9 @@ fn attach_template_card(
     mmio.attach_virtio_device("net", net, event_manager, cmdline)
 }
 
+/// The devices of [`attach_common_devices`] that the VMM keeps a hand on.
+type CommonDevices = (Arc<Mutex<Vsock>>, Arc<Mutex<Balloon>>);
+
 /// The devices every guest has, in slot order: vsock (held until the agent is ready), the
 /// entropy source, the balloon (free page reporting) and, with a shared directory, virtio-fs. Templates are made and restored
 /// with exactly these.
@@ -329,7 +336,7 @@ fn attach_common_devices(
     mmio: &mut MmioDevices,
     event_manager: &mut DeviceEventManager,
     cmdline: &mut Cmdline,
-) -> Result<Arc<Mutex<Vsock>>, BuildError> {
+) -> Result<CommonDevices, BuildError> {
     let mut vsock = Vsock::new(GUEST_CID, &cfg.vsock_socket)?;
     // Host clients wait, without reaching the guest, until the agent says it listens.
     vsock.hold_until_ready(husk_agent_protocol::AGENT_READY_PORT);
@@ -342,7 +349,7 @@ fn attach_common_devices(
     let rng = Arc::new(Mutex::new(Rng::new()?));
     mmio.attach_virtio_device("rng", rng, event_manager, cmdline)?;
     let balloon = Arc::new(Mutex::new(Balloon::new()?));
-    mmio.attach_virtio_device("balloon", balloon, event_manager, cmdline)?;
+    mmio.attach_virtio_device("balloon", balloon.clone(), event_manager, cmdline)?;
     if let Some(dir) = &cfg.shared_dir {
         let max_inodes = cfg
             .share_max_inodes
@@ -356,7 +363,7 @@ fn attach_common_devices(
         )?));
         mmio.attach_virtio_device("fs", fs, event_manager, cmdline)?;
     }
-    Ok(vsock)
+    Ok((vsock, balloon))
 }
 
 /// Descriptors husk-vmm needs beside the share's inodes: devices, vsock connections, logs.
@@ -630,7 +637,7 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Device("reset", e))?;
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
-    let vsock = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
+    let (vsock, _) = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
     if let Some(net_cfg) = &cfg.net {
         // A template without a card is refused below: its devices differ.
         let tap = take_tap(net_cfg)?;

@@ -55,6 +55,9 @@ pub struct Sandbox {
     pub vmm_pid: i32,
     /// The VM's vCPUs (a member container's cpuset is mapped onto them).
     pub vcpus: u8,
+    /// The template the VM was restored from, until its write set was looked after (see
+    /// [`Sandbox::record_write_set`]).
+    template: Mutex<Option<PathBuf>>,
     /// Set by the monitor thread once the VMM exited (with its wait status text).
     exited: Arc<(Mutex<Option<String>>, Condvar)>,
 }
@@ -145,6 +148,7 @@ impl Sandbox {
             let child =
                 in_new_pid_namespace(|| cmd.spawn(), &|w: &str| log::warn!("sandbox {id}: {w}"))
                     .with_context(|| format!("cannot start {}", cfg.vmm_path().display()))?;
+            let spawned = Instant::now();
             let pid = i32::try_from(child.id()).context("pid out of range")?;
             let start_time = process_start_time(pid).unwrap_or(0);
             guard.child = Some(child);
@@ -184,6 +188,15 @@ impl Sandbox {
                 }
             };
             if !refused {
+                log::info!(
+                    "sandbox {id}: the agent answered {} ms after husk-vmm was spawned ({})",
+                    spawned.elapsed().as_millis(),
+                    if template.is_some() {
+                        "restored"
+                    } else {
+                        "booted"
+                    }
+                );
                 break pid;
             }
             log::warn!(
@@ -220,8 +233,39 @@ impl Sandbox {
             dir,
             vmm_pid: pid,
             vcpus: size.vcpus,
+            template: Mutex::new(template),
             exited,
         })
+    }
+
+    /// Once the pod's first member container (the first after the sandbox's own) exists in a
+    /// VM restored from a template, records the template's write set if it has none yet (see
+    /// `husk_vmm::write_set`): the pages the restore, the renewal and the creation of both
+    /// containers wrote, which later pods of the template copy ahead of their guest, as the
+    /// CLI's containers do. A pod starts its workload only with a member container, so that
+    /// is where its start is waited for. Only a hint: a failure is logged.
+    pub fn record_write_set(&self) {
+        let Some(template) = self
+            .template
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        match template::record_write_set(&template, self.vmm_pid) {
+            Ok(Some(pages)) => log::info!(
+                "sandbox {}: recorded the write set of template {} ({pages} pages)",
+                self.id,
+                template.display()
+            ),
+            Ok(None) => {}
+            Err(e) => log::warn!(
+                "sandbox {}: no write set recorded for template {}: {e:#}",
+                self.id,
+                template.display()
+            ),
+        }
     }
 
     /// A new control connection to the agent.

@@ -49,7 +49,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 /// How long a waiter whose agent connection failed waits for the VMM's watcher to see the VMM
@@ -613,6 +613,9 @@ impl Shared {
             )));
         };
         undo.guest = Some((sandbox.clone(), id.to_string()));
+        if sandbox_id != id {
+            sandbox.record_write_set();
+        }
         // The container exists in the guest, its program not yet started: the create-time
         // hooks; one failing removes the container (`undo`), then the poststop hooks run.
         let hooks = Hooks::from_spec(&bundle.spec).map_err(ShimError::InvalidArgument)?;
@@ -738,12 +741,12 @@ impl Shared {
 
     /// Waits (blocking) up to `timeout` for `process` to be recorded as exited.
     fn wait_exited(process: &Process, timeout: Duration) -> Option<Exited> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(exited) = process.exited() {
                 return Some(exited);
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -1285,7 +1288,9 @@ impl Task for TaskService {
             ))
             .into());
         }
+        let (id, began) = (req.id.clone(), Instant::now());
         let pid = self.blocking("create", move |s| s.do_create(&req)).await?;
+        log::info!("create {id}: done in {} ms", began.elapsed().as_millis());
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -1294,9 +1299,11 @@ impl Task for TaskService {
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         log::info!("start {} {}", req.id, req.exec_id);
+        let (id, began) = (req.id.clone(), Instant::now());
         let pid = self
             .blocking("start", move |s| s.do_start(&req.id, &req.exec_id))
             .await?;
+        log::info!("start {id}: done in {} ms", began.elapsed().as_millis());
         Ok(StartResponse {
             pid,
             ..Default::default()

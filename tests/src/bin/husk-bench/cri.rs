@@ -30,6 +30,9 @@ const IDLE_TARGET_MIB: f64 = 40.0;
 pub struct CriOptions {
     pub runs: usize,
     pub idle_pods: usize,
+    /// Print what containerd and the shim logged (timestamped) while the last husk pod started:
+    /// where its time goes.
+    pub trace: bool,
     pub out: PathBuf,
 }
 
@@ -95,7 +98,18 @@ pub fn bench_cri(opts: &CriOptions) -> Result<()> {
     for i in 0..opts.runs {
         for k in 0..handlers.len() {
             let handler = handlers[(i + k) % handlers.len()];
+            let log_before = cri.ctrd.log_len();
             let (pod, start) = start_pod(&cri, handler, &format!("start-{handler}-{i}"))?;
+            if opts.trace && handler == HANDLER && i + 1 == opts.runs {
+                eprintln!(
+                    "cri bench: what containerd and the shim logged while {pod} started:\n{}",
+                    cri.ctrd.log_since(log_before)
+                );
+                eprintln!(
+                    "cri bench: the templates' write sets:\n{}",
+                    cri.ctrd.log_mentioning("write set")
+                );
+            }
             eprintln!(
                 "cri bench: start {i}: {handler} RunPodSandbox {:.0} ms + container {:.0} ms = {:.0} ms",
                 start.sandbox_ms,

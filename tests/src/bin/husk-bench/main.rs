@@ -67,7 +67,7 @@ struct VsockRun {
     confine_ms: f64,
 }
 
-const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|net|density|soak|report|machine [--runs N] [--out DIR] [cri: --idle-pods N] \
+const USAGE: &str = "usage: husk-bench boot|boot-trace|oci|cri|fs|net|density|soak|report|machine [--runs N] [--out DIR] [cri: --idle-pods N --trace] \
      [report: --results DIR --report FILE --plots DIR --link PREFIX] [machine: --name NAME] \
      [fs: --quick] [--big-mib M] [--churn N] [--dir DIR] [net: --quick] [--dir DIR] \
      [soak: --boots N] [--minutes M] [--first N] \
@@ -94,6 +94,7 @@ fn main() -> Result<()> {
         timeout: Duration::from_secs(1200),
     };
     let mut idle_pods = 10usize;
+    let mut trace = false;
     let mut quick = false;
     let mut big_mib = None;
     let mut churn = None;
@@ -135,6 +136,7 @@ fn main() -> Result<()> {
             }
             "--first" => soak_opts.first = value("--first")?.parse()?,
             "--idle-pods" => idle_pods = value("--idle-pods")?.parse()?,
+            "--trace" => trace = true,
             "--idle-runs" => oci_opts.pss_runs = value("--idle-runs")?.parse()?,
             "--dd-runs" => oci_opts.dd_runs = value("--dd-runs")?.parse()?,
             "--read-runs" => oci_opts.io_runs = value("--read-runs")?.parse()?,
@@ -209,6 +211,7 @@ fn main() -> Result<()> {
         Some("cri") => cri::bench_cri(&cri::CriOptions {
             runs,
             idle_pods,
+            trace,
             out,
         }),
         Some("report") => {
