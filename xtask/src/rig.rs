@@ -924,10 +924,12 @@ fn qemu_command(
     // L2 reporting stalls every 63 s while its heartbeat had stopped). 60 s is far above any
     // pause a busy host gives L2's vCPU threads.
     // panic_on_oops: an oops panics L2 too, rather than leaving a process unkillable.
-    // unknown_nmi_panic, panic_on_unrecovered_nmi, panic_print=0x40: the NMI the host sends a
-    // wedged L2 panics it, with every CPU's backtrace (see `rig_console::stream_console`); the
-    // microvm machine has no port 0x61, so L2 reads the NMI's reason as 0xff, a PCI SERR, which
-    // only the second option makes fatal.
+    // unknown_nmi_panic, panic_print=0x40: an unknown NMI from the host panics L2, with every
+    // CPU's backtrace (see `rig_console::stream_console`). But the microvm machine has no port
+    // 0x61: L2 reads the NMI's reason as 0xff, a PCI SERR, which it logs ("Dazed and
+    // confused") and survives, so a wedged L2 that takes the NMI runs on and does not panic.
+    // (The sysctl kernel.panic_on_unrecovered_nmi would make that fatal; it is not set, as it
+    // would turn into failures of husk's the wedges that xtask now retries as the rig's.)
     // printk.time: kernel lines carry a timestamp, which tells them from the command's output.
     // printk.devkmsg=on: a hang report written to /dev/kmsg is not rate-limited away.
     // lapic=notscdeadline nohz=off highres=off: L2's tick comes from its local APIC's own
@@ -941,7 +943,7 @@ fn qemu_command(
          lapic=notscdeadline nohz=off highres=off \
          softlockup_panic=1 watchdog_thresh=30 panic_on_oops=1 \
          sysctl.kernel.panic_on_rcu_stall=1 rcupdate.rcu_cpu_stall_timeout=60 \
-         unknown_nmi_panic=1 panic_on_unrecovered_nmi=1 panic_print=0x40 printk.time=1 printk.devkmsg=on",
+         unknown_nmi_panic=1 panic_print=0x40 printk.time=1 printk.devkmsg=on",
         host_tsc_khz()
     );
     for opt in config.kvm_amd.split_whitespace() {

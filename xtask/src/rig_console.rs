@@ -325,10 +325,11 @@ pub fn stream_console(
 
 /// Asks a wedged L2's QEMU, through its QMP socket, where L2's CPUs are (`info registers -a`,
 /// of which each CPU's instruction pointer, flags and halt state are printed) and what their
-/// local APICs hold, then sends every CPU an NMI. L2 runs with `unknown_nmi_panic` and
-/// `panic_on_unrecovered_nmi`, so a kernel that still takes interrupts panics and prints every
-/// CPU's backtrace (`panic_print=0x40`); one that does not answer is stuck below its own
-/// kernel's reach. Returns whether the state read proves a lost wakeup ([`lost_wakeup`]).
+/// local APICs hold, then sends every CPU an NMI. L2 runs with `unknown_nmi_panic`, so a
+/// kernel that takes an unknown NMI panics and prints every CPU's backtrace
+/// (`panic_print=0x40`); on the microvm machine L2 reads this one as a PCI SERR, logs it and
+/// runs on (see `rig::qemu_command`). Returns whether the state read proves a lost wakeup
+/// ([`lost_wakeup`]).
 fn inject_nmi(qmp: &Path) -> Result<bool> {
     let mut session = Qmp::connect(qmp)?;
     session.execute(r#"{"execute":"qmp_capabilities"}"#)?;
