@@ -404,6 +404,11 @@ pub fn serve_connection<C: Connection>(conn: &mut C, server: &Server) {
             }
         };
         let reply = handle_frame(&body, server.containers.as_ref());
+        if matches!(reply.after, After::Shutdown) && server.shutdown_mode == ShutdownMode::ResetVm {
+            // Before the reply, which tells the host that nothing written in the guest is
+            // left in its caches: the host may end the VM as soon as it reads it.
+            nix::unistd::sync();
+        }
         if let Err(err) = write_frame(conn, &reply.response) {
             crate::log_warn!("closing a connection, reply not sent: {err}");
             return;
@@ -450,8 +455,7 @@ fn shut_down<C: Connection>(conn: &mut C, mode: ShutdownMode) -> ! {
     match mode {
         ShutdownMode::ExitProcess => std::process::exit(0),
         ShutdownMode::ResetVm => {
-            nix::unistd::sync();
-            // The reply sits in the guest's vsock queue; a reset now could beat it to the host.
+            // Synced before the reply (see `serve_connection`). The reply sits in the guest's vsock queue; a reset now could beat it to the host.
             // The host closes the connection once it has read the reply, so wait for that
             // (bounded), then reset.
             wait_for_peer_close(conn, SHUTDOWN_LINGER);

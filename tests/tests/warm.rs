@@ -425,3 +425,84 @@ fn vmm_building(templates: &Path) -> bool {
         .map(|c| text(&c))
         .any(|c| c.contains("--template-out") && c.contains(&needle))
 }
+
+/// `husk run` of a container with no hook between its creation and its start has husk-vmm
+/// start it as soon as it exists (one step, no separate start), once the template's write set
+/// is recorded; a program that cannot run fails the `run` with its name and leaves nothing;
+/// a hook between creation and start still runs before the program.
+#[test]
+fn run_starts_at_once_when_nothing_runs_in_between() {
+    let Some((env, _templates)) =
+        env_with_templates("run_starts_at_once_when_nothing_runs_in_between")
+    else {
+        return;
+    };
+    build_template(&env);
+    let log = env.work.path().join("husk.log");
+    let log_text = log.to_str().expect("utf-8");
+    let debug_run = |id: &str, bundle: &Path| {
+        env.run(&[
+            "--debug",
+            "--log",
+            log_text,
+            "run",
+            "--bundle",
+            bundle.to_str().expect("utf-8"),
+            id,
+        ])
+    };
+    let said = |id: &str, what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&format!("container {id} {what}"))
+    };
+
+    // The template's first sandbox records its write set before it is started.
+    let first = env.bundle("first", &["true"], |_| {});
+    let out = debug_run("first", &first);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(said(
+        "first",
+        "is started after its creation, not with it: its template's write set"
+    ));
+
+    let talk = env.bundle(
+        "talk",
+        &["sh", "-c", "echo out; echo err >&2; exit 7"],
+        |_| {},
+    );
+    let out = debug_run("talk", &talk);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+    assert!(said("talk", "created and started in one step"));
+
+    let missing = env.bundle("missing", &["/no/such/program"], |_| {});
+    let out = debug_run("missing", &missing);
+    assert!(
+        !out.status.success(),
+        "a program that is not there fails run"
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("/no/such/program"), "{stderr}");
+    env.assert_nothing_left("after a run whose program could not start");
+
+    // A createContainer hook writes into the rootfs before the program reads it.
+    let marker = env.work.path().join("rootfs/written-by-hook");
+    let hooked = env.bundle("hooked", &["cat", "/written-by-hook"], |spec| {
+        spec["hooks"] = serde_json::json!({
+            "createContainer": [{
+                "path": "/bin/sh",
+                "args": ["sh", "-c", format!("echo from-the-hook > {}", marker.display())],
+            }],
+        });
+    });
+    let out = debug_run("hooked", &hooked);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from-the-hook\n");
+    assert!(said(
+        "hooked",
+        "is started after its creation, not with it: hooks run in between"
+    ));
+    env.assert_nothing_left("after the runs");
+}

@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,11 @@ pub struct SupervisorPlan {
     pub exit_file: PathBuf,
     /// Where the VMM's own logs go (stderr is the container's); `/dev/null` when `None`.
     pub log_file: Option<PathBuf>,
+    /// Start the init's program as soon as the container exists and its streams are
+    /// relayed, and report `started` rather than `created`: `husk run` of a container with
+    /// no hook to run in between, which spares it the round trip of a separate start.
+    #[serde(default)]
+    pub start: bool,
 }
 
 /// The container's standard streams on the host side.
@@ -198,7 +203,8 @@ fn supervise(
     if plan.terminal && plan.console_socket.is_none() {
         return Err(SupervisorError::NoConsoleSocket);
     }
-    let vmm = build_microvm(cfg)?;
+    let mut vmm = build_microvm(cfg)?;
+    let renewed = vmm.renewed_connection();
     // The console socket is a path of the engine's, outside the jail: connected now, used
     // once the container exists. Not before the build, which may refuse a template (the
     // engine would see a connection end without a console, and `husk create` boots anew).
@@ -224,7 +230,8 @@ fn supervise(
             .name("husk-supervisor".into())
             .spawn(move || {
                 crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
-                let result = supervise_container(&socket, timeout, &plan, stdio, console, &ready);
+                let result =
+                    supervise_container(&socket, timeout, &plan, stdio, console, &ready, renewed);
                 if let Err(e) = &result {
                     tracing::error!("container supervision failed: {e}");
                     report_ready(&ready, &format!("error {e}"));
@@ -256,9 +263,17 @@ fn supervise_container(
     stdio: HostStdio,
     console: Option<(PathBuf, UnixStream)>,
     ready: &Mutex<Option<File>>,
+    renewed: Option<mpsc::Receiver<AgentClient>>,
 ) -> Result<ExitStatus, String> {
-    let (mut control, _) =
-        AgentClient::connect(socket, timeout).map_err(|e| format!("connect: {}", chain(&e)))?;
+    // A restored guest's renewal connection, or (a booted guest, a failed renewal) one of our own.
+    let mut control = match renewed.and_then(|r| r.recv_timeout(timeout).ok()) {
+        Some(client) => client,
+        None => {
+            AgentClient::connect(socket, timeout)
+                .map_err(|e| format!("connect: {}", chain(&e)))?
+                .0
+        }
+    };
     // Creating the container (share mounts through virtio-fs, the helper's setup) can take
     // long on a loaded host, like the boot: wait for it as long as for the agent.
     control
@@ -299,17 +314,43 @@ fn supervise_container(
     } else {
         Relay::start_pipes(socket, &process, stdio, &stdio_config).map_err(|e| error_chain(&e))?
     };
-    if !report_ready_at(ready, &format!("created {pid}")) {
+    let reached = if plan.start {
+        match control.request(&Request::StartProcess(process.clone())) {
+            Ok(Response::Ok) => "started",
+            Ok(Response::Error { message }) => return Err(format!("start container: {message}")),
+            Ok(other) => {
+                return Err(format!(
+                    "start container: unexpected {} reply",
+                    other.kind()
+                ))
+            }
+            Err(e) => return Err(format!("start container: {}", chain(&e))),
+        }
+    } else {
+        "created"
+    };
+    if !report_ready_at(ready, &format!("{reached} {pid}")) {
         // Killed before it learned of the container, `husk create` may not have recorded this
         // VMM: nobody could ever manage or delete it, so it ends here.
         return Err("husk create is gone before it learned the container was created".into());
     }
-    let waiter = AgentClient::connect(socket, timeout);
-    let status = wait_process(waiter, &process)?;
+    // On the control connection, which nothing else needs until the init has exited.
+    let status = wait_on(&mut control, &process)?;
+    control
+        .set_io_timeout(timeout)
+        .map_err(|e| format!("wait: {}", chain(&e)))?;
     write_exit_file(&plan.exit_file, &status);
     relay.finish(DRAIN_TIMEOUT);
-    if let Err(e) = control.request(&Request::Shutdown) {
-        tracing::warn!("agent shutdown request failed: {e}");
+    match control.request(&Request::Shutdown) {
+        // The agent synced the guest's file systems before it answered: nothing of the
+        // container's is left in the guest, whose own shutdown (a reset after the agent sees
+        // this connection close) would only add to the time `husk run` waits.
+        Ok(Response::Ok) => {
+            stop_own_vm();
+            return Ok(status);
+        }
+        Ok(other) => tracing::warn!("agent shutdown request: unexpected {} reply", other.kind()),
+        Err(e) => tracing::warn!("agent shutdown request failed: {e}"),
     }
     // The VM resets shortly; if it does not, stop it ourselves.
     let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -326,6 +367,11 @@ pub fn wait_process(
     process: &ProcessRef,
 ) -> Result<ExitStatus, String> {
     let (mut client, _) = client.map_err(|e| format!("connect: {}", chain(&e)))?;
+    wait_on(&mut client, process)
+}
+
+/// Sends `WaitProcess` on `client` and waits without a deadline.
+fn wait_on(client: &mut AgentClient, process: &ProcessRef) -> Result<ExitStatus, String> {
     client.set_io_timeout(FOREVER).map_err(|e| chain(&e))?;
     match client
         .request(&Request::WaitProcess(process.clone()))
@@ -839,6 +885,7 @@ mod tests {
             ready_fd: Some(5),
             exit_file: "/run/husk/c1/exit.json".into(),
             log_file: None,
+            start: true,
         };
         let json = serde_json::to_string(&plan).expect("serializable");
         let back: SupervisorPlan = serde_json::from_str(&json).expect("valid");

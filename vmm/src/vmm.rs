@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -300,6 +300,9 @@ pub struct Vmm {
     /// A restored guest's card configuration for its renewal (none without a card).
     network_params: Vec<String>,
     timeline: Arc<TimelineRecorder>,
+    /// Where the renewal's connection goes once the guest is renewed, if someone wants it
+    /// ([`Vmm::renewed_connection`]).
+    renewed: Option<mpsc::Sender<AgentClient>>,
 }
 
 impl Vmm {
@@ -322,7 +325,21 @@ impl Vmm {
                 .map(crate::config::NetConfig::renewal_params)
                 .unwrap_or_default(),
             timeline,
+            renewed: None,
         }
+    }
+
+    /// For a restored guest, the connection its renewal was made on, handed over once the
+    /// guest is renewed: a connection to the agent like any other (the identity port serves
+    /// every request), and one fewer for the caller to make. The sender is dropped, unsent,
+    /// if the renewal fails. `None` for a booted guest, which is not renewed.
+    pub fn renewed_connection(&mut self) -> Option<mpsc::Receiver<AgentClient>> {
+        if !matches!(self.mode, VmMode::Restored) {
+            return None;
+        }
+        let (sender, receiver) = mpsc::channel();
+        self.renewed = Some(sender);
+        Some(receiver)
     }
 
     /// The boot timeline recorded so far.
@@ -529,18 +546,19 @@ impl Vmm {
 
     /// Restored mode: gives the guest its new identity through the agent's identity port
     /// (the only one open to host clients until the agent signals readiness again).
-    fn spawn_renewal_thread(&self, control: Arc<ControlChannel>) -> Result<(), VmmError> {
+    fn spawn_renewal_thread(&mut self, control: Arc<ControlChannel>) -> Result<(), VmmError> {
         let socket = self.vsock_socket.clone();
         let timeout = self.agent_timeout;
         let timeline = self.timeline.clone();
         let report = self.boot_report.clone();
         let network = self.network_params.clone();
+        let handover = self.renewed.take();
         thread::Builder::new()
             .name("husk-renew".into())
             .spawn(move || {
                 crate::seccomp::confine_helper(crate::seccomp::ThreadKind::Agent);
                 match renew_guest(&socket, timeout, network) {
-                    Ok(handshake) => {
+                    Ok((client, handshake)) => {
                         let now = timeline::since_start_us();
                         timeline.update(|t| {
                             t.agent_handshake_us = Some(now);
@@ -548,6 +566,10 @@ impl Vmm {
                             t.agent_version = Some(handshake.agent_version.clone());
                         });
                         tracing::debug!(timeline = ?timeline.snapshot(), "restored guest renewed");
+                        if let Some(handover) = handover {
+                            // Nobody waiting any more is no error: they connect on their own.
+                            let _ = handover.send(client);
+                        }
                     }
                     Err(e) => {
                         control.send(Control::Fail(VmmError::Renew(e)));
@@ -679,12 +701,12 @@ pub fn snapshot_due(since_ready: Duration, quiet: Option<Duration>) -> bool {
 const RENEWAL_ENTROPY: usize = 64;
 
 /// Connects to the restored guest's identity port and renews it (with `network`, the
-/// configuration of its card); returns its handshake.
+/// configuration of its card); returns the connection and the agent's handshake.
 fn renew_guest(
     socket: &std::path::Path,
     timeout: Duration,
     network: Vec<String>,
-) -> Result<husk_agent_protocol::Handshake, String> {
+) -> Result<(AgentClient, husk_agent_protocol::Handshake), String> {
     let (mut client, handshake) =
         AgentClient::connect_port(socket, husk_agent_protocol::AGENT_IDENTITY_PORT, timeout)
             .map_err(|e| crate::supervisor::chain(&e))?;
@@ -706,7 +728,7 @@ fn renew_guest(
             network,
         })
         .map_err(|e| crate::supervisor::chain(&e))?;
-    Ok(handshake)
+    Ok((client, handshake))
 }
 
 /// Joins `threads`, kicking them out of KVM_RUN first if `kick`, until `deadline`; returns

@@ -53,11 +53,24 @@ pub struct Created {
     pub child: Child,
     pub dir: StateDir,
     pub state: ContainerState,
+    /// The init's program runs already ([`Then::Start`] was granted): the state says
+    /// `running`, and only the poststart hooks are left to run.
+    pub started: bool,
+}
+
+/// What [`create_container`] does once the container exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Nothing: `husk create`, whose caller starts the container later.
+    Wait,
+    /// Start the init's program at once, in husk-vmm, when no hook has to run between the
+    /// creation and the start (`husk run`); otherwise as [`Then::Wait`].
+    Start,
 }
 
 /// `husk create`.
 pub fn create(globals: &Globals, args: &CreateArgs) -> Result<()> {
-    create_container(globals, args)?;
+    create_container(globals, args, Then::Wait)?;
     Ok(())
 }
 
@@ -72,7 +85,7 @@ pub fn validate_console_socket(path: &Path) -> Result<()> {
 }
 
 /// Everything `create` does; `run` uses it too.
-pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created> {
+pub fn create_container(globals: &Globals, args: &CreateArgs, then: Then) -> Result<Created> {
     let dir = StateDir::new(&globals.root, &args.id)?;
     if args.no_pivot {
         bail!("--no-pivot is not supported: husk always pivots into the rootfs inside the microVM");
@@ -198,7 +211,33 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         vcpus: size.vcpus,
         hooks,
     };
-    let (pid, guest_pid) = loop {
+    // Nothing of the engine's may run between the creation and the start.
+    let hooks_before_start = [
+        HookKind::Prestart,
+        HookKind::CreateRuntime,
+        HookKind::CreateContainer,
+        HookKind::StartContainer,
+    ]
+    .iter()
+    .any(|kind| !state.hooks.get(*kind).is_empty());
+    let (pid, guest_pid, started) = loop {
+        // A template's first restore records its write set right after the creation: a start
+        // before it would make the program's own pages part of every later restore's copy.
+        let unrecorded = template
+            .as_ref()
+            .is_some_and(|t| !t.join(husk_vmm::write_set::WRITE_SET_FILE).exists());
+        let start = then == Then::Start && !hooks_before_start && !unrecorded;
+        if then == Then::Start && !start {
+            logging::debug(&format!(
+                "container {} is started after its creation, not with it: {}",
+                args.id,
+                if hooks_before_start {
+                    "hooks run in between"
+                } else {
+                    "its template's write set is recorded first"
+                }
+            ));
+        }
         let (ready_read, ready_write) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating the ready pipe")?;
         fcntl(ready_write.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
@@ -212,6 +251,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
             ready_fd: Some(ready_write.as_raw_fd()),
             exit_file: dir.exit_file(),
             log_file: Some(dir.log_file()),
+            start,
         };
         write_atomic(&dir.plan_file(), &serde_json::to_vec_pretty(&plan)?)?;
 
@@ -301,7 +341,10 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         let deadline = Instant::now() + cfg.agent_timeout + Duration::from_secs(10);
         let line = read_ready(&ready_read, deadline)?;
         match line.split_once(' ') {
-            Some(("created", guest_pid)) => break (pid, guest_pid.trim().to_string()),
+            Some(("created", guest_pid)) => break (pid, guest_pid.trim().to_string(), false),
+            Some(("started", guest_pid)) if start => {
+                break (pid, guest_pid.trim().to_string(), true)
+            }
             Some(("refused", why)) if template.is_some() => {
                 // The template could not be used: nothing of the container exists yet.
                 logging::warn(&format!("warm start: {why}; booting"));
@@ -329,8 +372,13 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         }
     };
     logging::debug(&format!(
-        "container {} created, guest pid {guest_pid}",
-        args.id
+        "container {} {}, guest pid {guest_pid}",
+        args.id,
+        if started {
+            "created and started in one step"
+        } else {
+            "created"
+        }
     ));
     state.pid = pid;
     state.pid_start_time = process_start_time(pid)
@@ -366,7 +414,11 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         run_poststop(&state);
         return Err(e);
     }
-    state.status = Status::Created;
+    state.status = if started {
+        Status::Running
+    } else {
+        Status::Created
+    };
     state.save(&dir)?;
     if let Some(pid_file) = &args.pid_file {
         let pid_file = std::path::absolute(pid_file).unwrap_or_else(|_| pid_file.clone());
@@ -378,7 +430,12 @@ pub fn create_container(globals: &Globals, args: &CreateArgs) -> Result<Created>
         .take()
         .context("the supervisor handle is gone")?;
     drop(rollback);
-    Ok(Created { child, dir, state })
+    Ok(Created {
+        child,
+        dir,
+        state,
+        started,
+    })
 }
 
 /// The network namespace the spec names (podman's, made by CNI or netavark), carried into the

@@ -3,9 +3,9 @@
 //! forwards the usual job-control signals (HUP, INT, QUIT, TERM, USR1, USR2) to the container.
 
 use crate::agent::{call_ok, connect, init_process};
-use crate::commands::create::{create_container, CreateArgs};
+use crate::commands::create::{create_container, CreateArgs, Then};
 use crate::commands::delete::{delete, DeleteArgs};
-use crate::commands::start::start_locked;
+use crate::commands::start::{run_poststart, start_locked};
 use crate::container::StateDir;
 use crate::Globals;
 use anyhow::Result;
@@ -100,14 +100,19 @@ pub fn run(globals: &Globals, args: &RunArgs) -> Result<i32> {
         preserve_fds: 0,
         id: args.id.clone(),
     };
-    let mut created = create_container(globals, &create)?;
+    let mut created = create_container(globals, &create, Then::Start)?;
     if !args.detach {
         // Blocked only now, so that the VMM (already spawned) keeps its own signal mask.
         forward_signals(&created.dir);
     }
     {
         let _lock = created.dir.lock()?;
-        if let Err(e) = start_locked(&created.dir) {
+        let started = if created.started {
+            run_poststart(&created.state)
+        } else {
+            start_locked(&created.dir)
+        };
+        if let Err(e) = started {
             drop(_lock);
             let _ = delete(
                 globals,

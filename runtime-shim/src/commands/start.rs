@@ -62,8 +62,13 @@ pub fn start_locked(dir: &StateDir) -> Result<()> {
     }
     state.status = Status::Running;
     state.save(dir)?;
+    run_poststart(&state)
+}
+
+/// The poststart hooks of a container whose program runs (a failure is reported, and the
+/// container keeps running, as with runc).
+pub fn run_poststart(state: &ContainerState) -> Result<()> {
     state
         .hooks
-        .run(HookKind::Poststart, &state.oci_state(), &state.bundle, warn)?;
-    Ok(())
+        .run(HookKind::Poststart, &state.oci_state(), &state.bundle, warn)
 }

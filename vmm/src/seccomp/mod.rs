@@ -36,6 +36,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use rules::{Allowed, Args};
 use seccompiler::{
@@ -261,10 +262,24 @@ pub fn confine_process(report: Option<&Path>) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// `kind`'s program, compiled once per process: several threads of a kind (the agent clients,
+/// the relays) confine themselves, each as it starts, while the guest waits on them.
+fn cached_program(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
+    static COMPILED: Mutex<Vec<((ThreadKind, Mode), BpfProgram)>> = Mutex::new(Vec::new());
+    // Compiled under the lock, so that threads of one kind starting together compile it once.
+    let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, found)) = compiled.iter().find(|(k, _)| *k == (kind, mode)) {
+        return Ok(found.clone());
+    }
+    let program = program(kind, mode)?;
+    compiled.push(((kind, mode), program.clone()));
+    Ok(program)
+}
+
 /// Narrows the calling thread to `kind`'s list (on top of the process list).
 pub fn confine_thread(kind: ThreadKind) -> Result<(), SeccompError> {
     let mode = mode()?;
-    let filter = program(kind, mode)?;
+    let filter = cached_program(kind, mode)?;
     seccompiler::apply_filter(&filter).map_err(|e| SeccompError::Install(kind.name(), e))?;
     KIND.with(|k| k.set(kind));
     Ok(())
@@ -453,6 +468,19 @@ mod tests {
             }
         }
         assert!(!clone3_program().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_kinds_cached_program_is_the_freshly_compiled_one() {
+        for kind in ALL_KINDS {
+            let first = cached_program(kind, Mode::Trap).unwrap();
+            let again = cached_program(kind, Mode::Trap).unwrap();
+            assert_eq!(first, program(kind, Mode::Trap).unwrap(), "{kind:?}");
+            assert_eq!(again, first, "{kind:?}");
+        }
+        // Each mode its own program: the same calls, another action on a mismatch.
+        let log = cached_program(ThreadKind::Relay, Mode::Log).unwrap();
+        assert_ne!(log, cached_program(ThreadKind::Relay, Mode::Trap).unwrap());
     }
 
     #[test]
