@@ -467,7 +467,9 @@ fn redirect_own_stdio(log_file: Option<&Path>) -> io::Result<()> {
     Ok(())
 }
 
-/// One CONNECT + handshake, then `AttachStdio`: returns the raw stream of `kind`.
+/// One CONNECT + handshake, then `AttachStdio`: returns the raw stream of `kind`. All three
+/// go out in one write, a single round trip: the vsock device hands the bytes after the
+/// `CONNECT` line to the agent once it accepts, and the agent answers requests in order.
 pub fn open_stream(
     socket: &Path,
     process: &ProcessRef,
@@ -480,9 +482,23 @@ pub fn open_stream(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| agent("socket", &e))?;
-    stream
-        .write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())
-        .map_err(|e| agent("CONNECT", &e))?;
+    let mut hello = format!("CONNECT {AGENT_VSOCK_PORT}\n").into_bytes();
+    write_frame(
+        &mut hello,
+        &Request::Handshake {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .map_err(|e| agent("handshake", &e))?;
+    write_frame(
+        &mut hello,
+        &Request::AttachStdio(AttachStdio {
+            process: process.clone(),
+            stream: kind,
+        }),
+    )
+    .map_err(|e| agent("request", &e))?;
+    stream.write_all(&hello).map_err(|e| agent("CONNECT", &e))?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 64 {
@@ -500,25 +516,10 @@ pub fn open_stream(
     if !line.starts_with(b"OK ") {
         return Err(agent("CONNECT", &String::from_utf8_lossy(&line)));
     }
-    write_frame(
-        &mut stream,
-        &Request::Handshake {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .map_err(|e| agent("handshake", &e))?;
     match read_frame::<_, Response>(&mut stream).map_err(|e| agent("handshake", &e))? {
         Response::Handshake(h) if h.protocol_version == PROTOCOL_VERSION => {}
         other => return Err(agent("handshake", &other.kind())),
     }
-    write_frame(
-        &mut stream,
-        &Request::AttachStdio(AttachStdio {
-            process: process.clone(),
-            stream: kind,
-        }),
-    )
-    .map_err(|e| agent("request", &e))?;
     match read_frame::<_, Response>(&mut stream).map_err(|e| agent("reply", &e))? {
         Response::Ok => {}
         Response::Error { message } => return Err(agent("refused", &message)),

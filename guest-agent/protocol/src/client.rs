@@ -196,7 +196,10 @@ impl AgentClient {
         }
     }
 
-    /// One connection attempt: `CONNECT`, `OK`, handshake, each bounded by `deadline`.
+    /// One connection attempt: `CONNECT`, `OK`, handshake, each bounded by `deadline`. The
+    /// `CONNECT` line and the handshake go out in one write, one round trip: husk-vmm's vsock
+    /// device passes the bytes after the line to the agent once it accepts (a refused attempt
+    /// closes the socket, bytes and all).
     fn try_connect(
         uds_path: &Path,
         port: u32,
@@ -207,15 +210,18 @@ impl AgentClient {
             source,
         })?;
         set_timeouts(&stream, remaining(deadline))?;
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(ClientError::ConnectIo)?;
+        let mut hello = format!("CONNECT {port}\n").into_bytes();
+        write_frame(
+            &mut hello,
+            &Request::Handshake {
+                protocol_version: PROTOCOL_VERSION,
+            },
+        )?;
+        stream.write_all(&hello).map_err(ClientError::ConnectIo)?;
         read_connect_reply(&mut stream)?;
         set_timeouts(&stream, remaining(deadline))?;
         let mut client = AgentClient { stream };
-        let handshake = match client.request(&Request::Handshake {
-            protocol_version: PROTOCOL_VERSION,
-        })? {
+        let handshake = match read_frame(&mut client.stream)? {
             Response::Handshake(handshake) => handshake,
             other => return Err(unexpected("handshake", &other)),
         };
