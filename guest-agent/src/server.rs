@@ -288,7 +288,7 @@ impl Listener for UnixTestListener {
 /// What a shutdown request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShutdownMode {
-    /// In the guest: sync, then reset the VM (see [`sys::reset_vm`]).
+    /// In the guest: sync before the reply, then reset the VM (see [`sys::reset_vm`]).
     ResetVm,
     /// Outside a guest (tests): exit the process with status 0.
     ExitProcess,
@@ -455,8 +455,9 @@ fn shut_down<C: Connection>(conn: &mut C, mode: ShutdownMode) -> ! {
     match mode {
         ShutdownMode::ExitProcess => std::process::exit(0),
         ShutdownMode::ResetVm => {
-            // Synced before the reply (see `serve_connection`). The reply sits in the guest's vsock queue; a reset now could beat it to the host.
-            // The host closes the connection once it has read the reply, so wait for that
+            // Synced before the reply (see `serve_connection`). The reply sits in the guest's
+            // vsock queue; a reset now could beat it to the host. The host closes the
+            // connection once it has read the reply (or ends the VM itself), so wait for that
             // (bounded), then reset.
             wait_for_peer_close(conn, SHUTDOWN_LINGER);
             let errno = sys::reset_vm();
