@@ -52,10 +52,9 @@ pub struct CreateArgs {
 pub struct Created {
     pub child: Child,
     pub dir: StateDir,
+    /// `running` when the init's program runs already ([`Then::Start`] was granted): only
+    /// the poststart hooks are left to run.
     pub state: ContainerState,
-    /// The init's program runs already ([`Then::Start`] was granted): the state says
-    /// `running`, and only the poststart hooks are left to run.
-    pub started: bool,
 }
 
 /// What [`create_container`] does once the container exists.
@@ -430,12 +429,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs, then: Then) -> Res
         .take()
         .context("the supervisor handle is gone")?;
     drop(rollback);
-    Ok(Created {
-        child,
-        dir,
-        state,
-        started,
-    })
+    Ok(Created { child, dir, state })
 }
 
 /// The network namespace the spec names (podman's, made by CNI or netavark), carried into the

@@ -7,6 +7,7 @@ use crate::commands::create::{create_container, CreateArgs, Then};
 use crate::commands::delete::{delete, DeleteArgs};
 use crate::commands::start::{run_poststart, start_locked};
 use crate::container::StateDir;
+use crate::state::Status;
 use crate::Globals;
 use anyhow::Result;
 use husk_agent_protocol::ExitStatus;
@@ -107,7 +108,7 @@ pub fn run(globals: &Globals, args: &RunArgs) -> Result<i32> {
     }
     {
         let _lock = created.dir.lock()?;
-        let started = if created.started {
+        let started = if created.state.status == Status::Running {
             run_poststart(&created.state)
         } else {
             start_locked(&created.dir)
