@@ -362,11 +362,12 @@ fn bench_all(quick: bool) -> Result<()> {
             let mem = job
                 .mem_mib
                 .map_or("its default memory".into(), |m| format!("{} GiB", m / 1024));
+            let cpu = rig::RigConfig::from_env()?.cpu;
             (
                 suites,
                 format!(
                     "the test rig's L2 (a Debian VM under QEMU's emulator with emulated AMD SVM, \
-                     {mem}; husk's microVMs run under its KVM, nested)"
+                     {mem}, `-cpu {cpu}`; husk's microVMs run under its KVM, nested)"
                 ),
             )
         }

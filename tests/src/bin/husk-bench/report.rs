@@ -756,7 +756,9 @@ const METHOD: &str = "## Method\n\n\
   run there instead) and runs the suites there one after another. husk, runc, crun and runsc \
   run side by side in that VM, each through its own CLI with a private `--root`, on the same \
   bundles, the runtimes interleaved run by run so that drifting load hits all alike. The rig is \
-  about 20 times slower than hardware, and every VM exit costs far more there: read the ratios.\n\
+  about 20 times slower than hardware, and every VM exit costs far more there: read the ratios. \
+  Its CPU model lacks the fast string operations (ERMS, FSRM), which the emulator runs a byte \
+  at a time where hardware runs them at full speed (the README's \"How the rig was chosen\").\n\
 - **Runtimes.** husk is this tree's release build with its defaults (warm start from a \
   template; `husk-cold` is warm start off); runc and crun are Debian 12's packages; runsc is \
   gVisor from Debian's bookworm-backports (systrap platform, `--network=none` except in the \
