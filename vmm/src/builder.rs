@@ -23,7 +23,9 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::balloon::{Balloon, BalloonError};
 use crate::devices::virtio::fs::{Fs, FsError};
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{
+    MmioTransport, MMIO_REGION_SIZE, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_QUEUE_NOTIFY,
+};
 use crate::devices::virtio::net::{CardBackend, Net, NetError, Tap, TEMPLATE_CARD_MAC};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -822,6 +824,14 @@ impl<'a> MmioDevices<'a> {
             self.vm
                 .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, index as u32)?;
         }
+        // The guest's InterruptACK writes end inside KVM, in an eventfd nobody reads (its
+        // descriptor is closed at once; KVM holds the eventfd): reading InterruptStatus
+        // already cleared what they acknowledge (see `IrqTrigger`).
+        let ack_sink =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Device("virtio-mmio", e))?;
+        self.vm
+            .register_mmio_ioevent_any(&ack_sink, base + VIRTIO_MMIO_INTERRUPT_ACK)?;
+        drop(ack_sink);
         self.vm
             .register_irqfd(transport.irq_trigger().irq_evt(), irq)?;
         let transport = Arc::new(Mutex::new(transport));

@@ -5,7 +5,7 @@ use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{Address, GuestMemory as _, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -190,6 +190,15 @@ impl Vm {
     ) -> Result<(), VmError> {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|source| VmError::RegisterIoevent { addr, source })
+    }
+
+    /// Makes a guest write of any width and value to MMIO address `addr` signal `evt` inside
+    /// KVM, without an exit to user space. KVM keeps its own reference to the eventfd: the
+    /// registration outlives `evt`'s descriptor, until the VM is gone.
+    pub fn register_mmio_ioevent_any(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
             .map_err(|source| VmError::RegisterIoevent { addr, source })
     }
 }

@@ -172,7 +172,7 @@ impl MmioTransport {
                 self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
             }
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.irq_trigger.irq_status(),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.irq_trigger.read_status(),
             VIRTIO_MMIO_STATUS => self.device_status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: a length (and base) of all ones says so (spec 4.2.2).
@@ -193,7 +193,9 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
             VIRTIO_MMIO_SHM_SEL => {}
             VIRTIO_MMIO_QUEUE_NOTIFY => return self.notify_queue(value),
-            VIRTIO_MMIO_INTERRUPT_ACK => self.irq_trigger.ack(value),
+            // The read of InterruptStatus cleared what the guest acknowledges (see
+            // `IrqTrigger`); the builder keeps these writes inside KVM.
+            VIRTIO_MMIO_INTERRUPT_ACK => {}
             VIRTIO_MMIO_STATUS => return self.write_status(value),
             VIRTIO_MMIO_QUEUE_NUM
             | VIRTIO_MMIO_QUEUE_READY
@@ -907,12 +909,16 @@ mod tests {
     }
 
     #[test]
-    fn interrupt_ack_clears_status_bits() {
+    fn interrupt_status_read_clears_it_and_a_late_ack_loses_nothing() {
         let (mut t, _) = transport();
         t.irq_trigger().trigger_queue().unwrap();
         assert_eq!(read_u32(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
-        write_u32(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
         assert_eq!(read_u32(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // Used buffers added between the guest's read and its acknowledgement of that read:
+        // the acknowledgement must not clear their bit.
+        t.irq_trigger().trigger_queue().unwrap();
+        write_u32(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(read_u32(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
     }
 
     #[test]
