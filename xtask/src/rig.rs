@@ -782,10 +782,10 @@ pub const DEFAULT_L2_KERNEL_SUITE: &str = "bookworm-backports";
 /// QEMU's richest CPU model without the fast string operations (ERMS, FSRM). A CPU that has
 /// them is told to copy memory with `rep movsb`, which hardware runs as fast as any copy
 /// loop and QEMU's emulator runs a byte at a time: in the rig, a 128 MiB read from tmpfs took
-/// 1.45 s with them and 0.08 s without. Every copy, by every runtime, paid that 18-fold
-/// toll; husk's microVMs, which copy each byte of a file or a frame more than once (the
-/// host's kernel, `husk-vmm`, the guest's kernel), paid it more often than runc, so with
-/// them the rig measured the emulator's string instructions rather than the runtimes.
+/// 1.45 s with them and 0.08 s without. That made every copy some 18 times dearer against
+/// everything else, VM exits included, which no hardware does: work bound by copies (a
+/// namespace's file reads and TCP) looked slower beside work bound by exits (a microVM's)
+/// than it is.
 pub const DEFAULT_CPU: &str = "max,-erms,-fsrm";
 /// One L2 CPU: multi-threaded TCG has races between emulated CPUs that a lone CPU cannot hit
 /// (seen with two: an `int3` oops in L2's `__schedule` while kernel text was being patched, a
