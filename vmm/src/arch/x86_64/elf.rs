@@ -11,6 +11,8 @@ use std::os::unix::fs::FileExt;
 const PT_LOAD: u32 = 1;
 /// ELF program header type of a note segment.
 const PT_NOTE: u32 = 4;
+/// `p_flags` bit of a writable segment.
+const PF_W: u32 = 2;
 /// Size of an ELF64 file header.
 const EHDR_SIZE: usize = 64;
 /// Size of an ELF64 program header.
@@ -58,6 +60,8 @@ pub struct LoadSegment {
     pub file_size: u64,
     /// Bytes in memory (the rest, past `file_size`, is zero: bss).
     pub mem_size: u64,
+    /// `PF_W`: the kernel writes this segment (data, per-CPU data, init and bss).
+    pub writable: bool,
 }
 
 /// What the loader needs from a vmlinux.
@@ -79,6 +83,15 @@ impl KernelImage {
             .map(|s| s.guest_addr + s.mem_size)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Start of the lowest writable segment, if any.
+    pub fn writable_start(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .filter(|s| s.writable)
+            .map(|s| s.guest_addr)
+            .min()
     }
 }
 
@@ -140,6 +153,7 @@ pub fn parse_kernel(file: &File, file_len: u64) -> Result<KernelImage, ElfError>
     };
     for (index, phdr) in table.chunks_exact(PHDR_SIZE).enumerate() {
         let kind = u32_at(phdr, 0);
+        let flags = u32_at(phdr, 4);
         let file_offset = u64_at(phdr, 8);
         let guest_addr = u64_at(phdr, 24);
         let file_size = u64_at(phdr, 32);
@@ -157,6 +171,7 @@ pub fn parse_kernel(file: &File, file_len: u64) -> Result<KernelImage, ElfError>
                     guest_addr,
                     file_size,
                     mem_size,
+                    writable: flags & PF_W != 0,
                 });
             }
             PT_NOTE if image.pvh_entry.is_none() => {
@@ -370,6 +385,9 @@ pub(crate) mod tests {
         assert!(split_for_mapping(0, 0, 0, PAGE).is_empty());
     }
 
+    /// An ELF64 file of `file_len` bytes whose program headers are `phdrs`, each
+    /// `[p_type, p_offset, p_paddr (and p_vaddr), p_filesz, p_memsz, p_flags, unused]`, followed
+    /// by `notes`.
     pub(crate) fn elf_with(
         phdrs: &[[u64; 7]],
         notes: &[u8],
@@ -387,9 +405,9 @@ pub(crate) mod tests {
         for v in [64u16, 56, phdrs.len() as u16, 64, 0, 0] {
             elf.extend_from_slice(&v.to_le_bytes());
         }
-        for [kind, off, addr, filesz, memsz, ..] in phdrs {
+        for [kind, off, addr, filesz, memsz, flags, _] in phdrs {
             elf.extend_from_slice(&(*kind as u32).to_le_bytes());
-            elf.extend_from_slice(&7u32.to_le_bytes());
+            elf.extend_from_slice(&(*flags as u32).to_le_bytes());
             for v in [*off, *addr, *addr, *filesz, *memsz, 0x1000] {
                 elf.extend_from_slice(&v.to_le_bytes());
             }
@@ -445,10 +463,35 @@ pub(crate) mod tests {
                 file_offset: 0x1000,
                 guest_addr: 0x100_0000,
                 file_size: 0x800,
-                mem_size: 0x2000
+                mem_size: 0x2000,
+                writable: false,
             }]
         );
         assert_eq!(image.end(), 0x100_2000);
+    }
+
+    #[test]
+    fn writable_segments_are_told_apart() {
+        // A vmlinux's shape: text and rodata (R E), then data and bss (RW).
+        let file = elf_with(
+            &[
+                [1, 0x1000, 0x100_0000, 0x1000, 0x1000, 5, 0],
+                [1, 0x2000, 0x100_2000, 0x800, 0x3000, 6, 0],
+            ],
+            &[],
+            0x3000,
+        );
+        let image = parse(&file).expect("parse");
+        let writable: Vec<bool> = image.segments.iter().map(|s| s.writable).collect();
+        assert_eq!(writable, [false, true]);
+        assert_eq!(image.writable_start(), Some(0x100_2000));
+        assert_eq!(image.end(), 0x100_5000);
+        let file = elf_with(
+            &[[1, 0x1000, 0x100_0000, 0x1000, 0x1000, 5, 0]],
+            &[],
+            0x3000,
+        );
+        assert_eq!(parse(&file).expect("parse").writable_start(), None);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct KernelEntry {
     pub kernel_start: u64,
     /// End (exclusive) of the loaded kernel image.
     pub kernel_end: u64,
+    /// Start of the image's writable part (data, per-CPU data, init code and data, bss; in a
+    /// vmlinux they follow the text and read-only data), up to `kernel_end`: what every boot
+    /// writes. `kernel_end` when no segment is writable.
+    pub data_start: u64,
 }
 
 /// Where the initramfs sits in guest memory.
@@ -161,15 +165,28 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<KernelEntry, LoadEr
         }
     }
     for segment in &image.segments {
-        // The bss past `file_size` stays as it is: fresh guest memory reads as zeros.
-        place_file_range(
-            mem,
-            &file,
-            segment.file_offset,
-            segment.guest_addr,
-            segment.file_size,
-        )
-        .map_err(|source| LoadError::Place {
+        // The bss past `file_size` stays as it is: fresh guest memory reads as zeros. The
+        // writable segments are copied, not mapped: the kernel writes them as it boots, and a
+        // write to a copy-on-write page costs the guest a second fault (see
+        // [`load_initramfs`]).
+        let placed = if segment.writable {
+            copy_file_range(
+                mem,
+                &file,
+                segment.file_offset,
+                segment.guest_addr,
+                segment.file_size,
+            )
+        } else {
+            place_file_range(
+                mem,
+                &file,
+                segment.file_offset,
+                segment.guest_addr,
+                segment.file_size,
+            )
+        };
+        placed.map_err(|source| LoadError::Place {
             path: display.clone(),
             source,
         })?;
@@ -190,6 +207,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<KernelEntry, LoadEr
         entry,
         kernel_start,
         kernel_end,
+        data_start: image.writable_start().unwrap_or(kernel_end),
     })
 }
 
@@ -358,31 +376,38 @@ mod tests {
     }
 
     #[test]
-    fn kernel_segments_are_mapped_with_copied_tail_and_zero_bss() {
-        let mem = memory::create_guest_memory(32).expect("mem");
-        // One segment: 0x2800 file bytes at file offset 0x1000 -> 0x100_0000, 0x4000 in memory.
-        let file = elf::tests::elf_with(
-            &[[1, 0x1000, 0x100_0000, 0x2800, 0x4000, 0, 0]],
-            &[],
-            0x1000,
-        );
-        let mut content: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8 + 1).collect();
-        {
-            use std::io::{Seek, SeekFrom};
-            let mut f = file.as_file();
-            f.seek(SeekFrom::Start(0x1000)).expect("seek");
-            f.write_all(&content).expect("write");
+    fn kernel_segments_are_placed_with_zero_bss() {
+        // One segment: 0x2800 file bytes at file offset 0x1000 -> 0x100_0000, 0x4000 in memory;
+        // read-only (mapped from the file, the partial tail copied) or writable (copied).
+        for (flags, data_start) in [(5, 0x100_4000), (6, 0x100_0000)] {
+            let mem = memory::create_guest_memory(32).expect("mem");
+            let file = elf::tests::elf_with(
+                &[[1, 0x1000, 0x100_0000, 0x2800, 0x4000, flags, 0]],
+                &[],
+                0x1000,
+            );
+            let mut content: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8 + 1).collect();
+            {
+                use std::io::{Seek, SeekFrom};
+                let mut f = file.as_file();
+                f.seek(SeekFrom::Start(0x1000)).expect("seek");
+                f.write_all(&content).expect("write");
+            }
+            let entry = load_kernel(&mem, file.path()).expect("load");
+            assert_eq!(entry.protocol, BootProtocol::LinuxBoot);
+            assert_eq!(entry.kernel_start, 0x100_0000);
+            assert_eq!(entry.kernel_end, 0x100_4000);
+            assert_eq!(entry.data_start, data_start, "flags {flags}");
+            let mut back = vec![0u8; 0x4000];
+            mem.read_slice(&mut back, GuestAddress(0x100_0000))
+                .expect("read");
+            content.truncate(0x2800);
+            content.resize(0x4000, 0);
+            assert_eq!(
+                back, content,
+                "flags {flags}: file bytes, then zeros past file_size"
+            );
         }
-        let entry = load_kernel(&mem, file.path()).expect("load");
-        assert_eq!(entry.protocol, BootProtocol::LinuxBoot);
-        assert_eq!(entry.kernel_start, 0x100_0000);
-        assert_eq!(entry.kernel_end, 0x100_4000);
-        let mut back = vec![0u8; 0x4000];
-        mem.read_slice(&mut back, GuestAddress(0x100_0000))
-            .expect("read");
-        content.truncate(0x2800);
-        content.resize(0x4000, 0);
-        assert_eq!(back, content, "file bytes, then zeros past file_size");
     }
 
     #[test]
