@@ -722,19 +722,19 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         let Ok(status) = std::fs::read_to_string(task.join("status")) else {
             continue; // the thread ended meanwhile
         };
-        // Every thread is under seccomp (mode 2, filters): the process list and the clone3
-        // filter; the device and vCPU threads and the agent's clients (the supervisor, the
-        // readiness or renewal watcher) their own list on top; the stdio relays theirs on
+        // Every thread is under seccomp (mode 2, filters): the process list (which answers
+        // clone3 itself); the device and vCPU threads and the agent's clients (the supervisor,
+        // the readiness or renewal watcher) their own list on top; the stdio relays theirs on
         // the supervisor's, which starts them (husk_vmm::seccomp).
         assert_eq!(status_field(&status, "Seccomp:"), "2", "{comm}");
         let filters = match comm {
-            "husk-devices" | "husk-supervisor" | "husk-ready" | "husk-renew" => "3",
-            vcpu if vcpu.starts_with("husk-vcpu-") => "3",
+            "husk-devices" | "husk-supervisor" | "husk-ready" | "husk-renew" => "2",
+            vcpu if vcpu.starts_with("husk-vcpu-") => "2",
             "husk-stdin" | "husk-stdout" | "husk-stderr" => {
                 relays += 1;
-                "4"
+                "3"
             }
-            _ => "2",
+            _ => "1",
         };
         assert_eq!(status_field(&status, "Seccomp_filters:"), filters, "{comm}");
         if comm == "husk-supervisor" {

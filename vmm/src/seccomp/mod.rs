@@ -16,8 +16,12 @@
 //! process with [`SECCOMP_EXIT`]. The handler uses only `write` and `exit_group`, which every
 //! list allows. `husk state` and the shim read the report to say why the VMM ended.
 //!
-//! `clone3` answers `ENOSYS` (a second filter): its flags live in memory a filter cannot read,
-//! and glibc then falls back to `clone`, whose flags the list pins to a new thread's.
+//! `clone3` answers `ENOSYS` (the process filter's own answer): its flags live in memory a
+//! filter cannot read, and glibc then falls back to `clone`, whose flags the list pins to a
+//! new thread's.
+//!
+//! The programs are compiled here ([`bpf`]), a third the length of seccompiler's, and
+//! installed by seccompiler.
 //!
 //! Development aids, from the environment (only the host's root sets husk-vmm's):
 //! `HUSK_VMM_SECCOMP=log` makes a call outside the lists allowed and logged by the kernel
@@ -28,6 +32,7 @@
 //! then takes instead of dying of it). The tests' proof that the filters are on and that the
 //! runtime reports them.
 
+mod bpf;
 pub mod names;
 pub mod rules;
 
@@ -38,11 +43,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 
+use bpf::{BpfError, Check, Pins};
 use rules::{Allowed, Args};
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::BpfProgram;
 
 /// The exit status of a VMM its filter ended (128 + SIGSYS, as a shell reports a process
 /// killed by SIGSYS).
@@ -111,7 +114,7 @@ static CONFINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error("cannot build the {0} seccomp filter")]
-    Build(&'static str, #[source] seccompiler::BackendError),
+    Build(&'static str, #[source] BpfError),
     #[error("cannot install the {0} seccomp filter")]
     Install(&'static str, #[source] seccompiler::Error),
     #[error("cannot open the seccomp report file {0}")]
@@ -146,92 +149,82 @@ thread_local! {
     static KIND: Cell<ThreadKind> = const { Cell::new(ThreadKind::Process) };
 }
 
-fn condition(
-    index: u8,
-    op: SeccompCmpOp,
-    value: u64,
-) -> Result<SeccompRule, seccompiler::BackendError> {
-    SeccompRule::new(vec![SeccompCondition::new(
-        index,
-        SeccompCmpArgLen::Dword,
-        op,
-        value,
-    )?])
+/// The low 32 bits an argument check compares (the lists pin 32-bit values: flags, request
+/// numbers, descriptors, pids).
+fn low32(value: u64) -> Result<u32, BpfError> {
+    u32::try_from(value).map_err(|_| BpfError::Value(value))
 }
 
-fn rules_of(args: Args) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+fn pins_of(args: Args) -> Result<Pins, BpfError> {
+    let eq = |index, value| low32(value).map(|value| Check::Eq { index, value });
     Ok(match args {
-        // No rule: the call is allowed whatever its arguments.
-        Args::Any => Vec::new(),
-        Args::OneOf { index, values } => values
-            .iter()
-            .map(|v| condition(index, SeccompCmpOp::Eq, *v))
-            .collect::<Result<_, _>>()?,
-        Args::Clear { index, mask } => vec![condition(index, SeccompCmpOp::MaskedEq(mask), 0)?],
-        Args::OwnPid { index } => vec![condition(
-            index,
-            SeccompCmpOp::Eq,
-            u64::from(std::process::id()),
-        )?],
-        Args::IoctlOrKvm { values } => {
-            let mut rules: Vec<SeccompRule> = values
+        Args::Any => Pins::Any,
+        Args::OneOf { index, values } => Pins::OneOf(
+            values
                 .iter()
-                .map(|v| condition(1, SeccompCmpOp::Eq, *v))
-                .collect::<Result<_, _>>()?;
-            rules.push(condition(
-                1,
-                SeccompCmpOp::MaskedEq(rules::ioctls::KVM_TYPE_MASK),
-                rules::ioctls::KVM_TYPE,
-            )?);
-            rules
+                .map(|v| eq(index, *v))
+                .collect::<Result<_, _>>()?,
+        ),
+        Args::Clear { index, mask } => Pins::OneOf(vec![Check::MaskedEq {
+            index,
+            mask: low32(mask)?,
+            value: 0,
+        }]),
+        Args::OwnPid { index } => Pins::OneOf(vec![eq(index, u64::from(std::process::id()))?]),
+        Args::IoctlOrKvm { values } => {
+            let mut checks: Vec<Check> =
+                values.iter().map(|v| eq(1, *v)).collect::<Result<_, _>>()?;
+            checks.push(Check::MaskedEq {
+                index: 1,
+                mask: low32(rules::ioctls::KVM_TYPE_MASK)?,
+                value: low32(rules::ioctls::KVM_TYPE)?,
+            });
+            Pins::OneOf(checks)
         }
     })
+}
+
+/// `kind`'s list as [`bpf::compile`] takes it: entries of one call (from several lists) join,
+/// any of their pins allowing the call, and an entry without pins allows it whatever its
+/// arguments.
+fn joined(kind: ThreadKind) -> Result<BTreeMap<i64, Pins>, BpfError> {
+    let mut joined: BTreeMap<i64, Pins> = BTreeMap::new();
+    for allowed in kind.allowed() {
+        let pins = pins_of(allowed.args)?;
+        match (joined.get_mut(&allowed.nr), pins) {
+            (None, pins) => {
+                joined.insert(allowed.nr, pins);
+            }
+            (Some(entry), Pins::Any) => *entry = Pins::Any,
+            (Some(Pins::OneOf(checks)), Pins::OneOf(more)) => checks.extend(more),
+            (Some(Pins::Any), Pins::OneOf(_)) => {}
+        }
+    }
+    Ok(joined)
+}
+
+/// The calls the process filter answers itself: `clone3` with `ENOSYS` (see the module docs).
+/// The lists name it so that the lists stacked on the process list let that answer through.
+fn answers(kind: ThreadKind) -> Vec<(i64, u32)> {
+    match kind {
+        ThreadKind::Process => vec![(libc::SYS_clone3, bpf::RET_ERRNO | libc::ENOSYS as u32)],
+        _ => Vec::new(),
+    }
 }
 
 /// The BPF program of `kind`'s list.
 fn program(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
     let build = |e| SeccompError::Build(kind.name(), e);
-    // Entries of one call (from several lists) join: any of their pins allows the call, and
-    // an entry without pins allows it whatever its arguments (an empty rule list).
-    let mut joined: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
-    for allowed in kind.allowed() {
-        let rules = rules_of(allowed.args).map_err(build)?;
-        let entry = joined.entry(allowed.nr).or_insert_with(|| Some(Vec::new()));
-        match (rules.is_empty(), entry.as_mut()) {
-            (true, _) => *entry = None,
-            (false, Some(pins)) => pins.extend(rules),
-            (false, None) => {}
-        }
+    let mut allowed = joined(kind).map_err(build)?;
+    let answers = answers(kind);
+    for (nr, _) in &answers {
+        allowed.remove(nr);
     }
-    let map: BTreeMap<i64, Vec<SeccompRule>> = joined
-        .into_iter()
-        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
-        .collect();
     let mismatch = match mode {
-        Mode::Trap => SeccompAction::Trap,
-        Mode::Log => SeccompAction::Log,
+        Mode::Trap => bpf::RET_TRAP,
+        Mode::Log => bpf::RET_LOG,
     };
-    SeccompFilter::new(map, mismatch, SeccompAction::Allow, arch())
-        .and_then(TryInto::try_into)
-        .map_err(build)
-}
-
-/// The filter that answers `clone3` with `ENOSYS` and allows everything else.
-fn clone3_program() -> Result<BpfProgram, SeccompError> {
-    let build = |e| SeccompError::Build("clone3", e);
-    let map = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    SeccompFilter::new(
-        map,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch(),
-    )
-    .and_then(TryInto::try_into)
-    .map_err(build)
-}
-
-fn arch() -> TargetArch {
-    TargetArch::x86_64
+    bpf::compile(&allowed, &answers, mismatch).map_err(build)
 }
 
 /// Confines the whole process: opens the report file, installs the `SIGSYS` handler, then the
@@ -252,9 +245,6 @@ pub fn confine_process(report: Option<&Path>) -> Result<(), SeccompError> {
     let process = program(ThreadKind::Process, mode)?;
     seccompiler::apply_filter_all_threads(&process)
         .map_err(|e| SeccompError::Install(ThreadKind::Process.name(), e))?;
-    let clone3 = clone3_program()?;
-    seccompiler::apply_filter_all_threads(&clone3)
-        .map_err(|e| SeccompError::Install("clone3", e))?;
     CONFINED.store(true, Ordering::Release);
     if mode == Mode::Log {
         tracing::warn!("{MODE_ENV}=log: calls outside the seccomp lists are logged, not stopped");
@@ -467,7 +457,170 @@ mod tests {
                 );
             }
         }
-        assert!(!clone3_program().unwrap().is_empty());
+    }
+
+    /// seccompiler's program of `kind`'s list, and of the `clone3` filter that went with the
+    /// process list: the reference [`program`] is checked against.
+    fn reference(kind: ThreadKind, mode: Mode) -> Vec<BpfProgram> {
+        use seccompiler::{
+            SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+            SeccompRule, TargetArch,
+        };
+        let rule = |index, op, value| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                index,
+                SeccompCmpArgLen::Dword,
+                op,
+                value,
+            )
+            .unwrap()])
+            .unwrap()
+        };
+        let mut joined: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+        for allowed in kind.allowed() {
+            let rules: Vec<SeccompRule> = match allowed.args {
+                Args::Any => Vec::new(),
+                Args::OneOf { index, values } => values
+                    .iter()
+                    .map(|v| rule(index, SeccompCmpOp::Eq, *v))
+                    .collect(),
+                Args::Clear { index, mask } => vec![rule(index, SeccompCmpOp::MaskedEq(mask), 0)],
+                Args::OwnPid { index } => {
+                    vec![rule(index, SeccompCmpOp::Eq, u64::from(std::process::id()))]
+                }
+                Args::IoctlOrKvm { values } => values
+                    .iter()
+                    .map(|v| rule(1, SeccompCmpOp::Eq, *v))
+                    .chain([rule(
+                        1,
+                        SeccompCmpOp::MaskedEq(rules::ioctls::KVM_TYPE_MASK),
+                        rules::ioctls::KVM_TYPE,
+                    )])
+                    .collect(),
+            };
+            let entry = joined.entry(allowed.nr).or_insert_with(|| Some(Vec::new()));
+            match (rules.is_empty(), entry.as_mut()) {
+                (true, _) => *entry = None,
+                (false, Some(pins)) => pins.extend(rules),
+                (false, None) => {}
+            }
+        }
+        let map = joined
+            .into_iter()
+            .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+            .collect();
+        let mismatch = match mode {
+            Mode::Trap => SeccompAction::Trap,
+            Mode::Log => SeccompAction::Log,
+        };
+        let list = SeccompFilter::new(map, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        if kind != ThreadKind::Process {
+            return vec![list];
+        }
+        let clone3 = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            TargetArch::x86_64,
+        )
+        .unwrap()
+        .try_into()
+        .unwrap();
+        vec![list, clone3]
+    }
+
+    /// The kernel's answer from a stack of filters: the strictest (`KILL_PROCESS` first, then
+    /// the lowest action value).
+    fn strictest(answers: impl Iterator<Item = u32>) -> u32 {
+        answers.min_by_key(|k| *k as i32).unwrap()
+    }
+
+    /// Every value a list pins, and neighbours of it: the arguments the equivalence is checked
+    /// with.
+    fn argument_values() -> Vec<u64> {
+        let mut values = vec![0, 1, 2, 0xffff_ffff, u64::from(std::process::id())];
+        for kind in ALL_KINDS {
+            for allowed in kind.allowed() {
+                match allowed.args {
+                    Args::OneOf { values: pinned, .. } | Args::IoctlOrKvm { values: pinned } => {
+                        values.extend(pinned)
+                    }
+                    Args::Clear { mask, .. } => values.extend([mask, mask & mask.wrapping_neg()]),
+                    Args::Any | Args::OwnPid { .. } => {}
+                }
+            }
+        }
+        let kvm = rules::ioctls::KVM_TYPE;
+        values.extend([kvm, kvm | 0x80, kvm | 0xc008_0000, kvm ^ 0x100]);
+        let mut more = Vec::new();
+        for v in &values {
+            more.extend([
+                v.wrapping_add(1),
+                v.wrapping_sub(1),
+                v | 1 << 32,
+                v ^ 0x4000,
+            ]);
+        }
+        values.extend(more);
+        values.sort_unstable();
+        values.dedup();
+        values
+    }
+
+    #[test]
+    fn every_program_answers_as_seccompilers_did() {
+        let values = argument_values();
+        let x86_64 = 62 | 0x8000_0000 | 0x4000_0000;
+        let i386 = 3 | 0x4000_0000;
+        for kind in ALL_KINDS {
+            for mode in [Mode::Trap, Mode::Log] {
+                let ours = program(kind, mode).unwrap();
+                let theirs = reference(kind, mode);
+                let listed: Vec<i64> = kind.allowed().iter().map(|a| a.nr).collect();
+                let mut checked = 0;
+                for nr in (0..600).chain(0x4000_0000..0x4000_0010) {
+                    let mut cases = vec![(x86_64, [0u64; 6]), (i386, [0; 6])];
+                    if listed.contains(&i64::from(nr)) || nr == libc::SYS_clone3 as u32 {
+                        for &v in &values {
+                            cases.push((x86_64, [v; 6]));
+                            for index in 0..6 {
+                                let mut args = [0; 6];
+                                args[index] = v;
+                                cases.push((x86_64, args));
+                            }
+                        }
+                    }
+                    for (arch, args) in cases {
+                        let want = strictest(theirs.iter().map(|p| bpf::run(p, nr, arch, args)));
+                        let got = bpf::run(&ours, nr, arch, args);
+                        assert_eq!(
+                            got,
+                            want,
+                            "{} ({mode:?}): call {nr}, arch {arch:#x}, args {args:x?}",
+                            kind.name()
+                        );
+                        checked += 1;
+                    }
+                }
+                assert!(checked > 10_000, "{checked}");
+            }
+        }
+    }
+
+    #[test]
+    fn programs_are_a_third_of_seccompilers() {
+        for kind in ALL_KINDS {
+            let ours = program(kind, Mode::Trap).unwrap().len();
+            let theirs: usize = reference(kind, Mode::Trap).iter().map(Vec::len).sum();
+            assert!(
+                ours * 2 < theirs,
+                "{}: {ours} against {theirs}",
+                kind.name()
+            );
+        }
     }
 
     #[test]
