@@ -57,6 +57,10 @@ pub const RET_ALLOW: u32 = 0x7fff_0000;
 /// The most tests in one run of calls allowed with any arguments, so that each test's jump to
 /// the run's `ret ALLOW` stays within a BPF test's 255 instructions.
 const RUN: usize = 200;
+const _: () = assert!(RUN <= u8::MAX as usize);
+
+/// The most instructions the kernel takes in one filter (`BPF_MAXINSNS`).
+const MAX_INSNS: usize = 4096;
 
 /// One way a call's arguments may be (the low 32 bits of argument `index`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +87,8 @@ pub enum BpfError {
     Index(u8),
     #[error("call {0}'s checks are too many for one program ({1} instructions)")]
     TooLong(i64, usize),
+    #[error("the program would be longer than the kernel's {MAX_INSNS} instructions")]
+    Program,
     #[error("call number {0} is out of range")]
     Nr(i64),
     #[error("call {0} is both allowed and given an answer of its own")]
@@ -153,8 +159,9 @@ pub fn compile(
         .collect::<Result<_, _>>()?;
     for run in any.chunks(RUN) {
         for (i, &nr) in run.iter().enumerate() {
-            // From the test after this one to the `ret ALLOW` after the run's skip.
-            let to_allow = u8::try_from(run.len() - i).map_err(|_| BpfError::TooLong(-1, RUN))?;
+            // From the test after this one to the `ret ALLOW` after the run's skip: at most
+            // RUN, which fits.
+            let to_allow = u8::try_from(run.len() - i).unwrap_or(u8::MAX);
             prog.push(jeq(nr, to_allow, 0));
         }
         prog.push(stmt(BPF_JMP | BPF_JA, 1));
@@ -165,12 +172,15 @@ pub fn compile(
     // Each pinned call's checks.
     for (nr, checks, jump_at) in pinned {
         let start = prog.len();
-        prog[jump_at].k = u32::try_from(start - jump_at - 1).map_err(|_| BpfError::Nr(nr))?;
+        prog[jump_at].k = u32::try_from(start - jump_at - 1).map_err(|_| BpfError::Program)?;
         let block = checks_block(checks, mismatch)?;
         if block.len() > 255 {
             return Err(BpfError::TooLong(nr, block.len()));
         }
         prog.extend(block);
+    }
+    if prog.len() > MAX_INSNS {
+        return Err(BpfError::Program);
     }
     Ok(prog)
 }
@@ -348,6 +358,8 @@ mod tests {
             compile(&long, &[], RET_TRAP),
             Err(BpfError::TooLong(16, _))
         ));
+        let huge = (0..5000).map(|nr| (nr, Pins::Any)).collect();
+        assert_eq!(compile(&huge, &[], RET_TRAP), Err(BpfError::Program));
         let negative = allowed(&[(-1, Pins::Any)]);
         assert_eq!(compile(&negative, &[], RET_TRAP), Err(BpfError::Nr(-1)));
     }
