@@ -510,6 +510,9 @@ pub struct RigReport {
     pub hang_reports: Vec<(String, String)>,
     /// L2 wedged and did not answer the NMI the host sent it (see `rig_console::ConsoleEnd`).
     pub nmi_unanswered: bool,
+    /// The step that was running when the host sent a wedged L2 its NMI (see
+    /// `rig_console::ConsoleEnd::step_at_nmi`).
+    pub step_at_nmi: Option<String>,
     /// L2 wedged with every CPU halted, interrupts enabled and a periodic timer due: the
     /// emulator lost its wakeup (see `rig_console::lost_wakeup`).
     pub lost_wakeup: bool,
@@ -521,13 +524,20 @@ impl RigReport {
     /// Whether the rig proved that a failure is its own, and how: L2's kernel reported a fault
     /// (soft lockup, RCU stall, oops, hung task, or the panic of the NMI sent to a wedged L2)
     /// whose trace runs through L2's KVM, or L2 wedged so deep that it did not even take an
-    /// NMI, or wedged idle in a state that proves the emulator lost an interrupt (every CPU
+    /// NMI, or wedged and took the NMI without a panic or fault of its own (a heartbeat gone
+    /// for a minute while nothing in L2's kernel says why), or wedged idle in a state that proves the emulator lost an interrupt (every CPU
     /// halted with interrupts enabled and a periodic timer due), none of which anything L2
     /// runs (husk's processes, its L3 guests) can cause. A hang of husk's own shows none of
     /// them: L2 stays up, or its panic's traces are elsewhere and its CPUs busy.
     pub fn rig_fault(&self) -> Option<String> {
         if self.nmi_unanswered {
             Some("L2 wedged and did not answer an NMI (its CPUs stuck below its kernel)".into())
+        } else if self.end == RigEnd::Wedged && self.faults.nmi_survived && !self.faults.panicked {
+            Some(
+                "L2 wedged (no heartbeat for a minute), took the host's NMI as a PCI SERR and \
+                 ran on, without a panic or fault of its own"
+                    .into(),
+            )
         } else if self.lost_wakeup {
             Some(
                 "L2 wedged idle: halted with interrupts enabled and its periodic timer due, \
@@ -547,6 +557,11 @@ impl RigReport {
             RigEnd::Finished(code) => format!("the command exited {code}"),
             RigEnd::Wedged if self.nmi_unanswered => {
                 "L2 wedged (its heartbeat stopped) and did not answer an NMI".into()
+            }
+            RigEnd::Wedged if self.faults.nmi_survived => {
+                "L2 wedged (its heartbeat stopped), took the host's NMI and ran on; it was \
+                 stopped"
+                    .into()
             }
             RigEnd::Wedged => "L2 wedged (its heartbeat stopped)".into(),
             RigEnd::Died => "L2 died before the command finished".into(),
@@ -726,6 +741,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
             collected: Vec::new(),
             hang_reports,
             nmi_unanswered: false,
+            step_at_nmi: None,
             lost_wakeup: false,
             failed_boots: Vec::new(),
         });
@@ -752,6 +768,7 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
         collected: end.scan.collected,
         hang_reports,
         nmi_unanswered: end.nmi_unanswered,
+        step_at_nmi: end.step_at_nmi,
         lost_wakeup: end.lost_wakeup,
         failed_boots: Vec::new(),
     })
@@ -1077,6 +1094,7 @@ mod tests {
             collected: Vec::new(),
             hang_reports: Vec::new(),
             nmi_unanswered: false,
+            step_at_nmi: None,
             lost_wakeup: false,
             failed_boots: Vec::new(),
         }

@@ -12,11 +12,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the rig's init prints as the command's exit code.
 pub const EXIT_MARKER: &str = "HUSK-RIG-EXIT=";
+/// What a rig test run prints as each step starts, before the step's name.
+pub const RUNNING_PREFIX: &str = "== husk-rig: running ";
 /// The kernel-log line L2's heartbeat writes (see [`crate::rig::HEARTBEAT`]).
 pub const HEARTBEAT_TEXT: &str = "husk-rig: alive";
 /// Lines the command writes through `/dev/kmsg` (hang reports, the heartbeat) carry this prefix.
@@ -40,6 +42,9 @@ pub struct L2Faults {
     pub hung_tasks: usize,
     /// L2 panicked (on a fault above, or on the NMI the host sent a wedged L2).
     pub panicked: bool,
+    /// L2 took the NMI the host sent it and ran on: on the microvm machine it reads the NMI as
+    /// a PCI SERR, logs "Dazed and confused" and does not panic (see `rig::qemu_command`).
+    pub nmi_survived: bool,
     /// A fault's trace runs through L2's KVM (`[kvm]` or `[kvm_amd]` frames): the emulated
     /// nested virtualization failed, not the command.
     pub in_kvm: bool,
@@ -85,6 +90,9 @@ pub struct ConsoleScan {
     pub l2_up_s: Option<f64>,
     /// Lines starting with the collect prefix.
     pub collected: Vec<String>,
+    /// The step the command last said it runs (`== husk-rig: running NAME`, see
+    /// `testing::RigStep::script`).
+    pub running: Option<String>,
     collect_prefix: Option<String>,
     /// Lines left to search for a KVM frame after the last fault line.
     trace_window: usize,
@@ -116,6 +124,9 @@ impl ConsoleScan {
         {
             self.l2_up_s = up.trim().parse().ok();
         }
+        if let Some(step) = line.strip_prefix(RUNNING_PREFIX) {
+            self.running = Some(step.trim().to_string());
+        }
         if let Some(prefix) = &self.collect_prefix {
             if line.starts_with(prefix.as_str()) {
                 self.collected.push(line.to_string());
@@ -138,6 +149,9 @@ impl ConsoleScan {
             }
         }
         let f = &mut self.faults;
+        if text.contains("Dazed and confused") {
+            f.nmi_survived = true;
+        }
         let fault = if text.contains("soft lockup") {
             f.soft_lockups += 1;
             true
@@ -170,10 +184,23 @@ impl ConsoleScan {
 }
 
 /// The text of a kernel console line (`[   12.345678] text`), or `None` for any other line.
+///
+/// The kernel's line need not start the console's line: L2's kernel prints whole lines under
+/// its console lock, but between the command's own writes, so a kernel line often follows a
+/// partial line of the command's (a test harness's `test NAME ... `, printed before a test
+/// that runs for tens of seconds). The first timestamp in the line starts the kernel's text.
+/// (Read only from the line's start, every heartbeat printed during a long test was missed,
+/// and six in a row made a healthy L2 look wedged.)
 fn kernel_text(line: &str) -> Option<&str> {
+    line.match_indices('[')
+        .find_map(|(at, _)| kernel_text_at(&line[at..]))
+}
+
+/// [`kernel_text`] of a line that starts with the timestamp's `[`.
+fn kernel_text_at(line: &str) -> Option<&str> {
     let rest = line.strip_prefix('[')?;
     let (stamp, text) = rest.split_once(']')?;
-    let stamp = stamp.trim();
+    let stamp = stamp.trim_start();
     let (secs, frac) = stamp.split_once('.')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (digits(secs) && digits(frac)).then(|| text.strip_prefix(' ').unwrap_or(text))
@@ -187,10 +214,14 @@ pub struct ConsoleEnd {
     /// L2's heartbeat stopped for [`HEARTBEAT_LIMIT`] (the host then sent it an NMI, so that
     /// its panic shows where its CPUs were).
     pub wedged: bool,
-    /// L2 was wedged and did not even panic on the NMI the host sent it: its CPUs are stuck
-    /// where no code of L2's (nor of anything L2 runs) can keep an NMI out, in the emulator or
-    /// in L2's KVM.
+    /// L2 was wedged and did not even take the NMI the host sent it (neither panicked nor
+    /// logged it): its CPUs are stuck where no code of L2's (nor of anything L2 runs) can keep
+    /// an NMI out, in the emulator or in L2's KVM.
     pub nmi_unanswered: bool,
+    /// The step the command was running when the host sent L2 its NMI ([`ConsoleScan::running`]).
+    /// The NMI is the rig's own doing and reaches what L2 runs: an L3 guest that was running
+    /// when it came has been seen to crash ("guest crashed (kernel panic or triple fault)").
+    pub step_at_nmi: Option<String>,
     /// L2 was wedged in a state that proves the emulator lost an interrupt (see
     /// [`lost_wakeup`]).
     pub lost_wakeup: bool,
@@ -218,6 +249,9 @@ pub fn stream_console(
     let timed_out = Arc::new(AtomicBool::new(false));
     let wedged = Arc::new(AtomicBool::new(false));
     let lost_wakeup = Arc::new(AtomicBool::new(false));
+    // The step running now, as the console said; and the one that was when the NMI was sent.
+    let running: Arc<Mutex<Option<String>>> = Arc::default();
+    let step_at_nmi: Arc<Mutex<Option<String>>> = Arc::default();
     let started = Instant::now();
     // Milliseconds after `started` of the last heartbeat (0: none yet).
     let last_heartbeat = Arc::new(AtomicU64::new(0));
@@ -227,6 +261,8 @@ pub fn stream_console(
         let wedged = wedged.clone();
         let lost_wakeup = lost_wakeup.clone();
         let last_heartbeat = last_heartbeat.clone();
+        let running = running.clone();
+        let step_at_nmi = step_at_nmi.clone();
         std::thread::spawn(move || {
             let deadline = started + timeout;
             let mut nmi_sent: Option<Instant> = None;
@@ -262,9 +298,11 @@ pub fn stream_console(
                                 since.as_secs() - last / 1000
                             }
                         );
+                        let step = lock(&running).clone();
                         match qmp.as_deref().map(inject_nmi) {
                             Some(Ok(lost)) => {
                                 lost_wakeup.store(lost, Ordering::Relaxed);
+                                *lock(&step_at_nmi) = step;
                                 nmi_sent = Some(now);
                             }
                             Some(Err(e)) => {
@@ -306,6 +344,9 @@ pub fn stream_console(
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 last_heartbeat.store(ms.max(1), Ordering::Relaxed);
             }
+            if scan.running != *lock(&running) {
+                lock(&running).clone_from(&scan.running);
+            }
             line.clear();
         }
     }
@@ -313,14 +354,21 @@ pub fn stream_console(
     done.store(true, Ordering::Relaxed);
     let _ = watchdog.join();
     let wedged = wedged.load(Ordering::Relaxed);
+    let step_at_nmi = lock(&step_at_nmi).take();
     Ok(ConsoleEnd {
-        nmi_unanswered: wedged && !scan.faults.panicked,
+        nmi_unanswered: wedged && !scan.faults.panicked && !scan.faults.nmi_survived,
+        step_at_nmi,
         lost_wakeup: wedged && lost_wakeup.load(Ordering::Relaxed),
         scan,
         timed_out: timed_out.load(Ordering::Relaxed),
         wedged,
         qemu_failed: !status.success(),
     })
+}
+
+/// `m`'s guard, whether or not a thread panicked holding it (the data is a plain value).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Asks a wedged L2's QEMU, through its QMP socket, where L2's CPUs are (`info registers -a`,
@@ -609,6 +657,33 @@ mod tests {
         assert_eq!(kernel_text("[ ok ] hello"), None);
         assert_eq!(kernel_text("test foo ... ok"), None);
         assert_eq!(kernel_text("[12] no fraction"), None);
+        assert_eq!(kernel_text("[ 12.5 ] inner space"), None);
+    }
+
+    #[test]
+    fn a_kernel_line_after_a_partial_line_of_the_commands_is_read() {
+        // As the console showed it during the containerd suite: each test's name printed, the
+        // heartbeat while the test ran, `ok` on the next line.
+        assert_eq!(
+            kernel_text(
+                "test faults_end_tasks_and_leave_nothing ... [  356.377215] husk-rig: alive 356.34"
+            ),
+            Some("husk-rig: alive 356.34")
+        );
+        assert_eq!(
+            kernel_text("a [bracket] then [   70.3] Oops: 0000 [#1]"),
+            Some("Oops: 0000 [#1]")
+        );
+        let mut s = ConsoleScan::new(None);
+        assert_eq!(
+            s.line("test ignored_resources_are_warned_by_the_shim ... [  366.460223] husk-rig: alive 366.42"),
+            LineKind::Heartbeat
+        );
+        s.line("test long ... [  100.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 63s!");
+        assert_eq!(s.faults.soft_lockups, 1);
+        // A hang report's quoted kernel line is still the report's, wherever it starts.
+        s.line("test x ... [   80.0] husk-rig: [   70.3] Oops: 0000 [#1] quoted");
+        assert_eq!(s.faults.oopses, 0);
     }
 
     #[test]
