@@ -510,9 +510,6 @@ pub struct RigReport {
     pub hang_reports: Vec<(String, String)>,
     /// L2 wedged and did not answer the NMI the host sent it (see `rig_console::ConsoleEnd`).
     pub nmi_unanswered: bool,
-    /// The step that was running when the host sent a wedged L2 its NMI (see
-    /// `rig_console::ConsoleEnd::step_at_nmi`).
-    pub step_at_nmi: Option<String>,
     /// L2 wedged with every CPU halted, interrupts enabled and a periodic timer due: the
     /// emulator lost its wakeup (see `rig_console::lost_wakeup`).
     pub lost_wakeup: bool,
@@ -741,7 +738,6 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
             collected: Vec::new(),
             hang_reports,
             nmi_unanswered: false,
-            step_at_nmi: None,
             lost_wakeup: false,
             failed_boots: Vec::new(),
         });
@@ -768,7 +764,6 @@ fn run_in_rig_at(image: &RigImage, job: &RigRun, scratch: &Path) -> Result<RigRe
         collected: end.scan.collected,
         hang_reports,
         nmi_unanswered: end.nmi_unanswered,
-        step_at_nmi: end.step_at_nmi,
         lost_wakeup: end.lost_wakeup,
         failed_boots: Vec::new(),
     })
@@ -1094,7 +1089,6 @@ mod tests {
             collected: Vec::new(),
             hang_reports: Vec::new(),
             nmi_unanswered: false,
-            step_at_nmi: None,
             lost_wakeup: false,
             failed_boots: Vec::new(),
         }

@@ -12,13 +12,11 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the rig's init prints as the command's exit code.
 pub const EXIT_MARKER: &str = "HUSK-RIG-EXIT=";
-/// What a rig test run prints as each step starts, before the step's name.
-pub const RUNNING_PREFIX: &str = "== husk-rig: running ";
 /// The kernel-log line L2's heartbeat writes (see [`crate::rig::HEARTBEAT`]).
 pub const HEARTBEAT_TEXT: &str = "husk-rig: alive";
 /// Lines the command writes through `/dev/kmsg` (hang reports, the heartbeat) carry this prefix.
@@ -90,9 +88,6 @@ pub struct ConsoleScan {
     pub l2_up_s: Option<f64>,
     /// Lines starting with the collect prefix.
     pub collected: Vec<String>,
-    /// The step the command last said it runs (`== husk-rig: running NAME`, see
-    /// `testing::RigStep::script`).
-    pub running: Option<String>,
     collect_prefix: Option<String>,
     /// Lines left to search for a KVM frame after the last fault line.
     trace_window: usize,
@@ -123,9 +118,6 @@ impl ConsoleScan {
             .and_then(|r| r.strip_suffix(" s"))
         {
             self.l2_up_s = up.trim().parse().ok();
-        }
-        if let Some(step) = line.strip_prefix(RUNNING_PREFIX) {
-            self.running = Some(step.trim().to_string());
         }
         if let Some(prefix) = &self.collect_prefix {
             if line.starts_with(prefix.as_str()) {
@@ -218,10 +210,6 @@ pub struct ConsoleEnd {
     /// logged it): its CPUs are stuck where no code of L2's (nor of anything L2 runs) can keep
     /// an NMI out, in the emulator or in L2's KVM.
     pub nmi_unanswered: bool,
-    /// The step the command was running when the host sent L2 its NMI ([`ConsoleScan::running`]).
-    /// The NMI is the rig's own doing and reaches what L2 runs: an L3 guest that was running
-    /// when it came has been seen to crash ("guest crashed (kernel panic or triple fault)").
-    pub step_at_nmi: Option<String>,
     /// L2 was wedged in a state that proves the emulator lost an interrupt (see
     /// [`lost_wakeup`]).
     pub lost_wakeup: bool,
@@ -249,9 +237,6 @@ pub fn stream_console(
     let timed_out = Arc::new(AtomicBool::new(false));
     let wedged = Arc::new(AtomicBool::new(false));
     let lost_wakeup = Arc::new(AtomicBool::new(false));
-    // The step running now, as the console said; and the one that was when the NMI was sent.
-    let running: Arc<Mutex<Option<String>>> = Arc::default();
-    let step_at_nmi: Arc<Mutex<Option<String>>> = Arc::default();
     let started = Instant::now();
     // Milliseconds after `started` of the last heartbeat (0: none yet).
     let last_heartbeat = Arc::new(AtomicU64::new(0));
@@ -261,8 +246,6 @@ pub fn stream_console(
         let wedged = wedged.clone();
         let lost_wakeup = lost_wakeup.clone();
         let last_heartbeat = last_heartbeat.clone();
-        let running = running.clone();
-        let step_at_nmi = step_at_nmi.clone();
         std::thread::spawn(move || {
             let deadline = started + timeout;
             let mut nmi_sent: Option<Instant> = None;
@@ -298,11 +281,9 @@ pub fn stream_console(
                                 since.as_secs() - last / 1000
                             }
                         );
-                        let step = lock(&running).clone();
                         match qmp.as_deref().map(inject_nmi) {
                             Some(Ok(lost)) => {
                                 lost_wakeup.store(lost, Ordering::Relaxed);
-                                *lock(&step_at_nmi) = step;
                                 nmi_sent = Some(now);
                             }
                             Some(Err(e)) => {
@@ -344,9 +325,6 @@ pub fn stream_console(
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 last_heartbeat.store(ms.max(1), Ordering::Relaxed);
             }
-            if scan.running != *lock(&running) {
-                lock(&running).clone_from(&scan.running);
-            }
             line.clear();
         }
     }
@@ -354,21 +332,14 @@ pub fn stream_console(
     done.store(true, Ordering::Relaxed);
     let _ = watchdog.join();
     let wedged = wedged.load(Ordering::Relaxed);
-    let step_at_nmi = lock(&step_at_nmi).take();
     Ok(ConsoleEnd {
         nmi_unanswered: wedged && !scan.faults.panicked && !scan.faults.nmi_survived,
-        step_at_nmi,
         lost_wakeup: wedged && lost_wakeup.load(Ordering::Relaxed),
         scan,
         timed_out: timed_out.load(Ordering::Relaxed),
         wedged,
         qemu_failed: !status.success(),
     })
-}
-
-/// `m`'s guard, whether or not a thread panicked holding it (the data is a plain value).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Asks a wedged L2's QEMU, through its QMP socket, where L2's CPUs are (`info registers -a`,
