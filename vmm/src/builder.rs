@@ -270,6 +270,12 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
                 dir,
                 inputs,
                 balloon,
+                // The text and read-only data, mapped from the kernel's file by the loader
+                // (a superset: the partial pages at a segment's ends are copied).
+                file_mapped: vec![(
+                    GuestAddress(kernel.kernel_start),
+                    kernel.data_start.saturating_sub(kernel.kernel_start),
+                )],
             }))
         }
         None => VmMode::Boot,
@@ -620,14 +626,16 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
     // Only the runs of pages that hold data come from the file (a hundred or so mappings): the
     // rest, zeros, stays the region's anonymous memory, where a page the guest touches first is
     // a fresh zeroed page rather than a page-cache page of the file's hole and a copy of it.
-    let data_mappings = file_ranges_in_guest(&template.memory, &template.memory.data);
-    for &(addr, len, offset) in &data_mappings {
+    for &(addr, len, offset) in &file_ranges_in_guest(&template.memory, &template.memory.data) {
         memory::map_file_private(&mem, addr, len, &memory_file, offset)?;
     }
-    let data_ranges: Vec<(GuestAddress, u64)> = data_mappings
-        .iter()
-        .map(|&(addr, len, _)| (addr, len))
-        .collect();
+    // Brought in ahead: all but the lazy runs (kernel text the template's guest never ran,
+    // which a guest may never run either).
+    let data_ranges: Vec<(GuestAddress, u64)> =
+        file_ranges_in_guest(&template.memory, &template.memory.eager())
+            .iter()
+            .map(|&(addr, len, _)| (addr, len))
+            .collect();
     // The pages the guest will write first are copied before those it reads are mapped.
     let write_set = template_write_set(dir, &template.memory);
     populate(&mem, &write_set, Populate::Write);
@@ -930,6 +938,7 @@ mod tests {
             ],
             file_len: 0x5000,
             data: Vec::new(),
+            lazy: Vec::new(),
             sha256: String::new(),
         };
         assert_eq!(

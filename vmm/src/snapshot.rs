@@ -7,7 +7,11 @@
 //!   the VM's and every vCPU's KVM state, every virtio transport, the memory layout) and the
 //!   SHA-256 of the body. Anything that does not parse, or whose digest differs, is refused.
 //! - `memory`: guest RAM, its regions one after another, sparse: only the pages the guest had
-//!   touched and that are not zero are written, the rest are holes. A restore maps its runs of
+//!   touched and that are not zero are written, the rest are holes. Guest memory mapped from a
+//!   file (the kernel's text and read-only data, see [`write_memory`]) is written whole where
+//!   it is not zero, touched or not: what the guest never touched there holds the file's
+//!   bytes, which a restore, mapping only this file, must find in it. Those untouched pages
+//!   are its lazy runs, which a restore maps without bringing them in ahead. A restore maps its runs of
 //!   data `MAP_PRIVATE` over guest memory ([`crate::vstate::memory::map_file_private`]), the
 //!   holes staying anonymous zero memory: sandboxes share its page-cache pages until they
 //!   write to them, and the file never changes. [`MemoryLayout`] records the ranges that hold
@@ -48,8 +52,11 @@ use crate::vstate::memory::{self, GuestMemory};
 
 /// First bytes of a template's state file.
 pub const STATE_MAGIC: &[u8; 8] = b"HUSKTPL\0";
-/// Version of the template format; a template of another version is refused.
-pub const TEMPLATE_FORMAT: u32 = 1;
+/// Version of the template format; a template of another version is refused. Format 1 had no
+/// lazy runs, and its memory files made since the kernel's text was mapped from its file
+/// lacked the text the template's guest had not run: format 2 refuses them, so they are built
+/// again.
+pub const TEMPLATE_FORMAT: u32 = 2;
 /// The state file's name in a template directory.
 pub const STATE_FILE: &str = "state";
 /// The memory file's name in a template directory.
@@ -211,7 +218,21 @@ pub struct MemoryLayout {
     pub regions: Vec<MemRegion>,
     pub file_len: u64,
     pub data: Vec<(u64, u64)>,
+    /// The runs of `data` the template's guest never touched (file-mapped memory it did not
+    /// run or read): a restore maps them but does not bring them in ahead.
+    pub lazy: Vec<(u64, u64)>,
     pub sha256: String,
+}
+
+impl MemoryLayout {
+    /// The runs of `data` that are not lazy: what a restore brings in ahead.
+    pub fn eager(&self) -> Vec<(u64, u64)> {
+        self.data
+            .iter()
+            .copied()
+            .filter(|run| !self.lazy.contains(run))
+            .collect()
+    }
 }
 
 /// A template's state file body.
@@ -346,7 +367,18 @@ pub fn memory_regions(mem: &GuestMemory) -> Vec<MemRegion> {
 /// Writes guest RAM into `dir/memory` (0600, synced): only resident, non-zero pages (read
 /// through `mincore`), as runs of pages; returns the layout with their digest. The guest must
 /// be paused (no vCPU runs and the device thread is stopped).
-pub fn write_memory(dir: &Path, mem: &GuestMemory) -> Result<MemoryLayout, TemplateError> {
+///
+/// `file_mapped` are the guest ranges mapped `MAP_PRIVATE` from a file (the kernel's text and
+/// read-only data). There a page the guest never touched is not zero but the file's, and
+/// `mincore` does not say whether the guest touched it (it reports the file's page cache), so
+/// every non-zero page of them is written; those `mincore` calls absent are lazy runs. (Taking
+/// them for zeros, as anonymous memory's absent pages are, restored guests ran zeros where
+/// kernel code they had not yet run should have been, and crashed when they reached it.)
+pub fn write_memory(
+    dir: &Path,
+    mem: &GuestMemory,
+    file_mapped: &[(vm_memory::GuestAddress, u64)],
+) -> Result<MemoryLayout, TemplateError> {
     let path = dir.join(MEMORY_FILE);
     let file = create_private(&path)?;
     let regions = memory_regions(mem);
@@ -355,6 +387,7 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory) -> Result<MemoryLayout, Templ
         .map_err(io_err(&path, "cannot size it"))?;
     let page = memory::page_size();
     let mut data: Vec<(u64, u64)> = Vec::new();
+    let mut lazy: Vec<(u64, u64)> = Vec::new();
     let mut hasher = Sha256::new();
     for region in &regions {
         let host = mem
@@ -375,8 +408,26 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory) -> Result<MemoryLayout, Templ
         // SAFETY: the region's mapping lives as long as `mem`; the guest is paused and the
         // device thread stopped, so nothing writes to it while this slice exists.
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
-        let mut run: Option<(usize, usize)> = None;
-        let mut flush = |run: (usize, usize)| -> Result<(), TemplateError> {
+        // Offsets in the region of its file-mapped pages.
+        let mapped: Vec<(usize, usize)> = file_mapped
+            .iter()
+            .filter_map(|&(addr, size)| {
+                let start = addr.0.max(region.guest_addr);
+                let end = addr
+                    .0
+                    .saturating_add(size)
+                    .min(region.guest_addr + region.len);
+                (start < end).then(|| {
+                    (
+                        (start - region.guest_addr) as usize,
+                        (end - region.guest_addr) as usize,
+                    )
+                })
+            })
+            .collect();
+        // A run: start, end, lazy.
+        let mut run: Option<(usize, usize, bool)> = None;
+        let mut flush = |run: (usize, usize, bool)| -> Result<(), TemplateError> {
             let chunk = &bytes[run.0..run.1];
             let offset = region.file_offset + run.0 as u64;
             file.write_all_at(chunk, offset)
@@ -385,20 +436,31 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory) -> Result<MemoryLayout, Templ
             hasher.update((chunk.len() as u64).to_le_bytes());
             hasher.update(chunk);
             data.push((offset, chunk.len() as u64));
+            if run.2 {
+                lazy.push((offset, chunk.len() as u64));
+            }
             Ok(())
         };
         for (index, flags) in resident.iter().enumerate() {
             let start = index * page as usize;
             let end = (start + page as usize).min(len);
-            let keep = flags & 1 == 1 && bytes[start..end].iter().any(|b| *b != 0);
+            let touched = flags & 1 == 1;
+            let from_file = mapped.iter().any(|&(s, e)| start < e && s < end);
+            // Some(lazy) for a page to write.
+            let keep = ((touched || from_file) && bytes[start..end].iter().any(|b| *b != 0))
+                .then_some(!touched);
             run = match (run, keep) {
-                (Some((s, _)), true) => Some((s, end)),
-                (None, true) => Some((start, end)),
-                (Some(r), false) => {
+                (Some((s, _, l)), Some(lazy)) if l == lazy => Some((s, end, l)),
+                (Some(r), Some(lazy)) => {
+                    flush(r)?;
+                    Some((start, end, lazy))
+                }
+                (None, Some(lazy)) => Some((start, end, lazy)),
+                (Some(r), None) => {
                     flush(r)?;
                     None
                 }
-                (None, false) => None,
+                (None, None) => None,
             };
         }
         if let Some(r) = run {
@@ -410,6 +472,7 @@ pub fn write_memory(dir: &Path, mem: &GuestMemory) -> Result<MemoryLayout, Templ
         regions,
         file_len,
         data,
+        lazy,
         sha256: hex(&hasher.finalize()),
     };
     // The digest was taken of the very bytes just written: the file is verified as it is.
@@ -584,7 +647,7 @@ mod tests {
             },
             vcpus: vec![],
             devices: vec![],
-            memory: write_memory(dir, mem).unwrap(),
+            memory: write_memory(dir, mem, &[]).unwrap(),
         }
     }
 
@@ -599,7 +662,7 @@ mod tests {
         // Touched but zero: not written.
         mem.write_obj(0_u64, vm_memory::GuestAddress(0x10000))
             .unwrap();
-        let layout = write_memory(dir.path(), &mem).unwrap();
+        let layout = write_memory(dir.path(), &mem, &[]).unwrap();
         assert_eq!(layout.file_len, 2 << 20);
         assert_eq!(layout.data, vec![(0x3000, 0x2000)]);
         assert!(dir.path().join(VERIFIED_FILE).exists());
@@ -611,12 +674,62 @@ mod tests {
     }
 
     #[test]
+    fn file_mapped_memory_is_written_touched_or_not_and_untouched_is_lazy() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory::create_guest_memory(2).unwrap();
+        // A "kernel image" of four pages mapped at 0x8000: pages of 1s, 2s, zeros, 4s.
+        let image = tempfile::tempfile_in(".").unwrap();
+        let mut content = Vec::new();
+        for byte in [1u8, 2, 0, 4] {
+            content.extend(std::iter::repeat_n(byte, 0x1000));
+        }
+        image.write_all_at(&content, 0).unwrap();
+        let at = vm_memory::GuestAddress(0x8000);
+        memory::map_file_private(&mem, at, 0x4000, &image, 0).unwrap();
+        // The guest wrote the second page (a copy-on-write break: now anonymous and touched).
+        mem.write_obj(9_u8, vm_memory::GuestAddress(0x9000))
+            .unwrap();
+        // And anonymous memory elsewhere.
+        mem.write_obj(5_u8, vm_memory::GuestAddress(0x1000))
+            .unwrap();
+        // Out of the page cache, as a kernel file's pages no guest ran are (the
+        // write read the file ahead into it).
+        image.sync_all().unwrap();
+        // SAFETY: posix_fadvise on an open descriptor, plain integers.
+        let evicted = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::posix_fadvise(image.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(evicted, 0);
+        let layout = write_memory(dir.path(), &mem, &[(at, 0x4000)]).unwrap();
+        // The first and last image pages, which nothing touched (absent unless in the page
+        // cache), are written anyway: they hold the file's bytes. The zero page is not.
+        let file = std::fs::File::open(dir.path().join(MEMORY_FILE)).unwrap();
+        let mut back = vec![0u8; 0x4000];
+        file.read_exact_at(&mut back, 0x8000).unwrap();
+        let mut expected = content.clone();
+        expected[0x1000] = 9;
+        assert_eq!(back, expected);
+        let written: u64 = layout.data.iter().map(|(_, len)| len).sum();
+        assert_eq!(written, 0x4000, "{:?}", layout.data);
+        assert!(layout.data.contains(&(0x1000, 0x1000)));
+        assert!(!layout
+            .data
+            .iter()
+            .any(|&(o, l)| o < 0xb000 && 0xa000 < o + l));
+        // The untouched image pages are lazy; what the guest wrote is not.
+        assert_eq!(layout.lazy, vec![(0x8000, 0x1000), (0xb000, 0x1000)]);
+        assert_eq!(layout.eager(), vec![(0x1000, 0x1000), (0x9000, 0x1000)]);
+        verify_memory(dir.path(), &layout).unwrap();
+    }
+
+    #[test]
     fn a_changed_memory_file_is_refused_even_after_a_verification() {
         let dir = tempfile::tempdir().unwrap();
         let mem = memory::create_guest_memory(2).unwrap();
         mem.write_obj(7_u8, vm_memory::GuestAddress(0x1000))
             .unwrap();
-        let layout = write_memory(dir.path(), &mem).unwrap();
+        let layout = write_memory(dir.path(), &mem, &[]).unwrap();
         verify_memory(dir.path(), &layout).unwrap();
         let path = dir.path().join(MEMORY_FILE);
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

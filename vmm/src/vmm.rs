@@ -81,6 +81,9 @@ pub struct TemplateJob {
     /// The guest's balloon, whose first free page report the template waits for (see
     /// [`snapshot_due`]).
     pub balloon: Arc<Mutex<Balloon>>,
+    /// Guest memory mapped from a file (the kernel's text and read-only data): what the guest
+    /// never touched there is the file's content, not zeros (see [`snapshot::write_memory`]).
+    pub file_mapped: Vec<(vm_memory::GuestAddress, u64)>,
 }
 
 impl std::fmt::Debug for TemplateJob {
@@ -464,7 +467,7 @@ impl Vmm {
             .iter()
             .map(|(_, t)| t.lock().unwrap_or_else(|p| p.into_inner()).snapshot())
             .collect();
-        let memory = snapshot::write_memory(&job.dir, &self.mem)
+        let memory = snapshot::write_memory(&job.dir, &self.mem, &job.file_mapped)
             .map_err(|e| fail("saving guest memory", &e))?;
         let data: u64 = memory.data.iter().map(|(_, len)| len).sum();
         Template {

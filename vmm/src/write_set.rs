@@ -236,6 +236,7 @@ mod tests {
             }],
             file_len: 16 * PAGE,
             data: vec![(0, 4 * PAGE)],
+            lazy: Vec::new(),
             sha256: "ab".repeat(32),
         }
     }
