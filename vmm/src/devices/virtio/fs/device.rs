@@ -1,11 +1,14 @@
 //! [`Fs`]: the `VirtioDevice` side of the file system device.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::api::server::Server;
 use tracing::debug;
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::request::handle_chain;
 use super::{
@@ -29,6 +32,110 @@ pub struct Fs {
     pub(super) bad_request_log: RateLimitedLog,
     /// Requests answered.
     pub(super) requests: u64,
+    /// Kept when [`PROFILE_ENV`] is set.
+    pub(super) profile: Option<Profile>,
+}
+
+/// `HUSK_VMM_FS_PROFILE=1`: the device counts the requests it serves by FUSE opcode with the
+/// host time each took, and logs the totals (at most every [`PROFILE_EVERY`], after a queue run).
+pub const PROFILE_ENV: &str = "HUSK_VMM_FS_PROFILE";
+/// How often a profiling device logs its totals.
+const PROFILE_EVERY: Duration = Duration::from_secs(2);
+
+/// Requests served by FUSE opcode and the host time they took, to tell the file server's
+/// own cost from the transport's (the guest's time per operation less this).
+#[derive(Debug)]
+pub struct Profile {
+    /// Per opcode: requests and host time serving them.
+    ops: BTreeMap<u32, (u64, Duration)>,
+    /// Queue runs that served a request: each followed a notification (a VM exit) and ended
+    /// with one interrupt.
+    runs: u64,
+    /// When the totals were last logged, and the request count then.
+    logged: (Instant, u64),
+}
+
+impl Profile {
+    fn new() -> Self {
+        Profile {
+            ops: BTreeMap::new(),
+            runs: 0,
+            logged: (Instant::now(), 0),
+        }
+    }
+
+    fn record(&mut self, opcode: u32, took: Duration) {
+        let op = self.ops.entry(opcode).or_default();
+        op.0 += 1;
+        op.1 += took;
+    }
+
+    /// The totals in one line: `runs N; LOOKUP n=.. host=.. ms (.. us each); ...`.
+    pub fn summary(&self) -> String {
+        let mut line = format!("queue runs {}", self.runs);
+        for (&opcode, &(count, took)) in &self.ops {
+            line.push_str(&format!(
+                "; {} n={count} host={:.1} ms ({:.0} us each)",
+                opcode_name(opcode),
+                took.as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e6 / count.max(1) as f64
+            ));
+        }
+        line
+    }
+}
+
+/// A FUSE opcode's name (`OP42` for one this table lacks).
+fn opcode_name(opcode: u32) -> String {
+    const NAMES: [(u32, &str); 32] = [
+        (1, "LOOKUP"),
+        (2, "FORGET"),
+        (3, "GETATTR"),
+        (4, "SETATTR"),
+        (5, "READLINK"),
+        (6, "SYMLINK"),
+        (8, "MKNOD"),
+        (9, "MKDIR"),
+        (10, "UNLINK"),
+        (11, "RMDIR"),
+        (12, "RENAME"),
+        (13, "LINK"),
+        (14, "OPEN"),
+        (15, "READ"),
+        (16, "WRITE"),
+        (17, "STATFS"),
+        (18, "RELEASE"),
+        (20, "FSYNC"),
+        (25, "FLUSH"),
+        (26, "INIT"),
+        (27, "OPENDIR"),
+        (28, "READDIR"),
+        (29, "RELEASEDIR"),
+        (30, "FSYNCDIR"),
+        (34, "ACCESS"),
+        (35, "CREATE"),
+        (36, "INTERRUPT"),
+        (38, "DESTROY"),
+        (42, "BATCH_FORGET"),
+        (43, "FALLOCATE"),
+        (44, "READDIRPLUS"),
+        (45, "RENAME2"),
+    ];
+    NAMES
+        .iter()
+        .find(|(op, _)| *op == opcode)
+        .map_or_else(|| format!("OP{opcode}"), |(_, name)| (*name).to_string())
+}
+
+/// The opcode of the FUSE request a chain starts with (its header's second word), if its
+/// first descriptor holds it.
+fn peek_opcode(chain: &DescriptorChain<&GuestMemoryMmap<()>>) -> Option<u32> {
+    let first = chain.clone().next()?;
+    if first.is_write_only() || first.len() < 8 {
+        return None;
+    }
+    let at = first.addr().checked_add(4)?;
+    chain.memory().read_obj::<u32>(at).ok().map(u32::from_le)
 }
 
 impl Fs {
@@ -60,6 +167,9 @@ impl Fs {
             fs,
             bad_request_log: RateLimitedLog::default(),
             requests: 0,
+            profile: std::env::var_os(PROFILE_ENV)
+                .is_some_and(|v| v == "1")
+                .then(Profile::new),
         })
     }
 
@@ -80,7 +190,15 @@ impl Fs {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
-            let written = match handle_chain(&self.server, &active.mem, chain) {
+            let started = self
+                .profile
+                .as_ref()
+                .map(|_| (peek_opcode(&chain), Instant::now()));
+            let result = handle_chain(&self.server, &active.mem, chain);
+            if let (Some(profile), Some((opcode, at))) = (self.profile.as_mut(), started) {
+                profile.record(opcode.unwrap_or(0), at.elapsed());
+            }
+            let written = match result {
                 Ok(n) => n,
                 Err(e) => {
                     if self.bad_request_log.should_log() {
@@ -101,6 +219,15 @@ impl Fs {
         }
         if used_any {
             signal_used_queue(queue, &active.mem, &active.interrupt);
+            if let Some(profile) = self.profile.as_mut() {
+                profile.runs += 1;
+                if profile.logged.0.elapsed() >= PROFILE_EVERY && profile.logged.1 != self.requests
+                {
+                    profile.logged = (Instant::now(), self.requests);
+                    // At warn: the VMM logs little else unless debugging, and this was asked for.
+                    tracing::warn!("virtio-fs profile: {}", profile.summary());
+                }
+            }
         }
     }
 }
@@ -333,6 +460,32 @@ mod tests {
         let entry: EntryOut = h.mem.read_obj(GuestAddress(REPLY_ADDR + 16)).unwrap();
         assert_eq!((entry.nodeid, entry.entry_valid), (0, 1));
         assert_eq!(h.fs.lock().unwrap().requests(), 3);
+    }
+
+    #[test]
+    fn the_profile_counts_requests_by_opcode() {
+        let mut h = Harness::new();
+        h.fs.lock().unwrap().profile = Some(Profile::new());
+        h.init();
+        h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("missing"));
+        // A chain whose first descriptor is too short for the header's opcode.
+        h.raw(&[(REQ_ADDR, 4, false), (REPLY_ADDR, REPLY_LEN, true)]);
+        let fs = h.fs.lock().unwrap();
+        let profile = fs.profile.as_ref().unwrap();
+        let counts: Vec<(u32, u64)> = profile.ops.iter().map(|(&op, &(n, _))| (op, n)).collect();
+        assert_eq!(
+            counts,
+            vec![(0, 1), (Opcode::Lookup as u32, 2), (Opcode::Init as u32, 1)]
+        );
+        assert_eq!(
+            profile.runs, 4,
+            "one run a request: INIT, two LOOKUPs, the bad chain"
+        );
+        let line = profile.summary();
+        assert!(line.starts_with("queue runs 4; OP0 n=1"), "{line}");
+        assert!(line.contains("; LOOKUP n=2 host="), "{line}");
+        assert!(line.contains("; INIT n=1 host="), "{line}");
     }
 
     #[test]
