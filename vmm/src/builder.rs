@@ -274,7 +274,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
                 // (a superset: the partial pages at a segment's ends are copied).
                 file_mapped: vec![(
                     GuestAddress(kernel.kernel_start),
-                    kernel.data_start.saturating_sub(kernel.kernel_start),
+                    kernel.mapped_end.saturating_sub(kernel.kernel_start),
                 )],
             }))
         }
@@ -1103,6 +1103,7 @@ mod tests {
             kernel_start: LOAD_ADDR,
             kernel_end: LOAD_ADDR + 0x1000,
             data_start: LOAD_ADDR + 0x1000,
+            mapped_end: LOAD_ADDR,
         };
         let mut cmdline = base_cmdline(false).expect("cmdline");
         cmdline

@@ -7,15 +7,15 @@
 //!   the VM's and every vCPU's KVM state, every virtio transport, the memory layout) and the
 //!   SHA-256 of the body. Anything that does not parse, or whose digest differs, is refused.
 //! - `memory`: guest RAM, its regions one after another, sparse: only the pages the guest had
-//!   touched and that are not zero are written, the rest are holes. Guest memory mapped from a
-//!   file (the kernel's text and read-only data, see [`write_memory`]) is written whole where
-//!   it is not zero, touched or not: what the guest never touched there holds the file's
-//!   bytes, which a restore, mapping only this file, must find in it. Those untouched pages
-//!   are its lazy runs, which a restore maps without bringing them in ahead. A restore maps its runs of
+//!   touched and that are not zero are written, the rest are holes. A restore maps its runs of
 //!   data `MAP_PRIVATE` over guest memory ([`crate::vstate::memory::map_file_private`]), the
 //!   holes staying anonymous zero memory: sandboxes share its page-cache pages until they
 //!   write to them, and the file never changes. [`MemoryLayout`] records the ranges that hold
-//!   data and their SHA-256.
+//!   data and their SHA-256. Guest memory the boot mapped from a file (the kernel's text and
+//!   read-only data, see [`write_memory`]) is written wherever it is not zero, touched or not:
+//!   what the guest never touched there holds the file's bytes, which a restore, mapping only
+//!   this file, must find in it. Those untouched pages are the layout's lazy runs, which a
+//!   restore maps without bringing them in ahead.
 //! - `write-set` (once a sandbox was restored from it): the pages a restore writes first,
 //!   copied ahead of the guest ([`crate::write_set`]).
 //!

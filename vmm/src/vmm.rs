@@ -470,6 +470,7 @@ impl Vmm {
         let memory = snapshot::write_memory(&job.dir, &self.mem, &job.file_mapped)
             .map_err(|e| fail("saving guest memory", &e))?;
         let data: u64 = memory.data.iter().map(|(_, len)| len).sum();
+        let lazy: u64 = memory.lazy.iter().map(|(_, len)| len).sum();
         Template {
             inputs: job.inputs.clone(),
             vm,
@@ -482,6 +483,7 @@ impl Vmm {
         tracing::info!(
             dir = %job.dir.display(),
             memory_kib = data / 1024,
+            lazy_kib = lazy / 1024,
             "template written"
         );
         Ok(VmmExit::TemplateWritten)

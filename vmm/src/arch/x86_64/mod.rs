@@ -47,6 +47,10 @@ pub struct KernelEntry {
     /// vmlinux they follow the text and read-only data), up to `kernel_end`: what every boot
     /// writes. `kernel_end` when no segment is writable.
     pub data_start: u64,
+    /// End of the last segment mapped from the file (the read-only ones): `[kernel_start,
+    /// mapped_end)` holds every page of guest memory that is the file's until the guest writes
+    /// it (see `snapshot::write_memory`). `kernel_start` when none is.
+    pub mapped_end: u64,
 }
 
 /// Where the initramfs sits in guest memory.
@@ -208,6 +212,13 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<KernelEntry, LoadEr
         kernel_start,
         kernel_end,
         data_start: image.writable_start().unwrap_or(kernel_end),
+        mapped_end: image
+            .segments
+            .iter()
+            .filter(|s| !s.writable)
+            .map(|s| s.guest_addr.saturating_add(s.file_size))
+            .max()
+            .unwrap_or(kernel_start),
     })
 }
 
@@ -379,7 +390,9 @@ mod tests {
     fn kernel_segments_are_placed_with_zero_bss() {
         // One segment: 0x2800 file bytes at file offset 0x1000 -> 0x100_0000, 0x4000 in memory;
         // read-only (mapped from the file, the partial tail copied) or writable (copied).
-        for (flags, data_start) in [(5, 0x100_4000), (6, 0x100_0000)] {
+        for (flags, data_start, mapped_end) in
+            [(5, 0x100_4000, 0x100_2800), (6, 0x100_0000, 0x100_0000)]
+        {
             let mem = memory::create_guest_memory(32).expect("mem");
             let file = elf::tests::elf_with(
                 &[[1, 0x1000, 0x100_0000, 0x2800, 0x4000, flags, 0]],
@@ -398,6 +411,7 @@ mod tests {
             assert_eq!(entry.kernel_start, 0x100_0000);
             assert_eq!(entry.kernel_end, 0x100_4000);
             assert_eq!(entry.data_start, data_start, "flags {flags}");
+            assert_eq!(entry.mapped_end, mapped_end, "flags {flags}");
             let mut back = vec![0u8; 0x4000];
             mem.read_slice(&mut back, GuestAddress(0x100_0000))
                 .expect("read");
