@@ -198,6 +198,82 @@ fn flip_byte(path: &Path, offset: u64) {
     file.write_all_at(&[!byte[0]], offset).expect("write");
 }
 
+/// The read-only `PT_LOAD` segments of an ELF64 kernel: (guest-physical address, file
+/// offset, bytes in the file).
+fn read_only_segments(elf: &[u8]) -> Vec<(u64, u64, u64)> {
+    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().expect("2 bytes"));
+    let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "the kernel is an ELF64 vmlinux");
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    (0..usize::from(phnum))
+        .map(|i| phoff + i * usize::from(phentsize))
+        // PT_LOAD without PF_W.
+        .filter(|&ph| u32_at(ph) == 1 && u32_at(ph + 4) & 2 == 0)
+        .map(|ph| (u64_at(ph + 0x18), u64_at(ph + 8), u64_at(ph + 0x20)))
+        .collect()
+}
+
+#[test]
+fn a_template_holds_the_kernel_text_its_guest_never_ran() {
+    // The boot maps the kernel's text and read-only data from its file and faults in only what
+    // the guest runs. A template must still hold all of it: a restored guest has only the
+    // template, and may run later what the template's guest never did (a pod's guest, missing
+    // such text, oopsed in a cgroup worker when its first member container was deleted).
+    let Some((env, _templates)) = env_with_templates("a_template_holds_the_kernel_text") else {
+        return;
+    };
+    // Out of the page cache, as after a reboot: what the guest does not run stays on disk.
+    let kernel = std::fs::File::open(&env.artifacts.kernel).expect("open the kernel");
+    // SAFETY: posix_fadvise on an open descriptor, plain integers.
+    let advised = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::posix_fadvise(kernel.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+    };
+    assert_eq!(advised, 0);
+    let dir = build_template(&env);
+    let elf = std::fs::read(&env.artifacts.kernel).expect("read the kernel");
+    let memory = std::fs::File::open(dir.join("memory")).expect("open the memory file");
+    const PAGE: u64 = 4096;
+    let (mut checked, mut same, mut missing) = (0, 0, Vec::new());
+    let mut saved = vec![0u8; PAGE as usize];
+    for (addr, offset, size) in read_only_segments(&elf) {
+        // Whole pages of the segment (a 128 MiB guest's memory file is its RAM from 0).
+        let first = addr.div_ceil(PAGE) * PAGE;
+        let mut page = first;
+        while page + PAGE <= addr + size {
+            let at = (offset + page - addr) as usize;
+            let file_page = &elf[at..at + PAGE as usize];
+            if file_page.iter().any(|b| *b != 0) {
+                memory
+                    .read_exact_at(&mut saved, page)
+                    .expect("read the memory file");
+                checked += 1;
+                if saved == file_page {
+                    same += 1;
+                } else if saved.iter().all(|b| *b == 0) {
+                    missing.push(page);
+                }
+            }
+            page += PAGE;
+        }
+    }
+    assert!(
+        checked > 1000,
+        "only {checked} pages of kernel text and read-only data"
+    );
+    // A page the guest patched as it booted (alternatives, static keys) differs from the
+    // file's; none may be missing.
+    assert!(
+        missing.is_empty(),
+        "{} of {checked} kernel pages are zeros in the template (first at {:#x}); {same} are \
+         as in the file",
+        missing.len(),
+        missing[0]
+    );
+    assert!(same > 0, "no kernel page of the template is as in the file");
+}
+
 #[test]
 fn a_damaged_or_mismatched_template_is_never_restored() {
     let Some((env, templates)) =
