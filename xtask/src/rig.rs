@@ -522,9 +522,10 @@ impl RigReport {
     /// (soft lockup, RCU stall, oops, hung task, or the panic of the NMI sent to a wedged L2)
     /// whose trace runs through L2's KVM, or L2 wedged so deep that it did not even take an
     /// NMI, or wedged and took the NMI without a panic or fault of its own (a heartbeat gone
-    /// for a minute while nothing in L2's kernel says why), or wedged idle in a state that proves the emulator lost an interrupt (every CPU
-    /// halted with interrupts enabled and a periodic timer due), none of which anything L2
-    /// runs (husk's processes, its L3 guests) can cause. A hang of husk's own shows none of
+    /// for a minute while nothing in L2's kernel says why), or wedged idle in a state that
+    /// proves the emulator lost an interrupt (every CPU halted with interrupts enabled and a
+    /// periodic timer due), none of which anything L2 runs (husk's processes, its L3 guests)
+    /// can cause. A hang of husk's own shows none of
     /// them: L2 stays up, or its panic's traces are elsewhere and its CPUs busy.
     pub fn rig_fault(&self) -> Option<String> {
         if self.nmi_unanswered {
