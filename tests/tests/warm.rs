@@ -198,22 +198,6 @@ fn flip_byte(path: &Path, offset: u64) {
     file.write_all_at(&[!byte[0]], offset).expect("write");
 }
 
-/// The read-only `PT_LOAD` segments of an ELF64 kernel: (guest-physical address, file
-/// offset, bytes in the file).
-fn read_only_segments(elf: &[u8]) -> Vec<(u64, u64, u64)> {
-    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().expect("2 bytes"));
-    let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes"));
-    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
-    assert_eq!(&elf[..5], b"\x7fELF\x02", "the kernel is an ELF64 vmlinux");
-    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
-    (0..usize::from(phnum))
-        .map(|i| phoff + i * usize::from(phentsize))
-        // PT_LOAD without PF_W.
-        .filter(|&ph| u32_at(ph) == 1 && u32_at(ph + 4) & 2 == 0)
-        .map(|ph| (u64_at(ph + 0x18), u64_at(ph + 8), u64_at(ph + 0x20)))
-        .collect()
-}
-
 #[test]
 fn a_template_holds_the_kernel_text_its_guest_never_ran() {
     // The boot maps the kernel's text and read-only data from its file and faults in only what
@@ -233,11 +217,14 @@ fn a_template_holds_the_kernel_text_its_guest_never_ran() {
     assert_eq!(advised, 0);
     let dir = build_template(&env);
     let elf = std::fs::read(&env.artifacts.kernel).expect("read the kernel");
+    let image = husk_vmm::arch::x86_64::elf::parse_kernel(&kernel, elf.len() as u64)
+        .expect("the kernel is an ELF64 vmlinux");
     let memory = std::fs::File::open(dir.join("memory")).expect("open the memory file");
     const PAGE: u64 = 4096;
     let (mut checked, mut same, mut missing) = (0, 0, Vec::new());
     let mut saved = vec![0u8; PAGE as usize];
-    for (addr, offset, size) in read_only_segments(&elf) {
+    for segment in image.segments.iter().filter(|s| !s.writable) {
+        let (addr, offset, size) = (segment.guest_addr, segment.file_offset, segment.file_size);
         // Whole pages of the segment (a 128 MiB guest's memory file is its RAM from 0).
         let first = addr.div_ceil(PAGE) * PAGE;
         let mut page = first;
