@@ -171,8 +171,14 @@ pub fn bench_cri(opts: &CriOptions) -> Result<()> {
             }),
         );
     }
-    let left = cri.leftovers();
-    if !left.is_empty() {
+    // A removed pod's shim exits on its own a moment after containerd lets it go: wait for
+    // that, as the cri tests do, before calling anything left behind.
+    let mut left = Vec::new();
+    let clean = husk_tests::wait_until(Duration::from_secs(60), || {
+        left = cri.leftovers();
+        left.is_empty()
+    });
+    if !clean {
         bail!("the bench left pods behind: {left:?}");
     }
 
