@@ -99,6 +99,11 @@ impl VirtioDeviceState {
                 got: queues.len().min(queue_evts.len()),
             });
         }
+        let event_idx = self.acked_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = queues;
+        for queue in &mut queues {
+            virtio_queue::QueueT::set_event_idx(queue, event_idx);
+        }
         self.active = Some(ActiveState {
             mem,
             interrupt,

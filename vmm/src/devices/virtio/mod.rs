@@ -42,6 +42,17 @@ pub const VIRTIO_ID_FS: u32 = 26;
 
 /// Feature bit: the device complies with virtio 1.x (spec 6).
 pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: notifications are suppressed with ring indices rather than flags (spec
+/// 2.7.7, 2.7.10): the driver's `used_event` says after which used buffer it wants its next
+/// interrupt, the device's `avail_event` after which available one it wants its next
+/// notification. A device offers it only if its queue processing re-arms with
+/// [`rearm_queue`]: with the feature, a driver notifies once per re-arming, not per buffer.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// The avail ring's flag by which a driver without `VIRTIO_RING_F_EVENT_IDX` asks for no
+/// interrupts (while it is taking used buffers anyway, as NAPI and Linux's work-queue
+/// handlers do).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Device status: the guest OS has found the device.
 pub const VIRTIO_CONFIG_S_ACKNOWLEDGE: u32 = 1;
@@ -201,18 +212,50 @@ impl IrqTrigger {
     }
 }
 
-/// Interrupts the guest after used buffers were added to `queue`, if the queue asks for it.
+/// Interrupts the guest after used buffers were added to `queue`, unless the driver said it
+/// does not want that interrupt: with `VIRTIO_RING_F_EVENT_IDX`, when the buffers added
+/// since the last call do not pass its `used_event`; without it, when its avail ring's
+/// `VRING_AVAIL_F_NO_INTERRUPT` flag is set (virtio-queue reads only the former). Either
+/// way the driver re-checks the used ring after clearing its suppression (Linux's
+/// `virtqueue_enable_cb` and `virtqueue_poll`), and the device reads the suppression after
+/// publishing the used index (a full fence between), so no buffer is left without an
+/// interrupt. A value the guest wrote that cannot be read means an interrupt.
 pub fn signal_used_queue(
     queue: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap<()>,
     irq: &IrqTrigger,
 ) {
-    use virtio_queue::QueueT;
-    if !matches!(queue.needs_notification(mem), Ok(false)) {
+    if wants_interrupt(queue, mem) {
         if let Err(e) = irq.trigger_queue() {
             tracing::debug!("failed to signal a used queue: {e}");
         }
     }
+}
+
+fn wants_interrupt(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    if queue.event_idx_enabled() {
+        return !matches!(queue.needs_notification(mem), Ok(false));
+    }
+    // The used index (stored by `add_used`) before the flags' load.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Relaxed) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
+}
+
+/// After a device took every chain it wanted from `queue`: asks the driver to notify it of
+/// the next one (with `VIRTIO_RING_F_EVENT_IDX`, `avail_event` set to the next index the
+/// device will take; without it, the used ring's `VRING_USED_F_NO_NOTIFY` is cleared, which
+/// husk's devices never set) and says whether chains arrived in the meantime, which the device must take before it
+/// waits for a notification: the driver may have checked `avail_event` before it was set.
+/// A ring that cannot be read answers `false` (the device waits; a driver that broke its
+/// ring is not owed progress).
+pub fn rearm_queue(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -> bool {
+    use virtio_queue::QueueT;
+    queue.enable_notification(mem).unwrap_or(false)
 }
 
 /// Registers a device's queue eventfds with the device thread's epoll.
@@ -282,6 +325,94 @@ mod tests {
         assert_eq!(irq.irq_evt().read().unwrap(), 1);
         assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING);
         assert_eq!(irq.read_status(), 0);
+    }
+
+    /// A device-side queue with event indices on or off, and its test driver, which made
+    /// `chains` one-buffer chains available.
+    fn queue_with_used(
+        mem: &GuestMemoryMmap<()>,
+        event_idx: bool,
+        chains: u16,
+    ) -> (test_utils::GuestQueue, virtio_queue::Queue) {
+        use virtio_queue::QueueT;
+        let mut guest = test_utils::GuestQueue::new(mem, 0x10000, 16);
+        let mut queue = guest.create_queue();
+        queue.set_event_idx(event_idx);
+        for i in 0..chains {
+            guest.add_chain(&[(0x40000 + u64::from(i) * 0x100, 0x100, true)]);
+        }
+        (guest, queue)
+    }
+
+    fn use_one(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) {
+        use virtio_queue::QueueT;
+        let head = queue.pop_descriptor_chain(mem).unwrap().head_index();
+        queue.add_used(mem, head, 0).unwrap();
+    }
+
+    #[test]
+    fn a_driver_without_event_idx_that_turns_interrupts_off_gets_none() {
+        let mem = test_utils::test_memory();
+        let irq = IrqTrigger::new().unwrap();
+        let (guest, mut queue) = queue_with_used(&mem, false, 2);
+        guest.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
+        use_one(&mut queue, &mem);
+        signal_used_queue(&mut queue, &mem, &irq);
+        assert_eq!(irq.read_status(), 0, "the driver asked for no interrupt");
+        guest.set_avail_flags(0);
+        use_one(&mut queue, &mem);
+        signal_used_queue(&mut queue, &mem, &irq);
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn with_event_idx_the_interrupt_comes_when_the_used_index_passes_used_event() {
+        let mem = test_utils::test_memory();
+        let irq = IrqTrigger::new().unwrap();
+        let (guest, mut queue) = queue_with_used(&mem, true, 5);
+        // The driver wants an interrupt once the buffer at used index 2 (its third) is used;
+        // the flag of drivers without the feature means nothing here.
+        guest.set_used_event(2);
+        guest.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
+        for _ in 0..2 {
+            use_one(&mut queue, &mem);
+            signal_used_queue(&mut queue, &mem, &irq);
+            assert_eq!(irq.read_status(), 0);
+        }
+        use_one(&mut queue, &mem);
+        signal_used_queue(&mut queue, &mem, &irq);
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING);
+        // Passed within a batch: one interrupt for the batch that crossed it.
+        guest.set_used_event(3);
+        use_one(&mut queue, &mem);
+        use_one(&mut queue, &mem);
+        signal_used_queue(&mut queue, &mem, &irq);
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn rearming_asks_for_the_next_chain_and_reports_chains_that_came_meanwhile() {
+        let mem = test_utils::test_memory();
+        let (mut guest, mut queue) = queue_with_used(&mem, true, 2);
+        use_one(&mut queue, &mem);
+        assert!(rearm_queue(&mut queue, &mem), "one chain is still there");
+        assert_eq!(guest.avail_event(), 1);
+        use_one(&mut queue, &mem);
+        assert!(!rearm_queue(&mut queue, &mem));
+        assert_eq!(
+            guest.avail_event(),
+            2,
+            "notify me when chain 2 is made available"
+        );
+        guest.add_chain(&[(0x50000, 0x100, true)]);
+        assert!(rearm_queue(&mut queue, &mem));
+        // Without the feature it only reports.
+        let (mut guest, mut queue) = queue_with_used(&mem, false, 1);
+        use_one(&mut queue, &mem);
+        assert!(!rearm_queue(&mut queue, &mem));
+        assert_eq!(guest.avail_event(), 0);
+        guest.add_chain(&[(0x50000, 0x100, true)]);
+        assert!(rearm_queue(&mut queue, &mem));
     }
 
     #[test]

@@ -210,6 +210,25 @@ impl GuestQueue {
         head
     }
 
+    /// Writes the avail ring's flags (`VRING_AVAIL_F_NO_INTERRUPT` is 1).
+    pub fn set_avail_flags(&self, flags: u16) {
+        self.mem
+            .write_obj(flags, GuestAddress(self.avail_addr()))
+            .unwrap();
+    }
+
+    /// Writes the avail ring's `used_event` (with `VIRTIO_RING_F_EVENT_IDX`).
+    pub fn set_used_event(&self, index: u16) {
+        let addr = self.avail_addr() + 4 + 2 * u64::from(self.size);
+        self.mem.write_obj(index, GuestAddress(addr)).unwrap();
+    }
+
+    /// The used ring's `avail_event`, as the device last wrote it.
+    pub fn avail_event(&self) -> u16 {
+        let addr = self.used_addr() + 4 + 8 * u64::from(self.size);
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
     /// Used elements `(id, len)` the device added since the last call.
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
         let idx: u16 = self

@@ -12,8 +12,8 @@ use super::{
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
-    read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState,
-    VIRTIO_ID_NET,
+    read_config_bytes, rearm_queue, signal_used_queue, RateLimitedLog, VirtioDevice,
+    VirtioDeviceState, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Frame counters.
@@ -61,6 +61,7 @@ impl<B: NetBackend> Net<B> {
             VIRTIO_NET_F_GUEST_CSUM,
             VIRTIO_NET_F_GUEST_TSO4,
             VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_RING_F_EVENT_IDX,
         ] {
             state.avail_features |= 1 << bit;
         }
@@ -114,7 +115,8 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// Sends every frame the guest queued for transmission.
+    /// Sends every frame the guest queued for transmission, until none is left after the
+    /// queue is re-armed.
     pub(super) fn process_tx(&mut self) {
         let Some(active) = self.state.active.as_mut() else {
             return;
@@ -124,7 +126,13 @@ impl<B: NetBackend> Net<B> {
         };
         let mut used_any = false;
         let mut problems = Vec::new();
-        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+        loop {
+            let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
+                if rearm_queue(queue, &active.mem) {
+                    continue;
+                }
+                break;
+            };
             let head = chain.head_index();
             match gather(&active.mem, chain, &mut self.tx_buf) {
                 Ok(len) => match self.backend.send(&self.tx_buf[..len]) {
@@ -191,6 +199,10 @@ impl<B: NetBackend> Net<B> {
                     },
                 };
                 let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
+                    // Ask for the driver's next buffers, unless they came meanwhile.
+                    if rearm_queue(queue, &active.mem) {
+                        continue;
+                    }
                     out_of_buffers = true;
                     break;
                 };
@@ -422,8 +434,9 @@ mod tests {
         ] {
             assert_ne!(net.avail_features() & (1 << bit), 0, "feature bit {bit}");
         }
+        assert_ne!(net.avail_features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
         // No mergeable receive buffers (one chain per frame) and nothing else.
-        assert_eq!(net.avail_features().count_ones(), 8);
+        assert_eq!(net.avail_features().count_ones(), 9);
         let mut mac = [0u8; 6];
         net.read_config(0, &mut mac);
         assert_eq!(mac, MAC);
@@ -521,6 +534,31 @@ mod tests {
         assert_eq!(&got[..n], &f[..]);
         assert_eq!(h.tx.take_used(), vec![(0, 0)]);
         assert_eq!(h.stats().tx_frames, 1);
+    }
+
+    #[test]
+    fn with_event_idx_the_driver_is_asked_for_its_next_frame_and_buffer() {
+        let mut h = Harness::with_features(1 << VIRTIO_RING_F_EVENT_IDX);
+        // Transmit: after taking two frames the device wants a notification for the third.
+        for i in 0..2u64 {
+            let f = frame(60, i as u8);
+            h.mem
+                .write_slice(&f, GuestAddress(0x40000 + i * 0x100))
+                .unwrap();
+            h.tx.add_chain(&[(0x40000 + i * 0x100, f.len() as u32, false)]);
+        }
+        h.notify(TX_QUEUE);
+        assert_eq!(h.tx.take_used().len(), 2);
+        assert_eq!(h.tx.avail_event(), 2);
+        // Receive: a frame with no buffer asks for the driver's next buffer, which takes it.
+        h.peer.send(&frame(60, 9)).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        assert_eq!(h.rx.avail_event(), 0);
+        h.rx.add_chain(&[(0x50000, 1526, true)]);
+        h.notify(RX_QUEUE);
+        assert_eq!(h.rx.take_used(), vec![(0, 72)]);
+        assert_eq!(h.stats().rx_frames, 1);
+        assert_eq!(h.stats().tx_frames, 2);
     }
 
     #[test]

@@ -23,6 +23,13 @@
 //! One 64 KiB segment instead of 45 frames is one TAP read or write, one descriptor chain and
 //! one interrupt instead of 45: the cost per frame is what bounds a VMM's throughput.
 //!
+//! Notifications are suppressed with event indices (`VIRTIO_RING_F_EVENT_IDX`): the device
+//! asks for a transmit notification only for the first frame after those it has taken, and
+//! for a receive one only when it ran out of buffers; the driver asks for an interrupt only
+//! where it wants one (Linux's transmit path: after most of the frames in flight are sent).
+//! Each notification and each interrupt is a VM exit or two (the notification's write, the
+//! interrupt's status read and acknowledgement).
+//!
 //! The pod's side of the TAP (a TAP in the pod's network namespace, mirrored to its CNI
 //! interface) is the shim's business; see `runtime-shim`'s `network` module.
 //!
