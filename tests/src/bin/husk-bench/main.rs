@@ -32,6 +32,7 @@ mod oci;
 mod plot;
 mod report;
 mod soak;
+mod usage;
 
 use anyhow::{bail, Context, Result};
 use husk_agent_protocol::client::AgentClient;

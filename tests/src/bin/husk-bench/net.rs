@@ -18,6 +18,11 @@
 //! (`husk::network::prepare`, released again after each round) against the same work done the
 //! way husk did it before, with nine `ip` and `tc` commands, in milliseconds.
 //!
+//! Beside the figures, the profile behind them (`usage.rs`): during the first two, how the
+//! host's busy CPU time splits between husk's vCPU (in the guest, and in the host's kernel for
+//! exits), husk-vmm's device thread and everything else, and KVM's exits, per MiB and per
+//! round trip.
+//!
 //! Targets (issue "networks from the engines"): throughput at least 0.5x runc's, latency at
 //! most 3x runc's, the wiring at most 50 ms.
 
@@ -25,6 +30,7 @@ use crate::oci::{
     candidate_runtimes, path_str, probe, run_cmd, tail, versions, Bench, Containers, Figure, Report,
 };
 use crate::report::Target;
+use crate::usage::Usage;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -56,6 +62,9 @@ const GUEST_IP: &str = "10.202.1.2";
 const PORT_IN: u16 = 5001;
 const PORT_ECHO: u16 = 5007;
 const PORT_OUT: u16 = 5002;
+/// Figures by key.
+type Figures = BTreeMap<String, Figure>;
+
 /// Bytes of each echoed message.
 const ECHO_BYTES: usize = 64;
 
@@ -198,11 +207,13 @@ fn connect(port: u16, deadline: Instant) -> Result<TcpStream> {
     }
 }
 
-/// Sends `bytes` to the container and returns MiB/s, timed until the container closed.
-fn to_container(bytes: usize, deadline: Instant) -> Result<f64> {
+/// Sends `bytes` to the container and returns MiB/s, timed until the container closed, and
+/// what the host used meanwhile.
+fn to_container(bytes: usize, deadline: Instant) -> Result<(f64, Usage)> {
     let mut s = connect(PORT_IN, deadline)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let chunk = vec![0u8; 64 * 1024];
+    let before = Usage::now();
     let started = Instant::now();
     let mut left = bytes;
     while left > 0 {
@@ -213,25 +224,32 @@ fn to_container(bytes: usize, deadline: Instant) -> Result<f64> {
     s.shutdown(std::net::Shutdown::Write)?;
     let mut sink = [0u8; 16];
     while s.read(&mut sink)? > 0 {}
-    Ok(bytes as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64())
+    let secs = started.elapsed().as_secs_f64();
+    Ok((
+        bytes as f64 / (1024.0 * 1024.0) / secs,
+        Usage::now().since(&before),
+    ))
 }
 
-/// `rounds` round trips with the container's echo server; the median in microseconds.
-fn echo(rounds: usize, deadline: Instant) -> Result<f64> {
+/// `rounds` round trips with the container's echo server; the median in microseconds, and
+/// what the host used meanwhile.
+fn echo(rounds: usize, deadline: Instant) -> Result<(f64, Usage)> {
     let mut s = connect(PORT_ECHO, deadline)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let msg = [b'x'; ECHO_BYTES];
     let mut back = [0u8; ECHO_BYTES];
     let mut times = Vec::with_capacity(rounds);
+    let before = Usage::now();
     for _ in 0..rounds {
         let t = Instant::now();
         s.write_all(&msg)?;
         s.read_exact(&mut back)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    let used = Usage::now().since(&before);
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok((times[times.len() / 2], used))
 }
 
 /// Accepts the container's connection and returns MiB/s of what it sent, and the bytes.
@@ -303,7 +321,7 @@ pub fn bench_net(opts: &NetOptions) -> Result<()> {
     };
     make_netns()?;
     let netns = format!("/run/netns/{NETNS}");
-    let result = (|| -> Result<(BTreeMap<String, Figure>, Figure)> {
+    let result = (|| -> Result<(Figures, Figure, Figures)> {
         let wired = wiring(if opts.quick { 3 } else { 10 }, &scratch)?;
         let in_netns = |spec: &mut Value| {
             if let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() {
@@ -327,6 +345,7 @@ pub fn bench_net(opts: &NetOptions) -> Result<()> {
             &mut notes,
         )?;
         let mut figs: BTreeMap<String, Figure> = BTreeMap::new();
+        let mut profile: BTreeMap<String, Figure> = BTreeMap::new();
         for i in 0..opts.runs {
             for k in 0..runtimes.len() {
                 let rt = runtimes[(i + k) % runtimes.len()].clone();
@@ -339,8 +358,21 @@ pub fn bench_net(opts: &NetOptions) -> Result<()> {
                 let container = std::thread::spawn(move || run_cmd(cmd, &scratch, timeout));
                 let deadline = Instant::now() + opts.timeout;
                 let measured = (|| -> Result<[f64; 3]> {
-                    let tput_in = to_container(bytes, deadline)?;
-                    let rtt = echo(rounds, deadline)?;
+                    let (tput_in, used_in) = to_container(bytes, deadline)?;
+                    let (rtt, used_echo) = echo(rounds, deadline)?;
+                    for (phase, used) in [
+                        ("to_container", used_in.per(mib as f64)),
+                        ("echo", used_echo.per(rounds as f64)),
+                    ] {
+                        for (row, _) in Usage::ROWS {
+                            if let Some(v) = used.row(row) {
+                                profile
+                                    .entry(format!("{phase}/{row}"))
+                                    .or_default()
+                                    .push(rt.name, v);
+                            }
+                        }
+                    }
                     let (tput_out, got) = from_container(&listener, deadline)?;
                     if got != bytes {
                         bail!("received {got} of {bytes} bytes from the container");
@@ -373,11 +405,11 @@ pub fn bench_net(opts: &NetOptions) -> Result<()> {
                 eprintln!("{line}");
             }
         }
-        Ok((figs, wired))
+        Ok((figs, wired, profile))
     })();
     drop(containers);
     remove_netns();
-    let (figs, wired) = result?;
+    let (figs, wired, profile) = result?;
     let names: Vec<&'static str> = ["husk", "runc", "crun"]
         .into_iter()
         .filter(|n| versions.contains_key(n))
@@ -388,7 +420,7 @@ pub fn bench_net(opts: &NetOptions) -> Result<()> {
         rounds,
         &names,
         &versions,
-        (&figs, &wired),
+        (&figs, &wired, &profile),
         &notes,
     )
 }
@@ -401,7 +433,11 @@ fn report(
     rounds: usize,
     runtimes: &[&'static str],
     versions: &BTreeMap<&'static str, String>,
-    (figs, wired): (&BTreeMap<String, Figure>, &Figure),
+    (figs, wired, profile): (
+        &BTreeMap<String, Figure>,
+        &Figure,
+        &BTreeMap<String, Figure>,
+    ),
     notes: &[String],
 ) -> Result<()> {
     let mut md = format!(
@@ -485,6 +521,7 @@ fn report(
         }
     ));
     json_figs.insert("wiring".to_string(), Figure::json(Some(wired)));
+    md.push_str(&profile_table(profile, mib, rounds));
     md.push_str("\n### Targets\n\n");
     for line in &targets {
         md.push_str(line);
@@ -501,9 +538,48 @@ fn report(
             "rounds": rounds,
             "runtimes": runtimes,
             "figures": json_figs,
+            "profile": profile
+                .iter()
+                .map(|(k, f)| (k.clone(), Figure::json(Some(f))))
+                .collect::<serde_json::Map<_, _>>(),
             "targets": crate::report::targets_json(&json_targets),
         }))?,
     )?;
     eprintln!("{md}");
     report.finish("network")
+}
+
+/// The profile behind the figures (`usage.rs`): where the host's CPU went, medians of the
+/// runs, per MiB sent to the container and per round trip; runc's busy time beside husk's.
+fn profile_table(profile: &Figures, mib: usize, rounds: usize) -> String {
+    let mut md = format!(
+        "\nWhere the host's CPU went (median of the runs; the rig has one CPU, so this is the \
+         figures' time): the whole host busy, and husk's part of it by thread; KVM's exits from \
+         its debugfs. Per MiB of the {mib} MiB sent to the container, and per round trip of \
+         the {rounds}.\n\n\
+         | where | to the container, per MiB | per round trip |\n|---|---|---|\n"
+    );
+    let cell = |phase: &str, row: &str, rt: &str, count: bool| {
+        let value = profile.get(&format!("{phase}/{row}"))?.median(rt)?;
+        Some(if count {
+            format!("{value:.1}")
+        } else if phase == "echo" {
+            format!("{:.0} µs", value / 1e3)
+        } else {
+            format!("{:.2} ms", value / 1e6)
+        })
+    };
+    let mut line = |who: &str, rt: &str, row: &str, what: &str| {
+        let count = row.ends_with("exits");
+        md.push_str(&format!(
+            "| {who}{what} | {} | {} |\n",
+            cell("to_container", row, rt, count).unwrap_or_else(|| "-".into()),
+            cell("echo", row, rt, count).unwrap_or_else(|| "-".into()),
+        ));
+    };
+    line("runc: ", "runc", "busy", Usage::ROWS[0].1);
+    for (row, what) in Usage::ROWS {
+        line("husk: ", "husk", row, what);
+    }
+    md
 }
