@@ -774,7 +774,9 @@ const METHOD: &str = "## Method\n\n\
   walk, an fsync'ed write, create/stat/remove and `tar` unpacking, on the rootfs and on a bind \
   mount, timed inside by busybox `time`.\n\
 - **net** (`net.rs`): a network namespace made as an engine makes it; TCP throughput each way \
-  and 64-byte round trips, driven from the host with busybox `nc`.\n\
+  and 64-byte round trips, driven from the host with busybox `nc`; beside them, where the \
+  host's CPU went meanwhile (husk's vCPU in the guest and in exits, its device thread, the \
+  rest) and KVM's exits.\n\
 - **density** (`density.rs`): idle `sleep` sandboxes (husk: 1 vCPU, 128 MiB) started one after \
   another until the run's bound, L2's memory guard or a time budget, PSS and MemAvailable read \
   as they accumulate; then starts with 8 in flight.\n\n";
