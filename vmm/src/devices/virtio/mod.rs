@@ -246,6 +246,26 @@ fn wants_interrupt(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -
     }
 }
 
+/// The next chain the driver made available in `queue`; when there is none, the queue is
+/// re-armed ([`rearm_queue`]) and, if chains came meanwhile, looked at once more. `None`
+/// therefore means the device may wait for the driver's notification. A ring whose index
+/// says chains are there while none can be taken (an index past the ring's size: a broken or
+/// hostile driver) gives `None` too, so that a device's loop ends instead of spinning.
+pub fn pop_or_rearm<'a>(
+    queue: &mut virtio_queue::Queue,
+    mem: &'a GuestMemoryMmap<()>,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap<()>>> {
+    use virtio_queue::QueueT;
+    if let Some(chain) = queue.pop_descriptor_chain(mem) {
+        return Some(chain);
+    }
+    if rearm_queue(queue, mem) {
+        queue.pop_descriptor_chain(mem)
+    } else {
+        None
+    }
+}
+
 /// After a device took every chain it wanted from `queue`: asks the driver to notify it of
 /// the next one (with `VIRTIO_RING_F_EVENT_IDX`, `avail_event` set to the next index the
 /// device will take; without it, the used ring's `VRING_USED_F_NO_NOTIFY` is cleared, which
@@ -413,6 +433,24 @@ mod tests {
         assert_eq!(guest.avail_event(), 0);
         guest.add_chain(&[(0x50000, 0x100, true)]);
         assert!(rearm_queue(&mut queue, &mem));
+    }
+
+    #[test]
+    fn a_ring_index_past_the_ring_ends_the_devices_loop() {
+        let mem = test_utils::test_memory();
+        let (guest, mut queue) = queue_with_used(&mem, true, 1);
+        assert!(pop_or_rearm(&mut queue, &mem).is_some());
+        assert!(pop_or_rearm(&mut queue, &mem).is_none());
+        // The driver claims 1000 more chains in a 16-entry ring: re-arming sees "more", but
+        // none can be taken, and the device is told to wait instead of looking forever.
+        vm_memory::Bytes::write_obj(
+            &mem,
+            1001u16,
+            vm_memory::GuestAddress(guest.avail_addr() + 2),
+        )
+        .unwrap();
+        assert!(rearm_queue(&mut queue, &mem));
+        assert!(pop_or_rearm(&mut queue, &mem).is_none());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::{
     VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
-    read_config_bytes, rearm_queue, signal_used_queue, RateLimitedLog, VirtioDevice,
+    pop_or_rearm, read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice,
     VirtioDeviceState, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -126,13 +126,7 @@ impl<B: NetBackend> Net<B> {
         };
         let mut used_any = false;
         let mut problems = Vec::new();
-        loop {
-            let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
-                if rearm_queue(queue, &active.mem) {
-                    continue;
-                }
-                break;
-            };
+        while let Some(chain) = pop_or_rearm(queue, &active.mem) {
             let head = chain.head_index();
             match gather(&active.mem, chain, &mut self.tx_buf) {
                 Ok(len) => match self.backend.send(&self.tx_buf[..len]) {
@@ -198,11 +192,8 @@ impl<B: NetBackend> Net<B> {
                         }
                     },
                 };
-                let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
-                    // Ask for the driver's next buffers, unless they came meanwhile.
-                    if rearm_queue(queue, &active.mem) {
-                        continue;
-                    }
+                // With none left, the driver is asked for its next buffers.
+                let Some(chain) = pop_or_rearm(queue, &active.mem) else {
                     out_of_buffers = true;
                     break;
                 };
