@@ -269,10 +269,10 @@ pub fn pop_or_rearm<'a>(
 /// After a device took every chain it wanted from `queue`: asks the driver to notify it of
 /// the next one (with `VIRTIO_RING_F_EVENT_IDX`, `avail_event` set to the next index the
 /// device will take; without it, the used ring's `VRING_USED_F_NO_NOTIFY` is cleared, which
-/// husk's devices never set) and says whether chains arrived in the meantime, which the device must take before it
-/// waits for a notification: the driver may have checked `avail_event` before it was set.
-/// A ring that cannot be read answers `false` (the device waits; a driver that broke its
-/// ring is not owed progress).
+/// husk's devices never set) and says whether chains arrived in the meantime, which the
+/// device must take before it waits for a notification: the driver may have checked
+/// `avail_event` before it was set. A ring that cannot be read answers `false` (the device
+/// waits; a driver that broke its ring is not owed progress).
 pub fn rearm_queue(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -> bool {
     use virtio_queue::QueueT;
     queue.enable_notification(mem).unwrap_or(false)
