@@ -552,11 +552,16 @@ fn report(
 /// The profile behind the figures (`usage.rs`): where the host's CPU went, medians of the
 /// runs, per MiB sent to the container and per round trip; runc's busy time beside husk's.
 fn profile_table(profile: &Figures, mib: usize, rounds: usize) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = if cpus == 1 {
+        "the host has one CPU, so this is the figures' time".to_string()
+    } else {
+        format!("summed over the host's {cpus} CPUs")
+    };
     let mut md = format!(
-        "\nWhere the host's CPU went (median of the runs; the rig has one CPU, so this is the \
-         figures' time): the whole host busy, and husk's part of it by thread; KVM's exits from \
-         its debugfs. Per MiB of the {mib} MiB sent to the container, and per round trip of \
-         the {rounds}.\n\n\
+        "\nWhere the host's CPU went (median of the runs; {cpus}): the whole host busy, and \
+         husk's part of it by thread; KVM's exits from its debugfs. Per MiB of the {mib} MiB \
+         sent to the container, and per round trip of the {rounds}.\n\n\
          | where | to the container, per MiB | per round trip |\n|---|---|---|\n"
     );
     let cell = |phase: &str, row: &str, rt: &str, count: bool| {
