@@ -87,7 +87,7 @@ impl VirtioDeviceState {
         expected: usize,
         mem: GuestMemoryMmap<()>,
         interrupt: Arc<IrqTrigger>,
-        queues: Vec<virtio_queue::Queue>,
+        mut queues: Vec<virtio_queue::Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         if self.active.is_some() {
@@ -100,7 +100,6 @@ impl VirtioDeviceState {
             });
         }
         let event_idx = self.acked_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = queues;
         for queue in &mut queues {
             virtio_queue::QueueT::set_event_idx(queue, event_idx);
         }
