@@ -19,6 +19,7 @@ pub mod vsock;
 pub(crate) mod test_utils;
 
 use std::io;
+use std::num::Wrapping;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -232,7 +233,12 @@ pub fn signal_used_queue(
     }
 }
 
-fn wants_interrupt(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -> bool {
+/// Whether the driver wants an interrupt for the used buffers added to `queue` since the
+/// last call (see [`signal_used_queue`], which interrupts when it does). For a device that
+/// completes buffers on several queues in one pass and raises the shared line once: call it
+/// for every queue that got used buffers, not only until one says yes (each call starts the
+/// next count).
+pub fn wants_interrupt(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -> bool {
     use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
     if queue.event_idx_enabled() {
@@ -276,6 +282,44 @@ pub fn pop_or_rearm<'a>(
 pub fn rearm_queue(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>) -> bool {
     use virtio_queue::QueueT;
     queue.enable_notification(mem).unwrap_or(false)
+}
+
+/// After a device took every chain it wanted from `queue`, with `VIRTIO_RING_F_EVENT_IDX`:
+/// asks the driver to notify it only once `count` more chains are available (`avail_event`
+/// set `count - 1` past the next index the device will take), for a queue whose chains may
+/// wait until the device's next pass for another reason. Says whether `count` or more chains
+/// are there already, which the device must then take: the driver may have passed the mark
+/// before it was set, and not notified. Without the feature this is [`rearm_queue`], which
+/// asks for a notification per chain. A ring that cannot be read answers `false`.
+pub fn arm_after(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap<()>, count: u16) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+    if !queue.event_idx_enabled() {
+        return rearm_queue(queue, mem);
+    }
+    let count = count.max(1);
+    let next = Wrapping(queue.next_avail());
+    // The used ring: flags and index (u16 each), `size` elements of 8 bytes, then
+    // `avail_event`.
+    let Some(at) = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+    else {
+        return false;
+    };
+    let mark = (next + Wrapping(count - 1)).0;
+    if mem
+        .store(mark.to_le(), GuestAddress(at), Ordering::Relaxed)
+        .is_err()
+    {
+        return false;
+    }
+    // The mark stored before the driver's index is read (the driver stores its index, then
+    // reads the mark).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| (idx - next).0 >= count)
 }
 
 /// Registers a device's queue eventfds with the device thread's epoll.

@@ -13,11 +13,12 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use super::request::handle_chain;
 use super::{
     CacheTimes, ConfinedFs, FsError, CONFIG_SIZE, DEFAULT_MAX_INODES, DEFAULT_TAG,
-    HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE, TAG_LEN,
+    HIPRIO_NOTIFY_EVERY, HIPRIO_QUEUE, HIPRIO_QUEUE_SIZE, REQUEST_QUEUE, REQUEST_QUEUE_SIZE,
+    TAG_LEN,
 };
 use crate::devices::virtio::{
-    read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice, VirtioDeviceState,
-    VIRTIO_ID_FS,
+    arm_after, pop_or_rearm, read_config_bytes, wants_interrupt, RateLimitedLog, VirtioDevice,
+    VirtioDeviceState, VIRTIO_ID_FS, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The virtio file system device, sharing one host directory.
@@ -49,7 +50,8 @@ pub struct Profile {
     /// Per opcode: requests and host time serving them.
     ops: BTreeMap<u32, (u64, Duration)>,
     /// Queue runs that served a request: each followed a notification (a VM exit) and ended
-    /// with one interrupt.
+    /// with one interrupt at most (a run of the request queue serves the high-priority
+    /// queue's waiting chains too).
     runs: u64,
     /// When the totals were last logged, and the request count then.
     logged: (Instant, u64),
@@ -159,8 +161,10 @@ impl Fs {
         max_inodes: usize,
     ) -> Result<Self, FsError> {
         let fs = Arc::new(ConfinedFs::with_limits(shared_dir, cache, max_inodes)?);
+        let mut state = VirtioDeviceState::new("virtio-fs").map_err(FsError::EventFd)?;
+        state.avail_features |= 1 << VIRTIO_RING_F_EVENT_IDX;
         Ok(Self {
-            state: VirtioDeviceState::new("virtio-fs").map_err(FsError::EventFd)?,
+            state,
             queue_sizes: [HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE],
             config: config_space(tag)?,
             server: Server::new(fs.clone()),
@@ -178,57 +182,108 @@ impl Fs {
         self.requests
     }
 
-    /// Serves every available request of queue `index`; interrupts the guest if any was
-    /// completed.
+    /// Serves the chains the driver made available: on a notification of the request queue,
+    /// the high-priority queue's first (the FORGETs waiting there, see [`HIPRIO_NOTIFY_EVERY`])
+    /// and then the requests; on one of the high-priority queue, its chains. Interrupts the
+    /// guest once if it wants an interrupt for any of the buffers used.
     pub(super) fn process_queue(&mut self, index: usize) {
-        let Some(active) = self.state.active.as_mut() else {
+        if index != HIPRIO_QUEUE && index != REQUEST_QUEUE {
             return;
+        }
+        let (mut used_any, mut wants_irq) = self.serve_queue(HIPRIO_QUEUE);
+        if index == REQUEST_QUEUE {
+            let (used, wants) = self.serve_queue(REQUEST_QUEUE);
+            used_any |= used;
+            wants_irq |= wants;
+        }
+        let Some(active) = self.state.active.as_ref() else {
+            return;
+        };
+        if wants_irq {
+            if let Err(e) = active.interrupt.trigger_queue() {
+                debug!("virtio-fs: failed to signal a used queue: {e}");
+            }
+        }
+        if let (Some(profile), true) = (self.profile.as_mut(), used_any) {
+            profile.runs += 1;
+            if profile.logged.0.elapsed() >= PROFILE_EVERY && profile.logged.1 != self.requests {
+                profile.logged = (Instant::now(), self.requests);
+                // At warn: the VMM logs little else unless debugging, and this was asked for.
+                tracing::warn!("virtio-fs profile: {}", profile.summary());
+            }
+        }
+    }
+
+    /// Serves every available chain of queue `index` and re-arms its notification; says
+    /// whether any buffer was used, and whether the driver wants an interrupt for them.
+    fn serve_queue(&mut self, index: usize) -> (bool, bool) {
+        let Some(active) = self.state.active.as_mut() else {
+            return (false, false);
         };
         let Some(queue) = active.queues.get_mut(index) else {
-            return;
+            return (false, false);
         };
+        // The high-priority queue, with event indices, notifies once per HIPRIO_NOTIFY_EVERY
+        // chains; its chains otherwise wait for the next request.
+        let batched = index == HIPRIO_QUEUE && queue.event_idx_enabled();
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            let started = self
-                .profile
-                .as_ref()
-                .map(|_| (peek_opcode(&chain), Instant::now()));
-            let result = handle_chain(&self.server, &active.mem, chain);
-            if let (Some(profile), Some((opcode, at))) = (self.profile.as_mut(), started) {
-                profile.record(opcode.unwrap_or(0), at.elapsed());
-            }
-            let written = match result {
-                Ok(n) => n,
-                Err(e) => {
-                    if self.bad_request_log.should_log() {
-                        debug!(
-                            count = self.bad_request_log.count(),
-                            "virtio-fs: bad request: {e}"
-                        );
+        loop {
+            let mut served = false;
+            loop {
+                let chain = if batched {
+                    queue.pop_descriptor_chain(&active.mem)
+                } else {
+                    pop_or_rearm(queue, &active.mem)
+                };
+                let Some(chain) = chain else { break };
+                served = true;
+                let head = chain.head_index();
+                let started = self
+                    .profile
+                    .as_ref()
+                    .map(|_| (peek_opcode(&chain), Instant::now()));
+                let result = handle_chain(&self.server, &active.mem, chain);
+                if let (Some(profile), Some((opcode, at))) = (self.profile.as_mut(), started) {
+                    profile.record(opcode.unwrap_or(0), at.elapsed());
+                }
+                let written = match result {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if self.bad_request_log.should_log() {
+                            debug!(
+                                count = self.bad_request_log.count(),
+                                "virtio-fs: bad request: {e}"
+                            );
+                        }
+                        0
                     }
-                    0
+                };
+                self.requests += 1;
+                if let Err(e) = queue.add_used(&active.mem, head, written) {
+                    debug!("virtio-fs: add_used failed: {e}");
+                    continue;
                 }
-            };
-            self.requests += 1;
-            if let Err(e) = queue.add_used(&active.mem, head, written) {
-                debug!("virtio-fs: add_used failed: {e}");
-                continue;
+                used_any = true;
             }
-            used_any = true;
-        }
-        if used_any {
-            signal_used_queue(queue, &active.mem, &active.interrupt);
-            if let Some(profile) = self.profile.as_mut() {
-                profile.runs += 1;
-                if profile.logged.0.elapsed() >= PROFILE_EVERY && profile.logged.1 != self.requests
-                {
-                    profile.logged = (Instant::now(), self.requests);
-                    // At warn: the VMM logs little else unless debugging, and this was asked for.
-                    tracing::warn!("virtio-fs profile: {}", profile.summary());
-                }
+            // A pass that took nothing ends the loop even if the ring's index says chains are
+            // there (an index past the ring's size: a hostile driver), so that it cannot spin.
+            let every = HIPRIO_NOTIFY_EVERY.min(queue.size() / 2);
+            if !(batched && served && arm_after(queue, &active.mem, every)) {
+                break;
             }
         }
+        if batched && !used_any {
+            // Nothing was there: still, the mark must lie ahead of the next index.
+            arm_after(
+                queue,
+                &active.mem,
+                HIPRIO_NOTIFY_EVERY.min(queue.size() / 2),
+            );
+        }
+        if !used_any {
+            return (false, false);
+        }
+        (true, wants_interrupt(queue, &active.mem))
     }
 }
 
@@ -284,7 +339,7 @@ mod tests {
     use crate::devices::virtio::{ActivateError, IrqTrigger};
     use std::sync::Arc;
 
-    use crate::devices::virtio::fs::{MAX_REQUEST_BYTES, REQUEST_QUEUE};
+    use crate::devices::virtio::fs::MAX_REQUEST_BYTES;
     use crate::devices::virtio::test_utils::{test_memory, GuestQueue};
     use vm_memory::GuestMemoryMmap;
     use vmm_sys_util::eventfd::EventFd;
@@ -311,12 +366,18 @@ mod tests {
 
     impl Harness {
         fn new() -> Self {
+            Self::with_features(0)
+        }
+
+        /// With the driver having accepted `features`.
+        fn with_features(features: u64) -> Self {
             let dir = tempfile::tempdir().unwrap();
             std::fs::create_dir(dir.path().join("sub")).unwrap();
             let mem = test_memory();
             let hiprio = GuestQueue::new(&mem, 0x10000, 16);
             let requests = GuestQueue::new(&mem, 0x20000, 16);
             let fs = Arc::new(Mutex::new(Fs::new(dir.path()).unwrap()));
+            fs.lock().unwrap().set_acked_features(features);
             let irq = Arc::new(IrqTrigger::new().unwrap());
             let evts: Vec<EventFd> = (0..2)
                 .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -564,6 +625,73 @@ mod tests {
         h.hiprio.add_chain(&[(REQ_ADDR, len, false)]);
         h.notify(0);
         assert_eq!(h.hiprio.take_used(), vec![(0, 0)]);
+    }
+
+    /// Interrupts raised since the last call (the eventfd's count).
+    fn interrupts(h: &Harness) -> u64 {
+        h.irq.irq_evt().read().unwrap_or(0)
+    }
+
+    #[test]
+    fn with_event_indices_forgets_wait_for_the_next_request_and_share_its_interrupt() {
+        let mut h = Harness::with_features(1 << VIRTIO_RING_F_EVENT_IDX);
+        assert_ne!(
+            h.fs.lock().unwrap().avail_features() & (1 << VIRTIO_RING_F_EVENT_IDX),
+            0
+        );
+        // Activation served both queues: the high-priority queue's mark lies half its size
+        // (8 of 16) ahead, the request queue's at the next chain.
+        assert_eq!(h.hiprio.avail_event(), 7);
+        assert_eq!(h.requests.avail_event(), 0);
+        h.init();
+        assert_eq!(interrupts(&h), 1);
+        h.requests.set_used_event(1);
+        h.hiprio.set_used_event(0);
+        // Two FORGETs, which the driver does not notify (its index stays below the mark).
+        let forget = |h: &mut Harness, addr: u64| {
+            let len = h.write_request(Opcode::Forget as u32, ROOT_ID, &1u64.to_le_bytes());
+            let mut bytes = vec![0u8; len as usize];
+            h.mem
+                .read_slice(&mut bytes, GuestAddress(REQ_ADDR))
+                .unwrap();
+            h.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+            h.hiprio.add_chain(&[(addr, len, false)]);
+        };
+        forget(&mut h, 0x58000);
+        forget(&mut h, 0x59000);
+        assert!(h.hiprio.take_used().is_empty());
+        // The next request's pass serves them first, and one interrupt covers both queues.
+        let (_, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        assert_eq!(out.error, 0);
+        assert_eq!(h.hiprio.take_used(), vec![(0, 0), (1, 0)]);
+        assert_eq!(interrupts(&h), 1);
+        assert_eq!(h.hiprio.avail_event(), 2 + 7);
+        assert_eq!(h.requests.avail_event(), 2);
+        assert_eq!(h.fs.lock().unwrap().requests(), 4);
+        // The driver notifies when it passes the mark (8 waiting): all are served then, and
+        // the mark moves on.
+        h.hiprio.set_used_event(2);
+        for i in 0..8u64 {
+            forget(&mut h, 0x58000 + 0x100 * i);
+        }
+        h.notify(HIPRIO_QUEUE);
+        assert_eq!(h.hiprio.take_used().len(), 8);
+        assert_eq!(interrupts(&h), 1);
+        assert_eq!(h.hiprio.avail_event(), 10 + 7);
+    }
+
+    #[test]
+    fn a_high_priority_ring_index_past_its_size_does_not_spin_the_device() {
+        let mut h = Harness::with_features(1 << VIRTIO_RING_F_EVENT_IDX);
+        h.init();
+        // The index says 1,000 chains, more than the ring holds: none can be taken.
+        h.mem
+            .write_obj(1000u16, GuestAddress(h.hiprio.avail_addr() + 2))
+            .unwrap();
+        h.notify(HIPRIO_QUEUE);
+        let (_, out) = h.call(Opcode::Lookup as u32, ROOT_ID, &lookup_body("sub"));
+        assert_eq!(out.error, 0, "the request queue is still served");
+        assert!(h.hiprio.take_used().is_empty());
     }
 
     #[test]

@@ -144,6 +144,18 @@ pub const HIPRIO_QUEUE: usize = 0;
 pub const REQUEST_QUEUE: usize = 1;
 /// Size of the high-priority queue.
 pub const HIPRIO_QUEUE_SIZE: u16 = 128;
+/// With `VIRTIO_RING_F_EVENT_IDX` (which the device offers), the driver notifies the
+/// high-priority queue once per this many chains (half the queue's size if that is less), not
+/// per chain: what it carries needs no answer (FORGET; INTERRUPT, which a server that answers
+/// each request before it takes the next has nothing to do for), so it waits for the device's
+/// next pass over the request queue, which serves the high-priority queue first, and its used
+/// buffers are signalled by that pass's interrupt. Removing a file thus costs one round trip
+/// (the UNLINK) where it cost two, the FORGET of its inode an exit and an interrupt of its
+/// own. Up to this many minus one FORGETs wait while the guest sends no request: the host
+/// holds those inodes' descriptors that much longer, within the [held inodes'
+/// bound](self#inodes-held-bounded), which a lookup or create counts only after the waiting
+/// FORGETs were served.
+pub const HIPRIO_NOTIFY_EVERY: u16 = 32;
 /// Size of the request queue: the Linux driver sizes requests to the queue (pages = size - 4),
 /// so this allows full 1 MiB requests.
 pub const REQUEST_QUEUE_SIZE: u16 = 1024;
