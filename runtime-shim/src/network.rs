@@ -25,7 +25,7 @@
 //! Cilium's /32 addresses, which the kernel's `ip=` cannot route through. The interface's
 //! further addresses (a second IPv4 or global IPv6 address, up to [`MAX_ADDRESSES`] in all) go
 //! as `husk.addr=`, which the agent adds before the routes. Not carried yet: more than one
-//! interface.
+//! interface; a namespace with several is refused, naming them, rather than carried in part.
 //!
 //! One microVM owns a namespace's interface: a second one finds `husk0` there and is refused
 //! (containers sharing a network namespace belong in one VM, which is what the shim's pods
@@ -143,35 +143,60 @@ struct Found {
     further: Vec<String>,
 }
 
-/// The interface to carry: the namespace's first Ethernet interface other than loopback and
-/// our own TAP, with its MAC, MTU and addresses (listed in the kernel's order).
-fn pick_interface(links: &[netlink::Link], addresses: &[netlink::Address]) -> Option<Found> {
-    links.iter().find_map(|link| {
-        if link.name == "lo" || link.name == TAP_NAME || !link.ether {
-            return None;
-        }
-        // The guest makes its own link-local IPv6 address from the MAC, as the host did.
-        let carried = |ipv6: bool| {
-            addresses
-                .iter()
-                .filter(move |a| {
-                    a.index == link.index && a.ip.is_ipv6() == ipv6 && (!ipv6 || a.global)
-                })
-                .map(|a| format!("{}/{}", a.ip, a.prefix_len))
-        };
-        let mut ipv4 = carried(false);
-        let mut ipv6 = carried(true);
-        let (first4, first6) = (ipv4.next(), ipv6.next());
-        Some(Found {
-            index: link.index,
-            name: link.name.clone(),
-            mac: link.mac.clone()?,
-            mtu: link.mtu.unwrap_or(1500),
-            ipv4: first4,
-            ipv6: first6,
-            further: ipv4.chain(ipv6).collect(),
+/// The interfaces to carry: the namespace's Ethernet interfaces other than loopback and our
+/// own TAP, each with its MAC, MTU and addresses (listed in the kernel's order).
+fn carryable_interfaces(links: &[netlink::Link], addresses: &[netlink::Address]) -> Vec<Found> {
+    links
+        .iter()
+        .filter_map(|link| {
+            if link.name == "lo" || link.name == TAP_NAME || !link.ether {
+                return None;
+            }
+            // The guest makes its own link-local IPv6 address from the MAC, as the host did.
+            let carried = |ipv6: bool| {
+                addresses
+                    .iter()
+                    .filter(move |a| {
+                        a.index == link.index && a.ip.is_ipv6() == ipv6 && (!ipv6 || a.global)
+                    })
+                    .map(|a| format!("{}/{}", a.ip, a.prefix_len))
+            };
+            let mut ipv4 = carried(false);
+            let mut ipv6 = carried(true);
+            let (first4, first6) = (ipv4.next(), ipv6.next());
+            Some(Found {
+                index: link.index,
+                name: link.name.clone(),
+                mac: link.mac.clone()?,
+                mtu: link.mtu.unwrap_or(1500),
+                ipv4: first4,
+                ipv6: first6,
+                further: ipv4.chain(ipv6).collect(),
+            })
         })
-    })
+        .collect()
+}
+
+/// The interface to carry (see [`carryable_interfaces`]): `None` when there is none, an error
+/// naming them when there is more than one, which husk cannot carry yet (each would need a
+/// card of its own): a container must not start with part of its network silently missing.
+fn pick_interface(
+    netns: &Path,
+    links: &[netlink::Link],
+    addresses: &[netlink::Address],
+) -> Result<Option<Found>> {
+    let mut found = carryable_interfaces(links, addresses);
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
+        bail!(
+            "the network namespace {} has {} interfaces ({}); husk carries one network \
+             interface into a microVM (more than one is not supported yet)",
+            netns.display(),
+            found.len(),
+            names.join(", ")
+        );
+    }
+    Ok(found.pop())
 }
 
 /// The most routes carried besides the default ones (each goes on the guest kernel's command
@@ -313,7 +338,7 @@ pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
             ipv4,
             ipv6,
             further,
-        }) = pick_interface(&links, &nl.addresses()?)
+        }) = pick_interface(&path, &links, &nl.addresses()?)?
         else {
             return Ok(None);
         };
@@ -502,8 +527,12 @@ mod tests {
             address(3, "fd00:88::6", 64, true),
             address(3, "192.168.5.2", 16, true),
         ];
+        let ns = Path::new("/var/run/netns/cni-1");
+        let pick = |links: &[netlink::Link], addresses: &[netlink::Address]| {
+            pick_interface(ns, links, addresses).expect("one interface at most")
+        };
         assert_eq!(
-            pick_interface(&links, &addresses),
+            pick(&links, &addresses),
             Some(Found {
                 index: 3,
                 name: "eth0".to_string(),
@@ -519,14 +548,24 @@ mod tests {
             })
         );
         // Loopback and our own TAP are never carried; nor is a link without a MAC.
-        assert_eq!(pick_interface(&links[..2], &addresses), None);
+        assert_eq!(pick(&links[..2], &addresses), None);
         let mut no_mac = links.clone();
         no_mac[2].mac = None;
-        assert_eq!(pick_interface(&no_mac, &addresses), None);
+        assert_eq!(pick(&no_mac, &addresses), None);
         // An interface without addresses is still carried (the guest has its MAC).
         assert_eq!(
-            pick_interface(&links, &addresses[..2]).map(|f| (f.ipv4, f.ipv6)),
+            pick(&links, &addresses[..2]).map(|f| (f.ipv4, f.ipv6)),
             Some((None, None))
+        );
+        // A second interface (a second network, Multus's net1) cannot be carried: refused,
+        // naming both, rather than the container starting without it.
+        let mut two = links.to_vec();
+        two.push(link(4, "net1", true, 1500));
+        let err = pick_interface(ns, &two, &addresses).expect_err("two interfaces");
+        assert_eq!(
+            format!("{err}"),
+            "the network namespace /var/run/netns/cni-1 has 2 interfaces (eth0, net1); husk \
+             carries one network interface into a microVM (more than one is not supported yet)"
         );
     }
 

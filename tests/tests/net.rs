@@ -430,6 +430,30 @@ fn a_container_gets_the_network_namespace_it_is_given() {
         text(&out.stderr)
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+
+    // A namespace with a second interface (a second network): husk carries one, so create
+    // fails naming both, rather than the container starting with part of its network
+    // missing, and leaves the namespace as it was.
+    let second = format!("hv2-{}", ns.name);
+    sh(
+        "ip",
+        &[
+            "link", "add", &second, "type", "veth", "peer", "name", "net1", "netns", &ns.name,
+        ],
+    );
+    let with_two = ns.snapshot();
+    let out = env.run(&["create", "--bundle", idle.to_str().expect("utf-8"), "two"]);
+    let after = ns.snapshot();
+    let _ = Command::new("ip").args(["link", "del", &second]).output();
+    assert!(!out.status.success(), "a namespace with two interfaces");
+    assert!(
+        text(&out.stderr).contains("has 2 interfaces (eth0, net1)"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert_same(&with_two, &after, "after the refused create");
+    assert_same(&before, &ns.snapshot(), "without its second interface");
 }
 
 /// A CNI that gives the pod a /32 address and a gateway outside it, as Calico and Cilium do:
