@@ -226,7 +226,9 @@ impl Fs {
         // The high-priority queue, with event indices, notifies once per HIPRIO_NOTIFY_EVERY
         // chains; its chains otherwise wait for the next request.
         let batched = index == HIPRIO_QUEUE && queue.event_idx_enabled();
+        let every = HIPRIO_NOTIFY_EVERY.min(queue.size() / 2);
         let mut used_any = false;
+        let mut after_arming = false;
         loop {
             let mut served = false;
             loop {
@@ -265,20 +267,17 @@ impl Fs {
                 }
                 used_any = true;
             }
-            // A pass that took nothing ends the loop even if the ring's index says chains are
-            // there (an index past the ring's size: a hostile driver), so that it cannot spin.
-            let every = HIPRIO_NOTIFY_EVERY.min(queue.size() / 2);
-            if !(batched && served && arm_after(queue, &active.mem, every)) {
+            // After arming said chains were there, a pass that took none ends the loop: the
+            // ring's index is past its size (a hostile driver), and looking again would spin.
+            if after_arming && !served {
                 break;
             }
-        }
-        if batched && !used_any {
-            // Nothing was there: still, the mark must lie ahead of the next index.
-            arm_after(
-                queue,
-                &active.mem,
-                HIPRIO_NOTIFY_EVERY.min(queue.size() / 2),
-            );
+            // The mark goes ahead of the next index; chains that passed it meanwhile may have
+            // come without a notification, so they are taken now.
+            if !batched || !arm_after(queue, &active.mem, every) {
+                break;
+            }
+            after_arming = true;
         }
         if !used_any {
             return (false, false);
