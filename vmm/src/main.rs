@@ -206,6 +206,7 @@ fn refused(err: &dyn std::error::Error) -> i32 {
 
 fn main() -> ExitCode {
     timeline::mark_process_start();
+    vmm::single_malloc_arena();
     if let Err(e) = vmm::block_exit_signals() {
         eprintln!("husk-vmm: failed to block SIGTERM/SIGINT: {e}");
         return ExitCode::FAILURE;

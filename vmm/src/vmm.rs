@@ -184,6 +184,26 @@ fn install_kick_handler() -> Result<(), VmmError> {
         .map_err(|errno| VmmError::Signals(nix::Error::from_raw(errno)))
 }
 
+/// Makes every thread allocate from glibc's one main malloc arena. Call it first thing in
+/// `main`, before any thread starts.
+///
+/// glibc gives each thread that allocates an arena of its own (up to eight per CPU): a 64 MiB
+/// reservation of which it touches 8-84 KiB at once, plus what the thread's allocations leave
+/// free there. husk-vmm has five such threads besides `main` (supervisor, devices, each vCPU,
+/// the stdio relays), so in the rig five arenas held some 280 KiB of a booted VMM's ~5 MiB
+/// without guest memory. Its threads allocate little and seldom together (the vCPU threads
+/// mostly not at all once the guest runs), and glibc's per-thread cache serves small
+/// allocations without the arena's lock, so one arena costs no contention that matters.
+/// Elsewhere than glibc this does nothing.
+pub fn single_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX takes effect for threads'
+    // first allocations, and no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Blocks SIGTERM and SIGINT in the calling thread (and in the threads it spawns later), so
 /// that [`Vmm::run`] receives them through a signalfd. Call it first thing in `main`.
 pub fn block_exit_signals() -> Result<SigSet, nix::Error> {
