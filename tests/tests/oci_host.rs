@@ -383,31 +383,62 @@ fn names_in(dir: &Path) -> Vec<String> {
     names
 }
 
-/// husk-vmm runs in its jail (husk_vmm::jail): mount, ipc, uts and network namespaces of its
-/// own, a pid namespace where it is pid 1 (the runtime spawns it there), a root that holds
-/// only its state directory and /dev/kvm, none of the container's files (it serves them
-/// through descriptors opened before), and the container still works.
+/// husk-vmm runs in its jail (husk_vmm::jail): mount, ipc and uts namespaces of its own, no
+/// reach to the host's abstract sockets (Landlock scopes or a network namespace of its own:
+/// through the test hook, it tries to connect to one the test listens on), a pid namespace
+/// where it is pid 1 (the runtime spawns it there), a root that holds only its state
+/// directory and /dev/kvm, none of the container's files (it serves them through descriptors
+/// opened before), and the container still works.
 #[test]
 fn the_vmm_runs_in_its_jail() {
+    use std::os::linux::net::SocketAddrExt;
     let Some(env) = OciEnv::new("the_vmm_runs_in_its_jail") else {
         return;
     };
     let bundle = env.bundle("jailed", &["sleep", "1000"], |spec| {
         spec["root"]["readonly"] = json!(false);
     });
-    let pid = env.create_with_pid("jailed", &bundle);
+    let socket_name = format!("husk-test-jail-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&socket_name).expect("name");
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("abstract socket");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let pid_file = env.work.path().join("jailed.pid");
+    let out = create_with_hook(
+        &env,
+        "jailed",
+        &bundle,
+        Some(&pid_file),
+        (husk_vmm::jail::TEST_ABSTRACT_SOCKET_ENV, &socket_name),
+    );
+    assert!(out.status.success(), "create: {}", text(&out.stderr));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
     let out = env.run(&["start", "jailed"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     let ns = |pid: &str, kind: &str| {
         std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("namespace link")
     };
-    for kind in ["mnt", "ipc", "uts", "net"] {
+    for kind in ["mnt", "ipc", "uts"] {
         assert_ne!(
             ns(&pid.to_string(), kind),
             ns("self", kind),
             "husk-vmm's {kind} namespace is the host's"
         );
     }
+    // The host's abstract socket: husk-vmm tried it once confined, and did not get through.
+    let log = std::fs::read_to_string(env.root.path().join("jailed/vmm.log")).expect("vmm.log");
+    assert!(
+        log.contains(husk_vmm::jail::TEST_ABSTRACT_SOCKET_REFUSED),
+        "husk-vmm did not say its test hook was refused: {log}"
+    );
+    assert_eq!(
+        listener.accept().map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "husk-vmm reached the host's abstract socket"
+    );
     // Its own pid namespace, where it is pid 1 and sees no other process.
     assert_ne!(ns(&pid.to_string(), "pid"), ns("self", "pid"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

@@ -1,8 +1,9 @@
 //! What `husk-vmm` keeps of root's power once the microVM is built, before the guest runs its
 //! first instruction (the confinement that `../shared/DESIGN.md` describes).
 //!
-//! - **The jail** ([`crate::jail`]): new mount, ipc, uts and network namespaces and a root
-//!   that holds only what husk-vmm still reaches by path.
+//! - **The jail** ([`crate::jail`]): new mount, ipc and uts namespaces, a root that holds only
+//!   what husk-vmm still reaches by path, and no reach to the host's abstract sockets (Landlock
+//!   scopes, or a new network namespace where the kernel has none).
 //! - **Capabilities**: every capability outside [`KEPT`] leaves the bounding, permitted,
 //!   effective, inheritable and ambient sets of the process's threads, for good. The kept ones
 //!   are what the file server needs to act as the guest's users on the share; each says why.
@@ -94,8 +95,9 @@ pub fn confine(
     let micros =
         |start: std::time::Instant| u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     let mut jail_us = None;
+    let mut jail_sockets = None;
     if crate::jail::possible() {
-        crate::jail::enter(jail)?;
+        jail_sockets = Some(crate::jail::enter(jail)?);
         if let Some(userns) = jail.userns {
             // SAFETY: the descriptor was inherited for this and stays open.
             let userns = unsafe { std::os::fd::BorrowedFd::borrow_raw(userns) };
@@ -115,19 +117,23 @@ pub fn confine(
     }
     drop_privileges()?;
     crate::seccomp::confine_process(seccomp_report)?;
+    crate::jail::test_hook_abstract_socket();
     Ok(ConfineTimes {
         jail_us,
         total_us: micros(start),
+        jail_sockets,
     })
 }
 
-/// How long [`confine`] took, in microseconds.
+/// How long [`confine`] took, in microseconds, and how the jail scoped abstract sockets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConfineTimes {
     /// Entering the jail (none without one).
     pub jail_us: Option<u64>,
     /// The whole confinement.
     pub total_us: u64,
+    /// How the jail kept the host's abstract sockets out of reach (none without a jail).
+    pub jail_sockets: Option<crate::jail::SocketScope>,
 }
 
 impl ConfineTimes {
@@ -136,6 +142,7 @@ impl ConfineTimes {
         timeline.update(|t| {
             t.jail_us = self.jail_us;
             t.confine_us = Some(self.total_us);
+            t.jail_sockets = self.jail_sockets.map(|s| s.name().to_string());
         });
     }
 }

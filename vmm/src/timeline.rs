@@ -55,6 +55,10 @@ pub struct BootTimeline {
     /// How long the whole confinement took: the jail, the capability drop, the seccomp filter.
     #[serde(default)]
     pub confine_us: Option<u64>,
+    /// How the jail kept the host's abstract sockets out of reach (`crate::jail::SocketScope`'s
+    /// name; none without a jail).
+    #[serde(default)]
+    pub jail_sockets: Option<String>,
 }
 
 /// Errors of [`write_report`].

@@ -99,9 +99,10 @@ fn print_probe(probe: &Probe) {
     crate::outln!("    first vCPU entry    {}", opt(t.first_vcpu_entry_us));
     crate::outln!("    agent handshake     {}", opt(t.agent_handshake_us));
     crate::outln!(
-        "  confinement took {} (of which the jail {})",
+        "  confinement took {} (of which the jail {}; abstract sockets scoped by {})",
         opt(t.confine_us),
-        opt(t.jail_us)
+        opt(t.jail_us),
+        t.jail_sockets.as_deref().unwrap_or("-")
     );
 }
 
