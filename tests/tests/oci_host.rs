@@ -741,6 +741,7 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
     }
     let mut vcpus = 0;
     let mut devices = 0;
+    let mut file_servers = 0;
     let mut relays = 0;
     let mut supervisors = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
@@ -759,7 +760,7 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         // the supervisor's, which starts them (husk_vmm::seccomp).
         assert_eq!(status_field(&status, "Seccomp:"), "2", "{comm}");
         let filters = match comm {
-            "husk-devices" | "husk-supervisor" | "husk-ready" | "husk-renew" => "2",
+            "husk-devices" | "husk-fs" | "husk-supervisor" | "husk-ready" | "husk-renew" => "2",
             vcpu if vcpu.starts_with("husk-vcpu-") => "2",
             "husk-stdin" | "husk-stdout" | "husk-stderr" => {
                 relays += 1;
@@ -771,10 +772,16 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
         if comm == "husk-supervisor" {
             supervisors += 1;
         }
+        if comm == "husk-fs" {
+            file_servers += 1;
+        }
         if comm == "husk-devices" {
             devices += 1;
         }
-        if comm.starts_with("husk-vcpu-") {
+        // Only the file server's thread (and the main thread and the agent's clients, which
+        // start none that serves the guest) keep capabilities: the vCPU and device threads
+        // drop them.
+        if comm.starts_with("husk-vcpu-") || comm == "husk-devices" {
             assert_eq!(
                 status_field(&status, "CapEff:"),
                 "0000000000000000",
@@ -785,11 +792,17 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
                 "0000000000000000",
                 "{comm}"
             );
-            vcpus += 1;
+            if comm != "husk-devices" {
+                vcpus += 1;
+            }
         }
     }
     assert!(vcpus >= 1, "no vCPU thread found under /proc/{pid}/task");
     assert_eq!(devices, 1, "the device thread under /proc/{pid}/task");
+    assert_eq!(
+        file_servers, 1,
+        "the file server's thread under /proc/{pid}/task"
+    );
     assert_eq!(supervisors, 1, "the supervisor under /proc/{pid}/task");
     // stdin's relay ends at the end of its input (here /dev/null); stdout's and stderr's last.
     assert!(

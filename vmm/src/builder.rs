@@ -214,7 +214,8 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
 
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
-    let (vsock, balloon) = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
+    let (vsock, balloon, fs_event_manager) =
+        attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
     if let Some(net_cfg) = &cfg.net {
         let tap = CardBackend::Tap(take_tap(net_cfg)?);
         let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
@@ -302,6 +303,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
             mem,
             vcpus,
             event_manager,
+            fs_event_manager,
             reset_evt,
             transports,
             vsock,
@@ -337,12 +339,19 @@ fn attach_template_card(
     mmio.attach_virtio_device("net", net, event_manager, cmdline)
 }
 
-/// The devices of [`attach_common_devices`] that the VMM keeps a hand on.
-type CommonDevices = (Arc<Mutex<Vsock>>, Arc<Mutex<Balloon>>);
+/// The devices of [`attach_common_devices`] that the VMM keeps a hand on, and the file
+/// server's event loop (with a shared directory).
+type CommonDevices = (
+    Arc<Mutex<Vsock>>,
+    Arc<Mutex<Balloon>>,
+    Option<DeviceEventManager>,
+);
 
 /// The devices every guest has, in slot order: vsock (held until the agent is ready), the
-/// entropy source, the balloon (free page reporting) and, with a shared directory, virtio-fs. Templates are made and restored
-/// with exactly these.
+/// entropy source, the balloon (free page reporting) and, with a shared directory, virtio-fs.
+/// Templates are made and restored with exactly these. virtio-fs gets an event loop of its
+/// own, which the file server's thread runs (`Vmm::run`): its requests do not wait behind
+/// the other devices', and that thread has a seccomp list of its own.
 fn attach_common_devices(
     cfg: &VmConfig,
     mmio: &mut MmioDevices,
@@ -373,9 +382,11 @@ fn attach_common_devices(
             cfg.share_cache,
             max_inodes,
         )?));
-        mmio.attach_virtio_device("fs", fs, event_manager, cmdline)?;
+        let mut fs_event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
+        mmio.attach_virtio_device("fs", fs, &mut fs_event_manager, cmdline)?;
+        return Ok((vsock, balloon, Some(fs_event_manager)));
     }
-    Ok((vsock, balloon))
+    Ok((vsock, balloon, None))
 }
 
 /// Descriptors husk-vmm needs beside the share's inodes: devices, vsock connections, logs.
@@ -652,7 +663,8 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Device("reset", e))?;
     attach_legacy_devices(&vm, &mut pio_bus, &reset_evt, cfg.console)?;
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
-    let (vsock, _) = attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
+    let (vsock, _, fs_event_manager) =
+        attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
     if let Some(net_cfg) = &cfg.net {
         // A template without a card is refused below: its devices differ.
         let tap = take_tap(net_cfg)?;
@@ -718,6 +730,7 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
             mem,
             vcpus,
             event_manager,
+            fs_event_manager,
             reset_evt,
             transports,
             vsock,

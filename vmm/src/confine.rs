@@ -7,8 +7,9 @@
 //! - **Capabilities**: every capability outside [`KEPT`] leaves the bounding, permitted,
 //!   effective, inheritable and ambient sets of the process's threads, for good. The kept ones
 //!   are what the file server needs to act as the guest's users on the share; each says why.
-//!   vCPU threads then drop even those ([`drop_all_in_this_thread`]): they only run KVM and
-//!   the devices' register handlers, which need none.
+//!   vCPU threads and the device thread then drop even those ([`drop_all_in_this_thread`]):
+//!   they run KVM, the devices' register handlers and every device but virtio-fs, which need
+//!   none. The file server has a thread of its own, which keeps them.
 //! - **`no_new_privs`**: nothing husk-vmm could execute would gain privileges.
 //!
 //! - **seccomp**: then every thread is held to its kind's list of system calls
@@ -191,7 +192,8 @@ pub fn drop_privileges() -> Result<(), ConfineError> {
     Ok(())
 }
 
-/// Empties the calling thread's capability sets (a vCPU thread's). Other threads keep theirs.
+/// Empties the calling thread's capability sets (a vCPU thread's, the device thread's). Other
+/// threads keep theirs.
 pub fn drop_all_in_this_thread() -> Result<(), ConfineError> {
     caps::clear(None, CapSet::Effective).map_err(caps_err("effective"))?;
     caps::clear(None, CapSet::Permitted).map_err(caps_err("permitted"))?;

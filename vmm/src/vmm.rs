@@ -101,6 +101,8 @@ pub struct VmmParts {
     pub mem: GuestMemory,
     pub vcpus: Vec<Vcpu>,
     pub event_manager: DeviceEventManager,
+    /// The file server's event loop (virtio-fs alone), with a shared directory.
+    pub fs_event_manager: Option<DeviceEventManager>,
     pub reset_evt: EventFd,
     pub transports: Vec<(&'static str, Arc<Mutex<MmioTransport>>)>,
     pub vsock: Arc<Mutex<Vsock>>,
@@ -316,6 +318,7 @@ pub struct Vmm {
     vsock: Arc<Mutex<Vsock>>,
     mode: VmMode,
     event_manager: DeviceEventManager,
+    fs_event_manager: Option<DeviceEventManager>,
     reset_evt: EventFd,
     vsock_socket: PathBuf,
     boot_report: Option<PathBuf>,
@@ -338,6 +341,7 @@ impl Vmm {
             vsock: parts.vsock,
             mode: parts.mode,
             event_manager: parts.event_manager,
+            fs_event_manager: parts.fs_event_manager,
             reset_evt: parts.reset_evt,
             vsock_socket: cfg.vsock_socket.clone(),
             boot_report: cfg.boot_report.clone(),
@@ -387,7 +391,19 @@ impl Vmm {
             evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Spawn("control", e))?,
         });
 
-        let (device_thread, device_stop_evt) = self.spawn_device_thread()?;
+        let manager = self.take_event_manager()?;
+        let mut event_threads = vec![spawn_event_thread(
+            manager,
+            "husk-devices",
+            crate::seccomp::ThreadKind::Devices,
+        )?];
+        if let Some(manager) = self.fs_event_manager.take() {
+            event_threads.push(spawn_event_thread(
+                manager,
+                "husk-fs",
+                crate::seccomp::ThreadKind::FileServer,
+            )?);
+        }
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
             vcpu_threads.push(spawn_vcpu_thread(
@@ -409,10 +425,14 @@ impl Vmm {
         let deadline = Instant::now() + TEARDOWN_TIMEOUT;
         stops.stopping.store(true, Ordering::Release);
         let mut vcpus = join_until(vcpu_threads, deadline, true);
-        if let Err(e) = device_stop_evt.write(1) {
-            tracing::warn!("failed to stop the device thread: {e}");
+        let mut handles = Vec::with_capacity(event_threads.len());
+        for (handle, stop_evt) in event_threads {
+            if let Err(e) = stop_evt.write(1) {
+                tracing::warn!("failed to stop an event thread: {e}");
+            }
+            handles.push(handle);
         }
-        join_until(vec![device_thread], deadline, false);
+        join_until(handles, deadline, false);
         let result = match result {
             Ok(Ended::Exit(exit)) => Ok(exit),
             Ok(Ended::Snapshot) => self.save_template(&mut vcpus),
@@ -611,39 +631,11 @@ impl Vmm {
         Ok(())
     }
 
-    fn spawn_device_thread(&mut self) -> Result<(JoinHandle<()>, EventFd), VmmError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Spawn("device", e))?;
-        let subscriber = StopSubscriber {
-            evt: evt.try_clone().map_err(|e| VmmError::Spawn("device", e))?,
-            stop: stop.clone(),
-        };
-        let mut event_manager = std::mem::replace(
-            &mut self.event_manager,
-            EventManager::new()
-                .map_err(|e| VmmError::Spawn("device", io::Error::other(format!("{e:?}"))))?,
-        );
-        event_manager.add_subscriber(Arc::new(Mutex::new(subscriber)));
-        let handle = thread::Builder::new()
-            .name("husk-devices".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::confine_thread(crate::seccomp::ThreadKind::Devices)
-                {
-                    // Fail closed: no device is served unconfined.
-                    tracing::error!("device thread: {e}");
-                    eprintln!("husk-vmm: device thread: {e}");
-                    std::process::exit(1);
-                }
-                crate::seccomp::test_hook(crate::seccomp::HOOK_DEVICES);
-                while !stop.load(Ordering::Acquire) {
-                    if let Err(e) = event_manager.run_with_timeout(-1) {
-                        tracing::error!("device event loop failed: {e:?}");
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| VmmError::Spawn("device", e))?;
-        Ok((handle, evt))
+    /// The devices' event loop, for its thread; an empty one is left in its place.
+    fn take_event_manager(&mut self) -> Result<DeviceEventManager, VmmError> {
+        let empty = EventManager::new()
+            .map_err(|e| VmmError::Spawn("device", io::Error::other(format!("{e:?}"))))?;
+        Ok(std::mem::replace(&mut self.event_manager, empty))
     }
 
     fn spawn_readiness_thread(&self) -> Result<(), VmmError> {
@@ -785,6 +777,53 @@ fn join_until<T>(mut threads: Vec<JoinHandle<T>>, deadline: Instant, kick: bool)
         }
         thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Runs `event_manager` on a thread of its own, named `name` and held to `kind`'s seccomp
+/// list, until the returned eventfd is written. The device thread (every device but
+/// virtio-fs) needs none of the capabilities husk-vmm keeps for the file server and drops
+/// them, as vCPU threads do; it also runs the seccomp test hook
+/// [`crate::seccomp::HOOK_DEVICES`].
+fn spawn_event_thread(
+    mut event_manager: DeviceEventManager,
+    name: &'static str,
+    kind: crate::seccomp::ThreadKind,
+) -> Result<(JoinHandle<()>, EventFd), VmmError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Spawn(name, e))?;
+    let subscriber = StopSubscriber {
+        evt: evt.try_clone().map_err(|e| VmmError::Spawn(name, e))?,
+        stop: stop.clone(),
+    };
+    event_manager.add_subscriber(Arc::new(Mutex::new(subscriber)));
+    let handle = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let dropped = if kind == crate::seccomp::ThreadKind::Devices {
+                crate::confine::drop_all_in_this_thread().map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            };
+            if let Err(e) = dropped
+                .and_then(|()| crate::seccomp::confine_thread(kind).map_err(|e| e.to_string()))
+            {
+                // Fail closed: no device is served unconfined.
+                tracing::error!("{} thread: {e}", kind.name());
+                eprintln!("husk-vmm: {} thread: {e}", kind.name());
+                std::process::exit(1);
+            }
+            if kind == crate::seccomp::ThreadKind::Devices {
+                crate::seccomp::test_hook(crate::seccomp::HOOK_DEVICES);
+            }
+            while !stop.load(Ordering::Acquire) {
+                if let Err(e) = event_manager.run_with_timeout(-1) {
+                    tracing::error!("{name} event loop failed: {e:?}");
+                    break;
+                }
+            }
+        })
+        .map_err(|e| VmmError::Spawn(name, e))?;
+    Ok((handle, evt))
 }
 
 fn spawn_vcpu_thread(

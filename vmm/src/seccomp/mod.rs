@@ -70,8 +70,10 @@ pub enum ThreadKind {
     Agent,
     /// A stdio relay.
     Relay,
-    /// The device thread (the event loop and every virtio device).
+    /// The device thread (the event loop and every virtio device but virtio-fs).
     Devices,
+    /// The file server's thread (virtio-fs's event loop and the passthrough file system).
+    FileServer,
     /// A vCPU thread.
     Vcpu,
 }
@@ -84,6 +86,7 @@ impl ThreadKind {
             ThreadKind::Agent => "agent client",
             ThreadKind::Relay => "relay",
             ThreadKind::Devices => "devices",
+            ThreadKind::FileServer => "file server",
             ThreadKind::Vcpu => "vcpu",
         }
     }
@@ -96,12 +99,14 @@ impl ThreadKind {
             ThreadKind::Process => {
                 let mut all = rules::list(rules::PROCESS_ONLY);
                 all.extend(rules::DEVICES_ONLY);
+                all.extend(rules::FILE_SERVER_ONLY);
                 all.extend(rules::VCPU_ONLY);
                 all
             }
             ThreadKind::Agent => rules::list(rules::AGENT_ONLY),
             ThreadKind::Relay => rules::list(rules::RELAY_ONLY),
             ThreadKind::Devices => rules::list(rules::DEVICES_ONLY),
+            ThreadKind::FileServer => rules::list(rules::FILE_SERVER_ONLY),
             ThreadKind::Vcpu => rules::list(rules::VCPU_ONLY),
         }
     }
@@ -434,11 +439,12 @@ pub fn find_report(text: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    const ALL_KINDS: [ThreadKind; 5] = [
+    const ALL_KINDS: [ThreadKind; 6] = [
         ThreadKind::Process,
         ThreadKind::Agent,
         ThreadKind::Relay,
         ThreadKind::Devices,
+        ThreadKind::FileServer,
         ThreadKind::Vcpu,
     ];
 
@@ -643,6 +649,7 @@ mod tests {
             ThreadKind::Agent,
             ThreadKind::Relay,
             ThreadKind::Devices,
+            ThreadKind::FileServer,
             ThreadKind::Vcpu,
         ] {
             for a in kind.allowed() {

@@ -516,7 +516,7 @@ pub const RELAY_ONLY: &[Allowed] = &[
     ),
 ];
 
-/// The device thread: the event loop and every device it serves.
+/// The device thread: the event loop and every device it serves (all but virtio-fs).
 pub const DEVICES_ONLY: &[Allowed] = &[
     any(libc::SYS_epoll_wait, "the event loop"),
     any(libc::SYS_epoll_pwait, "the same"),
@@ -524,18 +524,9 @@ pub const DEVICES_ONLY: &[Allowed] = &[
         libc::SYS_epoll_ctl,
         "devices adding and removing descriptors (vsock connections)",
     ),
-    any(
-        libc::SYS_read,
-        "eventfds; the TAP; vsock connections; files for the guest",
-    ),
-    any(libc::SYS_readv, "the TAP; files for the guest"),
-    any(libc::SYS_writev, "the TAP; files for the guest"),
-    any(libc::SYS_pread64, "files for the guest (READ)"),
-    any(libc::SYS_pwrite64, "files for the guest (WRITE)"),
-    any(libc::SYS_preadv, "the same"),
-    any(libc::SYS_pwritev, "the same"),
-    any(libc::SYS_preadv2, "the same"),
-    any(libc::SYS_pwritev2, "the same"),
+    any(libc::SYS_read, "eventfds; the TAP; vsock connections"),
+    any(libc::SYS_readv, "the TAP"),
+    any(libc::SYS_writev, "the TAP"),
     // vsock: host connections accepted on the listening socket; the guest's to `<socket>_<port>`.
     any(libc::SYS_accept4, "vsock: the host connects to the guest"),
     one_of(
@@ -567,7 +558,30 @@ pub const DEVICES_ONLY: &[Allowed] = &[
         "non-blocking vsock connections; the TAP's flags; the TAP's offloads, set to what the \
          guest's driver acked when it activates the network card",
     ),
-    // The file server (fuse-backend-rs's passthrough under husk's policy).
+];
+
+/// The file server's thread: virtio-fs's event loop and fuse-backend-rs's passthrough under
+/// husk's policy (`crate::devices::virtio::fs`).
+pub const FILE_SERVER_ONLY: &[Allowed] = &[
+    any(libc::SYS_epoll_wait, "the file server's event loop"),
+    any(libc::SYS_epoll_pwait, "the same"),
+    any(
+        libc::SYS_epoll_ctl,
+        "virtio-fs registers its queues' eventfds when the guest activates it",
+    ),
+    any(libc::SYS_read, "eventfds; files for the guest (READ)"),
+    any(libc::SYS_readv, "files for the guest (READ)"),
+    any(libc::SYS_writev, "files for the guest (WRITE)"),
+    any(libc::SYS_pread64, "files for the guest (READ)"),
+    any(libc::SYS_pwrite64, "files for the guest (WRITE)"),
+    any(libc::SYS_preadv, "the same"),
+    any(libc::SYS_pwritev, "the same"),
+    any(libc::SYS_preadv2, "the same"),
+    any(libc::SYS_pwritev2, "the same"),
+    any(
+        libc::SYS_fcntl,
+        "descriptor flags of files for the guest; duplicating eventfds",
+    ),
     one_of(
         libc::SYS_unshare,
         0,
@@ -680,6 +694,7 @@ mod tests {
             AGENT_ONLY,
             RELAY_ONLY,
             DEVICES_ONLY,
+            FILE_SERVER_ONLY,
             VCPU_ONLY,
         ] {
             let all = list(only);
