@@ -1,6 +1,7 @@
 //! The virtio file system device (virtio spec 5.11): one host directory shared with the guest
 //! through FUSE messages on a high-priority queue and one request queue, served in-process on
-//! the device thread by `fuse-backend-rs`'s FUSE server over its passthrough file system,
+//! the file server's thread (its own event loop and seccomp list; the other devices share the
+//! device thread) by `fuse-backend-rs`'s FUSE server over its passthrough file system,
 //! wrapped in our confinement layer [`ConfinedFs`].
 //!
 //! # Security policy
@@ -23,7 +24,7 @@
 //! - **Special files are never opened on the host.** Device nodes, FIFOs and sockets that
 //!   exist in the share (a hostile image can contain `dev/mem`) get no `open` (see above): the
 //!   guest kernel serves its own FIFOs and devices on such inodes. This also means a host
-//!   FIFO cannot block the device thread.
+//!   FIFO cannot block the file server's thread.
 //! - **Hard links** can only be made to inodes the guest already reached inside the share
 //!   (`link` takes an inode, never a path), so no new outside file becomes reachable. A hard
 //!   link that the host itself placed in the share to a file elsewhere is the same inode as
