@@ -31,7 +31,7 @@
 //! namespace costs the kernel's set-up of one (loopback, sysctls, protocol state) and its
 //! teardown when husk-vmm ends: some 0.4 ms on hardware, 4-8 ms in the test rig, most of the
 //! jail's time there. Where Landlock cannot scope, husk-vmm leaves the host's network namespace
-//! for a new, empty one ([`SocketScope::NetworkNamespace`]), as the design first had it.
+//! for a new, empty one ([`SocketScope::NetworkNamespace`]).
 //!
 //! The pid namespace is not made here: a process cannot enter one, only its children can.
 //! The runtime spawns husk-vmm as the first process of a new one
@@ -502,8 +502,8 @@ mod tests {
         plan.devices.push("/dev/null".into());
         plan.pty = true;
         let scope = enter(&plan).unwrap();
-        // Every kernel CI and the rig run has Landlock's scopes; the fallback is checked by
-        // a_network_namespace_stands_in_where_landlock_cannot_scope.
+        // Landlock wherever the kernel has its scopes; the fallback is checked on every kernel
+        // by a_network_namespace_stands_in_where_landlock_cannot_scope.
         assert_eq!(scope == SocketScope::Landlock, landlock_abi() >= 6);
         // The plan's directory, writable, with what the host put there.
         assert_eq!(
