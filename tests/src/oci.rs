@@ -229,11 +229,7 @@ impl OciEnv {
             "create {id}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        std::fs::read_to_string(&pid_file)
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("pid")
+        pid_in(&pid_file)
     }
 
     /// `husk state ID` parsed, or `None` when it fails.
@@ -937,6 +933,18 @@ impl Drop for Dockerd {
             let _ = self.stop(Duration::from_secs(60));
         }
     }
+}
+
+/// The pid a `--pid-file` holds (as `u32` or `libc::pid_t`).
+pub fn pid_in<T: std::str::FromStr>(pid_file: &Path) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    std::fs::read_to_string(pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid")
 }
 
 #[cfg(test)]

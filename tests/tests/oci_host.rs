@@ -411,11 +411,7 @@ fn the_vmm_runs_in_its_jail() {
         (husk_vmm::jail::TEST_ABSTRACT_SOCKET_ENV, &socket_name),
     );
     assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid: u32 = husk_tests::oci::pid_in(&pid_file);
     let out = env.run(&["start", "jailed"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     let ns = |pid: &str, kind: &str| {
@@ -887,11 +883,7 @@ fn a_call_outside_the_seccomp_lists_ends_the_vmm_and_is_reported() {
         ),
     );
     assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid: libc::pid_t = std::fs::read_to_string(&pid_file)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid: libc::pid_t = husk_tests::oci::pid_in(&pid_file);
     let out = env.run(&["start", "trap"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     assert!(env.wait_status("trap", "running", T), "{}", env.logs());
@@ -986,11 +978,7 @@ fn the_agent_ending_inside_the_guest_stops_the_container() {
         ),
     );
     assert!(out.status.success(), "create: {}", text(&out.stderr));
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid: u32 = husk_tests::oci::pid_in(&pid_file);
     let out = env.run(&["start", "agentend"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     assert!(env.wait_status("agentend", "running", T), "{}", env.logs());

@@ -544,10 +544,16 @@ mod tests {
         let Ok(dir) = std::env::var("HUSK_JAIL_TEST_DIR") else {
             return;
         };
+        in_forked_child(|| jailed_checks(Path::new(&dir)));
+    }
+
+    /// Runs `checks` in a forked child, which is its process's only thread (the test
+    /// harness's process has several), and asserts that none failed.
+    fn in_forked_child(checks: impl FnOnce() + std::panic::UnwindSafe) {
         // SAFETY: the child only runs the checks and leaves with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                let ok = std::panic::catch_unwind(|| jailed_checks(Path::new(&dir))).is_ok();
+                let ok = std::panic::catch_unwind(checks).is_ok();
                 // SAFETY: ends the forked child at once.
                 unsafe { libc::_exit(if ok { 42 } else { 1 }) }
             }
@@ -589,28 +595,16 @@ mod tests {
         let Ok(dir) = std::env::var("HUSK_JAIL_TEST_DIR") else {
             return;
         };
-        // SAFETY: the child only runs the checks and leaves with _exit.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                let ok = std::panic::catch_unwind(|| {
-                    deny_landlock();
-                    let mut plan = JailPlan::default();
-                    plan.dir(Path::new(&dir));
-                    assert_eq!(enter(&plan).unwrap(), SocketScope::NetworkNamespace);
-                    // The host's socket by that name is not in this network namespace.
-                    let name = std::env::var("HUSK_JAIL_TEST_SOCKET").unwrap();
-                    let err = connect_abstract(name.as_bytes()).unwrap_err();
-                    assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "{err}");
-                })
-                .is_ok();
-                // SAFETY: ends the forked child at once.
-                unsafe { libc::_exit(if ok { 42 } else { 1 }) }
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 42));
-            }
-        }
+        in_forked_child(|| {
+            deny_landlock();
+            let mut plan = JailPlan::default();
+            plan.dir(Path::new(&dir));
+            assert_eq!(enter(&plan).unwrap(), SocketScope::NetworkNamespace);
+            // The host's socket by that name is not in this network namespace.
+            let name = std::env::var("HUSK_JAIL_TEST_SOCKET").unwrap();
+            let err = connect_abstract(name.as_bytes()).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "{err}");
+        });
     }
 
     /// Makes `landlock_create_ruleset` fail with ENOSYS in this thread (a seccomp filter).
