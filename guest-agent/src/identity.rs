@@ -10,8 +10,8 @@
 //!   `/dev/urandom` read and the lazily made `boot_id` differ between sandboxes;
 //! - sets the wall clock (the monotonic clock continues from the template, as after a pause);
 //! - sets the hostname, if the host gave one;
-//! - configures the network card, if the sandbox has one (the template's card is down and has
-//!   no address; see [`init::configure_network`]);
+//! - configures the network cards, if the sandbox has some (the template's cards are down and
+//!   have no address; see [`init::configure_network`]);
 //! - mounts the host share (a template boot, told by [`TEMPLATE_CMDLINE_FLAG`] on the kernel
 //!   command line, leaves it unmounted: its virtio-fs session is this sandbox's own);
 //! - signals readiness on the host's ready port, which releases the host's other clients.
@@ -112,7 +112,7 @@ fn validate(renewal: &Renewal) -> Result<(), RenewError> {
             return Err(RenewError::NetworkParams(format!("{param:?}")));
         }
     }
-    let (_, malformed) = init::net_params(&renewal.network.join(" "));
+    let (_, malformed) = init::all_net_params(&renewal.network.join(" "));
     if !malformed.is_empty() {
         return Err(RenewError::NetworkParams(malformed.join("; ")));
     }
@@ -145,7 +145,7 @@ pub fn renew(renewal: &Renewal) -> Result<(), RenewError> {
         if !failed.is_empty() {
             return Err(RenewError::Network(failed.join("; ")));
         }
-        crate::log_info!("network card configured");
+        crate::log_info!("network cards configured");
     }
     crate::server::signal_ready_again();
     crate::log_info!("renewed: reseeded, clock set, ready");
@@ -243,6 +243,8 @@ mod tests {
             "husk.ip4=10.88.0.5/16",
             "husk.ip6=fd00::5/64,fd00::1",
             "husk.route=0.0.0.0/0,10.88.0.1",
+            "husk.eth1.mac=02:00:0a:59:00:05",
+            "husk.eth1.ip4=10.89.0.5/16",
         ]))
         .is_ok());
         for bad in [
@@ -252,6 +254,7 @@ mod tests {
             &["husk.route=10.0.0.0/8 husk.route=0.0.0.0/0,10.0.0.1"],
             &[""],
             &["husk.addr=10.0.0.3/24\n"],
+            &["husk.eth1.ip4=10.89.0.5"],
         ] {
             assert!(
                 matches!(validate(&with(bad)), Err(RenewError::NetworkParams(_))),

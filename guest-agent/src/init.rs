@@ -243,19 +243,21 @@ pub fn tune_page_reporting() {
     }
 }
 
-/// The kernel command-line parameter with the card's IPv6 configuration (husk-vmm's
-/// `husk_vmm::config::IP6_PARAM`): `husk.ip6=<address>/<prefix>[,<gateway>]`. The kernel's own
-/// `ip=` is IPv4 only.
-pub const IP6_PARAM: &str = "husk.ip6";
+// The network parameters a booted guest's command line and a renewal carry for each card,
+// named by `husk_agent_protocol::net_param` (`husk.ip6=` for the first card, `husk.eth1.ip6=`
+// for the second, ...): `ip6=<address>/<prefix>[,<gateway>]` (the kernel's `ip=` is IPv4
+// only), `addr=<address>/<prefix>` once per further address, `route=<destination>/<prefix>
+// [,<gateway>][,metric=<n>]` once per route in the order to add them, and where the card's
+// configuration space and the kernel's `ip=` do not serve (a renewal; a booted guest's cards
+// other than the first) `mac=`, `mtu=` and `ip4=<address>/<prefix>`.
 
 /// An IPv6 address, its prefix length, and the default gateway if there is one.
 pub type Ipv6Config = (std::net::Ipv6Addr, u8, Option<std::net::Ipv6Addr>);
 
-/// The IPv6 configuration of `eth0` a kernel command line carries, if any.
-pub fn ipv6_from_cmdline(cmdline: &str) -> Option<Result<Ipv6Config, String>> {
-    let value = cmdline
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix(IP6_PARAM)?.strip_prefix('='))?;
+/// The IPv6 configuration of card `card` a kernel command line carries, if any.
+pub fn ipv6_from_cmdline(cmdline: &str, card: usize) -> Option<Result<Ipv6Config, String>> {
+    let name = husk_agent_protocol::net_param(card, "ip6");
+    let value = param_values(cmdline, &name).next()?;
     let parse = || -> Option<Ipv6Config> {
         let (cidr, gateway) = match value.split_once(',') {
             Some((cidr, gw)) => (cidr, Some(gw.parse().ok()?)),
@@ -265,7 +267,7 @@ pub fn ipv6_from_cmdline(cmdline: &str) -> Option<Result<Ipv6Config, String>> {
         let prefix: u8 = prefix.parse().ok().filter(|p| (1..=128).contains(p))?;
         Some((addr.parse().ok()?, prefix, gateway))
     };
-    Some(parse().ok_or_else(|| format!("bad {IP6_PARAM}={value}")))
+    Some(parse().ok_or_else(|| format!("bad {name}={value}")))
 }
 
 /// The values of every `name=value` parameter of a kernel command line, in order.
@@ -298,15 +300,14 @@ fn read_cmdline() -> Result<String, String> {
     std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))
 }
 
-/// The kernel command-line parameter with one further address of `eth0` (husk-vmm's
-/// `husk_vmm::config::ADDR_PARAM`), once per address: `husk.addr=<address>/<prefix>`, IPv4 or
-/// IPv6, beyond the first of each family (the kernel's `ip=` and [`IP6_PARAM`]).
-pub const ADDR_PARAM: &str = "husk.addr";
-
-/// The further addresses a kernel command line carries, in order; a malformed one is an
-/// error in its place.
-pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8), String>> {
-    param_values(cmdline, ADDR_PARAM)
+/// The further addresses of card `card` a kernel command line carries, in order; a malformed
+/// one is an error in its place.
+pub fn addresses_from_cmdline(
+    cmdline: &str,
+    card: usize,
+) -> Vec<Result<(std::net::IpAddr, u8), String>> {
+    let name = husk_agent_protocol::net_param(card, "addr");
+    param_values(cmdline, &name)
         .map(|value| {
             let parse = || -> Option<(std::net::IpAddr, u8)> {
                 let (addr, prefix) = value.split_once('/')?;
@@ -315,54 +316,50 @@ pub fn addresses_from_cmdline(cmdline: &str) -> Vec<Result<(std::net::IpAddr, u8
                 let prefix: u8 = prefix.parse().ok().filter(|p| (1..=max).contains(p))?;
                 Some((addr, prefix))
             };
-            parse().ok_or_else(|| format!("bad {ADDR_PARAM}={value}"))
+            parse().ok_or_else(|| format!("bad {name}={value}"))
         })
         .collect()
 }
 
-/// The kernel command-line parameter with one route through `eth0` (husk-vmm's
-/// `husk_vmm::config::ROUTE_PARAM`), once per route, in the order to add them:
-/// `husk.route=<destination>/<prefix>[,<gateway>]`.
-pub const ROUTE_PARAM: &str = "husk.route";
+/// A route: destination, prefix length, gateway (none: on the link), metric (0: the
+/// family's default).
+pub type Route = (std::net::IpAddr, u8, Option<std::net::IpAddr>, u32);
 
-/// A route: destination, prefix length, gateway (none: on the link).
-pub type Route = (std::net::IpAddr, u8, Option<std::net::IpAddr>);
-
-/// The routes a kernel command line carries, in order; a malformed one is an error in its
-/// place.
-pub fn routes_from_cmdline(cmdline: &str) -> Vec<Result<Route, String>> {
-    param_values(cmdline, ROUTE_PARAM)
+/// The routes through card `card` a kernel command line carries, in order; a malformed one is
+/// an error in its place.
+pub fn routes_from_cmdline(cmdline: &str, card: usize) -> Vec<Result<Route, String>> {
+    let name = husk_agent_protocol::net_param(card, "route");
+    param_values(cmdline, &name)
         .map(|value| {
+            // `<destination>/<prefix>[,<gateway>][,metric=<n>]`
             let parse = || -> Option<Route> {
-                let (cidr, via) = match value.split_once(',') {
-                    Some((cidr, via)) => (cidr, Some(via.parse::<std::net::IpAddr>().ok()?)),
-                    None => (value, None),
-                };
-                let (dst, prefix) = cidr.split_once('/')?;
+                let mut parts = value.split(',');
+                let (dst, prefix) = parts.next()?.split_once('/')?;
+                let mut via = None;
+                let mut metric = None;
+                for part in parts {
+                    match part.strip_prefix("metric=") {
+                        Some(m) if metric.is_none() => metric = Some(m.parse::<u32>().ok()?),
+                        None if via.is_none() && metric.is_none() => {
+                            via = Some(part.parse::<std::net::IpAddr>().ok()?)
+                        }
+                        _ => return None,
+                    }
+                }
                 let dst: std::net::IpAddr = dst.parse().ok()?;
                 let max = if dst.is_ipv4() { 32 } else { 128 };
                 let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max)?;
-                if via.is_some_and(|v| v.is_ipv4() != dst.is_ipv4()) {
+                if via.is_some_and(|v: std::net::IpAddr| v.is_ipv4() != dst.is_ipv4()) {
                     return None;
                 }
-                Some((dst, prefix, via))
+                Some((dst, prefix, via, metric.unwrap_or(0)))
             };
-            parse().ok_or_else(|| format!("bad {ROUTE_PARAM}={value}"))
+            parse().ok_or_else(|| format!("bad {name}={value}"))
         })
         .collect()
 }
 
-/// The parameter with the card's MAC address (`husk.mac=02:00:0a:58:00:05`): only in a restored
-/// guest's renewal, where the template's card had a placeholder address (a booted guest's
-/// driver takes the card's own).
-pub const MAC_PARAM: &str = "husk.mac";
-/// The parameter with the card's MTU (`husk.mtu=1450`): only in a renewal, as [`MAC_PARAM`].
-pub const MTU_PARAM: &str = "husk.mtu";
-/// The parameter with the card's first IPv4 address (`husk.ip4=10.88.0.5/16`): only in a
-/// renewal (a booted guest's kernel applies `ip=`).
-pub const IP4_PARAM: &str = "husk.ip4";
-
-/// `eth0`'s configuration as parameters carry it: from the kernel command line at boot, from
+/// One card's configuration as parameters carry it: from the kernel command line at boot, from
 /// the renewal in a restored guest.
 #[derive(Debug, Default, PartialEq)]
 pub struct NetParams {
@@ -380,24 +377,29 @@ impl NetParams {
     }
 }
 
-/// The configuration of `eth0` that `text` (a kernel command line, or a renewal's parameters
-/// joined by spaces) carries; each malformed parameter is an error in the list.
-pub fn net_params(text: &str) -> (NetParams, Vec<String>) {
+/// The configuration of card `card` (`eth<card>` in the guest) that `text` (a kernel command
+/// line, or a renewal's parameters joined by spaces) carries; each malformed parameter is an
+/// error in the list.
+pub fn net_params(text: &str, card: usize) -> (NetParams, Vec<String>) {
+    let name = |key: &str| husk_agent_protocol::net_param(card, key);
     let mut errors = Vec::new();
     let mut params = NetParams::default();
-    if let Some(value) = param_values(text, MAC_PARAM).last() {
+    let mac_name = name("mac");
+    if let Some(value) = param_values(text, &mac_name).last() {
         match parse_mac(value) {
             Some(mac) => params.mac = Some(mac),
-            None => errors.push(format!("bad {MAC_PARAM}={value}")),
+            None => errors.push(format!("bad {mac_name}={value}")),
         }
     }
-    if let Some(value) = param_values(text, MTU_PARAM).last() {
+    let mtu_name = name("mtu");
+    if let Some(value) = param_values(text, &mtu_name).last() {
         match value.parse::<u32>() {
             Ok(mtu) if (68..=65535).contains(&mtu) => params.mtu = Some(mtu),
-            _ => errors.push(format!("bad {MTU_PARAM}={value}")),
+            _ => errors.push(format!("bad {mtu_name}={value}")),
         }
     }
-    if let Some(value) = param_values(text, IP4_PARAM).last() {
+    let ip4_name = name("ip4");
+    if let Some(value) = param_values(text, &ip4_name).last() {
         let parse = || -> Option<(std::net::Ipv4Addr, u8)> {
             let (addr, prefix) = value.split_once('/')?;
             let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p))?;
@@ -405,27 +407,41 @@ pub fn net_params(text: &str) -> (NetParams, Vec<String>) {
         };
         match parse() {
             Some(v) => params.ipv4 = Some(v),
-            None => errors.push(format!("bad {IP4_PARAM}={value}")),
+            None => errors.push(format!("bad {ip4_name}={value}")),
         }
     }
-    match ipv6_from_cmdline(text) {
+    match ipv6_from_cmdline(text, card) {
         Some(Ok(v)) => params.ipv6 = Some(v),
         Some(Err(e)) => errors.push(e),
         None => {}
     }
-    for item in addresses_from_cmdline(text) {
+    for item in addresses_from_cmdline(text, card) {
         match item {
             Ok(v) => params.addresses.push(v),
             Err(e) => errors.push(e),
         }
     }
-    for item in routes_from_cmdline(text) {
+    for item in routes_from_cmdline(text, card) {
         match item {
             Ok(v) => params.routes.push(v),
             Err(e) => errors.push(e),
         }
     }
     (params, errors)
+}
+
+/// Every card's configuration that `text` carries (see [`net_params`]), with the malformed
+/// parameters of all of them.
+pub fn all_net_params(text: &str) -> (Vec<NetParams>, Vec<String>) {
+    let mut errors = Vec::new();
+    let cards = (0..husk_agent_protocol::MAX_NET_CARDS)
+        .map(|card| {
+            let (params, mut malformed) = net_params(text, card);
+            errors.append(&mut malformed);
+            params
+        })
+        .collect();
+    (cards, errors)
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -441,37 +457,47 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// Configures `eth0` from the parameters in `text` (see [`net_params`]), in order: MAC and MTU,
-/// up, the first IPv4 address, the IPv6 address and gateway, the further addresses (IPv4 ones
-/// as the aliases `eth0:1`, `eth0:2`, ...), then the routes. Every step is tried; returns what
-/// failed, malformed parameters included. Nothing is done when `text` carries no parameter.
+/// Configures every card from the parameters in `text` (see [`net_params`]): for each card
+/// with parameters, `eth<card>` in order: MAC and MTU, up, the first IPv4 address, the IPv6
+/// address and gateway, the further addresses (IPv4 ones as the aliases `eth0:1`, `eth0:2`,
+/// ...), then the routes. The cards go in order, so that a route through a gateway another
+/// card reaches comes after that card's addresses. Every step is tried; returns what failed,
+/// malformed parameters included. Nothing is done for a card `text` carries no parameter of.
 pub fn configure_network(text: &str) -> Vec<String> {
-    let (params, mut failed) = net_params(text);
-    if params.is_empty() {
-        return failed;
+    let (cards, mut failed) = all_net_params(text);
+    for (card, params) in cards.into_iter().enumerate() {
+        if !params.is_empty() {
+            configure_card(&format!("eth{card}"), params, &mut failed);
+        }
     }
+    failed
+}
+
+/// Configures interface `dev` from `params` (see [`configure_network`]), adding what failed to
+/// `failed`.
+fn configure_card(dev: &str, params: NetParams, failed: &mut Vec<String>) {
     if let Some(mac) = params.mac {
-        if let Err(e) = crate::sys::set_mac("eth0", mac) {
-            failed.push(format!("setting eth0's MAC address: {e}"));
+        if let Err(e) = crate::sys::set_mac(dev, mac) {
+            failed.push(format!("setting {dev}'s MAC address: {e}"));
         }
     }
     if let Some(mtu) = params.mtu {
-        if let Err(e) = crate::sys::set_mtu("eth0", mtu) {
-            failed.push(format!("setting eth0's MTU to {mtu}: {e}"));
+        if let Err(e) = crate::sys::set_mtu(dev, mtu) {
+            failed.push(format!("setting {dev}'s MTU to {mtu}: {e}"));
         }
     }
-    if let Err(e) = crate::sys::bring_up("eth0") {
-        failed.push(format!("bringing up eth0: {e}"));
+    if let Err(e) = crate::sys::bring_up(dev) {
+        failed.push(format!("bringing up {dev}: {e}"));
     }
     if let Some((addr, prefix)) = params.ipv4 {
-        if let Err(e) = crate::sys::add_ipv4("eth0", 0, addr, prefix) {
-            failed.push(format!("adding {addr}/{prefix} to eth0: {e}"));
+        if let Err(e) = crate::sys::add_ipv4(dev, 0, addr, prefix) {
+            failed.push(format!("adding {addr}/{prefix} to {dev}: {e}"));
         }
     }
     if let Some((addr, prefix, gateway)) = params.ipv6 {
-        if let Err(e) = crate::sys::add_ipv6("eth0", addr, prefix, gateway) {
+        if let Err(e) = crate::sys::add_ipv6(dev, addr, prefix, gateway) {
             failed.push(format!(
-                "adding {addr}/{prefix} (gateway {gateway:?}) to eth0: {e}"
+                "adding {addr}/{prefix} (gateway {gateway:?}) to {dev}: {e}"
             ));
         }
     }
@@ -480,26 +506,27 @@ pub fn configure_network(text: &str) -> Vec<String> {
         let result = match addr {
             std::net::IpAddr::V4(addr) => {
                 alias += 1;
-                crate::sys::add_ipv4("eth0", alias, addr, prefix)
-                    .map_err(|e| format!("adding {addr}/{prefix} to eth0 as eth0:{alias}: {e}"))
+                crate::sys::add_ipv4(dev, alias, addr, prefix)
+                    .map_err(|e| format!("adding {addr}/{prefix} to {dev} as {dev}:{alias}: {e}"))
             }
-            std::net::IpAddr::V6(addr) => crate::sys::add_ipv6("eth0", addr, prefix, None)
-                .map_err(|e| format!("adding {addr}/{prefix} to eth0: {e}")),
+            std::net::IpAddr::V6(addr) => crate::sys::add_ipv6(dev, addr, prefix, None)
+                .map_err(|e| format!("adding {addr}/{prefix} to {dev}: {e}")),
         };
         if let Err(e) = result {
             failed.push(e);
         }
     }
-    for (dst, prefix, via) in params.routes {
-        if let Err(e) = crate::sys::add_route("eth0", dst, prefix, via) {
+    for (dst, prefix, via, metric) in params.routes {
+        if let Err(e) = crate::sys::add_route(dev, dst, prefix, via, metric) {
             let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
-            failed.push(format!("adding {dst}/{prefix}{via} on eth0: {e}"));
+            failed.push(format!(
+                "adding {dst}/{prefix}{via} metric {metric} on {dev}: {e}"
+            ));
         }
     }
-    failed
 }
 
-/// Configures `eth0` from the kernel command line, where husk-vmm put what the kernel's own
+/// Configures the cards from the kernel command line, where husk-vmm put what the kernel's own
 /// `ip=` does not do (see [`configure_network`]); returns what failed.
 pub fn configure_network_from_cmdline() -> Vec<String> {
     match read_cmdline() {
@@ -528,16 +555,20 @@ mod tests {
     fn routes_come_from_the_command_line_in_order() {
         use super::routes_from_cmdline;
         let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
-        assert!(routes_from_cmdline("quiet husk.ip6=fd00::5/64").is_empty());
+        assert!(routes_from_cmdline("quiet husk.ip6=fd00::5/64", 0).is_empty());
         assert_eq!(
             routes_from_cmdline(
                 "ip=10.244.1.5:::255.255.255.255::eth0:off husk.route=169.254.1.1/32 \
-                 husk.route=0.0.0.0/0,169.254.1.1 husk.route=fd00:1::/64,fe80::1"
+                 husk.route=0.0.0.0/0,169.254.1.1 husk.route=fd00:1::/64,fe80::1 \
+                 husk.route=0.0.0.0/0,10.0.0.1,metric=100 husk.route=10.8.0.0/16,metric=7",
+                0
             ),
             vec![
-                Ok((ip("169.254.1.1"), 32, None)),
-                Ok((ip("0.0.0.0"), 0, Some(ip("169.254.1.1")))),
-                Ok((ip("fd00:1::"), 64, Some(ip("fe80::1")))),
+                Ok((ip("169.254.1.1"), 32, None, 0)),
+                Ok((ip("0.0.0.0"), 0, Some(ip("169.254.1.1")), 0)),
+                Ok((ip("fd00:1::"), 64, Some(ip("fe80::1")), 0)),
+                Ok((ip("0.0.0.0"), 0, Some(ip("10.0.0.1")), 100)),
+                Ok((ip("10.8.0.0"), 16, None, 7)),
             ]
         );
         for bad in [
@@ -545,8 +576,12 @@ mod tests {
             "husk.route=10.0.0.0/33",
             "husk.route=10.0.0.0/8,fe80::1",
             "husk.route=x/8",
+            "husk.route=10.0.0.0/8,metric=1,10.0.0.1",
+            "husk.route=10.0.0.0/8,10.0.0.1,10.0.0.2",
+            "husk.route=10.0.0.0/8,metric=1,metric=2",
+            "husk.route=10.0.0.0/8,metric=-1",
         ] {
-            let got = routes_from_cmdline(bad);
+            let got = routes_from_cmdline(bad, 0);
             assert_eq!(got.len(), 1, "{bad}");
             assert!(got[0].is_err(), "{bad}");
         }
@@ -559,6 +594,7 @@ mod tests {
         let (params, errors) = net_params(
             "husk.mac=02:00:0a:58:00:05 husk.mtu=1450 husk.ip4=10.88.0.5/16 \
              husk.ip6=fd00::5/64,fd00::1 husk.addr=10.88.0.6/16 husk.route=0.0.0.0/0,10.88.0.1",
+            0,
         );
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(params.mac, Some([2, 0, 0x0a, 0x58, 0, 5]));
@@ -578,11 +614,12 @@ mod tests {
             [(
                 "0.0.0.0".parse().unwrap(),
                 0,
-                Some("10.88.0.1".parse().unwrap())
+                Some("10.88.0.1".parse().unwrap()),
+                0
             )]
         );
         // A booted guest's command line: the kernel's ip= is not the agent's.
-        let (params, errors) = net_params("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off");
+        let (params, errors) = net_params("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off", 0);
         assert!(errors.is_empty() && params == Default::default());
         for bad in [
             "husk.mac=02:00:0a:58:00",
@@ -594,20 +631,66 @@ mod tests {
             "husk.ip4=10.0.0.2/33",
             "husk.ip4=fd00::2/64",
         ] {
-            let (_, errors) = net_params(bad);
+            let (_, errors) = net_params(bad, 0);
             assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
         }
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn each_card_has_parameters_of_its_own() {
+        use super::{all_net_params, net_params};
+        let text = "ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off husk.route=10.9.0.0/16,10.0.0.1 \
+                    husk.eth1.mac=02:00:0a:59:00:05 husk.eth1.ip4=10.89.0.5/16 \
+                    husk.eth1.addr=fd00:89::5/64 husk.eth1.route=0.0.0.0/0,10.89.0.1,metric=101 \
+                    husk.eth3.mtu=9000";
+        let (cards, errors) = all_net_params(text);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(cards.len(), husk_agent_protocol::MAX_NET_CARDS);
+        assert_eq!(cards[0].ipv4, None);
+        assert_eq!(
+            cards[0].routes,
+            [(
+                "10.9.0.0".parse().unwrap(),
+                16,
+                Some("10.0.0.1".parse().unwrap()),
+                0
+            )]
+        );
+        assert_eq!(cards[1].mac, Some([2, 0, 0x0a, 0x59, 0, 5]));
+        assert_eq!(cards[1].ipv4, Some(("10.89.0.5".parse().unwrap(), 16)));
+        assert_eq!(cards[1].addresses, [("fd00:89::5".parse().unwrap(), 64)]);
+        assert_eq!(
+            cards[1].routes,
+            [(
+                "0.0.0.0".parse().unwrap(),
+                0,
+                Some("10.89.0.1".parse().unwrap()),
+                101
+            )]
+        );
+        assert!(cards[2].is_empty());
+        assert_eq!(cards[3].mtu, Some(9000));
+        // A bad parameter of another card is named as that card's.
+        let (_, errors) = all_net_params("husk.eth2.ip4=10.0.0.2");
+        assert_eq!(errors, ["bad husk.eth2.ip4=10.0.0.2"]);
+        // Card 1's parameters are not card 0's, nor card 10's card 1's.
+        let (params, _) = net_params("husk.eth1.ip4=10.0.0.2/8 husk.eth10.mtu=1400", 1);
+        assert_eq!(params.ipv4, Some(("10.0.0.2".parse().unwrap(), 8)));
+        assert_eq!(params.mtu, None);
+        assert!(net_params("husk.eth1.ip4=10.0.0.2/8", 0).0.is_empty());
     }
 
     #[test]
     fn further_addresses_come_from_the_command_line_in_order() {
         use super::addresses_from_cmdline;
         let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
-        assert!(addresses_from_cmdline("quiet husk.ip6=fd00::5/64").is_empty());
+        assert!(addresses_from_cmdline("quiet husk.ip6=fd00::5/64", 0).is_empty());
         assert_eq!(
             addresses_from_cmdline(
                 "ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off husk.addr=10.0.0.3/24 \
-                 husk.addr=fd00::6/64 husk.route=10.9.0.0/16,10.0.0.1 husk.addr=192.168.5.2/16"
+                 husk.addr=fd00::6/64 husk.route=10.9.0.0/16,10.0.0.1 husk.addr=192.168.5.2/16",
+                0
             ),
             vec![
                 Ok((ip("10.0.0.3"), 24)),
@@ -622,7 +705,7 @@ mod tests {
             "husk.addr=fd00::6/129",
             "husk.addr=x/8",
         ] {
-            let got = addresses_from_cmdline(bad);
+            let got = addresses_from_cmdline(bad, 0);
             assert_eq!(got.len(), 1, "{bad}");
             assert!(got[0].is_err(), "{bad}");
         }
@@ -630,9 +713,11 @@ mod tests {
 
     #[test]
     fn the_ipv6_configuration_comes_from_the_command_line() {
-        assert!(ipv6_from_cmdline("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off").is_none());
+        assert!(
+            ipv6_from_cmdline("quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off", 0).is_none()
+        );
         assert_eq!(
-            ipv6_from_cmdline("quiet husk.ip6=fd00:88::5/64,fd00:88::1 rdinit=/init"),
+            ipv6_from_cmdline("quiet husk.ip6=fd00:88::5/64,fd00:88::1 rdinit=/init", 0),
             Some(Ok((
                 "fd00:88::5".parse().expect("ip"),
                 64,
@@ -640,7 +725,7 @@ mod tests {
             )))
         );
         assert_eq!(
-            ipv6_from_cmdline("husk.ip6=fd00::5/128"),
+            ipv6_from_cmdline("husk.ip6=fd00::5/128", 0),
             Some(Ok(("fd00::5".parse().expect("ip"), 128, None)))
         );
         for bad in [
@@ -649,7 +734,7 @@ mod tests {
             "husk.ip6=x/64",
             "husk.ip6=fd00::5/64,zz",
         ] {
-            assert!(matches!(ipv6_from_cmdline(bad), Some(Err(_))), "{bad}");
+            assert!(matches!(ipv6_from_cmdline(bad, 0), Some(Err(_))), "{bad}");
         }
     }
 

@@ -70,6 +70,8 @@ pub struct Route {
     /// Whether the kernel made it from an address (`proto kernel`): the guest's kernel makes
     /// it too when it gets the address.
     pub kernel: bool,
+    /// The route's metric (`RTA_PRIORITY`; 0 when it has none).
+    pub metric: u32,
 }
 
 /// A `NETLINK_ROUTE` socket of the calling thread's network namespace.
@@ -357,12 +359,14 @@ fn route_of(route: &RouteMessage) -> Option<Route> {
         gateway: None,
         oif: None,
         kernel: route.header.protocol == RouteProtocol::Kernel,
+        metric: 0,
     };
     for attribute in &route.attributes {
         match attribute {
             RouteAttribute::Destination(dst) => found.dst = ip_of(dst)?,
             RouteAttribute::Gateway(gateway) => found.gateway = Some(ip_of(gateway)?),
             RouteAttribute::Oif(index) => found.oif = Some(*index),
+            RouteAttribute::Priority(metric) => found.metric = *metric,
             RouteAttribute::MultiPath(_) => return None,
             _ => {}
         }
@@ -514,8 +518,22 @@ mod tests {
             gateway: Some("10.88.0.1".parse().expect("ip")),
             oif: Some(3),
             kernel: false,
+            metric: 0,
         };
-        assert_eq!(route_of(&route(0, main, RouteType::Unicast)), Some(default));
+        assert_eq!(
+            route_of(&route(0, main, RouteType::Unicast)),
+            Some(default.clone())
+        );
+        // netavark's way with a second network: default routes told apart by their metric.
+        let mut second = route(0, main, RouteType::Unicast);
+        second.attributes.push(RouteAttribute::Priority(101));
+        assert_eq!(
+            route_of(&second),
+            Some(Route {
+                metric: 101,
+                ..default.clone()
+            })
+        );
         assert_eq!(route_of(&route(0, 255, RouteType::Unicast)), None);
         assert_eq!(route_of(&route(0, main, RouteType::Local)), None);
         // A table id above 255 is given as an attribute.
@@ -537,6 +555,7 @@ mod tests {
                 gateway: None,
                 oif: Some(3),
                 kernel: true,
+                metric: 0,
             })
         );
         // IPv6.

@@ -8,7 +8,11 @@
 //! frame between the two with `tc` (an ingress qdisc on each, whose filter redirects
 //! everything to the other's egress). husk-vmm gets the TAP's file descriptor, and a virtio-net
 //! card with the interface's MAC address and MTU; the guest kernel configures the IPv4 address
-//! and default route on its `eth0` at boot. To the host network the guest is the container:
+//! and default route on its `eth0` at boot. A namespace with several interfaces (a container
+//! on several podman networks, a pod with Multus's `net1`) gets a TAP and a card for each, up
+//! to [`MAX_CARDS`], in the order of their link indexes: `husk0` and `eth0` for the first,
+//! `husk1` and `eth1` for the next, and so on, each configured by the agent as the first card
+//! is (below). To the host network the guest is the container:
 //! same MAC, same address, so the engine's port forwarding (`-p`) and its bridge reach it
 //! unchanged.
 //!
@@ -24,12 +28,13 @@
 //! default route when its gateway is outside the address's subnet, as with Calico's and
 //! Cilium's /32 addresses, which the kernel's `ip=` cannot route through. The interface's
 //! further addresses (a second IPv4 or global IPv6 address, up to [`MAX_ADDRESSES`] in all) go
-//! as `husk.addr=`, which the agent adds before the routes. Not carried yet: more than one
-//! interface; a namespace with several is refused, naming them, rather than carried in part.
+//! as `husk.addr=`, which the agent adds before the routes. A route's metric goes with it,
+//! so that the default routes of several cards stay apart as in the namespace. A namespace with
+//! more interfaces than [`MAX_CARDS`] is refused, naming them, rather than carried in part.
 //!
-//! One microVM owns a namespace's interface: a second one finds `husk0` there and is refused
+//! One microVM owns a namespace's interfaces: a second one finds `husk0` there and is refused
 //! (containers sharing a network namespace belong in one VM, which is what the shim's pods
-//! are). The TAP goes with the VMM's descriptor. The ingress qdiscs stay on the interface until
+//! are). The TAPs go with the VMM's descriptors. The ingress qdiscs stay on the interfaces until
 //! they are removed: the CLI records what it wired in the container's state directory
 //! ([`record`]), and every way the state directory goes (a failed `create`, `delete`,
 //! `delete --force` after a `kill -9`) removes them ([`release_recorded`]), so the namespace is
@@ -45,8 +50,23 @@ use std::path::{Path, PathBuf};
 
 use crate::netlink::{self, Netlink};
 
-/// The TAP device's name in the pod's namespace.
+/// The first TAP device's name in the pod's namespace; the others are `husk1`, `husk2`, ...
+/// ([`tap_name`]).
 pub const TAP_NAME: &str = "husk0";
+
+/// The most interfaces carried into one microVM (a card each).
+pub const MAX_CARDS: usize = husk_vmm::config::MAX_NET_CARDS;
+
+/// The name of the TAP of card `card`.
+pub fn tap_name(card: usize) -> String {
+    format!("husk{card}")
+}
+
+/// Whether `name` is one of husk's TAPs (`husk` and a card number).
+fn is_tap_name(name: &str) -> bool {
+    name.strip_prefix("husk")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -54,10 +74,10 @@ const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
 
-/// The pod's network as the VM gets it.
+/// One interface of the pod's network as the VM gets it: a card.
 #[derive(Debug)]
 pub struct PodNetwork {
-    /// The TAP, open, for husk-vmm's `--net-tap-fd`.
+    /// The TAP, open, for husk-vmm's `--net-card`.
     pub tap: File,
     /// The CNI interface it mirrors, and that interface's MAC and MTU (the guest card's).
     pub interface: String,
@@ -80,37 +100,7 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    /// husk-vmm's arguments for this network, with the TAP as descriptor `fd` in the VMM.
-    pub fn vmm_args(&self, fd: i32) -> Vec<String> {
-        let mut args = vec![
-            "--net-tap-fd".to_string(),
-            fd.to_string(),
-            "--net-mac".to_string(),
-            self.mac.clone(),
-            "--net-mtu".to_string(),
-            self.mtu.to_string(),
-        ];
-        for (ip, gateway, suffix) in [
-            (&self.ipv4, &self.gateway, ""),
-            (&self.ipv6, &self.gateway6, "6"),
-        ] {
-            if let Some(ip) = ip {
-                args.extend([format!("--net-ip{suffix}"), ip.clone()]);
-                if let Some(gw) = gateway {
-                    args.extend([format!("--net-gateway{suffix}"), gw.clone()]);
-                }
-            }
-        }
-        for route in &self.routes {
-            args.extend(["--net-route".to_string(), route.clone()]);
-        }
-        for address in &self.addresses {
-            args.extend(["--net-addr".to_string(), address.clone()]);
-        }
-        args
-    }
-
-    /// The same, as the message of `husk_vmm::net_handoff` (the TAP goes beside it).
+    /// This card's words for husk-vmm (see `husk_vmm::net_handoff`), without its TAP.
     pub fn handoff_message(&self) -> String {
         fn with_gateway<'a>(
             ip: &'a Option<String>,
@@ -129,6 +119,33 @@ impl PodNetwork {
     }
 }
 
+/// husk-vmm's arguments for `cards`, in order, the TAP of each as descriptor `fds[i]` in the
+/// VMM: one `--net-card` each.
+pub fn vmm_args(cards: &[PodNetwork], fds: &[i32]) -> Vec<String> {
+    cards
+        .iter()
+        .zip(fds)
+        .flat_map(|(card, fd)| {
+            [
+                "--net-card".to_string(),
+                format!("tap={fd} {}", card.handoff_message()),
+            ]
+        })
+        .collect()
+}
+
+/// The message of `husk_vmm::net_handoff` for `cards` (their TAPs go beside it, in order).
+pub fn handoff_message(cards: &[PodNetwork]) -> String {
+    if cards.is_empty() {
+        return "none".to_string();
+    }
+    cards
+        .iter()
+        .map(PodNetwork::handoff_message)
+        .collect::<Vec<_>>()
+        .join(husk_vmm::net_handoff::CARD_SEPARATOR)
+}
+
 /// An interface to carry.
 #[derive(Debug, PartialEq, Eq)]
 struct Found {
@@ -144,12 +161,13 @@ struct Found {
 }
 
 /// The interfaces to carry: the namespace's Ethernet interfaces other than loopback and our
-/// own TAP, each with its MAC, MTU and addresses (listed in the kernel's order).
+/// own TAPs, in the order of their link indexes, each with its MAC, MTU and addresses (listed
+/// in the kernel's order).
 fn carryable_interfaces(links: &[netlink::Link], addresses: &[netlink::Address]) -> Vec<Found> {
     links
         .iter()
         .filter_map(|link| {
-            if link.name == "lo" || link.name == TAP_NAME || !link.ether {
+            if link.name == "lo" || is_tap_name(&link.name) || !link.ether {
                 return None;
             }
             // The guest makes its own link-local IPv6 address from the MAC, as the host did.
@@ -177,26 +195,27 @@ fn carryable_interfaces(links: &[netlink::Link], addresses: &[netlink::Address])
         .collect()
 }
 
-/// The interface to carry (see [`carryable_interfaces`]): `None` when there is none, an error
-/// naming them when there is more than one, which husk cannot carry yet (each would need a
-/// card of its own): a container must not start with part of its network silently missing.
-fn pick_interface(
+/// The interfaces to carry (see [`carryable_interfaces`]), in the order of their link
+/// indexes (the order the engine added them): an error naming them when there are more than
+/// a microVM takes, rather than a container started with part of its network missing.
+fn pick_interfaces(
     netns: &Path,
     links: &[netlink::Link],
     addresses: &[netlink::Address],
-) -> Result<Option<Found>> {
+) -> Result<Vec<Found>> {
     let mut found = carryable_interfaces(links, addresses);
-    if found.len() > 1 {
+    found.sort_by_key(|f| f.index);
+    if found.len() > MAX_CARDS {
         let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
         bail!(
-            "the network namespace {} has {} interfaces ({}); husk carries one network \
-             interface into a microVM (more than one is not supported yet)",
+            "the network namespace {} has {} interfaces ({}); husk carries at most {MAX_CARDS} \
+             network interfaces into a microVM",
             netns.display(),
             found.len(),
             names.join(", ")
         );
     }
-    Ok(found.pop())
+    Ok(found)
 }
 
 /// The most routes carried besides the default ones (each goes on the guest kernel's command
@@ -219,12 +238,28 @@ struct Carried {
     routes: Vec<String>,
 }
 
+/// The highest IPv4 metric the guest's agent can give a route (`struct rtentry` holds it,
+/// plus one, in a `short`).
+pub const MAX_IPV4_METRIC: u32 = 32766;
+
 /// Picks the routes of the interface with index `index` from the namespace's `routes`.
+/// A default route with a metric other than its family's default (0 for IPv4, 1024 for IPv6),
+/// as netavark gives each network's default route when a container has several, goes among the
+/// routes with its metric rather than as the default gateway, so that the guest tells the
+/// cards' default routes apart as the namespace does.
 fn carried_routes(index: u32, routes: &[netlink::Route]) -> Result<Carried> {
     let ours = || routes.iter().filter(|r| r.oif == Some(index));
+    // The metric as the guest's agent takes it: 0 for the family's default.
+    let metric = |r: &netlink::Route| match (r.dst.is_ipv6(), r.metric) {
+        (true, 1024) | (false, 0) => 0,
+        (_, m) => m,
+    };
+    let is_default = |r: &netlink::Route, ipv6: bool| {
+        r.prefix_len == 0 && r.dst.is_ipv6() == ipv6 && r.gateway.is_some()
+    };
     let default = |ipv6: bool| {
         ours()
-            .find(|r| r.prefix_len == 0 && r.dst.is_ipv6() == ipv6 && r.gateway.is_some())
+            .find(|r| is_default(r, ipv6) && metric(r) == 0)
             .and_then(|r| r.gateway)
             .map(|gw| gw.to_string())
     };
@@ -234,10 +269,23 @@ fn carried_routes(index: u32, routes: &[netlink::Route]) -> Result<Carried> {
             dst: r.dst,
             prefix_len: r.prefix_len,
             via: r.gateway,
+            metric: metric(r),
         }
         .to_string()
     };
-    let others: Vec<&netlink::Route> = ours().filter(|r| r.prefix_len != 0 && !r.kernel).collect();
+    if let Some(r) = ours().find(|r| r.dst.is_ipv4() && r.metric > MAX_IPV4_METRIC) {
+        bail!(
+            "the network namespace's route to {}/{} has metric {}; husk carries IPv4 routes \
+             with metrics up to {MAX_IPV4_METRIC} into a microVM",
+            r.dst,
+            r.prefix_len,
+            r.metric
+        );
+    }
+    let others: Vec<&netlink::Route> = ours()
+        .filter(|r| !r.kernel)
+        .filter(|r| r.prefix_len != 0 || (metric(r) != 0 && r.gateway.is_some()))
+        .collect();
     let mut carried: Vec<String> = others
         .iter()
         .filter(|r| r.gateway.is_none())
@@ -263,9 +311,9 @@ fn carried_routes(index: u32, routes: &[netlink::Route]) -> Result<Carried> {
     })
 }
 
-/// Opens a TAP named [`TAP_NAME`] (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) in the calling
-/// thread's network namespace.
-fn open_tap() -> Result<File> {
+/// Opens a TAP named `name` (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) in the calling thread's
+/// network namespace.
+fn open_tap(name: &str) -> Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -282,11 +330,14 @@ fn open_tap() -> Result<File> {
         flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
         _pad: [0; 22],
     };
-    req.name[..TAP_NAME.len()].copy_from_slice(TAP_NAME.as_bytes());
+    // Our names are short ASCII (`husk` and a card number); IFNAMSIZ holds 15 bytes and a NUL.
+    let len = name.len().min(15);
+    req.name[..len].copy_from_slice(&name.as_bytes()[..len]);
     // SAFETY: TUNSETIFF reads (and updates) a `struct ifreq`, which `req` is, valid for the call.
     let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
     if ret < 0 {
-        return Err(std::io::Error::last_os_error()).context("TUNSETIFF for the pod's TAP");
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("TUNSETIFF for the pod's TAP {name}"));
     }
     Ok(file)
 }
@@ -314,88 +365,129 @@ fn in_netns<T: Send + 'static>(
         .map_err(|_| anyhow::anyhow!("the network namespace thread panicked"))?
 }
 
-/// Wires the network namespace at `netns` to a new TAP (see the module docs). `None` when the
-/// namespace has no Ethernet interface to carry (a pod without CNI networking, a container
-/// run with `--network=none`).
-pub fn prepare(netns: &Path) -> Result<Option<PodNetwork>> {
+/// Wires each interface of the network namespace at `netns` to a new TAP (see the module
+/// docs), in order. Empty when the namespace has no Ethernet interface to carry (a pod without
+/// CNI networking, a container run with `--network=none`). On an error nothing stays wired.
+pub fn prepare(netns: &Path) -> Result<Vec<PodNetwork>> {
     let path = netns.to_path_buf();
-    in_netns(netns, move || -> Result<Option<PodNetwork>> {
+    in_netns(netns, move || -> Result<Vec<PodNetwork>> {
         let mut nl = Netlink::open()?;
         let links = nl.links()?;
-        if links.iter().any(|l| l.name == TAP_NAME) {
+        if let Some(tap) = links.iter().find(|l| is_tap_name(&l.name)) {
             bail!(
-                "{} already has a {TAP_NAME}: its interface is carried into another microVM \
+                "{} already has a {}: its interfaces are carried into another microVM \
                  (each microVM has a network namespace of its own; containers that share one \
                  belong in one VM, as a pod through containerd-shim-husk-v2)",
-                path.display()
-            );
-        }
-        let Some(Found {
-            index,
-            name: interface,
-            mac,
-            mtu,
-            ipv4,
-            ipv6,
-            further,
-        }) = pick_interface(&path, &links, &nl.addresses()?)?
-        else {
-            return Ok(None);
-        };
-        if further.len() > MAX_ADDRESSES {
-            bail!(
-                "{interface} in {} has {} addresses besides its first IPv4 and IPv6 one; husk \
-                 carries at most {MAX_ADDRESSES} more into the microVM",
                 path.display(),
-                further.len()
+                tap.name
             );
         }
-        let mut found_routes = Vec::new();
-        if ipv4.is_some() {
-            found_routes.extend(nl.routes(false)?);
+        let found = pick_interfaces(&path, &links, &nl.addresses()?)?;
+        let mut all_routes = Vec::new();
+        if found.iter().any(|f| f.ipv4.is_some()) {
+            all_routes.extend(nl.routes(false)?);
         }
-        if ipv6.is_some() {
-            found_routes.extend(nl.routes(true)?);
+        if found.iter().any(|f| f.ipv6.is_some()) {
+            all_routes.extend(nl.routes(true)?);
         }
-        let Carried {
-            gateway,
-            gateway6,
-            routes,
-        } = carried_routes(index, &found_routes)?;
-        let tap = open_tap()?;
-        let wired = (|| -> Result<()> {
-            let tap_index = netlink::find(&nl.links()?, TAP_NAME)?.index;
-            nl.set_mtu_up(tap_index, mtu)?;
-            for (from, to) in [(index, tap_index), (tap_index, index)] {
-                // `replace` and no filter but ours: the qdisc of a VMM killed before its
-                // container was deleted may still be there.
-                nl.replace_ingress_qdisc(from)?;
-                match nl.delete_ingress_filters(from) {
-                    Err(e) if !netlink::is_absent(&e) => return Err(e),
-                    _ => {}
+        // Everything checked before anything is wired.
+        let planned = found
+            .into_iter()
+            .map(|f| plan(&path, f, &all_routes))
+            .collect::<Result<Vec<_>>>()?;
+        let mut cards = Vec::with_capacity(planned.len());
+        for (card, planned) in planned.into_iter().enumerate() {
+            match wire(&mut nl, card, planned) {
+                Ok(net) => cards.push(net),
+                Err(e) => {
+                    // The TAPs go with their descriptors; the wired interfaces' qdiscs by hand.
+                    for net in &cards {
+                        let _ = remove_ingress(&mut nl, &net.interface);
+                    }
+                    return Err(e);
                 }
-                nl.redirect_ingress(from, to)?;
             }
-            Ok(())
-        })();
-        if let Err(e) = wired {
-            // The TAP goes with its descriptor; the interface's qdisc must go by hand.
-            let _ = remove_ingress(&mut nl, &interface);
-            return Err(e.context(format!("wiring {interface} to {TAP_NAME}")));
         }
-        Ok(Some(PodNetwork {
-            tap,
-            interface,
-            mac,
-            // An Ethernet link's MTU is at most 65535 (ETH_MAX_MTU).
-            mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
-            ipv4,
+        Ok(cards)
+    })
+}
+
+/// An interface to carry, checked, with the routes it carries.
+struct Planned {
+    found: Found,
+    carried: Carried,
+}
+
+/// Checks `found` (an interface of the namespace at `netns`) and picks its routes from
+/// `all_routes`.
+fn plan(netns: &Path, found: Found, all_routes: &[netlink::Route]) -> Result<Planned> {
+    if found.further.len() > MAX_ADDRESSES {
+        bail!(
+            "{} in {} has {} addresses besides its first IPv4 and IPv6 one; husk carries at \
+             most {MAX_ADDRESSES} more into the microVM",
+            found.name,
+            netns.display(),
+            found.further.len()
+        );
+    }
+    let carried = carried_routes(found.index, all_routes)
+        .with_context(|| format!("carrying {}", found.name))?;
+    Ok(Planned { found, carried })
+}
+
+/// Wires `planned`, the interface of card `card`, to a new TAP in `nl`'s namespace.
+fn wire(nl: &mut Netlink, card: usize, planned: Planned) -> Result<PodNetwork> {
+    let Planned {
+        found:
+            Found {
+                index,
+                name: interface,
+                mac,
+                mtu,
+                ipv4,
+                ipv6,
+                further,
+            },
+        carried: Carried {
             gateway,
-            ipv6,
             gateway6,
             routes,
-            addresses: further,
-        }))
+        },
+    } = planned;
+    let tap_name = tap_name(card);
+    let tap = open_tap(&tap_name)?;
+    let wired = (|| -> Result<()> {
+        let tap_index = netlink::find(&nl.links()?, &tap_name)?.index;
+        nl.set_mtu_up(tap_index, mtu)?;
+        for (from, to) in [(index, tap_index), (tap_index, index)] {
+            // `replace` and no filter but ours: the qdisc of a VMM killed before its
+            // container was deleted may still be there.
+            nl.replace_ingress_qdisc(from)?;
+            match nl.delete_ingress_filters(from) {
+                Err(e) if !netlink::is_absent(&e) => return Err(e),
+                _ => {}
+            }
+            nl.redirect_ingress(from, to)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = wired {
+        // The TAP goes with its descriptor; the interface's qdisc must go by hand.
+        let _ = remove_ingress(nl, &interface);
+        return Err(e.context(format!("wiring {interface} to {tap_name}")));
+    }
+    Ok(PodNetwork {
+        tap,
+        interface,
+        mac,
+        // An Ethernet link's MTU is at most 65535 (ETH_MAX_MTU).
+        mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
+        ipv4,
+        gateway,
+        ipv6,
+        gateway6,
+        routes,
+        addresses: further,
     })
 }
 
@@ -416,8 +508,12 @@ fn remove_ingress(nl: &mut Netlink, interface: &str) -> Result<()> {
 pub struct Wiring {
     /// The namespace (the path the spec named).
     pub netns: PathBuf,
-    /// The interface whose frames go to the TAP.
-    pub interface: String,
+    /// The interfaces whose frames go to the TAPs.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// The one interface of a record an earlier husk wrote, which carried one.
+    #[serde(default, skip_serializing)]
+    pub interface: Option<String>,
 }
 
 /// The record of a container's wiring in its state directory.
@@ -425,12 +521,13 @@ fn wiring_file(dir: &Path) -> PathBuf {
     dir.join("network.json")
 }
 
-/// Records in state directory `dir` that `net` was wired in `netns`, for
+/// Records in state directory `dir` that `cards` were wired in `netns`, for
 /// [`release_recorded`]. On failure the wiring is undone at once.
-pub fn record(dir: &Path, netns: &Path, net: &PodNetwork) -> Result<()> {
+pub fn record(dir: &Path, netns: &Path, cards: &[PodNetwork]) -> Result<()> {
     let wiring = Wiring {
         netns: netns.to_path_buf(),
-        interface: net.interface.clone(),
+        interfaces: cards.iter().map(|c| c.interface.clone()).collect(),
+        interface: None,
     };
     let written = serde_json::to_vec(&wiring)
         .map_err(anyhow::Error::from)
@@ -444,8 +541,8 @@ pub fn record(dir: &Path, netns: &Path, net: &PodNetwork) -> Result<()> {
     Ok(())
 }
 
-/// Undoes what [`record`] recorded in state directory `dir`, if anything: the interface's
-/// ingress qdisc goes (the TAP went with the VMM). A namespace or interface that is gone
+/// Undoes what [`record`] recorded in state directory `dir`, if anything: the interfaces'
+/// ingress qdiscs go (the TAPs went with the VMM). A namespace or interface that is gone
 /// already (the engine tore its network down first) took the qdisc with it.
 pub fn release_recorded(dir: &Path) -> Result<()> {
     let file = wiring_file(dir);
@@ -468,14 +565,28 @@ fn release(wiring: &Wiring) -> Result<()> {
     if crate::bundle::check_namespace_paths(&spec).is_err() {
         return Ok(());
     }
-    let interface = wiring.interface.clone();
+    let interfaces: Vec<String> = wiring
+        .interfaces
+        .iter()
+        .chain(&wiring.interface)
+        .cloned()
+        .collect();
+    let names = interfaces.join(", ");
     in_netns(&wiring.netns, move || {
-        remove_ingress(&mut Netlink::open()?, &interface)
+        let mut nl = Netlink::open()?;
+        // Every one is tried; the first failure is reported.
+        let mut result = Ok(());
+        for interface in &interfaces {
+            let removed = remove_ingress(&mut nl, interface);
+            if result.is_ok() {
+                result = removed;
+            }
+        }
+        result
     })
     .with_context(|| {
         format!(
-            "removing the ingress qdisc of {} in {}",
-            wiring.interface,
+            "removing the ingress qdiscs of {names} in {}",
             wiring.netns.display()
         )
     })
@@ -529,7 +640,9 @@ mod tests {
         ];
         let ns = Path::new("/var/run/netns/cni-1");
         let pick = |links: &[netlink::Link], addresses: &[netlink::Address]| {
-            pick_interface(ns, links, addresses).expect("one interface at most")
+            let mut found = pick_interfaces(ns, links, addresses).expect("few interfaces");
+            assert!(found.len() <= 1, "{found:?}");
+            found.pop()
         };
         assert_eq!(
             pick(&links, &addresses),
@@ -557,16 +670,31 @@ mod tests {
             pick(&links, &addresses[..2]).map(|f| (f.ipv4, f.ipv6)),
             Some((None, None))
         );
-        // A second interface (a second network, Multus's net1) cannot be carried: refused,
-        // naming both, rather than the container starting without it.
+        // A second interface (a second network, Multus's net1) is carried too, in the order
+        // of the link indexes; another TAP of ours is not.
         let mut two = links.to_vec();
-        two.push(link(4, "net1", true, 1500));
-        let err = pick_interface(ns, &two, &addresses).expect_err("two interfaces");
+        two.insert(0, link(9, "net1", true, 1500));
+        two.push(link(5, "husk1", true, 1500));
+        let found = pick_interfaces(ns, &two, &addresses).expect("two interfaces");
+        assert_eq!(
+            found.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            ["eth0", "net1"]
+        );
+        // More than a microVM takes: refused, naming them, rather than the container starting
+        // without some.
+        let mut many = links.to_vec();
+        for index in 4..=(3 + MAX_CARDS as u32) {
+            many.push(link(index, &format!("net{index}"), true, 1500));
+        }
+        let err = pick_interfaces(ns, &many, &addresses).expect_err("too many interfaces");
         assert_eq!(
             format!("{err}"),
-            "the network namespace /var/run/netns/cni-1 has 2 interfaces (eth0, net1); husk \
-             carries one network interface into a microVM (more than one is not supported yet)"
+            "the network namespace /var/run/netns/cni-1 has 5 interfaces (eth0, net4, net5, \
+             net6, net7); husk carries at most 4 network interfaces into a microVM"
         );
+        assert!(is_tap_name("husk0") && is_tap_name("husk12"));
+        assert!(!is_tap_name("husk") && !is_tap_name("husky") && !is_tap_name("husk0a"));
+        assert_eq!(tap_name(2), "husk2");
     }
 
     #[test]
@@ -578,6 +706,7 @@ mod tests {
                 gateway: gateway.map(|g| g.parse().expect("ip")),
                 oif: Some(oif),
                 kernel,
+                metric: if dst.contains(':') { 1024 } else { 0 },
             }
         };
         // Calico's way: a /32 address, a link route to a gateway outside it, the default
@@ -609,6 +738,35 @@ mod tests {
             .collect();
         let err = carried_routes(3, &many).expect_err("too many");
         assert!(format!("{err}").contains("at most 16"), "{err}");
+        // netavark's way with two networks: each link's default route has a metric of its
+        // own, carried with it; a route's other metric likewise.
+        let with_metric = |mut r: netlink::Route, metric: u32| {
+            r.metric = metric;
+            r
+        };
+        let two = [
+            with_metric(route("0.0.0.0", 0, Some("10.88.0.1"), 3, false), 100),
+            with_metric(route("0.0.0.0", 0, Some("10.89.0.1"), 4, false), 101),
+            with_metric(route("10.9.0.0", 16, Some("10.89.0.1"), 4, false), 7),
+            with_metric(route("::", 0, Some("fd00:89::1"), 4, false), 1024),
+        ];
+        assert_eq!(
+            carried_routes(4, &two).expect("routes"),
+            Carried {
+                gateway: None,
+                gateway6: Some("fd00:89::1".into()),
+                routes: vec![
+                    "0.0.0.0/0,10.89.0.1,metric=101".into(),
+                    "10.9.0.0/16,10.89.0.1,metric=7".into(),
+                ],
+            }
+        );
+        let err = carried_routes(
+            3,
+            &[with_metric(route("10.0.0.0", 8, None, 3, false), 40000)],
+        )
+        .expect_err("metric");
+        assert!(format!("{err}").contains("metrics up to 32766"), "{err}");
     }
 
     #[test]
@@ -625,19 +783,40 @@ mod tests {
             routes: vec!["10.88.0.1/32".into(), "192.168.0.0/16,10.88.0.1".into()],
             addresses: vec!["10.88.77.3/24".into(), "fd00:88::6/64".into()],
         };
+        let words = "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=10.88.77.2/24 gateway=10.88.77.1 \
+                     ip6=fd00:88::5/64 gateway6=fd00:88::1 route=10.88.0.1/32 \
+                     route=192.168.0.0/16,10.88.0.1 addr=10.88.77.3/24 addr=fd00:88::6/64";
+        assert_eq!(net.handoff_message(), words);
+        let second = PodNetwork {
+            tap: tempfile::tempfile().expect("file"),
+            interface: "net1".into(),
+            mac: "6e:f8:3a:b4:8c:91".into(),
+            mtu: 1500,
+            ipv4: Some("10.89.0.2/24".into()),
+            gateway: None,
+            ipv6: None,
+            gateway6: None,
+            routes: vec!["0.0.0.0/0,10.89.0.1,metric=101".into()],
+            addresses: vec![],
+        };
+        let second_words = "mac=6e:f8:3a:b4:8c:91 mtu=1500 ip=10.89.0.2/24 \
+                            route=0.0.0.0/0,10.89.0.1,metric=101";
+        let cards = [net, second];
         assert_eq!(
-            net.vmm_args(3).join(" "),
-            "--net-tap-fd 3 --net-mac 6e:f8:3a:b4:8c:90 --net-mtu 1450 --net-ip 10.88.77.2/24 \
-             --net-gateway 10.88.77.1 --net-ip6 fd00:88::5/64 --net-gateway6 fd00:88::1 \
-             --net-route 10.88.0.1/32 --net-route 192.168.0.0/16,10.88.0.1 \
-             --net-addr 10.88.77.3/24 --net-addr fd00:88::6/64"
+            vmm_args(&cards, &[3, 4]),
+            [
+                "--net-card".to_string(),
+                format!("tap=3 {words}"),
+                "--net-card".to_string(),
+                format!("tap=4 {second_words}"),
+            ]
         );
-        assert_eq!(
-            net.handoff_message(),
-            "mac=6e:f8:3a:b4:8c:90 mtu=1450 ip=10.88.77.2/24 gateway=10.88.77.1 \
-             ip6=fd00:88::5/64 gateway6=fd00:88::1 route=10.88.0.1/32 \
-             route=192.168.0.0/16,10.88.0.1 addr=10.88.77.3/24 addr=fd00:88::6/64"
-        );
+        assert_eq!(handoff_message(&cards), format!("{words} ; {second_words}"));
+        assert_eq!(handoff_message(&[]), "none");
+        // What husk-vmm reads back is what CNI gave.
+        let card = husk_vmm::net_handoff::parse_card(&format!("tap=4 {second_words}"), true)
+            .expect("card");
+        assert_eq!(card.routes[0].to_string(), "0.0.0.0/0,10.89.0.1,metric=101");
     }
 
     #[test]
@@ -659,7 +838,7 @@ mod tests {
         };
         // A namespace that is gone took the interface's qdisc with it.
         let netns = dir.path().join("no-such-netns");
-        record(dir.path(), &netns, &net).expect("record");
+        record(dir.path(), &netns, std::slice::from_ref(&net)).expect("record");
         let wiring: Wiring =
             serde_json::from_slice(&std::fs::read(wiring_file(dir.path())).expect("record"))
                 .expect("json");
@@ -667,15 +846,21 @@ mod tests {
             wiring,
             Wiring {
                 netns: netns.clone(),
-                interface: "eth0".into()
+                interfaces: vec!["eth0".into()],
+                interface: None,
             }
         );
         release_recorded(dir.path()).expect("released");
         assert!(!wiring_file(dir.path()).exists());
         // A file that is not a network namespace (one an engine unmounted) is the same.
         std::fs::write(&netns, "").expect("file");
-        record(dir.path(), &netns, &net).expect("record");
+        record(dir.path(), &netns, std::slice::from_ref(&net)).expect("record");
         release_recorded(dir.path()).expect("released");
+        // A record an earlier husk wrote, of its one interface, reads as that interface.
+        let old: Wiring = serde_json::from_str(r#"{"netns": "/run/netns/x", "interface": "eth0"}"#)
+            .expect("an earlier record");
+        assert_eq!(old.interface.as_deref(), Some("eth0"));
+        assert!(old.interfaces.is_empty());
     }
 
     #[test]

@@ -13,10 +13,10 @@
 //! because of a template.
 //!
 //! On by default; off with `warm_start = false` in config.toml, or per sandbox with the
-//! annotation `io.husk.vm.warm_start=false`. Sandboxes with a network card restore templates
-//! of their own, whose guest has a card on no TAP (down, without an address): the sandbox's
-//! TAP goes under it, and the agent sets its MAC address, MTU, addresses and routes from the
-//! renewal. The network that docker's hooks make in a namespace husk-vmm is already in (see
+//! annotation `io.husk.vm.warm_start=false`. Sandboxes with network cards restore templates
+//! of their own, whose guest has as many cards on no TAP (down, without an address): the
+//! sandbox's TAPs go under them, and the agent sets their MAC addresses, MTUs, addresses and
+//! routes from the renewal. The network that docker's hooks make in a namespace husk-vmm is already in (see
 //! `commands::create`) is not known when the VM is built: such a sandbox boots.
 //!
 //! Builds are serialized per key by a lock file; a build is made in a directory of its own and
@@ -95,15 +95,15 @@ impl Templates {
         }
     }
 
-    /// The directory of the template for a sandbox of `size` booted from these images, with a
-    /// network card or not (`card`).
+    /// The directory of the template for a sandbox of `size` booted from these images, with
+    /// `cards` network cards.
     pub fn dir_for(
         &self,
         cfg: &HuskConfig,
         kernel: &Path,
         initramfs: &Path,
         size: VmSize,
-        card: bool,
+        cards: u8,
     ) -> Result<PathBuf> {
         let vmm = resolve(&cfg.vmm_path());
         let mut hasher = Sha256::new();
@@ -125,10 +125,10 @@ impl Templates {
             .collect();
         Ok(self
             .root
-            .join(format!("{}{digest}", shape_prefix(size, card, cfg.debug))))
+            .join(format!("{}{digest}", shape_prefix(size, cards, cfg.debug))))
     }
 
-    /// The template for a sandbox of `size` (with a network card or not: `card`), built first
+    /// The template for a sandbox of `size` with `cards` network cards, built first
     /// if there is none. `None` (after a log line through `log` saying why) when none can be
     /// had: the sandbox boots.
     pub fn get(
@@ -137,13 +137,13 @@ impl Templates {
         kernel: &Path,
         initramfs: &Path,
         size: VmSize,
-        card: bool,
+        cards: u8,
         log: fn(&str),
     ) -> Option<PathBuf> {
         let result = self
-            .dir_for(cfg, kernel, initramfs, size, card)
+            .dir_for(cfg, kernel, initramfs, size, cards)
             .and_then(|dir| {
-                self.ensure(cfg, kernel, initramfs, size, card, &dir)
+                self.ensure(cfg, kernel, initramfs, size, cards, &dir)
                     .map(|()| dir)
             });
         match result {
@@ -162,7 +162,7 @@ impl Templates {
         kernel: &Path,
         initramfs: &Path,
         size: VmSize,
-        card: bool,
+        cards: u8,
         dir: &Path,
     ) -> Result<()> {
         if dir.join(husk_vmm::snapshot::STATE_FILE).exists() {
@@ -195,10 +195,10 @@ impl Templates {
         let build = self
             .root
             .join(format!(".build-{name}-{}", std::process::id()));
-        let result = build_into(cfg, kernel, initramfs, size, card, &build, dir);
+        let result = build_into(cfg, kernel, initramfs, size, cards, &build, dir);
         remove_dir(&build);
         if result.is_ok() {
-            self.remove_superseded(size, card, cfg.debug, &name);
+            self.remove_superseded(size, cards, cfg.debug, &name);
         }
         result
     }
@@ -206,8 +206,8 @@ impl Templates {
     /// Removes the other templates of this shape (and console): made from inputs that changed
     /// since (a new kernel, initramfs or husk), they would never be restored again. A sandbox
     /// restoring one right now keeps its mapping; one about to is refused and boots.
-    fn remove_superseded(&self, size: VmSize, card: bool, console: bool, keep: &str) {
-        let prefix = shape_prefix(size, card, console);
+    fn remove_superseded(&self, size: VmSize, cards: u8, console: bool, keep: &str) {
+        let prefix = shape_prefix(size, cards, console);
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
@@ -406,11 +406,16 @@ fn dev_pair(dev: u64) -> (u64, u64) {
     (major, minor)
 }
 
-/// The start of the directory names of a shape's templates (`1cpu-128mib-`), and of those
-/// booted with the serial console for debug sandboxes (`1cpu-128mib-console-`); the digest of
-/// the inputs follows.
-fn shape_prefix(size: VmSize, card: bool, console: bool) -> String {
-    let card = if card { "net-" } else { "" };
+/// The start of the directory names of a shape's templates (`1cpu-128mib-`), of those with
+/// network cards (`1cpu-128mib-net-` with one, `1cpu-128mib-net2-` with two, ...), and of
+/// those booted with the serial console for debug sandboxes (`1cpu-128mib-console-`); the
+/// digest of the inputs follows.
+fn shape_prefix(size: VmSize, cards: u8, console: bool) -> String {
+    let card = match cards {
+        0 => String::new(),
+        1 => "net-".to_string(),
+        n => format!("net{n}-"),
+    };
     let console = if console { "console-" } else { "" };
     format!("{}cpu-{}mib-{card}{console}", size.vcpus, size.mem_mib)
 }
@@ -444,7 +449,7 @@ fn build_into(
     kernel: &Path,
     initramfs: &Path,
     size: VmSize,
-    card: bool,
+    cards: u8,
     build: &Path,
     dest: &Path,
 ) -> Result<()> {
@@ -480,8 +485,8 @@ fn build_into(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if card {
-        cmd.arg("--template-net-card");
+    if cards > 0 {
+        cmd.arg("--template-net-cards").arg(cards.to_string());
     }
     // SAFETY: prctl with integer arguments is async-signal-safe. The template guest dies with
     // the runtime that builds it (a killed build is never renamed into place).
@@ -643,7 +648,7 @@ mod tests {
             mem_mib: 128,
         };
         let a = templates
-            .dir_for(&cfg, &kernel, &initramfs, size, false)
+            .dir_for(&cfg, &kernel, &initramfs, size, 0)
             .unwrap();
         assert!(a.starts_with(dir.path().join("t")));
         assert!(a
@@ -654,7 +659,7 @@ mod tests {
         assert_eq!(
             a,
             templates
-                .dir_for(&cfg, &kernel, &initramfs, size, false)
+                .dir_for(&cfg, &kernel, &initramfs, size, 0)
                 .unwrap()
         );
         let bigger = VmSize {
@@ -664,12 +669,12 @@ mod tests {
         assert_ne!(
             a,
             templates
-                .dir_for(&cfg, &kernel, &initramfs, bigger, false)
+                .dir_for(&cfg, &kernel, &initramfs, bigger, 0)
                 .unwrap()
         );
         // A sandbox with a network card has its own, with a card on no TAP.
         let card = templates
-            .dir_for(&cfg, &kernel, &initramfs, size, true)
+            .dir_for(&cfg, &kernel, &initramfs, size, 1)
             .unwrap();
         assert_ne!(a, card);
         assert!(card
@@ -677,6 +682,16 @@ mod tests {
             .unwrap()
             .to_string_lossy()
             .starts_with("1cpu-128mib-net-"));
+        // With two cards, another template again.
+        let two = templates
+            .dir_for(&cfg, &kernel, &initramfs, size, 2)
+            .unwrap();
+        assert_ne!(two, card);
+        assert!(two
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("1cpu-128mib-net2-"));
         // A debug sandbox's template is booted with the serial console: another template.
         let debug = HuskConfig {
             debug: true,
@@ -685,7 +700,7 @@ mod tests {
         assert_ne!(
             a,
             templates
-                .dir_for(&debug, &kernel, &initramfs, size, false)
+                .dir_for(&debug, &kernel, &initramfs, size, 0)
                 .unwrap()
         );
         // A new kernel (replaced by rename, as builds do) is a new template.
@@ -694,7 +709,7 @@ mod tests {
         assert_ne!(
             a,
             templates
-                .dir_for(&cfg, &kernel, &initramfs, size, false)
+                .dir_for(&cfg, &kernel, &initramfs, size, 0)
                 .unwrap()
         );
     }
@@ -732,7 +747,7 @@ mod tests {
             left
         };
         // A new template of the shape: the shape's old one goes, the debug ones stay.
-        templates.remove_superseded(size, false, false, "1cpu-128mib-fedcba9876543210");
+        templates.remove_superseded(size, 0, false, "1cpu-128mib-fedcba9876543210");
         assert_eq!(
             left(),
             [
@@ -745,7 +760,7 @@ mod tests {
             ]
         );
         // A new debug template: the old debug one goes, the shape's stays.
-        templates.remove_superseded(size, false, true, "1cpu-128mib-console-00000000000000ff");
+        templates.remove_superseded(size, 0, true, "1cpu-128mib-console-00000000000000ff");
         assert_eq!(
             left(),
             [
@@ -757,7 +772,7 @@ mod tests {
             ]
         );
         // One with a card supersedes only those with a card.
-        templates.remove_superseded(size, true, false, "1cpu-128mib-net-0123456789abcdef");
+        templates.remove_superseded(size, 1, false, "1cpu-128mib-net-0123456789abcdef");
         assert!(!left().contains(&"1cpu-128mib-net-00000000000000ff".to_string()));
         assert_eq!(left().len(), 4);
     }

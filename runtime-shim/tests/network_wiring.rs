@@ -51,7 +51,11 @@ impl Netns {
         all += &self.ip(&["route", "show"]);
         all += &self.ip(&["-6", "route", "show"]);
         all += &self.tc(&["qdisc", "show"]);
-        all + &self.tc(&["filter", "show", "dev", "eth0", "ingress"])
+        all += &self.tc(&["filter", "show", "dev", "eth0", "ingress"]);
+        if self.ip(&["link", "show"]).contains(" net1@") {
+            all += &self.tc(&["filter", "show", "dev", "net1", "ingress"]);
+        }
+        all
     }
 }
 
@@ -101,11 +105,11 @@ fn a_cni_namespace_is_wired_to_a_tap_and_left_as_it_was() {
     let state = tempfile::tempdir().expect("state dir");
 
     let started = Instant::now();
-    let net = husk::network::prepare(&ns.path())
-        .expect("wiring")
-        .expect("an interface to carry");
+    let mut cards = husk::network::prepare(&ns.path()).expect("wiring");
     eprintln!("wired in {:?}", started.elapsed());
-    husk::network::record(state.path(), &ns.path(), &net).expect("record");
+    assert_eq!(cards.len(), 1, "one interface to carry");
+    husk::network::record(state.path(), &ns.path(), &cards).expect("record");
+    let net = cards.remove(0);
     assert_eq!(net.interface, "eth0");
     assert_eq!(net.mac, "6e:f8:3a:b4:8c:90");
     assert_eq!(net.mtu, 1450);
@@ -155,17 +159,15 @@ fn a_leftover_qdisc_of_a_killed_vm_is_replaced_not_doubled() {
     let before = ns.snapshot();
     // What a VMM killed with `kill -9` before `delete` leaves: its TAP is gone with it, the
     // ingress qdisc and its redirect stay on eth0.
-    let net = husk::network::prepare(&ns.path())
-        .expect("wiring")
-        .expect("interface");
+    let net = husk::network::prepare(&ns.path()).expect("wiring");
+    assert_eq!(net.len(), 1);
     drop(net);
     let filters = ns.tc(&["filter", "show", "dev", "eth0", "ingress"]);
     assert!(filters.contains("mirred"), "{filters}");
 
     let state = tempfile::tempdir().expect("state dir");
-    let net = husk::network::prepare(&ns.path())
-        .expect("wiring again")
-        .expect("interface");
+    let net = husk::network::prepare(&ns.path()).expect("wiring again");
+    assert_eq!(net.len(), 1);
     husk::network::record(state.path(), &ns.path(), &net).expect("record");
     let filters = ns.tc(&["filter", "show", "dev", "eth0", "ingress"]);
     assert_eq!(filters.matches("mirred").count(), 1, "{filters}");
@@ -183,7 +185,7 @@ fn a_namespace_without_an_ethernet_interface_has_nothing_to_carry() {
     let before = ns.snapshot_lo();
     assert!(husk::network::prepare(&ns.path())
         .expect("nothing to wire")
-        .is_none());
+        .is_empty());
     assert_eq!(ns.snapshot_lo(), before);
     let missing = PathBuf::from("/run/netns/husk-wiring-no-such-namespace");
     let err = husk::network::prepare(&missing).expect_err("no namespace");
@@ -197,4 +199,67 @@ impl Netns {
     fn snapshot_lo(&self) -> String {
         self.ip(&["-d", "link", "show"]) + &self.tc(&["qdisc", "show"])
     }
+}
+
+#[test]
+fn every_interface_of_a_namespace_gets_a_tap_of_its_own() {
+    if !skip::have_root("network namespaces and /dev/net/tun") {
+        return;
+    }
+    // A second network, as podman's netavark adds one: `net1`, its default route told apart
+    // from eth0's by a metric.
+    let (ns, host) = cni_like("two");
+    ns.ip(&[
+        "link", "add", "net1", "mtu", "9000", "type", "veth", "peer", "name", "peer1", "netns",
+        &host.0,
+    ]);
+    ns.ip(&["addr", "add", "10.89.0.2/24", "dev", "net1"]);
+    ns.ip(&["link", "set", "net1", "up"]);
+    host.ip(&["link", "set", "peer1", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.89.0.1",
+        "dev",
+        "net1",
+        "metric",
+        "101",
+    ]);
+    let before = ns.snapshot();
+    let state = tempfile::tempdir().expect("state dir");
+
+    let cards = husk::network::prepare(&ns.path()).expect("wiring");
+    husk::network::record(state.path(), &ns.path(), &cards).expect("record");
+    assert_eq!(
+        cards
+            .iter()
+            .map(|c| (c.interface.as_str(), c.mtu))
+            .collect::<Vec<_>>(),
+        [("eth0", 1450), ("net1", 9000)]
+    );
+    assert_eq!(cards[0].gateway.as_deref(), Some("10.88.77.1"));
+    assert_eq!(cards[1].ipv4.as_deref(), Some("10.89.0.2/24"));
+    assert_eq!(cards[1].gateway, None);
+    assert_eq!(cards[1].routes, ["0.0.0.0/0,10.89.0.1,metric=101"]);
+    for (interface, tap, mtu) in [("eth0", "husk0", "1450"), ("net1", "husk1", "9000")] {
+        let link = ns.ip(&["link", "show", tap]);
+        assert!(link.contains(&format!("mtu {mtu}")), "{link}");
+        for (from, to) in [(interface, tap), (tap, interface)] {
+            let filters = ns.tc(&["filter", "show", "dev", from, "ingress"]);
+            assert!(
+                filters.contains(&format!("Egress Redirect to device {to}")),
+                "{from} redirects to {to}: {filters}"
+            );
+        }
+    }
+    let second = husk::network::prepare(&ns.path()).expect_err("a second wiring");
+    assert!(
+        format!("{second:#}").contains("already has a husk"),
+        "{second:#}"
+    );
+    drop(cards);
+    husk::network::release_recorded(state.path()).expect("release");
+    assert_eq!(ns.snapshot(), before, "the namespace is as it was");
 }

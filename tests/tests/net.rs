@@ -1,6 +1,6 @@
 //! Networks from the engines, end to end: a container whose spec names a network namespace
-//! (as podman's does, with the namespace CNI prepared) gets that namespace's interface in its
-//! microVM, same addresses (IPv4 and IPv6) and MAC, and is reached and reaches out through it;
+//! (as podman's does, with the namespace CNI prepared) gets that namespace's interfaces in its
+//! microVM, same addresses (IPv4 and IPv6), routes and MACs, and is reached and reaches out through it;
 //! whatever husk wired in the namespace goes with the container on every path (delete, a
 //! failed create, `kill -9` of the VMM), leaving the namespace exactly as the engine made it;
 //! and podman's own bridge network with `-p` publishes a port of a husk container, and so does
@@ -430,30 +430,175 @@ fn a_container_gets_the_network_namespace_it_is_given() {
         text(&out.stderr)
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}
 
-    // A namespace with a second interface (a second network): husk carries one, so create
-    // fails naming both, rather than the container starting with part of its network
-    // missing, and leaves the namespace as it was.
-    let second = format!("hv2-{}", ns.name);
+/// A veth pair from the host into `ns`'s namespace: `host_if` on the host with `host_cidr`,
+/// `inner` in the namespace with `inner_cidr`, both up.
+fn add_veth(ns: &TestNetns, host_if: &str, host_cidr: &str, inner: &str, inner_cidr: &str) {
+    let _ = Command::new("ip").args(["link", "del", host_if]).output();
     sh(
         "ip",
         &[
-            "link", "add", &second, "type", "veth", "peer", "name", "net1", "netns", &ns.name,
+            "link", "add", host_if, "type", "veth", "peer", "name", inner, "netns", &ns.name,
         ],
     );
-    let with_two = ns.snapshot();
-    let out = env.run(&["create", "--bundle", idle.to_str().expect("utf-8"), "two"]);
-    let after = ns.snapshot();
-    let _ = Command::new("ip").args(["link", "del", &second]).output();
-    assert!(!out.status.success(), "a namespace with two interfaces");
+    sh("ip", &["addr", "add", host_cidr, "dev", host_if]);
+    sh("ip", &["link", "set", host_if, "up"]);
+    sh(
+        "ip",
+        &["-n", &ns.name, "addr", "add", inner_cidr, "dev", inner],
+    );
+    sh("ip", &["-n", &ns.name, "link", "set", inner, "up"]);
+    // Settled (as `TestNetns::new` waits for its eth0), so that snapshots taken from here on
+    // compare.
+    let settled = wait_until(Duration::from_secs(30), || {
+        let addr = sh("ip", &["-n", &ns.name, "addr", "show", inner]);
+        !addr.contains("NO-CARRIER") && addr.contains("inet6 fe80") && !addr.contains("tentative")
+    });
+    assert!(settled, "the test namespace's {inner} did not settle");
+}
+
+/// A container on two networks, as podman's netavark makes one (`--network a --network b`):
+/// the namespace has `eth0` and `net1`, each with its address, and a default route through
+/// each, told apart by a metric. The microVM gets a card for each (`eth0` and `eth1`), with
+/// the interfaces' MACs, addresses and routes, warm (restored from a template with two cards)
+/// and cold (booted, where the kernel's `ip=` configures `eth0` and the agent `eth1`); the
+/// host reaches the container on both; delete leaves the namespace as it was. More interfaces
+/// than a microVM takes are refused, naming them.
+#[test]
+fn a_container_gets_every_interface_of_its_namespace() {
+    let test = "a_container_gets_every_interface_of_its_namespace";
+    let Some(env) = OciEnv::new(test) else {
+        return;
+    };
+    husk_tests::load_tun().expect("/dev/net/tun");
+    let ns = TestNetns::new("husknet3", 73);
+    let second_host = "hv2-husknet3";
+    add_veth(&ns, second_host, "10.202.73.1/24", "net1", "10.202.73.2/24");
+    sh(
+        "ip",
+        &[
+            "-n",
+            &ns.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.202.73.1",
+            "dev",
+            "net1",
+            "metric",
+            "101",
+        ],
+    );
+    let netns = ns.path().display().to_string();
+    let before = ns.snapshot();
+    let mac_of = |dev: &str| -> String {
+        let line = sh("ip", &["-n", &ns.name, "-j", "link", "show", dev]);
+        let link: Value = serde_json::from_str(&line).expect("ip -j link");
+        link[0]["address"].as_str().expect("mac").to_string()
+    };
+    let (mac0, mac1) = (mac_of("eth0"), mac_of("net1"));
+
+    for warm in [true, false] {
+        let id = if warm { "warm" } else { "cold" };
+        let web = env.bundle(id, &["sh", "-c", HTTPD], |spec| {
+            in_netns(spec, &netns);
+            spec["root"]["readonly"] = json!(false);
+            if !warm {
+                spec["annotations"]["io.husk.vm.warm_start"] = json!("false");
+            }
+        });
+        let out = env.run(&["run", "-d", "--bundle", web.to_str().expect("utf-8"), id]);
+        assert!(out.status.success(), "run -d {id}: {}", text(&out.stderr));
+        let diagnose = || {
+            let inside = env.run(&["exec", id, "sh", "-c", "ip addr; ip route"]);
+            format!(
+                "in the guest: {}{}\n{}",
+                text(&inside.stdout),
+                text(&inside.stderr),
+                env.logs()
+            )
+        };
+        for address in [&ns.guest_ip, "10.202.73.2"] {
+            let body = fetch(address, 80, Duration::from_secs(120));
+            assert_eq!(
+                body.as_deref(),
+                Some("hello-from-husk\n"),
+                "httpd in the {id} microVM at {address}: {}",
+                diagnose()
+            );
+        }
+        let out = env.run(&["exec", id, "ip", "addr"]);
+        assert!(out.status.success(), "exec ip: {}", text(&out.stderr));
+        let addr = text(&out.stdout);
+        let section = |dev: &str| -> String {
+            addr.split_inclusive('\n')
+                .skip_while(|l| !l.contains(&format!(": {dev}:")))
+                .take_while({
+                    let mut first = true;
+                    move |l| std::mem::replace(&mut first, false) || l.starts_with(' ')
+                })
+                .collect()
+        };
+        let (eth0, eth1) = (section("eth0"), section("eth1"));
+        assert!(
+            eth0.contains(&mac0),
+            "{id}: eth0 has eth0's MAC {mac0}: {addr}"
+        );
+        assert!(
+            eth0.contains(&format!("inet {}/24", ns.guest_ip)),
+            "{id}: {addr}"
+        );
+        assert!(
+            eth1.contains(&mac1),
+            "{id}: eth1 has net1's MAC {mac1}: {addr}"
+        );
+        assert!(eth1.contains("inet 10.202.73.2/24"), "{id}: {addr}");
+        let out = env.run(&["exec", id, "ip", "route"]);
+        let routes = text(&out.stdout);
+        assert!(
+            routes.contains(&format!("default via {} dev eth0", ns.host_ip)),
+            "{id}: {routes}"
+        );
+        // busybox prints `metric` after the device, spaced its own way.
+        assert!(
+            routes.lines().any(|l| {
+                l.starts_with("default via 10.202.73.1 dev eth1 ")
+                    && l.split_whitespace()
+                        .collect::<Vec<_>>()
+                        .ends_with(&["metric", "101"])
+            }),
+            "{id}: {routes}"
+        );
+        let out = env.run(&["delete", "--force", id]);
+        assert!(out.status.success(), "delete {id}: {}", text(&out.stderr));
+        assert_same(&before, &ns.snapshot(), &format!("after delete of {id}"));
+    }
+
+    // More interfaces than a microVM takes: create fails naming them, rather than the
+    // container starting with part of its network missing, and leaves the namespace as it was.
+    for n in 2..=4 {
+        add_veth(
+            &ns,
+            &format!("hv{}-husknet3", n + 1),
+            &format!("10.20{}.73.1/24", n + 1),
+            &format!("net{n}"),
+            &format!("10.20{}.73.2/24", n + 1),
+        );
+    }
+    let with_five = ns.snapshot();
+    let idle = env.bundle("idle", &["sleep", "1000"], |spec| in_netns(spec, &netns));
+    let out = env.run(&["create", "--bundle", idle.to_str().expect("utf-8"), "five"]);
+    assert!(!out.status.success(), "a namespace with five interfaces");
     assert!(
-        text(&out.stderr).contains("has 2 interfaces (eth0, net1)"),
+        text(&out.stderr)
+            .contains("has 5 interfaces (eth0, net1, net2, net3, net4); husk carries at most 4"),
         "{}",
         text(&out.stderr)
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
-    assert_same(&with_two, &after, "after the refused create");
-    assert_same(&before, &ns.snapshot(), "without its second interface");
+    assert_same(&with_five, &ns.snapshot(), "after the refused create");
 }
 
 /// A CNI that gives the pod a /32 address and a gateway outside it, as Calico and Cilium do:
@@ -578,17 +723,24 @@ fn assert_published(
     ip
 }
 
-#[test]
-fn podman_publishes_a_port_of_a_husk_container() {
-    let test = "podman_publishes_a_port_of_a_husk_container";
-    let Some(env) = OciEnv::new(test) else {
-        return;
-    };
+/// A podman test's environment, podman with the busybox image, and `/dev/net/tun`; `None`
+/// where the test cannot run (it says so). podman goes first when the pair does (its
+/// containers before the environment's state).
+fn podman_test(test: &str) -> Option<(OciEnv, husk_tests::oci::Podman)> {
+    let env = OciEnv::new(test)?;
     if !client_available(test, "podman") {
-        return;
+        return None;
     }
     husk_tests::load_tun().expect("/dev/net/tun");
     let podman = env.podman_with_busybox();
+    Some((env, podman))
+}
+
+#[test]
+fn podman_publishes_a_port_of_a_husk_container() {
+    let Some((env, podman)) = podman_test("podman_publishes_a_port_of_a_husk_container") else {
+        return;
+    };
     let out = podman.run(&[
         "run",
         "-d",
@@ -641,6 +793,90 @@ fn podman_publishes_a_port_of_a_husk_container() {
     );
     let out = podman.run(&["rm", "-f", "-t", "2", "web"]);
     assert!(out.status.success(), "rm -f: {}", text(&out.stderr));
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),
+        "{:?}",
+        env.vmms_left()
+    );
+}
+
+/// Two podman networks, one container on both (`--network a --network b`): the namespace podman
+/// prepares has an interface for each, the microVM a card for each, and the host reaches the
+/// container at both of its addresses. Nothing of husk is left once the container is gone.
+#[test]
+fn podman_runs_a_husk_container_on_two_networks() {
+    let Some((env, podman)) = podman_test("podman_runs_a_husk_container_on_two_networks") else {
+        return;
+    };
+    /// podman's networks are the host's, not of its `--root`: removed however the test ends.
+    struct Networks<'a>(&'a husk_tests::oci::Podman, [&'static str; 2]);
+    impl Drop for Networks<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["rm", "-f", "-t", "2", "multi"]);
+            for name in self.1 {
+                let _ = self.0.run(&["network", "rm", "-f", name]);
+            }
+        }
+    }
+    let networks = Networks(&podman, ["husk-test-net-a", "husk-test-net-b"]);
+    for (name, subnet) in networks.1.iter().zip(["10.210.1.0/24", "10.210.2.0/24"]) {
+        let _ = podman.run(&["network", "rm", "-f", name]);
+        let out = podman.run(&["network", "create", "--subnet", subnet, name]);
+        assert!(
+            out.status.success(),
+            "network create {name}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = podman.run(&[
+        "run",
+        "-d",
+        "--name",
+        "multi",
+        "--network",
+        networks.1[0],
+        "--network",
+        networks.1[1],
+        "localhost/bb",
+        "sh",
+        "-c",
+        HTTPD,
+    ]);
+    assert!(
+        out.status.success(),
+        "podman run on two networks: {}{}",
+        text(&out.stderr),
+        env.logs()
+    );
+    let out = podman.run(&[
+        "inspect",
+        "--format",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        "multi",
+    ]);
+    let ips: Vec<String> = text(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        ips.len(),
+        2,
+        "multi's addresses: {:?} {}",
+        ips,
+        text(&out.stderr)
+    );
+    for ip in &ips {
+        let body = fetch(ip, 80, Duration::from_secs(120));
+        assert_eq!(
+            body.as_deref(),
+            Some("hello-from-husk\n"),
+            "httpd at {ip}: {}{}",
+            text(&podman.run(&["exec", "multi", "ip", "addr"]).stdout),
+            env.logs()
+        );
+    }
+    drop(networks);
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
     assert!(
         wait_until(Duration::from_secs(30), || env.vmms_left().is_empty()),

@@ -216,20 +216,19 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Vmm, BuildError> {
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
     let (vsock, balloon, fs_event_manager) =
         attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
-    if let Some(net_cfg) = &cfg.net {
+    // The cards in order: the guest's driver names them eth0, eth1, ... as it finds them.
+    for (card, net_cfg) in cfg.net.iter().enumerate() {
         let tap = CardBackend::Tap(take_tap(net_cfg)?);
         let net = Arc::new(Mutex::new(Net::new(tap, net_cfg.mac, net_cfg.mtu)?));
         mmio.attach_virtio_device("net", net, &mut event_manager, &mut cmdline)?;
-        for param in [net_cfg.kernel_ip_param(), net_cfg.kernel_ip6_param()]
-            .into_iter()
-            .flatten()
-            .chain(net_cfg.kernel_addr_params())
-            .chain(net_cfg.kernel_route_params())
-        {
+        for param in net_cfg.boot_params(card) {
             cmdline.insert_str(&param).map_err(BuildError::Cmdline)?;
         }
-    } else if cfg.template_card && template_job.is_some() {
-        attach_template_card(None, &mut mmio, &mut event_manager, &mut cmdline)?;
+    }
+    if cfg.net.is_empty() && template_job.is_some() {
+        for _ in 0..cfg.template_cards {
+            attach_template_card(None, &mut mmio, &mut event_manager, &mut cmdline)?;
+        }
     }
 
     if let Some(extra) = &cfg.cmdline_extra {
@@ -446,9 +445,9 @@ fn template_job(
     cfg: &VmConfig,
     dir: &std::path::Path,
 ) -> Result<(std::path::PathBuf, TemplateInputs), BuildError> {
-    if cfg.net.is_some() {
+    if !cfg.net.is_empty() {
         return Err(BuildError::TemplateConfig(
-            "a template has no network card (the sandbox's card is not in it)",
+            "a template has no network card on a TAP (the sandbox's cards are not in it)",
         ));
     }
     if cfg.shared_dir.is_none() {
@@ -665,8 +664,8 @@ fn restore_microvm(cfg: &VmConfig, dir: &std::path::Path) -> Result<Vmm, BuildEr
     let mut event_manager = DeviceEventManager::new().map_err(BuildError::EventManager)?;
     let (vsock, _, fs_event_manager) =
         attach_common_devices(cfg, &mut mmio, &mut event_manager, &mut cmdline)?;
-    if let Some(net_cfg) = &cfg.net {
-        // A template without a card is refused below: its devices differ.
+    for net_cfg in &cfg.net {
+        // A template with another number of cards is refused below: its devices differ.
         let tap = take_tap(net_cfg)?;
         attach_template_card(Some(tap), &mut mmio, &mut event_manager, &mut cmdline)?;
     }

@@ -69,6 +69,9 @@ pub enum ConfigError {
     /// The shared directory does not exist or is not a directory.
     #[error("shared directory {0}: no such directory")]
     SharedDirMissing(PathBuf),
+    /// More network cards than a VM has.
+    #[error("{0} network cards, at most {MAX_NET_CARDS} are supported")]
+    TooManyCards(usize),
     /// More routes for the network card than the guest's command line holds.
     #[error("{0} routes for the network card, at most {MAX_NET_ROUTES} are supported")]
     TooManyRoutes(usize),
@@ -110,15 +113,16 @@ pub struct VmConfig {
     /// The most inodes of the share the guest may hold; `None`: by its memory
     /// ([`crate::devices::virtio::fs::max_inodes_for`]).
     pub share_max_inodes: Option<usize>,
-    /// A network card over an inherited TAP device.
-    pub net: Option<NetConfig>,
+    /// The network cards, each over an inherited TAP device (`eth0`, `eth1`, ... in the guest,
+    /// in this order; at most [`MAX_NET_CARDS`]).
+    pub net: Vec<NetConfig>,
     /// Boot the guest to its agent's readiness, save it as a template into this (new)
     /// directory and exit (see [`crate::snapshot`]).
     pub template_out: Option<PathBuf>,
-    /// With `template_out`: the template's guest has a network card on no TAP, for sandboxes
-    /// with a card to restore (their TAP goes under it, and the agent configures it from the
-    /// renewal: [`NetConfig::renewal_params`]).
-    pub template_card: bool,
+    /// With `template_out`: the template's guest has this many network cards on no TAP, for
+    /// sandboxes with as many cards to restore (their TAPs go under them, and the agent
+    /// configures them from the renewal: [`NetConfig::renewal_params`]).
+    pub template_cards: u8,
     /// Start by restoring the template in this directory instead of booting.
     pub restore_from: Option<PathBuf>,
     /// Where the seccomp trap writes which call ended the VMM (see [`crate::seccomp`]).
@@ -163,15 +167,20 @@ pub struct NetRoute {
     pub dst: std::net::IpAddr,
     pub prefix_len: u8,
     pub via: Option<std::net::IpAddr>,
+    /// The route's metric; 0: the family's default (0 for IPv4, 1024 for IPv6).
+    pub metric: u32,
 }
 
 impl std::fmt::Display for NetRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.dst, self.prefix_len)?;
-        match self.via {
-            Some(via) => write!(f, ",{via}"),
-            None => Ok(()),
+        if let Some(via) = self.via {
+            write!(f, ",{via}")?;
         }
+        if self.metric != 0 {
+            write!(f, ",metric={}", self.metric)?;
+        }
+        Ok(())
     }
 }
 
@@ -182,9 +191,19 @@ pub const MAX_NET_ROUTES: usize = 16;
 /// The most further addresses a card carries (each a parameter on the guest's command line).
 pub const MAX_NET_ADDRESSES: usize = 8;
 
-/// The kernel command-line parameter the guest agent reads a further address of the card
-/// from, once per address: `husk.addr=<address>/<prefix>`.
-pub const ADDR_PARAM: &str = "husk.addr";
+/// The most network cards a VM has.
+pub const MAX_NET_CARDS: usize = husk_agent_protocol::MAX_NET_CARDS;
+
+/// The name of the agent's network parameter `key` for card `card` (see
+/// [`husk_agent_protocol::net_param`]): `addr` (a further address, once per address:
+/// `husk.addr=<address>/<prefix>`), `route` (once per route, in order:
+/// `husk.route=<destination>/<prefix>[,<gateway>][,metric=<n>]`), `ip6`
+/// (`husk.ip6=<address>/<prefix>[,<gateway>]`: the kernel's `ip=` is IPv4 only), and, where the
+/// kernel's `ip=` and the card's configuration space do not serve (a restored guest, a card
+/// other than the first), `mac`, `mtu` and `ip4`.
+fn param(card: usize, key: &str) -> String {
+    husk_agent_protocol::net_param(card, key)
+}
 
 /// Parses an IPv4 or IPv6 address with a prefix length, `10.0.0.3/24` or `fd00::3/64`.
 pub fn parse_cidr(text: &str) -> Result<(std::net::IpAddr, u8), String> {
@@ -201,23 +220,27 @@ pub fn parse_cidr(text: &str) -> Result<(std::net::IpAddr, u8), String> {
     Ok((addr, prefix))
 }
 
-/// The kernel command-line parameter the guest agent reads a route from, once per route:
-/// `husk.route=<destination>/<prefix>[,<gateway>]`.
-pub const ROUTE_PARAM: &str = "husk.route";
-
-/// Parses a route, `10.0.0.0/8,169.254.1.1` or `169.254.1.1/32` (IPv4 or IPv6; a gateway of
-/// the destination's family).
+/// Parses a route, `10.0.0.0/8,169.254.1.1`, `169.254.1.1/32` or
+/// `0.0.0.0/0,10.0.0.1,metric=100` (IPv4 or IPv6; a gateway of the destination's family).
 pub fn parse_route(text: &str) -> Result<NetRoute, String> {
     let bad = || {
         format!(
-            "{text:?} is not a route (destination/prefix, then ,gateway if there is one: \
-             10.0.0.0/8,169.254.1.1)"
+            "{text:?} is not a route (destination/prefix, then ,gateway if there is one, then \
+             ,metric=N if it has one: 10.0.0.0/8,169.254.1.1,metric=100)"
         )
     };
-    let (cidr, via) = match text.split_once(',') {
-        Some((cidr, via)) => (cidr, Some(via)),
-        None => (text, None),
-    };
+    let mut parts = text.split(',');
+    let cidr = parts.next().ok_or_else(bad)?;
+    let mut via = None;
+    let mut metric = None;
+    for part in parts {
+        match part.strip_prefix("metric=") {
+            Some(m) if metric.is_none() => metric = Some(m.parse::<u32>().map_err(|_| bad())?),
+            None if via.is_none() && metric.is_none() => via = Some(part),
+            _ => return Err(bad()),
+        }
+    }
+    let metric = metric.unwrap_or(0);
     let (dst, prefix) = cidr.split_once('/').ok_or_else(bad)?;
     let dst: std::net::IpAddr = dst.parse().map_err(|_| bad())?;
     let max = if dst.is_ipv4() { 32 } else { 128 };
@@ -236,6 +259,7 @@ pub fn parse_route(text: &str) -> Result<NetRoute, String> {
         dst,
         prefix_len,
         via,
+        metric,
     })
 }
 
@@ -256,9 +280,10 @@ impl NetConfig {
         }
     }
 
-    /// The kernel's IP autoconfiguration parameter for this card (`eth0`), if it has an
+    /// The kernel's IP autoconfiguration parameter for the first card (`eth0`), if it has an
     /// address: `ip=<address>::<gateway>:<netmask>::eth0:off`. A gateway outside the subnet
-    /// is left out here; the agent adds the default route through it ([`Self::kernel_route_params`]).
+    /// is left out here; the agent adds the default route through it
+    /// ([`Self::kernel_route_params`]).
     pub fn kernel_ip_param(&self) -> Option<String> {
         let (addr, prefix) = self.ipv4?;
         let mask = std::net::Ipv4Addr::from(ipv4_mask(prefix));
@@ -269,10 +294,10 @@ impl NetConfig {
         Some(format!("ip={addr}::{gateway}:{mask}::eth0:off"))
     }
 
-    /// The agent's route parameters ([`ROUTE_PARAM`]): the card's routes in order, then the
-    /// IPv4 default route if its gateway is outside the subnet (after the link route to it,
-    /// which such a network has among its routes).
-    pub fn kernel_route_params(&self) -> Vec<String> {
+    /// The agent's route parameters for this card as card `card`: its routes in order, then
+    /// the IPv4 default route if its gateway is outside the subnet (after the link route to
+    /// it, which such a network has among its routes).
+    pub fn kernel_route_params(&self, card: usize) -> Vec<String> {
         let mut routes = self.routes.clone();
         if let (Some(via), false) = (self.gateway, self.gateway_on_subnet()) {
             if self.ipv4.is_some() {
@@ -280,70 +305,72 @@ impl NetConfig {
                     dst: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                     prefix_len: 0,
                     via: Some(std::net::IpAddr::V4(via)),
+                    metric: 0,
                 });
             }
         }
-        routes
-            .iter()
-            .map(|r| format!("{ROUTE_PARAM}={r}"))
-            .collect()
+        let name = param(card, "route");
+        routes.iter().map(|r| format!("{name}={r}")).collect()
     }
 
-    /// The agent's parameters for the card's further addresses ([`ADDR_PARAM`]), in order.
-    pub fn kernel_addr_params(&self) -> Vec<String> {
+    /// The agent's parameters for this card's further addresses as card `card`, in order.
+    pub fn kernel_addr_params(&self, card: usize) -> Vec<String> {
+        let name = param(card, "addr");
         self.addresses
             .iter()
-            .map(|(addr, prefix)| format!("{ADDR_PARAM}={addr}/{prefix}"))
+            .map(|(addr, prefix)| format!("{name}={addr}/{prefix}"))
             .collect()
     }
-}
 
-/// The kernel command-line parameter the guest agent reads its IPv6 configuration from.
-pub const IP6_PARAM: &str = "husk.ip6";
+    /// The agent's IPv6 parameter for this card as card `card`, if it has an IPv6 address:
+    /// `husk.ip6=<address>/<prefix>[,<gateway>]`.
+    pub fn kernel_ip6_param(&self, card: usize) -> Option<String> {
+        let (addr, prefix) = self.ipv6?;
+        let gateway = self.gateway6.map(|g| format!(",{g}")).unwrap_or_default();
+        Some(format!("{}={addr}/{prefix}{gateway}", param(card, "ip6")))
+    }
 
-/// The renewal's parameters for the card's MAC address, MTU and first IPv4 address, which a
-/// booted guest takes from the card and the kernel's `ip=` (the agent's `init::MAC_PARAM`,
-/// `MTU_PARAM` and `IP4_PARAM`).
-pub const MAC_PARAM: &str = "husk.mac";
-pub const MTU_PARAM: &str = "husk.mtu";
-pub const IP4_PARAM: &str = "husk.ip4";
+    /// What a booted guest's command line carries for this card as card `card`. The first
+    /// card (`eth0`): the kernel's `ip=` ([`Self::kernel_ip_param`]), then the agent's IPv6
+    /// parameter, further addresses and routes. Any other: the whole card, as a renewal
+    /// carries it ([`Self::renewal_params`]), since the kernel's `ip=` configures one device.
+    pub fn boot_params(&self, card: usize) -> Vec<String> {
+        if card > 0 {
+            return self.renewal_params(card);
+        }
+        self.kernel_ip_param()
+            .into_iter()
+            .chain(self.kernel_ip6_param(card))
+            .chain(self.kernel_addr_params(card))
+            .chain(self.kernel_route_params(card))
+            .collect()
+    }
 
-impl NetConfig {
-    /// The card's whole configuration for the agent of a guest restored from a template with
-    /// a card ([`husk_agent_protocol::Renewal::network`]): its MAC address, MTU, first IPv4
-    /// address, the IPv6 parameter, further addresses, then the routes: the IPv4 default route
-    /// first when its gateway is on the subnet (the kernel's `ip=` adds that one in a booted
-    /// guest), then those of [`Self::kernel_route_params`].
-    pub fn renewal_params(&self) -> Vec<String> {
+    /// The card's whole configuration as card `card` for the agent of a guest restored from a
+    /// template with cards ([`husk_agent_protocol::Renewal::network`]): its MAC address, MTU,
+    /// first IPv4 address, the IPv6 parameter, further addresses, then the routes: the IPv4
+    /// default route first when its gateway is on the subnet (the kernel's `ip=` adds that one
+    /// in a booted guest), then those of [`Self::kernel_route_params`].
+    pub fn renewal_params(&self, card: usize) -> Vec<String> {
         let mac = self
             .mac
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(":");
-        let mut params = vec![format!("{MAC_PARAM}={mac}")];
-        params.extend(self.mtu.map(|mtu| format!("{MTU_PARAM}={mtu}")));
+        let mut params = vec![format!("{}={mac}", param(card, "mac"))];
+        params.extend(self.mtu.map(|mtu| format!("{}={mtu}", param(card, "mtu"))));
         params.extend(
             self.ipv4
-                .map(|(addr, prefix)| format!("{IP4_PARAM}={addr}/{prefix}")),
+                .map(|(addr, prefix)| format!("{}={addr}/{prefix}", param(card, "ip4"))),
         );
-        params.extend(self.kernel_ip6_param());
-        params.extend(self.kernel_addr_params());
+        params.extend(self.kernel_ip6_param(card));
+        params.extend(self.kernel_addr_params(card));
         if let (Some(gateway), true) = (self.gateway, self.gateway_on_subnet()) {
-            params.push(format!("{ROUTE_PARAM}=0.0.0.0/0,{gateway}"));
+            params.push(format!("{}=0.0.0.0/0,{gateway}", param(card, "route")));
         }
-        params.extend(self.kernel_route_params());
+        params.extend(self.kernel_route_params(card));
         params
-    }
-}
-
-impl NetConfig {
-    /// The agent's IPv6 parameter for this card, if it has an IPv6 address:
-    /// `husk.ip6=<address>/<prefix>[,<gateway>]`.
-    pub fn kernel_ip6_param(&self) -> Option<String> {
-        let (addr, prefix) = self.ipv6?;
-        let gateway = self.gateway6.map(|g| format!(",{g}")).unwrap_or_default();
-        Some(format!("{IP6_PARAM}={addr}/{prefix}{gateway}"))
     }
 }
 
@@ -418,9 +445,9 @@ impl VmConfig {
             shared_dir: None,
             share_cache: Default::default(),
             share_max_inodes: None,
-            net: None,
+            net: Vec::new(),
             template_out: None,
-            template_card: false,
+            template_cards: 0,
             restore_from: None,
             seccomp_report: None,
             userns_fd: None,
@@ -490,7 +517,11 @@ impl VmConfig {
         if let Some(dir) = &self.shared_dir {
             validate_shared_dir(dir)?;
         }
-        if let Some(net) = &self.net {
+        let cards = self.net.len().max(usize::from(self.template_cards));
+        if cards > MAX_NET_CARDS {
+            return Err(ConfigError::TooManyCards(cards));
+        }
+        for net in &self.net {
             if net.routes.len() > MAX_NET_ROUTES {
                 return Err(ConfigError::TooManyRoutes(net.routes.len()));
             }
@@ -674,8 +705,8 @@ mod tests {
             routes: vec![],
             addresses: vec![],
         };
-        assert_eq!(net.kernel_route_params(), Vec::<String>::new());
-        assert_eq!(net.kernel_addr_params(), Vec::<String>::new());
+        assert_eq!(net.kernel_route_params(0), Vec::<String>::new());
+        assert_eq!(net.kernel_addr_params(0), Vec::<String>::new());
         assert_eq!(parse_mtu("1450"), Ok(1450));
         for bad in ["67", "65536", "", "x", "-1"] {
             assert!(parse_mtu(bad).is_err(), "{bad}");
@@ -692,15 +723,15 @@ mod tests {
         );
         net.ipv4 = None;
         assert_eq!(net.kernel_ip_param(), None);
-        assert_eq!(net.kernel_ip6_param(), None);
+        assert_eq!(net.kernel_ip6_param(0), None);
         net.ipv6 = Some(parse_ipv6_cidr("fd00:88::5/64").expect("cidr"));
         assert_eq!(
-            net.kernel_ip6_param().as_deref(),
+            net.kernel_ip6_param(0).as_deref(),
             Some("husk.ip6=fd00:88::5/64")
         );
         net.gateway6 = Some("fd00:88::1".parse().expect("ip"));
         assert_eq!(
-            net.kernel_ip6_param().as_deref(),
+            net.kernel_ip6_param(0).as_deref(),
             Some("husk.ip6=fd00:88::5/64,fd00:88::1")
         );
         for bad in ["fd00::5", "fd00::5/129", "fd00::5/0", "10.0.0.1/24"] {
@@ -743,7 +774,7 @@ mod tests {
             ],
         };
         assert_eq!(
-            net.kernel_addr_params(),
+            net.kernel_addr_params(0),
             vec![
                 "husk.addr=10.89.0.5/16".to_string(),
                 "husk.addr=fd00:88::6/64".to_string()
@@ -765,7 +796,7 @@ mod tests {
             addresses: vec![parse_cidr("10.89.0.5/16").expect("cidr")],
         };
         assert_eq!(
-            net.renewal_params(),
+            net.renewal_params(0),
             [
                 "husk.mac=02:00:0a:58:00:05",
                 "husk.mtu=1450",
@@ -785,13 +816,67 @@ mod tests {
         net.mtu = None;
         net.addresses.clear();
         assert_eq!(
-            net.renewal_params(),
+            net.renewal_params(0),
             [
                 "husk.mac=02:00:0a:58:00:05",
                 "husk.ip4=10.244.1.5/32",
                 "husk.route=169.254.1.1/32",
                 "husk.route=0.0.0.0/0,169.254.1.1",
             ]
+        );
+    }
+
+    #[test]
+    fn a_card_other_than_the_first_carries_its_whole_configuration_by_name() {
+        let net = NetConfig {
+            tap_fd: 4,
+            mac: [2, 0, 0x0a, 0x59, 0, 5],
+            ipv4: Some(("10.89.0.5".parse().expect("ip"), 16)),
+            gateway: Some("10.89.0.1".parse().expect("ip")),
+            ipv6: Some(parse_ipv6_cidr("fd00:89::5/64").expect("cidr")),
+            gateway6: None,
+            mtu: Some(1400),
+            routes: vec![parse_route("0.0.0.0/0,10.89.0.254,metric=101").expect("route")],
+            addresses: vec![parse_cidr("10.90.0.5/16").expect("cidr")],
+        };
+        let expected = [
+            "husk.eth1.mac=02:00:0a:59:00:05",
+            "husk.eth1.mtu=1400",
+            "husk.eth1.ip4=10.89.0.5/16",
+            "husk.eth1.ip6=fd00:89::5/64",
+            "husk.eth1.addr=10.90.0.5/16",
+            "husk.eth1.route=0.0.0.0/0,10.89.0.1",
+            "husk.eth1.route=0.0.0.0/0,10.89.0.254,metric=101",
+        ];
+        // Booted or restored alike: the kernel's ip= is the first card's only.
+        assert_eq!(net.boot_params(1), expected);
+        assert_eq!(net.renewal_params(1), expected);
+        // As the first card, a booted guest's kernel takes the IPv4 address and gateway.
+        assert_eq!(
+            net.boot_params(0),
+            [
+                "ip=10.89.0.5::10.89.0.1:255.255.0.0::eth0:off",
+                "husk.ip6=fd00:89::5/64",
+                "husk.addr=10.90.0.5/16",
+                "husk.route=0.0.0.0/0,10.89.0.254,metric=101",
+            ]
+        );
+    }
+
+    #[test]
+    fn more_cards_than_a_vm_has_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let kernel = file_with(b"\x7fELF\x02");
+        let mut cfg = VmConfig::new(kernel.path(), dir.path().join("v.sock"));
+        cfg.template_cards = u8::try_from(MAX_NET_CARDS + 1).expect("small");
+        let err = cfg.validate().expect_err("too many cards");
+        assert!(matches!(err, ConfigError::TooManyCards(n) if n == MAX_NET_CARDS + 1));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} network cards, at most {MAX_NET_CARDS} are supported",
+                MAX_NET_CARDS + 1
+            )
         );
     }
 
@@ -806,6 +891,15 @@ mod tests {
                 .to_string(),
             "fd00:1::/64,fe80::1"
         );
+        let route = parse_route("0.0.0.0/0,10.0.0.1,metric=100").expect("route");
+        assert_eq!(
+            (route.via, route.metric),
+            (Some("10.0.0.1".parse().expect("ip")), 100)
+        );
+        assert_eq!(route.to_string(), "0.0.0.0/0,10.0.0.1,metric=100");
+        let route = parse_route("fd00::/64,metric=7").expect("route");
+        assert_eq!((route.via, route.metric), (None, 7));
+        assert_eq!(route.to_string(), "fd00::/64,metric=7");
         for bad in [
             "10.0.0.0",
             "10.0.0.0/33",
@@ -814,6 +908,10 @@ mod tests {
             "10.0.0.0/8,x",
             "x/8",
             "",
+            "10.0.0.0/8,metric=1,10.0.0.1",
+            "10.0.0.0/8,10.0.0.1,10.0.0.2",
+            "10.0.0.0/8,metric=x",
+            "10.0.0.0/8,metric=1,metric=2",
         ] {
             assert!(parse_route(bad).is_err(), "{bad}");
         }
@@ -834,7 +932,7 @@ mod tests {
             Some("ip=10.244.1.5:::255.255.255.255::eth0:off")
         );
         assert_eq!(
-            net.kernel_route_params(),
+            net.kernel_route_params(0),
             vec![
                 "husk.route=169.254.1.1/32".to_string(),
                 "husk.route=0.0.0.0/0,169.254.1.1".to_string()
@@ -850,7 +948,7 @@ mod tests {
             .kernel_ip_param()
             .expect("ip=")
             .contains("::169.254.1.1:255.255.255.0:"));
-        assert!(net.kernel_route_params().is_empty());
+        assert!(net.kernel_route_params(0).is_empty());
     }
 
     #[test]

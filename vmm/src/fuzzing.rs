@@ -109,15 +109,20 @@ fn play(device: Device, data: &[u8]) -> Guest {
     guest
 }
 
-/// Parses `data` as the text of a network handoff (see [`crate::net_handoff`]), with and
-/// without a descriptor beside it.
+/// Parses `data` as the text of a network handoff (see [`crate::net_handoff`]), with no
+/// descriptor beside it, with one and with two; and as the value of `husk-vmm --net-card`.
 pub fn net_handoff(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     let _ = crate::net_handoff::parse(text, Vec::new());
-    let fd = std::fs::File::open("/dev/null").unwrap();
-    let _ = crate::net_handoff::parse(text, vec![fd.into()]);
+    for count in 1..=2 {
+        let fds = (0..count)
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect();
+        let _ = crate::net_handoff::parse(text, fds);
+    }
+    let _ = crate::net_handoff::parse_card(text, true);
 }
 
 /// The input, read front to back; reads past its end give zeros.

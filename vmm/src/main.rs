@@ -97,20 +97,27 @@ struct Args {
     /// (10.0.0.3/24, fd00::3/64); repeatable, added by the agent.
     #[arg(long, value_parser = husk_vmm::config::parse_cidr, requires = "net_tap_fd")]
     net_addr: Vec<(std::net::IpAddr, u8)>,
-    /// Before building the microVM, wait (up to the agent timeout) for the network card on
-    /// this inherited Unix socket: the runtime sends it once the engine's hooks have configured
-    /// this process's network namespace (see `husk_vmm::net_handoff`).
-    #[arg(long, conflicts_with_all = ["net_tap_fd", "template_out", "restore"])]
+    /// A network card, in the words of `husk_vmm::net_handoff` with its inherited TAP as
+    /// `tap=<fd>`: "tap=5 mac=02:00:0a:58:00:05 mtu=1450 ip=10.88.0.5/16 gateway=10.88.0.1
+    /// route=10.9.0.0/16,10.88.0.1"; repeatable, one card each (eth0, eth1, ... in the guest,
+    /// in this order; at most 4). The --net-* options above are the first card's in options of
+    /// their own.
+    #[arg(long = "net-card", value_parser = parse_net_card, conflicts_with = "net_tap_fd")]
+    net_cards: Vec<husk_vmm::config::NetConfig>,
+    /// Before building the microVM, wait (up to the agent timeout) for the network cards on
+    /// this inherited Unix socket: the runtime sends them once the engine's hooks have
+    /// configured this process's network namespace (see `husk_vmm::net_handoff`).
+    #[arg(long, conflicts_with_all = ["net_tap_fd", "net_cards", "template_out", "restore"])]
     net_from_fd: Option<i32>,
     /// Boot the guest until its agent is ready, save it as a template into this directory
     /// (which must exist and be empty), and exit 0. Needs --shared-dir (an empty directory);
-    /// no TAP (see --template-net-card).
-    #[arg(long, conflicts_with_all = ["restore", "supervise", "net_tap_fd", "net_from_fd"])]
+    /// no TAP (see --template-net-cards).
+    #[arg(long, conflicts_with_all = ["restore", "supervise", "net_tap_fd", "net_cards", "net_from_fd"])]
     template_out: Option<PathBuf>,
-    /// The template's guest has a network card on no TAP, down and without an address: for
-    /// sandboxes with a card (--net-tap-fd) to restore.
-    #[arg(long, requires = "template_out")]
-    template_net_card: bool,
+    /// The template's guest has this many network cards on no TAP, down and without an
+    /// address: for sandboxes with as many cards (--net-card, --net-tap-fd) to restore.
+    #[arg(long, default_value_t = 0, requires = "template_out")]
+    template_net_cards: u8,
     /// Start by restoring the template in this directory instead of booting. Exits with
     /// status 3 when the template cannot be used (nothing of the guest ran).
     #[arg(long)]
@@ -150,7 +157,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             .share_max_inodes
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         net: match (args.net_tap_fd, args.net_mac) {
-            (Some(tap_fd), Some(mac)) => Some(husk_vmm::config::NetConfig {
+            (Some(tap_fd), Some(mac)) => vec![husk_vmm::config::NetConfig {
                 tap_fd,
                 mac,
                 ipv4: args.net_ip,
@@ -160,11 +167,11 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 mtu: args.net_mtu,
                 routes: args.net_route,
                 addresses: args.net_addr,
-            }),
-            _ => None,
+            }],
+            _ => args.net_cards,
         },
         template_out: args.template_out,
-        template_card: args.template_net_card,
+        template_cards: args.template_net_cards,
         restore_from: args.restore,
         seccomp_report: args.seccomp_report,
         userns_fd: args.userns_fd,
@@ -196,6 +203,11 @@ fn run(args: Args) -> anyhow::Result<i32> {
         result => result.context("the microVM failed")?,
     };
     Ok(exit.exit_code())
+}
+
+/// `--net-card`'s value: one card's words with its TAP (see `husk_vmm::net_handoff`).
+fn parse_net_card(text: &str) -> Result<husk_vmm::config::NetConfig, String> {
+    husk_vmm::net_handoff::parse_card(text, true)
 }
 
 /// Reports a template that could not be used; the exit status tells the runtime to boot.

@@ -348,9 +348,10 @@ impl Vmm {
             agent_timeout: cfg.agent_timeout,
             network_params: cfg
                 .net
-                .as_ref()
-                .map(crate::config::NetConfig::renewal_params)
-                .unwrap_or_default(),
+                .iter()
+                .enumerate()
+                .flat_map(|(card, net)| net.renewal_params(card))
+                .collect(),
             timeline,
             renewed: None,
         }

@@ -189,17 +189,33 @@ pub struct Renewal {
     /// The guest's hostname, if the host has one for it.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// The sandbox's network card, when the template has one: its configuration as the
+    /// The sandbox's network cards, when the template has some: their configuration as the
     /// parameters a booted guest's command line would carry for the agent (`husk.mac=`,
-    /// `husk.mtu=`, `husk.ip4=`, `husk.ip6=`, `husk.addr=`, `husk.route=`; at most
-    /// [`RENEWAL_MAX_NETWORK_PARAMS`] of them). The template's card has no address and is down.
+    /// `husk.mtu=`, `husk.ip4=`, `husk.ip6=`, `husk.addr=`, `husk.route=` for `eth0`, named by
+    /// [`net_param`] for the others; at most [`RENEWAL_MAX_NETWORK_PARAMS`] of them). The
+    /// template's cards have no address and are down.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<String>,
 }
 
-/// Most network parameters a [`Renewal`] carries (the card's addresses and routes with their
-/// MAC, MTU and first address of each family).
-pub const RENEWAL_MAX_NETWORK_PARAMS: usize = 32;
+/// Most network parameters a [`Renewal`] carries: each card's addresses and routes with its
+/// MAC, MTU and first address of each family, for up to [`MAX_NET_CARDS`] cards.
+pub const RENEWAL_MAX_NETWORK_PARAMS: usize = 32 * MAX_NET_CARDS;
+
+/// The most network cards a sandbox has: one virtio-net card per interface of the network
+/// namespace the engine prepared, `eth0`, `eth1`, ... in the guest, in the order of the cards.
+pub const MAX_NET_CARDS: usize = 4;
+
+/// The name of the agent's network parameter `key` (`mac`, `mtu`, `ip4`, `ip6`, `addr`,
+/// `route`) for card `card`: `husk.<key>` for the first card (`eth0`), `husk.eth<card>.<key>`
+/// for the others. Parameters go on a booted guest's command line and in a [`Renewal`].
+pub fn net_param(card: usize, key: &str) -> String {
+    if card == 0 {
+        format!("husk.{key}")
+    } else {
+        format!("husk.eth{card}.{key}")
+    }
+}
 
 /// Fewest bytes of entropy a [`Renewal`] carries.
 pub const RENEWAL_MIN_ENTROPY: usize = 32;
@@ -348,6 +364,23 @@ pub struct Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_card_has_parameter_names_of_its_own() {
+        assert_eq!(net_param(0, "ip4"), "husk.ip4");
+        assert_eq!(net_param(1, "route"), "husk.eth1.route");
+        assert_eq!(net_param(MAX_NET_CARDS - 1, "mac"), "husk.eth3.mac");
+        // No card's name is the start of another's (`husk.eth1.` is not `husk.eth10.`'s).
+        let names: Vec<String> = (0..MAX_NET_CARDS).map(|c| net_param(c, "mtu")).collect();
+        for (i, a) in names.iter().enumerate() {
+            for b in &names[i + 1..] {
+                assert!(
+                    !a.starts_with(b.as_str()) && !b.starts_with(a.as_str()),
+                    "{a} {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn request_json_is_tagged_by_op() {

@@ -235,6 +235,7 @@ pub fn add_ipv6(
             std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
             0,
             Some(std::net::IpAddr::V6(gateway)),
+            0,
         )?;
     }
     Ok(())
@@ -270,12 +271,15 @@ fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr_in {
 }
 
 /// Adds a route to `dst/prefix` through interface `name`: through `via` if given, else on
-/// the link (`SIOCADDRT`; IPv4 and IPv6, the destination's family).
+/// the link, with `metric` (0: the family's default, 0 for IPv4 and 1024 for IPv6, what `ip
+/// route add` gives) (`SIOCADDRT`; IPv4 and IPv6, the destination's family). An IPv4 metric
+/// above 32766 is refused (`EINVAL`): `struct rtentry` holds it, plus one, in a `short`.
 pub fn add_route(
     name: &str,
     dst: std::net::IpAddr,
     prefix: u8,
     via: Option<std::net::IpAddr>,
+    metric: u32,
 ) -> Result<(), Errno> {
     use std::net::IpAddr;
     use std::os::fd::AsRawFd;
@@ -301,7 +305,14 @@ pub fn add_route(
                 pad2: 0,
                 pad3: 0,
                 pad4: std::ptr::null_mut(),
-                metric: 0,
+                // The kernel takes the route's priority as this minus one.
+                metric: match metric {
+                    0 => 0,
+                    m => m
+                        .checked_add(1)
+                        .and_then(|v| libc::c_short::try_from(v).ok())
+                        .ok_or(Errno::EINVAL)?,
+                },
                 dev: name_c.as_ptr().cast_mut(),
                 mtu: 0,
                 window: 0,
@@ -336,8 +347,8 @@ pub fn add_route(
                 kind: 0,
                 dst_len: u16::from(prefix),
                 src_len: 0,
-                // IP6_RT_PRIO_USER, what `ip -6 route add` uses.
-                metric: 1024,
+                // IP6_RT_PRIO_USER, what `ip -6 route add` uses, unless told otherwise.
+                metric: if metric == 0 { 1024 } else { metric },
                 info: 0,
                 flags: (libc::RTF_UP | gateway_flag) as u32,
                 ifindex: libc::c_int::try_from(index).map_err(|_| Errno::EINVAL)?,

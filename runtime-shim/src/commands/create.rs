@@ -176,7 +176,7 @@ pub fn create_container(globals: &Globals, args: &CreateArgs, then: Then) -> Res
     let hooks = Hooks::from_spec(&bundle.spec).map_err(crate::bundle::BundleError::Invalid)?;
     // docker's way: a new network namespace that a prestart hook configures. husk-vmm starts
     // in a namespace of its own, the hooks run, and what they made is handed to the waiting VMM.
-    let hooked_network = network.is_none() && network_by_hooks(&bundle.spec, &hooks);
+    let hooked_network = network.is_empty() && network_by_hooks(&bundle.spec, &hooks);
     if hooked_network {
         crate::shim::translate::use_vm_network(&mut translation.spec);
     }
@@ -185,8 +185,8 @@ pub fn create_container(globals: &Globals, args: &CreateArgs, then: Then) -> Res
     let templates = Templates::new(&cfg);
     let warm = template::wanted(&cfg, &bundle.spec)?;
     let mut template = if warm && !hooked_network {
-        let card = network.is_some();
-        templates.get(&cfg, &kernel, &initramfs, size, card, logging::warn)
+        let cards = u8::try_from(network.len()).context("too many network cards")?;
+        templates.get(&cfg, &kernel, &initramfs, size, cards, logging::warn)
     } else {
         if warm {
             logging::debug(
@@ -258,12 +258,14 @@ pub fn create_container(globals: &Globals, args: &CreateArgs, then: Then) -> Res
         let mut cmd = vmm_command(&cfg, &kernel, &initramfs, size, fs_cache, &dir, debug)
             .with_context(|| format!("preparing {}", dir.vsock_socket().display()))?;
         cmd.arg("--supervise").arg(dir.plan_file());
-        if let Some(net) = &network {
+        let mut tap_fds = Vec::with_capacity(network.len());
+        for net in &network {
             // Inherited under its own number, as the ready pipe is.
             fcntl(net.tap.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
                 .context("passing the TAP to husk-vmm")?;
-            cmd.args(net.vmm_args(net.tap.as_raw_fd()));
+            tap_fds.push(net.tap.as_raw_fd());
         }
+        cmd.args(crate::network::vmm_args(&network, &tap_fds));
         let handoff = if hooked_network {
             let (ours, vmm_end) =
                 std::os::unix::net::UnixStream::pair().context("creating the network socket")?;
@@ -433,38 +435,40 @@ pub fn create_container(globals: &Globals, args: &CreateArgs, then: Then) -> Res
 }
 
 /// The network namespace the spec names (podman's, made by CNI or netavark), carried into the
-/// microVM (see [`crate::network`]): its interface wired to a TAP, recorded in `dir` so that
+/// microVM (see [`crate::network`]): its interfaces wired to TAPs, recorded in `dir` so that
 /// every way the state directory goes undoes it, and the guest spec given the VM's own network
-/// namespace (where the card is). `None`, and a namespace of the guest's own with loopback
+/// namespace (where the cards are). Empty, and a namespace of the guest's own with loopback
 /// only, when the spec names no namespace or the namespace has no Ethernet interface.
 fn carry_network(
     spec: &serde_json::Value,
     dir: &StateDir,
     guest_spec: &mut serde_json::Value,
-) -> Result<Option<crate::network::PodNetwork>> {
+) -> Result<Vec<crate::network::PodNetwork>> {
     let Some(netns) = crate::network::netns_path(spec) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    let Some(net) = crate::network::prepare(&netns)
-        .with_context(|| format!("carrying the network namespace {}", netns.display()))?
-    else {
+    let cards = crate::network::prepare(&netns)
+        .with_context(|| format!("carrying the network namespace {}", netns.display()))?;
+    if cards.is_empty() {
         logging::debug(&format!(
             "network namespace {} has no Ethernet interface: the container gets loopback only",
             netns.display()
         ));
-        return Ok(None);
-    };
-    crate::network::record(&dir.dir, &netns, &net)?;
+        return Ok(cards);
+    }
+    crate::network::record(&dir.dir, &netns, &cards)?;
     crate::shim::translate::use_vm_network(guest_spec);
-    logging::debug(&format!(
-        "{} of {} ({}, {}) goes to the microVM's eth0 through {}",
-        net.interface,
-        netns.display(),
-        net.mac,
-        net.ipv4.as_deref().unwrap_or("no IPv4 address"),
-        crate::network::TAP_NAME
-    ));
-    Ok(Some(net))
+    for (card, net) in cards.iter().enumerate() {
+        logging::debug(&format!(
+            "{} of {} ({}, {}) goes to the microVM's eth{card} through {}",
+            net.interface,
+            netns.display(),
+            net.mac,
+            net.ipv4.as_deref().unwrap_or("no IPv4 address"),
+            crate::network::tap_name(card)
+        ));
+    }
+    Ok(cards)
 }
 
 /// Whether the spec asks for a new network namespace (no `path`) and has hooks that run before
@@ -483,8 +487,8 @@ fn network_by_hooks(spec: &serde_json::Value, hooks: &Hooks) -> bool {
 }
 
 /// Runs the `prestart` and `createRuntime` hooks with husk-vmm (waiting in its own network
-/// namespace) as the container's pid, then carries the interface they made there into a TAP
-/// and hands the card to husk-vmm over `socket` (`none` when they made none). The namespace
+/// namespace) as the container's pid, then carries the interfaces they made there into TAPs
+/// and hands the cards to husk-vmm over `socket` (`none` when they made none). The namespace
 /// is husk-vmm's own (docker keeps it with a bind mount of its own): the TAP and the qdiscs go
 /// with it, so nothing is recorded for `delete`.
 fn hand_over_network(
@@ -503,23 +507,21 @@ fn hand_over_network(
             netns.display()
         )
     })?;
-    let sent = match &net {
-        Some(net) => {
-            logging::debug(&format!(
-                "{} ({}, {}) made by the hooks goes to the microVM's eth0",
-                net.interface,
-                net.mac,
-                net.ipv4.as_deref().unwrap_or("no IPv4 address")
-            ));
-            husk_vmm::net_handoff::send(
-                socket.as_fd(),
-                &net.handoff_message(),
-                Some(net.tap.as_fd()),
-            )
-        }
-        None => husk_vmm::net_handoff::send(socket.as_fd(), "none", None),
-    };
-    sent.context("handing the network card to husk-vmm")
+    for (card, net) in net.iter().enumerate() {
+        logging::debug(&format!(
+            "{} ({}, {}) made by the hooks goes to the microVM's eth{card}",
+            net.interface,
+            net.mac,
+            net.ipv4.as_deref().unwrap_or("no IPv4 address")
+        ));
+    }
+    let taps: Vec<_> = net.iter().map(|n| n.tap.as_fd()).collect();
+    husk_vmm::net_handoff::send(
+        socket.as_fd(),
+        &crate::network::handoff_message(&net),
+        &taps,
+    )
+    .context("handing the network cards to husk-vmm")
 }
 
 /// The host CPUs the container's `husk-vmm` is pinned to: its cpuset

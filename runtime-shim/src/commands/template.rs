@@ -19,9 +19,16 @@ pub enum TemplateCmd {
         /// Memory in MiB (default: config.toml's default_mem_mib).
         #[arg(long)]
         mem_mib: Option<u32>,
-        /// The template of sandboxes with a network card (pods, podman's networks).
-        #[arg(long)]
-        net: bool,
+        /// The template of sandboxes with network cards (pods, podman's networks): `--net` for
+        /// one card, `--net N` for N (at most 4).
+        #[arg(
+            long,
+            num_args = 0..=1,
+            default_value_t = 0,
+            default_missing_value = "1",
+            value_parser = clap::value_parser!(u8).range(0..=crate::network::MAX_CARDS as i64)
+        )]
+        net: u8,
     },
     /// Remove every template (sandboxes rebuild them as they need them).
     Clear,

@@ -102,15 +102,16 @@ impl Sandbox {
             .open(dir.log_file())
             .with_context(|| format!("cannot create {}", dir.log_file().display()))?;
         let socket = dir.vsock_socket();
-        // The pod's CNI interface, carried into the VM over a TAP (see `crate::network`).
+        // The pod's CNI interfaces, carried into the VM over TAPs (see `crate::network`).
         let network = match network::netns_path(spec) {
             Some(netns) => network::prepare(&netns)
                 .with_context(|| format!("wiring the pod's network {}", netns.display()))?,
-            None => None,
+            None => Vec::new(),
         };
+        let cards = u8::try_from(network.len()).context("too many network cards")?;
         let templates = Templates::new(&cfg);
         let mut template = if template::wanted(&cfg, spec)? {
-            templates.get(&cfg, &kernel, &initramfs, size, network.is_some(), |m| {
+            templates.get(&cfg, &kernel, &initramfs, size, cards, |m| {
                 log::warn!("{m}")
             })
         } else {
@@ -125,22 +126,25 @@ impl Sandbox {
             if let Some(template) = &template {
                 cmd.arg("--restore").arg(template);
             }
-            if let Some(net) = &network {
+            let mut tap_fds = Vec::with_capacity(network.len());
+            for (card, net) in network.iter().enumerate() {
                 log::info!(
-                    "sandbox {id}: the pod's {} ({}, {}) goes to the VM's eth0 through {}",
+                    "sandbox {id}: the pod's {} ({}, {}) goes to the VM's eth{card} through {}",
                     net.interface,
                     net.mac,
                     net.ipv4.as_deref().unwrap_or("no IPv4 address"),
-                    network::TAP_NAME
+                    network::tap_name(card)
                 );
-                cmd.args(net.vmm_args(VMM_TAP_FD));
+                // Inherited under its own number (above the standard streams).
                 let tap = net.tap.as_raw_fd();
-                // SAFETY: between fork and exec the closure only calls dup2(2)/fcntl(2), which
-                // are async-signal-safe, on descriptors that are open in the child.
+                tap_fds.push(tap);
+                // SAFETY: between fork and exec the closure only calls fcntl(2), which is
+                // async-signal-safe, on a descriptor that is open in the child.
                 unsafe {
-                    cmd.pre_exec(move || pass_fd(tap, VMM_TAP_FD));
+                    cmd.pre_exec(move || inherit_fd(tap));
                 }
             }
+            cmd.args(network::vmm_args(&network, &tap_fds));
             if let Some(cgroup) = &cgroup {
                 cgroup.join_on_exec(&mut cmd);
             }
@@ -209,7 +213,7 @@ impl Sandbox {
                 templates.discard(&dir);
             }
         };
-        // The VMM has its own copy of the TAP now.
+        // The VMM has its own copies of the TAPs now.
         drop(network);
         let mut child = guard.child.take().context("the VMM handle is gone")?;
         guard.armed = false;
@@ -355,21 +359,11 @@ impl Sandbox {
     }
 }
 
-/// The descriptor number the VMM finds the pod's TAP at.
-const VMM_TAP_FD: i32 = 3;
-
-/// In a forked child: makes `fd` available as `target`, inherited across exec.
-fn pass_fd(fd: i32, target: i32) -> std::io::Result<()> {
-    if fd == target {
-        // Already there: only the close-on-exec flag has to go.
-        // SAFETY: fcntl on a descriptor open in this process; touches only its flags.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        return Ok(());
-    }
-    // SAFETY: dup2 of an open descriptor; the new one has no close-on-exec flag.
-    if unsafe { libc::dup2(fd, target) } < 0 {
+/// In a forked child: lets `fd` be inherited across exec under its own number (the child's
+/// copy only: the shim's other children never see it).
+fn inherit_fd(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor open in this process; touches only its flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
