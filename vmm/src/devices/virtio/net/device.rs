@@ -4,17 +4,18 @@ use event_manager::{EventOps, EventSet, Events};
 use tracing::debug;
 use virtio_queue::QueueT;
 
-use super::frame::{gather, scatter};
+use super::frame::{gather, scatter, FrameError};
 use super::{
-    tap_offloads, NetBackend, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
-    VNET_HDR_LEN,
+    tap_offloads, NetBackend, NetError, MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE,
+    TX_QUEUE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
     pop_or_rearm, read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice,
     VirtioDeviceState, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
 };
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// Frame counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,6 +62,7 @@ impl<B: NetBackend> Net<B> {
             VIRTIO_NET_F_GUEST_CSUM,
             VIRTIO_NET_F_GUEST_TSO4,
             VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
             VIRTIO_RING_F_EVENT_IDX,
         ] {
             state.avail_features |= 1 << bit;
@@ -163,6 +165,7 @@ impl<B: NetBackend> Net<B> {
         let mut used_any = false;
         let mut problems = Vec::new();
         let mut out_of_buffers = false;
+        let mergeable = self.state.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         {
             let Some(active) = self.state.active.as_mut() else {
                 return;
@@ -192,6 +195,34 @@ impl<B: NetBackend> Net<B> {
                         }
                     },
                 };
+                if mergeable {
+                    match merge_into_buffers(queue, &active.mem, &mut self.rx_buf[..len]) {
+                        Merged::Wait => {
+                            out_of_buffers = true;
+                            break;
+                        }
+                        Merged::Delivered(used) => {
+                            self.stats.rx_frames += 1;
+                            for (head, written) in used {
+                                if let Err(e) = queue.add_used(&active.mem, head, written) {
+                                    problems.push(format!("add_used failed: {e}"));
+                                }
+                            }
+                        }
+                        Merged::Dropped(heads, e) => {
+                            self.stats.rx_dropped += 1;
+                            problems.push(format!("frame not delivered: {e}"));
+                            for head in heads {
+                                if let Err(e) = queue.add_used(&active.mem, head, 0) {
+                                    problems.push(format!("add_used failed: {e}"));
+                                }
+                            }
+                        }
+                    }
+                    self.rx_len = None;
+                    used_any = true;
+                    continue;
+                }
                 // With none left, the driver is asked for its next buffers.
                 let Some(chain) = pop_or_rearm(queue, &active.mem) else {
                     out_of_buffers = true;
@@ -250,6 +281,92 @@ impl<B: NetBackend> Net<B> {
             }
         }
     }
+}
+
+/// What became of a frame offered to mergeable receive buffers.
+#[derive(Debug, PartialEq, Eq)]
+enum Merged {
+    /// Written across these chains, in order: each chain's head and the bytes it got.
+    Delivered(Vec<(u16, u32)>),
+    /// The buffers posted cannot hold it yet: none was taken (the queue is where it was).
+    Wait,
+    /// Dropped: the chains taken go back used and empty.
+    Dropped(Vec<u16>, FrameError),
+}
+
+/// Writes `frame` (its header first) across as many of `queue`'s receive chains as it takes,
+/// with their number in the header's `num_buffers` (`VIRTIO_NET_F_MRG_RXBUF`). Each chain is
+/// checked as [`scatter`] checks one: device-writable buffers only, at most
+/// [`MAX_CHAIN_DESCRIPTORS`], and a chain with no room is malformed. When the chains posted
+/// are too few, none is taken and the frame waits (the driver is asked for a notification);
+/// a frame that a ring full of chains cannot hold, or a malformed chain, drops the frame.
+fn merge_into_buffers(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap<()>,
+    frame: &mut [u8],
+) -> Merged {
+    let start = queue.next_avail();
+    let mut chains: Vec<(u16, Vec<virtio_queue::desc::split::Descriptor>)> = Vec::new();
+    let mut room = 0usize;
+    let heads = |chains: &[(u16, Vec<_>)]| chains.iter().map(|(head, _)| *head).collect();
+    while room < frame.len() {
+        if chains.len() >= usize::from(queue.size()) {
+            let len = frame.len();
+            return Merged::Dropped(heads(&chains), FrameError::TooSmall { room, len });
+        }
+        let Some(chain) = pop_or_rearm(queue, mem) else {
+            queue.set_next_avail(start);
+            return Merged::Wait;
+        };
+        let head = chain.head_index();
+        let mut descriptors = Vec::new();
+        let mut chain_room = 0usize;
+        for (count, desc) in chain.enumerate() {
+            let bad = if count >= MAX_CHAIN_DESCRIPTORS {
+                Some(FrameError::ChainTooLong)
+            } else if !desc.is_write_only() {
+                Some(FrameError::WrongDirection)
+            } else {
+                None
+            };
+            if let Some(e) = bad {
+                chains.push((head, Vec::new()));
+                return Merged::Dropped(heads(&chains), e);
+            }
+            chain_room = chain_room.saturating_add(desc.len() as usize);
+            descriptors.push(desc);
+        }
+        chains.push((head, descriptors));
+        if chain_room == 0 {
+            let len = frame.len();
+            return Merged::Dropped(heads(&chains), FrameError::TooSmall { room: 0, len });
+        }
+        room = room.saturating_add(chain_room);
+    }
+    let count = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+    frame[10..12].copy_from_slice(&count.to_le_bytes());
+    let mut done = 0usize;
+    let mut used = Vec::with_capacity(chains.len());
+    for (head, descriptors) in &chains {
+        let mut written = 0usize;
+        for desc in descriptors {
+            if done == frame.len() {
+                break;
+            }
+            let n = (desc.len() as usize).min(frame.len() - done);
+            if mem
+                .write_slice(&frame[done..done + n], desc.addr())
+                .is_err()
+            {
+                return Merged::Dropped(heads(&chains), FrameError::GuestMemory);
+            }
+            done += n;
+            written += n;
+        }
+        // At most MAX_FRAME_LEN, which fits in u32.
+        used.push((*head, u32::try_from(written).unwrap_or(u32::MAX)));
+    }
+    Merged::Delivered(used)
 }
 
 impl<B: NetBackend> VirtioDevice for Net<B> {
@@ -421,13 +538,14 @@ mod tests {
             VIRTIO_NET_F_GUEST_TSO6,
             VIRTIO_NET_F_HOST_TSO4,
             VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
             32,
         ] {
             assert_ne!(net.avail_features() & (1 << bit), 0, "feature bit {bit}");
         }
         assert_ne!(net.avail_features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
-        // No mergeable receive buffers (one chain per frame) and nothing else.
-        assert_eq!(net.avail_features().count_ones(), 9);
+        // Nothing else.
+        assert_eq!(net.avail_features().count_ones(), 10);
         let mut mac = [0u8; 6];
         net.read_config(0, &mut mac);
         assert_eq!(mac, MAC);
@@ -600,5 +718,85 @@ mod tests {
         h.em.run_with_timeout(100).unwrap();
         assert_eq!(h.rx.take_used(), vec![(0, 0)]);
         assert_eq!(h.stats().rx_dropped, 1);
+    }
+
+    const MERGEABLE: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+
+    #[test]
+    fn with_mergeable_buffers_a_frame_spans_as_many_as_it_needs() {
+        let mut h = Harness::with_features(MERGEABLE);
+        for i in 0..3 {
+            h.rx.add_chain(&[(0x50000 + i * 0x1000, 1000, true)]);
+        }
+        h.notify(RX_QUEUE);
+        let f = frame(2500, 0x5a);
+        h.peer.send(&f).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        // Three buffers, in order, the last one in part.
+        assert_eq!(h.rx.take_used(), vec![(0, 1000), (1, 1000), (2, 512)]);
+        let mut got = Vec::new();
+        for (i, len) in [(0u64, 1000usize), (1, 1000), (2, 512)] {
+            let mut part = vec![0u8; len];
+            h.mem
+                .read_slice(&mut part, GuestAddress(0x50000 + i * 0x1000))
+                .unwrap();
+            got.extend(part);
+        }
+        assert_eq!(&got[10..12], &3u16.to_le_bytes(), "num_buffers");
+        assert_eq!(&got[12..], &f[12..]);
+        assert_eq!(h.stats().rx_frames, 1);
+        // A small frame takes one buffer.
+        h.rx.add_chain(&[(0x58000, 1000, true)]);
+        h.notify(RX_QUEUE);
+        h.peer.send(&frame(60, 1)).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        assert_eq!(h.rx.take_used(), vec![(3, 72)]);
+        let mut header = [0u8; 12];
+        h.mem
+            .read_slice(&mut header, GuestAddress(0x58000))
+            .unwrap();
+        assert_eq!(&header[10..12], &1u16.to_le_bytes());
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_frame_waits_until_enough_are_posted() {
+        let mut h = Harness::with_features(MERGEABLE);
+        h.rx.add_chain(&[(0x50000, 1000, true)]);
+        h.notify(RX_QUEUE);
+        h.peer.send(&frame(1500, 3)).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        // One buffer cannot hold it: it is not taken, and the frame is held.
+        assert!(h.rx.take_used().is_empty());
+        assert!(!h.net.lock().unwrap().backend_registered);
+        assert_eq!(h.stats(), NetStats::default());
+        h.rx.add_chain(&[(0x51000, 1000, true)]);
+        h.notify(RX_QUEUE);
+        assert_eq!(h.rx.take_used(), vec![(0, 1000), (1, 512)]);
+        assert_eq!(h.stats().rx_frames, 1);
+        assert!(h.net.lock().unwrap().backend_registered);
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_frame_no_ring_can_hold_or_a_bad_chain_is_dropped() {
+        let mut h = Harness::with_features(MERGEABLE);
+        // The whole ring (16 entries) of 64-byte buffers holds 1 KiB.
+        for i in 0..16 {
+            h.rx.add_chain(&[(0x50000 + i * 0x100, 64, true)]);
+        }
+        h.notify(RX_QUEUE);
+        h.peer.send(&frame(2000, 9)).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        let used = h.rx.take_used();
+        assert_eq!(used.len(), 16);
+        assert!(used.iter().all(|&(_, len)| len == 0), "{used:?}");
+        assert_eq!(h.stats().rx_dropped, 1);
+        // A chain the device may not write: the frame is dropped, the chain returned.
+        h.rx.add_chain(&[(0x60000, 2000, false)]);
+        h.notify(RX_QUEUE);
+        h.peer.send(&frame(100, 9)).unwrap();
+        h.em.run_with_timeout(100).unwrap();
+        assert_eq!(h.rx.take_used(), vec![(0, 0)]);
+        assert_eq!(h.stats().rx_dropped, 2);
+        assert_eq!(h.stats().rx_frames, 0);
     }
 }

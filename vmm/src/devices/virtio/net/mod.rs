@@ -17,8 +17,14 @@
 //! - receive (`GUEST_CSUM`, `GUEST_TSO4`, `GUEST_TSO6`): once the driver acks them, the TAP is
 //!   told (`TUNSETOFFLOAD`) that its reader takes unchecksummed frames and 64 KiB segments, so
 //!   the host's big TCP segments reach the guest whole instead of being cut and checksummed in
-//!   software first. The driver then posts 64 KiB receive buffers ("big packets", as no
-//!   mergeable buffers are offered).
+//!   software first.
+//! - mergeable receive buffers (`MRG_RXBUF`): a frame goes into as many of the driver's
+//!   receive buffers as it needs, their number in the header's `num_buffers`. Linux then posts
+//!   buffers sized to its traffic, cut from larger pages, instead of 64 KiB ones of 17 pages
+//!   and 18 descriptors each ("big packets"), of which a 256-entry ring holds 14 and every
+//!   small frame (an ACK) takes a whole one, to be refilled with 17 pages. A frame waits, its
+//!   buffers untouched, until enough are posted; one that every buffer of the ring cannot hold
+//!   is dropped.
 //!
 //! One 64 KiB segment instead of 45 frames is one TAP read or write, one descriptor chain and
 //! one interrupt instead of 45: the cost per frame is what bounds a VMM's throughput.
@@ -124,6 +130,9 @@ pub const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
 /// Feature bits: the device takes TCP segments of up to 64 KiB over IPv4, IPv6.
 pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+/// Feature bit: the driver takes a frame spread over several receive buffers (each a chain of
+/// its own), their number in the header's `num_buffers`.
+pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
 
 /// The TAP's offload flags (`TUNSETOFFLOAD`): its reader takes partial checksums, TCP
 /// segments over IPv4, over IPv6.
