@@ -751,18 +751,21 @@ fn the_vmm_keeps_only_the_file_servers_capabilities() {
             continue; // the thread ended meanwhile
         };
         // Every thread is under seccomp (mode 2, filters): the process list (which answers
-        // clone3 itself); the device and vCPU threads and the agent's clients (the supervisor,
-        // the readiness or renewal watcher) their own list on top; the stdio relays theirs on
-        // the supervisor's, which starts them (husk_vmm::seccomp).
+        // clone3 itself); the main thread, the device, file server and vCPU threads and the
+        // agent's clients (the supervisor, the readiness or renewal watcher) their own list
+        // on top; the stdio relays theirs on the supervisor's, which starts them
+        // (husk_vmm::seccomp).
         assert_eq!(status_field(&status, "Seccomp:"), "2", "{comm}");
+        let main_thread = task.file_name() == Some(std::ffi::OsStr::new(&pid.to_string()));
         let filters = match comm {
+            _ if main_thread => "2",
             "husk-devices" | "husk-fs" | "husk-supervisor" | "husk-ready" | "husk-renew" => "2",
             vcpu if vcpu.starts_with("husk-vcpu-") => "2",
             "husk-stdin" | "husk-stdout" | "husk-stderr" => {
                 relays += 1;
                 "3"
             }
-            _ => "1",
+            other => panic!("a husk-vmm thread of an unknown kind: {other}"),
         };
         assert_eq!(status_field(&status, "Seccomp_filters:"), filters, "{comm}");
         if comm == "husk-supervisor" {

@@ -420,8 +420,12 @@ impl Vmm {
             }
             VmMode::Restored => self.spawn_renewal_thread(control.clone())?,
         }
-
-        let result = wait_for_exit(&signals, &self.reset_evt, &stops, &control);
+        // Every thread that serves the guest runs, and the main thread starts none after: it
+        // keeps only its own calls. If it cannot, the VM is stopped as for any other failure.
+        let result = match crate::seccomp::narrow_main_thread() {
+            Ok(()) => wait_for_exit(&signals, &self.reset_evt, &stops, &control),
+            Err(e) => Err(VmmError::Confine(e.into())),
+        };
 
         let deadline = Instant::now() + TEARDOWN_TIMEOUT;
         stops.stopping.store(true, Ordering::Release);

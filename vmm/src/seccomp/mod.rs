@@ -3,12 +3,14 @@
 //!
 //! Layers: [`confine_process`] installs the process list (every list's calls) on every thread
 //! at once (`SECCOMP_FILTER_FLAG_TSYNC`), right after the capabilities are dropped and before
-//! any other thread starts; threads started later inherit it. The device thread and each vCPU
-//! thread then stack their own, narrower list with [`confine_thread`] as the first thing they
-//! do after their setup; the agent's clients and the stdio relays with [`confine_helper`]
-//! (a relay, started by the supervisor, stacks its list on the agent clients'). The main
-//! thread keeps the process list. The kernel answers a call with the strictest of a thread's
-//! filters.
+//! any other thread starts; threads started later inherit it. The device thread, the file
+//! server's and each vCPU thread then stack their own, narrower list with [`confine_thread`]
+//! as the first thing they do after their setup; the agent's clients and the stdio relays
+//! with [`confine_helper`] (a relay, started by the supervisor, stacks its list on the agent
+//! clients'). The main thread stacks its own with [`narrow_main_thread`] once it has started
+//! every thread that serves the guest: from then on it can neither start a thread nor make the
+//! other threads' calls (the file server's, the devices'). The kernel answers a call with the
+//! strictest of a thread's filters.
 //!
 //! A call outside the lists traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler writes one line,
 //! "husk-vmm was killed by its seccomp filter: syscall N (name) in a K thread", to stderr (the
@@ -63,8 +65,11 @@ pub const TEST_HOOK_ENV: &str = "HUSK_VMM_TEST_FORBIDDEN_SYSCALL";
 /// The kinds of thread, each with its list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// The main thread, and every thread until it narrows itself.
+    /// Every thread until it narrows itself (the main thread too, until it has started the
+    /// others).
     Process,
+    /// The main thread once every thread that serves the guest runs.
+    Main,
     /// A client of the guest's agent: the container supervisor, the window-size forwarder,
     /// the readiness, renewal and template watchers.
     Agent,
@@ -82,7 +87,8 @@ impl ThreadKind {
     /// The name used in reports and by the test hook.
     pub fn name(self) -> &'static str {
         match self {
-            ThreadKind::Process => "main",
+            ThreadKind::Process => "process",
+            ThreadKind::Main => "main",
             ThreadKind::Agent => "agent client",
             ThreadKind::Relay => "relay",
             ThreadKind::Devices => "devices",
@@ -93,16 +99,19 @@ impl ThreadKind {
 
     /// The entries of this kind's filter (the common ones included). The process filter is
     /// the union of every list: it bounds every thread, and the others narrow it to their own
-    /// (the agent and relay lists are within the main thread's, which unit tests check).
+    /// (the agent and relay lists are within the process list's own calls, which unit tests
+    /// check).
     pub fn allowed(self) -> Vec<Allowed> {
         match self {
             ThreadKind::Process => {
-                let mut all = rules::list(rules::PROCESS_ONLY);
+                let mut all = rules::list(rules::SETUP_ONLY);
+                all.extend(rules::MAIN_ONLY);
                 all.extend(rules::DEVICES_ONLY);
                 all.extend(rules::FILE_SERVER_ONLY);
                 all.extend(rules::VCPU_ONLY);
                 all
             }
+            ThreadKind::Main => rules::list(rules::MAIN_ONLY),
             ThreadKind::Agent => rules::list(rules::AGENT_ONLY),
             ThreadKind::Relay => rules::list(rules::RELAY_ONLY),
             ThreadKind::Devices => rules::list(rules::DEVICES_ONLY),
@@ -280,6 +289,17 @@ pub fn confine_thread(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// Narrows the main thread to its own list ([`rules::MAIN_ONLY`]), when the process is
+/// confined: husk-vmm's run loop calls it once it has started every thread that serves the
+/// guest, and starts none after (a thread started later would inherit this list, which cannot
+/// start or narrow one).
+pub fn narrow_main_thread() -> Result<(), SeccompError> {
+    if !CONFINED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    confine_thread(ThreadKind::Main)
+}
+
 /// Narrows a helper thread (an agent client or a relay) to `kind`'s list, as the first thing
 /// it does, when the process is confined: in husk-vmm once its VM is built. The same relays
 /// serve `husk exec` in the runtime's own process, which has no filters, and stay as they
@@ -439,8 +459,9 @@ pub fn find_report(text: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    const ALL_KINDS: [ThreadKind; 6] = [
+    const ALL_KINDS: [ThreadKind; 7] = [
         ThreadKind::Process,
+        ThreadKind::Main,
         ThreadKind::Agent,
         ThreadKind::Relay,
         ThreadKind::Devices,
@@ -646,6 +667,7 @@ mod tests {
     fn the_process_list_holds_every_call_of_the_narrower_lists() {
         let process: Vec<i64> = ThreadKind::Process.allowed().iter().map(|a| a.nr).collect();
         for kind in [
+            ThreadKind::Main,
             ThreadKind::Agent,
             ThreadKind::Relay,
             ThreadKind::Devices,
@@ -689,7 +711,8 @@ mod tests {
                         assert_eq!(index, i);
                         assert!(values.iter().all(|x| v.contains(x)), "{}", a.nr);
                     }
-                    (Args::OneOf { index: 1, values }, Args::IoctlOrKvm { values: v }) => {
+                    (Args::OneOf { index: 1, values }, Args::IoctlOrKvm { values: v })
+                    | (Args::IoctlOrKvm { values }, Args::IoctlOrKvm { values: v }) => {
                         assert!(values.iter().all(|x| v.contains(x)), "ioctl");
                     }
                     (Args::OwnPid { index }, Args::OwnPid { index: i }) => assert_eq!(index, i),
@@ -702,10 +725,13 @@ mod tests {
             }
             assert!(inner.len() < outer.len());
         }
-        let main = rules::list(rules::PROCESS_ONLY);
+        let mut process_own = rules::list(rules::SETUP_ONLY);
+        process_own.extend(rules::MAIN_ONLY);
+        let main = ThreadKind::Main.allowed();
         let agent = ThreadKind::Agent.allowed();
         let relay = ThreadKind::Relay.allowed();
-        within(&agent, &main);
+        within(&main, &process_own);
+        within(&agent, &process_own);
         within(&relay, &agent);
         // Never KVM, nor the file server's or a template's calls, in an agent client.
         for nr in [
@@ -723,6 +749,43 @@ mod tests {
         assert!(relay
             .iter()
             .all(|a| a.nr != libc::SYS_openat && a.nr != libc::SYS_connect));
+    }
+
+    /// Once narrowed, the main thread can start no thread, narrow no filter, and make none of
+    /// the calls only the threads serving the guest need.
+    #[test]
+    fn the_main_threads_list_holds_none_of_the_other_threads_calls() {
+        let main: Vec<i64> = ThreadKind::Main.allowed().iter().map(|a| a.nr).collect();
+        for nr in [
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_seccomp,
+            libc::SYS_capset,
+            libc::SYS_mknodat,
+            libc::SYS_linkat,
+            libc::SYS_symlinkat,
+            libc::SYS_fchownat,
+            libc::SYS_setresuid,
+            libc::SYS_unshare,
+            libc::SYS_umask,
+            libc::SYS_accept4,
+            libc::SYS_timerfd_create,
+        ] {
+            assert!(!main.contains(&nr), "{:?}", names::syscall_name(nr));
+        }
+        // Still the run loop's, teardown's and a template's.
+        for nr in [
+            libc::SYS_poll,
+            libc::SYS_read,
+            libc::SYS_tgkill,
+            libc::SYS_ioctl,
+            libc::SYS_openat,
+            libc::SYS_pwrite64,
+            libc::SYS_renameat2,
+            libc::SYS_mincore,
+        ] {
+            assert!(main.contains(&nr), "{:?}", names::syscall_name(nr));
+        }
     }
 
     #[test]
@@ -783,6 +846,16 @@ mod tests {
             let _ = nix::sys::signal::kill(parent, None);
             unreachable!("kill(2) of another process was allowed");
         }
+        if std::env::var(CHILD_CALL_ENV).as_deref() == Ok("main-umask") {
+            narrow_main_thread().unwrap();
+            // Allowed: a read of nothing.
+            // SAFETY: a zero-length read touches no memory.
+            unsafe { libc::read(-1, std::ptr::null_mut(), 0) };
+            // Not the file server's umask(2).
+            // SAFETY: umask only sets the process's file mode mask.
+            unsafe { libc::umask(0o022) };
+            unreachable!("the main thread's umask(2) was allowed");
+        }
         if std::env::var(CHILD_CALL_ENV).as_deref() == Ok("relay-open") {
             confine_helper(ThreadKind::Agent);
             confine_helper(ThreadKind::Relay);
@@ -835,6 +908,16 @@ mod tests {
         );
         assert_eq!(report.as_deref(), Some(expected.as_str()));
         assert_eq!(stderr.as_deref(), Some(expected.as_str()));
+    }
+
+    /// The main thread, once narrowed, cannot make the file server's calls.
+    #[test]
+    fn a_narrowed_main_thread_making_a_file_servers_call_ends_the_process() {
+        let (report, stderr) = child_report("main-umask");
+        let expected = "husk-vmm was killed by its seccomp filter: syscall 95 (umask) \
+                        in a main thread";
+        assert_eq!(report.as_deref(), Some(expected));
+        assert_eq!(stderr.as_deref(), Some(expected));
     }
 
     /// A relay, narrowed on an agent client's list, cannot open a file.

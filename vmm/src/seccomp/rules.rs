@@ -1,18 +1,21 @@
 //! The reviewed allowlists: which system calls each kind of `husk-vmm` thread may make, with
 //! arguments pinned where they matter, and who needs each.
 //!
-//! Five lists, applied in layers (see [`super`]):
-//! - [`PROCESS_ONLY`]: with every other list, every thread's outer bound, installed on the
-//!   whole process once the microVM is built. It is the main thread's list (the run loop,
-//!   teardown, snapshot writing), and it holds what the other threads need before they narrow
-//!   themselves (starting a thread, naming it, dropping its capabilities).
+//! The lists, applied in layers (see [`super`]):
+//! - the process list: [`SETUP_ONLY`], [`MAIN_ONLY`] and every list below, every thread's outer
+//!   bound, installed on the whole process once the microVM is built. [`SETUP_ONLY`] holds
+//!   what threads need before they narrow themselves (starting a thread, naming it, dropping
+//!   its capabilities, installing its filter).
+//! - [`MAIN_ONLY`]: the main thread, stacked on the process list once every thread that serves
+//!   the guest has started (the run loop, teardown, snapshot writing).
 //! - [`AGENT_ONLY`]: the agent's clients (the container supervisor, the window-size
 //!   forwarder, the readiness, renewal and template watchers), stacked on the process list.
 //! - [`RELAY_ONLY`]: the stdio relays, stacked on the agent list (the supervisor starts them).
-//! - [`DEVICES`]: the device thread (the event loop serving every virtio device: the file
-//!   server, vsock muxer, network card, entropy source), stacked on the process list.
-//! - [`VCPU`]: each vCPU thread (KVM_RUN and the devices' register handlers), stacked on the
-//!   process list.
+//! - [`DEVICES_ONLY`]: the device thread (the event loop serving the vsock muxer, network
+//!   card, entropy source and balloon), stacked on the process list.
+//! - [`FILE_SERVER_ONLY`]: the file server's thread (virtio-fs), stacked on the process list.
+//! - [`VCPU_ONLY`]: each vCPU thread (KVM_RUN and the devices' register handlers), stacked on
+//!   the process list.
 //!
 //! A stacked list can only narrow: the kernel runs every filter of a thread and takes the
 //! strictest answer. Any call outside a thread's lists traps (see [`super`]); so does an
@@ -192,9 +195,11 @@ const COMMON: &[Allowed] = &[
     any(libc::SYS_close, "dropping a descriptor"),
 ];
 
-/// The main thread, the helper threads, and every thread until it narrows itself.
-pub const PROCESS_ONLY: &[Allowed] = &[
-    // Threads.
+/// What every thread needs until it narrows itself, and the main thread until every thread
+/// that serves the guest runs: starting threads, naming them, dropping their capabilities,
+/// narrowing their filters, making the event loops. Part of the process list; not of the main
+/// thread's own list, which it narrows itself to once the last of those threads started.
+pub const SETUP_ONLY: &[Allowed] = &[
     one_of(
         libc::SYS_clone,
         0,
@@ -229,7 +234,7 @@ pub const PROCESS_ONLY: &[Allowed] = &[
     ),
     any(
         libc::SYS_seccomp,
-        "the device and vCPU threads narrow their filter (a filter can only narrow)",
+        "every thread narrows its filter, the main thread last (a filter can only narrow)",
     ),
     any(
         libc::SYS_capget,
@@ -240,6 +245,16 @@ pub const PROCESS_ONLY: &[Allowed] = &[
         libc::SYS_sched_getaffinity,
         "std sizing a thread pool or stack",
     ),
+    any(
+        libc::SYS_epoll_create1,
+        "the device thread's event loop is made on the main thread",
+    ),
+];
+
+/// The main thread once every thread that serves the guest runs (the run loop, teardown, a
+/// template's writing, mirroring the init's exit), with [`SETUP_ONLY`] the process list's
+/// own calls. The helper threads' lists (agent clients, relays) lie within these two.
+pub const MAIN_ONLY: &[Allowed] = &[
     own_pid(
         libc::SYS_tgkill,
         0,
@@ -282,10 +297,6 @@ pub const PROCESS_ONLY: &[Allowed] = &[
     any(libc::SYS_epoll_wait, "the run loop"),
     any(libc::SYS_epoll_pwait, "the same"),
     any(libc::SYS_epoll_ctl, "the run loop"),
-    any(
-        libc::SYS_epoll_create1,
-        "the device thread's event loop is made on the main thread",
-    ),
     any(
         libc::SYS_signalfd4,
         "the run loop reads SIGTERM and SIGINT from a signalfd",
@@ -690,7 +701,8 @@ mod tests {
     #[test]
     fn every_call_says_who_needs_it_and_none_is_listed_twice_in_a_list() {
         for only in [
-            PROCESS_ONLY,
+            SETUP_ONLY,
+            MAIN_ONLY,
             AGENT_ONLY,
             RELAY_ONLY,
             DEVICES_ONLY,
