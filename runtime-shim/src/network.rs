@@ -50,14 +50,10 @@ use std::path::{Path, PathBuf};
 
 use crate::netlink::{self, Netlink};
 
-/// The first TAP device's name in the pod's namespace; the others are `husk1`, `husk2`, ...
-/// ([`tap_name`]).
-pub const TAP_NAME: &str = "husk0";
-
 /// The most interfaces carried into one microVM (a card each).
 pub const MAX_CARDS: usize = husk_vmm::config::MAX_NET_CARDS;
 
-/// The name of the TAP of card `card`.
+/// The name of the TAP of card `card` in the pod's namespace: `husk0`, `husk1`, ...
 pub fn tap_name(card: usize) -> String {
     format!("husk{card}")
 }
@@ -625,7 +621,7 @@ mod tests {
         };
         let links = [
             link(1, "lo", false, 65536),
-            link(2, TAP_NAME, true, 1500),
+            link(2, &tap_name(0), true, 1500),
             link(3, "eth0", true, 1450),
         ];
         let addresses = [

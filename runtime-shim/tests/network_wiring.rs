@@ -121,7 +121,7 @@ fn a_cni_namespace_is_wired_to_a_tap_and_left_as_it_was() {
     assert_eq!(net.routes, ["192.168.7.0/24,10.88.77.1"]);
 
     // The TAP is up with the interface's MTU; each side's ingress goes to the other.
-    let tap = ns.ip(&["link", "show", husk::network::TAP_NAME]);
+    let tap = ns.ip(&["link", "show", &husk::network::tap_name(0)]);
     assert!(tap.contains("mtu 1450"), "{tap}");
     assert!(tap.contains(",UP"), "{tap}");
     for (from, to) in [("eth0", "husk0"), ("husk0", "eth0")] {

@@ -15,7 +15,7 @@ use crate::devices::virtio::{
     pop_or_rearm, read_config_bytes, signal_used_queue, RateLimitedLog, VirtioDevice,
     VirtioDeviceState, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
 };
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Frame counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub struct Net<B: NetBackend> {
     /// `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: Option<usize>,
+    /// [`merge_into_buffers`]'s lists, kept so that receiving allocates nothing per frame.
+    merge: MergeScratch,
     tx_buf: Vec<u8>,
     stats: NetStats,
     bad_chain_log: RateLimitedLog,
@@ -81,6 +83,7 @@ impl<B: NetBackend> Net<B> {
             backend_registered: false,
             rx_buf: vec![0u8; MAX_FRAME_LEN],
             rx_len: None,
+            merge: MergeScratch::default(),
             tx_buf: vec![0u8; MAX_FRAME_LEN],
             stats: NetStats::default(),
             bad_chain_log: RateLimitedLog::default(),
@@ -178,8 +181,8 @@ impl<B: NetBackend> Net<B> {
                     Some(len) => len,
                     None => match self.backend.recv(&mut self.rx_buf) {
                         Ok(Some(len)) if len >= VNET_HDR_LEN => {
-                            // virtio 1.x: the header's `num_buffers`; one buffer (chain) per
-                            // frame, as no mergeable buffers are offered.
+                            // virtio 1.x: the header's `num_buffers`, one chain unless
+                            // mergeable buffers spread the frame over more.
                             self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
                             self.rx_len = Some(len);
                             len
@@ -196,29 +199,32 @@ impl<B: NetBackend> Net<B> {
                     },
                 };
                 if mergeable {
-                    match merge_into_buffers(queue, &active.mem, &mut self.rx_buf[..len]) {
+                    let merge = &mut self.merge;
+                    let frame = &mut self.rx_buf[..len];
+                    match merge_into_buffers(queue, &active.mem, frame, merge) {
                         Merged::Wait => {
                             out_of_buffers = true;
                             break;
                         }
-                        Merged::Delivered(used) => {
+                        Merged::Delivered => {
                             self.stats.rx_frames += 1;
-                            for (head, written) in used {
+                            for &(head, written) in &merge.used {
                                 if let Err(e) = queue.add_used(&active.mem, head, written) {
                                     problems.push(format!("add_used failed: {e}"));
                                 }
                             }
                         }
-                        Merged::Dropped(heads, e) => {
+                        Merged::Dropped(e) => {
                             self.stats.rx_dropped += 1;
                             problems.push(format!("frame not delivered: {e}"));
-                            for head in heads {
+                            for &(head, _) in &merge.chains {
                                 if let Err(e) = queue.add_used(&active.mem, head, 0) {
                                     problems.push(format!("add_used failed: {e}"));
                                 }
                             }
                         }
                     }
+                    merge.trim();
                     self.rx_len = None;
                     used_any = true;
                     continue;
@@ -286,12 +292,47 @@ impl<B: NetBackend> Net<B> {
 /// What became of a frame offered to mergeable receive buffers.
 #[derive(Debug, PartialEq, Eq)]
 enum Merged {
-    /// Written across these chains, in order: each chain's head and the bytes it got.
-    Delivered(Vec<(u16, u32)>),
+    /// Written across the chains in [`MergeScratch::used`].
+    Delivered,
     /// The buffers posted cannot hold it yet: none was taken (the queue is where it was).
     Wait,
-    /// Dropped: the chains taken go back used and empty.
-    Dropped(Vec<u16>, FrameError),
+    /// Dropped: the chains taken ([`MergeScratch::chains`]) go back used and empty.
+    Dropped(FrameError),
+}
+
+/// [`merge_into_buffers`]'s lists, kept by the device between frames: a 64 KiB frame spans
+/// some 18 chains, and lists of its own per frame and per chain would be as many allocations
+/// on the receive path. Bounded by the ring (its chains and their descriptors), and given
+/// back when a frame made them grow beyond what a frame needs ([`MergeScratch::trim`]).
+#[derive(Debug, Default)]
+struct MergeScratch {
+    /// The chains taken for the frame: each one's head, and the end of its buffers in
+    /// `buffers`.
+    chains: Vec<(u16, usize)>,
+    /// Every taken chain's device-writable buffers, in order: guest address and length.
+    buffers: Vec<(GuestAddress, u32)>,
+    /// After a delivery: each chain's head and the bytes it got.
+    used: Vec<(u16, u32)>,
+}
+
+impl MergeScratch {
+    /// More entries than a well-formed frame takes (a 64 KiB frame in page-sized buffers
+    /// takes 17 chains of one buffer each): what a malformed or hostile ring made the lists
+    /// grow to is given back rather than kept for the card's life.
+    const KEPT: usize = 256;
+
+    fn clear(&mut self) {
+        self.chains.clear();
+        self.buffers.clear();
+        self.used.clear();
+    }
+
+    fn trim(&mut self) {
+        self.clear();
+        self.chains.shrink_to(Self::KEPT);
+        self.buffers.shrink_to(Self::KEPT);
+        self.used.shrink_to(Self::KEPT);
+    }
 }
 
 /// Writes `frame` (its header first) across as many of `queue`'s receive chains as it takes,
@@ -300,26 +341,27 @@ enum Merged {
 /// [`MAX_CHAIN_DESCRIPTORS`], and a chain with no room is malformed. When the chains posted
 /// are too few, none is taken and the frame waits (the driver is asked for a notification);
 /// a frame that a ring full of chains cannot hold, or a malformed chain, drops the frame.
+/// The chains taken and what each got are left in `scratch`.
 fn merge_into_buffers(
     queue: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap<()>,
     frame: &mut [u8],
+    scratch: &mut MergeScratch,
 ) -> Merged {
+    scratch.clear();
     let start = queue.next_avail();
-    let mut chains: Vec<(u16, Vec<virtio_queue::desc::split::Descriptor>)> = Vec::new();
     let mut room = 0usize;
-    let heads = |chains: &[(u16, Vec<_>)]| chains.iter().map(|(head, _)| *head).collect();
     while room < frame.len() {
-        if chains.len() >= usize::from(queue.size()) {
+        if scratch.chains.len() >= usize::from(queue.size()) {
             let len = frame.len();
-            return Merged::Dropped(heads(&chains), FrameError::TooSmall { room, len });
+            return Merged::Dropped(FrameError::TooSmall { room, len });
         }
         let Some(chain) = pop_or_rearm(queue, mem) else {
             queue.set_next_avail(start);
+            scratch.clear();
             return Merged::Wait;
         };
         let head = chain.head_index();
-        let mut descriptors = Vec::new();
         let mut chain_room = 0usize;
         for (count, desc) in chain.enumerate() {
             let bad = if count >= MAX_CHAIN_DESCRIPTORS {
@@ -330,43 +372,43 @@ fn merge_into_buffers(
                 None
             };
             if let Some(e) = bad {
-                chains.push((head, Vec::new()));
-                return Merged::Dropped(heads(&chains), e);
+                scratch.chains.push((head, scratch.buffers.len()));
+                return Merged::Dropped(e);
             }
             chain_room = chain_room.saturating_add(desc.len() as usize);
-            descriptors.push(desc);
+            scratch.buffers.push((desc.addr(), desc.len()));
         }
-        chains.push((head, descriptors));
+        scratch.chains.push((head, scratch.buffers.len()));
         if chain_room == 0 {
             let len = frame.len();
-            return Merged::Dropped(heads(&chains), FrameError::TooSmall { room: 0, len });
+            return Merged::Dropped(FrameError::TooSmall { room: 0, len });
         }
         room = room.saturating_add(chain_room);
     }
-    let count = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+    let count = u16::try_from(scratch.chains.len()).unwrap_or(u16::MAX);
     frame[10..12].copy_from_slice(&count.to_le_bytes());
     let mut done = 0usize;
-    let mut used = Vec::with_capacity(chains.len());
-    for (head, descriptors) in &chains {
+    let mut first = 0usize;
+    for &(head, end) in &scratch.chains {
         let mut written = 0usize;
-        for desc in descriptors {
+        for &(addr, len) in &scratch.buffers[first..end] {
             if done == frame.len() {
                 break;
             }
-            let n = (desc.len() as usize).min(frame.len() - done);
-            if mem
-                .write_slice(&frame[done..done + n], desc.addr())
-                .is_err()
-            {
-                return Merged::Dropped(heads(&chains), FrameError::GuestMemory);
+            let n = (len as usize).min(frame.len() - done);
+            if mem.write_slice(&frame[done..done + n], addr).is_err() {
+                return Merged::Dropped(FrameError::GuestMemory);
             }
             done += n;
             written += n;
         }
+        first = end;
         // At most MAX_FRAME_LEN, which fits in u32.
-        used.push((*head, u32::try_from(written).unwrap_or(u32::MAX)));
+        scratch
+            .used
+            .push((head, u32::try_from(written).unwrap_or(u32::MAX)));
     }
-    Merged::Delivered(used)
+    Merged::Delivered
 }
 
 impl<B: NetBackend> VirtioDevice for Net<B> {
