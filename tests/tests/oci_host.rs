@@ -1028,14 +1028,32 @@ fn lifecycles() -> usize {
 }
 const LIFECYCLES_IN_FLIGHT: usize = 8;
 
-/// One container's whole life through the CLI: create, start, exec, kill, delete.
-fn lifecycle(env: &OciEnv, bundle: &str, id: &str) -> Result<(), String> {
+/// The steps of [`lifecycle`], in order.
+const LIFECYCLE_STEPS: [&str; 5] = ["create", "start", "exec", "kill", "delete"];
+
+/// Each step's times in seconds, with the container's id, by [`LIFECYCLE_STEPS`] index.
+type StepTimes = std::sync::Mutex<[Vec<(f64, String)>; 5]>;
+
+/// One container's whole life through the CLI: create, start, exec, kill, delete. Each step's
+/// time goes into `times`.
+fn lifecycle(env: &OciEnv, bundle: &str, id: &str, times: &StepTimes) -> Result<(), String> {
     let step = |args: &[&str]| {
+        let began = std::time::Instant::now();
         let out = env.run(args);
+        let took = began.elapsed().as_secs_f64();
+        let index = LIFECYCLE_STEPS
+            .iter()
+            .position(|s| *s == args[0])
+            .expect("a lifecycle step");
+        times.lock().unwrap_or_else(|p| p.into_inner())[index].push((took, id.to_string()));
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!("{}: {}", args[0], text(&out.stderr).trim()))
+            Err(format!(
+                "{} after {took:.1} s: {}",
+                args[0],
+                text(&out.stderr).trim()
+            ))
         }
     };
     step(&["create", "--bundle", bundle, id])?;
@@ -1060,6 +1078,7 @@ fn a_hundred_parallel_lifecycles_leave_nothing() {
     let total = lifecycles();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failures = std::sync::Mutex::new(Vec::new());
+    let times = StepTimes::default();
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..LIFECYCLES_IN_FLIGHT {
@@ -1069,7 +1088,7 @@ fn a_hundred_parallel_lifecycles_leave_nothing() {
                     break;
                 }
                 let id = format!("life{i}");
-                if let Err(e) = lifecycle(&env, &bundle, &id) {
+                if let Err(e) = lifecycle(&env, &bundle, &id, &times) {
                     failures
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -1082,6 +1101,26 @@ fn a_hundred_parallel_lifecycles_leave_nothing() {
         "{total} lifecycles, {LIFECYCLES_IN_FLIGHT} in flight: {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // How each step's times spread, so that a step creeping towards a timeout shows before it
+    // fails, and a stall stands apart from the rest.
+    let times = times.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (step, mut times) in LIFECYCLE_STEPS.iter().zip(times) {
+        times.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].0;
+        if let Some(slowest) = times
+            .iter()
+            .rev()
+            .take(5)
+            .map(|(t, id)| format!("{t:.1} ({id})"))
+            .reduce(|a, b| format!("{a}, {b}"))
+        {
+            eprintln!(
+                "  {step}: median {:.1} s, p90 {:.1} s; slowest: {slowest}",
+                at(0.5),
+                at(0.9)
+            );
+        }
+    }
     let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
     assert!(
         failures.is_empty(),

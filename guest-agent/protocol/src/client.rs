@@ -12,7 +12,7 @@
 //! [`MAX_FRAME_LEN`]: crate::MAX_FRAME_LEN
 
 use crate::frame::{read_frame, write_frame, FrameError};
-use crate::{Handshake, Request, Response, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use crate::{Handshake, Request, Response, AGENT_VSOCK_PORT, PROTOCOL_VERSION, REPLY_TIMEOUT};
 use std::error::Error as _;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -24,9 +24,6 @@ pub const CONNECT_REPLY_MAX_LEN: usize = 64;
 
 /// Pause between two connection attempts while the agent is not listening yet.
 pub const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(5);
-
-/// Read and write timeout of requests after the handshake (see [`AgentClient::set_io_timeout`]).
-pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +149,11 @@ impl ClientError {
 #[derive(Debug)]
 pub struct AgentClient {
     stream: UnixStream,
+    /// The read and write timeout the socket has now.
+    timeout: Duration,
+    /// The caller's timeout for every request ([`Self::set_io_timeout`]), in place of each
+    /// request's own [`Request::reply_timeout`].
+    fixed_timeout: Option<Duration>,
 }
 
 impl AgentClient {
@@ -159,7 +161,8 @@ impl AgentClient {
     /// handshake, retrying every [`CONNECT_RETRY_INTERVAL`] while the socket does not exist yet
     /// or the agent is not listening yet, for at most `timeout` in total.
     ///
-    /// Returns the client (with [`DEFAULT_IO_TIMEOUT`] on its socket) and the agent's handshake.
+    /// Returns the client and the agent's handshake. Each later request waits for its reply as
+    /// long as [`Request::reply_timeout`] says, unless [`Self::set_io_timeout`] fixed a timeout.
     pub fn connect(
         uds_path: &Path,
         timeout: Duration,
@@ -220,7 +223,11 @@ impl AgentClient {
         stream.write_all(&hello).map_err(ClientError::ConnectIo)?;
         read_connect_reply(&mut stream)?;
         set_timeouts(&stream, remaining(deadline))?;
-        let mut client = AgentClient { stream };
+        let mut client = AgentClient {
+            stream,
+            timeout: Duration::ZERO,
+            fixed_timeout: None,
+        };
         let handshake = match read_frame(&mut client.stream)? {
             Response::Handshake(handshake) => handshake,
             other => return Err(unexpected("handshake", &other)),
@@ -231,18 +238,34 @@ impl AgentClient {
                 agent: handshake.protocol_version,
             });
         }
-        set_timeouts(&client.stream, DEFAULT_IO_TIMEOUT)?;
+        client.use_timeout(REPLY_TIMEOUT)?;
         Ok((client, handshake))
     }
 
-    /// Sets the read and write timeout of later requests (a zero duration is raised to 1 ms).
+    /// Fixes the read and write timeout of every later request, whatever the request (a zero
+    /// duration is raised to 1 ms).
     pub fn set_io_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        set_timeouts(&self.stream, timeout)
+        self.fixed_timeout = Some(timeout);
+        self.use_timeout(timeout)
+    }
+
+    /// Gives the socket `timeout`, unless it has it already.
+    fn use_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        if timeout != self.timeout {
+            set_timeouts(&self.stream, timeout)?;
+            self.timeout = timeout;
+        }
+        Ok(())
     }
 
     /// Sends one request and reads its response, whatever its type ([`Response::Error`]
-    /// included).
+    /// included), waiting at most the request's [`Request::reply_timeout`] (or the timeout
+    /// that [`Self::set_io_timeout`] fixed) for each read and write.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.use_timeout(
+            self.fixed_timeout
+                .unwrap_or_else(|| request.reply_timeout()),
+        )?;
         write_frame(&mut self.stream, request)?;
         Ok(read_frame(&mut self.stream)?)
     }
@@ -640,6 +663,44 @@ mod tests {
             matches!(&err, ClientError::Agent { message } if message == "busy"),
             "{err:?}"
         );
+        server.join().expect("server thread");
+    }
+
+    #[test]
+    fn each_request_waits_as_long_as_its_work_may_take_unless_the_caller_fixed_it() {
+        let (_dir, path, server) = fake_vmm(|_, mut stream| {
+            serve_ok(&mut stream, PROTOCOL_VERSION);
+            while read_frame_bytes(&mut stream).is_ok() {
+                write_frame(&mut stream, &Response::Ok).expect("reply");
+            }
+            false
+        });
+        let (mut client, _) =
+            AgentClient::connect(&path, Duration::from_secs(5)).expect("connects");
+        let waits = |client: &AgentClient| {
+            let read = client.stream.read_timeout().expect("read timeout");
+            let write = client.stream.write_timeout().expect("write timeout");
+            assert_eq!(read, write);
+            read
+        };
+        assert_eq!(waits(&client), Some(REPLY_TIMEOUT));
+        let exec = Request::ExecProcess(crate::ExecProcess {
+            id: "c".into(),
+            exec_id: "e".into(),
+            process: serde_json::json!({"args": ["true"]}),
+            stdio: crate::StdioConfig::default(),
+        });
+        client.request(&exec).expect("exec");
+        assert_eq!(waits(&client), Some(crate::SETUP_REPLY_TIMEOUT));
+        let stats = Request::Stats { id: "c".into() };
+        client.request(&stats).expect("stats");
+        assert_eq!(waits(&client), Some(REPLY_TIMEOUT));
+        client
+            .set_io_timeout(Duration::from_secs(3))
+            .expect("fixed timeout");
+        client.request(&exec).expect("exec");
+        assert_eq!(waits(&client), Some(Duration::from_secs(3)));
+        drop(client);
         server.join().expect("server thread");
     }
 

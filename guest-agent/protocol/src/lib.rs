@@ -13,6 +13,7 @@ pub mod client;
 pub mod frame;
 
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 pub use client::{AgentClient, ClientError};
 pub use frame::{read_frame, read_frame_bytes, write_frame, FrameError, MAX_FRAME_LEN};
@@ -137,6 +138,56 @@ pub enum Request {
     RemoveContainer { id: String },
     /// Every container the agent knows; answered by [`Response::Containers`].
     ListContainers,
+}
+
+/// How long the agent lets a new process's setup take, all of it: its helper's reports while the
+/// process is created ([`Request::CreateContainer`], [`Request::ExecProcess`]), and the exec of
+/// its program after [`Request::StartProcess`]. Past it the agent answers with an error that
+/// says which step did not come.
+pub const PROCESS_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the host waits for the reply to a request that sets a process up: the agent's own
+/// bound ([`PROCESS_SETUP_TIMEOUT`]) and as much again, so that the agent's error, which names
+/// the step, reaches the host before the host gives up. Kata waits 60 s for the same.
+pub const SETUP_REPLY_TIMEOUT: Duration = Duration::from_secs(2 * PROCESS_SETUP_TIMEOUT.as_secs());
+
+/// How long the host waits for the reply to a request whose work in the guest waits on the
+/// container's processes or its cgroup (freezing, thawing, killing what is left, removing the
+/// cgroup); each of those waits is bounded in the agent by a few seconds.
+pub const CGROUP_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the host waits for the reply to any other request.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Request {
+    /// How long the host waits for this request's reply: the agent bounds the work behind every
+    /// request, and the host waits longer than that bound, so that under load a slow guest
+    /// answers late rather than being taken for a hung one. [`Request::WaitProcess`] is the
+    /// exception: it blocks until the process exits, and its caller sets its own timeout.
+    pub fn reply_timeout(&self) -> Duration {
+        match self {
+            Request::CreateContainer(_) | Request::ExecProcess(_) | Request::StartProcess(_) => {
+                SETUP_REPLY_TIMEOUT
+            }
+            Request::Pause { .. }
+            | Request::Resume { .. }
+            | Request::Update { .. }
+            | Request::RemoveContainer { .. }
+            | Request::SignalProcess { all: true, .. } => CGROUP_REPLY_TIMEOUT,
+            Request::Handshake { .. }
+            | Request::Shutdown
+            | Request::Renew(_)
+            | Request::Echo
+            | Request::AttachStdio(_)
+            | Request::WaitProcess(_)
+            | Request::SignalProcess { all: false, .. }
+            | Request::ResizePty { .. }
+            | Request::CloseStdin(_)
+            | Request::ListProcesses { .. }
+            | Request::Stats { .. }
+            | Request::ListContainers => REPLY_TIMEOUT,
+        }
+    }
 }
 
 /// [`Request::CreateContainer`].
@@ -364,6 +415,54 @@ pub struct Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_waits_longer_than_the_agent_lets_a_setup_take() {
+        let process = ProcessRef {
+            id: "c".into(),
+            exec_id: None,
+        };
+        let setups = [
+            Request::CreateContainer(CreateContainer {
+                id: "c".into(),
+                spec: serde_json::json!({}),
+                bundle: "/b".into(),
+                stdio: StdioConfig::default(),
+            }),
+            Request::ExecProcess(ExecProcess {
+                id: "c".into(),
+                exec_id: "e".into(),
+                process: serde_json::json!({}),
+                stdio: StdioConfig::default(),
+            }),
+            Request::StartProcess(process.clone()),
+        ];
+        for request in &setups {
+            assert!(
+                request.reply_timeout() > PROCESS_SETUP_TIMEOUT,
+                "{request:?} gives up before the agent would"
+            );
+        }
+        let cgroup_work = [
+            Request::RemoveContainer { id: "c".into() },
+            Request::Pause { id: "c".into() },
+            Request::SignalProcess {
+                process: process.clone(),
+                signal: 9,
+                all: true,
+            },
+        ];
+        for request in &cgroup_work {
+            assert!(request.reply_timeout() > REPLY_TIMEOUT, "{request:?}");
+        }
+        let quick = Request::SignalProcess {
+            process,
+            signal: 9,
+            all: false,
+        };
+        assert_eq!(quick.reply_timeout(), REPLY_TIMEOUT);
+        assert_eq!(Request::ListContainers.reply_timeout(), REPLY_TIMEOUT);
+    }
 
     #[test]
     fn each_card_has_parameter_names_of_its_own() {

@@ -57,7 +57,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most containers at once.
 pub const MAX_CONTAINERS: usize = 256;
@@ -65,8 +65,8 @@ pub const MAX_CONTAINERS: usize = 256;
 pub const MAX_EXECS: usize = 1024;
 /// Longest identifier.
 pub const MAX_ID_LEN: usize = 128;
-/// How long the helper may take to set a process up or start it.
-pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the helper may take to set a process up, and again to start it.
+pub const SETUP_TIMEOUT: Duration = husk_agent_protocol::PROCESS_SETUP_TIMEOUT;
 
 /// How long a helper whose socket closed may take to be reaped, for its status in the error.
 const HELPER_END_WAIT: Duration = Duration::from_secs(2);
@@ -441,6 +441,22 @@ type HelperReport = (
 );
 
 /// Receives the one fd the helper sends after [`child::FromInit::Console`] (close-on-exec).
+/// Reads the helper's next report, waiting at most until `deadline` ([`FrameError::TimedOut`]
+/// past it), however many reports came before.
+fn read_before<T: serde::de::DeserializeOwned>(
+    socket: &mut UnixStream,
+    deadline: Instant,
+) -> Result<T, FrameError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(FrameError::TimedOut);
+    }
+    socket
+        .set_read_timeout(Some(left))
+        .map_err(FrameError::Io)?;
+    read_frame(socket)
+}
+
 fn receive_fd(socket: &UnixStream) -> Result<OwnedFd, ContainerError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut byte = [0u8; 1];
@@ -617,9 +633,10 @@ impl Containers {
         drop(fds.child);
         // Set when the helper's socket closed before its report: the helper died in its setup.
         let mut ended = false;
+        let deadline = Instant::now() + SETUP_TIMEOUT;
         let result = (|| -> Result<HelperReport, ContainerError> {
             agent_end
-                .set_read_timeout(Some(SETUP_TIMEOUT))
+                .set_write_timeout(Some(SETUP_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
             write_frame(&mut agent_end, &ToInit::Setup(Box::new(config)))
                 .map_err(|err| ContainerError::Setup(format!("sending the setup: {err}")))?;
@@ -627,10 +644,21 @@ impl Containers {
             let mut pid = None;
             let mut console = None;
             loop {
-                let msg: FromInit = read_frame(&mut agent_end).map_err(|err| {
-                    ended = true;
-                    ContainerError::Setup(format!("the helper ended without reporting: {err}"))
-                })?;
+                let msg: FromInit = match read_before(&mut agent_end, deadline) {
+                    Ok(msg) => msg,
+                    Err(FrameError::TimedOut) => {
+                        return Err(ContainerError::Setup(format!(
+                            "the helper did not finish the setup within {} s",
+                            SETUP_TIMEOUT.as_secs()
+                        )))
+                    }
+                    Err(err) => {
+                        ended = true;
+                        return Err(ContainerError::Setup(format!(
+                            "the helper ended without reporting: {err}"
+                        )));
+                    }
+                };
                 match msg {
                     FromInit::Pid(p) if p > 1 && pid.is_none() => {
                         watched = Some(self.reaper.watch(p));
@@ -1037,13 +1065,14 @@ impl Containers {
         }
         *lock(&proc.state) = ProcState::Running;
         let label = process_label(&r.id, r.exec_id.as_deref());
+        let deadline = Instant::now() + SETUP_TIMEOUT;
         let outcome = (|| {
-            sock.set_read_timeout(Some(SETUP_TIMEOUT))
+            sock.set_write_timeout(Some(SETUP_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
             write_frame(&mut sock, &ToInit::Start)
                 .map_err(|err| ContainerError::Setup(format!("sending start: {err}")))?;
             loop {
-                match read_frame::<_, FromInit>(&mut sock) {
+                match read_before::<FromInit>(&mut sock, deadline) {
                     // Close-on-exec closed the helper's end: the program runs.
                     Err(FrameError::Closed) => return Ok(()),
                     Ok(FromInit::Warning(message)) => crate::log_warn!("{label}: {message}"),
