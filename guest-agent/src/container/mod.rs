@@ -440,7 +440,6 @@ type HelperReport = (
     Option<OwnedFd>,
 );
 
-/// Receives the one fd the helper sends after [`child::FromInit::Console`] (close-on-exec).
 /// Reads the helper's next report, waiting at most until `deadline` ([`FrameError::TimedOut`]
 /// past it), however many reports came before.
 fn read_before<T: serde::de::DeserializeOwned>(
@@ -457,6 +456,7 @@ fn read_before<T: serde::de::DeserializeOwned>(
     read_frame(socket)
 }
 
+/// Receives the one fd the helper sends after [`child::FromInit::Console`] (close-on-exec).
 fn receive_fd(socket: &UnixStream) -> Result<OwnedFd, ContainerError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut byte = [0u8; 1];
