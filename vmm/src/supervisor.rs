@@ -371,7 +371,7 @@ pub fn wait_process(
 }
 
 /// Sends `WaitProcess` on `client` and waits without a deadline.
-fn wait_on(client: &mut AgentClient, process: &ProcessRef) -> Result<ExitStatus, String> {
+pub fn wait_on(client: &mut AgentClient, process: &ProcessRef) -> Result<ExitStatus, String> {
     client.set_io_timeout(FOREVER).map_err(|e| chain(&e))?;
     match client
         .request(&Request::WaitProcess(process.clone()))

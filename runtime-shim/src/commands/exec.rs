@@ -8,15 +8,14 @@ use crate::container::StateDir;
 use crate::state::ContainerState;
 use crate::Globals;
 use anyhow::{bail, Context, Result};
-use husk_agent_protocol::{ExecProcess, ProcessRef, Request, Response, StdioConfig};
-use husk_vmm::supervisor::{mirror_exit, wait_process, HostStdio, Relay, SupervisorPlan};
+use husk_agent_protocol::{AgentClient, ExecProcess, ProcessRef, Request, Response, StdioConfig};
+use husk_vmm::supervisor::{mirror_exit, wait_on, HostStdio, Relay, SupervisorPlan};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 /// Options of `husk exec`.
 #[derive(Debug, clap::Args)]
@@ -162,7 +161,7 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
              (the same as apparmorProfile / selinuxLabel in config.json)"
         );
     }
-    let (process, exec_id) = {
+    let (process, exec_id, client) = {
         let _lock = dir.lock()?;
         let state = ContainerState::load(&dir)?;
         if !state.can_exec() {
@@ -207,7 +206,7 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
                 other.kind()
             ),
         }
-        (process, exec_id)
+        (process, exec_id, client)
     };
     let _ = process;
     if args.detach {
@@ -219,6 +218,7 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
     attach_start_wait(
         &dir,
         &exec_id,
+        Some(client),
         args.console_socket.as_deref(),
         &mut None,
         false,
@@ -228,9 +228,12 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
 /// Attaches the exec process's stdio, starts it, reports `started` (if `ready`), waits, and
 /// returns its exit code (128 + signal, as `runc exec` does), or with `reraise` ends this process
 /// the way the exec'd process ended (the background half of `exec -d`, whose pid conmon waits on).
+/// The process is started, and then waited for, on `control`, the connection that created it,
+/// where there is one: each connection saved is a round trip to the agent saved.
 fn attach_start_wait(
     dir: &StateDir,
     exec_id: &str,
+    control: Option<AgentClient>,
     console_socket: Option<&std::path::Path>,
     ready: &mut Option<std::fs::File>,
     reraise: bool,
@@ -259,7 +262,10 @@ fn attach_start_wait(
             },
         )?,
     };
-    let mut client = connect(dir)?;
+    let mut client = match control {
+        Some(client) => client,
+        None => connect(dir)?,
+    };
     crate::agent::call_ok(
         &mut client,
         "starting the exec process",
@@ -268,9 +274,7 @@ fn attach_start_wait(
     if let Some(mut ready) = ready.take() {
         let _ = writeln!(ready, "started");
     }
-    let waiter =
-        husk_agent_protocol::client::AgentClient::connect(&socket, Duration::from_secs(10));
-    let status = wait_process(waiter, &process).map_err(anyhow::Error::msg)?;
+    let status = wait_on(&mut client, &process).map_err(anyhow::Error::msg)?;
     relay.finish(husk_vmm::supervisor::DRAIN_TIMEOUT);
     if reraise {
         mirror_exit(&status)
@@ -315,6 +319,7 @@ pub fn exec_attach(globals: &Globals, args: &ExecAttachArgs) -> Result<i32> {
     let result = attach_start_wait(
         &dir,
         &args.exec_id,
+        None,
         args.console_socket.as_deref(),
         &mut ready,
         true,
