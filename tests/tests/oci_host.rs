@@ -1032,7 +1032,7 @@ const LIFECYCLES_IN_FLIGHT: usize = 8;
 const LIFECYCLE_STEPS: [&str; 5] = ["create", "start", "exec", "kill", "delete"];
 
 /// Each step's times in seconds, with the container's id, by [`LIFECYCLE_STEPS`] index.
-type StepTimes = std::sync::Mutex<[Vec<(f64, String)>; 5]>;
+type StepTimes = std::sync::Mutex<[Vec<(f64, String)>; LIFECYCLE_STEPS.len()]>;
 
 /// One container's whole life through the CLI: create, start, exec, kill, delete. Each step's
 /// time goes into `times`.

@@ -43,7 +43,7 @@ use cgroup::Cgroup;
 use child::{FromInit, InitConfig, ToInit};
 use husk_agent_protocol::{
     read_frame, write_frame, ContainerInfo, ContainerStats, ContainerStatus, ExitStatus,
-    FrameError, StdioConfig, StreamKind,
+    FrameError, StdioConfig, StreamKind, PROCESS_SETUP_TIMEOUT,
 };
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -65,8 +65,6 @@ pub const MAX_CONTAINERS: usize = 256;
 pub const MAX_EXECS: usize = 1024;
 /// Longest identifier.
 pub const MAX_ID_LEN: usize = 128;
-/// How long the helper may take to set a process up, and again to start it.
-pub const SETUP_TIMEOUT: Duration = husk_agent_protocol::PROCESS_SETUP_TIMEOUT;
 
 /// How long a helper whose socket closed may take to be reaped, for its status in the error.
 const HELPER_END_WAIT: Duration = Duration::from_secs(2);
@@ -633,10 +631,10 @@ impl Containers {
         drop(fds.child);
         // Set when the helper's socket closed before its report: the helper died in its setup.
         let mut ended = false;
-        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let deadline = Instant::now() + PROCESS_SETUP_TIMEOUT;
         let result = (|| -> Result<HelperReport, ContainerError> {
             agent_end
-                .set_write_timeout(Some(SETUP_TIMEOUT))
+                .set_write_timeout(Some(PROCESS_SETUP_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
             write_frame(&mut agent_end, &ToInit::Setup(Box::new(config)))
                 .map_err(|err| ContainerError::Setup(format!("sending the setup: {err}")))?;
@@ -649,7 +647,7 @@ impl Containers {
                     Err(FrameError::TimedOut) => {
                         return Err(ContainerError::Setup(format!(
                             "the helper did not finish the setup within {} s",
-                            SETUP_TIMEOUT.as_secs()
+                            PROCESS_SETUP_TIMEOUT.as_secs()
                         )))
                     }
                     Err(err) => {
@@ -1065,9 +1063,9 @@ impl Containers {
         }
         *lock(&proc.state) = ProcState::Running;
         let label = process_label(&r.id, r.exec_id.as_deref());
-        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let deadline = Instant::now() + PROCESS_SETUP_TIMEOUT;
         let outcome = (|| {
-            sock.set_write_timeout(Some(SETUP_TIMEOUT))
+            sock.set_write_timeout(Some(PROCESS_SETUP_TIMEOUT))
                 .map_err(io_err("socket timeout"))?;
             write_frame(&mut sock, &ToInit::Start)
                 .map_err(|err| ContainerError::Setup(format!("sending start: {err}")))?;

@@ -161,7 +161,7 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
              (the same as apparmorProfile / selinuxLabel in config.json)"
         );
     }
-    let (process, exec_id, client) = {
+    let (exec_id, client) = {
         let _lock = dir.lock()?;
         let state = ContainerState::load(&dir)?;
         if !state.can_exec() {
@@ -196,7 +196,7 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
             &Request::ExecProcess(ExecProcess {
                 id: args.id.clone(),
                 exec_id: exec_id.clone(),
-                process: process.clone(),
+                process,
                 stdio,
             }),
         )? {
@@ -206,9 +206,8 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<i32> {
                 other.kind()
             ),
         }
-        (process, exec_id, client)
+        (exec_id, client)
     };
-    let _ = process;
     if args.detach {
         return spawn_detached(globals, args, &exec_id);
     }
